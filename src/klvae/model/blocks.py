@@ -1,0 +1,146 @@
+"""Building blocks of the KL autoencoder. Module names follow diffusers so a state dict is its layout."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def group_norm(channels: int, groups: int, eps: float) -> nn.GroupNorm:
+    """GroupNorm with the autoencoder's affine parameters."""
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=eps, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm -> SiLU -> 3x3 conv, twice, plus a (1x1-projected when widths differ) shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int, eps: float) -> None:
+        super().__init__()
+        self.norm1 = group_norm(in_channels, groups, eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = group_norm(out_channels, groups, eps)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class Attention(nn.Module):
+    """Single-head softmax self-attention over the H*W positions, with a residual (LDM's AttnBlock)."""
+
+    def __init__(self, channels: int, groups: int, eps: float) -> None:
+        super().__init__()
+        self.group_norm = group_norm(channels, groups, eps)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        # A list so the key is `to_out.0.*`, as diffusers names it (its slot 1 is a parameter-free dropout).
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        t = self.group_norm(x).flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, H*W, C]
+        q, k, v = (proj(t).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # [B, 1, HW, C]
+        a = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # [B, HW, C]
+        a = self.to_out[0](a).transpose(1, 2).reshape(b, c, h, w)
+        return x + a
+
+
+class LinearAttention(nn.Module):
+    """LDM's `linear` attention (LinAttnBlock): softmax over positions of k, no norm and no residual."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.to_qkv = nn.Conv2d(channels, 3 * channels, 1, bias=False)
+        self.to_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.to_qkv(x).reshape(b, 3, c, h * w).unbind(1)  # each [B, C, HW]
+        context = torch.einsum("bdn,ben->bde", k.softmax(dim=-1), v)  # [B, C, C]
+        out = torch.einsum("bde,bdn->ben", context, q).reshape(b, c, h, w)
+        return self.to_out(out)
+
+
+class Downsample(nn.Module):
+    """Pad right and bottom by one, then a 3x3 stride-2 conv: the asymmetric LDM downsampler."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2, then a 3x3 conv."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class MidBlock(nn.Module):
+    """ResNet -> attention -> ResNet at the lowest resolution."""
+
+    def __init__(self, channels: int, groups: int, eps: float, attention: str) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, groups, eps) for _ in range(2)])
+        if attention == "vanilla":
+            self.attentions = nn.ModuleList([Attention(channels, groups, eps)])
+        elif attention == "linear":
+            self.attentions = nn.ModuleList([LinearAttention(channels)])
+        else:
+            self.attentions = nn.ModuleList()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.resnets[0](x)
+        for attn in self.attentions:
+            x = attn(x)
+        return self.resnets[1](x)
+
+
+class DownBlock(nn.Module):
+    """One encoder level: ResNet blocks, then an optional downsampler."""
+
+    def __init__(self, cin: int, cout: int, layers: int, groups: int, eps: float, down: bool) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            [ResnetBlock(cin if i == 0 else cout, cout, groups, eps) for i in range(layers)]
+        )
+        self.downsamplers = nn.ModuleList([Downsample(cout)]) if down else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        for r in self.resnets:
+            x = r(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+        return x
+
+
+class UpBlock(nn.Module):
+    """One decoder level: ResNet blocks, then an optional upsampler."""
+
+    def __init__(self, cin: int, cout: int, layers: int, groups: int, eps: float, up: bool) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            [ResnetBlock(cin if i == 0 else cout, cout, groups, eps) for i in range(layers)]
+        )
+        self.upsamplers = nn.ModuleList([Upsample(cout)]) if up else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        for r in self.resnets:
+            x = r(x)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x)
+        return x

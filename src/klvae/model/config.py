@@ -1,0 +1,124 @@
+"""The autoencoder's typed configuration and the named presets of the VAEs that latent diffusion uses."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+AttentionType = Literal["vanilla", "linear", "none"]
+
+
+@dataclass(frozen=True)
+class AutoencoderKLConfig:
+    """Architecture and latent statistics of one KL autoencoder (diffusers' config names where they exist)."""
+
+    # RGB in and out; other values serve e.g. depth or RGBA autoencoders.
+    in_channels: int = 3
+    out_channels: int = 3
+    # One entry per resolution level; the image is downsampled len-1 times (4 levels -> factor 8).
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    # ResNet blocks per encoder level; the decoder uses one more per level (LDM's num_res_blocks + 1).
+    layers_per_block: int = 2
+    # Channels of z; the encoder emits twice this many (mean and log-variance).
+    latent_channels: int = 4
+    # GroupNorm groups; every channel width must be divisible by it.
+    norm_num_groups: int = 32
+    # LDM and diffusers both use 1e-6; kept as a field so exotic checkpoints can be described.
+    norm_eps: float = 1e-6
+    # 1x1 convs around the latent (SD 1.x/2.x/XL have them; SD3 and FLUX dropped them).
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    # Mid-block attention: "vanilla" single-head softmax (all released VAEs), LDM's "linear", or "none".
+    attention: AttentionType = "vanilla"
+    # The training resolution: the natural tile size for tiled inference.
+    sample_size: int = 512
+    # Latent normalisation for the diffusion model: z_diffusion = (z - shift_factor) * scaling_factor.
+    scaling_factor: float = 0.18215
+    shift_factor: float | None = None
+    # The VAE overflows in fp16 (SD 1.x, SDXL): run it in fp32 when a half dtype is asked for.
+    force_upcast: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))
+        if not self.block_out_channels:
+            raise ValueError("block_out_channels must name at least one level")
+        if self.layers_per_block < 1:
+            raise ValueError(f"layers_per_block must be >= 1, got {self.layers_per_block}")
+        for c in self.block_out_channels:
+            if c % self.norm_num_groups:
+                raise ValueError(f"channel width {c} is not divisible by norm_num_groups={self.norm_num_groups}")
+        if self.attention not in ("vanilla", "linear", "none"):
+            raise ValueError(f"attention must be 'vanilla', 'linear' or 'none', got {self.attention!r}")
+        if self.scaling_factor <= 0:
+            raise ValueError(f"scaling_factor must be positive, got {self.scaling_factor}")
+
+    @property
+    def downsample_factor(self) -> int:
+        """Pixels per latent cell along one side (8 for four levels)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    def replace(self, **changes: Any) -> AutoencoderKLConfig:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form of the fields."""
+        d = dataclasses.asdict(self)
+        d["block_out_channels"] = list(self.block_out_channels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AutoencoderKLConfig:
+        """Build from a dict of our field names; unknown names are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown config fields: {', '.join(unknown)}")
+        return cls(**d)
+
+
+_SD = AutoencoderKLConfig()
+
+PRESETS: dict[str, AutoencoderKLConfig] = {
+    # SD 1.x / 2.x kl-f8 (also sd-vae-ft-mse / ft-ema); LDM's scale_by_std figure.
+    "sd15": _SD,
+    "sd2": _SD.replace(sample_size=768),
+    "sdxl": _SD.replace(sample_size=1024, scaling_factor=0.13025),
+    # SD3 and FLUX: 16 latent channels, no quant convs, and a shift.
+    "sd3": _SD.replace(
+        latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+        sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
+    ),
+    "flux": _SD.replace(
+        latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+        sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
+    ),
+    # Small configs for tests and experiments: the full topology at a fraction of the width.
+    "tiny": AutoencoderKLConfig(
+        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=64,
+        force_upcast=False,
+    ),
+    "tiny-f8": AutoencoderKLConfig(
+        block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=8, sample_size=64,
+        force_upcast=False,
+    ),
+}
+
+# Hub ids of the released weights, so `--model sdxl` reaches the real VAE where the hub can be reached.
+PRESET_HUB_IDS: dict[str, tuple[str, str | None]] = {
+    "sd15": ("stabilityai/sd-vae-ft-mse", None),
+    "sd2": ("stabilityai/stable-diffusion-2-1", "vae"),
+    "sdxl": ("stabilityai/sdxl-vae", None),
+    "sd3": ("stabilityai/stable-diffusion-3-medium-diffusers", "vae"),
+    "flux": ("black-forest-labs/FLUX.1-dev", "vae"),
+}
+
+
+def get_preset(name: str) -> AutoencoderKLConfig:
+    """The preset config called `name` (see PRESETS)."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}") from None
+
