@@ -1,0 +1,1 @@
+"""The `klvae` command: a thin layer over the library API."""

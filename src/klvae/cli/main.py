@@ -1,0 +1,59 @@
+"""Entry point of the `klvae` command: parse, dispatch, and turn failures into one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from klvae import __version__
+from klvae.errors import KlvaeError
+
+log = logging.getLogger("klvae")
+
+# Each module adds its subcommands with `register(subparsers)`; kept as names so `klvae --help` stays fast.
+COMMAND_MODULES = ("klvae.cli.codec",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    import importlib
+
+    parser = argparse.ArgumentParser(prog="klvae", description="The KL autoencoder of latent diffusion.")
+    parser.add_argument("--version", action="version", version=f"klvae {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of unexpected errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 partial failure or internal error, 2 bad input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr, force=True)
+    try:
+        return int(args.func(args) or 0)
+    except KlvaeError as e:
+        print(f"klvae: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("klvae: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:
+        print(f"klvae: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug of ours: still one line unless --debug asks for the traceback
+        if args.debug:
+            raise
+        print(f"klvae: internal error: {type(e).__name__}: {e} (rerun with --debug for details)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Compute precision: pick a dtype for the device, run under autocast, rerun in fp32 when a half step overflows."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from klvae.errors import KlvaeError
+
+log = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`None`/"auto" -> CUDA when present, else CPU; anything else as given (checked)."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise KlvaeError(f"unknown device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise KlvaeError(f"device {device!r} asked for, but CUDA is not available here")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """`None`/"auto" -> bf16 on GPUs that support it, fp32 elsewhere; names as in DTYPES."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise KlvaeError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(sorted(set(DTYPES)))}") from None
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Autocast to a half dtype (GroupNorm and softmax stay fp32 under it), or nothing for fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def _fp32_weights(model: nn.Module) -> Iterator[None]:
+    # A model stored in half precision is upcast for the rerun only, then put back.
+    old = next(model.parameters()).dtype
+    if old == torch.float32:
+        yield
+        return
+    model.float()
+    try:
+        yield
+    finally:
+        model.to(old)
+
+
+def run_guarded(model: nn.Module, fn: Callable[[Tensor], Tensor], x: Tensor, dtype: torch.dtype, what: str) -> Tensor:
+    """fn(x) in `dtype`; when that yields non-finite values, rerun in fp32 with a warning (force_upcast)."""
+    device = x.device
+    weight_dtype = next(model.parameters()).dtype
+    with autocast(device, dtype):
+        out = fn(x.to(weight_dtype))
+    if torch.isfinite(out).all():
+        return out.float()
+    if dtype == torch.float32 and weight_dtype == torch.float32:
+        return out.float()  # nothing higher to fall back to; the caller reports non-finite output
+    log.warning("%s produced non-finite values in %s; rerunning this step in fp32", what, str(dtype).split(".")[-1])
+    with _fp32_weights(model):
+        return fn(x.float()).float()

@@ -1,0 +1,120 @@
+"""The network itself: every preset builds and runs, sizes, scaling helpers, attention variants, checkpointing."""
+
+import pytest
+import torch
+
+import klvae
+from klvae.model.config import PRESETS, AutoencoderKLConfig
+
+# Published parameter counts of the released VAEs (diffusers' AutoencoderKL with these configs).
+EXPECTED_PARAMS = {"sd15": 83_653_863, "sd2": 83_653_863, "sdxl": 83_653_863, "sd3": 83_819_683, "flux": 83_819_683}
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_builds_and_runs(name: str) -> None:
+    torch.manual_seed(0)
+    cfg = PRESETS[name]
+    vae = klvae.AutoencoderKL(name).eval()
+    f = cfg.downsample_factor
+    x = torch.rand(1, 3, 2 * f, 3 * f) * 2 - 1
+    with torch.no_grad():
+        post = vae.encode(x)
+        assert post.mean.shape == (1, cfg.latent_channels, 2, 3)
+        y = vae.decode(post.mode())
+    assert y.shape == x.shape
+    assert torch.isfinite(y).all()
+    if name in EXPECTED_PARAMS:
+        assert vae.num_parameters()["total"] == EXPECTED_PARAMS[name]
+
+
+def test_presets_carry_the_published_factors() -> None:
+    assert PRESETS["sd15"].scaling_factor == 0.18215 and PRESETS["sd15"].shift_factor is None
+    assert PRESETS["sdxl"].scaling_factor == 0.13025
+    assert (PRESETS["sd3"].scaling_factor, PRESETS["sd3"].shift_factor) == (1.5305, 0.0609)
+    assert (PRESETS["flux"].scaling_factor, PRESETS["flux"].shift_factor) == (0.3611, 0.1159)
+    assert not PRESETS["flux"].use_quant_conv and PRESETS["flux"].latent_channels == 16
+
+
+def test_scale_and_unscale_are_inverse_and_match_the_formula() -> None:
+    vae = klvae.AutoencoderKL(PRESETS["tiny"].replace(scaling_factor=0.3611, shift_factor=0.1159))
+    z = torch.randn(2, 4, 3, 5)
+    s = vae.scale_latents(z)
+    torch.testing.assert_close(s, (z - 0.1159) * 0.3611)
+    torch.testing.assert_close(vae.unscale_latents(s), z)
+
+
+@pytest.mark.parametrize("attention", ["vanilla", "linear", "none"])
+def test_attention_variants(attention: str) -> None:
+    torch.manual_seed(0)
+    vae = klvae.AutoencoderKL(PRESETS["tiny"].replace(attention=attention)).eval()
+    keys = [k for k in vae.state_dict() if "attentions" in k]
+    expected = {"vanilla": 20, "linear": 6, "none": 0}[attention]
+    assert len(keys) == expected
+    y, post = vae(torch.randn(1, 3, 16, 24), sample_posterior=False)
+    assert y.shape == (1, 3, 16, 24) and torch.isfinite(y).all()
+
+
+def test_linear_attention_matches_its_formula() -> None:
+    from klvae.model.blocks import LinearAttention
+
+    torch.manual_seed(0)
+    m = LinearAttention(8)
+    x = torch.randn(2, 8, 3, 4)
+    qkv = torch.nn.functional.conv2d(x, m.to_qkv.weight).reshape(2, 3, 8, 12)
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    ctx = k.softmax(-1) @ v.transpose(1, 2)  # [B, d, e]
+    out = (ctx.transpose(1, 2) @ q).reshape(2, 8, 3, 4)
+    torch.testing.assert_close(m(x), m.to_out(out))
+
+
+def test_vanilla_attention_matches_the_seed_computation() -> None:
+    from klvae.model.blocks import Attention
+
+    torch.manual_seed(0)
+    m = Attention(32, 8, 1e-6)
+    x = torch.randn(1, 32, 4, 5)
+    t = m.group_norm(x).flatten(2).transpose(1, 2)
+    a = torch.softmax(m.to_q(t) @ m.to_k(t).transpose(1, 2) / 32**0.5, dim=-1) @ m.to_v(t)
+    ref = m.to_out[0](a).transpose(1, 2).reshape(1, 32, 4, 5) + x
+    torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_downsample_pads_right_and_bottom_only() -> None:
+    from klvae.model.blocks import Downsample
+
+    m = Downsample(1)
+    torch.nn.init.zeros_(m.conv.bias)
+    m.conv.weight.data.zero_()
+    m.conv.weight.data[0, 0, 0, 0] = 1.0  # picks the top-left tap of each 3x3 stride-2 window
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    torch.testing.assert_close(m(x), x[..., ::2, ::2])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    torch.manual_seed(0)
+    vae = klvae.AutoencoderKL("tiny")
+    x = torch.randn(1, 3, 16, 16)
+
+    def grads() -> list[torch.Tensor]:
+        vae.zero_grad()
+        y, post = vae(x, sample_posterior=False)
+        (y.square().mean() + post.kl().mean()).backward()
+        return [p.grad.clone() for p in vae.parameters()]
+
+    plain = grads()
+    vae.enable_gradient_checkpointing()
+    for a, b in zip(plain, grads(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_config_validation_and_dict_round_trip() -> None:
+    with pytest.raises(ValueError, match="divisible"):
+        AutoencoderKLConfig(block_out_channels=(30, 64))
+    with pytest.raises(ValueError, match="attention"):
+        AutoencoderKLConfig(attention="flash")
+    with pytest.raises(ValueError, match="unknown preset"):
+        klvae.get_preset("sd9")
+    cfg = PRESETS["flux"]
+    assert AutoencoderKLConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown config fields"):
+        AutoencoderKLConfig.from_dict({"block_out_chanels": [1]})
