@@ -1,6 +1,18 @@
-"""Inference: precision, padding, the NaN guard and (large images) tiling around the model."""
+"""Inference: precision, padding, the NaN guard and exact tiling of large images around the model."""
 
-from klvae.inference.api import check_latents, decode, encode, pad_for
+from klvae.inference.api import check_latents, decode, encode, encode_moments, pad_for
 from klvae.inference.precision import resolve_device, resolve_dtype, run_guarded
+from klvae.inference.tiling import TileOptions, estimate_bytes
 
-__all__ = ["check_latents", "decode", "encode", "pad_for", "resolve_device", "resolve_dtype", "run_guarded"]
+__all__ = [
+    "TileOptions",
+    "check_latents",
+    "decode",
+    "encode",
+    "encode_moments",
+    "estimate_bytes",
+    "pad_for",
+    "resolve_device",
+    "resolve_dtype",
+    "run_guarded",
+]

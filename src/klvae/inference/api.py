@@ -1,4 +1,4 @@
-"""Inference entry points: pixels -> latents -> pixels with padding, precision and the NaN guard."""
+"""Inference entry points: pixels -> latents -> pixels with padding, precision, the NaN guard and tiling."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from torch import Tensor
 
 from klvae.errors import LatentsError
 from klvae.inference.precision import run_guarded
+from klvae.inference.tiling import TileOptions, make_streamer, run_maybe_tiled, tiled_decode, tiled_encode_moments
 from klvae.model.autoencoder import AutoencoderKL
 from klvae.posterior import DiagonalGaussian
 
@@ -23,20 +24,52 @@ def pad_for(vae: AutoencoderKL, x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def encode(vae: AutoencoderKL, x: Tensor, dtype: torch.dtype = torch.float32) -> DiagonalGaussian:
-    """Images [B, C, H, W] in [-1, 1], any H and W -> posterior over the padded size's latent grid."""
+def encode_moments(
+    vae: AutoencoderKL, x: Tensor, dtype: torch.dtype = torch.float32, tiling: TileOptions | None = None
+) -> Tensor:
+    """Images [B, C, H, W] in [-1, 1], any H and W -> fp32 moments over the padded size's latent grid."""
     x = pad_for(vae, x.to(vae.device))
-    moments = run_guarded(vae, vae.encode_moments, x, dtype, "encode")
-    return DiagonalGaussian(moments)
+
+    def tiled(t: Tensor, dt: torch.dtype) -> Tensor:
+        return tiled_encode_moments(vae, t, make_streamer(vae, tiling or TileOptions(), dt, t.shape[2]))
+
+    return run_maybe_tiled(
+        vae, "encode", x, dtype,
+        plain=lambda t, dt: run_guarded(vae, lambda u, _: vae.encode_moments(u), t, dt, "encode"),
+        tiled=lambda t, dt: run_guarded(vae, tiled, t, dt, "tiled encode"),
+        opts=tiling,
+    )
+
+
+def encode(
+    vae: AutoencoderKL, x: Tensor, dtype: torch.dtype = torch.float32, tiling: TileOptions | None = None
+) -> DiagonalGaussian:
+    """Images [B, C, H, W] in [-1, 1] -> the posterior q(z | x) (see encode_moments)."""
+    return DiagonalGaussian(encode_moments(vae, x, dtype, tiling))
 
 
 @torch.no_grad()
 def decode(
-    vae: AutoencoderKL, z: Tensor, dtype: torch.dtype = torch.float32, size: tuple[int, int] | None = None
+    vae: AutoencoderKL,
+    z: Tensor,
+    dtype: torch.dtype = torch.float32,
+    size: tuple[int, int] | None = None,
+    tiling: TileOptions | None = None,
 ) -> Tensor:
     """Unscaled latents [B, c, h, w] -> images [B, C, H, W] in [-1, 1], cropped to `size` when given."""
     check_latents(vae, z)
-    out = run_guarded(vae, vae.decode, z.to(vae.device), dtype, "decode").clamp(-1, 1)
+    z = z.to(vae.device)
+
+    def tiled(t: Tensor, dt: torch.dtype) -> Tensor:
+        st = make_streamer(vae, tiling or TileOptions(), dt, t.shape[2] * vae.downsample_factor)
+        return tiled_decode(vae, t, st)
+
+    out = run_maybe_tiled(
+        vae, "decode", z, dtype,
+        plain=lambda t, dt: run_guarded(vae, lambda u, _: vae.decode(u), t, dt, "decode"),
+        tiled=lambda t, dt: run_guarded(vae, tiled, t, dt, "tiled decode"),
+        opts=tiling,
+    ).clamp(-1, 1)
     if size is not None:
         out = out[..., : size[0], : size[1]]
     return out

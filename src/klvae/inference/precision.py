@@ -71,16 +71,17 @@ def _fp32_weights(model: nn.Module) -> Iterator[None]:
         model.to(old)
 
 
-def run_guarded(model: nn.Module, fn: Callable[[Tensor], Tensor], x: Tensor, dtype: torch.dtype, what: str) -> Tensor:
-    """fn(x) in `dtype`; when that yields non-finite values, rerun in fp32 with a warning (force_upcast)."""
-    device = x.device
+def run_guarded(
+    model: nn.Module, fn: Callable[[Tensor, torch.dtype], Tensor], x: Tensor, dtype: torch.dtype, what: str
+) -> Tensor:
+    """fn(x, dtype) under autocast; when that yields non-finite values, rerun in fp32 with a warning."""
     weight_dtype = next(model.parameters()).dtype
-    with autocast(device, dtype):
-        out = fn(x.to(weight_dtype))
-    if torch.isfinite(out).all():
-        return out.float()
-    if dtype == torch.float32 and weight_dtype == torch.float32:
-        return out.float()  # nothing higher to fall back to; the caller reports non-finite output
+    if weight_dtype != torch.float32:
+        dtype = weight_dtype  # a model stored in half precision computes in it; autocast would mix types
+    with autocast(x.device, dtype):
+        out = fn(x.to(weight_dtype), dtype)
+    if torch.isfinite(out).all() or (dtype == torch.float32 and weight_dtype == torch.float32):
+        return out.float()  # finite, or nothing higher to fall back to (the caller checks the output)
     log.warning("%s produced non-finite values in %s; rerunning this step in fp32", what, str(dtype).split(".")[-1])
     with _fp32_weights(model):
-        return fn(x.float()).float()
+        return fn(x.float(), torch.float32).float()

@@ -1,0 +1,162 @@
+"""Inference: exact tiling (tiled == untiled), the memory-budget choice, the OOM fall-back and the NaN guard."""
+
+import logging
+import math
+
+import pytest
+import torch
+
+import klvae
+from klvae import inference
+from klvae.inference import TileOptions
+from klvae.inference.streaming import Streamer
+
+
+def _vae(preset: str, seed: int = 0, **changes: object) -> klvae.AutoencoderKL:
+    torch.manual_seed(seed)
+    vae = klvae.AutoencoderKL(klvae.get_preset(preset).replace(**changes)).eval()
+    with torch.no_grad():  # default init leaves biases tiny and GroupNorm affine trivial: perturb everything
+        for p in vae.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return vae
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = (a - b).pow(2).mean().item()
+    return math.inf if mse == 0 else 10 * math.log10(4.0 / mse)
+
+
+@pytest.mark.parametrize(("preset", "rows"), [("tiny-f8", 8), ("tiny-f8", 1), ("tiny", 5), ("sd15", 16)])
+def test_tiled_equals_untiled(preset: str, rows: int) -> None:
+    vae = _vae(preset)
+    x = torch.rand(2, 3, 48, 72) * 2 - 1
+    m_plain = inference.encode_moments(vae, x)
+    m_tiled = inference.encode_moments(vae, x, tiling=TileOptions(tile_size=rows))
+    assert (m_plain - m_tiled).abs().max() < 1e-4
+    z = m_plain[:, : vae.config.latent_channels]
+    d_plain = inference.decode(vae, z)
+    d_tiled = inference.decode(vae, z, tiling=TileOptions(tile_size=rows))
+    assert _psnr(d_plain, d_tiled) >= 45.0
+    assert (d_plain - d_tiled).abs().max() < 1e-4
+
+
+def test_tiled_handles_sizes_that_are_not_multiples_of_eight() -> None:
+    vae = _vae("tiny-f8")
+    x = torch.rand(1, 3, 37, 53) * 2 - 1
+    m_plain = inference.encode_moments(vae, x)
+    assert m_plain.shape[-2:] == (5, 7)
+    m_tiled = inference.encode_moments(vae, x, tiling=TileOptions(tile_size=8))
+    assert (m_plain - m_tiled).abs().max() < 1e-4
+    y = inference.decode(vae, m_plain[:, :4], size=(37, 53), tiling=TileOptions(tile_size=8))
+    assert y.shape == (1, 3, 37, 53)
+
+
+@pytest.mark.parametrize("attention", ["linear", "none"])
+def test_tiled_attention_variants(attention: str) -> None:
+    vae = _vae("tiny", attention=attention)
+    z = torch.randn(1, 4, 6, 10)
+    a = inference.decode(vae, z)
+    b = inference.decode(vae, z, tiling=TileOptions(tile_size=4))
+    assert (a - b).abs().max() < 1e-4
+
+
+def test_attention_query_chunks_do_not_change_the_result() -> None:
+    vae = _vae("tiny")
+    attn = vae.decoder.mid_block.attentions[0]
+    x = torch.randn(1, 64, 7, 9)
+    st = Streamer(device=torch.device("cpu"), storage=torch.device("cpu"), dtype=torch.float32)
+    whole = attn(x)
+    torch.testing.assert_close(st.attention(x, attn, query_chunk=5), whole, atol=1e-5, rtol=1e-5)
+
+
+def test_streamed_groupnorm_statistics_match_groupnorm() -> None:
+    norm = torch.nn.GroupNorm(4, 16, eps=1e-6)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(2, 16, 13, 7) * 3 + 1
+    st = Streamer(device=torch.device("cpu"), storage=torch.device("cpu"), dtype=torch.float32, rows=2,
+                  image_height=13)
+    y = st.apply_norm(x, norm, st.group_stats(x, norm), act=False)
+    torch.testing.assert_close(y, norm(x), atol=1e-5, rtol=1e-5)
+
+
+def test_memory_budget_picks_tiling_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    vae = _vae("tiny")
+    z = torch.randn(1, 4, 8, 8)
+    small = inference.estimate_bytes(vae, "decode", (1, 3, 32, 32), torch.float32)
+    assert inference.estimate_bytes(vae, "decode", (1, 3, 64, 64), torch.float32) > small
+    with caplog.at_level(logging.INFO):
+        out = inference.decode(vae, z, tiling=TileOptions(max_memory=small // 2))
+    assert "tiling" in caplog.text
+    torch.testing.assert_close(out, inference.decode(vae, z), atol=1e-4, rtol=0)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        inference.decode(vae, z, tiling=TileOptions(max_memory=10 * small))
+    assert "tiling" not in caplog.text
+
+
+def test_out_of_memory_falls_back_to_tiling(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    vae = _vae("tiny")
+    z = torch.randn(1, 4, 8, 8)
+    expected = inference.decode(vae, z)
+
+    def oom(*args: object, **kwargs: object) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(vae, "decode", oom)  # the untiled path calls vae.decode; the tiled one does not
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    with caplog.at_level(logging.WARNING):
+        out = inference.decode(vae, z)
+    assert "ran out of GPU memory" in caplog.text
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_fp16_overflow_is_rerun_in_fp32(tiled: bool, caplog: pytest.LogCaptureFixture) -> None:
+    vae = _vae("tiny")
+    with torch.no_grad():
+        vae.decoder.conv_in.weight.mul_(1e5)  # activations past fp16's 65504: inf, then NaN after GroupNorm
+    z = torch.randn(1, 4, 4, 4)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        assert not torch.isfinite(vae.decode(z)).all()  # the overflow is real
+    tiling = TileOptions(tile_size=8) if tiled else None
+    reference = inference.decode(vae, z, torch.float32, tiling=tiling)
+    with caplog.at_level(logging.WARNING):
+        out = inference.decode(vae, z, torch.float16, tiling=tiling)
+    assert "rerunning this step in fp32" in caplog.text
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+
+
+def test_half_weights_are_upcast_for_the_rerun_and_restored() -> None:
+    vae = _vae("tiny")
+    with torch.no_grad():
+        vae.decoder.conv_in.weight.mul_(1e5)
+    vae.to(torch.float16)
+    z = torch.randn(1, 4, 4, 4)
+    with torch.no_grad():
+        assert not torch.isfinite(vae.decode(z.half())).all()
+    out = inference.decode(vae, z, torch.float16)
+    assert torch.isfinite(out).all()
+    assert vae.dtype == torch.float16
+
+
+def test_bad_latents_are_refused() -> None:
+    vae = _vae("tiny")
+    with pytest.raises(klvae.LatentsError, match="do not fit"):
+        inference.decode(vae, torch.randn(1, 16, 4, 4))
+    z = torch.randn(1, 4, 4, 4)
+    z[0, 0, 0, 0] = float("nan")
+    with pytest.raises(klvae.LatentsError, match="NaN"):
+        inference.decode(vae, z)
+
+
+def test_dtype_and_device_resolution() -> None:
+    cpu = torch.device("cpu")
+    assert inference.resolve_dtype("auto", cpu) == torch.float32
+    assert inference.resolve_dtype("bf16", cpu) == torch.bfloat16
+    with pytest.raises(klvae.KlvaeError, match="unknown dtype"):
+        inference.resolve_dtype("fp8", cpu)
+    assert inference.resolve_device("auto").type in ("cpu", "cuda")
+    with pytest.raises(klvae.KlvaeError):
+        inference.resolve_device("nonsense")
