@@ -50,7 +50,7 @@ def test_attention_variants(attention: str) -> None:
     keys = [k for k in vae.state_dict() if "attentions" in k]
     expected = {"vanilla": 20, "linear": 6, "none": 0}[attention]
     assert len(keys) == expected
-    y, post = vae(torch.randn(1, 3, 16, 24), sample_posterior=False)
+    y, _ = vae(torch.randn(1, 3, 16, 24), sample_posterior=False)
     assert y.shape == (1, 3, 16, 24) and torch.isfinite(y).all()
 
 

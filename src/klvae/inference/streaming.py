@@ -66,7 +66,7 @@ class Streamer:
     @staticmethod
     def apply_norm(t: Tensor, norm: nn.GroupNorm, stats: Stats, act: bool) -> Tensor:
         """GroupNorm of a strip with whole-map statistics (in fp32), then SiLU when `act`."""
-        b, c = t.shape[:2]
+        b = t.shape[0]
         mean, rstd = stats
         g = norm.num_groups
         y = (t.float().reshape(b, g, -1) - mean[..., None]) * rstd[..., None]
