@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from klvae import inference
-from klvae.cli.common import add_model_args, load_model
+from klvae.cli.common import add_model_args, add_tiling_args, load_model, tiling_from_args
 from klvae.errors import ImageError, KlvaeError
 from klvae.images import find_images, load_image, pil_to_tensor, save_image_atomic, tensor_to_pil
 from klvae.latents.file import LatentItem, LatentsFile, load_latents, save_latents
@@ -29,18 +29,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sample", action="store_true", help="store a posterior sample instead of its mean")
     p.add_argument("--seed", type=int, default=0, help="seed of --sample")
     add_model_args(p)
+    add_tiling_args(p)
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("decode", help="a latents file -> PNG images")
     p.add_argument("latents", help="latents file written by `klvae encode`")
     p.add_argument("-o", "--output", required=True, help="folder for the PNGs")
     add_model_args(p)
+    add_tiling_args(p)
     p.set_defaults(func=cmd_decode)
 
     p = sub.add_parser("reconstruct", help="encode + decode one image; prints PSNR and SSIM")
     p.add_argument("image")
     p.add_argument("-o", "--output", required=True, help="reconstruction to write (.png)")
     add_model_args(p)
+    add_tiling_args(p)
     p.set_defaults(func=cmd_reconstruct)
 
     p = sub.add_parser("info", help="the model's config, factors and parameter counts")
@@ -69,6 +72,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     if len(paths) == 1 and Path(args.inputs[0]).is_file():
         load_image(paths[0])  # a single named file that cannot be read is an error, not a skip
     vae, _, dtype = load_model(args)
+    tiling = tiling_from_args(args)
     images, bad = _load_all(paths)
     if not images:
         raise KlvaeError(f"none of the {len(paths)} images could be read")
@@ -81,7 +85,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
         for group in by_size.values():
             for i in range(0, len(group), args.batch_size):
                 chunk = group[i : i + args.batch_size]
-                post = inference.encode(vae, torch.stack([images[p] for p in chunk]), dtype)
+                post = inference.encode(vae, torch.stack([images[p] for p in chunk]), dtype, tiling)
                 z = post.sample(gen) if args.sample else post.mode()
                 for p, zi in zip(chunk, vae.scale_latents(z).cpu(), strict=True):
                     latents[p] = zi
@@ -121,13 +125,14 @@ def cmd_decode(args: argparse.Namespace) -> int:
     if lf.scaling_factor != c.scaling_factor or (lf.shift_factor or 0.0) != (c.shift_factor or 0.0):
         log.warning("latents were scaled with %s/%s, the model's factors are %s/%s; using the file's",
                     lf.scaling_factor, lf.shift_factor, c.scaling_factor, c.shift_factor)
+    tiling = tiling_from_args(args)
     for it in lf.items:  # check all before writing any image
         inference.check_latents(vae, lf.latents[it.key][None])
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     for it, name in tqdm(list(zip(lf.items, _unique_png_names(lf.items), strict=True)), desc="decoding", unit="img"):
         z = lf.latents[it.key][None] / lf.scaling_factor + (lf.shift_factor or 0.0)
-        img = inference.decode(vae, z, dtype, size=(it.height, it.width))
+        img = inference.decode(vae, z, dtype, size=(it.height, it.width), tiling=tiling)
         save_image_atomic(tensor_to_pil(img[0]), out / name)
     log.info("decoded %d image(s) to %s", len(lf.items), out)
     return 0
@@ -139,8 +144,9 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
     x = pil_to_tensor(load_image(args.image))[None]
     vae, _, dtype = load_model(args)
-    z = inference.encode(vae, x, dtype).mode()
-    y = inference.decode(vae, z, dtype, size=tuple(x.shape[-2:])).cpu()
+    tiling = tiling_from_args(args)
+    z = inference.encode(vae, x, dtype, tiling).mode()
+    y = inference.decode(vae, z, dtype, size=tuple(x.shape[-2:]), tiling=tiling).cpu()
     save_image_atomic(tensor_to_pil(y[0]), args.output)
     # Metrics on the 8-bit images that were actually written, as a viewer would see them.
     y8 = pil_to_tensor(tensor_to_pil(y[0]))[None]

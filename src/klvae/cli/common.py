@@ -8,6 +8,7 @@ import logging
 import torch
 
 from klvae.inference.precision import resolve_device, resolve_dtype
+from klvae.inference.tiling import TileOptions
 from klvae.model.autoencoder import AutoencoderKL
 
 log = logging.getLogger("klvae")
@@ -36,3 +37,39 @@ def load_model(args: argparse.Namespace) -> tuple[AutoencoderKL, torch.device, t
     vae = AutoencoderKL.from_pretrained(args.model, subfolder=args.subfolder, config=args.config, device=device)
     log.info("model %s on %s, compute dtype %s", args.model, device, str(dtype).split(".")[-1])
     return vae, device, dtype
+
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
+          "g": 2**30, "gb": 2**30, "gib": 2**30}
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB', '1.5G', '512M' or a plain byte count -> bytes."""
+    import re
+
+    from klvae.errors import KlvaeError
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise KlvaeError(f"cannot read the memory size {text!r}; write e.g. 2GiB, 512M or 1000000")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def add_tiling_args(p: argparse.ArgumentParser) -> None:
+    """--tile-size/--max-memory: exact tiling of large images in bounded device memory."""
+    p.add_argument("--tile-size", type=int, default=None,
+                   help="tile (strip) height in image pixels; turns exact tiling on")
+    p.add_argument("--max-memory", default=None,
+                   help="device memory budget, e.g. 2GiB: tiles when the untiled pass would not fit")
+
+
+def tiling_from_args(args: argparse.Namespace) -> TileOptions | None:
+    """The TileOptions that --tile-size/--max-memory describe (None: untiled with the OOM fall-back)."""
+    from klvae.errors import KlvaeError
+
+    if args.tile_size is None and args.max_memory is None:
+        return None
+    if args.tile_size is not None and args.tile_size < 1:
+        raise KlvaeError(f"--tile-size must be at least 1, got {args.tile_size}")
+    budget = parse_bytes(args.max_memory) if args.max_memory else None
+    return TileOptions(tile_size=args.tile_size, max_memory=budget)

@@ -13,7 +13,7 @@ from klvae.errors import KlvaeError
 log = logging.getLogger("klvae")
 
 # Each module adds its subcommands with `register(subparsers)`; kept as names so `klvae --help` stays fast.
-COMMAND_MODULES = ("klvae.cli.codec",)
+COMMAND_MODULES = ("klvae.cli.codec", "klvae.cli.train", "klvae.cli.latents")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,77 @@
+"""`klvae cache | scale`: datasets to latent shards, and latent statistics from data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from klvae.cli.common import add_model_args, load_model
+
+log = logging.getLogger("klvae")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the cache and scale subcommands."""
+    p = sub.add_parser("cache", help="encode a dataset to latent shards + index (resumable; torchrun for many GPUs)")
+    p.add_argument("--data", required=True, help="image folder, datasets folder, parquet, or .tar shards (glob)")
+    p.add_argument("-o", "--output", required=True, help="cache folder (shards, manifests, index.json)")
+    p.add_argument("--resolution", type=int, default=512, help="square side, or the bucket area's side")
+    p.add_argument("--buckets", action="store_true", help="aspect-ratio buckets of equal pixel count (SDXL style)")
+    p.add_argument("--flip", action="store_true", help="also store horizontally flipped copies")
+    p.add_argument("--store", choices=["moments", "sample", "scaled"], default="moments",
+                   help="posterior mean+logvar (default), one sample, or scaled mean latents")
+    p.add_argument("--shard-size", type=int, default=256, help="rows per shard file")
+    p.add_argument("--num-workers", type=int, default=2, help="image decoding processes")
+    p.add_argument("--seed", type=int, default=0)
+    add_model_args(p)
+    p.set_defaults(func=cmd_cache)
+
+    p = sub.add_parser("scale", help="estimate scaling_factor = 1/std and shift_factor = mean of the latents")
+    p.add_argument("--data", required=True)
+    p.add_argument("--limit", type=int, default=256, help="images to sample")
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--save", default=None, help="write the model with these factors to this folder (diffusers layout)")
+    p.add_argument("--no-shift", action="store_true", help="keep shift_factor unset (SD 1.x/XL style)")
+    add_model_args(p)
+    p.set_defaults(func=cmd_scale)
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    """Encode this process's share; with torchrun, rank 0 writes the index after every rank is done."""
+    from klvae.latents.cache import CacheOptions, cache_rank, write_index
+    from klvae.training.distributed import barrier, init_distributed, shutdown
+
+    opts = CacheOptions(resolution=args.resolution, buckets=args.buckets, flip=args.flip, store=args.store,
+                        shard_size=args.shard_size, batch_size=args.batch_size, num_workers=args.num_workers,
+                        seed=args.seed)
+    vae, device, dtype = load_model(args)
+    dist = init_distributed(device.type)
+    try:
+        counts = cache_rank(vae, args.data, args.output, opts, dtype, dist.rank, dist.world)
+        barrier(dist)
+        if dist.is_main:
+            index = write_index(vae, str(args.model), args.output, opts, dist.world)
+            n = len(json.loads(index.read_text())["items"])
+            print(f"cached {n} rows in {index.parent} (this run encoded {counts['encoded']}, "
+                  f"skipped {counts['failed']} unreadable, {counts['done_before']} were done before)")
+    finally:
+        shutdown(dist)
+    return 1 if counts["failed"] else 0
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    """Print the factors; optionally save the model with them."""
+    from klvae.latents.scale import estimate_factors
+
+    vae, _, dtype = load_model(args)
+    f = estimate_factors(vae, args.data, limit=args.limit, resolution=args.resolution, dtype=dtype)
+    shift = None if args.no_shift else round(f["shift_factor"], 6)
+    print(f"scaling_factor {f['scaling_factor']:.5f}  shift_factor {shift}  (latent std {f['std']:.5f} "
+          f"over {int(f['images'])} images; the model's: {vae.config.scaling_factor} / {vae.config.shift_factor})")
+    if args.save:
+        vae.config = vae.config.replace(scaling_factor=round(f["scaling_factor"], 6), shift_factor=shift)
+        print(f"saved to {vae.save_pretrained(args.save)}")
+    return 0
+
+

@@ -1,0 +1,49 @@
+"""`klvae train CONFIG`: the trainer from a YAML/TOML file, with command-line overrides."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger("klvae")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the train subcommand."""
+    p = sub.add_parser("train", help="train or fine-tune an autoencoder from a YAML/TOML config (torchrun for DDP)")
+    p.add_argument("config", nargs="?", default=None, help="config file (.yaml, .yml or .toml); see docs/training.md")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a config field, e.g. --set train.max_steps=200 (repeatable)")
+    p.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="continue from the newest checkpoint of train.out_dir, or from the given file")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train, resuming when asked, and export the weights at the end."""
+    import yaml
+
+    from klvae.training.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return 0
+    from klvae.training.distributed import shutdown
+    from klvae.training.loop import fit
+    from klvae.training.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    try:
+        if args.resume is not None:
+            found = trainer.resume(None if args.resume == "latest" else args.resume)
+            if not found:
+                log.info("no checkpoint in %s/checkpoints: starting from step 0", cfg.train.out_dir)
+        logs = fit(trainer)
+    finally:
+        shutdown(trainer.dist)
+    if trainer.dist.is_main:
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(logs.items()))
+        print(f"trained to step {trainer.step}: {shown}; weights in {cfg.train.out_dir}/final")
+    return 0

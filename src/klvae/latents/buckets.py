@@ -1,0 +1,38 @@
+"""Aspect-ratio buckets of (nearly) equal pixel count, as SDXL-style training batches images."""
+
+from __future__ import annotations
+
+import math
+
+from PIL import Image
+
+
+def make_buckets(resolution: int, step: int = 64, max_ratio: float = 4.0) -> list[tuple[int, int]]:
+    """(height, width) pairs, multiples of `step`, with area close to resolution**2 and ratio <= max_ratio."""
+    area = resolution * resolution
+    buckets = set()
+    w = step
+    while w <= resolution * max_ratio:
+        h = max(step, (area // w) // step * step)
+        if max(h / w, w / h) <= max_ratio:
+            buckets.add((h, w))
+            buckets.add((w, h))
+        w += step
+    return sorted(buckets, key=lambda hw: hw[1] / hw[0])
+
+
+def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest (in log space) to the image's."""
+    r = math.log(width / height)
+    return min(buckets, key=lambda hw: abs(math.log(hw[1] / hw[0]) - r))
+
+
+def resize_crop(img: Image.Image, size: tuple[int, int]) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """Scale to cover (height, width), centre-crop to it; returns the image and the crop box in scaled pixels."""
+    th, tw = size
+    s = max(th / img.height, tw / img.width)
+    nh, nw = max(th, round(img.height * s)), max(tw, round(img.width * s))
+    img = img.resize((nw, nh), Image.Resampling.LANCZOS)
+    top, left = (nh - th) // 2, (nw - tw) // 2
+    box = (left, top, left + tw, top + th)
+    return img.crop(box), (top, left, th, tw)

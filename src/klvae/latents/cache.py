@@ -1,0 +1,250 @@
+"""`klvae cache`: encode a dataset to latent shards, resumably, on one process or many.
+
+Exactly-once: a shard is written under a temporary name and renamed; only then is one line describing
+all of its rows appended (and fsynced) to this rank's manifest. On restart, shards that no manifest line
+names are deleted and only images that no line names are encoded. A torn last line is ignored, so a kill
+at any instant leaves either a whole shard and its line, or neither counted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from klvae import inference
+from klvae.errors import ImageError, KlvaeError
+from klvae.images import pil_to_tensor
+from klvae.latents.buckets import make_buckets, nearest_bucket, resize_crop
+from klvae.latents.sources import ItemSource, open_source
+from klvae.model.autoencoder import AutoencoderKL
+
+log = logging.getLogger(__name__)
+
+INDEX_FORMAT = "klvae.latent-cache/1"
+
+
+@dataclass
+class CacheOptions:
+    """What to store and how to cut the images."""
+
+    resolution: int = 512  # target side; with buckets, the target area is resolution**2
+    buckets: bool = False  # aspect-ratio buckets instead of a centre square crop
+    flip: bool = False  # also store a horizontally flipped copy of every image
+    store: str = "moments"  # "moments" (mean + logvar), "sample" (one posterior sample) or "scaled" (scaled mean)
+    shard_size: int = 256  # rows per shard file
+    batch_size: int = 8
+    num_workers: int = 2
+    seed: int = 0  # for store="sample"
+
+    def __post_init__(self) -> None:
+        if self.store not in ("moments", "sample", "scaled"):
+            raise KlvaeError(f"store must be moments, sample or scaled, got {self.store!r}")
+        if self.resolution % 64 and self.buckets:
+            raise KlvaeError("with buckets, resolution must be a multiple of 64")
+
+
+class _Prepared(Dataset):
+    """Loads, cuts and flips the images of this rank that are still to do (None for unreadable ones)."""
+
+    def __init__(self, source: ItemSource, ids: list[str], opts: CacheOptions) -> None:
+        self.source, self.ids, self.opts = source, ids, opts
+        self.buckets = make_buckets(opts.resolution) if opts.buckets else [(opts.resolution, opts.resolution)]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> tuple[str, list[tuple[Tensor, dict[str, Any]]] | str]:
+        item_id = self.ids[i]
+        try:
+            img = self.source.load(item_id)
+        except ImageError as e:
+            return item_id, str(e)
+        bucket = nearest_bucket(img.height, img.width, self.buckets)
+        cut, crop = resize_crop(img, bucket)
+        x = pil_to_tensor(cut)
+        meta = {"source": item_id, "size": [img.height, img.width], "crop": list(crop), "bucket": list(bucket)}
+        rows = [(x, {**meta, "flip": False})]
+        if self.opts.flip:
+            rows.append((x.flip(-1), {**meta, "flip": True}))
+        return item_id, rows
+
+
+def _collate(batch: list[Any]) -> list[Any]:
+    return batch
+
+
+def _write_shard(rows: list[tuple[dict[str, Tensor], dict[str, Any]]], out: Path, name: str) -> list[dict]:
+    tensors, metas = {}, []
+    for r, (t, meta) in enumerate(rows):
+        for field, v in t.items():
+            tensors[f"{r:06d}.{field}"] = v.contiguous()
+        metas.append({**meta, "shard": name, "row": r})
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": INDEX_FORMAT})
+        os.replace(tmp, out / name)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return metas
+
+
+def _append_line(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_manifest(path: Path) -> list[dict[str, Any]]:
+    """The complete lines of a manifest (a torn last line from a kill is ignored)."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def _recover(out: Path, rank: int) -> tuple[set[str], int]:
+    # Delete this rank's shards that no manifest line names; return the ids done and the next shard number.
+    records = read_manifest(out / f"manifest-rank{rank:03d}.jsonl")
+    named = {rec["shard"] for rec in records if "shard" in rec}
+    for p in out.glob(f"rank{rank:03d}-*.safetensors"):
+        if p.name not in named:
+            log.info("removing %s, written but not recorded before an interruption", p.name)
+            p.unlink()
+    for p in out.glob(f".rank{rank:03d}-*.tmp"):
+        p.unlink()
+    done = {m["source"] for rec in records for m in rec.get("rows", [])}
+    done |= {i for rec in records for i in rec.get("failed", [])}
+    return done, len(named)
+
+
+def _encode_rows(vae: AutoencoderKL, xs: list[Tensor], opts: CacheOptions, dtype: torch.dtype,
+                 gen: torch.Generator) -> list[dict[str, Tensor]]:
+    moments = inference.encode_moments(vae, torch.stack(xs), dtype).cpu()
+    c = vae.config.latent_channels
+    mean, logvar = moments[:, :c], moments[:, c:]
+    if opts.store == "moments":
+        return [{"mean": m, "logvar": lv} for m, lv in zip(mean, logvar, strict=True)]
+    from klvae.posterior import DiagonalGaussian
+
+    z = DiagonalGaussian(moments).sample(gen) if opts.store == "sample" else mean
+    if opts.store == "scaled":
+        z = vae.scale_latents(z)
+    return [{"latent": zi} for zi in z]
+
+
+def cache_rank(vae: AutoencoderKL, spec: str, out: str | Path, opts: CacheOptions, dtype: torch.dtype,
+               rank: int = 0, world: int = 1) -> dict[str, int]:
+    """Encode this rank's share of the data that is not done yet; returns counts (encoded, failed, skipped)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    source = open_source(spec)
+    mine = [i for n, i in enumerate(source.ids) if n % world == rank]
+    done, shard_no = _recover(out, rank)
+    todo = [i for i in mine if i not in done]
+    log.info("rank %d: %d images, %d done before, %d to encode", rank, len(mine), len(mine) - len(todo), len(todo))
+    loader = DataLoader(_Prepared(source, todo, opts), batch_size=opts.batch_size, num_workers=opts.num_workers,
+                        collate_fn=_collate)
+    writer = _ShardWriter(out, rank, shard_no, opts.shard_size)
+    gen = torch.Generator().manual_seed(opts.seed * 1009 + rank)
+    pending: dict[tuple[int, int], list[tuple[Tensor, dict]]] = {}
+    counts = {"encoded": 0, "failed": 0, "done_before": len(mine) - len(todo)}
+
+    def encode_bucket(key: tuple[int, int]) -> None:
+        rows = pending.pop(key)
+        writer.add(zip(_encode_rows(vae, [x for x, _ in rows], opts, dtype, gen), [m for _, m in rows], strict=True))
+
+    for batch in tqdm(loader, desc=f"cache rank {rank}", unit="batch", disable=not todo):
+        for item_id, rows in batch:
+            if isinstance(rows, str):
+                log.warning("skipping %s", rows)
+                writer.failed.append(item_id)
+                counts["failed"] += 1
+                continue
+            counts["encoded"] += 1
+            for x, meta in rows:
+                key = tuple(meta["bucket"])
+                pending.setdefault(key, []).append((x, meta))
+                if len(pending[key]) >= opts.batch_size:
+                    encode_bucket(key)
+    for key in list(pending):
+        encode_bucket(key)
+    writer.flush()
+    return counts
+
+
+class _ShardWriter:
+    """Collects encoded rows; writes a shard when full, then records it with one manifest line."""
+
+    def __init__(self, out: Path, rank: int, next_no: int, size: int) -> None:
+        self.out, self.rank, self.no, self.size = out, rank, next_no, size
+        self.manifest = out / f"manifest-rank{rank:03d}.jsonl"
+        self.rows: list[tuple[dict[str, Tensor], dict]] = []
+        self.failed: list[str] = []
+
+    def add(self, rows: Iterator[tuple[dict[str, Tensor], dict]]) -> None:
+        """Queue rows; every full shard is written at once."""
+        for row in rows:
+            self.rows.append(row)
+            if len(self.rows) >= self.size:
+                self.flush()
+
+    def flush(self) -> None:
+        """Write the queued rows (if any) as a shard and record it, with the failures seen so far."""
+        if not self.rows and not self.failed:
+            return
+        name = f"rank{self.rank:03d}-{self.no:05d}.safetensors" if self.rows else None
+        metas = _write_shard(self.rows, self.out, name) if name else []
+        _append_line(self.manifest, {"shard": name, "rows": metas, "failed": self.failed})
+        self.no += 1 if name else 0
+        self.rows, self.failed = [], []
+
+
+def write_index(vae: AutoencoderKL, model: str, out: str | Path, opts: CacheOptions, world: int) -> Path:
+    """Merge every rank's manifest into index.json (atomically); checks that no image appears twice."""
+    out = Path(out)
+    rows, failed = [], []
+    for p in sorted(out.glob("manifest-rank*.jsonl")):
+        for rec in read_manifest(p):
+            rows += rec.get("rows", [])
+            failed += rec.get("failed", [])
+    seen: set[tuple[str, bool]] = set()
+    for r in rows:
+        key = (r["source"], r["flip"])
+        if key in seen:
+            raise KlvaeError(f"{r['source']} appears twice in the cache manifests")
+        seen.add(key)
+    index = {
+        "format": INDEX_FORMAT, "model": model, "scaling_factor": vae.config.scaling_factor,
+        "shift_factor": vae.config.shift_factor, "latent_channels": vae.config.latent_channels,
+        "options": asdict(opts), "world_size": world, "items": rows, "failed": sorted(set(failed) - {r["source"] for r in rows}),
+    }
+    fd, tmp = tempfile.mkstemp(prefix=".index.", suffix=".tmp", dir=out)
+    with os.fdopen(fd, "w") as f:
+        json.dump(index, f)
+    os.replace(tmp, out / "index.json")
+    return out / "index.json"
+
+
+def iter_rows(index_path: str | Path) -> Iterator[dict[str, Any]]:
+    """The rows an index lists."""
+    yield from json.loads(Path(index_path).read_text())["items"]

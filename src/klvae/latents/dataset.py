@@ -1,0 +1,100 @@
+"""`LatentDataset`: the reader a diffusion trainer uses on a `klvae cache` folder."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+from torch.utils.data import Dataset, Sampler
+
+from klvae.errors import LatentsError
+from klvae.latents.cache import INDEX_FORMAT
+
+
+class LatentDataset(Dataset):
+    """Scaled latents ((z - shift) * scale, as the diffusion model wants them) and each row's metadata.
+
+    With moments stored, `mode="sample"` draws z from the posterior on every access (augmentation, as
+    LDM training does) and `mode="mean"` returns its mean.
+    """
+
+    def __init__(self, root: str | Path, mode: str = "sample", seed: int | None = None) -> None:
+        self.root = Path(root)
+        path = self.root / "index.json"
+        if not path.is_file():
+            raise LatentsError(f"{self.root} has no index.json: run `klvae cache` to completion first")
+        index = json.loads(path.read_text())
+        if index.get("format") != INDEX_FORMAT:
+            raise LatentsError(f"{path} is not a klvae latent cache index")
+        if mode not in ("sample", "mean"):
+            raise LatentsError(f"mode must be sample or mean, got {mode!r}")
+        self.items: list[dict[str, Any]] = index["items"]
+        self.store: str = index["options"]["store"]
+        self.scale, self.shift = float(index["scaling_factor"]), float(index["shift_factor"] or 0.0)
+        self.mode = mode
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self._handles: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _tensor(self, shard: str, key: str) -> Tensor:
+        # One open handle per shard and process; safetensors maps the file, so a row read is a small copy.
+        h = self._handles.get(shard)
+        if h is None:
+            h = self._handles[shard] = safe_open(str(self.root / shard), framework="pt")
+        return h.get_tensor(key)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        it = self.items[i]
+        prefix = f"{it['row']:06d}"
+        if self.store == "moments":
+            mean, logvar = self._tensor(it["shard"], f"{prefix}.mean"), self._tensor(it["shard"], f"{prefix}.logvar")
+            z = mean
+            if self.mode == "sample":
+                std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+                z = mean + std * torch.randn(mean.shape, generator=self.generator)
+            latents = (z - self.shift) * self.scale
+        else:
+            latents = self._tensor(it["shard"], f"{prefix}.latent")
+            if self.store == "sample":
+                latents = (latents - self.shift) * self.scale
+        meta = {k: it[k] for k in ("source", "size", "crop", "flip", "bucket")}
+        return {"latents": latents, **meta}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers reopen shards themselves; open handles do not pickle.
+        return {**self.__dict__, "_handles": {}}
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Batches whose rows share a bucket (one latent size), shuffled per epoch; the last partial batches kept."""
+
+    def __init__(self, dataset: LatentDataset, batch_size: int, shuffle: bool = True, seed: int = 0) -> None:
+        self.batch_size, self.shuffle, self.seed, self.epoch = batch_size, shuffle, seed, 0
+        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for i, it in enumerate(dataset.items):
+            groups[tuple(it["bucket"])].append(i)
+        self.groups = list(groups.values())
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle differently for the next epoch."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        batches = []
+        for idx in self.groups:
+            order = [idx[j] for j in torch.randperm(len(idx), generator=g)] if self.shuffle else idx
+            batches += [order[k : k + self.batch_size] for k in range(0, len(order), self.batch_size)]
+        perm = torch.randperm(len(batches), generator=g).tolist() if self.shuffle else range(len(batches))
+        return iter([batches[j] for j in perm])
+
+    def __len__(self) -> int:
+        return sum((len(g) + self.batch_size - 1) // self.batch_size for g in self.groups)

@@ -1,0 +1,40 @@
+"""Scale and shift from data: scaling_factor = 1/std and shift_factor = mean of the latents (LDM's scale_by_std)."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from klvae import inference
+from klvae.errors import ImageError, KlvaeError
+from klvae.images import pil_to_tensor
+from klvae.latents.buckets import resize_crop
+from klvae.latents.sources import open_source
+from klvae.model.autoencoder import AutoencoderKL
+
+log = logging.getLogger(__name__)
+
+
+def estimate_factors(vae: AutoencoderKL, spec: str, limit: int = 256, resolution: int = 256,
+                     dtype: torch.dtype = torch.float32, sample: bool = True, seed: int = 0) -> dict[str, float]:
+    """Mean and std of z over up to `limit` images (centre crops): the factors that make z zero-mean, unit-std."""
+    source = open_source(spec)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(source.ids), generator=gen).tolist()[:limit]
+    n, s1, s2, used = 0, 0.0, 0.0, 0
+    for i in order:
+        try:
+            img, _ = resize_crop(source.load(source.ids[i]), (resolution, resolution))
+        except ImageError as e:
+            log.warning("skipping %s", e)
+            continue
+        post = inference.encode(vae, pil_to_tensor(img)[None], dtype)
+        z = (post.sample(gen.manual_seed(seed + i)) if sample else post.mode()).double()
+        n, s1, s2, used = n + z.numel(), s1 + z.sum().item(), s2 + z.square().sum().item(), used + 1
+    if used == 0:
+        raise KlvaeError(f"no readable images in {spec}")
+    mean = s1 / n
+    std = math.sqrt(max(s2 / n - mean * mean, 1e-12))
+    return {"scaling_factor": 1.0 / std, "shift_factor": mean, "std": std, "images": float(used)}

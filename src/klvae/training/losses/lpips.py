@@ -1,0 +1,235 @@
+"""LPIPS (v0.1, VGG16 trunk): a perceptual distance written without torchvision or the `lpips` package.
+
+The VGG16 `features` stack mirrors torchvision's layer indexing, so torchvision's ImageNet checkpoint
+(vgg16-397923af.pth) loads unchanged; the five 1x1 linear layers use the `lpips` package's v0.1 key layout
+(lin{0..4}.model.1.weight). Inputs are images in [-1, 1]; the distance is per sample, shaped [B, 1, 1, 1].
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from klvae.errors import KlvaeError, WeightsError
+
+log = logging.getLogger(__name__)
+
+VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
+VGG16_FILE = "vgg16-397923af.pth"
+LIN_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
+# A distinct cache name: a bare "vgg.pth" in the shared hub cache could be anybody's file.
+LIN_FILE = "lpips-v0.1-vgg.pth"
+
+# torchvision's VGG16 "D" configuration up to relu5_3 (the final max-pool is never tapped, so it is left out).
+_VGG16_CFG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
+# Indices in `features` of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3.
+TAPS: tuple[int, ...] = (3, 8, 15, 22, 29)
+TAP_CHANNELS: tuple[int, ...] = (64, 128, 256, 512, 512)
+# The LPIPS ScalingLayer: maps [-1, 1] input to roughly ImageNet-normalised statistics.
+_SHIFT = (-0.030, -0.088, -0.188)
+_SCALE = (0.458, 0.448, 0.450)
+
+
+class VGG16Features(nn.Module):
+    """torchvision's `vgg16().features[:30]`, returning the five ReLU taps LPIPS compares."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 3
+        for v in _VGG16_CFG:
+            if v == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            else:
+                # In-place ReLU is safe: conv backward needs its input, and every tap is followed by a pool.
+                layers += [nn.Conv2d(c_in, int(v), kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+                c_in = int(v)
+        self.features = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """The activations at relu1_2 .. relu5_3."""
+        taps: list[Tensor] = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in TAPS:
+                taps.append(x)
+        return taps
+
+
+class NetLinLayer(nn.Module):
+    """A 1x1 channel weighting; `model.0` is the (never active) dropout that keeps the lpips key layout."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.model = nn.Sequential(nn.Dropout(), nn.Conv2d(channels, 1, kernel_size=1, bias=False))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[B, C, H, W] -> [B, 1, H, W]."""
+        return self.model(x)
+
+
+class LinLayers(nn.Module):
+    """The five linear heads, named lin0..lin4 as in the lpips checkpoint."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        for i, c in enumerate(TAP_CHANNELS):
+            self.add_module(f"lin{i}", NetLinLayer(c))
+
+    def heads(self) -> Iterator[NetLinLayer]:
+        """lin0..lin4 in tap order."""
+        for i in range(len(TAP_CHANNELS)):
+            yield getattr(self, f"lin{i}")
+
+
+def _unit_normalise(f: Tensor, eps: float = 1e-10) -> Tensor:
+    # fp32 on purpose: under fp16 autocast eps underflows to 0 and an all-zero ReLU column gives 0/0.
+    f = f.float()
+    return f / (f.pow(2).sum(dim=1, keepdim=True).sqrt() + eps)
+
+
+class LPIPS(nn.Module):
+    """Learned perceptual distance between two image batches in [-1, 1]; returns [B, 1, 1, 1].
+
+    pretrained=True fetches the VGG16 ImageNet weights and the LPIPS v0.1 heads (see `resolve_*`);
+    explicit vgg_path / lin_path files win over any download. pretrained=False with no paths gives a random
+    backbone (for tests) with non-negative heads, so the value is still a distance >= 0.
+    The whole module is frozen and stays in eval mode, but gradients flow to its inputs.
+    """
+
+    def __init__(
+        self,
+        pretrained: bool = True,
+        vgg_path: str | Path | None = None,
+        lin_path: str | Path | None = None,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("shift", torch.tensor(_SHIFT).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor(_SCALE).view(1, 3, 1, 1), persistent=False)
+        self.net = VGG16Features()
+        self.lin = LinLayers()
+        for head in self.lin.heads():
+            conv = head.model[1]
+            nn.init.uniform_(conv.weight, 0.0, 1.0 / conv.in_channels)
+        if vgg_path is not None or pretrained:
+            self.load_vgg(read_weights(vgg_path, "VGG16") if vgg_path is not None else resolve_vgg_weights())
+        if lin_path is not None or pretrained:
+            self.load_lin(read_weights(lin_path, "LPIPS linear") if lin_path is not None else resolve_lin_weights())
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> LPIPS:
+        """Ignores `mode`: a fixed metric keeps its dropout off whatever its parent's mode."""
+        return super().train(False)
+
+    def load_vgg(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a torchvision-layout VGG16 state dict (classifier.* ignored), checking keys and shapes."""
+        features = {k: v for k, v in state_dict.items() if not k.startswith("classifier.")}
+        load_strict(self.net, features, "VGG16 weights")
+
+    def load_lin(self, state_dict: Mapping[str, Any]) -> None:
+        """Load an lpips-layout head state dict (lin{0..4}.model.1.weight), checking keys and shapes."""
+        load_strict(self.lin, state_dict, "LPIPS linear weights")
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        """LPIPS(x, y) per sample, [B, 1, 1, 1]; x and y are [B, 3, H, W] in [-1, 1]."""
+        if x.shape != y.shape or x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"LPIPS needs two [B, 3, H, W] batches of one shape, got {list(x.shape)}, {list(y.shape)}")
+        n = x.shape[0]
+        # One pass over both batches: half the kernel launches, same numbers.
+        feats = self.net((torch.cat([x, y]) - self.shift) / self.scale)
+        total = x.new_zeros((n, 1, 1, 1), dtype=torch.float32)
+        for f, head in zip(feats, self.lin.heads(), strict=True):
+            f = _unit_normalise(f)
+            diff = (f[:n] - f[n:]).pow(2)
+            total = total + head(diff).float().mean(dim=(2, 3), keepdim=True)
+        return total
+
+
+def load_strict(module: nn.Module, state_dict: Mapping[str, Any], what: str) -> None:
+    """load_state_dict with a one-line WeightsError naming missing, unexpected and mis-shaped keys."""
+    expected = module.state_dict()
+    missing = sorted(expected.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - expected.keys())
+    bad = sorted(
+        f"{k} {tuple(getattr(state_dict[k], 'shape', ()))} != {tuple(expected[k].shape)}"
+        for k in expected.keys() & state_dict.keys()
+        if not isinstance(state_dict[k], Tensor) or state_dict[k].shape != expected[k].shape
+    )
+    if missing or unexpected or bad:
+        parts = [f"{name}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+                 for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad)) if keys]
+        raise WeightsError(f"{what} do not fit: " + "; ".join(parts))
+    module.load_state_dict(dict(state_dict), strict=True)
+
+
+def read_weights(path: str | Path, what: str) -> dict[str, Any]:
+    """torch.load(weights_only=True) on CPU, with failures as one-line WeightsErrors."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise WeightsError(f"{what} file not found: {p}")
+    try:
+        sd = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling and zip errors have many types; all mean "not a weights file"
+        raise WeightsError(f"{what} file {p} cannot be read: {type(e).__name__}: {e}") from None
+    if not isinstance(sd, Mapping):
+        raise WeightsError(f"{what} file {p} holds a {type(sd).__name__}, not a state dict")
+    return dict(sd)
+
+
+def hub_checkpoint(file_name: str) -> Path:
+    """Where torch.hub caches `file_name` (TORCH_HOME/hub/checkpoints unless torch.hub.set_dir moved it)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / file_name
+
+
+def installed_lpips_lin() -> Path | None:
+    """The v0.1 VGG heads shipped inside an installed `lpips` package, found without importing it."""
+    try:
+        spec = importlib.util.find_spec("lpips")
+    except (ImportError, ValueError):
+        return None
+    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+        p = Path(root) / "weights" / "v0.1" / "vgg.pth"
+        if p.is_file():
+            return p
+    return None
+
+
+def download(url: str, file_name: str, check_hash: bool) -> dict[str, Any]:
+    """torch.hub's cached download (weights_only); tests replace this to keep off the network."""
+    return torch.hub.load_state_dict_from_url(
+        url, map_location="cpu", progress=False, check_hash=check_hash, file_name=file_name, weights_only=True
+    )
+
+
+def _fetch(url: str, file_name: str, what: str, arg: str, check_hash: bool) -> dict[str, Any]:
+    cached = hub_checkpoint(file_name)
+    if cached.is_file():
+        return read_weights(cached, what)
+    log.info("downloading %s from %s", what, url)
+    try:
+        return download(url, file_name, check_hash)
+    except Exception as e:  # URLError, HTTPError, OSError, hash mismatch: all mean "not available here"
+        raise KlvaeError(
+            f"{what} weights unavailable ({type(e).__name__}: {e}); pass {arg}=<file> "
+            f"(LossConfig.lpips_{arg}) or save {url} as {cached}"
+        ) from None
+
+
+def resolve_vgg_weights() -> dict[str, Any]:
+    """torchvision's VGG16 ImageNet state dict: the torch hub cache, else a download."""
+    return _fetch(VGG16_URL, VGG16_FILE, "VGG16 ImageNet", "vgg_path", check_hash=True)
+
+
+def resolve_lin_weights() -> dict[str, Any]:
+    """The LPIPS v0.1 VGG heads: an installed lpips package, the torch hub cache, else a download."""
+    local = installed_lpips_lin()
+    if local is not None:
+        return read_weights(local, "LPIPS linear")
+    return _fetch(LIN_URL, LIN_FILE, "LPIPS v0.1 linear", "lin_path", check_hash=False)

@@ -1,0 +1,262 @@
+"""The training loop: autoencoder and discriminator steps, accumulation, precision, EMA, checkpoints, DDP."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from klvae.errors import KlvaeError
+from klvae.inference.precision import resolve_device
+from klvae.model.autoencoder import AutoencoderKL
+from klvae.model.config import get_preset
+from klvae.posterior import DiagonalGaussian
+from klvae.training import checkpoint as ckpt
+from klvae.training.config import TrainConfig
+from klvae.training.distributed import DistInfo, all_mean, average_gradients, barrier, init_distributed
+from klvae.training.losses import AutoencoderLoss, LossConfig, get_loss_preset
+
+log = logging.getLogger(__name__)
+
+
+def build_model(cfg: TrainConfig) -> AutoencoderKL:
+    """The autoencoder to train: a preset from scratch, or pretrained weights."""
+    m = cfg.model
+    if m.pretrained:
+        config = get_preset(m.preset).replace(**m.overrides) if m.overrides else None
+        vae = AutoencoderKL.from_pretrained(m.pretrained, config=config)
+    else:
+        vae = AutoencoderKL(get_preset(m.preset).replace(**m.overrides))
+    vae.enable_gradient_checkpointing(m.gradient_checkpointing)
+    if m.decoder_only:
+        for mod in (vae.encoder, vae.quant_conv):
+            if mod is not None:
+                mod.requires_grad_(False)
+    return vae.train()
+
+
+def build_loss_config(d: dict[str, Any]) -> LossConfig:
+    """A loss preset with field overrides from the config's `loss` mapping."""
+    d = dict(d)
+    base = get_loss_preset(d.pop("preset", "ldm"))
+    try:
+        return base.replace(**d)
+    except TypeError as e:
+        raise KlvaeError(f"bad loss config: {e}") from None
+
+
+def lr_factor(step: int, warmup: int, schedule: str, max_steps: int) -> float:
+    """Linear warm-up, then constant or cosine decay to zero at max_steps."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "cosine":
+        progress = (step - warmup) / max(1, max_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return 1.0
+
+
+class Reconstruct(nn.Module):
+    """The training forward in one module (so DDP sees it): encode, z = mean + std * noise, decode."""
+
+    def __init__(self, vae: AutoencoderKL, decoder_only: bool) -> None:
+        super().__init__()
+        self.vae, self.decoder_only = vae, decoder_only
+
+    def forward(self, x: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Returns (reconstruction, posterior moments); noise None decodes the posterior mean."""
+        with torch.no_grad() if self.decoder_only else contextlib.nullcontext():
+            moments = self.vae.encode_moments(x)
+        post = DiagonalGaussian(moments)
+        z = post.mode() if noise is None else post.mean + post.std * noise
+        return self.vae.decode(z), moments
+
+
+class Trainer:
+    """Runs `klvae train`: one instance per process (torchrun starts one per GPU)."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        device = resolve_device(cfg.train.device)
+        self.dist: DistInfo = init_distributed(device.type)
+        if device.type == "cuda":
+            device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(device)
+        self.device = device
+        self.out = Path(cfg.train.out_dir)
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+        self.vae = build_model(cfg).to(device)
+        if cfg.data.resolution % self.vae.downsample_factor:
+            raise KlvaeError(f"data.resolution must be a multiple of {self.vae.downsample_factor}")
+        self.loss = AutoencoderLoss(build_loss_config(cfg.loss)).to(device)
+        self._build_optimisers()
+        decay = cfg.train.ema_decay
+        self.ema = AveragedModel(self.vae, multi_avg_fn=get_ema_multi_avg_fn(decay)) if decay > 0 else None
+        self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
+        fp16 = cfg.train.precision == "fp16"
+        self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+        self.d_scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+        net = Reconstruct(self.vae, cfg.model.decoder_only)
+        ids = [device] if device.type == "cuda" else None
+        self.net = DistributedDataParallel(net, device_ids=ids) if self.dist.enabled else net
+        self.step, self.batches_done, self.nonfinite_run = 0, 0, 0
+
+    def _build_optimisers(self) -> None:
+        o = self.cfg.optim
+        ae = [p for p in self.vae.parameters() if p.requires_grad] + list(self.loss.autoencoder_parameters())
+        self.opt_ae = torch.optim.AdamW(ae, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        self.disc_params = list(self.loss.discriminator_parameters())
+        self.opt_d = (torch.optim.AdamW(self.disc_params, lr=o.disc_lr, betas=o.betas, weight_decay=o.weight_decay)
+                      if self.disc_params else None)
+
+    # ---- state ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything an exact resume needs."""
+        return {
+            "step": self.step, "batches_done": self.batches_done, "nonfinite_run": self.nonfinite_run,
+            "vae": self.vae.state_dict(), "loss": self.loss.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "opt_ae": self.opt_ae.state_dict(), "opt_d": self.opt_d.state_dict() if self.opt_d else None,
+            "scaler": self.scaler.state_dict(), "d_scaler": self.d_scaler.state_dict(),
+            "rng": ckpt.rng_state(), "config": json.dumps(self.cfg.to_dict()), "world": self.dist.world,
+        }
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        """Restore a state_dict(); the world size may differ (the data position is global)."""
+        self.vae.load_state_dict(s["vae"])
+        self.loss.load_state_dict(s["loss"])
+        if self.ema is not None and s.get("ema") is not None:
+            self.ema.load_state_dict(s["ema"])
+        self.opt_ae.load_state_dict(s["opt_ae"])
+        if self.opt_d is not None and s.get("opt_d") is not None:
+            self.opt_d.load_state_dict(s["opt_d"])
+        self.scaler.load_state_dict(s["scaler"])
+        self.d_scaler.load_state_dict(s["d_scaler"])
+        self.step, self.batches_done, self.nonfinite_run = s["step"], s["batches_done"], s["nonfinite_run"]
+        ckpt.set_rng_state(s["rng"])
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        """Load `path`, or the newest checkpoint of the run folder; False when there is none."""
+        found = Path(path) if path else ckpt.latest_checkpoint(self.out / "checkpoints")
+        if found is None:
+            return False
+        self.load_state_dict(ckpt.load_checkpoint(found))
+        log.info("resumed from %s at step %d", found, self.step)
+        return True
+
+    def save(self) -> Path | None:
+        """Rank 0 writes a checkpoint; every rank waits for it."""
+        path = None
+        if self.dist.is_main:
+            path = ckpt.save_checkpoint(self.state_dict(), self.out / "checkpoints", self.step)
+            log.info("checkpoint %s", path)
+        barrier(self.dist)
+        return path
+
+    def export(self) -> Path:
+        """Write the trained (EMA when kept and asked for) weights with save_pretrained to out_dir/final."""
+        model = self.ema.module if self.ema is not None and self.cfg.train.export_ema else self.vae
+        return model.save_pretrained(self.out / "final")
+
+    # ---- one optimiser step -----------------------------------------------------------------------
+    def _noise(self, x: Tensor, micro: int) -> Tensor | None:
+        # Posterior noise for the whole global batch from (seed, step, micro), sliced to this rank: the
+        # same numbers whatever the world size or a resume, so 1 and N processes follow one trajectory.
+        if not self.cfg.train.sample_posterior:
+            return None
+        f, c = self.vae.downsample_factor, self.vae.config.latent_channels
+        b = x.shape[0]
+        g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + self.step * 101 + micro)
+        full = torch.randn((b * self.dist.world, c, x.shape[2] // f, x.shape[3] // f), generator=g)
+        return full[self.dist.rank * b : (self.dist.rank + 1) * b].to(self.device)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _all_finite(self, *values: Tensor) -> bool:
+        ok = torch.tensor(float(all(bool(torch.isfinite(v).all()) for v in values)), device=self.device)
+        return bool(all_mean(ok, self.dist).item() == 1.0)  # every rank decides alike, so none hangs
+
+    def _micro_step(self, x: Tensor, i: int, accum: int, disc_on: bool, logs: dict[str, float]) -> bool:
+        last = i == accum - 1
+        sync = self.net.no_sync() if self.dist.enabled and not last else contextlib.nullcontext()
+        with sync:
+            self.loss.discriminator_requires_grad(False)  # the generator pass must not train the critic
+            with self._autocast():
+                rec, moments = self.net(x, self._noise(x, i))
+                loss, g_logs = self.loss.generator_loss(
+                    x, rec, DiagonalGaussian(moments.float()), self.step,
+                    last_layer=self.vae.decoder.conv_out.weight,
+                )
+            if not self._all_finite(loss):
+                return False
+            self.scaler.scale(loss / accum).backward()
+        d_logs: dict[str, Tensor] = {}
+        if disc_on:
+            self.loss.discriminator_requires_grad(True)
+            with self._autocast():
+                d_loss, d_logs = self.loss.discriminator_loss(x, rec.detach(), self.step)
+            if not self._all_finite(d_loss):
+                return False
+            self.d_scaler.scale(d_loss / accum).backward()
+        for k, v in {**g_logs, **d_logs}.items():
+            logs[k] += float(v) / accum
+        return True
+
+    def _apply_gradients(self, disc_on: bool) -> None:
+        clip = self.cfg.optim.grad_clip
+        self.scaler.unscale_(self.opt_ae)
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for g in self.opt_ae.param_groups for p in g["params"]], clip)
+        self.scaler.step(self.opt_ae)
+        self.scaler.update()
+        if disc_on and self.opt_d is not None:
+            average_gradients(self.disc_params, self.dist)
+            self.d_scaler.unscale_(self.opt_d)
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.disc_params, clip)
+            self.d_scaler.step(self.opt_d)
+            self.d_scaler.update()
+        if self.ema is not None:
+            self.ema.update_parameters(self.vae)
+
+    def train_step(self, micro_batches: list[Tensor]) -> dict[str, float]:
+        """Accumulate over micro-batches, step both optimisers; a non-finite loss skips the whole step."""
+        o = self.cfg.optim
+        for opt, base in ((self.opt_ae, o.lr), (self.opt_d, o.disc_lr)):
+            for group in opt.param_groups if opt is not None else ():
+                group["lr"] = base * lr_factor(self.step, o.warmup_steps, o.schedule, self.cfg.train.max_steps)
+        self.opt_ae.zero_grad(set_to_none=True)
+        if self.opt_d is not None:
+            self.opt_d.zero_grad(set_to_none=True)
+        disc_on = self.opt_d is not None and self.loss.discriminator_active(self.step)
+        logs: dict[str, float] = defaultdict(float)
+        finite = all(
+            self._micro_step(x.to(self.device, non_blocking=True), i, len(micro_batches), disc_on, logs)
+            for i, x in enumerate(micro_batches)
+        )
+        self.loss.discriminator_requires_grad(True)
+        if finite:
+            self._apply_gradients(disc_on)
+            self.nonfinite_run = 0
+        else:
+            self.nonfinite_run += 1
+            log.warning("step %d: non-finite loss, step skipped (%d in a row)", self.step, self.nonfinite_run)
+            if self.nonfinite_run >= self.cfg.train.max_nonfinite:
+                raise KlvaeError(f"{self.nonfinite_run} non-finite losses in a row; stopping (train.max_nonfinite)")
+        self.step += 1
+        keys = sorted(logs)
+        values = all_mean(torch.tensor([logs[k] for k in keys], device=self.device), self.dist).tolist()
+        out = dict(zip(keys, values, strict=True))
+        out.update(lr=self.opt_ae.param_groups[0]["lr"], skipped=float(not finite))
+        return out

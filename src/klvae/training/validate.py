@@ -1,0 +1,61 @@
+"""Validation during training: PSNR, SSIM (and LPIPS when its weights can be had) plus a PNG grid."""
+
+from __future__ import annotations
+
+import logging
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from klvae.errors import KlvaeError
+from klvae.evaluation.metrics import psnr, ssim
+from klvae.images import save_image_atomic, tensor_to_pil
+from klvae.model.autoencoder import AutoencoderKL
+
+log = logging.getLogger(__name__)
+
+
+@cache
+def _pretrained_lpips(device: str) -> nn.Module | None:
+    # Only real LPIPS weights give a meaningful figure; without them validation reports PSNR/SSIM only.
+    from klvae.training.losses.lpips import LPIPS
+
+    try:
+        return LPIPS(pretrained=True).to(device).eval()
+    except KlvaeError as e:
+        log.warning("validation without LPIPS: %s", e)
+        return None
+
+
+def make_grid(top: Tensor, bottom: Tensor, n: int = 8) -> Tensor:
+    """Originals over reconstructions: [3, 2H, n*W] from two [B, 3, H, W] batches in [-1, 1]."""
+    top, bottom = top[:n], bottom[:n]
+    rows = [torch.cat(list(t), dim=-1) for t in (top, bottom)]
+    return torch.cat(rows, dim=-2)
+
+
+@torch.no_grad()
+def validate(vae: AutoencoderKL, batches: list[Tensor], device: torch.device, grid_path: Path | None) -> dict[str, float]:
+    """Reconstruct the held-out batches through the posterior mean; mean metrics, and a grid image."""
+    was_training = vae.training
+    vae.eval()
+    lp = _pretrained_lpips(str(device))
+    sums: dict[str, float] = {"psnr": 0.0, "ssim": 0.0, **({"lpips": 0.0} if lp is not None else {})}
+    n, first = 0, None
+    for x in batches:
+        x = x.to(device)
+        y = vae(x, sample_posterior=False)[0].clamp(-1, 1)
+        sums["psnr"] += psnr(x, y).sum().item()
+        sums["ssim"] += ssim(x, y).sum().item()
+        if lp is not None:
+            sums["lpips"] += lp(x, y).sum().item()
+        n += x.shape[0]
+        if first is None:
+            first = (x.cpu(), y.cpu())
+    vae.train(was_training)
+    if grid_path is not None and first is not None:
+        grid_path.parent.mkdir(parents=True, exist_ok=True)
+        save_image_atomic(tensor_to_pil(make_grid(*first)), grid_path)
+    return {k: v / max(n, 1) for k, v in sums.items()}
