@@ -236,7 +236,8 @@ def write_index(vae: AutoencoderKL, model: str, out: str | Path, opts: CacheOpti
     index = {
         "format": INDEX_FORMAT, "model": model, "scaling_factor": vae.config.scaling_factor,
         "shift_factor": vae.config.shift_factor, "latent_channels": vae.config.latent_channels,
-        "options": asdict(opts), "world_size": world, "items": rows, "failed": sorted(set(failed) - {r["source"] for r in rows}),
+        "options": asdict(opts), "world_size": world, "items": rows,
+        "failed": sorted(set(failed) - {r["source"] for r in rows}),
     }
     fd, tmp = tempfile.mkstemp(prefix=".index.", suffix=".tmp", dir=out)
     with os.fdopen(fd, "w") as f:

@@ -37,7 +37,9 @@ def make_grid(top: Tensor, bottom: Tensor, n: int = 8) -> Tensor:
 
 
 @torch.no_grad()
-def validate(vae: AutoencoderKL, batches: list[Tensor], device: torch.device, grid_path: Path | None) -> dict[str, float]:
+def validate(
+    vae: AutoencoderKL, batches: list[Tensor], device: torch.device, grid_path: Path | None
+) -> dict[str, float]:
     """Reconstruct the held-out batches through the posterior mean; mean metrics, and a grid image."""
     was_training = vae.training
     vae.eval()

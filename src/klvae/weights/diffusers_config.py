@@ -1,0 +1,113 @@
+"""diffusers' AutoencoderKL config.json <-> AutoencoderKLConfig."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from klvae.errors import WeightsError
+from klvae.model.config import AutoencoderKLConfig
+
+log = logging.getLogger(__name__)
+
+# diffusers' own defaults, so a config.json that leaves a key out means what it means to diffusers.
+_DIFFUSERS_DEFAULTS: dict[str, Any] = {
+    "in_channels": 3, "out_channels": 3, "block_out_channels": [64], "layers_per_block": 1, "latent_channels": 4,
+    "norm_num_groups": 32, "sample_size": 32, "scaling_factor": 0.18215, "shift_factor": None,
+    "force_upcast": True, "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True,
+}
+# Keys diffusers writes that change nothing here (the latents_* statistics are for the diffusion pipeline).
+_IGNORED = {"_class_name", "_diffusers_version", "_name_or_path", "_klvae_version", "latents_mean", "latents_std",
+            "down_block_types", "up_block_types", "act_fn"}
+# diffusers has no such field: its AutoencoderKL always uses this GroupNorm epsilon.
+_DIFFUSERS_NORM_EPS = 1e-6
+
+
+def _check_block_types(d: dict[str, Any], levels: int) -> None:
+    for key, expected in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+        types = list(d.get(key, [expected]))
+        if any(t != expected for t in types):
+            raise WeightsError(f"config.json: {key} {types} is unsupported (only {expected})")
+        if len(types) != levels:
+            raise WeightsError(f"config.json: {key} has {len(types)} entries but block_out_channels has {levels}")
+
+
+def config_from_diffusers(d: dict[str, Any]) -> AutoencoderKLConfig:
+    """Our config from a diffusers AutoencoderKL config dict; WeightsError for what the model cannot build."""
+    cls = d.get("_class_name", "AutoencoderKL")
+    if cls != "AutoencoderKL":
+        raise WeightsError(f"config.json describes a {cls}, not an AutoencoderKL")
+    if d.get("act_fn", "silu") != "silu":
+        raise WeightsError(f"config.json: act_fn {d['act_fn']!r} is unsupported (only 'silu')")
+    unknown = sorted(set(d) - set(_DIFFUSERS_DEFAULTS) - _IGNORED)
+    if unknown:
+        log.warning("config.json: ignoring unknown keys %s", ", ".join(unknown))
+    v = {k: d.get(k, default) for k, default in _DIFFUSERS_DEFAULTS.items()}
+    _check_block_types(d, len(v["block_out_channels"]))
+    try:
+        return AutoencoderKLConfig(
+            in_channels=int(v["in_channels"]), out_channels=int(v["out_channels"]),
+            block_out_channels=tuple(v["block_out_channels"]), layers_per_block=int(v["layers_per_block"]),
+            latent_channels=int(v["latent_channels"]), norm_num_groups=int(v["norm_num_groups"]),
+            norm_eps=_DIFFUSERS_NORM_EPS, use_quant_conv=bool(v["use_quant_conv"]),
+            use_post_quant_conv=bool(v["use_post_quant_conv"]),
+            attention="vanilla" if v["mid_block_add_attention"] else "none",
+            sample_size=_sample_size(v["sample_size"]), scaling_factor=float(v["scaling_factor"]),
+            shift_factor=None if v["shift_factor"] is None else float(v["shift_factor"]),
+            force_upcast=bool(v["force_upcast"]),
+        )
+    except (TypeError, ValueError) as e:
+        raise WeightsError(f"config.json: {e}") from None
+
+
+def _sample_size(s: Any) -> int:
+    # diffusers allows [H, W]; the tile size we use is square.
+    return int(max(s)) if isinstance(s, (list, tuple)) else int(s)
+
+
+def config_to_diffusers(cfg: AutoencoderKLConfig) -> dict[str, Any]:
+    """A diffusers AutoencoderKL config dict for `cfg`; WeightsError for what diffusers cannot express."""
+    if cfg.attention == "linear":
+        raise WeightsError("attention 'linear' cannot be expressed in a diffusers config; use export_ldm instead")
+    if cfg.norm_eps != _DIFFUSERS_NORM_EPS:
+        raise WeightsError(f"norm_eps {cfg.norm_eps} cannot be expressed in a diffusers config (fixed at 1e-6)")
+    from klvae import __version__
+
+    n = len(cfg.block_out_channels)
+    return {
+        "_class_name": "AutoencoderKL",
+        "_diffusers_version": "0.30.0",  # the oldest release that reads every key below
+        "_klvae_version": __version__,
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels,
+        "down_block_types": ["DownEncoderBlock2D"] * n,
+        "up_block_types": ["UpDecoderBlock2D"] * n,
+        "block_out_channels": list(cfg.block_out_channels),
+        "layers_per_block": cfg.layers_per_block,
+        "act_fn": "silu",
+        "latent_channels": cfg.latent_channels,
+        "norm_num_groups": cfg.norm_num_groups,
+        "sample_size": cfg.sample_size,
+        "scaling_factor": cfg.scaling_factor,
+        "shift_factor": cfg.shift_factor,
+        "latents_mean": None,
+        "latents_std": None,
+        "force_upcast": cfg.force_upcast,
+        "use_quant_conv": cfg.use_quant_conv,
+        "use_post_quant_conv": cfg.use_post_quant_conv,
+        "mid_block_add_attention": cfg.attention == "vanilla",
+    }
+
+
+def read_config_json(path: str | Path) -> AutoencoderKLConfig:
+    """Our config from a diffusers config.json file."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"cannot read {path}: {e}") from None
+    if not isinstance(d, dict):
+        raise WeightsError(f"{path} is not a JSON object")
+    return config_from_diffusers(d)

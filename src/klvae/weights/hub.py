@@ -1,0 +1,107 @@
+"""Fetching a diffusers-layout VAE from the Hugging Face hub (or its local cache), with one-line errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+from klvae.errors import WeightsError
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_TRUE = {"1", "on", "yes", "true"}
+
+
+def looks_like_repo_id(s: str) -> bool:
+    """Whether `s` has the form org/name of a hub repository."""
+    return bool(_REPO_ID.match(s)) and ".." not in s
+
+
+def _offline() -> bool:
+    # Read at call time: huggingface_hub freezes HF_HUB_OFFLINE when it is imported.
+    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    if env.strip().lower() in _TRUE:
+        return True
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _cache_dir() -> str | None:
+    # Also read at call time, for the same reason; None lets huggingface_hub use its own default.
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HUGGINGFACE_HUB_CACHE"):
+        return os.environ["HUGGINGFACE_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return str(Path(os.environ["HF_HOME"]) / "hub")
+    return None
+
+
+def _download(repo_id: str, filename: str, subfolder: str | None) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    path = hf_hub_download(
+        repo_id, filename, subfolder=subfolder or None, cache_dir=_cache_dir(), local_files_only=_offline(),
+        library_name="klvae",
+    )
+    return Path(path)
+
+
+def _describe(e: Exception, repo_id: str, filename: str) -> str:
+    """One line for a person from a huggingface_hub exception."""
+    from huggingface_hub.utils import (
+        EntryNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = f"{repo_id}/{filename}"
+    if isinstance(e, LocalEntryNotFoundError):
+        if _offline():
+            return f"HF_HUB_OFFLINE is set and {where} is not in the local cache"
+        return f"cannot reach the hub and {where} is not in the local cache"
+    if isinstance(e, EntryNotFoundError):
+        return f"hub repository {repo_id} has no {filename}"
+    if isinstance(e, GatedRepoError):
+        return f"{repo_id} is gated: accept its licence on huggingface.co and log in (hf auth login)"
+    if isinstance(e, RepositoryNotFoundError):
+        return f"hub repository {repo_id} not found (or private: log in with hf auth login)"
+    if isinstance(e, RevisionNotFoundError):
+        return f"hub repository {repo_id} has no such revision"
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return f"cannot fetch {where} from the hub: {first}"
+
+
+def fetch_diffusers_files(repo_id: str, subfolder: str | None = None) -> tuple[Path, Path]:
+    """Local paths of config.json and the weights (safetensors, else .bin) of a hub repo, downloaded or cached."""
+    from huggingface_hub.utils import EntryNotFoundError
+
+    def shown(name: str) -> str:
+        return f"{subfolder}/{name}" if subfolder else name
+
+    try:
+        config = _download(repo_id, CONFIG_NAME, subfolder)
+    except (OSError, ValueError, EntryNotFoundError) as e:
+        raise WeightsError(_describe(e, repo_id, shown(CONFIG_NAME))) from None
+    first: Exception | None = None
+    for name in WEIGHTS_NAMES:
+        try:
+            weights = _download(repo_id, name, subfolder)
+        except (OSError, ValueError, EntryNotFoundError) as e:
+            # Fall back to .bin only when the file is absent (remotely or in the cache), not on other failures.
+            if not isinstance(e, EntryNotFoundError):
+                raise WeightsError(_describe(e, repo_id, shown(name))) from None
+            first = first or e
+            continue
+        log.info("hub %s%s: %s", repo_id, f" ({subfolder})" if subfolder else "", weights)
+        return config, weights
+    assert first is not None
+    raise WeightsError(_describe(first, repo_id, shown(WEIGHTS_NAMES[0]) + " (nor .bin)"))

@@ -1,0 +1,144 @@
+"""An AutoencoderKLConfig from the tensor shapes of a diffusers-layout state dict, and the check that they fit one.
+
+Shapes give the architecture but not everything:
+- norm_num_groups leaves no trace in a GroupNorm's [C] weights: 32 is assumed (every released VAE), or the
+  largest of 32/16/8/4/2/1 that divides all widths.
+- the latent factors are no architecture at all. 4 latent channels -> SD 1.x's (0.18215); 16 latent channels
+  -> FLUX's (0.3611, shift 0.1159), since FLUX's ae.safetensors is the 16-channel VAE most often met as a lone
+  file, while SD3's comes with a config.json or inside a full checkpoint whose other keys name it (see
+  `guess_family`). Any other count -> 1.0. A warning asks the user to pass config="sdxl" etc. when guessed.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+
+from torch import Tensor
+
+from klvae.errors import WeightsError
+from klvae.model.config import PRESETS, AutoencoderKLConfig
+
+log = logging.getLogger(__name__)
+
+# Fields that the tensor shapes determine; everything else is a convention or a statistic.
+ARCH_FIELDS = (
+    "in_channels", "out_channels", "block_out_channels", "layers_per_block", "latent_channels",
+    "use_quant_conv", "use_post_quant_conv", "attention",
+)
+
+# Keys of the rest of a full checkpoint that tell which model the VAE came with (checked in this order).
+_FAMILY_HINTS = (
+    ("model.diffusion_model.joint_blocks.", "sd3"),
+    ("model.diffusion_model.double_blocks.", "flux"),
+    ("double_blocks.", "flux"),
+    ("conditioner.embedders.", "sdxl"),
+    ("cond_stage_model.model.", "sd2"),  # OpenCLIP text encoder
+    ("cond_stage_model.transformer.", "sd15"),  # CLIP ViT-L text encoder
+)
+
+
+def guess_family(keys: Iterable[str]) -> str | None:
+    """The preset whose full checkpoint has these keys (SD3, FLUX, SDXL, SD2, SD1.x), or None."""
+    keys = list(keys)
+    for prefix, name in _FAMILY_HINTS:
+        if any(k.startswith(prefix) for k in keys):
+            return name
+    return None
+
+
+def _count(sd: dict[str, Tensor], pattern: str) -> int:
+    idx = {int(m.group(1)) for k in sd if (m := re.match(pattern, k))}
+    return max(idx) + 1 if idx else 0
+
+
+def _shape(sd: dict[str, Tensor], key: str) -> tuple[int, ...]:
+    if key not in sd:
+        raise WeightsError(f"cannot infer the config: the weights have no {key}")
+    return tuple(sd[key].shape)
+
+
+def _attention(sd: dict[str, Tensor], side: str) -> str:
+    prefix = f"{side}.mid_block.attentions.0."
+    if prefix + "to_q.weight" in sd:
+        return "vanilla"
+    if prefix + "to_qkv.weight" in sd:
+        return "linear"
+    return "none"
+
+
+def _groups(widths: tuple[int, ...]) -> int:
+    return next(g for g in (32, 16, 8, 4, 2, 1) if all(c % g == 0 for c in widths))
+
+
+def infer_architecture(sd: dict[str, Tensor]) -> dict[str, object]:
+    """The ARCH_FIELDS (plus norm_num_groups, assumed) that a diffusers-layout state dict's shapes imply."""
+    levels = _count(sd, r"^encoder\.down_blocks\.(\d+)\.")
+    if levels == 0:
+        raise WeightsError("cannot infer the config: the weights have no encoder.down_blocks.* keys")
+    widths = tuple(_shape(sd, f"encoder.down_blocks.{i}.resnets.0.conv1.weight")[0] for i in range(levels))
+    layers = _count(sd, r"^encoder\.down_blocks\.0\.resnets\.(\d+)\.")
+    dec_layers = _count(sd, r"^decoder\.up_blocks\.0\.resnets\.(\d+)\.")
+    if dec_layers != layers + 1:
+        raise WeightsError(
+            f"unsupported weights: {layers} ResNet blocks per encoder level but {dec_layers} per decoder level "
+            f"(expected {layers + 1})"
+        )
+    attention, dec_attention = _attention(sd, "encoder"), _attention(sd, "decoder")
+    if dec_attention != attention:
+        raise WeightsError(f"unsupported weights: encoder attention {attention!r}, decoder {dec_attention!r}")
+    return {
+        "in_channels": _shape(sd, "encoder.conv_in.weight")[1],
+        "out_channels": _shape(sd, "decoder.conv_out.weight")[0],
+        "block_out_channels": widths,
+        "layers_per_block": layers,
+        "latent_channels": _shape(sd, "decoder.conv_in.weight")[1],
+        "use_quant_conv": "quant_conv.weight" in sd,
+        "use_post_quant_conv": "post_quant_conv.weight" in sd,
+        "attention": attention,
+        "norm_num_groups": _groups(widths),
+    }
+
+
+def infer_config(sd: dict[str, Tensor], family: str | None = None) -> AutoencoderKLConfig:
+    """A config from the shapes of diffusers-layout weights; factors from `family` (a preset) or guessed."""
+    arch = infer_architecture(sd)
+    if family is not None:
+        base, guessed = PRESETS[family], False
+    elif arch["latent_channels"] == 4:
+        base, guessed = PRESETS["sd15"], True
+    elif arch["latent_channels"] == 16:
+        base, guessed = PRESETS["flux"], True
+    else:
+        base, guessed = AutoencoderKLConfig(scaling_factor=1.0, force_upcast=False), True
+    cfg = base.replace(**arch)
+    if guessed:
+        log.warning(
+            "config inferred from the weights' shapes (norm_num_groups assumed %d); latent factors guessed "
+            "(scaling %s, shift %s): pass config='sdxl', 'sd3', 'flux' ... if the weights belong to another model",
+            cfg.norm_num_groups, cfg.scaling_factor, cfg.shift_factor,
+        )
+    else:
+        log.info("config inferred from the weights' shapes (norm_num_groups assumed %d), factors of %s",
+                 cfg.norm_num_groups, family)
+    return cfg
+
+
+def check_fits(sd: dict[str, Tensor], config: AutoencoderKLConfig, name: str) -> None:
+    """WeightsError naming every architecture field where the weights' shapes and `config` disagree."""
+    try:
+        arch = infer_architecture(sd)
+    except WeightsError:
+        return  # too broken to infer from: strict loading names the offending keys instead
+    diffs = [
+        f"{f} {_fmt(arch[f])} in the weights vs {_fmt(getattr(config, f))} in the config"
+        for f in ARCH_FIELDS
+        if arch[f] != getattr(config, f)
+    ]
+    if diffs:
+        raise WeightsError(f"the weights do not fit config {name}: " + "; ".join(diffs))
+
+
+def _fmt(v: object) -> str:
+    return str(list(v)) if isinstance(v, tuple) else str(v)

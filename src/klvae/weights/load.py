@@ -1,0 +1,222 @@
+"""Loading weights: diffusers folders, single files (diffusers, legacy or LDM layout), hub ids and preset names."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from klvae.errors import WeightsError
+from klvae.model.config import PRESET_HUB_IDS, PRESETS, AutoencoderKLConfig
+from klvae.weights.convert import VAE_PREFIXES, StateDict, to_diffusers
+from klvae.weights.diffusers_config import read_config_json
+from klvae.weights.hub import CONFIG_NAME, fetch_diffusers_files, looks_like_repo_id
+from klvae.weights.infer import check_fits, guess_family, infer_config
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=nn.Module)
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# In order of preference inside a diffusers folder; the fp16 variants only when no full-precision file is there.
+FOLDER_WEIGHTS = (
+    "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+    "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin",
+)
+_SHOWN = 5  # keys named per kind of mismatch in an error line
+
+
+@dataclass(frozen=True)
+class _Source:
+    weights: Path
+    config_json: Path | None = None
+    preset: str | None = None  # the preset name that path_or_id was
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _read_safetensors(path: Path) -> tuple[StateDict, list[str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            keys = list(f.keys())
+            # A full SD checkpoint is gigabytes: read only the VAE's tensors when they sit under a prefix.
+            prefix = next((p for p in VAE_PREFIXES if any(k.startswith(p) for k in keys)), "")
+            return {k: f.get_tensor(k) for k in keys if k.startswith(prefix)}, keys
+    except Exception as e:  # safetensors raises its own SafetensorError besides OSError
+        raise WeightsError(f"cannot read {path}: {_first_line(e)}") from None
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        # mmap keeps a multi-GB full checkpoint out of RAM; files older than torch's zip format cannot be mapped.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _read_pickle(path: Path) -> tuple[StateDict, list[str]]:
+    try:
+        obj = _torch_load(path)
+    except pickle.UnpicklingError:
+        raise WeightsError(
+            f"refusing to unpickle {path}: it holds objects other than tensors (torch.load weights_only=True); "
+            "convert it to .safetensors where you trust its source"
+        ) from None
+    except Exception as e:
+        raise WeightsError(f"cannot read {path}: {_first_line(e)}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]  # LDM / Lightning checkpoints nest the weights
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    keys = [k for k in obj if isinstance(k, str)]
+    prefix = next((p for p in VAE_PREFIXES if any(k.startswith(p) for k in keys)), "")
+    # Copies, so that the model owns its memory rather than pages of the mapped file.
+    sd = {k: obj[k].clone() for k in keys if k.startswith(prefix) and isinstance(obj[k], Tensor)}
+    return sd, keys
+
+
+def _read(path: Path) -> tuple[StateDict, list[str]]:
+    if not path.is_file():
+        raise WeightsError(f"no such file: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        sd, keys = _read_safetensors(path)
+    elif suffix in PICKLE_SUFFIXES:
+        sd, keys = _read_pickle(path)
+    else:
+        raise WeightsError(f"{path}: unsupported weights file (expected .safetensors, {', '.join(PICKLE_SUFFIXES)})")
+    if not sd:
+        raise WeightsError(f"{path} holds no tensors")
+    return sd, keys
+
+
+def read_state_dict(path: str | Path) -> StateDict:
+    """The tensors of one weights file (.safetensors, or a pickle read with weights_only), keys as stored."""
+    return _read(Path(path))[0]
+
+
+def _folder(d: Path) -> _Source:
+    for name in FOLDER_WEIGHTS:
+        if (d / name).is_file():
+            if ".fp16." in name:
+                log.info("%s: only the fp16 variant is there, using %s", d, name)
+            config = d / CONFIG_NAME
+            return _Source(d / name, config if config.is_file() else None)
+    if (d / "vae" / CONFIG_NAME).is_file():
+        log.info("%s is a pipeline folder: using its vae/ subfolder", d)
+        return _folder(d / "vae")
+    raise WeightsError(f"{d} has no {' or '.join(FOLDER_WEIGHTS[:2])} (a pipeline folder? pass subfolder='vae')")
+
+
+def _hub(repo_id: str, subfolder: str | None, preset: str | None = None) -> _Source:
+    config, weights = fetch_diffusers_files(repo_id, subfolder)
+    return _Source(weights, config, preset)
+
+
+def _locate(path_or_id: str | Path, subfolder: str | None) -> _Source:
+    """Where the weights (and config.json) named by path_or_id are, fetching from the hub when needed."""
+    path = Path(path_or_id).expanduser()
+    if path.exists():
+        if subfolder:
+            path = path / subfolder
+            if not path.is_dir():
+                raise WeightsError(f"no such folder: {path}")
+        return _folder(path) if path.is_dir() else _Source(path)
+    name = str(path_or_id)
+    if name in PRESETS:
+        if name not in PRESET_HUB_IDS:
+            raise WeightsError(f"preset {name!r} has no released weights: build it with AutoencoderKL({name!r})")
+        repo_id, preset_sub = PRESET_HUB_IDS[name]
+        return _hub(repo_id, subfolder or preset_sub, preset=name)
+    if looks_like_repo_id(name) and not name.lower().endswith((".safetensors", *PICKLE_SUFFIXES)):
+        return _hub(name, subfolder)
+    raise WeightsError(f"no such file or folder, preset or hub id: {name}")
+
+
+def _resolve_config(
+    config: AutoencoderKLConfig | str | None, source: _Source, sd: StateDict, family: str | None
+) -> tuple[AutoencoderKLConfig, str]:
+    """The config to build and how to name it in errors; explicit > preset name > config.json > shapes."""
+    if isinstance(config, AutoencoderKLConfig):
+        check_fits(sd, config, "(the one passed)")
+        return config, "the config passed"
+    name = config if config is not None else source.preset
+    if name is not None:
+        if name not in PRESETS:
+            raise WeightsError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+        check_fits(sd, PRESETS[name], repr(name))
+        return PRESETS[name], f"preset {name!r}"
+    if source.config_json is not None:
+        cfg = read_config_json(source.config_json)
+        check_fits(sd, cfg, str(source.config_json))
+        return cfg, str(source.config_json)
+    return infer_config(sd, family), "the config inferred from the weights"
+
+
+def _names(keys: list[str]) -> str:
+    more = f", ... ({len(keys)} in all)" if len(keys) > _SHOWN else ""
+    return ", ".join(keys[:_SHOWN]) + more
+
+
+def check_state_dict(model: nn.Module, sd: dict[str, Any], what: str = "the model") -> None:
+    """WeightsError naming missing keys, unexpected keys and shape mismatches of `sd` against `model`."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    shapes = [
+        f"{k} {list(sd[k].shape)} vs {list(expected[k].shape)}"
+        for k in expected
+        if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = [
+        f"{len(missing)} missing keys: {_names(missing)}" if missing else "",
+        f"{len(unexpected)} unexpected keys: {_names(unexpected)}" if unexpected else "",
+        f"{len(shapes)} shape mismatches (weights vs model): {_names(shapes)}" if shapes else "",
+    ]
+    problems = [p for p in problems if p]
+    if problems:
+        raise WeightsError(f"the weights do not fit {what}: " + "; ".join(problems))
+
+
+def load_state_dict_strict(model: M, sd: StateDict, what: str = "the model", assign: bool = False) -> M:
+    """Load `sd` into `model` after check_state_dict; assign=True adopts the tensors (for meta-built models)."""
+    check_state_dict(model, sd, what)
+    model.load_state_dict(sd, strict=True, assign=assign)
+    return model
+
+
+def load_pretrained(
+    cls: type[M],
+    path_or_id: str | Path,
+    subfolder: str | None = None,
+    config: AutoencoderKLConfig | str | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> M:
+    """A `cls` (AutoencoderKL) with the weights that path_or_id names, in eval mode on device/dtype."""
+    source = _locate(path_or_id, subfolder)
+    raw, all_keys = _read(source.weights)
+    sd = to_diffusers(raw)
+    cfg, what = _resolve_config(config, source, sd, guess_family(all_keys))
+    # Built without memory or random init: every tensor is replaced by a checkpoint tensor below.
+    with torch.device("meta"):
+        model = cls(cfg)
+    target = dtype or torch.float32
+    sd = {k: v.to(dtype=target) if v.is_floating_point() else v for k, v in sd.items()}
+    load_state_dict_strict(model, sd, f"{what} ({source.weights.name})", assign=True)
+    if device is not None:
+        model.to(device=device)
+    log.info("loaded %s (%s)", source.weights, what)
+    return model.eval()

@@ -1,0 +1,151 @@
+"""`klvae cache`: shards + index, exactly once across a kill -9, 2 gloo processes, the reader, buckets, scale."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from klvae.images import load_image, pil_to_tensor
+from PIL import Image
+
+import klvae
+from klvae import inference
+from klvae.cli.main import main
+from klvae.latents.buckets import make_buckets, nearest_bucket, resize_crop
+from klvae.latents.cache import read_manifest
+from klvae.latents.dataset import BucketBatchSampler, LatentDataset
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("model")
+    klvae.AutoencoderKL(klvae.get_preset("tiny").replace(scaling_factor=0.5, shift_factor=0.1)).save_pretrained(d)
+    return d
+
+
+def _images(root: Path, n: int, bad: int = 0, sizes: tuple[tuple[int, int], ...] = ((48, 64), (64, 40))) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        h, w = sizes[i % len(sizes)]
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / f"img{i:03d}.png")
+    for i in range(bad):
+        (root / f"bad{i}.png").write_bytes(b"not an image")
+    return root
+
+
+def _cache(args: list[str]) -> int:
+    return main(["cache", *args])
+
+
+def test_cache_writes_shards_index_and_the_reader_returns_scaled_latents(tmp_path: Path, model_dir: Path) -> None:
+    data = _images(tmp_path / "data", 5, bad=1)
+    out = tmp_path / "cache"
+    rc = _cache(["--data", str(data), "-o", str(out), "--model", str(model_dir), "--resolution", "32",
+                 "--shard-size", "2", "--num-workers", "0", "--flip", "--batch-size", "2"])
+    assert rc == 1  # one unreadable file: skipped, counted, the rest finished
+    index = json.loads((out / "index.json").read_text())
+    assert len(index["items"]) == 10 and index["failed"] == ["bad0.png"]
+    assert sorted({(it["source"], it["flip"]) for it in index["items"]}) == sorted(
+        (f"img{i:03d}.png", f) for i in range(5) for f in (False, True))
+    ds = LatentDataset(out, mode="mean")
+    vae = klvae.AutoencoderKL.from_pretrained(model_dir)
+    row = next(i for i, it in enumerate(ds.items) if it["source"] == "img002.png" and not it["flip"])
+    img, _ = resize_crop(load_image(data / "img002.png"), (32, 32))
+    expected = vae.scale_latents(inference.encode(vae, pil_to_tensor(img)[None]).mode())[0]
+    torch.testing.assert_close(ds[row]["latents"], expected, atol=1e-5, rtol=1e-5)
+    assert ds[row]["latents"].shape == (4, 4, 4)
+    sampled = LatentDataset(out, mode="sample", seed=0)[row]["latents"]
+    assert not torch.equal(sampled, expected)
+
+
+def test_buckets_have_equal_area_and_match_aspect() -> None:
+    buckets = make_buckets(1024)
+    assert (1024, 1024) in buckets
+    for h, w in buckets:
+        assert h % 64 == 0 and w % 64 == 0 and abs(h * w - 1024**2) / 1024**2 < 0.13
+    assert nearest_bucket(900, 1600, buckets)[1] > nearest_bucket(900, 1600, buckets)[0]
+
+
+def test_bucketed_cache_batches_by_size(tmp_path: Path, model_dir: Path) -> None:
+    data = _images(tmp_path / "data", 6, sizes=((64, 128), (128, 64), (64, 64)))
+    out = tmp_path / "cache"
+    assert _cache(["--data", str(data), "-o", str(out), "--model", str(model_dir), "--resolution", "64",
+                   "--buckets", "--num-workers", "0"]) == 0
+    ds = LatentDataset(out, mode="mean")
+    assert {tuple(it["bucket"]) for it in ds.items} == {(64, 64), (64, 128), (128, 64)} or len(
+        {tuple(it["bucket"]) for it in ds.items}) == 3
+    for batch in BucketBatchSampler(ds, batch_size=4):
+        assert len({ds[i]["latents"].shape for i in batch}) == 1
+
+
+def test_kill_and_resume_encodes_every_image_exactly_once(tmp_path: Path, model_dir: Path) -> None:
+    data = _images(tmp_path / "data", 24, sizes=((64, 64),))
+    out = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "klvae.cli.main", "cache", "--data", str(data), "-o", str(out), "--model",
+           str(model_dir), "--resolution", "64", "--shard-size", "1", "--batch-size", "1", "--num-workers", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest = out / "manifest-rank000.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(read_manifest(manifest)) < 3:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = len(read_manifest(manifest))
+    assert 3 <= first < 24, "the kill must land mid-run"
+    assert not (out / "index.json").exists()
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    index = json.loads((out / "index.json").read_text())
+    sources = [it["source"] for it in index["items"]]
+    assert sorted(sources) == [f"img{i:03d}.png" for i in range(24)]  # all, each once
+    shards = {p.name for p in out.glob("*.safetensors")}
+    assert shards == {it["shard"] for it in index["items"]}  # no orphan shard left behind
+    assert len(LatentDataset(out)) == 24
+
+
+def test_two_gloo_processes_split_the_data_and_write_one_index(tmp_path: Path, model_dir: Path) -> None:
+    data = _images(tmp_path / "data", 7)
+    out = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "klvae.cli.main", "cache", "--data", str(data), "-o", str(out), "--model", str(model_dir),
+           "--resolution", "32", "--num-workers", "0", "--device", "cpu"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    index = json.loads((out / "index.json").read_text())
+    assert index["world_size"] == 2
+    assert sorted(it["source"] for it in index["items"]) == [f"img{i:03d}.png" for i in range(7)]
+    assert {it["shard"].split("-")[0] for it in index["items"]} == {"rank000", "rank001"}
+
+
+def test_scale_estimate_matches_the_latent_statistics(tmp_path: Path, model_dir: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from klvae.latents.scale import estimate_factors
+
+    data = _images(tmp_path / "data", 4, sizes=((32, 32),))
+    vae = klvae.AutoencoderKL.from_pretrained(model_dir)
+    f = estimate_factors(vae, str(data), resolution=32, sample=False)
+    zs = torch.cat([inference.encode(vae, pil_to_tensor(load_image(p))[None]).mode().flatten()
+                    for p in sorted(data.glob("*.png"))]).double()
+    assert f["shift_factor"] == pytest.approx(zs.mean().item(), rel=1e-4)
+    assert f["scaling_factor"] == pytest.approx(1 / zs.std(unbiased=False).item(), rel=1e-4)
+    saved = tmp_path / "scaled-model"
+    args = ["scale", "--data", str(data), "--model", str(model_dir), "--resolution", "32", "--save", str(saved)]
+    assert main(args) == 0
+    assert "scaling_factor" in capsys.readouterr().out
+    cfg = klvae.AutoencoderKL.from_pretrained(saved).config
+    assert cfg.scaling_factor != 0.5 and cfg.shift_factor is not None
+
+
+def test_cache_bad_input_is_a_one_line_error(
+    tmp_path: Path, model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _cache(["--data", str(tmp_path / "missing"), "-o", str(tmp_path / "c"), "--model", str(model_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no such data" in err[0]

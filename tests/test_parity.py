@@ -1,0 +1,170 @@
+"""Numerical parity with diffusers' AutoencoderKL through every weight path: diffusers folders both ways, LDM files,
+full SD checkpoints, legacy attention names and Lightning .ckpt files. Run with -s to see the max abs diffs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from klvae import AutoencoderKL
+from klvae.model.config import PRESETS, AutoencoderKLConfig
+from klvae.weights import config_to_diffusers, diffusers_to_ldm, export_ldm
+
+diffusers = pytest.importorskip("diffusers")
+
+TOL = 1e-5
+# Full-width 4-level topology at small width, groups 32 so that shapes alone determine it (see weights.infer).
+SMALL_F8 = AutoencoderKLConfig(
+    block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=32, sample_size=64, force_upcast=False
+)
+
+
+def randomize(module: nn.Module, seed: int = 0) -> None:
+    """Nonzero random values everywhere at a scale that keeps activations O(1) through the whole network."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim > 1:
+                p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=g)
+            elif "norm" in name and name.endswith("weight"):
+                p.normal_(1.0, 0.1, generator=g)
+            else:
+                p.normal_(0.0, 0.05, generator=g)
+
+
+def diffusers_vae(cfg: AutoencoderKLConfig, seed: int = 0) -> nn.Module:
+    """diffusers.AutoencoderKL with cfg's architecture and random weights, built without its slow default init."""
+    with torch.device("meta"):
+        model = diffusers.AutoencoderKL.from_config(config_to_diffusers(cfg))
+    model = model.to_empty(device="cpu")
+    randomize(model, seed)
+    return model.eval()
+
+
+def inputs(cfg: AutoencoderKLConfig, h: int = 40, w: int = 56) -> tuple[Tensor, Tensor]:
+    """A non-square image in [-1, 1] and a latent of the matching size."""
+    g = torch.Generator().manual_seed(1)
+    f = cfg.downsample_factor
+    x = torch.rand(1, cfg.in_channels, h, w, generator=g) * 2 - 1
+    return x, torch.randn(1, cfg.latent_channels, h // f, w // f, generator=g)
+
+
+@torch.no_grad()
+def outputs(model: nn.Module, cfg: AutoencoderKLConfig) -> tuple[Tensor, Tensor]:
+    """Encoder moments and decoder output of a klvae or a diffusers model, fp32."""
+    x, z = inputs(cfg)
+    if isinstance(model, AutoencoderKL):
+        return model.encode_moments(x), model.decode(z)
+    return model.encode(x).latent_dist.parameters, model.decode(z).sample
+
+
+def assert_parity(ours: AutoencoderKL | tuple[Tensor, Tensor], theirs: nn.Module, cfg: AutoencoderKLConfig,
+                  label: str) -> tuple[Tensor, Tensor]:
+    """Max abs diffs of encoder moments and decoder outputs within TOL; returns our outputs for reuse."""
+    mine = ours if isinstance(ours, tuple) else outputs(ours, cfg)
+    other = outputs(theirs, cfg)
+    enc, dec = ((a - b).abs().max().item() for a, b in zip(mine, other, strict=True))
+    print(f"\nparity {label}: encoder max abs diff {enc:.3g}, decoder max abs diff {dec:.3g} "
+          f"(output scale {other[0].abs().max().item():.3g}, {other[1].abs().max().item():.3g})")
+    assert enc <= TOL and dec <= TOL, f"{label}: encoder {enc}, decoder {dec}"
+    return mine
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sd15", "sdxl", "sd3", "flux"])
+def test_full_width_parity_both_ways(name: str, tmp_path: Path) -> None:
+    cfg = PRESETS[name]
+    theirs = diffusers_vae(cfg)
+    # diffusers -> klvae: diffusers writes the folder, we read it.
+    theirs.save_pretrained(tmp_path / "by_diffusers")
+    ours = AutoencoderKL.from_pretrained(tmp_path / "by_diffusers")
+    assert ours.config == cfg and not ours.training
+    mine = assert_parity(ours, theirs, cfg, f"{name} diffusers->klvae")
+    # klvae -> diffusers: we write the folder, diffusers reads it (factors included).
+    ours.save_pretrained(tmp_path / "by_klvae")
+    back = diffusers.AutoencoderKL.from_pretrained(tmp_path / "by_klvae", low_cpu_mem_usage=False).eval()
+    assert back.config.scaling_factor == cfg.scaling_factor
+    assert back.config.shift_factor == cfg.shift_factor
+    assert back.config.use_quant_conv == cfg.use_quant_conv
+    assert_parity(mine, back, cfg, f"{name} klvae->diffusers")
+
+
+def test_ldm_keys_agree_with_diffusers_own_converter() -> None:
+    single_file = pytest.importorskip("diffusers.loaders.single_file_utils")
+    theirs = diffusers_vae(SMALL_F8)
+    sd = theirs.state_dict()
+    converted = single_file.convert_ldm_vae_checkpoint(diffusers_to_ldm(sd), config_to_diffusers(SMALL_F8))
+    assert set(converted) == set(sd)
+    for k, v in sd.items():
+        assert torch.equal(converted[k], v), k
+
+
+@pytest.mark.parametrize("attention", ["vanilla", "linear", "none"])
+def test_ldm_file_round_trip(attention: str, tmp_path: Path) -> None:
+    cfg = SMALL_F8.replace(attention=attention)
+    torch.manual_seed(0)
+    ours = AutoencoderKL(cfg).eval()
+    randomize(ours)
+    path = export_ldm(ours, tmp_path / "vae.safetensors")
+    back = AutoencoderKL.from_pretrained(path, config=cfg)
+    assert back.state_dict().keys() == ours.state_dict().keys()
+    for k, v in ours.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+
+
+def ldm_weights(theirs: nn.Module) -> dict[str, Tensor]:
+    return {k: v.clone() for k, v in diffusers_to_ldm(theirs.state_dict()).items()}
+
+
+def test_full_sd_checkpoint_with_prefix_and_other_models(tmp_path: Path) -> None:
+    theirs = diffusers_vae(SMALL_F8)
+    sd = {f"first_stage_model.{k}": v for k, v in ldm_weights(theirs).items()}
+    sd["model.diffusion_model.input_blocks.0.0.weight"] = torch.randn(8, 4, 3, 3)
+    sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)
+    sd["model_ema.decay"] = torch.tensor(0.9999)
+    save_file(sd, str(tmp_path / "sd-full.safetensors"))
+    ours = AutoencoderKL.from_pretrained(tmp_path / "sd-full.safetensors")  # config from the shapes
+    assert ours.config.replace(sample_size=64, force_upcast=False) == SMALL_F8.replace(scaling_factor=0.18215)
+    assert_parity(ours, theirs, SMALL_F8, "full SD checkpoint (LDM, first_stage_model.)")
+
+
+def test_full_checkpoint_family_picks_the_factors(tmp_path: Path) -> None:
+    theirs = diffusers_vae(SMALL_F8)
+    sd = {f"first_stage_model.{k}": v for k, v in ldm_weights(theirs).items()}
+    sd["conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"] = torch.ones(4)
+    save_file(sd, str(tmp_path / "sdxl-full.safetensors"))
+    ours = AutoencoderKL.from_pretrained(tmp_path / "sdxl-full.safetensors")
+    assert ours.config.scaling_factor == PRESETS["sdxl"].scaling_factor
+
+
+def test_legacy_attention_names(tmp_path: Path) -> None:
+    theirs = diffusers_vae(SMALL_F8)
+    legacy = {}
+    names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    for k, v in theirs.state_dict().items():
+        for new, old in names.items():
+            if f".attentions.0.{new}." in k:
+                k = k.replace(f".{new}.", f".{old}.")
+                if old != "proj_attn" and v.ndim == 2:
+                    v = v[:, :, None, None]  # some legacy files kept the 1x1-conv shape
+        legacy[k] = v.clone()
+    assert any(".query.weight" in k for k in legacy)
+    save_file(legacy, str(tmp_path / "legacy.safetensors"))
+    ours = AutoencoderKL.from_pretrained(tmp_path / "legacy.safetensors", config=SMALL_F8)
+    assert_parity(ours, theirs, SMALL_F8, "legacy attention keys")
+
+
+def test_lightning_ckpt_with_training_keys(tmp_path: Path) -> None:
+    theirs = diffusers_vae(SMALL_F8)
+    sd = ldm_weights(theirs)
+    sd["loss.logvar"] = torch.zeros(())
+    sd["loss.discriminator.main.0.weight"] = torch.randn(8, 3, 4, 4)
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": sd, "global_step": 1000, "epoch": 3}, path)
+    ours = AutoencoderKL.from_pretrained(path, config=SMALL_F8)
+    assert_parity(ours, theirs, SMALL_F8, "LDM .ckpt (state_dict, loss.*)")

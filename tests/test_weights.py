@@ -1,0 +1,312 @@
+"""Weight formats without diffusers: strict-load errors, config inference, config.json, the hub cache, pickles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from klvae import AutoencoderKL, WeightsError
+from klvae.model.config import PRESET_HUB_IDS, PRESETS, AutoencoderKLConfig
+from klvae.weights import (
+    config_from_diffusers,
+    config_to_diffusers,
+    detect_layout,
+    diffusers_to_ldm,
+    drop_training_keys,
+    export_ldm,
+    infer_config,
+    read_config_json,
+    read_state_dict,
+    strip_prefix,
+    to_diffusers,
+)
+from klvae.weights.infer import ARCH_FIELDS
+
+TINY = PRESETS["tiny"]
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def tiny_model(cfg: AutoencoderKLConfig = TINY, seed: int = 0) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    model = AutoencoderKL(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def assert_same_weights(a: AutoencoderKL, b: AutoencoderKL) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k].float(), sb[k].float()), k
+
+
+def write_file(sd: dict[str, torch.Tensor], path: Path) -> Path:
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return path
+
+
+# ---- strict loading ---------------------------------------------------------------------------------------------
+def test_missing_key_is_named(tmp_path: Path) -> None:
+    sd = tiny_model().state_dict()
+    del sd["decoder.conv_in.bias"]
+    with pytest.raises(WeightsError, match=r"1 missing keys: decoder\.conv_in\.bias"):
+        AutoencoderKL.from_pretrained(write_file(sd, tmp_path / "w.safetensors"), config="tiny")
+
+
+def test_unexpected_key_is_named(tmp_path: Path) -> None:
+    sd = tiny_model().state_dict()
+    sd["encoder.extra_head.weight"] = torch.zeros(3)
+    with pytest.raises(WeightsError, match=r"1 unexpected keys: encoder\.extra_head\.weight"):
+        AutoencoderKL.from_pretrained(write_file(sd, tmp_path / "w.safetensors"), config="tiny")
+
+
+def test_shape_mismatch_is_named(tmp_path: Path) -> None:
+    sd = tiny_model().state_dict()
+    sd["encoder.mid_block.attentions.0.to_q.weight"] = torch.zeros(64, 32)
+    with pytest.raises(WeightsError, match=r"encoder\.mid_block\.attentions\.0\.to_q\.weight \[64, 32\] vs \[64, 64\]"):
+        AutoencoderKL.from_pretrained(write_file(sd, tmp_path / "w.safetensors"), config="tiny")
+
+
+def test_many_missing_keys_are_counted(tmp_path: Path) -> None:
+    sd = {k: v for k, v in tiny_model().state_dict().items() if not k.startswith("decoder.up_blocks.1.")}
+    with pytest.raises(WeightsError, match=r"missing keys: .*\.\.\. \(\d+ in all\)") as e:
+        AutoencoderKL.from_pretrained(write_file(sd, tmp_path / "w.safetensors"), config="tiny")
+    assert "\n" not in str(e.value)
+
+
+def test_preset_mismatch_names_the_fields(tmp_path: Path) -> None:
+    path = write_file(tiny_model().state_dict(), tmp_path / "w.safetensors")
+    with pytest.raises(WeightsError, match=r"config 'sd15'.*block_out_channels \[32, 64\] in the weights"):
+        AutoencoderKL.from_pretrained(path, config="sd15")
+    flux_like = TINY.replace(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
+    path = write_file(tiny_model(flux_like).state_dict(), tmp_path / "f.safetensors")
+    with pytest.raises(WeightsError, match=r"latent_channels 16 in the weights vs 4.*use_quant_conv False"):
+        AutoencoderKL.from_pretrained(path, config="tiny")
+    with pytest.raises(WeightsError, match="unknown preset 'nope'"):
+        AutoencoderKL.from_pretrained(path, config="nope")
+
+
+# ---- config inference -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("attention", ["vanilla", "linear", "none"])
+def test_config_inferred_from_shapes(name: str, attention: str) -> None:
+    cfg = PRESETS[name].replace(attention=attention)
+    with torch.device("meta"):  # shapes only: no memory, no init
+        sd = AutoencoderKL(cfg).state_dict()
+    inferred = infer_config(sd)
+    for field in ARCH_FIELDS:
+        assert getattr(inferred, field) == getattr(cfg, field), field
+    # norm_num_groups leaves no trace in the shapes: 32 is assumed whenever it divides every width.
+    assert inferred.norm_num_groups == 32
+    # Equally, the factors are a guess by latent channels, in both layouts.
+    assert inferred.scaling_factor == (0.18215 if cfg.latent_channels == 4 else 0.3611)
+    assert infer_config(to_diffusers(diffusers_to_ldm(sd))) == inferred
+
+
+def test_inferred_factors_warn(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = write_file(tiny_model().state_dict(), tmp_path / "w.safetensors")
+    with caplog.at_level("WARNING"):
+        AutoencoderKL.from_pretrained(path)
+    assert "config='sdxl'" in caplog.text
+
+
+def test_detect_layout() -> None:
+    sd = tiny_model().state_dict()
+    assert detect_layout(sd) == "diffusers"
+    assert detect_layout(diffusers_to_ldm(sd)) == "ldm"
+    legacy = {k.replace(".to_q.", ".query."): v for k, v in sd.items()}
+    assert detect_layout(legacy) == "diffusers_legacy"
+    with pytest.raises(WeightsError, match=r"not a KL autoencoder.*model\.diffusion_model\.x"):
+        detect_layout({"model.diffusion_model.x": torch.zeros(1)})
+
+
+def test_strip_prefix_and_training_keys() -> None:
+    w = torch.zeros(1)
+    assert strip_prefix({"vae.encoder.a": w, "text_encoder.b": w}) == {"encoder.a": w}
+    assert strip_prefix({"module._orig_mod.encoder.a": w}) == {"encoder.a": w}
+    full = {"first_stage_model.decoder.a": w, "model.diffusion_model.b": w, "cond_stage_model.c": w}
+    assert strip_prefix(full) == {"decoder.a": w}
+    assert drop_training_keys({"encoder.a": w, "loss.logvar": w, "model_ema.decay": w}) == {"encoder.a": w}
+
+
+def test_conv_shaped_attention_weights_in_modern_names_are_squeezed() -> None:
+    sd = tiny_model().state_dict()
+    conv_shaped = {k: v[:, :, None, None] if k.endswith(("to_q.weight", "to_out.0.weight")) else v
+                   for k, v in sd.items()}
+    converted = to_diffusers(conv_shaped)
+    assert all(converted[k].shape == v.shape for k, v in sd.items())
+
+
+# ---- config.json ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_config_json_round_trip(name: str) -> None:
+    cfg = PRESETS[name]
+    d = json.loads(json.dumps(config_to_diffusers(cfg)))
+    assert config_from_diffusers(d) == cfg
+    assert d["_class_name"] == "AutoencoderKL" and d["down_block_types"] == ["DownEncoderBlock2D"] * len(
+        cfg.block_out_channels
+    )
+
+
+def test_config_json_reads_diffusers_files(tmp_path: Path) -> None:
+    d = {
+        "_class_name": "AutoencoderKL", "_diffusers_version": "0.20.0", "act_fn": "silu",
+        "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4, "in_channels": 3, "latent_channels": 4,
+        "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3, "sample_size": 768,
+        "latents_mean": None, "latents_std": None,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    assert read_config_json(tmp_path / "config.json") == PRESETS["sd2"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"down_block_types": ["AttnDownEncoderBlock2D"]}, "down_block_types"),
+        ({"up_block_types": ["UpDecoderBlock2D"] * 2}, "up_block_types has 2 entries"),
+        ({"act_fn": "relu"}, "act_fn 'relu'"),
+        ({"_class_name": "AutoencoderTiny"}, "AutoencoderTiny"),
+        ({"norm_num_groups": 7}, "divisible"),
+    ],
+)
+def test_config_json_rejects_what_cannot_be_built(change: dict, message: str) -> None:
+    d = {**config_to_diffusers(PRESETS["sd15"]), "block_out_channels": [64], "down_block_types": ["DownEncoderBlock2D"],
+         "up_block_types": ["UpDecoderBlock2D"], **change}
+    with pytest.raises(WeightsError, match=message):
+        config_from_diffusers(d)
+
+
+def test_linear_attention_cannot_be_saved_for_diffusers_but_exports_to_ldm(tmp_path: Path) -> None:
+    model = tiny_model(TINY.replace(attention="linear"))
+    with pytest.raises(WeightsError, match="linear"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    path = export_ldm(model, tmp_path / "lin.safetensors")
+    assert_same_weights(AutoencoderKL.from_pretrained(path, config=model.config), model)
+
+
+def test_save_pretrained_round_trip_leaves_no_temp_files(tmp_path: Path) -> None:
+    model = tiny_model(TINY.replace(scaling_factor=0.5, shift_factor=0.1, attention="none"))
+    out = model.save_pretrained(tmp_path / "out")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    back = AutoencoderKL.from_pretrained(out)
+    assert back.config == model.config and not back.training
+    assert_same_weights(back, model)
+
+
+def test_dtype_and_fp16_variant(tmp_path: Path) -> None:
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    (tmp_path / "diffusion_pytorch_model.safetensors").rename(tmp_path / "diffusion_pytorch_model.fp16.safetensors")
+    back = AutoencoderKL.from_pretrained(tmp_path, dtype=torch.float16, device="cpu")
+    assert back.dtype == torch.float16
+    assert_same_weights(back, model.half())
+
+
+def test_pipeline_folder_and_subfolder(tmp_path: Path) -> None:
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "pipe" / "vae")
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
+    assert_same_weights(AutoencoderKL.from_pretrained(tmp_path / "pipe", subfolder="vae"), model)
+    assert_same_weights(AutoencoderKL.from_pretrained(tmp_path / "pipe"), model)
+    with pytest.raises(WeightsError, match="no such folder"):
+        AutoencoderKL.from_pretrained(tmp_path / "pipe", subfolder="unet")
+
+
+# ---- pickles ----------------------------------------------------------------------------------------------------
+def test_bin_files_load(tmp_path: Path) -> None:
+    model = tiny_model()
+    out = model.save_pretrained(tmp_path / "folder", safe_serialization=False)
+    assert (out / "diffusion_pytorch_model.bin").is_file()
+    assert_same_weights(AutoencoderKL.from_pretrained(out), model)
+    torch.save(model.state_dict(), tmp_path / "single.bin")
+    assert_same_weights(AutoencoderKL.from_pretrained(tmp_path / "single.bin", config="tiny"), model)
+
+
+RAN: list[str] = []
+
+
+def _record(what: str) -> None:
+    RAN.append(what)
+
+
+class _Payload:
+    """Unpickling this calls _record: an arbitrary function call, which weights_only must refuse."""
+
+    def __reduce__(self) -> tuple:
+        return (_record, ("payload ran",))
+
+
+def test_pickled_objects_are_refused(tmp_path: Path) -> None:
+    sd = tiny_model().state_dict()
+    torch.save({"state_dict": sd, "callback": _Payload()}, tmp_path / "evil.ckpt")
+    with pytest.raises(WeightsError, match="refusing to unpickle"):
+        AutoencoderKL.from_pretrained(tmp_path / "evil.ckpt", config="tiny")
+    assert RAN == []
+
+
+def test_unreadable_and_unknown_sources(tmp_path: Path) -> None:
+    (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(WeightsError, match="cannot read"):
+        read_state_dict(tmp_path / "broken.safetensors")
+    (tmp_path / "w.onnx").write_bytes(b"x")
+    with pytest.raises(WeightsError, match="unsupported weights file"):
+        AutoencoderKL.from_pretrained(tmp_path / "w.onnx")
+    with pytest.raises(WeightsError, match="no such file or folder"):
+        AutoencoderKL.from_pretrained(tmp_path / "missing.safetensors")
+    with pytest.raises(WeightsError, match="no released weights"):
+        AutoencoderKL.from_pretrained("tiny")
+
+
+# ---- the hub, offline -------------------------------------------------------------------------------------------
+def fake_hub_cache(
+    root: Path, repo_id: str, model: AutoencoderKL, subfolder: str | None, bin_only: bool = False
+) -> None:
+    """The layout huggingface_hub's cache has: models--org--name/refs/main + snapshots/<commit>/..."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    snap = repo / "snapshots" / COMMIT
+    model.save_pretrained(snap / subfolder if subfolder else snap, safe_serialization=not bin_only)
+
+
+@pytest.fixture
+def offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cache = tmp_path / "hf" / "hub"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
+
+
+def test_hub_id_from_the_offline_cache(offline_cache: Path) -> None:
+    model = tiny_model()
+    fake_hub_cache(offline_cache, "org/pipeline", model, "vae")
+    fake_hub_cache(offline_cache, "org/old-vae", model, None, bin_only=True)
+    assert_same_weights(AutoencoderKL.from_pretrained("org/pipeline", subfolder="vae"), model)
+    assert_same_weights(AutoencoderKL.from_pretrained("org/old-vae"), model)  # .bin fallback
+
+
+def test_preset_name_goes_to_its_hub_repo(offline_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_model()
+    fake_hub_cache(offline_cache, "org/tiny-vae", model, "vae")
+    monkeypatch.setitem(PRESET_HUB_IDS, "tiny", ("org/tiny-vae", "vae"))
+    back = AutoencoderKL.from_pretrained("tiny")
+    assert back.config == TINY
+    assert_same_weights(back, model)
+
+
+def test_hub_id_not_in_the_cache(offline_cache: Path) -> None:
+    with pytest.raises(WeightsError, match=r"HF_HUB_OFFLINE is set and org/absent/vae/config.json is not in the local"):
+        AutoencoderKL.from_pretrained("org/absent", subfolder="vae")
+    fake_hub_cache(offline_cache, "org/config-only", tiny_model(), None)
+    next((offline_cache / "models--org--config-only").rglob("*.safetensors")).unlink()
+    with pytest.raises(WeightsError, match=r"config-only/diffusion_pytorch_model\.safetensors \(nor \.bin\) is not in"):
+        AutoencoderKL.from_pretrained("org/config-only")
