@@ -13,7 +13,13 @@ from klvae.errors import KlvaeError
 log = logging.getLogger("klvae")
 
 # Each module adds its subcommands with `register(subparsers)`; kept as names so `klvae --help` stays fast.
-COMMAND_MODULES = ("klvae.cli.codec", "klvae.cli.train", "klvae.cli.latents")
+COMMAND_MODULES = (
+    "klvae.cli.codec",
+    "klvae.cli.train",
+    "klvae.cli.latents",
+    "klvae.cli.noise",
+    "klvae.cli.evaluate",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

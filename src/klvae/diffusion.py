@@ -1,0 +1,178 @@
+"""The forward (noising) side of DDPM for latents, as LDM's `DDPM.register_schedule` sets it up.
+
+Schedule names follow diffusers, not LDM, because LDM's names are a trap:
+
+==================  ===========================================  ===============  ====================
+here (diffusers)    betas                                        LDM name         used by
+==================  ===========================================  ===============  ====================
+"scaled_linear"     linspace(sqrt(beta_start), sqrt(beta_end))²  "linear"         SD 1.x / 2.x, SDXL
+"linear"            linspace(beta_start, beta_end)               "sqrt_linear"    pixel-space DDPM
+"cosine"            Nichol & Dhariwal, betas clipped to 0.999    "cosine"         improved DDPM
+==================  ===========================================  ===============  ====================
+
+So an LDM config that says `linear` with `linear_start: 0.00085, linear_end: 0.012` is `scaled_linear` here.
+All tables are float64 (as LDM's numpy tables are); results are cast to the input's dtype at the end.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Schedule = Literal["linear", "scaled_linear", "cosine"]
+
+
+def make_betas(
+    schedule: Schedule,
+    num_steps: int = 1000,
+    beta_start: float = 0.00085,
+    beta_end: float = 0.012,
+    cosine_s: float = 8e-3,
+) -> Tensor:
+    """The float64 betas [num_steps] of a named schedule (LDM's `make_beta_schedule`, diffusers' names)."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if schedule == "linear":
+        return torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
+    if schedule == "scaled_linear":
+        return torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float64) ** 2
+    if schedule == "cosine":
+        t = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps + cosine_s
+        alphas_cumprod = torch.cos(t / (1 + cosine_s) * math.pi / 2) ** 2
+        alphas_cumprod = alphas_cumprod / alphas_cumprod[0]
+        # The clip keeps the last step from being beta = 1, where x_T would carry no signal and 1/sqrt(alpha) blows up.
+        return (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(0.0, 0.999)
+    raise ValueError(f"unknown schedule {schedule!r}; expected 'linear', 'scaled_linear' or 'cosine'")
+
+
+def _table_dtype(device: torch.device) -> torch.dtype:
+    # MPS has no float64; everywhere else the tables stay float64 as in LDM.
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _extract(table: Tensor, t: Tensor, ndim: int) -> Tensor:
+    """table[t] shaped [B, 1, ..., 1] to broadcast against an [B, ...] tensor of `ndim` dims."""
+    values = table.to(device=t.device, dtype=_table_dtype(t.device))[t]
+    return values.reshape(t.shape[0], *([1] * (ndim - 1)))
+
+
+class NoiseSchedule:
+    """q(x_t | x_0) and q(x_{t-1} | x_t, x_0) for a beta schedule: LDM's buffer set, float64."""
+
+    def __init__(self, betas: Tensor, v_posterior: float = 0.0) -> None:
+        betas = torch.as_tensor(betas, dtype=torch.float64).flatten().cpu()
+        if betas.numel() < 1 or not bool(((betas > 0) & (betas < 1)).all()):
+            raise ValueError("betas must be a non-empty 1-D tensor with every value in (0, 1)")
+        self.betas = betas
+        self.num_steps = betas.numel()
+        self.v_posterior = v_posterior
+        self.alphas = 1.0 - betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
+        ab, ab_prev = self.alphas_cumprod, self.alphas_cumprod_prev
+        self.sqrt_alphas_cumprod = ab.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1.0 - ab).sqrt()
+        self.log_one_minus_alphas_cumprod = torch.log(1.0 - ab)
+        self.sqrt_recip_alphas_cumprod = (1.0 / ab).sqrt()
+        self.sqrt_recipm1_alphas_cumprod = (1.0 / ab - 1.0).sqrt()
+        # v_posterior blends the two natural choices of reverse variance: beta-tilde (0) and beta (1).
+        self.posterior_variance = (1 - v_posterior) * betas * (1.0 - ab_prev) / (1.0 - ab) + v_posterior * betas
+        # posterior_variance[0] is 0 (x_0 is known at t=0), so the log is clipped as LDM does.
+        self.posterior_log_variance_clipped = torch.log(self.posterior_variance.clamp(min=1e-20))
+        self.posterior_mean_coef1 = betas * ab_prev.sqrt() / (1.0 - ab)
+        self.posterior_mean_coef2 = (1.0 - ab_prev) * self.alphas.sqrt() / (1.0 - ab)
+
+    @classmethod
+    def from_name(cls, schedule: Schedule, num_steps: int = 1000, **kwargs: float) -> NoiseSchedule:
+        """A schedule from `make_betas` arguments."""
+        return cls(make_betas(schedule, num_steps, **kwargs))
+
+    @classmethod
+    def sd(cls) -> NoiseSchedule:
+        """Stable Diffusion's (1.x, 2.x, SDXL) training schedule: scaled_linear 0.00085..0.012, 1000 steps."""
+        return cls(make_betas("scaled_linear", 1000, beta_start=0.00085, beta_end=0.012))
+
+    def __repr__(self) -> str:
+        return f"NoiseSchedule(num_steps={self.num_steps}, beta[0]={self.betas[0]:.6g}, beta[-1]={self.betas[-1]:.6g})"
+
+    def _check_t(self, t: Tensor | int, x: Tensor) -> Tensor:
+        t = torch.as_tensor(t, device=x.device)
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"timesteps must be an integer tensor, got {t.dtype}")
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        if t.ndim != 1 or t.shape[0] != x.shape[0]:
+            raise ValueError(f"timesteps must be [B] with B = {x.shape[0]}, got shape {tuple(t.shape)}")
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_steps):
+            raise ValueError(f"timesteps must lie in [0, {self.num_steps - 1}]")
+        return t.long()
+
+    def q_sample(
+        self, x0: Tensor, t: Tensor | int, noise: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps; eps is drawn (from `generator`) when not given."""
+        t = self._check_t(t, x0)
+        if noise is None:
+            noise_dtype = x0.dtype if x0.dtype in (torch.float32, torch.float64) else torch.float32
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=noise_dtype)
+        elif noise.shape != x0.shape:
+            raise ValueError(f"noise shape {tuple(noise.shape)} differs from x0 shape {tuple(x0.shape)}")
+        wd = _table_dtype(x0.device)
+        out = _extract(self.sqrt_alphas_cumprod, t, x0.ndim) * x0.to(wd)
+        out = out + _extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise.to(wd)
+        return out.to(x0.dtype)
+
+    def q_mean_variance(self, x0: Tensor, t: Tensor | int) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean, variance and log-variance of q(x_t | x_0); the latter two are [B, 1, ..., 1]."""
+        t = self._check_t(t, x0)
+        mean = _extract(self.sqrt_alphas_cumprod, t, x0.ndim) * x0.to(_table_dtype(x0.device))
+        var = _extract(1.0 - self.alphas_cumprod, t, x0.ndim)
+        log_var = _extract(self.log_one_minus_alphas_cumprod, t, x0.ndim)
+        return mean.to(x0.dtype), var.to(x0.dtype), log_var.to(x0.dtype)
+
+    def predict_start_from_noise(self, x_t: Tensor, t: Tensor | int, noise: Tensor) -> Tensor:
+        """x_0 = x_t / sqrt(ab_t) - sqrt(1/ab_t - 1) eps: the inverse of `q_sample` for a known eps."""
+        t = self._check_t(t, x_t)
+        wd = _table_dtype(x_t.device)
+        out = _extract(self.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t.to(wd)
+        out = out - _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.ndim) * noise.to(wd)
+        return out.to(x_t.dtype)
+
+    def get_v(self, x0: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
+        """The v-prediction target sqrt(ab_t) eps - sqrt(1 - ab_t) x_0 (SD 2.x's 768 models)."""
+        t = self._check_t(t, x0)
+        wd = _table_dtype(x0.device)
+        out = _extract(self.sqrt_alphas_cumprod, t, x0.ndim) * noise.to(wd)
+        out = out - _extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0.to(wd)
+        return out.to(x0.dtype)
+
+    def predict_start_from_v(self, x_t: Tensor, t: Tensor | int, v: Tensor) -> Tensor:
+        """x_0 = sqrt(ab_t) x_t - sqrt(1 - ab_t) v: the inverse of `get_v` given x_t."""
+        t = self._check_t(t, x_t)
+        wd = _table_dtype(x_t.device)
+        out = _extract(self.sqrt_alphas_cumprod, t, x_t.ndim) * x_t.to(wd)
+        out = out - _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * v.to(wd)
+        return out.to(x_t.dtype)
+
+    def q_posterior(self, x0: Tensor, x_t: Tensor, t: Tensor | int) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0); the latter two [B, 1, ..., 1]."""
+        t = self._check_t(t, x_t)
+        wd = _table_dtype(x_t.device)
+        mean = _extract(self.posterior_mean_coef1, t, x_t.ndim) * x0.to(wd)
+        mean = mean + _extract(self.posterior_mean_coef2, t, x_t.ndim) * x_t.to(wd)
+        var = _extract(self.posterior_variance, t, x_t.ndim)
+        log_var = _extract(self.posterior_log_variance_clipped, t, x_t.ndim)
+        return mean.to(x_t.dtype), var.to(x_t.dtype), log_var.to(x_t.dtype)
+
+    def snr(self, t: Tensor | int) -> Tensor:
+        """Signal-to-noise ratio ab_t / (1 - ab_t) at timesteps t, float64 (float32 on MPS)."""
+        t = torch.as_tensor(t)
+        if t.is_floating_point():
+            raise TypeError(f"timesteps must be an integer tensor, got {t.dtype}")
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_steps):
+            raise ValueError(f"timesteps must lie in [0, {self.num_steps - 1}]")
+        ab = self.alphas_cumprod.to(device=t.device, dtype=_table_dtype(t.device))[t.long()]
+        return ab / (1.0 - ab)

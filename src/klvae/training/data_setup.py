@@ -1,0 +1,65 @@
+"""Data for the trainer: the training loader at a resumable position, and fixed validation batches."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+
+from klvae.training.config import TrainConfig
+from klvae.training.data import TransformConfig, build_dataset, build_transform, collate_skip_none
+from klvae.training.distributed import DistInfo
+from klvae.training.sampler import GlobalBatchSampler, SeededItems
+
+log = logging.getLogger(__name__)
+
+
+def _transform(cfg: TrainConfig, train: bool) -> Any:
+    d = cfg.data
+    return build_transform(TransformConfig(
+        resolution=d.resolution,
+        crop=d.crop if train else "center",
+        flip=d.flip if train else 0.0,
+        scale=(d.scale_min, d.scale_max) if train else (1.0, 1.0),
+    ))
+
+
+def build_train_loader(cfg: TrainConfig, dist: DistInfo, start_batch: int = 0) -> Iterator[dict[str, Any]]:
+    """Endless batches of this rank's share, starting after `start_batch` global batches."""
+    d = cfg.data
+    ds = build_dataset(d.train, _transform(cfg, train=True), image_column=d.image_column,
+                       rank=dist.rank, world_size=dist.world)
+    if isinstance(ds, IterableDataset):
+        # Streams (tar shards) have no random access: resume skips the consumed batches by reading them.
+        loader = DataLoader(ds, batch_size=d.batch_size, num_workers=d.num_workers, collate_fn=collate_skip_none)
+
+        def endless() -> Iterator[dict[str, Any]]:
+            while True:
+                yield from loader
+
+        return itertools.islice(endless(), start_batch, None)
+    sampler = GlobalBatchSampler(len(ds), d.batch_size, dist.rank, dist.world, cfg.train.seed, start_batch)
+    loader = DataLoader(SeededItems(ds, cfg.train.seed), batch_sampler=sampler, num_workers=d.num_workers,
+                        collate_fn=collate_skip_none, persistent_workers=d.num_workers > 0)
+    return iter(loader)
+
+
+def build_val_batches(cfg: TrainConfig) -> list[Tensor]:
+    """The first `val_images` held-out images, centre-cropped, as a list of batches (held in memory)."""
+    d = cfg.data
+    ds = build_dataset(d.val, _transform(cfg, train=False), image_column=d.image_column)
+    items = []
+    source = iter(ds) if isinstance(ds, IterableDataset) else (ds[i] for i in range(len(ds)))
+    for item in source:
+        if item is not None:
+            items.append(item["pixels"] if isinstance(item, dict) else item)
+        if len(items) >= d.val_images:
+            break
+    if not items:
+        log.warning("no readable validation images in %s", d.val)
+    return [torch.stack(items[i : i + d.batch_size]) for i in range(0, len(items), d.batch_size)]

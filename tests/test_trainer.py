@@ -1,0 +1,172 @@
+"""The trainer on tiny configs: config files, the loss falling, exact resume, atomic checkpoints, the
+non-finite guard, decoder-only fine-tuning, export, and 2 gloo processes matching one process."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import klvae
+from klvae.cli.main import main
+from klvae.errors import KlvaeError
+from klvae.training import checkpoint as ckpt
+from klvae.training.config import load_config
+from klvae.training.loop import fit
+from klvae.training.trainer import Trainer, lr_factor
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """scikit-image's bundled photographs, shrunk, as an image folder (plus one unreadable file)."""
+    import skimage.data
+
+    root = tmp_path_factory.mktemp("photos")
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field"):
+        img = Image.fromarray(np.asarray(getattr(skimage.data, name)())).convert("RGB")
+        img.resize((96, 64), Image.Resampling.LANCZOS).save(root / f"{name}.png")
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    return root
+
+
+def _config(tmp: Path, data: Path, *overrides: str) -> list[str]:
+    base = [
+        "model.preset=tiny", f"data.train={data}", "data.resolution=32", "data.batch_size=2",
+        "data.num_workers=0", "train.log_every=1", "train.val_every=1000", "train.ckpt_every=1000",
+        f"train.out_dir={tmp / 'run'}", "train.device=cpu", "optim.lr=1e-3", "optim.grad_clip=1.0",
+        "loss.preset=ldm", "loss.perceptual_weight=0", "loss.kl_weight=1e-4",
+    ]
+    return [*base, *overrides]
+
+
+def _train(tmp: Path, data: Path, *overrides: str, resume: bool = False) -> Trainer:
+    tr = Trainer(load_config(None, _config(tmp, data, *overrides)))
+    if resume:
+        assert tr.resume()
+    fit(tr)
+    return tr
+
+
+def _losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["total"] for r in rows if r["split"] == "train"}
+
+
+def test_config_file_overrides_and_errors(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("data:\n  train: somewhere\n  resolution: 64\noptim:\n  lr: 1e-4\nloss:\n  preset: ft-mse\n")
+    cfg = load_config(f, ["train.max_steps=7", "optim.betas=[0.9, 0.99]"])
+    assert (cfg.data.resolution, cfg.optim.lr, cfg.train.max_steps, cfg.optim.betas) == (64, 1e-4, 7, (0.9, 0.99))
+    toml = tmp_path / "c.toml"
+    toml.write_text('[data]\ntrain = "x"\n[train]\nprecision = "bf16"\n')
+    assert load_config(toml).train.precision == "bf16"
+    with pytest.raises(KlvaeError, match="unknown config field"):
+        load_config(f, ["train.max_step=7"])
+    with pytest.raises(KlvaeError, match="precision"):
+        load_config(f, ["train.precision=fp8"])
+    with pytest.raises(KlvaeError, match="must be int"):
+        load_config(f, ["data.batch_size=two"])
+
+
+def test_lr_schedule() -> None:
+    assert lr_factor(0, 10, "constant", 100) == pytest.approx(0.1)
+    assert lr_factor(50, 10, "constant", 100) == 1.0
+    assert lr_factor(10, 10, "cosine", 110) == pytest.approx(1.0)
+    assert lr_factor(60, 10, "cosine", 110) == pytest.approx(0.5)
+    assert lr_factor(110, 10, "cosine", 110) == pytest.approx(0.0)
+
+
+def test_loss_falls_and_the_export_loads(tmp_path: Path, photos: Path) -> None:
+    tr = _train(tmp_path, photos, "train.max_steps=40", "loss.preset=mse", "optim.lr=2e-3")
+    losses = list(_losses(tmp_path / "run").values())
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
+    vae = klvae.AutoencoderKL.from_pretrained(tmp_path / "run" / "final")
+    for a, b in zip(vae.state_dict().values(), tr.vae.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_resume_continues_exactly(tmp_path: Path, photos: Path) -> None:
+    # The full LDM loss path: posterior sampling, KL, the discriminator switched on at step 2, EMA,
+    # gradient accumulation and random crops/flips (per-item seeded) are all part of the state.
+    common = ("loss.disc_start=2", "loss.disc_weight=0.5", "train.ema_decay=0.9", "optim.grad_accum=2",
+              "data.crop=random", "data.scale_min=0.5", "optim.warmup_steps=2", "train.ckpt_every=3")
+    _train(tmp_path / "a", photos, "train.max_steps=6", *common)
+    whole = _losses(tmp_path / "a" / "run")
+    _train(tmp_path / "b", photos, "train.max_steps=3", *common)
+    _train(tmp_path / "b", photos, "train.max_steps=6", *common, resume=True)
+    resumed = _losses(tmp_path / "b" / "run")
+    assert resumed[2] > 0 and whole[5] != whole[4]
+    for step in (4, 5, 6):
+        assert resumed[step] == pytest.approx(whole[step], rel=1e-6, abs=1e-7)
+
+
+def test_a_killed_save_leaves_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = tmp_path / "ck"
+    ckpt.save_checkpoint({"step": 1, "w": torch.ones(3)}, d, 1)
+
+    def dying_save(obj: object, f: object) -> None:
+        f.write(b"PK\x03\x04 half a checkpoint")  # type: ignore[attr-defined]
+        raise KeyboardInterrupt  # as if killed mid-write
+
+    monkeypatch.setattr(ckpt.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint({"step": 2}, d, 2)
+    latest = ckpt.latest_checkpoint(d)
+    assert latest is not None and latest.name == "step_00000001.pt"
+    assert ckpt.load_checkpoint(latest)["step"] == 1
+    assert [p.name for p in d.iterdir()] == ["step_00000001.pt"]
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path: Path, photos: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    tr = Trainer(load_config(None, _config(tmp_path, photos, "train.max_steps=10", "train.max_nonfinite=3")))
+    before = [p.detach().clone() for p in tr.vae.parameters()]
+    real = tr.loss.generator_loss
+
+    def nan_loss(*args: object, **kwargs: object) -> tuple[torch.Tensor, dict]:
+        loss, logs = real(*args, **kwargs)
+        return loss * float("nan"), logs
+
+    monkeypatch.setattr(tr.loss, "generator_loss", nan_loss)
+    with pytest.raises(KlvaeError, match="non-finite"):
+        fit(tr)
+    assert tr.step == 3
+    for a, b in zip(before, tr.vae.parameters(), strict=True):
+        assert torch.equal(a, b)  # skipped steps changed nothing
+
+
+def test_decoder_only_fine_tuning_keeps_the_encoder(tmp_path: Path, photos: Path) -> None:
+    tr = Trainer(load_config(None, _config(tmp_path, photos, "train.max_steps=3", "model.decoder_only=true",
+                                           "loss.preset=ft-mse", "loss.perceptual_weight=0")))
+    enc = {k: v.clone() for k, v in tr.vae.encoder.state_dict().items()}
+    dec = {k: v.clone() for k, v in tr.vae.decoder.state_dict().items()}
+    fit(tr)
+    assert all(torch.equal(v, tr.vae.encoder.state_dict()[k]) for k, v in enc.items())
+    assert any(not torch.equal(v, tr.vae.decoder.state_dict()[k]) for k, v in dec.items())
+
+
+def test_two_gloo_processes_follow_the_single_process_trajectory(tmp_path: Path, photos: Path) -> None:
+    steps = "train.max_steps=4"
+    single = _config(tmp_path / "one", photos, steps, "data.batch_size=4")
+    r = subprocess.run([sys.executable, "-m", "klvae.cli.main", "train", *sum((["--set", o] for o in single), [])],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    double = _config(tmp_path / "two", photos, steps, "data.batch_size=2")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29531", "-m", "klvae.cli.main", "train", *sum((["--set", o] for o in double), [])],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    one, two = _losses(tmp_path / "one" / "run"), _losses(tmp_path / "two" / "run")
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-4)
+
+
+def test_train_command_bad_config_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no such config file" in err[0]
