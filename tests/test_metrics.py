@@ -67,7 +67,8 @@ def _variants(img: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray
 def test_ssim_matches_skimage(name: str) -> None:
     img = getattr(skimage_data, name)().astype(np.float64) / 127.5 - 1.0
     for kind, other in _variants(img, np.random.default_rng(0)).items():
-        ref = skimage_metrics.structural_similarity(img, other, data_range=2.0, **SK_SSIM)
+        # SSIM is defined on ranges that start at 0: [-1, 1] images are compared as [0, 2] ones
+        ref = skimage_metrics.structural_similarity(img + 1, other + 1, data_range=2.0, **SK_SSIM)
         a, b = _chw(img), _chw(other)
         # float64: the same sums in a different order; float32 (the working dtype for images): rounding only
         assert ssim(a, b).item() == pytest.approx(ref, abs=1e-10), kind
@@ -79,6 +80,9 @@ def test_ssim_uint8_range_matches_skimage() -> None:
     noisy = np.clip(img + np.random.default_rng(1).normal(0, 12, img.shape), 0, 255).astype(np.uint8)
     ref = skimage_metrics.structural_similarity(img, noisy, data_range=255, **SK_SSIM)
     assert ssim(_chw(img), _chw(noisy), data_range=255).item() == pytest.approx(ref, abs=1e-5)
+    # the same images as [-1, 1] tensors score what their 8-bit versions score
+    a, b = (_chw(v).double() / 127.5 - 1 for v in (img, noisy))
+    assert ssim(a, b).item() == pytest.approx(ref, abs=1e-6)
 
 
 def test_ssim_identity_symmetry_and_noise_order() -> None:

@@ -29,6 +29,17 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field"):
         img = Image.fromarray(np.asarray(getattr(skimage.data, name)())).convert("RGB")
         img.resize((96, 64), Image.Resampling.LANCZOS).save(root / f"{name}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def photos_with_a_broken_file(photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The photographs plus a truncated JPEG, which training must skip and count."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("photos_broken")
+    for p in photos.iterdir():
+        shutil.copy(p, root / p.name)
     (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     return root
 
@@ -80,8 +91,10 @@ def test_lr_schedule() -> None:
     assert lr_factor(110, 10, "cosine", 110) == pytest.approx(0.0)
 
 
-def test_loss_falls_and_the_export_loads(tmp_path: Path, photos: Path) -> None:
-    tr = _train(tmp_path, photos, "train.max_steps=40", "loss.preset=mse", "optim.lr=2e-3")
+def test_loss_falls_and_the_export_loads(tmp_path: Path, photos_with_a_broken_file: Path) -> None:
+    tr = _train(tmp_path, photos_with_a_broken_file, "train.max_steps=40", "loss.preset=mse", "optim.lr=2e-3")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["bad_images"] >= 1  # the truncated file was met, skipped and counted
     losses = list(_losses(tmp_path / "run").values())
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
     vae = klvae.AutoencoderKL.from_pretrained(tmp_path / "run" / "final")

@@ -69,9 +69,14 @@ def _blur_valid(x: Tensor, taps: Tensor) -> Tensor:
     return F.conv2d(x, taps.view(1, 1, k, 1).expand(c, 1, k, 1), groups=c)
 
 
-def ssim_map(a: Tensor, b: Tensor, data_range: float = 2.0) -> Tensor:
+def ssim_map(a: Tensor, b: Tensor, data_range: float = 2.0, low: float | None = None) -> Tensor:
     """The SSIM map [B, C, H-10, W-10]: each channel on its own, windows wholly inside the image."""
     a, b = _as_batches(a, b)
+    # SSIM's luminance term is not shift-invariant: it is defined on images whose range starts at 0, so
+    # [-1, 1] images are moved to [0, 2] first (the default `low` is -1 exactly when data_range is 2).
+    low = (-1.0 if data_range == 2.0 else 0.0) if low is None else low
+    if low:
+        a, b = a - low, b - low
     n, c, h, w = a.shape
     if min(h, w) < 2 * SSIM_RADIUS + 1:
         raise ValueError(f"SSIM needs images of at least {2 * SSIM_RADIUS + 1} px a side, got {h}x{w}")
@@ -88,15 +93,17 @@ def ssim_map(a: Tensor, b: Tensor, data_range: float = 2.0) -> Tensor:
     return num / den
 
 
-def ssim(a: Tensor, b: Tensor, data_range: float = 2.0) -> Tensor:
+def ssim(a: Tensor, b: Tensor, data_range: float = 2.0, low: float | None = None) -> Tensor:
     """Per-image SSIM [B] (Wang et al. 2004; Gaussian 11x11, sigma 1.5), per channel then averaged over RGB.
 
     Valid windows only, which is what skimage's crop of the filter radius does, so the border mode never
     matters and the result equals `structural_similarity(..., gaussian_weights=True, sigma=1.5,
     use_sample_covariance=False, data_range=data_range, channel_axis=-1)` to rounding.
-    Computed in float32 (float64 for float64 input); differentiable.
+    `low` is the bottom of the range (default -1 for data_range 2, i.e. [-1, 1] images, else 0), so a
+    [-1, 1] image scores as its 8-bit version does. Computed in float32 (float64 for float64 input);
+    differentiable.
     """
-    return ssim_map(a, b, data_range).flatten(1).mean(dim=1)
+    return ssim_map(a, b, data_range, low).flatten(1).mean(dim=1)
 
 
 class MetricAccumulator:

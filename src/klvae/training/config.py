@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_origin, get_type_hints
 
 import tomllib
 import yaml
@@ -127,7 +127,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         t = hints[name]
         if dataclasses.is_dataclass(t):
             kwargs[name] = _build(t, value, f"{where}{name}.")
-        elif t is tuple[float, float]:
+        elif get_origin(t) is tuple:
             kwargs[name] = tuple(float(v) for v in value)
         elif t in (int, float, str, bool):
             kwargs[name] = _coerce(t, value, f"{where}{name}")
@@ -141,6 +141,11 @@ def _coerce(t: type, value: Any, name: str) -> Any:
         raise KlvaeError(f"config field {name} must be true or false, got {value!r}")
     if t is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
+    if t is float and isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-4 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if t is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if not isinstance(value, t):

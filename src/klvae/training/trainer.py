@@ -252,9 +252,9 @@ class Trainer:
         else:
             self.nonfinite_run += 1
             log.warning("step %d: non-finite loss, step skipped (%d in a row)", self.step, self.nonfinite_run)
-            if self.nonfinite_run >= self.cfg.train.max_nonfinite:
-                raise KlvaeError(f"{self.nonfinite_run} non-finite losses in a row; stopping (train.max_nonfinite)")
-        self.step += 1
+        self.step += 1  # a skipped step still consumed its data
+        if self.nonfinite_run >= self.cfg.train.max_nonfinite:
+            raise KlvaeError(f"{self.nonfinite_run} non-finite losses in a row; stopping (train.max_nonfinite)")
         keys = sorted(logs)
         values = all_mean(torch.tensor([logs[k] for k in keys], device=self.device), self.dist).tolist()
         out = dict(zip(keys, values, strict=True))

@@ -1,0 +1,109 @@
+"""`klvae eval`: reconstruction quality of one or more models on a data set, as a report folder."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from klvae.cli.common import add_tiling_args, tiling_from_args
+from klvae.errors import KlvaeError
+
+log = logging.getLogger("klvae")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the eval subcommand."""
+    p = sub.add_parser(
+        "eval", help="PSNR/SSIM/LPIPS per image and rFID of one or more models on a data set; writes a report",
+        description="Reconstruct a data set with each --model and write metrics.csv, summary.json and index.html.",
+    )
+    p.add_argument("--model", "-m", action="append", required=True,
+                   help="a diffusers folder, weights file, hub id or preset; repeat to compare models side by side")
+    p.add_argument("--subfolder", action="append", default=None,
+                   help="subfolder of a pipeline folder or hub repo; once for all models, or once per --model")
+    p.add_argument("--config", action="append", default=None,
+                   help="preset whose config a single weights file uses; once for all models, or once per --model")
+    p.add_argument("--data", "-d", required=True,
+                   help="image folder, Hugging Face dataset folder, parquet file(s) or .tar shards")
+    p.add_argument("--image-column", default="image", help="image column of a dataset or parquet table")
+    p.add_argument("-o", "--output", required=True, help="report folder (created)")
+    p.add_argument("--resolution", type=int, default=256, help="side of the centre crop (default 256)")
+    p.add_argument("--crop", choices=("center", "none"), default="center",
+                   help="center: resize to cover and centre-crop to --resolution; none: the full image")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
+    p.add_argument("--examples", type=int, default=4, help="best and worst N images per model in index.html")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs that have it, else fp32), fp32, bf16, fp16")
+    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
+    add_tiling_args(p)
+    p.add_argument("--no-lpips", action="store_true", help="leave LPIPS out")
+    p.add_argument("--lpips-vgg", default=None, help="torchvision VGG16 weights file (vgg16-397923af.pth) for LPIPS")
+    p.add_argument("--lpips-lin", default=None, help="LPIPS v0.1 linear heads file (the lpips package's vgg.pth)")
+    p.add_argument("--no-fid", action="store_true", help="leave rFID out")
+    p.add_argument("--inception-weights", default=None,
+                   help="FID Inception weights file (weights-inception-2015-12-05-6726825d.pth)")
+    p.set_defaults(func=cmd_eval)
+
+
+def _per_model(values: list[str] | None, n: int, flag: str) -> list[str | None]:
+    if not values:
+        return [None] * n
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        raise KlvaeError(f"{flag} given {len(values)} times for {n} models; give it once, or once per --model")
+    return list(values)
+
+
+def _model_names(specs: list[str]) -> list[str]:
+    # The same model twice (e.g. at two dtypes in a script) still needs distinct report columns.
+    names: list[str] = []
+    for s in specs:
+        name, k = s, 2
+        while name in names:
+            name, k = f"{s} #{k}", k + 1
+        names.append(name)
+    return names
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate the models and write the report; exit 1 when some images were unreadable."""
+    from klvae.evaluation.evaluate import EvalOptions, build_metric_nets, run_evaluation
+    from klvae.inference import resolve_device, resolve_dtype
+    from klvae.model.autoencoder import AutoencoderKL
+
+    device = resolve_device(args.device)
+    opts = EvalOptions(
+        resolution=args.resolution, crop=args.crop, limit=args.limit, batch_size=args.batch_size,
+        dtype=resolve_dtype(args.dtype, device), tiling=tiling_from_args(args), examples=args.examples,
+        image_column=args.image_column,
+    )
+    opts.check()
+    subfolders = _per_model(args.subfolder, len(args.model), "--subfolder")
+    configs = _per_model(args.config, len(args.model), "--config")
+    models = {}
+    for name, spec, sub, cfg in zip(_model_names(args.model), args.model, subfolders, configs, strict=True):
+        models[name] = AutoencoderKL.from_pretrained(spec, subfolder=sub, config=cfg, device=device)
+        log.info("model %s on %s", spec, device)
+    nets = build_metric_nets(device, lpips=not args.no_lpips, lpips_vgg=args.lpips_vgg, lpips_lin=args.lpips_lin,
+                             fid=not args.no_fid, inception_weights=args.inception_weights)
+    summary = run_evaluation(models, args.data, args.output, opts, nets, device)
+    _print_summary(summary, Path(args.output))
+    return 1 if summary["images"]["skipped"] else 0
+
+
+def _print_summary(summary: dict, out: Path) -> None:
+    def num(v: float | None, digits: int) -> str:
+        return "n/a" if v is None else f"{v:.{digits}f}"  # None: not finite in summary.json
+
+    for name, m in summary["models"].items():
+        bits = [f"PSNR {num(m['psnr']['mean'], 2)} dB", f"SSIM {num(m['ssim']['mean'], 4)}"]
+        if "lpips" in m:
+            bits.append(f"LPIPS {num(m['lpips']['mean'], 4)}")
+        if "rfid" in m and m["rfid"]["value"] is not None:
+            bits.append(f"rFID {m['rfid']['value']:.3f} (n={m['rfid']['n']})")
+        print(f"{name}: {', '.join(bits)}")
+    imgs = summary["images"]
+    skipped = f", {imgs['skipped']} skipped" if imgs["skipped"] else ""
+    print(f"{imgs['evaluated']} images{skipped}; report: {out / 'index.html'}")

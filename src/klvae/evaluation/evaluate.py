@@ -1,0 +1,315 @@
+"""The evaluation run: reconstruct a data set with one or more models; per-image PSNR/SSIM/LPIPS and set rFID."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import platform
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from klvae import __version__, inference
+from klvae.errors import ImageError, KlvaeError
+from klvae.evaluation.fid import FIDReference, InceptionV3Features
+from klvae.evaluation.metrics import MetricAccumulator, psnr, ssim
+from klvae.images import pil_to_tensor
+from klvae.inference import TileOptions
+from klvae.latents.buckets import resize_crop
+from klvae.latents.sources import ItemSource, open_source
+from klvae.model.autoencoder import AutoencoderKL
+
+log = logging.getLogger(__name__)
+
+CROPS = ("center", "none")
+# SSIM's 11-pixel window and LPIPS's four poolings both need this much.
+MIN_SIDE = 16
+
+
+@dataclass
+class EvalOptions:
+    """How images are prepared and run: --resolution, --crop, --limit, batching, precision and tiling."""
+
+    resolution: int = 256
+    crop: str = "center"
+    limit: int | None = None
+    batch_size: int = 4
+    dtype: torch.dtype = torch.float32
+    tiling: TileOptions | None = None
+    examples: int = 4
+    image_column: str = "image"
+
+    def check(self) -> None:
+        """Raise KlvaeError on values no run can use."""
+        if self.crop not in CROPS:
+            raise KlvaeError(f"--crop must be one of {', '.join(CROPS)}, got {self.crop!r}")
+        if self.resolution < MIN_SIDE:
+            raise KlvaeError(f"--resolution must be at least {MIN_SIDE}, got {self.resolution}")
+        if self.limit is not None and self.limit < 1:
+            raise KlvaeError(f"--limit must be at least 1, got {self.limit}")
+        if self.batch_size < 1:
+            raise KlvaeError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.examples < 0:
+            raise KlvaeError(f"--examples must be 0 or more, got {self.examples}")
+
+
+@dataclass
+class MetricNets:
+    """The learned metrics of a run; None where unavailable, with the reason in `left_out`."""
+
+    lpips: nn.Module | None = None
+    inception: InceptionV3Features | None = None
+    left_out: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class EvalResult:
+    """Everything a report needs: per-image rows, per-model summaries, rFID and what was skipped."""
+
+    models: list[str]
+    ids: list[str] = field(default_factory=list)
+    values: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # model -> metric -> per id
+    summaries: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    rfid: dict[str, float | None] = field(default_factory=dict)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    found: int = 0
+    available: int = 0
+    metrics: list[str] = field(default_factory=list)
+    left_out: dict[str, str] = field(default_factory=dict)
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        """metrics.csv rows: one per (image, model), image-major so the models of an image sit together."""
+        for i, item_id in enumerate(self.ids):
+            for m in self.models:
+                yield {"id": item_id, "model": m, **{k: self.values[m][k][i] for k in self.metrics if k != "rfid"}}
+
+
+def build_metric_nets(
+    device: torch.device,
+    lpips: bool = True,
+    lpips_vgg: str | Path | None = None,
+    lpips_lin: str | Path | None = None,
+    fid: bool = True,
+    inception_weights: str | Path | None = None,
+) -> MetricNets:
+    """LPIPS and the FID Inception with pretrained weights; a metric whose weights cannot be had is left out."""
+    from klvae.training.losses.lpips import LPIPS
+
+    nets = MetricNets()
+    if not lpips:
+        nets.left_out["lpips"] = "disabled (--no-lpips)"
+    else:
+        try:
+            nets.lpips = LPIPS(pretrained=True, vgg_path=lpips_vgg, lin_path=lpips_lin).to(device)
+        except KlvaeError as e:
+            log.warning("LPIPS left out (--lpips-vgg and --lpips-lin name local weight files): %s", e)
+            nets.left_out["lpips"] = f"weights unavailable: {e}"
+    if not fid:
+        nets.left_out["rfid"] = "disabled (--no-fid)"
+    else:
+        try:
+            nets.inception = InceptionV3Features(pretrained=True, weights=inception_weights).to(device)
+        except KlvaeError as e:
+            log.warning("rFID left out (--inception-weights names a local weights file): %s", e)
+            nets.left_out["rfid"] = f"weights unavailable: {e}"
+    return nets
+
+
+def prepare(img: Any, opts: EvalOptions) -> Tensor:
+    """PIL image -> [3, H, W] in [-1, 1]: centre-cropped to resolution², or the full image for crop=none."""
+    if opts.crop == "center":
+        img, _ = resize_crop(img, (opts.resolution, opts.resolution))
+    elif min(img.size) < MIN_SIDE:
+        raise ImageError(f"{img.width}x{img.height} is too small to measure; at least {MIN_SIDE} px a side")
+    return pil_to_tensor(img)
+
+
+def quantise(x: Tensor) -> Tensor:
+    """Round [-1, 1] pixels to the 8-bit values a saved reconstruction would hold."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+
+
+@torch.no_grad()
+def reconstruct(vae: AutoencoderKL, x: Tensor, opts: EvalOptions) -> Tensor:
+    """Encode to the posterior mean and decode, at the input's size; 8-bit-rounded, fp32, on the model's device."""
+    post = inference.encode(vae, x, opts.dtype, opts.tiling)
+    out = inference.decode(vae, post.mode(), opts.dtype, size=tuple(x.shape[-2:]), tiling=opts.tiling)
+    return quantise(out.float())
+
+
+def iter_batches(
+    source: ItemSource, ids: list[str], opts: EvalOptions, skipped: list[dict[str, str]]
+) -> Iterator[tuple[list[str], Tensor]]:
+    """Batches of prepared images of one size; unreadable items are logged, appended to `skipped` and passed over."""
+    batch_ids: list[str] = []
+    batch: list[Tensor] = []
+    for item_id in ids:
+        try:
+            t = prepare(source.load(item_id), opts)
+        except (ImageError, OSError) as e:
+            log.warning("skipping %s: %s", item_id, e)
+            skipped.append({"id": item_id, "error": str(e)})
+            continue
+        # crop=none gives images of many sizes; a batch holds one size, so a size change flushes it.
+        if batch and (t.shape != batch[0].shape or len(batch) == opts.batch_size):
+            yield batch_ids, torch.stack(batch)
+            batch_ids, batch = [], []
+        batch_ids.append(item_id)
+        batch.append(t)
+    if batch:
+        yield batch_ids, torch.stack(batch)
+
+
+def _per_image(nets: MetricNets, x: Tensor, r: Tensor) -> dict[str, Tensor]:
+    # SSIM's luminance term is not shift-invariant: the standard value is that of [0, 1] (or 8-bit) images.
+    out = {"psnr": psnr(x, r, data_range=2.0), "ssim": ssim(x, r)}
+    if nets.lpips is not None:
+        out["lpips"] = nets.lpips(x, r).flatten()
+    return {k: v.detach().float().cpu() for k, v in out.items()}
+
+
+@torch.no_grad()
+def evaluate(
+    models: Mapping[str, AutoencoderKL], source: ItemSource, opts: EvalOptions, nets: MetricNets
+) -> EvalResult:
+    """Reconstruct every item with every model and measure it; rFID over the whole set at the end."""
+    opts.check()
+    if not models:
+        raise KlvaeError("no model to evaluate")
+    ids = source.ids[: opts.limit] if opts.limit else list(source.ids)
+    if not ids:
+        raise KlvaeError("the data holds no images")
+    names = list(models)
+    res = EvalResult(models=names, found=len(ids), available=len(source.ids), left_out=dict(nets.left_out))
+    res.metrics = ["psnr", "ssim"] + (["lpips"] if nets.lpips is not None else [])
+    res.values = {m: {k: [] for k in res.metrics} for m in names}
+    accs = {m: MetricAccumulator() for m in names}
+    feats: dict[str, list[Tensor]] = {m: [] for m in ["", *names]}  # "" holds the originals
+    with tqdm(total=len(ids), desc="evaluating", unit="img") as bar:
+        for batch_ids, x in iter_batches(source, ids, opts, res.skipped):
+            for m, vae in models.items():
+                x_dev = x.to(vae.device)
+                r = reconstruct(vae, x_dev, opts)
+                for k, v in _per_image(nets, x_dev, r).items():
+                    res.values[m][k].extend(v.tolist())
+                    accs[m].update(k, v)
+                if nets.inception is not None:
+                    if m == names[0]:
+                        feats[""].append(_features(nets.inception, x_dev))
+                    feats[m].append(_features(nets.inception, r))
+            res.ids.extend(batch_ids)
+            bar.update(len(res.ids) + len(res.skipped) - bar.n)  # skipped items count as done too
+        bar.update(len(ids) - bar.n)
+    if not res.ids:
+        raise KlvaeError(f"none of the {len(ids)} images could be read")
+    res.summaries = {m: accs[m].summary() for m in names}
+    if nets.inception is not None:
+        _add_rfid(res, feats)
+    return res
+
+
+def _features(net: InceptionV3Features, x: Tensor) -> Tensor:
+    return net(x.to(next(net.parameters()).device)).float().cpu()
+
+
+def _add_rfid(res: EvalResult, feats: dict[str, list[Tensor]]) -> None:
+    if len(res.ids) < 2:
+        log.warning("rFID left out: it needs at least two images, got %d", len(res.ids))
+        res.left_out["rfid"] = "needs at least two images"
+        return
+    if len(res.ids) < 2048:
+        log.info("rFID from %d images: fewer than the 2048 feature dimensions, so it is noisy and biased upward; "
+                 "compare it only with rFIDs from the same images", len(res.ids))
+    reference = FIDReference(torch.cat(feats[""]))
+    for m in res.models:
+        res.rfid[m] = reference.distance(torch.cat(feats[m]))
+    res.metrics.append("rfid")
+
+
+def select_examples(res: EvalResult, n: int) -> dict[str, dict[str, list[int]]]:
+    """Per model, the indices (into res.ids) of its worst and best n images by PSNR; at most half the set each."""
+    k = min(n, max(1, len(res.ids) // 2)) if n > 0 else 0
+    out = {}
+    for m in res.models:
+        order = sorted(range(len(res.ids)), key=lambda i, m=m: res.values[m]["psnr"][i])
+        out[m] = {"worst": order[:k], "best": order[::-1][:k]}
+    return out
+
+
+@torch.no_grad()
+def example_images(
+    models: Mapping[str, AutoencoderKL], source: ItemSource, ids: list[str], opts: EvalOptions
+) -> dict[str, tuple[Tensor, dict[str, Tensor]]]:
+    """Original and every model's reconstruction (CPU, [3, H, W]) of a few items, rerun for the report."""
+    out = {}
+    for item_id in ids:
+        try:
+            x = prepare(source.load(item_id), opts).unsqueeze(0)
+        except (ImageError, OSError) as e:  # read once already, so only a changing source gets here
+            log.warning("no example pictures for %s: %s", item_id, e)
+            continue
+        recs = {m: reconstruct(vae, x.to(vae.device), opts)[0].cpu() for m, vae in models.items()}
+        out[item_id] = (x[0], recs)
+    return out
+
+
+def build_summary(res: EvalResult, data: str, opts: EvalOptions, device: torch.device) -> dict[str, Any]:
+    """The summary.json content: the run's settings, versions, counts and per-model metrics."""
+    models = {}
+    for m in res.models:
+        entry: dict[str, Any] = {"n": len(res.ids)}
+        entry.update({k: res.summaries[m][k] for k in res.metrics if k in res.summaries[m]})
+        if "rfid" in res.metrics:
+            entry["rfid"] = {"value": res.rfid[m], "n": len(res.ids)}
+        models[m] = entry
+    return {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "data": data,
+        "resolution": opts.resolution if opts.crop == "center" else None,
+        "crop": opts.crop,
+        "limit": opts.limit,
+        "device": str(device),
+        "dtype": str(opts.dtype).removeprefix("torch."),
+        "tiling": None if opts.tiling is None else {"tile_size": opts.tiling.tile_size,
+                                                    "max_memory": opts.tiling.max_memory},
+        "versions": {"klvae": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "images": {"in_data": res.available, "found": res.found, "evaluated": len(res.ids), "skipped": len(res.skipped),
+                   "skipped_items": res.skipped[:100]},
+        "metrics": list(res.metrics),
+        "left_out": dict(res.left_out),
+        "notes": {
+            "psnr": "dB over [-1, 1] pixels (8-bit rounded reconstructions); higher is better",
+            "ssim": "SSIM (Gaussian 11x11, sigma 1.5) of [0, 1] images, mean over RGB; higher is better",
+            "lpips": "LPIPS v0.1 (VGG); lower is better",
+            "rfid": "FID between TF-Inception-v3 pool3 features of originals and reconstructions; lower is better. "
+                    "Below ~10k images it is noisy and biased upward: compare only runs on the same images",
+        },
+        "models": models,
+    }
+
+
+def run_evaluation(
+    models: Mapping[str, AutoencoderKL],
+    data: str,
+    out_dir: str | Path,
+    opts: EvalOptions,
+    nets: MetricNets,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Evaluate every model on `data`, write metrics.csv, summary.json and index.html; returns the summary."""
+    from klvae.evaluation.report import json_safe, write_report
+
+    opts.check()
+    source = open_source(data, image_column=opts.image_column)
+    res = evaluate(models, source, opts, nets)
+    summary = build_summary(res, data, opts, device)
+    picks = select_examples(res, opts.examples)
+    wanted = sorted({i for p in picks.values() for idx in p.values() for i in idx})
+    examples = example_images(models, source, [res.ids[i] for i in wanted], opts)
+    write_report(Path(out_dir), res, summary, picks, examples)
+    return json_safe(summary)

@@ -1,0 +1,235 @@
+"""Image files in and out: guarded loading, folder walking, PIL <-> tensor, padding to the latent grid, atomic saves.
+
+Conventions: an image tensor is float32 [3, H, W] (or [B, 3, H, W]) in [-1, 1]; a loaded image is always an
+8-bit RGB PIL image with its EXIF orientation applied. Colour profiles (ICC) are not applied: pixels are taken
+as sRGB, as in the training data pipelines of SD and its successors.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from torch import Tensor
+
+from klvae.errors import ImageError, KlvaeError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+
+# Decompression-bomb guard: the most pixels (width x height, read from the header before decoding) an image
+# may have. This is PIL's own hard limit (2 x Image.MAX_IMAGE_PIXELS, about 13377² px, ~540 MB as RGB): it
+# admits 100-megapixel photos and panoramas, which the tiled encoder handles, and refuses crafted headers.
+# A larger max_pixels also needs Image.MAX_IMAGE_PIXELS raised, as PIL refuses beyond that itself.
+MAX_PIXELS: int = 2 * 89_478_485
+
+PAD_MODES = ("replicate", "reflect", "constant")
+
+# Background for transparent pixels: white, as images with alpha are shown on web pages and documents.
+_BACKGROUND = (255, 255, 255)
+
+
+def _check_size(img: Image.Image, name: str, max_pixels: int | None) -> None:
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise ImageError(f"{name}: empty image ({w}x{h})")
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageError(f"{name}: {w}x{h} is {w * h:,} pixels, over the limit of {max_pixels:,} "
+                         "(a decompression bomb, or raise max_pixels)")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB; alpha (and palette transparency) composited on white, 16-bit and float scaled to 8 bits."""
+    if img.mode.startswith("I") or img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        # 16-bit greyscale (PNG, TIFF) arrives as I;16 or I: scale its full range down to 8 bits.
+        if img.mode != "F" and a.max(initial=0) > 255:
+            a = a * (255.0 / 65535.0)
+        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (*_BACKGROUND, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _decode(src: str | Path | BinaryIO, name: str, max_pixels: int | None) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            # PIL warns from 89 MP on; the size check below is the limit that applies.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(src)
+        with img:
+            _check_size(img, name, max_pixels)  # the header is read, the pixels are not yet
+            img.load()  # a truncated or corrupt file fails here, not later in a worker's transform
+            try:
+                out = ImageOps.exif_transpose(img)
+            except Exception as e:  # broken EXIF blocks are common; the pixels are still good
+                log.debug("%s: EXIF orientation ignored: %s", name, e)
+                out = img.copy()
+            return to_rgb(out)
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(f"{name}: no such file") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{name}: {e}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image, or a format PIL cannot read") from None
+    except Exception as e:  # PIL's format plugins raise many types (OSError, SyntaxError, ValueError, ...)
+        raise ImageError(f"{name}: cannot decode: {type(e).__name__}: {e}") from None
+
+
+def load_image(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Image.Image:
+    """Fully decoded 8-bit RGB image, EXIF-rotated; ImageError (naming the file) if it cannot be read."""
+    p = Path(path)
+    if p.is_dir():
+        raise ImageError(f"{p}: is a folder, not an image")
+    return _decode(p, str(p), max_pixels)
+
+
+def open_image_bytes(data: bytes, name: str, max_pixels: int | None = MAX_PIXELS) -> Image.Image:
+    """Like load_image, for encoded image bytes (a tar member, a parquet cell); `name` appears in errors."""
+    if not data:
+        raise ImageError(f"{name}: empty image data")
+    return _decode(io.BytesIO(data), name, max_pixels)
+
+
+def image_from_cell(value: Any, name: str, max_pixels: int | None = MAX_PIXELS) -> Image.Image:
+    """A table cell as an RGB image: {"bytes", "path"} (datasets' Image storage), bytes, a path, or PIL."""
+    if isinstance(value, Image.Image):
+        _check_size(value, name, max_pixels)
+        return to_rgb(value)
+    if isinstance(value, dict) and value.get("bytes"):
+        return open_image_bytes(value["bytes"], name, max_pixels)
+    if isinstance(value, dict) and value.get("path"):
+        return load_image(value["path"], max_pixels)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return open_image_bytes(bytes(value), name, max_pixels)
+    if isinstance(value, str):
+        return load_image(value, max_pixels)
+    raise ImageError(f"{name}: the image column holds {type(value).__name__}, not an image")
+
+
+def _walk(root: Path, recursive: bool) -> list[Path]:
+    out: list[Path] = []
+    seen: set[str] = set()
+    # followlinks: datasets are often assembled from symlinked folders; `seen` stops symlink loops.
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        # Hidden entries are tool debris (.ipynb_checkpoints, macOS ._ resource forks), never training data.
+        dirnames[:] = [] if not recursive else [d for d in dirnames if not d.startswith(".")]
+        out.extend(Path(dirpath) / f for f in filenames
+                   if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS)
+    return out
+
+
+def find_images(paths: Iterable[str | Path], recursive: bool = True) -> list[Path]:
+    """Image files named directly or found in the named folders: sorted, without duplicates."""
+    if isinstance(paths, str | Path):
+        paths = [paths]
+    found: set[Path] = set()
+    for item in paths:
+        p = Path(item)
+        if p.is_dir():
+            found.update(_walk(p, recursive))
+        elif p.is_file():
+            found.add(p)  # a file named explicitly is taken whatever its extension; load_image judges it
+        else:
+            raise ImageError(f"{p}: no such file or folder")
+    return sorted(found, key=lambda q: q.as_posix())
+
+
+def uint8_to_tensor(arr: np.ndarray) -> Tensor:
+    """uint8 [H, W, 3] (or [B, H, W, 3]) -> float32 [3, H, W] (or [B, 3, H, W]) in [-1, 1]."""
+    a = np.asarray(arr)
+    if a.dtype != np.uint8 or a.ndim not in (3, 4) or a.shape[-1] != 3:
+        raise ValueError(f"expected uint8 [H, W, 3] or [B, H, W, 3], got {a.dtype} {a.shape}")
+    t = torch.from_numpy(np.array(a, copy=True)).movedim(-1, -3)  # PIL's arrays are read-only
+    return t.to(torch.float32) / 127.5 - 1.0
+
+
+def tensor_to_uint8(t: Tensor) -> np.ndarray:
+    """[3, H, W] (or [B, 3, H, W]) in [-1, 1] -> uint8 [H, W, 3] (or [B, H, W, 3]); clamped and rounded."""
+    if t.ndim not in (3, 4) or t.shape[-3] != 3:
+        raise ValueError(f"expected [3, H, W] or [B, 3, H, W], got {tuple(t.shape)}")
+    x = torch.nan_to_num(t.detach().to("cpu", torch.float32), nan=0.0)  # NaN shows as mid-grey, not garbage
+    x = ((x + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return x.movedim(-3, -1).contiguous().numpy()
+
+
+def pil_to_tensor(img: Image.Image) -> Tensor:
+    """PIL image -> float32 [3, H, W] in [-1, 1] (non-RGB modes are converted as load_image does)."""
+    return uint8_to_tensor(np.asarray(to_rgb(img)))
+
+
+def tensor_to_pil(t: Tensor) -> Image.Image:
+    """[3, H, W] or [1, 3, H, W] in [-1, 1] -> RGB PIL image (clamped, rounded to 8 bits)."""
+    if t.ndim == 4:
+        if t.shape[0] != 1:
+            raise ValueError(f"tensor_to_pil takes one image, got a batch of {t.shape[0]}")
+        t = t[0]
+    return Image.fromarray(tensor_to_uint8(t), "RGB")
+
+
+def pad_to_multiple(x: Tensor, multiple: int = 8, mode: str = "replicate") -> tuple[Tensor, tuple[int, int]]:
+    """Pad right and bottom so H and W are multiples of `multiple`; returns the padded tensor and the old (H, W)."""
+    if mode not in PAD_MODES:
+        raise ValueError(f"pad mode must be one of {', '.join(PAD_MODES)}, got {mode!r}")
+    h, w = x.shape[-2:]
+    ph, pw = -h % multiple, -w % multiple
+    if ph == 0 and pw == 0:
+        return x, (h, w)
+    # reflect needs the pad to be smaller than the side; tiny images fall back to replicate.
+    if mode == "reflect" and (ph >= h or pw >= w):
+        mode = "replicate"
+    return F.pad(x, (0, pw, 0, ph), mode=mode), (h, w)
+
+
+def crop_to_size(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """The top-left (H, W) of x: undoes pad_to_multiple (for a decoder output, after upsampling back)."""
+    h, w = size
+    if h > x.shape[-2] or w > x.shape[-1]:
+        raise ValueError(f"cannot crop {tuple(x.shape[-2:])} to the larger {(h, w)}")
+    return x[..., :h, :w]
+
+
+def _format_for(path: Path) -> str:
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise KlvaeError(f"{path}: unknown image extension {path.suffix!r} (use .png, .jpg, .webp, ...)")
+    return fmt
+
+
+def save_image_atomic(img: Image.Image, path: str | Path, **save_kwargs: Any) -> Path:
+    """Write img to path via a temporary file and os.replace, so a reader never sees half a file."""
+    p = Path(path)
+    fmt = _format_for(p)
+    if fmt == "JPEG" and img.mode not in ("RGB", "L"):
+        img = to_rgb(img)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            img.save(f, format=fmt, **save_kwargs)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return p

@@ -1,0 +1,460 @@
+"""Training images: crops and flips, datasets over folders, Hugging Face data, parquet and tar shards, loaders.
+
+Unreadable items are never fatal: a dataset logs a warning naming the item and yields None in its place;
+`collate_skip_none` drops the Nones and puts their number in the batch ("skipped"), because counters kept in
+DataLoader worker processes never reach the main process. Random choices (crop position, scale, flip) come
+from torch's global generator, so a wrapper that seeds it per item (training.sampler.SeededItems) makes
+them reproducible, and DataLoader workers get distinct streams.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import re
+import tarfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
+
+from klvae.errors import ImageError, KlvaeError
+from klvae.images import (
+    IMAGE_EXTENSIONS,
+    MAX_PIXELS,
+    find_images,
+    image_from_cell,
+    load_image,
+    open_image_bytes,
+    pil_to_tensor,
+)
+
+log = logging.getLogger(__name__)
+
+Transform = Callable[[Image.Image], Tensor]
+Item = dict[str, Any] | None
+
+RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
+            "bilinear": Image.Resampling.BILINEAR}
+CROPS = ("center", "random")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+def _randint(lo: int, hi: int) -> int:
+    """Uniform integer in [lo, hi] from torch's global generator."""
+    return lo if hi <= lo else int(torch.randint(lo, hi + 1, ()).item())
+
+
+def random_flip(img: Image.Image, p: float = 0.5) -> Image.Image:
+    """Mirror left-right with probability p."""
+    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if p > 0 and torch.rand(()).item() < p else img
+
+
+@dataclass
+class TransformConfig:
+    """How a training image becomes a square tensor."""
+
+    resolution: int = 256
+    # True: the crop is resized to `resolution`; False: a resolution² window at native size (small images
+    # are still scaled up to it).
+    resize: bool = True
+    crop: str = "center"
+    flip: float = 0.0
+    # The crop's side as a fraction of the shorter side, drawn uniformly from this range (resize=True only):
+    # (1, 1) is the usual resize-then-crop; (0.5, 1) adds zoomed-in detail crops at up to 2x.
+    scale: tuple[float, float] = (1.0, 1.0)
+    resample: str = "lanczos"
+
+
+class ImageTransform:
+    """Square crop (random or central, at a random scale), resize, flip, to [-1, 1]: picklable for workers."""
+
+    def __init__(self, cfg: TransformConfig) -> None:
+        self.cfg = cfg
+
+    def crop_side(self, w: int, h: int) -> int:
+        """The side of the square cut from a w x h image, in source pixels."""
+        c, short = self.cfg, min(w, h)
+        if not c.resize:
+            return min(short, c.resolution)
+        lo, hi = c.scale
+        s = lo + (hi - lo) * torch.rand(()).item() if hi > lo else lo
+        return max(1, min(short, round(s * short)))
+
+    def __call__(self, img: Image.Image) -> Tensor:
+        """One image -> float32 [3, resolution, resolution] in [-1, 1]."""
+        c = self.cfg
+        side = self.crop_side(img.width, img.height)
+        if c.crop == "random":
+            left, top = _randint(0, img.width - side), _randint(0, img.height - side)
+        else:
+            left, top = (img.width - side) // 2, (img.height - side) // 2
+        box = (left, top, left + side, top + side)
+        if side == c.resolution:
+            img = img.crop(box)
+        else:  # crop and resample in one pass: only the box is filtered
+            img = img.resize((c.resolution, c.resolution), RESAMPLE[c.resample], box=box)
+        return pil_to_tensor(random_flip(img, c.flip))
+
+
+def build_transform(cfg: TransformConfig) -> ImageTransform:
+    """Validate cfg and return the transform."""
+    lo, hi = cfg.scale
+    problems = [
+        (cfg.resolution < 1, f"resolution must be at least 1, got {cfg.resolution}"),
+        (cfg.crop not in CROPS, f"crop must be one of {', '.join(CROPS)}, got {cfg.crop!r}"),
+        (not 0.0 <= cfg.flip <= 1.0, f"flip is a probability, got {cfg.flip}"),
+        (not 0.0 < lo <= hi <= 1.0, f"scale must satisfy 0 < min <= max <= 1, got ({lo}, {hi})"),
+        (cfg.resample not in RESAMPLE, f"resample must be one of {', '.join(RESAMPLE)}, got {cfg.resample!r}"),
+    ]
+    for bad, msg in problems:
+        if bad:
+            raise KlvaeError(f"transform: {msg}")
+    return ImageTransform(cfg)
+
+
+def _item(key: str, load: Callable[[], Image.Image], transform: Transform | None) -> Item:
+    try:
+        img = load()
+    except ImageError as e:
+        log.warning("skipping unreadable image %s", e)
+        return None
+    return {"pixels": transform(img) if transform is not None else pil_to_tensor(img), "key": key}
+
+
+class ImageFolderDataset(Dataset):
+    """The images under a folder (or one file), sorted; an item is {"pixels", "key"} or None if unreadable."""
+
+    def __init__(self, root: str | Path, transform: Transform | None = None, recursive: bool = True,
+                 max_pixels: int | None = MAX_PIXELS) -> None:
+        self.root, self.transform, self.max_pixels = Path(root), transform, max_pixels
+        self.paths = find_images([self.root], recursive)
+        if not self.paths:
+            raise KlvaeError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {self.root}")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def key(self, i: int) -> str:
+        """The item's path relative to the root."""
+        p = self.paths[i]
+        return p.name if p == self.root else p.relative_to(self.root).as_posix()
+
+    def __getitem__(self, i: int) -> Item:
+        return _item(self.key(i), lambda: load_image(self.paths[i], self.max_pixels), self.transform)
+
+
+class _ParquetRows:
+    """Random access to one column of parquet files through pyarrow, one row group in memory at a time."""
+
+    def __init__(self, files: list[Path], column: str) -> None:
+        pq = _import("pyarrow.parquet", "pyarrow")
+        self.files, self.column = files, column
+        self.groups: list[tuple[int, int, int]] = []  # (first row, file index, row group)
+        n = 0
+        for fi, f in enumerate(files):
+            meta = pq.ParquetFile(f).metadata
+            names = meta.schema.to_arrow_schema().names
+            if column not in names:
+                raise KlvaeError(f"{f} has no column {column!r} (columns: {', '.join(names)})")
+            for g in range(meta.num_row_groups):
+                self.groups.append((n, fi, g))
+                n += meta.row_group(g).num_rows
+        self.n = n
+        self._cache: tuple[int, list[Any]] | None = None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        import bisect
+
+        k = bisect.bisect_right(self.groups, (i, len(self.files), 0)) - 1
+        first, fi, g = self.groups[k]
+        if self._cache is None or self._cache[0] != k:
+            pq = _import("pyarrow.parquet", "pyarrow")
+            try:
+                table = pq.ParquetFile(self.files[fi]).read_row_group(g, columns=[self.column])
+            except (OSError, ValueError) as e:  # pyarrow's errors subclass these; a bad group skips its rows
+                raise ImageError(f"{self.files[fi]}: row group {g} cannot be read: {e}") from None
+            self._cache = (k, table.column(self.column).to_pylist())
+        return self._cache[1][i - first]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_cache": None}  # workers read their own row groups
+
+
+def _import(module: str, package: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise KlvaeError(f"reading this data needs `pip install {package}`") from None
+
+
+def _parquet_files(path: Path, split: str | None) -> list[Path]:
+    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+    if split is not None:
+        files = [f for f in files if f.name.startswith(f"{split}-") or split in f.relative_to(path).parts[:-1]]
+    else:
+        # The Hub lays splits side by side (data/train-00000-of-00002.parquet, data/test-...): never mix them.
+        splits = {m.group(1) for f in files if (m := re.match(r"(\w+?)-\d+-of-\d+", f.name))}
+        if len(splits) > 1:
+            split = "train" if "train" in splits else sorted(splits)[0]
+            log.warning("%s holds splits %s; using %r", path, ", ".join(sorted(splits)), split)
+            return _parquet_files(path, split)
+    if not files:
+        raise KlvaeError(f"no parquet files in {path}" + (f" for split {split!r}" if split else ""))
+    return files
+
+
+def _load_from_disk(path: Path, column: str, split: str | None) -> Any:
+    datasets = _import("datasets", "datasets")
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        name = split or ("train" if "train" in ds else next(iter(ds)))
+        if name not in ds:
+            raise KlvaeError(f"{path} has no split {name!r} (splits: {', '.join(ds)})")
+        ds = ds[name]
+    if column not in ds.column_names:
+        raise KlvaeError(f"{path} has no column {column!r} (columns: {', '.join(ds.column_names)})")
+    ds = ds.select_columns([column])  # rows then carry only the image, not captions and embeddings
+    if isinstance(ds.features[column], datasets.Image):
+        ds = ds.cast_column(column, datasets.Image(decode=False))  # decode here, behind the size guard
+    return ds
+
+
+class HFDiskDataset(Dataset):
+    """A `datasets.save_to_disk` folder (needs `datasets`) or parquet file(s) (needs `pyarrow`) with an image column."""
+
+    def __init__(self, path: str | Path | Sequence[str | Path], image_column: str = "image",
+                 transform: Transform | None = None, split: str | None = None,
+                 max_pixels: int | None = MAX_PIXELS) -> None:
+        self.image_column, self.transform, self.max_pixels = image_column, transform, max_pixels
+        if not isinstance(path, str | Path):
+            self.path, files = Path(path[0]).parent, [Path(p) for p in path]
+            self.rows: Any = _ParquetRows(files, image_column)
+        else:
+            self.path = Path(path)
+            if self.path.is_dir() and any((self.path / m).exists() for m in DISK_MARKERS):
+                ds = _load_from_disk(self.path, image_column, split)
+                self.rows = _ColumnView(ds, image_column)
+            else:
+                self.rows = _ParquetRows(_parquet_files(self.path, split), image_column)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Item:
+        key = f"row{i}"
+        return _item(key, lambda: image_from_cell(self.rows[i], f"{self.path}:{key}", self.max_pixels),
+                     self.transform)
+
+
+class _ColumnView:
+    """The cells of one column of a datasets.Dataset."""
+
+    def __init__(self, ds: Any, column: str) -> None:
+        self.ds, self.column = ds, column
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.ds[i][self.column]
+
+
+def _expand_braces(s: str) -> list[str]:
+    """WebDataset brace notation: shard-{000..099}.tar (zero-padded ranges) and {a,b} alternatives."""
+    m = re.search(r"\{([^{}]*)\}", s)
+    if m is None:
+        return [s]
+    r = re.fullmatch(r"(\d+)\.\.(\d+)", m.group(1))
+    opts = ([str(i).zfill(len(r.group(1))) for i in range(int(r.group(1)), int(r.group(2)) + 1)]
+            if r else m.group(1).split(","))
+    return [x for o in opts for x in _expand_braces(s[: m.start()] + o + s[m.end() :])]
+
+
+def expand_shards(spec: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Shard files from paths, folders (their tars), globs and brace ranges, in the order given."""
+    specs = [spec] if isinstance(spec, str | Path) else list(spec)
+    out: list[Path] = []
+    for sp in specs:
+        for s in _expand_braces(str(sp)):
+            p = Path(s)
+            if any(c in s for c in "*?["):
+                hits = [Path(h) for h in sorted(glob.glob(s))]
+            elif p.is_dir():
+                hits = sorted(q for q in p.iterdir() if q.name.endswith(TAR_SUFFIXES))
+            else:
+                hits = [p] if p.is_file() else []
+            if not hits:
+                raise KlvaeError(f"no shards at {s}")
+            out.extend(hits)
+    return list(dict.fromkeys(out))
+
+
+def split_plan(n_shards: int, levels: Sequence[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """(shard, stride, offset) reads for part q of p at each level (rank, then worker): whole shards while
+    there are at least p of them, else every p-th sample of each, so the parts are disjoint and cover all."""
+    plan = [(s, 1, 0) for s in range(n_shards)]
+    for q, p in levels:
+        if p <= 1:
+            continue
+        # Too few shards: of samples o, o+k, o+2k, ... of each, part q takes every p-th, from the q-th.
+        plan = plan[q::p] if len(plan) >= p else [(s, k * p, o + q * k) for s, k, o in plan]
+    return plan
+
+
+def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """(rank, world size): as given, else from an initialised torch.distributed, else (0, 1)."""
+    if rank is None and world_size is None:
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+    if rank is None or world_size is None or not 0 <= rank < world_size:
+        raise KlvaeError(f"rank {rank} of world size {world_size}: give both, with 0 <= rank < world size")
+    return rank, world_size
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    # As webdataset: the key is the path up to the first dot of the file name, the rest is the extension.
+    head, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), ext.lower()
+
+
+def _tar_groups(tf: tarfile.TarFile, wanted: Callable[[int], bool],
+                is_image: Callable[[str], bool]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) per run of members sharing a key; bytes read only for wanted images."""
+    key, idx, group = None, -1, {}
+    for m in tf:  # a stream: a member's bytes can only be read while it is the current one
+        if not m.isfile() or m.name.rpartition("/")[2].startswith("."):
+            continue
+        k, ext = _split_name(m.name)
+        if k != key:
+            if key is not None and wanted(idx):
+                yield key, group
+            key, idx, group = k, idx + 1, {}
+        if wanted(idx) and is_image(ext):
+            f = tf.extractfile(m)
+            group[ext] = f.read() if f is not None else b""
+    if key is not None and wanted(idx):
+        yield key, group
+
+
+class WebDatasetShards(IterableDataset):
+    """Samples of WebDataset .tar shards, read with tarfile; each (rank, worker) reads its own part once."""
+
+    def __init__(self, shards: str | Path | Sequence[str | Path], transform: Transform | None = None,
+                 image_keys: Sequence[str] = ("jpg", "jpeg", "png", "webp"), rank: int | None = None,
+                 world_size: int | None = None, max_pixels: int | None = MAX_PIXELS) -> None:
+        self.shards = expand_shards(shards)
+        self.transform, self.max_pixels = transform, max_pixels
+        self.image_keys = tuple(k.lower().lstrip(".") for k in image_keys)
+        # Resolved here, in the main process: worker processes do not share its torch.distributed state.
+        self.rank, self.world_size = resolve_rank(rank, world_size)
+        self.skipped = 0  # in this process only; batches carry the count across workers
+
+    def _is_image(self, ext: str) -> bool:
+        return ext in self.image_keys or ext.rpartition(".")[2] in self.image_keys
+
+    def _pick(self, group: dict[str, bytes]) -> bytes | None:
+        for k in self.image_keys:
+            if k in group:
+                return group[k]
+        return next(iter(group.values()), None)  # a compound extension such as "512.jpg"
+
+    def plan(self) -> list[tuple[int, int, int]]:
+        """This rank's and worker's (shard, stride, offset) reads."""
+        info = get_worker_info()
+        worker = (info.id, info.num_workers) if info is not None else (0, 1)
+        return split_plan(len(self.shards), [(self.rank, self.world_size), worker])
+
+    def _sample(self, name: str, data: bytes | None) -> Item:
+        if data is None:
+            log.warning("skipping %s: no %s member", name, "/".join(self.image_keys))
+            return None
+        return _item(name, lambda: open_image_bytes(data, name, self.max_pixels), self.transform)
+
+    def _read(self, shard: Path, stride: int, offset: int) -> Iterator[Item]:
+        try:
+            with tarfile.open(shard, "r|*") as tf:
+                for key, group in _tar_groups(tf, lambda i: i % stride == offset, self._is_image):
+                    yield self._sample(f"{shard.name}:{key}", self._pick(group))
+        except (OSError, EOFError, tarfile.TarError) as e:  # a torn shard: keep what was read, go on
+            log.warning("skipping the rest of shard %s: %s", shard, e)
+            yield None
+
+    def __iter__(self) -> Iterator[Item]:
+        for s, stride, offset in self.plan():
+            for item in self._read(self.shards[s], stride, offset):
+                self.skipped += item is None
+                yield item
+
+
+def build_dataset(spec: str | Path, transform: Transform | None = None, image_column: str = "image",
+                  rank: int | None = None, world_size: int | None = None, recursive: bool = True,
+                  split: str | None = None) -> Dataset | IterableDataset:
+    """The dataset a path names: image folder or file, save_to_disk folder, parquet, or tar shards (glob/braces)."""
+    s = str(spec)
+    if "{" in s or any(c in s for c in "*?["):
+        files = expand_shards(s)
+        if all(f.suffix == ".parquet" for f in files):
+            return HFDiskDataset(files, image_column, transform)
+        return WebDatasetShards(files, transform, rank=rank, world_size=world_size)
+    p = Path(s)
+    if not p.exists():
+        raise KlvaeError(f"no such data: {s}")
+    if p.name.endswith(TAR_SUFFIXES):
+        return WebDatasetShards([p], transform, rank=rank, world_size=world_size)
+    if p.suffix == ".parquet" or (p.is_dir() and (any((p / m).exists() for m in DISK_MARKERS)
+                                                  or any(p.glob("*.parquet")) or any(p.glob("data/*.parquet")))):
+        return HFDiskDataset(p, image_column, transform, split)
+    if p.is_dir() and any(q.name.endswith(TAR_SUFFIXES) for q in p.iterdir()) and not find_images([p], recursive):
+        return WebDatasetShards(p, transform, rank=rank, world_size=world_size)
+    return ImageFolderDataset(p, transform, recursive)
+
+
+def collate_skip_none(items: Sequence[Item | Tensor]) -> dict[str, Any]:
+    """Drop unreadable (None) items: {"pixels": [B, 3, H, W], "keys": [...], "skipped": number dropped}."""
+    good = [it for it in items if it is not None]
+    pixels = [it["pixels"] if isinstance(it, dict) else it for it in good]
+    keys = [it.get("key") if isinstance(it, dict) else None for it in good]
+    if not pixels:
+        return {"pixels": torch.empty(0, 3, 0, 0), "keys": [], "skipped": len(items)}
+    shapes = {tuple(t.shape) for t in pixels}
+    if len(shapes) > 1:
+        raise KlvaeError(f"images of one batch differ in size {sorted(shapes)}: use a transform that crops")
+    return {"pixels": torch.stack(pixels), "keys": keys, "skipped": len(items) - len(good)}
+
+
+def build_dataloader(dataset: Dataset | IterableDataset, batch_size: int, num_workers: int = 0,
+                     shuffle: bool = True, seed: int = 0, drop_last: bool = False, distributed: bool = False,
+                     rank: int | None = None, world_size: int | None = None) -> DataLoader:
+    """A DataLoader with collate_skip_none; a DistributedSampler for map-style data when distributed."""
+    sampler = None
+    if isinstance(dataset, IterableDataset):
+        shuffle = False  # streams split themselves by rank and worker; order is the shards'
+    elif distributed:
+        r, w = resolve_rank(rank, world_size)
+        sampler = DistributedSampler(dataset, num_replicas=w, rank=r, shuffle=shuffle, seed=seed,
+                                     drop_last=drop_last)
+        shuffle = False
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate_skip_none, drop_last=drop_last, persistent_workers=num_workers > 0,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Reshuffle a distributed loader for `epoch` (DistributedSampler draws its order from seed + epoch)."""
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
