@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from klvae.images import load_image, pil_to_tensor
 from PIL import Image
 
 import klvae
 from klvae import inference
 from klvae.cli.main import main
+from klvae.images import load_image, pil_to_tensor
 from klvae.latents.buckets import make_buckets, nearest_bucket, resize_crop
 from klvae.latents.cache import read_manifest
 from klvae.latents.dataset import BucketBatchSampler, LatentDataset
@@ -61,7 +61,7 @@ def test_cache_writes_shards_index_and_the_reader_returns_scaled_latents(tmp_pat
     img, _ = resize_crop(load_image(data / "img002.png"), (32, 32))
     expected = vae.scale_latents(inference.encode(vae, pil_to_tensor(img)[None]).mode())[0]
     torch.testing.assert_close(ds[row]["latents"], expected, atol=1e-5, rtol=1e-5)
-    assert ds[row]["latents"].shape == (4, 4, 4)
+    assert ds[row]["latents"].shape == (4, 16, 16)  # the tiny preset downsamples by 2
     sampled = LatentDataset(out, mode="sample", seed=0)[row]["latents"]
     assert not torch.equal(sampled, expected)
 

@@ -208,7 +208,8 @@ def test_save_image_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert np.array_equal(np.asarray(load_image(out)), np.asarray(img))
     save_image_atomic(Image.new("RGBA", (4, 4)), tmp_path / "b.jpg")
-    assert Image.open(tmp_path / "b.jpg").format == "JPEG"
+    with Image.open(tmp_path / "b.jpg") as im:
+        assert im.format == "JPEG"
     with pytest.raises(KlvaeError, match="unknown image extension"):
         save_image_atomic(img, tmp_path / "c.xyz")
 

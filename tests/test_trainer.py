@@ -165,12 +165,12 @@ def test_decoder_only_fine_tuning_keeps_the_encoder(tmp_path: Path, photos: Path
 def test_two_gloo_processes_follow_the_single_process_trajectory(tmp_path: Path, photos: Path) -> None:
     steps = "train.max_steps=4"
     single = _config(tmp_path / "one", photos, steps, "data.batch_size=4")
-    r = subprocess.run([sys.executable, "-m", "klvae.cli.main", "train", *sum((["--set", o] for o in single), [])],
+    r = subprocess.run([sys.executable, "-m", "klvae.cli.main", "train", *[a for o in single for a in ("--set", o)]],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     double = _config(tmp_path / "two", photos, steps, "data.batch_size=2")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "29531", "-m", "klvae.cli.main", "train", *sum((["--set", o] for o in double), [])],
+                        "29531", "-m", "klvae.cli.main", "train", *[a for o in double for a in ("--set", o)]],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     one, two = _losses(tmp_path / "one" / "run"), _losses(tmp_path / "two" / "run")

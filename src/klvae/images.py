@@ -52,8 +52,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """8-bit RGB; alpha (and palette transparency) composited on white, 16-bit and float scaled to 8 bits."""
     if img.mode.startswith("I") or img.mode == "F":
         a = np.asarray(img, dtype=np.float64)
-        # 16-bit greyscale (PNG, TIFF) arrives as I;16 or I: scale its full range down to 8 bits.
-        if img.mode != "F" and a.max(initial=0) > 255:
+        # 16-bit greyscale (PNG, TIFF) arrives as I;16 (surely 16-bit) or I (judged by its values).
+        if img.mode.startswith("I;16") or (img.mode == "I" and a.max(initial=0) > 255):
             a = a * (255.0 / 65535.0)
         img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:

@@ -16,8 +16,10 @@ log = logging.getLogger("klvae")
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """--model/--config/--device/--dtype/--batch-size."""
-    p.add_argument("--model", "-m", required=True,
-                   help="a diffusers folder, a .safetensors/.ckpt file, a hub id, or a preset name (sd15, sdxl, ...)")
+    p.add_argument("--model", "-m", default=None,
+                   help="a diffusers folder, a .safetensors/.ckpt file, a hub id, a preset name (sd15, sdxl, ...) "
+                        "whose released weights come from the hub, or 'demo' (the default: klvae's small built-in "
+                        "model, which runs offline)")
     p.add_argument("--subfolder", default=None, help="subfolder of a pipeline folder or hub repo (e.g. vae)")
     p.add_argument("--config", default=None,
                    help="preset whose config (and factors) a single weights file uses, e.g. sdxl")
@@ -34,6 +36,10 @@ def load_model(args: argparse.Namespace) -> tuple[AutoencoderKL, torch.device, t
         raise KlvaeError(f"--batch-size must be at least 1, got {args.batch_size}")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    if args.model is None:
+        args.model = "demo"
+        log.info("no --model given: using klvae's built-in demo model (a small VAE trained by klvae, "
+                 "not Stable Diffusion's; see docs/demo-model.md)")
     vae = AutoencoderKL.from_pretrained(args.model, subfolder=args.subfolder, config=args.config, device=device)
     log.info("model %s on %s, compute dtype %s", args.model, device, str(dtype).split(".")[-1])
     return vae, device, dtype

@@ -18,8 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "eval", help="PSNR/SSIM/LPIPS per image and rFID of one or more models on a data set; writes a report",
         description="Reconstruct a data set with each --model and write metrics.csv, summary.json and index.html.",
     )
-    p.add_argument("--model", "-m", action="append", required=True,
-                   help="a diffusers folder, weights file, hub id or preset; repeat to compare models side by side")
+    p.add_argument("--model", "-m", action="append", default=None,
+                   help="a diffusers folder, weights file, hub id, preset or 'demo' (the default); repeat to "
+                        "compare models side by side")
     p.add_argument("--subfolder", action="append", default=None,
                    help="subfolder of a pipeline folder or hub repo; once for all models, or once per --model")
     p.add_argument("--config", action="append", default=None,
@@ -80,6 +81,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         image_column=args.image_column,
     )
     opts.check()
+    if not args.model:
+        args.model = ["demo"]
+        log.info("no --model given: evaluating klvae's built-in demo model (see docs/demo-model.md)")
     subfolders = _per_model(args.subfolder, len(args.model), "--subfolder")
     configs = _per_model(args.config, len(args.model), "--config")
     models = {}

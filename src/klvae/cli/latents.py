@@ -40,15 +40,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_cache(args: argparse.Namespace) -> int:
     """Encode this process's share; with torchrun, rank 0 writes the index after every rank is done."""
     from klvae.latents.cache import CacheOptions, cache_rank, write_index
+    from klvae.latents.sources import open_source
     from klvae.training.distributed import barrier, init_distributed, shutdown
 
     opts = CacheOptions(resolution=args.resolution, buckets=args.buckets, flip=args.flip, store=args.store,
                         shard_size=args.shard_size, batch_size=args.batch_size, num_workers=args.num_workers,
                         seed=args.seed)
+    source = open_source(args.data)  # bad data is reported before the model is loaded
     vae, device, dtype = load_model(args)
     dist = init_distributed(device.type)
     try:
-        counts = cache_rank(vae, args.data, args.output, opts, dtype, dist.rank, dist.world)
+        counts = cache_rank(vae, source, args.output, opts, dtype, dist.rank, dist.world)
         barrier(dist)
         if dist.is_main:
             index = write_index(vae, str(args.model), args.output, opts, dist.world)

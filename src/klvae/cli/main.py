@@ -37,12 +37,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def setup_logging(level: int) -> None:
+    """Log klvae's messages to the current stderr; other handlers (e.g. pytest's) keep theirs."""
+    logger = logging.getLogger("klvae")
+    for h in [h for h in logger.handlers if getattr(h, "klvae_cli", False)]:
+        logger.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    handler.klvae_cli = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(level)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 partial failure or internal error, 2 bad input)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr, force=True)
+    setup_logging(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
     try:
         return int(args.func(args) or 0)
     except KlvaeError as e:

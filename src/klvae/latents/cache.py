@@ -152,12 +152,12 @@ def _encode_rows(vae: AutoencoderKL, xs: list[Tensor], opts: CacheOptions, dtype
     return [{"latent": zi} for zi in z]
 
 
-def cache_rank(vae: AutoencoderKL, spec: str, out: str | Path, opts: CacheOptions, dtype: torch.dtype,
-               rank: int = 0, world: int = 1) -> dict[str, int]:
+def cache_rank(vae: AutoencoderKL, spec: str | ItemSource, out: str | Path, opts: CacheOptions,
+               dtype: torch.dtype, rank: int = 0, world: int = 1) -> dict[str, int]:
     """Encode this rank's share of the data that is not done yet; returns counts (encoded, failed, skipped)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    source = open_source(spec)
+    source = open_source(spec) if isinstance(spec, str) else spec
     mine = [i for n, i in enumerate(source.ids) if n % world == rank]
     done, shard_no = _recover(out, rank)
     todo = [i for i in mine if i not in done]

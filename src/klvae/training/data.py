@@ -9,6 +9,7 @@ them reproducible, and DataLoader workers get distinct streams.
 
 from __future__ import annotations
 
+import bisect
 import glob
 import logging
 import re
@@ -173,8 +174,6 @@ class _ParquetRows:
         return self.n
 
     def __getitem__(self, i: int) -> Any:
-        import bisect
-
         k = bisect.bisect_right(self.groups, (i, len(self.files), 0)) - 1
         first, fi, g = self.groups[k]
         if self._cache is None or self._cache[0] != k:
@@ -215,6 +214,10 @@ def _parquet_files(path: Path, split: str | None) -> list[Path]:
     return files
 
 
+def _is_disk(p: Path) -> bool:
+    return p.is_dir() and any((p / m).exists() for m in DISK_MARKERS)
+
+
 def _load_from_disk(path: Path, column: str, split: str | None) -> Any:
     datasets = _import("datasets", "datasets")
     ds = datasets.load_from_disk(str(path))
@@ -238,37 +241,25 @@ class HFDiskDataset(Dataset):
                  transform: Transform | None = None, split: str | None = None,
                  max_pixels: int | None = MAX_PIXELS) -> None:
         self.image_column, self.transform, self.max_pixels = image_column, transform, max_pixels
-        if not isinstance(path, str | Path):
-            self.path, files = Path(path[0]).parent, [Path(p) for p in path]
-            self.rows: Any = _ParquetRows(files, image_column)
+        one = isinstance(path, str | Path)
+        self.disk = one and _is_disk(Path(path))
+        if self.disk:
+            self.path, self.rows = Path(path), _load_from_disk(Path(path), image_column, split)
         else:
-            self.path = Path(path)
-            if self.path.is_dir() and any((self.path / m).exists() for m in DISK_MARKERS):
-                ds = _load_from_disk(self.path, image_column, split)
-                self.rows = _ColumnView(ds, image_column)
-            else:
-                self.rows = _ParquetRows(_parquet_files(self.path, split), image_column)
+            files = _parquet_files(Path(path), split) if one else [Path(p) for p in path]
+            self.path = Path(path) if one else files[0].parent
+            self.rows = _ParquetRows(files, image_column)
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    def _cell(self, i: int) -> Any:
+        return self.rows[i][self.image_column] if self.disk else self.rows[i]
+
     def __getitem__(self, i: int) -> Item:
         key = f"row{i}"
-        return _item(key, lambda: image_from_cell(self.rows[i], f"{self.path}:{key}", self.max_pixels),
+        return _item(key, lambda: image_from_cell(self._cell(i), f"{self.path}:{key}", self.max_pixels),
                      self.transform)
-
-
-class _ColumnView:
-    """The cells of one column of a datasets.Dataset."""
-
-    def __init__(self, ds: Any, column: str) -> None:
-        self.ds, self.column = ds, column
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int) -> Any:
-        return self.ds[i][self.column]
 
 
 def _expand_braces(s: str) -> list[str]:
@@ -390,8 +381,14 @@ class WebDatasetShards(IterableDataset):
             with tarfile.open(shard, "r|*") as tf:
                 for key, group in _tar_groups(tf, lambda i: i % stride == offset, self._is_image):
                     yield self._sample(f"{shard.name}:{key}", self._pick(group))
+                end = tf.offset
         except (OSError, EOFError, tarfile.TarError) as e:  # a torn shard: keep what was read, go on
             log.warning("skipping the rest of shard %s: %s", shard, e)
+            yield None
+            return
+        # tarfile takes a file cut at a block boundary for a clean end; a whole one ends in zero blocks.
+        if shard.suffix == ".tar" and shard.stat().st_size - end < 512:
+            log.warning("shard %s has no end-of-archive marker: torn, samples may be missing", shard)
             yield None
 
     def __iter__(self) -> Iterator[Item]:
@@ -406,7 +403,7 @@ def build_dataset(spec: str | Path, transform: Transform | None = None, image_co
                   split: str | None = None) -> Dataset | IterableDataset:
     """The dataset a path names: image folder or file, save_to_disk folder, parquet, or tar shards (glob/braces)."""
     s = str(spec)
-    if "{" in s or any(c in s for c in "*?["):
+    if not Path(s).exists() and any(c in s for c in "{*?["):
         files = expand_shards(s)
         if all(f.suffix == ".parquet" for f in files):
             return HFDiskDataset(files, image_column, transform)
@@ -416,8 +413,7 @@ def build_dataset(spec: str | Path, transform: Transform | None = None, image_co
         raise KlvaeError(f"no such data: {s}")
     if p.name.endswith(TAR_SUFFIXES):
         return WebDatasetShards([p], transform, rank=rank, world_size=world_size)
-    if p.suffix == ".parquet" or (p.is_dir() and (any((p / m).exists() for m in DISK_MARKERS)
-                                                  or any(p.glob("*.parquet")) or any(p.glob("data/*.parquet")))):
+    if p.suffix == ".parquet" or _is_disk(p) or any(p.glob("*.parquet")) or any(p.glob("data/*.parquet")):
         return HFDiskDataset(p, image_column, transform, split)
     if p.is_dir() and any(q.name.endswith(TAR_SUFFIXES) for q in p.iterdir()) and not find_images([p], recursive):
         return WebDatasetShards(p, transform, rank=rank, world_size=world_size)

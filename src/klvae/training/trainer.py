@@ -161,10 +161,13 @@ class Trainer:
         barrier(self.dist)
         return path
 
+    def exported_model(self) -> AutoencoderKL:
+        """The weights that export writes: the EMA when kept and asked for, else the trained ones."""
+        return self.ema.module if self.ema is not None and self.cfg.train.export_ema else self.vae
+
     def export(self) -> Path:
-        """Write the trained (EMA when kept and asked for) weights with save_pretrained to out_dir/final."""
-        model = self.ema.module if self.ema is not None and self.cfg.train.export_ema else self.vae
-        return model.save_pretrained(self.out / "final")
+        """Write exported_model() with save_pretrained to out_dir/final."""
+        return self.exported_model().save_pretrained(self.out / "final")
 
     # ---- one optimiser step -----------------------------------------------------------------------
     def _noise(self, x: Tensor, micro: int) -> Tensor | None:

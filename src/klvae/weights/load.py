@@ -125,6 +125,20 @@ def _hub(repo_id: str, subfolder: str | None, preset: str | None = None) -> _Sou
     return _Source(weights, config, preset)
 
 
+# Models that ship inside the package (src/klvae/assets/<name>/), so the commands run offline.
+EMBEDDED_MODELS = ("demo",)
+
+
+def embedded_model_dir(name: str) -> Path:
+    """The folder of an embedded model (config.json + safetensors inside the installed package)."""
+    from importlib.resources import files
+
+    folder = Path(str(files("klvae") / "assets" / name))
+    if not (folder / "config.json").is_file():
+        raise WeightsError(f"the embedded {name!r} model is missing from this installation ({folder})")
+    return folder
+
+
 def _locate(path_or_id: str | Path, subfolder: str | None) -> _Source:
     """Where the weights (and config.json) named by path_or_id are, fetching from the hub when needed."""
     path = Path(path_or_id).expanduser()
@@ -135,6 +149,8 @@ def _locate(path_or_id: str | Path, subfolder: str | None) -> _Source:
                 raise WeightsError(f"no such folder: {path}")
         return _folder(path) if path.is_dir() else _Source(path)
     name = str(path_or_id)
+    if name in EMBEDDED_MODELS:
+        return _folder(embedded_model_dir(name))
     if name in PRESETS:
         if name not in PRESET_HUB_IDS:
             raise WeightsError(f"preset {name!r} has no released weights: build it with AutoencoderKL({name!r})")

@@ -1,0 +1,161 @@
+"""`klvae encode | decode | reconstruct | info | noise` and their error paths (one line, non-zero exit)."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import klvae
+from klvae import inference
+from klvae.cli.main import main
+from klvae.images import load_image, pil_to_tensor
+from klvae.latents.file import load_latents
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("model")
+    klvae.AutoencoderKL("tiny-f8").save_pretrained(d)
+    return d
+
+
+@pytest.fixture()
+def photos(tmp_path: Path) -> Path:
+    import skimage.data
+
+    root = tmp_path / "photos"
+    (root / "sub").mkdir(parents=True)
+    Image.fromarray(skimage.data.astronaut()).resize((60, 44)).save(root / "astronaut.png")
+    Image.fromarray(skimage.data.coffee()).resize((64, 48)).save(root / "sub" / "coffee.jpg")
+    Image.fromarray(skimage.data.chelsea()).resize((64, 48)).save(root / "chelsea.webp")
+    return root
+
+
+def _err_line(capsys: pytest.CaptureFixture[str]) -> str:
+    lines = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("klvae:")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_encode_decode_round_trip_restores_sizes(tmp_path: Path, photos: Path, model_dir: Path) -> None:
+    out = tmp_path / "z.safetensors"
+    assert main(["encode", str(photos), "-o", str(out), "--model", str(model_dir), "--batch-size", "2"]) == 0
+    lf = load_latents(out)
+    assert sorted(i.name for i in lf.items) == ["astronaut.png", "chelsea.webp", "coffee.jpg"]
+    assert lf.scaling_factor == 0.18215 and lf.model == str(model_dir)
+    astro = next(i for i in lf.items if i.name == "astronaut.png")
+    assert (astro.height, astro.width) == (44, 60)
+    assert lf.latents[astro.key].shape == (4, 6, 8)  # padded to 48x64 for the x8 encoder
+    vae = klvae.AutoencoderKL.from_pretrained(model_dir)
+    x = pil_to_tensor(load_image(photos / "astronaut.png"))[None]
+    expected = vae.scale_latents(inference.encode(vae, x).mode())[0]
+    torch.testing.assert_close(lf.latents[astro.key], expected, atol=1e-5, rtol=1e-5)
+    dec = tmp_path / "dec"
+    assert main(["decode", str(out), "-o", str(dec), "--model", str(model_dir)]) == 0
+    assert sorted(p.name for p in dec.iterdir()) == ["astronaut.png", "chelsea.png", "coffee.png"]
+    assert Image.open(dec / "astronaut.png").size == (60, 44)
+
+
+def test_tiled_cli_output_equals_untiled(tmp_path: Path, photos: Path, model_dir: Path) -> None:
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    assert main(["encode", str(photos), "-o", str(a), "--model", str(model_dir)]) == 0
+    assert main(["encode", str(photos), "-o", str(b), "--model", str(model_dir), "--tile-size", "16"]) == 0
+    la, lb = load_file(a), load_file(b)
+    for k in la:
+        torch.testing.assert_close(la[k], lb[k], atol=1e-4, rtol=0)
+    assert main(["decode", str(a), "-o", str(tmp_path / "d"), "--model", str(model_dir), "--max-memory", "1MiB"]) == 0
+
+
+def test_reconstruct_prints_psnr_and_ssim(tmp_path: Path, photos: Path, model_dir: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "r.png"
+    assert main(["reconstruct", str(photos / "astronaut.png"), "-o", str(out), "--model", str(model_dir)]) == 0
+    text = capsys.readouterr().out
+    assert "PSNR" in text and "SSIM" in text
+    value = float(text.split("PSNR")[1].split("dB")[0])
+    a = np.asarray(Image.open(photos / "astronaut.png").convert("RGB"), dtype=np.float64)
+    b = np.asarray(Image.open(out), dtype=np.float64)
+    assert value == pytest.approx(10 * math.log10(255**2 / np.mean((a - b) ** 2)), abs=0.01)
+
+
+def test_info_reports_config_and_parameters(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", "--model", str(model_dir), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["config"]["block_out_channels"] == [32, 32, 64, 64]
+    assert d["parameters"]["total"] == klvae.AutoencoderKL("tiny-f8").num_parameters()["total"]
+
+
+def test_a_folder_with_a_truncated_image_is_finished_with_a_warning(
+    tmp_path: Path, photos: Path, model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = (photos / "astronaut.png").read_bytes()
+    (photos / "truncated.png").write_bytes(data[: len(data) // 2])
+    out = tmp_path / "z.safetensors"
+    assert main(["encode", str(photos), "-o", str(out), "--model", str(model_dir)]) == 1
+    assert "truncated.png" in caplog.text
+    assert len(load_latents(out).items) == 3
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda d: ["encode", str(d / "nope.png"), "-o", str(d / "z.safetensors")], "no such"),
+        (lambda d: ["reconstruct", str(d / "bad.png"), "-o", str(d / "r.png")], "bad.png"),
+        (lambda d: ["decode", str(d / "wrong.safetensors"), "-o", str(d / "out")], "do not fit"),
+        (lambda d: ["decode", str(d / "nan.safetensors"), "-o", str(d / "out")], "NaN"),
+        (lambda d: ["decode", str(d / "plain.safetensors"), "-o", str(d / "out")], "not a klvae latents file"),
+        (lambda d: ["encode", str(d / "bad.png"), "-o", str(d / "z.safetensors"), "--dtype", "fp8"], "dtype"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, photos: Path, model_dir: Path, make, message: str,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    good = tmp_path / "good.safetensors"
+    assert main(["encode", str(photos / "astronaut.png"), "-o", str(good), "--model", str(model_dir)]) == 0
+    lf = load_latents(good)
+    key = lf.items[0].key
+    from klvae.latents.file import save_latents
+
+    lf.latents[key] = torch.zeros(16, 6, 8)
+    save_latents(lf, tmp_path / "wrong.safetensors")
+    lf.latents[key] = torch.full((4, 6, 8), float("nan"))
+    save_latents(lf, tmp_path / "nan.safetensors")
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
+    capsys.readouterr()
+    assert main([*make(tmp_path), "--model", str(model_dir)]) == 2
+    assert message in _err_line(capsys)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_unknown_model_is_one_line(tmp_path: Path, photos: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["reconstruct", str(photos / "astronaut.png"), "-o", str(tmp_path / "r.png"), "--model", "no/such-vae",
+               "--device", "cpu"])
+    assert rc == 2
+    assert "no/such-vae" in _err_line(capsys)
+
+
+def test_the_command_line_prints_no_traceback(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "klvae.cli.main", "decode", str(tmp_path / "missing.safetensors"),
+                        "-o", str(tmp_path / "o"), "--model", "tiny"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and r.stderr.strip().startswith("klvae: error:")
+
+
+def test_noise_sheet(tmp_path: Path, photos: Path, model_dir: Path) -> None:
+    out = tmp_path / "sheet.png"
+    assert main(["noise", str(photos / "astronaut.png"), "-o", str(out), "--steps", "0", "500", "999",
+                 "--model", str(model_dir)]) == 0
+    sheet = Image.open(out)
+    assert sheet.size == (3 * 60, 44 + 18)
+    tiles = np.asarray(sheet, dtype=np.float64)[18:]
+    clean, noisy = tiles[:, :60], tiles[:, 120:]
+    orig = np.asarray(Image.open(photos / "astronaut.png").convert("RGB"), dtype=np.float64)
+    assert np.mean((clean - orig) ** 2) < np.mean((noisy - orig) ** 2)  # t=999 is far from the image
