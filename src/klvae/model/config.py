@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
 AttentionType = Literal["vanilla", "linear", "none"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,11 @@ class AutoencoderKLConfig:
         for c in self.block_out_channels:
             if c % self.norm_num_groups:
                 raise ValueError(f"channel width {c} is not divisible by norm_num_groups={self.norm_num_groups}")
+        if self.block_out_channels[0] // self.norm_num_groups < 2:
+            # GroupNorm then normalises each channel alone; before conv_out that erases every image's mean
+            # colour, and a model trained so reconstructs in grey.
+            log.warning("one channel per GroupNorm group at width %d: use norm_num_groups <= %d",
+                        self.block_out_channels[0], self.block_out_channels[0] // 2)
         if self.attention not in ("vanilla", "linear", "none"):
             raise ValueError(f"attention must be 'vanilla', 'linear' or 'none', got {self.attention!r}")
         if self.scaling_factor <= 0:
