@@ -31,7 +31,7 @@ GPU_CASES = [
     "decode:512:1", "decode:512:8", "encode:512:1", "encode:512:8", "decode:1024:1", "encode:1024:1",
     "decode:2048:1:tiled", "encode:2048:1:tiled", "decode:4096:1:tiled", "encode:4096:1:tiled",
 ]
-CPU_CASES = ["decode:256:1", "encode:256:1", "decode:512:1", "encode:512:1", "decode:256:1:tiled", "encode:256:1:tiled"]
+CPU_CASES = ["decode:256:1", "encode:256:1", "decode:256:1:tiled", "encode:256:1:tiled"]
 
 
 def make_pair(preset: str, device: torch.device, seed: int = 0) -> tuple[klvae.AutoencoderKL, torch.nn.Module]:
@@ -108,7 +108,7 @@ def run_case(case: str, ours: klvae.AutoencoderKL, theirs: torch.nn.Module, dtyp
             return inference.decode(ours, x, dt, tiling=t)
 
         def run_theirs() -> torch.Tensor:
-            return theirs.decode(x.to(dtype)).sample
+            return theirs.decode(x.to(dtype)).sample.clamp(-1, 1)  # as image pipelines (and klvae) do
     ref = run_ours(torch.float32, TileOptions(enabled=False)) if size <= 2048 or device.type == "cpu" else None
     rows = []
     ms, peak = timed(lambda: run_ours(dtype), device, warmup, iters)
