@@ -87,7 +87,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run_case(case: str, ours: klvae.AutoencoderKL, theirs: torch.nn.Module, dtype: torch.dtype,
-             device: torch.device, warmup: int, iters: int) -> list[dict]:
+             device: torch.device, warmup: int, iters: int, tile_size: int | None = None) -> list[dict]:
     """Both libraries on one case ("op:size:batch[:tiled]"); rows with ms, images/s, GiB and accuracy."""
     op, size, batch, *rest = case.split(":")
     size, batch, tiled = int(size), int(batch), bool(rest)
@@ -96,7 +96,9 @@ def run_case(case: str, ours: klvae.AutoencoderKL, theirs: torch.nn.Module, dtyp
     x = (torch.rand(batch, 3, size, size, generator=g) * 2 - 1) if op == "encode" else \
         torch.randn(batch, c, size // f, size // f, generator=g)
     x = x.to(device)
-    tiling = TileOptions(enabled=True, max_memory=2 * 2**30) if tiled else TileOptions(enabled=False)
+    tiling = TileOptions(enabled=False)
+    if tiled:
+        tiling = TileOptions(enabled=True, max_memory=2 * 2**30, tile_size=tile_size)
     if op == "encode":
         def run_ours(dt: torch.dtype, t: TileOptions = tiling) -> torch.Tensor:
             return inference.encode_moments(ours, x, dt, tiling=t)
@@ -146,6 +148,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--tile-size", type=int, default=None, help="klvae strip height (default: from a 2 GiB budget)")
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = inference.resolve_dtype(args.dtype, device)
@@ -154,7 +157,7 @@ def main() -> None:
     ours, theirs = make_pair(args.preset, device)
     rows = []
     for case in cases:
-        rows += run_case(case, ours, theirs, dtype, device, args.warmup, args.iters)
+        rows += run_case(case, ours, theirs, dtype, device, args.warmup, args.iters, args.tile_size)
         for r in rows[-2:]:
             print(f"{r['case']:>22} {r['library']:>26} {r['ms']:10.1f} ms {r['images_per_s']:8.2f} img/s "
                   f"{r['peak_gib']:6.2f} GiB  PSNR {r.get('psnr_vs_fp32_untiled', float('nan')):6.1f} dB", flush=True)
