@@ -59,6 +59,13 @@ def _extract(table: Tensor, t: Tensor, ndim: int) -> Tensor:
     return values.reshape(t.shape[0], *([1] * (ndim - 1)))
 
 
+def _combine(ta: Tensor, a: Tensor, tb: Tensor, b: Tensor, t: Tensor, sign: float) -> Tensor:
+    """ta[t] * a + sign * tb[t] * b in the tables' precision, returned in a's dtype."""
+    wd = _table_dtype(a.device)
+    out = _extract(ta, t, a.ndim) * a.to(wd) + sign * _extract(tb, t, a.ndim) * b.to(wd)
+    return out.to(a.dtype)
+
+
 class NoiseSchedule:
     """q(x_t | x_0) and q(x_{t-1} | x_t, x_0) for a beta schedule: LDM's buffer set, float64."""
 
@@ -120,10 +127,7 @@ class NoiseSchedule:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=noise_dtype)
         elif noise.shape != x0.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} differs from x0 shape {tuple(x0.shape)}")
-        wd = _table_dtype(x0.device)
-        out = _extract(self.sqrt_alphas_cumprod, t, x0.ndim) * x0.to(wd)
-        out = out + _extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise.to(wd)
-        return out.to(x0.dtype)
+        return _combine(self.sqrt_alphas_cumprod, x0, self.sqrt_one_minus_alphas_cumprod, noise, t, sign=1.0)
 
     def q_mean_variance(self, x0: Tensor, t: Tensor | int) -> tuple[Tensor, Tensor, Tensor]:
         """Mean, variance and log-variance of q(x_t | x_0); the latter two are [B, 1, ..., 1]."""
@@ -136,26 +140,18 @@ class NoiseSchedule:
     def predict_start_from_noise(self, x_t: Tensor, t: Tensor | int, noise: Tensor) -> Tensor:
         """x_0 = x_t / sqrt(ab_t) - sqrt(1/ab_t - 1) eps: the inverse of `q_sample` for a known eps."""
         t = self._check_t(t, x_t)
-        wd = _table_dtype(x_t.device)
-        out = _extract(self.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t.to(wd)
-        out = out - _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.ndim) * noise.to(wd)
-        return out.to(x_t.dtype)
+        return _combine(self.sqrt_recip_alphas_cumprod, x_t, self.sqrt_recipm1_alphas_cumprod, noise, t, sign=-1.0)
 
     def get_v(self, x0: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
         """The v-prediction target sqrt(ab_t) eps - sqrt(1 - ab_t) x_0 (SD 2.x's 768 models)."""
         t = self._check_t(t, x0)
-        wd = _table_dtype(x0.device)
-        out = _extract(self.sqrt_alphas_cumprod, t, x0.ndim) * noise.to(wd)
-        out = out - _extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0.to(wd)
+        out = _combine(self.sqrt_alphas_cumprod, noise, self.sqrt_one_minus_alphas_cumprod, x0, t, sign=-1.0)
         return out.to(x0.dtype)
 
     def predict_start_from_v(self, x_t: Tensor, t: Tensor | int, v: Tensor) -> Tensor:
         """x_0 = sqrt(ab_t) x_t - sqrt(1 - ab_t) v: the inverse of `get_v` given x_t."""
         t = self._check_t(t, x_t)
-        wd = _table_dtype(x_t.device)
-        out = _extract(self.sqrt_alphas_cumprod, t, x_t.ndim) * x_t.to(wd)
-        out = out - _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * v.to(wd)
-        return out.to(x_t.dtype)
+        return _combine(self.sqrt_alphas_cumprod, x_t, self.sqrt_one_minus_alphas_cumprod, v, t, sign=-1.0)
 
     def q_posterior(self, x0: Tensor, x_t: Tensor, t: Tensor | int) -> tuple[Tensor, Tensor, Tensor]:
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0); the latter two [B, 1, ..., 1]."""

@@ -90,11 +90,11 @@ def cmd_encode(args: argparse.Namespace) -> int:
                 for p, zi in zip(chunk, vae.scale_latents(z).cpu(), strict=True):
                     latents[p] = zi
                 bar.update(len(chunk))
+    ordered = [p for p in paths if p in latents]
     items = [
         LatentItem(name=p.name, key=f"{n:06d}", height=images[p].shape[-2], width=images[p].shape[-1])
-        for n, p in enumerate(p for p in paths if p in latents)
+        for n, p in enumerate(ordered)
     ]
-    ordered = [p for p in paths if p in latents]
     lf = LatentsFile(
         latents={it.key: latents[p] for it, p in zip(items, ordered, strict=True)},
         items=items, model=str(args.model),
