@@ -17,6 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 
 from klvae.errors import KlvaeError
+from klvae.latents.sources import open_source
 from klvae.training.data import (
     HFDiskDataset,
     ImageFolderDataset,
@@ -162,6 +163,18 @@ def test_bad_files_are_skipped_and_counted(folder: Path, workers: int, caplog: p
         assert "broken.jpg" in caplog.text and "fake.png" in caplog.text
 
 
+def test_cached_folders_decode_each_image_once(folder: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "coffee.jpg").write_bytes((folder / "coffee.jpg").read_bytes())
+    plain = build_dataset(copy, build_transform(TINY))
+    cached = build_dataset(copy, build_transform(TINY), cache=True)
+    first = cached[0]["pixels"]
+    (copy / "coffee.jpg").unlink()  # later reads must come from memory
+    assert torch.equal(cached[0]["pixels"], first)
+    assert plain[0] is None  # the uncached dataset reads the file again, and it is gone
+
+
 def test_collate_skip_none() -> None:
     x = torch.zeros(3, 4, 4)
     out = collate_skip_none([None, {"pixels": x, "key": "a"}, x, None])
@@ -287,6 +300,30 @@ def test_parquet_rows_across_row_groups(tmp_path: Path) -> None:
             assert it["pixels"][0, 0, 0].item() == pytest.approx(i * 10 / 127.5 - 1)
     with pytest.raises(KlvaeError, match="no column 'img'"):
         HFDiskDataset(path, image_column="img")
+
+
+def test_cache_and_eval_sources_read_the_same_specs(shards: list[Path], tmp_path: Path) -> None:
+    root = shards[0].parent
+    via_braces = open_source(f"{root}/shard-{{000..001}}.tar")
+    assert via_braces.kind == "tar" and len(via_braces.ids) == 8 and via_braces.ids[0] == "shard-000.tar:s0_0.png"
+    assert np.array_equal(np.asarray(via_braces.load("shard-001.tar:s1_2.png")), _tiny(6))
+    gz = tmp_path / "one.tar.gz"
+    with tarfile.open(gz, "w:gz") as tf:
+        tf.add(shards[2], arcname="inner.tar")  # not an image: not an item
+        tf.add(_write_tar(tmp_path / "x.tar", []), arcname="empty.tar")
+        data = _encoded(_tiny(9))
+        info = tarfile.TarInfo("a/b.png")
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    gz_source = open_source(str(gz))
+    assert gz_source.ids == ["one.tar.gz:a/b.png"]
+    assert np.array_equal(np.asarray(gz_source.load(gz_source.ids[0])), _tiny(9))
+    images = [_encoded(_tiny(i)) for i in range(3)]
+    _write_parquet(tmp_path / "p" / "a.parquet", images)
+    table = open_source(f"{tmp_path}/p/*.parquet")
+    assert table.kind == "table" and table.ids == ["row0", "row1", "row2"]
+    assert np.array_equal(np.asarray(table.load("row2")), _tiny(2))
+    assert open_source(str(tmp_path / "p")).ids == table.ids
 
 
 def test_parquet_splits_side_by_side_are_not_mixed(tmp_path: Path) -> None:

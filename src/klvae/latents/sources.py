@@ -9,8 +9,9 @@ from typing import Any
 
 from PIL import Image
 
+from klvae.datasources import TableRows, resolve_spec
 from klvae.errors import ImageError, KlvaeError
-from klvae.images import IMAGE_EXTENSIONS, find_images, load_image, open_image_bytes
+from klvae.images import IMAGE_EXTENSIONS, find_images, image_from_cell, load_image, open_image_bytes
 
 
 @dataclass
@@ -20,8 +21,7 @@ class ItemSource:
     kind: str
     ids: list[str]
     _paths: dict[str, Any] = field(default_factory=dict, repr=False)
-    _table: Any = field(default=None, repr=False)
-    _column: str = "image"
+    _table: TableRows | None = field(default=None, repr=False)
 
     def load(self, item_id: str) -> Image.Image:
         """The image of one item."""
@@ -36,29 +36,18 @@ class ItemSource:
             except (OSError, tarfile.TarError) as e:
                 raise ImageError(f"{item_id}: cannot read from {tar_path}: {e}") from None
             return open_image_bytes(data, item_id)
-        row = self._table[int(item_id.removeprefix("row"))][self._column]
-        return _table_image(row, item_id)
-
-
-def _table_image(value: Any, name: str) -> Image.Image:
-    if isinstance(value, Image.Image):
-        return value.convert("RGB")
-    if isinstance(value, dict) and value.get("bytes"):
-        return open_image_bytes(value["bytes"], name)
-    if isinstance(value, dict) and value.get("path"):
-        return load_image(value["path"])
-    if isinstance(value, bytes | bytearray):
-        return open_image_bytes(bytes(value), name)
-    raise ImageError(f"{name}: the image column holds {type(value).__name__}, not an image")
+        assert self._table is not None
+        return image_from_cell(self._table.cell(int(item_id.removeprefix("row"))), item_id)
 
 
 def _folder(root: Path) -> ItemSource:
-    paths = find_images([root])
-    ids = {str(p.relative_to(root)) if p != root else p.name: p for p in paths}
+    if not root.is_dir():
+        return ItemSource("folder", [root.name], {root.name: root})
+    ids = {str(p.relative_to(root)): p for p in find_images([root])}
     return ItemSource("folder", list(ids), ids)
 
 
-def _tars(paths: list[Path]) -> ItemSource:
+def _tars(paths: tuple[Path, ...]) -> ItemSource:
     ids: dict[str, tuple[Path, str]] = {}
     for t in paths:
         try:
@@ -71,40 +60,12 @@ def _tars(paths: list[Path]) -> ItemSource:
     return ItemSource("tar", list(ids), ids)
 
 
-def _table(path: Path, column: str) -> ItemSource:
-    try:
-        import datasets
-    except ImportError:
-        raise KlvaeError("reading Hugging Face datasets or parquet needs `pip install datasets`") from None
-    if path.is_dir() and not list(path.glob("*.parquet")):
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-    else:
-        files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
-        ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
-    if column not in ds.column_names:
-        raise KlvaeError(f"{path} has no column {column!r} (columns: {', '.join(ds.column_names)})")
-    if isinstance(ds.features[column], datasets.Image):
-        ds = ds.cast_column(column, datasets.Image(decode=False))  # decode ourselves, with the size guard
-    return ItemSource("table", [f"row{i}" for i in range(len(ds))], _table=ds, _column=column)
-
-
 def open_source(spec: str, image_column: str = "image") -> ItemSource:
-    """An image folder, `save_to_disk` folder, parquet file(s), or .tar shards (a file, folder or glob)."""
-    p = Path(spec)
-    if any(ch in spec for ch in "*?["):
-        matches = sorted(Path().glob(spec)) if not p.is_absolute() else sorted(p.parent.glob(p.name))
-        if not matches:
-            raise KlvaeError(f"nothing matches {spec}")
-        return _tars(matches)
-    if not p.exists():
-        raise KlvaeError(f"no such data: {spec}")
-    if p.suffix == ".tar":
-        return _tars([p])
-    if p.suffix == ".parquet" or (p.is_dir() and ((p / "dataset_info.json").exists() or (p / "state.json").exists()
-                                                   or (p / "dataset_dict.json").exists() or list(p.glob("*.parquet")))):
-        return _table(p, image_column)
-    if p.is_dir() and list(p.glob("*.tar")) and not find_images([p]):
-        return _tars(sorted(p.glob("*.tar")))
-    return _folder(p) if p.is_dir() else ItemSource("folder", [p.name], {p.name: p})
+    """An image folder, `save_to_disk` folder, parquet file(s), or .tar shards (a file, folder, glob or braces)."""
+    found = resolve_spec(spec)
+    if found.kind == "tar":
+        return _tars(found.paths)
+    if found.kind == "table":
+        table = TableRows(found.paths[0] if found.paths[0].is_dir() else list(found.paths), image_column)
+        return ItemSource("table", [f"row{i}" for i in range(len(table))], _table=table)
+    return _folder(found.paths[0])

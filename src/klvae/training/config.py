@@ -50,6 +50,9 @@ class DataSection:
     batch_size: int = 4
     # DataLoader worker processes per rank.
     num_workers: int = 2
+    # Keep an image folder's decoded images in memory (each worker its own copy): for small folders seen
+    # many times, where PNG/JPEG decoding would cost more than the crop.
+    cache_images: bool = False
     # Name of the image column of Hugging Face datasets.
     image_column: str = "image"
     # How many validation images to use (the first N).

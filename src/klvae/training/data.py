@@ -9,10 +9,7 @@ them reproducible, and DataLoader workers get distinct streams.
 
 from __future__ import annotations
 
-import bisect
-import glob
 import logging
-import re
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -24,6 +21,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
 
+from klvae.datasources import TableRows, expand_shards, resolve_spec
 from klvae.errors import ImageError, KlvaeError
 from klvae.images import (
     IMAGE_EXTENSIONS,
@@ -43,8 +41,6 @@ Item = dict[str, Any] | None
 RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
             "bilinear": Image.Resampling.BILINEAR}
 CROPS = ("center", "random")
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
 def _randint(lo: int, hi: int) -> int:
@@ -133,9 +129,11 @@ class ImageFolderDataset(Dataset):
     """The images under a folder (or one file), sorted; an item is {"pixels", "key"} or None if unreadable."""
 
     def __init__(self, root: str | Path, transform: Transform | None = None, recursive: bool = True,
-                 max_pixels: int | None = MAX_PIXELS) -> None:
+                 max_pixels: int | None = MAX_PIXELS, cache: bool = False) -> None:
         self.root, self.transform, self.max_pixels = Path(root), transform, max_pixels
         self.paths = find_images([self.root], recursive)
+        # Decoded images kept in memory (per worker): decoding a large PNG costs ~10x the crop and resize.
+        self.cache: dict[int, Image.Image] | None = {} if cache else None
         if not self.paths:
             raise KlvaeError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {self.root}")
 
@@ -147,91 +145,15 @@ class ImageFolderDataset(Dataset):
         p = self.paths[i]
         return p.name if p == self.root else p.relative_to(self.root).as_posix()
 
+    def _load(self, i: int) -> Image.Image:
+        if self.cache is None:
+            return load_image(self.paths[i], self.max_pixels)
+        if i not in self.cache:
+            self.cache[i] = load_image(self.paths[i], self.max_pixels)
+        return self.cache[i]
+
     def __getitem__(self, i: int) -> Item:
-        return _item(self.key(i), lambda: load_image(self.paths[i], self.max_pixels), self.transform)
-
-
-class _ParquetRows:
-    """Random access to one column of parquet files through pyarrow, one row group in memory at a time."""
-
-    def __init__(self, files: list[Path], column: str) -> None:
-        pq = _import("pyarrow.parquet", "pyarrow")
-        self.files, self.column = files, column
-        self.groups: list[tuple[int, int, int]] = []  # (first row, file index, row group)
-        n = 0
-        for fi, f in enumerate(files):
-            meta = pq.ParquetFile(f).metadata
-            names = meta.schema.to_arrow_schema().names
-            if column not in names:
-                raise KlvaeError(f"{f} has no column {column!r} (columns: {', '.join(names)})")
-            for g in range(meta.num_row_groups):
-                self.groups.append((n, fi, g))
-                n += meta.row_group(g).num_rows
-        self.n = n
-        self._cache: tuple[int, list[Any]] | None = None
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> Any:
-        k = bisect.bisect_right(self.groups, (i, len(self.files), 0)) - 1
-        first, fi, g = self.groups[k]
-        if self._cache is None or self._cache[0] != k:
-            pq = _import("pyarrow.parquet", "pyarrow")
-            try:
-                table = pq.ParquetFile(self.files[fi]).read_row_group(g, columns=[self.column])
-            except (OSError, ValueError) as e:  # pyarrow's errors subclass these; a bad group skips its rows
-                raise ImageError(f"{self.files[fi]}: row group {g} cannot be read: {e}") from None
-            self._cache = (k, table.column(self.column).to_pylist())
-        return self._cache[1][i - first]
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_cache": None}  # workers read their own row groups
-
-
-def _import(module: str, package: str) -> Any:
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise KlvaeError(f"reading this data needs `pip install {package}`") from None
-
-
-def _parquet_files(path: Path, split: str | None) -> list[Path]:
-    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
-    if split is not None:
-        files = [f for f in files if f.name.startswith(f"{split}-") or split in f.relative_to(path).parts[:-1]]
-    else:
-        # The Hub lays splits side by side (data/train-00000-of-00002.parquet, data/test-...): never mix them.
-        splits = {m.group(1) for f in files if (m := re.match(r"(\w+?)-\d+-of-\d+", f.name))}
-        if len(splits) > 1:
-            split = "train" if "train" in splits else sorted(splits)[0]
-            log.warning("%s holds splits %s; using %r", path, ", ".join(sorted(splits)), split)
-            return _parquet_files(path, split)
-    if not files:
-        raise KlvaeError(f"no parquet files in {path}" + (f" for split {split!r}" if split else ""))
-    return files
-
-
-def _is_disk(p: Path) -> bool:
-    return p.is_dir() and any((p / m).exists() for m in DISK_MARKERS)
-
-
-def _load_from_disk(path: Path, column: str, split: str | None) -> Any:
-    datasets = _import("datasets", "datasets")
-    ds = datasets.load_from_disk(str(path))
-    if isinstance(ds, datasets.DatasetDict):
-        name = split or ("train" if "train" in ds else next(iter(ds)))
-        if name not in ds:
-            raise KlvaeError(f"{path} has no split {name!r} (splits: {', '.join(ds)})")
-        ds = ds[name]
-    if column not in ds.column_names:
-        raise KlvaeError(f"{path} has no column {column!r} (columns: {', '.join(ds.column_names)})")
-    ds = ds.select_columns([column])  # rows then carry only the image, not captions and embeddings
-    if isinstance(ds.features[column], datasets.Image):
-        ds = ds.cast_column(column, datasets.Image(decode=False))  # decode here, behind the size guard
-    return ds
+        return _item(self.key(i), lambda: self._load(i), self.transform)
 
 
 class HFDiskDataset(Dataset):
@@ -240,56 +162,16 @@ class HFDiskDataset(Dataset):
     def __init__(self, path: str | Path | Sequence[str | Path], image_column: str = "image",
                  transform: Transform | None = None, split: str | None = None,
                  max_pixels: int | None = MAX_PIXELS) -> None:
-        self.image_column, self.transform, self.max_pixels = image_column, transform, max_pixels
-        one = isinstance(path, str | Path)
-        self.disk = one and _is_disk(Path(path))
-        if self.disk:
-            self.path, self.rows = Path(path), _load_from_disk(Path(path), image_column, split)
-        else:
-            files = _parquet_files(Path(path), split) if one else [Path(p) for p in path]
-            self.path = Path(path) if one else files[0].parent
-            self.rows = _ParquetRows(files, image_column)
+        self.transform, self.max_pixels = transform, max_pixels
+        self.table = TableRows(path, image_column, split)
 
     def __len__(self) -> int:
-        return len(self.rows)
-
-    def _cell(self, i: int) -> Any:
-        return self.rows[i][self.image_column] if self.disk else self.rows[i]
+        return len(self.table)
 
     def __getitem__(self, i: int) -> Item:
         key = f"row{i}"
-        return _item(key, lambda: image_from_cell(self._cell(i), f"{self.path}:{key}", self.max_pixels),
+        return _item(key, lambda: image_from_cell(self.table.cell(i), f"{self.table.path}:{key}", self.max_pixels),
                      self.transform)
-
-
-def _expand_braces(s: str) -> list[str]:
-    """WebDataset brace notation: shard-{000..099}.tar (zero-padded ranges) and {a,b} alternatives."""
-    m = re.search(r"\{([^{}]*)\}", s)
-    if m is None:
-        return [s]
-    r = re.fullmatch(r"(\d+)\.\.(\d+)", m.group(1))
-    opts = ([str(i).zfill(len(r.group(1))) for i in range(int(r.group(1)), int(r.group(2)) + 1)]
-            if r else m.group(1).split(","))
-    return [x for o in opts for x in _expand_braces(s[: m.start()] + o + s[m.end() :])]
-
-
-def expand_shards(spec: str | Path | Sequence[str | Path]) -> list[Path]:
-    """Shard files from paths, folders (their tars), globs and brace ranges, in the order given."""
-    specs = [spec] if isinstance(spec, str | Path) else list(spec)
-    out: list[Path] = []
-    for sp in specs:
-        for s in _expand_braces(str(sp)):
-            p = Path(s)
-            if any(c in s for c in "*?["):
-                hits = [Path(h) for h in sorted(glob.glob(s))]
-            elif p.is_dir():
-                hits = sorted(q for q in p.iterdir() if q.name.endswith(TAR_SUFFIXES))
-            else:
-                hits = [p] if p.is_file() else []
-            if not hits:
-                raise KlvaeError(f"no shards at {s}")
-            out.extend(hits)
-    return list(dict.fromkeys(out))
 
 
 def split_plan(n_shards: int, levels: Sequence[tuple[int, int]]) -> list[tuple[int, int, int]]:
@@ -400,24 +282,18 @@ class WebDatasetShards(IterableDataset):
 
 def build_dataset(spec: str | Path, transform: Transform | None = None, image_column: str = "image",
                   rank: int | None = None, world_size: int | None = None, recursive: bool = True,
-                  split: str | None = None) -> Dataset | IterableDataset:
-    """The dataset a path names: image folder or file, save_to_disk folder, parquet, or tar shards (glob/braces)."""
-    s = str(spec)
-    if not Path(s).exists() and any(c in s for c in "{*?["):
-        files = expand_shards(s)
-        if all(f.suffix == ".parquet" for f in files):
-            return HFDiskDataset(files, image_column, transform)
-        return WebDatasetShards(files, transform, rank=rank, world_size=world_size)
-    p = Path(s)
-    if not p.exists():
-        raise KlvaeError(f"no such data: {s}")
-    if p.name.endswith(TAR_SUFFIXES):
-        return WebDatasetShards([p], transform, rank=rank, world_size=world_size)
-    if p.suffix == ".parquet" or _is_disk(p) or any(p.glob("*.parquet")) or any(p.glob("data/*.parquet")):
-        return HFDiskDataset(p, image_column, transform, split)
-    if p.is_dir() and any(q.name.endswith(TAR_SUFFIXES) for q in p.iterdir()) and not find_images([p], recursive):
-        return WebDatasetShards(p, transform, rank=rank, world_size=world_size)
-    return ImageFolderDataset(p, transform, recursive)
+                  split: str | None = None, cache: bool = False) -> Dataset | IterableDataset:
+    """The dataset a path names: image folder or file, save_to_disk folder, parquet, or tar shards (glob/braces).
+
+    `cache` keeps an image folder's decoded images in memory (small datasets seen many times)."""
+    found = resolve_spec(spec, recursive)
+    if found.kind == "tar":
+        return WebDatasetShards(list(found.paths), transform, rank=rank, world_size=world_size)
+    if found.kind == "table":
+        # A folder is read as a whole (its splits sorted out); files, as the list given.
+        where = found.paths[0] if found.paths[0].is_dir() else list(found.paths)
+        return HFDiskDataset(where, image_column, transform, split)
+    return ImageFolderDataset(found.paths[0], transform, recursive, cache=cache)
 
 
 def collate_skip_none(items: Sequence[Item | Tensor]) -> dict[str, Any]:

@@ -33,7 +33,7 @@ def build_train_loader(cfg: TrainConfig, dist: DistInfo, start_batch: int = 0) -
     """Endless batches of this rank's share, starting after `start_batch` global batches."""
     d = cfg.data
     ds = build_dataset(d.train, _transform(cfg, train=True), image_column=d.image_column,
-                       rank=dist.rank, world_size=dist.world)
+                       rank=dist.rank, world_size=dist.world, cache=d.cache_images)
     if isinstance(ds, IterableDataset):
         # Streams (tar shards) have no random access: resume skips the consumed batches by reading them.
         loader = DataLoader(ds, batch_size=d.batch_size, num_workers=d.num_workers, collate_fn=collate_skip_none)

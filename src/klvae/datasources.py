@@ -1,0 +1,193 @@
+"""Where images come from, shared by training, caching and evaluation: what a data spec names, and tables.
+
+A spec is an image folder or file, a `datasets.save_to_disk` folder, parquet file(s), or WebDataset .tar
+shards (a file, a folder of them, a glob or a brace range). `resolve_spec` decides which, once, for everyone.
+"""
+
+from __future__ import annotations
+
+import bisect
+import glob
+import importlib
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from klvae.errors import ImageError, KlvaeError
+from klvae.images import find_images
+
+log = logging.getLogger(__name__)
+
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a spec names: kind "folder" (an image folder or one image), "table" or "tar", and its path(s)."""
+
+    kind: str
+    paths: tuple[Path, ...]
+
+
+def resolve_spec(spec: str | Path, recursive: bool = True) -> DataSpec:
+    """Classify a data spec; KlvaeError if it names nothing."""
+    s = str(spec)
+    if not Path(s).exists() and any(c in s for c in "{*?["):
+        files = expand_shards(s)
+        return DataSpec("table" if all(f.suffix == ".parquet" for f in files) else "tar", tuple(files))
+    p = Path(s)
+    if not p.exists():
+        raise KlvaeError(f"no such data: {s}")
+    if p.name.endswith(TAR_SUFFIXES):
+        return DataSpec("tar", (p,))
+    if p.suffix == ".parquet" or is_disk(p) or any(p.glob("*.parquet")) or any(p.glob("data/*.parquet")):
+        return DataSpec("table", (p,))
+    if p.is_dir() and any(q.name.endswith(TAR_SUFFIXES) for q in p.iterdir()) and not find_images([p], recursive):
+        return DataSpec("tar", tuple(expand_shards(p)))
+    return DataSpec("folder", (p,))
+
+
+def _import(module: str, package: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise KlvaeError(f"reading this data needs `pip install {package}`") from None
+
+
+class ParquetRows:
+    """Random access to one column of parquet files through pyarrow, one row group in memory at a time."""
+
+    def __init__(self, files: list[Path], column: str) -> None:
+        pq = _import("pyarrow.parquet", "pyarrow")
+        self.files, self.column = files, column
+        self.groups: list[tuple[int, int, int]] = []  # (first row, file index, row group)
+        n = 0
+        for fi, f in enumerate(files):
+            meta = pq.ParquetFile(f).metadata
+            names = meta.schema.to_arrow_schema().names
+            if column not in names:
+                raise KlvaeError(f"{f} has no column {column!r} (columns: {', '.join(names)})")
+            for g in range(meta.num_row_groups):
+                self.groups.append((n, fi, g))
+                n += meta.row_group(g).num_rows
+        self.n = n
+        self._cache: tuple[int, list[Any]] | None = None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        k = bisect.bisect_right(self.groups, (i, len(self.files), 0)) - 1
+        first, fi, g = self.groups[k]
+        if self._cache is None or self._cache[0] != k:
+            pq = _import("pyarrow.parquet", "pyarrow")
+            try:
+                table = pq.ParquetFile(self.files[fi]).read_row_group(g, columns=[self.column])
+            except (OSError, ValueError) as e:  # pyarrow's errors subclass these; a bad group skips its rows
+                raise ImageError(f"{self.files[fi]}: row group {g} cannot be read: {e}") from None
+            self._cache = (k, table.column(self.column).to_pylist())
+        return self._cache[1][i - first]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_cache": None}  # workers read their own row groups
+
+
+def parquet_files(path: Path, split: str | None) -> list[Path]:
+    """The parquet files of a file or folder, one split only (`split`, else train, else the first)."""
+    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+    if split is not None:
+        files = [f for f in files if f.name.startswith(f"{split}-") or split in f.relative_to(path).parts[:-1]]
+    else:
+        # The Hub lays splits side by side (data/train-00000-of-00002.parquet, data/test-...): never mix them.
+        splits = {m.group(1) for f in files if (m := re.match(r"(\w+?)-\d+-of-\d+", f.name))}
+        if len(splits) > 1:
+            split = "train" if "train" in splits else sorted(splits)[0]
+            log.warning("%s holds splits %s; using %r", path, ", ".join(sorted(splits)), split)
+            return parquet_files(path, split)
+    if not files:
+        raise KlvaeError(f"no parquet files in {path}" + (f" for split {split!r}" if split else ""))
+    return files
+
+
+def is_disk(p: Path) -> bool:
+    """Whether p is a `datasets.save_to_disk` folder."""
+    return p.is_dir() and any((p / m).exists() for m in DISK_MARKERS)
+
+
+def load_from_disk(path: Path, column: str, split: str | None) -> Any:
+    """One split of a save_to_disk folder, reduced to its image column, images left undecoded."""
+    datasets = _import("datasets", "datasets")
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        name = split or ("train" if "train" in ds else next(iter(ds)))
+        if name not in ds:
+            raise KlvaeError(f"{path} has no split {name!r} (splits: {', '.join(ds)})")
+        ds = ds[name]
+    if column not in ds.column_names:
+        raise KlvaeError(f"{path} has no column {column!r} (columns: {', '.join(ds.column_names)})")
+    ds = ds.select_columns([column])  # rows then carry only the image, not captions and embeddings
+    if isinstance(ds.features[column], datasets.Image):
+        ds = ds.cast_column(column, datasets.Image(decode=False))  # decode here, behind the size guard
+    return ds
+
+
+
+
+class TableRows:
+    """The image column of a `save_to_disk` folder (needs `datasets`) or of parquet file(s) (needs `pyarrow`):
+    `cell(i)` is row i's raw value (encoded bytes or a path), decoded later behind the size guard."""
+
+    def __init__(self, path: str | Path | Sequence[str | Path], column: str = "image",
+                 split: str | None = None) -> None:
+        self.column = column
+        one = isinstance(path, str | Path)
+        self.disk = one and is_disk(Path(path))
+        if self.disk:
+            self.path, self.rows = Path(path), load_from_disk(Path(path), column, split)
+        else:
+            files = parquet_files(Path(path), split) if one else [Path(p) for p in path]
+            self.path = Path(path) if one else files[0].parent
+            self.rows = ParquetRows(files, column)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def cell(self, i: int) -> Any:
+        """Row i's image value."""
+        return self.rows[i][self.column] if self.disk else self.rows[i]
+
+
+def _expand_braces(s: str) -> list[str]:
+    """WebDataset brace notation: shard-{000..099}.tar (zero-padded ranges) and {a,b} alternatives."""
+    m = re.search(r"\{([^{}]*)\}", s)
+    if m is None:
+        return [s]
+    r = re.fullmatch(r"(\d+)\.\.(\d+)", m.group(1))
+    opts = ([str(i).zfill(len(r.group(1))) for i in range(int(r.group(1)), int(r.group(2)) + 1)]
+            if r else m.group(1).split(","))
+    return [x for o in opts for x in _expand_braces(s[: m.start()] + o + s[m.end() :])]
+
+
+def expand_shards(spec: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Shard files from paths, folders (their tars), globs and brace ranges, in the order given."""
+    specs = [spec] if isinstance(spec, str | Path) else list(spec)
+    out: list[Path] = []
+    for sp in specs:
+        for s in _expand_braces(str(sp)):
+            p = Path(s)
+            if any(c in s for c in "*?["):
+                hits = [Path(h) for h in sorted(glob.glob(s))]
+            elif p.is_dir():
+                hits = sorted(q for q in p.iterdir() if q.name.endswith(TAR_SUFFIXES))
+            else:
+                hits = [p] if p.is_file() else []
+            if not hits:
+                raise KlvaeError(f"no shards at {s}")
+            out.extend(hits)
+    return list(dict.fromkeys(out))
+
+
