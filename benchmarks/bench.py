@@ -1,16 +1,22 @@
 """klvae vs diffusers AutoencoderKL side by side: same random weights, same inputs, one process.
 
-Times are medians of CUDA-event (GPU) or perf_counter (CPU) timings after warm-ups; peak memory is
-torch.cuda.max_memory_allocated (GPU only). Accuracy columns compare each output with the fp32 untiled
-output of the same library (PSNR in dB over [-1, 1]; max abs difference).
+Times are medians of CUDA-event (GPU) or perf_counter (CPU) timings after warm-ups; peak memory (GPU only)
+is torch.cuda.max_memory_allocated during the timed calls above what was resident, plus the variant's own
+weights and input. Accuracy columns compare each output with klvae's fp32 untiled output (equal to
+diffusers' in fp32: see tests/test_parity.py), as PSNR in dB over [-1, 1] and max abs difference.
+Variants: klvae (fp32 weights under autocast), klvae-fast (optimize_for_inference: weights in the compute
+dtype, channels_last on GPUs), klvae-compiled (plus torch.compile), diffusers (weights in the compute
+dtype) and diffusers-compiled (plus channels_last and torch.compile, the peer's fastest setting).
 
     python benchmarks/bench.py --device cpu --dtype fp32 --cases decode:256:1 encode:256:1 --json out.json
     python benchmarks/bench.py --device cuda --dtype bf16        # the GPU table of docs/benchmarks.md
+    python benchmarks/bench.py --device cuda --variants klvae-fast diffusers --cases decode:512:8
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -25,7 +31,7 @@ import torch
 
 import klvae
 from klvae import inference
-from klvae.inference import TileOptions
+from klvae.inference import SpeedOptions, TileOptions, optimize_for_inference
 
 GPU_CASES = [
     "decode:512:1", "decode:512:8", "encode:512:1", "encode:512:8", "decode:1024:1", "encode:1024:1",
@@ -57,12 +63,14 @@ def make_pair(preset: str, device: torch.device, seed: int = 0) -> tuple[klvae.A
 
 
 def timed(fn: Callable[[], torch.Tensor], device: torch.device, warmup: int, iters: int) -> tuple[float, float]:
-    """Median milliseconds of fn() and the peak GiB it allocated (0 on the CPU)."""
+    """Median milliseconds of fn() and the peak GiB it allocated on top of what was resident (0 on the CPU)."""
     for _ in range(warmup):
         fn()
+    base = 0
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
     times = []
     for _ in range(iters):
         if device.type == "cuda":
@@ -76,8 +84,14 @@ def timed(fn: Callable[[], torch.Tensor], device: torch.device, warmup: int, ite
             t = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t) * 1e3)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device.type == "cuda" else 0.0
     return statistics.median(times), peak
+
+
+def resident_gib(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """What one job holds before it starts: its model's weights and its input."""
+    n = sum(p.numel() * p.element_size() for p in model.parameters()) + x.numel() * x.element_size()
+    return n / 2**30
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -86,50 +100,86 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.inf if mse == 0 else 10 * math.log10(4.0 / mse)
 
 
-def run_case(case: str, ours: klvae.AutoencoderKL, theirs: torch.nn.Module, dtype: torch.dtype,
-             device: torch.device, warmup: int, iters: int, tile_size: int | None = None) -> list[dict]:
-    """Both libraries on one case ("op:size:batch[:tiled]"); rows with ms, images/s, GiB and accuracy."""
+OURS = ("klvae", "klvae-fast", "klvae-compiled")
+THEIRS = ("diffusers", "diffusers-compiled")
+
+
+def make_variants(ours: klvae.AutoencoderKL, theirs: torch.nn.Module, dtype: torch.dtype,
+                  names: list[str]) -> dict[str, torch.nn.Module]:
+    """The models each variant runs: klvae as loaded (fp32 weights under autocast), klvae with the inference
+    levers, klvae compiled; diffusers with weights in the compute dtype, eager and compiled + channels_last."""
+    out: dict[str, torch.nn.Module] = {}
+    for name in names:
+        if name == "klvae":
+            out[name] = ours
+        elif name in ("klvae-fast", "klvae-compiled"):
+            opts = SpeedOptions(compile=name == "klvae-compiled")
+            out[name] = optimize_for_inference(copy.deepcopy(ours), dtype, opts)
+        elif name == "diffusers":
+            out[name] = copy.deepcopy(theirs).to(dtype)
+        elif name == "diffusers-compiled":
+            m = copy.deepcopy(theirs).to(dtype).to(memory_format=torch.channels_last)
+            m.encoder.compile(dynamic=False)
+            m.decoder.compile(dynamic=False)
+            out[name] = m
+        else:
+            raise SystemExit(f"unknown variant {name!r}; choose from {', '.join(OURS + THEIRS)}")
+    return out
+
+
+def run_case(case: str, models: dict[str, torch.nn.Module], dtype: torch.dtype, device: torch.device,
+             warmup: int, iters: int, tile_size: int | None = None) -> list[dict]:
+    """Every variant on one case ("op:size:batch[:tiled]"); rows with ms, images/s, GiB and accuracy."""
     op, size, batch, *rest = case.split(":")
     size, batch, tiled = int(size), int(batch), bool(rest)
-    f, c = ours.downsample_factor, ours.config.latent_channels
+    base = models.get("klvae") or next(m for n, m in models.items() if n.startswith("klvae"))
+    f, c = base.downsample_factor, base.config.latent_channels
     g = torch.Generator().manual_seed(1)
     x = (torch.rand(batch, 3, size, size, generator=g) * 2 - 1) if op == "encode" else \
         torch.randn(batch, c, size // f, size // f, generator=g)
     x = x.to(device)
-    tiling = TileOptions(enabled=False)
-    if tiled:
-        tiling = TileOptions(enabled=True, max_memory=2 * 2**30, tile_size=tile_size)
-    if op == "encode":
-        def run_ours(dt: torch.dtype, t: TileOptions = tiling) -> torch.Tensor:
-            return inference.encode_moments(ours, x, dt, tiling=t)
-
-        def run_theirs() -> torch.Tensor:
-            return theirs.encode(x.to(dtype)).latent_dist.parameters
-    else:
-        def run_ours(dt: torch.dtype, t: TileOptions = tiling) -> torch.Tensor:
-            return inference.decode(ours, x, dt, tiling=t)
-
-        def run_theirs() -> torch.Tensor:
-            return theirs.decode(x.to(dtype)).sample.clamp(-1, 1)  # as image pipelines (and klvae) do
-    ref = run_ours(torch.float32, TileOptions(enabled=False)) if size <= 2048 or device.type == "cpu" else None
+    tiling = TileOptions(enabled=tiled, max_memory=2 * 2**30 if tiled else None, tile_size=tile_size)
+    ref = None
+    if size <= 2048 or device.type == "cpu":
+        ref = _run_ours(base, op, x, torch.float32, TileOptions(enabled=False))
     rows = []
-    ms, peak = timed(lambda: run_ours(dtype), device, warmup, iters)
-    out = run_ours(dtype)
-    rows.append(_row("klvae", case, batch, ms, peak, out, ref))
-    theirs.to(dtype)
-    if tiled:
-        theirs.enable_tiling()
-        if size <= theirs.tile_sample_min_size:  # small CPU cases: make diffusers really tile (4 tiles)
-            theirs.tile_sample_min_size, theirs.tile_latent_min_size = size // 2, size // 2 // f
-    with torch.no_grad():
-        ms, peak = timed(run_theirs, device, warmup, iters)
-        out = run_theirs()
-    theirs.disable_tiling()
-    theirs.tile_sample_min_size = ours.config.sample_size
-    theirs.tile_latent_min_size = ours.config.sample_size // f
-    theirs.float()
-    rows.append(_row("diffusers" + (" enable_tiling()" if tiled else ""), case, batch, ms, peak, out, ref))
+    for name, model in models.items():
+        if tiled and name.endswith("-compiled"):
+            continue  # the compiled graphs are for whole images; tiling runs the blocks one by one
+        if name.startswith("klvae"):
+            def fn(m: torch.nn.Module = model) -> torch.Tensor:
+                return _run_ours(m, op, x, dtype, tiling)
+        else:
+            fn = _theirs_fn(model, op, x, dtype, tiled, size, f)
+        with torch.no_grad():
+            ms, peak = timed(fn, device, warmup, iters)
+            out = fn()
+        if device.type == "cuda":  # the other variants' weights stay resident: count only this job's
+            peak += resident_gib(model, x)
+        if not name.startswith("klvae"):
+            model.disable_tiling()
+        label = name + (" enable_tiling()" if tiled and not name.startswith("klvae") else "")
+        rows.append(_row(label, case, batch, ms, peak, out, ref))
+        del out
     return rows
+
+
+def _run_ours(m: klvae.AutoencoderKL, op: str, x: torch.Tensor, dt: torch.dtype, t: TileOptions) -> torch.Tensor:
+    if op == "encode":
+        return inference.encode_moments(m, x, dt, tiling=t)
+    return inference.decode(m, x, dt, tiling=t)
+
+
+def _theirs_fn(m: torch.nn.Module, op: str, x: torch.Tensor, dtype: torch.dtype, tiled: bool, size: int,
+               f: int) -> Callable[[], torch.Tensor]:
+    if tiled:
+        m.enable_tiling()
+        if size <= m.tile_sample_min_size:  # small CPU cases: make diffusers really tile (4 tiles)
+            m.tile_sample_min_size, m.tile_latent_min_size = size // 2, size // 2 // f
+    xd = x.to(dtype)
+    if op == "encode":
+        return lambda: m.encode(xd).latent_dist.parameters
+    return lambda: m.decode(xd).sample.clamp(-1, 1)  # as image pipelines (and klvae) do
 
 
 def _row(lib: str, case: str, batch: int, ms: float, peak: float, out: torch.Tensor, ref: torch.Tensor | None) -> dict:
@@ -148,6 +198,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--variants", nargs="*", default=None,
+                    help=f"some of {', '.join(OURS + THEIRS)} (default: all on a GPU, klvae and diffusers on the CPU)")
     ap.add_argument("--tile-size", type=int, default=None, help="klvae strip height (default: from a 2 GiB budget)")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -155,12 +207,15 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     cases = args.cases or (GPU_CASES if device.type == "cuda" else CPU_CASES)
     ours, theirs = make_pair(args.preset, device)
+    names = args.variants or (list(OURS + THEIRS) if device.type == "cuda" else ["klvae", "diffusers"])
+    models = make_variants(ours, theirs, dtype, names)
     rows = []
     for case in cases:
-        rows += run_case(case, ours, theirs, dtype, device, args.warmup, args.iters, args.tile_size)
-        for r in rows[-2:]:
-            print(f"{r['case']:>22} {r['library']:>26} {r['ms']:10.1f} ms {r['images_per_s']:8.2f} img/s "
+        new = run_case(case, models, dtype, device, args.warmup, args.iters, args.tile_size)
+        for r in new:
+            print(f"{r['case']:>22} {r['library']:>34} {r['ms']:10.1f} ms {r['images_per_s']:8.2f} img/s "
                   f"{r['peak_gib']:6.2f} GiB  PSNR {r.get('psnr_vs_fp32_untiled', float('nan')):6.1f} dB", flush=True)
+        rows += new
     import diffusers
 
     env = {"torch": torch.__version__, "diffusers": diffusers.__version__, "klvae": klvae.__version__,

@@ -8,6 +8,7 @@ import logging
 import torch
 
 from klvae.inference.precision import resolve_device, resolve_dtype
+from klvae.inference.speed import SpeedOptions, optimize_for_inference
 from klvae.inference.tiling import TileOptions
 from klvae.model.autoencoder import AutoencoderKL
 
@@ -15,7 +16,7 @@ log = logging.getLogger("klvae")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """--model/--config/--device/--dtype/--batch-size."""
+    """--model/--config/--device/--dtype/--batch-size/--compile."""
     p.add_argument("--model", "-m", default=None,
                    help="a diffusers folder, a .safetensors/.ckpt file, a hub id, a preset name (sd15, sdxl, ...) "
                         "whose released weights come from the hub, or 'demo' (the default: klvae's small built-in "
@@ -26,6 +27,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs that have it, else fp32), fp32, bf16, fp16")
     p.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the encoder and decoder (GPU speed; the first batch of each size compiles)")
 
 
 def load_model(args: argparse.Namespace) -> tuple[AutoencoderKL, torch.device, torch.dtype]:
@@ -42,6 +45,7 @@ def load_model(args: argparse.Namespace) -> tuple[AutoencoderKL, torch.device, t
                  "not Stable Diffusion's; see docs/demo-model.md)")
     vae = AutoencoderKL.from_pretrained(args.model, subfolder=args.subfolder, config=args.config, device=device)
     log.info("model %s on %s, compute dtype %s", args.model, device, str(dtype).split(".")[-1])
+    optimize_for_inference(vae, dtype, SpeedOptions(compile=args.compile))
     return vae, device, dtype
 
 

@@ -2,15 +2,18 @@
 
 from klvae.inference.api import check_latents, decode, encode, encode_moments, pad_for
 from klvae.inference.precision import resolve_device, resolve_dtype, run_guarded
+from klvae.inference.speed import SpeedOptions, optimize_for_inference
 from klvae.inference.tiling import TileOptions, estimate_bytes
 
 __all__ = [
+    "SpeedOptions",
     "TileOptions",
     "check_latents",
     "decode",
     "encode",
     "encode_moments",
     "estimate_bytes",
+    "optimize_for_inference",
     "pad_for",
     "resolve_device",
     "resolve_dtype",

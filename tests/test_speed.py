@@ -1,0 +1,88 @@
+"""The inference levers: each keeps the output (exactly, or within the half dtype's noise) and the weights' keys."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import klvae
+from klvae import inference
+from klvae.cli import common
+from klvae.cli.main import main
+from klvae.errors import KlvaeError
+from klvae.inference import SpeedOptions, TileOptions, optimize_for_inference
+
+
+def _vae(seed: int = 0) -> klvae.AutoencoderKL:
+    torch.manual_seed(seed)
+    vae = klvae.AutoencoderKL("tiny").eval()
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return vae
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = (a.float() - b.float()).pow(2).mean().item()
+    return math.inf if mse == 0 else 10 * math.log10(4.0 / mse)
+
+
+def _codec(vae: klvae.AutoencoderKL, x: torch.Tensor, dtype: torch.dtype,
+           tiling: TileOptions | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    m = inference.encode_moments(vae, x, dtype, tiling=tiling)
+    return m, inference.decode(vae, m[:, : vae.config.latent_channels], dtype, tiling=tiling)
+
+
+def test_cpu_defaults_change_nothing() -> None:
+    vae = _vae()
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    optimize_for_inference(vae, torch.float32)
+    after = vae.state_dict()
+    assert all(torch.equal(before[k], after[k]) and after[k].is_contiguous() for k in before)
+
+
+def test_channels_last_is_exact() -> None:
+    x = torch.rand(2, 3, 40, 56) * 2 - 1
+    m_ref, d_ref = _codec(_vae(), x, torch.float32)
+    fast = optimize_for_inference(_vae(), torch.float32, SpeedOptions(channels_last=True))
+    assert fast.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    for tiling in (None, TileOptions(tile_size=8)):
+        m, d = _codec(fast, x, torch.float32, tiling)
+        assert (m - m_ref).abs().max() < 1e-4 and (d - d_ref).abs().max() < 1e-4
+
+
+def test_half_weights_stay_within_bf16_noise_and_keep_their_keys() -> None:
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    _, d_ref = _codec(_vae(), x, torch.float32)
+    fast = optimize_for_inference(_vae(), torch.bfloat16, SpeedOptions(cast_weights=True, channels_last=True))
+    assert {p.dtype for p in fast.parameters()} == {torch.bfloat16}
+    assert set(fast.state_dict()) == set(_vae().state_dict())
+    for tiling in (None, TileOptions(tile_size=8)):
+        _, d = _codec(fast, x, torch.bfloat16, tiling)
+        assert d.dtype == torch.float32 and 25.0 < _psnr(d, d_ref) < math.inf
+
+
+def test_compiled_model_matches_eager_and_saves_the_same_keys(tmp_path: Path) -> None:
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    m_ref, d_ref = _codec(_vae(), x, torch.float32)
+    compiled = optimize_for_inference(_vae(), torch.float32, SpeedOptions(compile=True))
+    m, d = _codec(compiled, x, torch.float32)
+    assert (m - m_ref).abs().max() < 1e-4 and (d - d_ref).abs().max() < 1e-4
+    compiled.save_pretrained(tmp_path)
+    again = klvae.AutoencoderKL.from_pretrained(str(tmp_path))
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), _vae().state_dict().values(),
+                                                  strict=True))
+
+
+def test_bad_compile_mode_is_named() -> None:
+    with pytest.raises(KlvaeError, match="compile mode"):
+        optimize_for_inference(_vae(), torch.float32, SpeedOptions(compile=True, compile_mode="fastest"))
+
+
+def test_cli_compile_flag_reaches_the_levers(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[SpeedOptions] = []
+    monkeypatch.setattr(common, "optimize_for_inference", lambda vae, dtype, opts: seen.append(opts) or vae)
+    for flag in ([], ["--compile"]):
+        assert main(["info", "--json", *flag]) == 0
+    assert [o.compile for o in seen] == [False, True]
