@@ -183,3 +183,14 @@ def test_train_command_bad_config_is_one_line(tmp_path: Path, capsys: pytest.Cap
     assert main(["train", str(tmp_path / "nope.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no such config file" in err[0]
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).parents[1] / "recipes").rglob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_recipes_are_valid_configs(recipe: Path) -> None:
+    from klvae.training.config import load_config
+    from klvae.training.trainer import build_loss_config
+
+    cfg = load_config(recipe)
+    assert cfg.data.train and cfg.train.max_steps > 0
+    build_loss_config(cfg.loss)

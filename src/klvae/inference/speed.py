@@ -59,7 +59,7 @@ def optimize_for_inference(
         # blocks one by one, stays eager.
         vae.encoder.compile(mode=opts.compile_mode, dynamic=False)
         vae.decoder.compile(mode=opts.compile_mode, dynamic=False)
-    log.info("inference levers: weights %s, %s, compile %s", str(next(vae.parameters()).dtype).split(".")[-1],
+    log.debug("inference levers: weights %s, %s, compile %s", str(next(vae.parameters()).dtype).split(".")[-1],
              "channels_last" if _on(opts.channels_last, cuda) else "NCHW",
              opts.compile_mode if opts.compile else "off")
     return vae
