@@ -127,13 +127,13 @@ def make_variants(ours: klvae.AutoencoderKL, theirs: torch.nn.Module, dtype: tor
     return out
 
 
-def run_case(case: str, models: dict[str, torch.nn.Module], dtype: torch.dtype, device: torch.device,
-             warmup: int, iters: int, tile_size: int | None = None) -> list[dict]:
-    """Every variant on one case ("op:size:batch[:tiled]"); rows with ms, images/s, GiB and accuracy."""
+def run_case(case: str, ours: klvae.AutoencoderKL, models: dict[str, torch.nn.Module], dtype: torch.dtype,
+             device: torch.device, warmup: int, iters: int, tile_size: int | None = None) -> list[dict]:
+    """Every variant on one case ("op:size:batch[:tiled]"); rows with ms, images/s, GiB and accuracy.
+    `ours` is the fp32 klvae model that gives the reference output."""
     op, size, batch, *rest = case.split(":")
     size, batch, tiled = int(size), int(batch), bool(rest)
-    base = models.get("klvae") or next(m for n, m in models.items() if n.startswith("klvae"))
-    f, c = base.downsample_factor, base.config.latent_channels
+    f, c = ours.downsample_factor, ours.config.latent_channels
     g = torch.Generator().manual_seed(1)
     x = (torch.rand(batch, 3, size, size, generator=g) * 2 - 1) if op == "encode" else \
         torch.randn(batch, c, size // f, size // f, generator=g)
@@ -141,7 +141,7 @@ def run_case(case: str, models: dict[str, torch.nn.Module], dtype: torch.dtype, 
     tiling = TileOptions(enabled=tiled, max_memory=2 * 2**30 if tiled else None, tile_size=tile_size)
     ref = None
     if size <= 2048 or device.type == "cpu":
-        ref = _run_ours(base, op, x, torch.float32, TileOptions(enabled=False))
+        ref = _run_ours(ours, op, x, torch.float32, TileOptions(enabled=False))
     rows = []
     for name, model in models.items():
         if tiled and name.endswith("-compiled"):
@@ -156,8 +156,10 @@ def run_case(case: str, models: dict[str, torch.nn.Module], dtype: torch.dtype, 
             out = fn()
         if device.type == "cuda":  # the other variants' weights stay resident: count only this job's
             peak += resident_gib(model, x)
-        if not name.startswith("klvae"):
+        if not name.startswith("klvae"):  # back to untiled, with the tile sizes of its config
             model.disable_tiling()
+            side = ours.config.sample_size
+            model.tile_sample_min_size, model.tile_latent_min_size = side, side // f
         label = name + (" enable_tiling()" if tiled and not name.startswith("klvae") else "")
         rows.append(_row(label, case, batch, ms, peak, out, ref))
         del out
@@ -211,7 +213,7 @@ def main() -> None:
     models = make_variants(ours, theirs, dtype, names)
     rows = []
     for case in cases:
-        new = run_case(case, models, dtype, device, args.warmup, args.iters, args.tile_size)
+        new = run_case(case, ours, models, dtype, device, args.warmup, args.iters, args.tile_size)
         for r in new:
             print(f"{r['case']:>22} {r['library']:>34} {r['ms']:10.1f} ms {r['images_per_s']:8.2f} img/s "
                   f"{r['peak_gib']:6.2f} GiB  PSNR {r.get('psnr_vs_fp32_untiled', float('nan')):6.1f} dB", flush=True)

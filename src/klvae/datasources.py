@@ -153,6 +153,11 @@ class TableRows:
             self.path = Path(path) if one else files[0].parent
             self.rows = ParquetRows(files, column)
 
+    @classmethod
+    def from_spec(cls, found: DataSpec, column: str = "image", split: str | None = None) -> TableRows:
+        """The table a resolved "table" spec names: a folder is read whole (its splits sorted out), files as listed."""
+        return cls(found.paths[0] if found.paths[0].is_dir() else list(found.paths), column, split)
+
     def __len__(self) -> int:
         return len(self.rows)
 

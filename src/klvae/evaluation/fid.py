@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from klvae.errors import KlvaeError
-from klvae.training.losses.lpips import hub_checkpoint, load_strict, read_weights
+from klvae.training.losses.lpips import FrozenNet, hub_checkpoint, load_strict, read_weights
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def tf_bilinear_resize(x: Tensor, size: tuple[int, int]) -> Tensor:
     return r0 + (r1 - r0) * fy.view(-1, 1)
 
 
-class InceptionV3Features(nn.Module):
+class InceptionV3Features(FrozenNet):
     """FID's Inception-v3: images [B, 3, H, W] in [-1, 1] -> pool3 features [B, 2048] (fp32).
 
     pretrained=True reads `weights` when given, else the torch hub cache, else downloads the converted
@@ -209,12 +209,7 @@ class InceptionV3Features(nn.Module):
         self.Mixed_7c = InceptionE(2048, max_pool=True)
         if state_dict is not None:
             self.load(state_dict)
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> InceptionV3Features:
-        """Ignores `mode`: BatchNorm must keep using the checkpoint's statistics."""
-        return super().train(False)
+        self.freeze()
 
     def load(self, state_dict: Mapping[str, Any]) -> None:
         """Load the converted TF checkpoint (the unused 1008-way `fc` is dropped), checking keys and shapes."""

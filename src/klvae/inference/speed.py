@@ -50,7 +50,8 @@ def optimize_for_inference(
     vae.eval()
     if _on(opts.cast_weights, cuda) and dtype in (torch.bfloat16, torch.float16):
         vae.to(dtype)
-    if _on(opts.channels_last, cuda):
+    channels_last = _on(opts.channels_last, cuda)
+    if channels_last:
         vae.to(memory_format=torch.channels_last)
     if _on(opts.cudnn_benchmark, cuda):
         torch.backends.cudnn.benchmark = True
@@ -60,7 +61,7 @@ def optimize_for_inference(
         vae.encoder.compile(mode=opts.compile_mode, dynamic=False)
         vae.decoder.compile(mode=opts.compile_mode, dynamic=False)
     log.debug("inference levers: weights %s, %s, compile %s", str(next(vae.parameters()).dtype).split(".")[-1],
-             "channels_last" if _on(opts.channels_last, cuda) else "NCHW",
+             "channels_last" if channels_last else "NCHW",
              opts.compile_mode if opts.compile else "off")
     return vae
 

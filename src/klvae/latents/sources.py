@@ -66,6 +66,6 @@ def open_source(spec: str, image_column: str = "image") -> ItemSource:
     if found.kind == "tar":
         return _tars(found.paths)
     if found.kind == "table":
-        table = TableRows(found.paths[0] if found.paths[0].is_dir() else list(found.paths), image_column)
+        table = TableRows.from_spec(found, image_column)
         return ItemSource("table", [f"row{i}" for i in range(len(table))], _table=table)
     return _folder(found.paths[0])

@@ -159,11 +159,11 @@ class ImageFolderDataset(Dataset):
 class HFDiskDataset(Dataset):
     """A `datasets.save_to_disk` folder (needs `datasets`) or parquet file(s) (needs `pyarrow`) with an image column."""
 
-    def __init__(self, path: str | Path | Sequence[str | Path], image_column: str = "image",
+    def __init__(self, path: str | Path | Sequence[str | Path] | TableRows, image_column: str = "image",
                  transform: Transform | None = None, split: str | None = None,
                  max_pixels: int | None = MAX_PIXELS) -> None:
         self.transform, self.max_pixels = transform, max_pixels
-        self.table = TableRows(path, image_column, split)
+        self.table = path if isinstance(path, TableRows) else TableRows(path, image_column, split)
 
     def __len__(self) -> int:
         return len(self.table)
@@ -290,9 +290,7 @@ def build_dataset(spec: str | Path, transform: Transform | None = None, image_co
     if found.kind == "tar":
         return WebDatasetShards(list(found.paths), transform, rank=rank, world_size=world_size)
     if found.kind == "table":
-        # A folder is read as a whole (its splits sorted out); files, as the list given.
-        where = found.paths[0] if found.paths[0].is_dir() else list(found.paths)
-        return HFDiskDataset(where, image_column, transform, split)
+        return HFDiskDataset(TableRows.from_spec(found, image_column, split), transform=transform)
     return ImageFolderDataset(found.paths[0], transform, recursive, cache=cache)
 
 

@@ -94,7 +94,21 @@ def _unit_normalise(f: Tensor, eps: float = 1e-10) -> Tensor:
     return f / (f.pow(2).sum(dim=1, keepdim=True).sqrt() + eps)
 
 
-class LPIPS(nn.Module):
+class FrozenNet(nn.Module):
+    """A fixed pretrained network (a metric or a loss term): no gradients, and always in eval mode, so that
+    dropout stays off and BatchNorm keeps the checkpoint's statistics whatever its parent's mode."""
+
+    def freeze(self) -> None:
+        """Call at the end of __init__, once the weights are in."""
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> FrozenNet:
+        """Ignores `mode`."""
+        return super().train(False)
+
+
+class LPIPS(FrozenNet):
     """Learned perceptual distance between two image batches in [-1, 1]; returns [B, 1, 1, 1].
 
     pretrained=True fetches the VGG16 ImageNet weights and the LPIPS v0.1 heads (see `resolve_*`);
@@ -121,12 +135,7 @@ class LPIPS(nn.Module):
             self.load_vgg(read_weights(vgg_path, "VGG16") if vgg_path is not None else resolve_vgg_weights())
         if lin_path is not None or pretrained:
             self.load_lin(read_weights(lin_path, "LPIPS linear") if lin_path is not None else resolve_lin_weights())
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> LPIPS:
-        """Ignores `mode`: a fixed metric keeps its dropout off whatever its parent's mode."""
-        return super().train(False)
+        self.freeze()
 
     def load_vgg(self, state_dict: Mapping[str, Any]) -> None:
         """Load a torchvision-layout VGG16 state dict (classifier.* ignored), checking keys and shapes."""
