@@ -4,9 +4,10 @@ Times are medians of CUDA-event (GPU) or perf_counter (CPU) timings after warm-u
 is torch.cuda.max_memory_allocated during the timed calls above what was resident, plus the variant's own
 weights and input. Accuracy columns compare each output with klvae's fp32 untiled output (equal to
 diffusers' in fp32: see tests/test_parity.py), as PSNR in dB over [-1, 1] and max abs difference.
-Variants: klvae (fp32 weights under autocast), klvae-fast (optimize_for_inference: weights in the compute
-dtype, channels_last on GPUs), klvae-compiled (plus torch.compile), diffusers (weights in the compute
-dtype) and diffusers-compiled (plus channels_last and torch.compile, the peer's fastest setting).
+Variants: klvae (fp32 weights under autocast), klvae-fast (optimize_for_inference: folded upsampling; on
+GPUs also weights in the compute dtype and channels_last), klvae-unfolded (klvae-fast without the folded
+upsampling, to weigh that lever), klvae-compiled (klvae-fast plus torch.compile), diffusers (weights in the
+compute dtype) and diffusers-compiled (plus channels_last and torch.compile, the peer's fastest setting).
 
     python benchmarks/bench.py --device cpu --dtype fp32 --cases decode:256:1 encode:256:1 --json out.json
     python benchmarks/bench.py --device cuda --dtype bf16        # the GPU table of docs/benchmarks.md
@@ -100,7 +101,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.inf if mse == 0 else 10 * math.log10(4.0 / mse)
 
 
-OURS = ("klvae", "klvae-fast", "klvae-compiled")
+OURS = ("klvae", "klvae-fast", "klvae-unfolded", "klvae-compiled")
 THEIRS = ("diffusers", "diffusers-compiled")
 
 
@@ -112,8 +113,8 @@ def make_variants(ours: klvae.AutoencoderKL, theirs: torch.nn.Module, dtype: tor
     for name in names:
         if name == "klvae":
             out[name] = ours
-        elif name in ("klvae-fast", "klvae-compiled"):
-            opts = SpeedOptions(compile=name == "klvae-compiled")
+        elif name in ("klvae-fast", "klvae-unfolded", "klvae-compiled"):
+            opts = SpeedOptions(compile=name == "klvae-compiled", fold_upsample=name != "klvae-unfolded")
             out[name] = optimize_for_inference(copy.deepcopy(ours), dtype, opts)
         elif name == "diffusers":
             out[name] = copy.deepcopy(theirs).to(dtype)
@@ -200,8 +201,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--variants", nargs="*", default=None,
-                    help=f"some of {', '.join(OURS + THEIRS)} (default: all on a GPU, klvae and diffusers on the CPU)")
+    ap.add_argument("--variants", nargs="*", default=None, help=f"some of {', '.join(OURS + THEIRS)} "
+                    "(default: all on a GPU; klvae, klvae-fast and diffusers on the CPU)")
     ap.add_argument("--tile-size", type=int, default=None, help="klvae strip height (default: from a 2 GiB budget)")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -209,7 +210,8 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     cases = args.cases or (GPU_CASES if device.type == "cuda" else CPU_CASES)
     ours, theirs = make_pair(args.preset, device)
-    names = args.variants or (list(OURS + THEIRS) if device.type == "cuda" else ["klvae", "diffusers"])
+    cpu_names = ["klvae", "klvae-fast", "diffusers"]
+    names = args.variants or (list(OURS + THEIRS) if device.type == "cuda" else cpu_names)
     models = make_variants(ours, theirs, dtype, names)
     rows = []
     for case in cases:

@@ -12,6 +12,7 @@ from klvae.cli import common
 from klvae.cli.main import main
 from klvae.errors import KlvaeError
 from klvae.inference import SpeedOptions, TileOptions, optimize_for_inference
+from klvae.model.blocks import Upsample, fold_upsample_kernel
 
 
 def _vae(seed: int = 0) -> klvae.AutoencoderKL:
@@ -34,12 +35,44 @@ def _codec(vae: klvae.AutoencoderKL, x: torch.Tensor, dtype: torch.dtype,
     return m, inference.decode(vae, m[:, : vae.config.latent_channels], dtype, tiling=tiling)
 
 
-def test_cpu_defaults_change_nothing() -> None:
+def test_cpu_defaults_keep_the_weights_and_fold_the_upsamplers() -> None:
     vae = _vae()
     before = {k: v.clone() for k, v in vae.state_dict().items()}
     optimize_for_inference(vae, torch.float32)
     after = vae.state_dict()
     assert all(torch.equal(before[k], after[k]) and after[k].is_contiguous() for k in before)
+    ups = [m for m in vae.modules() if isinstance(m, Upsample)]
+    assert ups and all(m.fold for m in ups)
+    optimize_for_inference(vae, torch.float32, SpeedOptions(fold_upsample=False))
+    assert not any(m.fold for m in ups)
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 4, 4), (2, 8, 7, 3)])
+def test_folded_kernel_equals_nearest_upsampling_then_conv(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    up = Upsample(shape[1])
+    x = torch.randn(shape)
+    ref = up(x)
+    up.fold = True
+    out = up(x)
+    assert out.shape == ref.shape == (shape[0], shape[1], 2 * shape[2], 2 * shape[3])
+    assert (out - ref).abs().max() < 1e-5
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the kernel is folded in fp32 even under autocast
+        assert fold_upsample_kernel(up.conv.weight).dtype == torch.float32
+    w16 = up.conv.weight.detach().to(torch.bfloat16)
+    m = torch.tensor([[0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0]], dtype=torch.float64)
+    once = torch.einsum("pa,qb,oiab->iopq", m, m, w16.double()).to(torch.bfloat16)  # summed exactly, rounded once
+    assert torch.equal(fold_upsample_kernel(w16), once)
+
+
+def test_folded_upsampling_matches_whole_and_in_strips() -> None:
+    x = torch.rand(1, 3, 40, 56) * 2 - 1
+    m_ref, d_ref = _codec(_vae(), x, torch.float32)
+    folded = optimize_for_inference(_vae(), torch.float32, SpeedOptions(fold_upsample=True))
+    for tiling in (None, TileOptions(tile_size=8), TileOptions(tile_size=6), TileOptions(tile_size=3)):
+        m, d = _codec(folded, x, torch.float32, tiling)
+        assert torch.equal(m, m_ref) or (m - m_ref).abs().max() < 1e-4  # the encoder has no upsampler
+        assert (d - d_ref).abs().max() < 1e-4, tiling
 
 
 def test_channels_last_is_exact() -> None:

@@ -1,4 +1,4 @@
-"""Speed levers for inference: weights stored in the compute dtype, channels_last, torch.compile, cuDNN autotuning.
+"""Speed levers for inference: weights in the compute dtype, channels_last, folded upsampling, torch.compile, cuDNN.
 
 The plain API (fp32 weights under autocast) is exact and portable but leaves speed on the table on a GPU:
 autocast runs GroupNorm in fp32, so every norm writes fp32 activations that the next convolution casts back,
@@ -15,6 +15,7 @@ import torch
 
 from klvae.errors import KlvaeError
 from klvae.model.autoencoder import AutoencoderKL
+from klvae.model.blocks import Upsample
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,10 @@ class SpeedOptions:
     cast_weights: bool | None = None
     # NHWC activations and weights: the layout cuDNN's tensor-core convolutions use natively.
     channels_last: bool | None = None
+    # Run each decoder upsampler (nearest x2, 3x3 conv) as one stride-2 transposed conv with a folded 4x4 kernel:
+    # 2.25x fewer multiply-adds in those convs (a sixth of a decode's) and no upsampled map; equal up to the
+    # order of sums, and exact math on every device, so on by default.
+    fold_upsample: bool = True
     # torch.compile the encoder and decoder: the first call per input shape compiles (tens of seconds on a
     # GPU); Inductor's on-disk cache makes later processes start fast. Off unless asked for.
     compile: bool = False
@@ -53,6 +58,9 @@ def optimize_for_inference(
     channels_last = _on(opts.channels_last, cuda)
     if channels_last:
         vae.to(memory_format=torch.channels_last)
+    for m in vae.modules():
+        if isinstance(m, Upsample):
+            m.fold = opts.fold_upsample
     if _on(opts.cudnn_benchmark, cuda):
         torch.backends.cudnn.benchmark = True
     if opts.compile:
@@ -60,9 +68,9 @@ def optimize_for_inference(
         # blocks one by one, stays eager.
         vae.encoder.compile(mode=opts.compile_mode, dynamic=False)
         vae.decoder.compile(mode=opts.compile_mode, dynamic=False)
-    log.debug("inference levers: weights %s, %s, compile %s", str(next(vae.parameters()).dtype).split(".")[-1],
-             "channels_last" if channels_last else "NCHW",
-             opts.compile_mode if opts.compile else "off")
+    log.debug("inference levers: weights %s, %s, folded upsampling %s, compile %s",
+              str(next(vae.parameters()).dtype).split(".")[-1], "channels_last" if channels_last else "NCHW",
+              "on" if opts.fold_upsample else "off", opts.compile_mode if opts.compile else "off")
     return vae
 
 

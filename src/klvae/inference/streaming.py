@@ -18,7 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from klvae.model.blocks import Attention, Downsample, LinearAttention, MidBlock, ResnetBlock, Upsample
+from klvae.model.blocks import (
+    Attention,
+    Downsample,
+    LinearAttention,
+    MidBlock,
+    ResnetBlock,
+    Upsample,
+    fold_upsample_kernel,
+)
 
 Stats = tuple[Tensor, Tensor]  # per (batch, group) mean and 1/std, float32, shape [B, G]
 
@@ -176,10 +184,30 @@ class Streamer:
             x = self.resnet(x, r)
         samplers = getattr(block, "downsamplers", None) or getattr(block, "upsamplers", None)
         for s in samplers or ():
-            mode = "down" if isinstance(s, Downsample) else "up"
             assert isinstance(s, Downsample | Upsample)
-            x = self.conv(x, s.conv, mode=mode)
+            if isinstance(s, Upsample) and s.fold:
+                x = self.upsample_folded(x, s.conv)
+            else:
+                x = self.conv(x, s.conv, mode="down" if isinstance(s, Downsample) else "up")
         return x
+
+    def upsample_folded(self, x: Tensor, conv: nn.Conv2d) -> Tensor:
+        """Nearest x2 + conv as the folded stride-2 transposed conv (`Upsample.fold`), over strips."""
+        b, c, h, w = x.shape
+        weight = fold_upsample_kernel(conv.weight).to(self.dtype)
+        bias = conv.bias.to(self.dtype)
+        pin = self.storage.type == "cpu" and self.device.type == "cuda"
+        out = torch.empty(b, conv.out_channels, 2 * h, 2 * w, dtype=self.dtype, device=self.storage, pin_memory=pin)
+        step = self.strip_rows(c, conv.out_channels, w, h, 2)
+        for a in range(0, 2 * h, step):
+            e = min(a + step, 2 * h)
+            # Output row y reads source rows (y-1)//2 .. (y+1)//2; rows beyond the map contribute nothing,
+            # exactly as the zero padding of the upsampled map.
+            lo, hi = max((a - 1) // 2, 0), min(e // 2 + 1, h)
+            t = self.to_dev(x[:, :, lo:hi]).to(self.dtype)
+            y = F.conv_transpose2d(t, weight, bias, stride=2, padding=1)  # rows 2*lo .. 2*hi of the output
+            out[:, :, a:e].copy_(y[:, :, a - 2 * lo : e - 2 * lo])
+        return out
 
     def head(self, x: Tensor, norm: nn.GroupNorm, conv: nn.Conv2d) -> Tensor:
         """GroupNorm -> SiLU -> conv_out."""

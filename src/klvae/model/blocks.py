@@ -79,14 +79,34 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
 
 
+# Row p of _FOLD lists which taps of a 3-tap kernel, applied after nearest x2, land on tap p of the equivalent
+# 4-tap stride-2 transposed kernel (even outputs read taps 1 and 3, odd outputs taps 0 and 2).
+_FOLD = ((0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0.0))
+
+
+def fold_upsample_kernel(weight: Tensor) -> Tensor:
+    """The [Cin, Cout, 4, 4] conv_transpose2d(stride 2, padding 1) kernel equal to nearest x2 then `weight` (3x3)."""
+    m = torch.tensor(_FOLD, dtype=torch.float32, device=weight.device)
+    # Summed in fp32 (autocast off: it would run einsum in half) so half weights are rounded once, after the sum.
+    with torch.autocast(weight.device.type, enabled=False):
+        return torch.einsum("pa,qb,oiab->iopq", m, m, weight.float()).to(weight.dtype)
+
+
 class Upsample(nn.Module):
     """Nearest-neighbour x2, then a 3x3 conv."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        # True: run as one stride-2 transposed conv with a folded 4x4 kernel. Each output pixel then reads 2x2
+        # source pixels instead of 3x3 upsampled ones (2.25x fewer multiply-adds, no upsampled map); equal up
+        # to the order of sums. Off by default so that outputs match diffusers bit for bit.
+        self.fold = False
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fold:
+            w = fold_upsample_kernel(self.conv.weight)
+            return F.conv_transpose2d(x, w.to(x.dtype), self.conv.bias.to(x.dtype), stride=2, padding=1)
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 

@@ -1,0 +1,25 @@
+"""The benchmark script runs end to end on the CPU and writes the rows docs/benchmarks.md is built from."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_writes_every_variant_and_case(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--device", "cpu", "--preset", "tiny",
+           "--warmup", "0", "--iters", "1", "--cases", "decode:64:2", "decode:64:1:tiled", "encode:64:1:tiled",
+           "--variants", "klvae", "klvae-fast", "klvae-unfolded", "diffusers", "--json", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    report = json.loads(out.read_text())
+    rows = {(r["case"], r["library"]): r for r in report["rows"]}
+    assert report["env"]["preset"] == "tiny" and len(rows) == 12
+    assert rows[("decode:64:2", "klvae")]["psnr_vs_fp32_untiled"] == float("inf")
+    assert rows[("decode:64:2", "klvae-fast")]["max_abs_vs_fp32_untiled"] < 1e-4  # folded: rounding only
+    for case in ("decode:64:1:tiled", "encode:64:1:tiled"):  # exact strips; diffusers' tiles leave seams
+        assert rows[(case, "klvae")]["psnr_vs_fp32_untiled"] > 100
+        assert rows[(case, "diffusers enable_tiling()")]["psnr_vs_fp32_untiled"] < 45
+    assert all(r["ms"] > 0 and r["images_per_s"] > 0 for r in rows.values())
