@@ -1,9 +1,10 @@
 """klvae vs diffusers AutoencoderKL side by side: same random weights, same inputs, one process.
 
-Times are medians of CUDA-event (GPU) or perf_counter (CPU) timings after warm-ups; peak memory (GPU only)
-is torch.cuda.max_memory_allocated during the timed calls above what was resident, plus the variant's own
-weights and input. Accuracy columns compare each output with klvae's fp32 untiled output (equal to
-diffusers' in fp32: see tests/test_parity.py), as PSNR in dB over [-1, 1] and max abs difference.
+Times are medians of CUDA-event (GPU) or perf_counter (CPU) timings after warm-ups, the variants taking
+turns; peak memory (GPU only) is torch.cuda.max_memory_allocated during the timed calls above what was
+resident, plus the variant's own weights and input. Accuracy columns compare each output with klvae's fp32
+untiled output (equal to diffusers' in fp32: see tests/test_parity.py), as PSNR in dB over [-1, 1] and max
+abs difference.
 Variants: klvae (fp32 weights under autocast), klvae-fast (optimize_for_inference: folded upsampling; on
 GPUs also weights in the compute dtype and channels_last), klvae-unfolded (klvae-fast without the folded
 upsampling, to weigh that lever), klvae-compiled (klvae-fast plus torch.compile), diffusers (weights in the
@@ -17,14 +18,16 @@ compute dtype) and diffusers-compiled (plus channels_last and torch.compile, the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import functools
 import json
 import math
 import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the diffusers import can hang looking for the hub
 
@@ -63,30 +66,38 @@ def make_pair(preset: str, device: torch.device, seed: int = 0) -> tuple[klvae.A
     return ours.to(device), theirs.to(device)
 
 
-def timed(fn: Callable[[], torch.Tensor], device: torch.device, warmup: int, iters: int) -> tuple[float, float]:
-    """Median milliseconds of fn() and the peak GiB it allocated on top of what was resident (0 on the CPU)."""
-    for _ in range(warmup):
+def time_once(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[float, float]:
+    """Milliseconds of one fn() call and the peak GiB it allocated on top of what was resident (0 on the CPU)."""
+    if device.type != "cuda":
+        t = time.perf_counter()
         fn()
-    base = 0
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    times = []
+        return (time.perf_counter() - t) * 1e3, 0.0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end), (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def timed_round_robin(fns: dict[str, Callable[[], torch.Tensor]], device: torch.device, warmup: int,
+                      iters: int) -> dict[str, tuple[float, float]]:
+    """Median ms and max peak GiB of each fn; the variants take turns, so drift in the machine's speed (other
+    load, clocks) reaches all of them alike instead of whichever ran during it."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    peaks = dict.fromkeys(fns, 0.0)
     for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device.type == "cuda" else 0.0
-    return statistics.median(times), peak
+        for name, fn in fns.items():
+            ms, peak = time_once(fn, device)
+            times[name].append(ms)
+            peaks[name] = max(peaks[name], peak)
+    return {name: (statistics.median(times[name]), peaks[name]) for name in fns}
 
 
 def resident_gib(model: torch.nn.Module, x: torch.Tensor) -> float:
@@ -142,29 +153,45 @@ def run_case(case: str, ours: klvae.AutoencoderKL, models: dict[str, torch.nn.Mo
     tiling = TileOptions(enabled=tiled, max_memory=2 * 2**30 if tiled else None, tile_size=tile_size)
     ref = None
     if size <= 2048 or device.type == "cpu":
-        ref = _run_ours(ours, op, x, torch.float32, TileOptions(enabled=False))
-    rows = []
+        with _true_fp32():
+            ref = _run_ours(ours, op, x, torch.float32, TileOptions(enabled=False))
+    fns: dict[str, Callable[[], torch.Tensor]] = {}
     for name, model in models.items():
         if tiled and name.endswith("-compiled"):
             continue  # the compiled graphs are for whole images; tiling runs the blocks one by one
         if name.startswith("klvae"):
-            def fn(m: torch.nn.Module = model) -> torch.Tensor:
-                return _run_ours(m, op, x, dtype, tiling)
+            fns[name] = functools.partial(_run_ours, model, op, x, dtype, tiling)
         else:
-            fn = _theirs_fn(model, op, x, dtype, tiled, size, f)
+            fns[name] = _theirs_fn(model, op, x, dtype, tiled, size, f)
+    with torch.no_grad():
+        timings = timed_round_robin(fns, device, warmup, iters)
+    rows = []
+    for name, fn in fns.items():
+        ms, peak = timings[name]
         with torch.no_grad():
-            ms, peak = timed(fn, device, warmup, iters)
             out = fn()
         if device.type == "cuda":  # the other variants' weights stay resident: count only this job's
-            peak += resident_gib(model, x)
-        if not name.startswith("klvae"):  # back to untiled, with the tile sizes of its config
-            model.disable_tiling()
-            side = ours.config.sample_size
-            model.tile_sample_min_size, model.tile_latent_min_size = side, side // f
+            peak += resident_gib(models[name], x)
         label = name + (" enable_tiling()" if tiled and not name.startswith("klvae") else "")
         rows.append(_row(label, case, batch, ms, peak, out, ref))
         del out
+    for name in fns:
+        if not name.startswith("klvae"):  # back to untiled, with the tile sizes of its config
+            models[name].disable_tiling()
+            side = ours.config.sample_size
+            models[name].tile_sample_min_size, models[name].tile_latent_min_size = side, side // f
     return rows
+
+
+@contextlib.contextmanager
+def _true_fp32() -> Iterator[None]:
+    # cuDNN convolutions default to TF32 (10-bit mantissa) in "fp32": the reference must be real fp32.
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
 
 
 def _run_ours(m: klvae.AutoencoderKL, op: str, x: torch.Tensor, dt: torch.dtype, t: TileOptions) -> torch.Tensor:

@@ -12,9 +12,9 @@ from klvae.inference import TileOptions
 from klvae.inference.streaming import Streamer
 
 
-def _vae(preset: str, seed: int = 0, **changes: object) -> klvae.AutoencoderKL:
+def _vae(preset: str, seed: int = 0, device: torch.device | None = None, **changes: object) -> klvae.AutoencoderKL:
     torch.manual_seed(seed)
-    vae = klvae.AutoencoderKL(klvae.get_preset(preset).replace(**changes)).eval()
+    vae = klvae.AutoencoderKL(klvae.get_preset(preset).replace(**changes)).eval().to(device or "cpu")
     with torch.no_grad():  # default init leaves biases tiny and GroupNorm affine trivial: perturb everything
         for p in vae.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -27,9 +27,9 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize(("preset", "rows"), [("tiny-f8", 8), ("tiny-f8", 1), ("tiny", 5), ("sd15", 16)])
-def test_tiled_equals_untiled(preset: str, rows: int) -> None:
-    vae = _vae(preset)
-    x = torch.rand(2, 3, 48, 72) * 2 - 1
+def test_tiled_equals_untiled(preset: str, rows: int, device: torch.device) -> None:
+    vae = _vae(preset, device=device)
+    x = (torch.rand(2, 3, 48, 72) * 2 - 1).to(device)
     m_plain = inference.encode_moments(vae, x)
     m_tiled = inference.encode_moments(vae, x, tiling=TileOptions(tile_size=rows))
     assert (m_plain - m_tiled).abs().max() < 1e-4
@@ -40,9 +40,9 @@ def test_tiled_equals_untiled(preset: str, rows: int) -> None:
     assert (d_plain - d_tiled).abs().max() < 1e-4
 
 
-def test_tiled_handles_sizes_that_are_not_multiples_of_eight() -> None:
-    vae = _vae("tiny-f8")
-    x = torch.rand(1, 3, 37, 53) * 2 - 1
+def test_tiled_handles_sizes_that_are_not_multiples_of_eight(device: torch.device) -> None:
+    vae = _vae("tiny-f8", device=device)
+    x = (torch.rand(1, 3, 37, 53) * 2 - 1).to(device)
     m_plain = inference.encode_moments(vae, x)
     assert m_plain.shape[-2:] == (5, 7)
     m_tiled = inference.encode_moments(vae, x, tiling=TileOptions(tile_size=8))
@@ -52,37 +52,36 @@ def test_tiled_handles_sizes_that_are_not_multiples_of_eight() -> None:
 
 
 @pytest.mark.parametrize("attention", ["linear", "none"])
-def test_tiled_attention_variants(attention: str) -> None:
-    vae = _vae("tiny", attention=attention)
-    z = torch.randn(1, 4, 6, 10)
+def test_tiled_attention_variants(attention: str, device: torch.device) -> None:
+    vae = _vae("tiny", device=device, attention=attention)
+    z = torch.randn(1, 4, 6, 10, device=device)
     a = inference.decode(vae, z)
     b = inference.decode(vae, z, tiling=TileOptions(tile_size=4))
     assert (a - b).abs().max() < 1e-4
 
 
-def test_attention_query_chunks_do_not_change_the_result() -> None:
-    vae = _vae("tiny")
+def test_attention_query_chunks_do_not_change_the_result(device: torch.device) -> None:
+    vae = _vae("tiny", device=device)
     attn = vae.decoder.mid_block.attentions[0]
-    x = torch.randn(1, 64, 7, 9)
-    st = Streamer(device=torch.device("cpu"), storage=torch.device("cpu"), dtype=torch.float32)
+    x = torch.randn(1, 64, 7, 9, device=device)
+    st = Streamer(device=device, storage=device, dtype=torch.float32)
     whole = attn(x)
     torch.testing.assert_close(st.attention(x, attn, query_chunk=5), whole, atol=1e-5, rtol=1e-5)
 
 
-def test_streamed_groupnorm_statistics_match_groupnorm() -> None:
-    norm = torch.nn.GroupNorm(4, 16, eps=1e-6)
+def test_streamed_groupnorm_statistics_match_groupnorm(device: torch.device) -> None:
+    norm = torch.nn.GroupNorm(4, 16, eps=1e-6).to(device)
     torch.nn.init.normal_(norm.weight)
     torch.nn.init.normal_(norm.bias)
-    x = torch.randn(2, 16, 13, 7) * 3 + 1
-    st = Streamer(device=torch.device("cpu"), storage=torch.device("cpu"), dtype=torch.float32, rows=2,
-                  image_height=13)
+    x = torch.randn(2, 16, 13, 7, device=device) * 3 + 1
+    st = Streamer(device=device, storage=torch.device("cpu"), dtype=torch.float32, rows=2, image_height=13)
     y = st.apply_norm(x, norm, st.group_stats(x, norm), act=False)
     torch.testing.assert_close(y, norm(x), atol=1e-5, rtol=1e-5)
 
 
-def test_memory_budget_picks_tiling_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
-    vae = _vae("tiny")
-    z = torch.randn(1, 4, 8, 8)
+def test_memory_budget_picks_tiling_and_says_so(caplog: pytest.LogCaptureFixture, device: torch.device) -> None:
+    vae = _vae("tiny", device=device)
+    z = torch.randn(1, 4, 8, 8, device=device)
     small = inference.estimate_bytes(vae, "decode", (1, 3, 32, 32), torch.float32)
     assert inference.estimate_bytes(vae, "decode", (1, 3, 64, 64), torch.float32) > small
     with caplog.at_level(logging.INFO):
@@ -95,9 +94,10 @@ def test_memory_budget_picks_tiling_and_says_so(caplog: pytest.LogCaptureFixture
     assert "tiling" not in caplog.text
 
 
-def test_out_of_memory_falls_back_to_tiling(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    vae = _vae("tiny")
-    z = torch.randn(1, 4, 8, 8)
+def test_out_of_memory_falls_back_to_tiling(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+                                            device: torch.device) -> None:
+    vae = _vae("tiny", device=device)
+    z = torch.randn(1, 4, 8, 8, device=device)
     expected = inference.decode(vae, z)
 
     def oom(*args: object, **kwargs: object) -> None:
@@ -112,12 +112,12 @@ def test_out_of_memory_falls_back_to_tiling(monkeypatch: pytest.MonkeyPatch, cap
 
 
 @pytest.mark.parametrize("tiled", [False, True])
-def test_fp16_overflow_is_rerun_in_fp32(tiled: bool, caplog: pytest.LogCaptureFixture) -> None:
-    vae = _vae("tiny")
+def test_fp16_overflow_is_rerun_in_fp32(tiled: bool, caplog: pytest.LogCaptureFixture, device: torch.device) -> None:
+    vae = _vae("tiny", device=device)
     with torch.no_grad():
         vae.decoder.conv_in.weight.mul_(1e5)  # activations past fp16's 65504: inf, then NaN after GroupNorm
-    z = torch.randn(1, 4, 4, 4)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+    z = torch.randn(1, 4, 4, 4, device=device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16):
         assert not torch.isfinite(vae.decode(z)).all()  # the overflow is real
     tiling = TileOptions(tile_size=8) if tiled else None
     reference = inference.decode(vae, z, torch.float32, tiling=tiling)
@@ -128,12 +128,12 @@ def test_fp16_overflow_is_rerun_in_fp32(tiled: bool, caplog: pytest.LogCaptureFi
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
 
 
-def test_half_weights_are_upcast_for_the_rerun_and_restored() -> None:
-    vae = _vae("tiny")
+def test_half_weights_are_upcast_for_the_rerun_and_restored(device: torch.device) -> None:
+    vae = _vae("tiny", device=device)
     with torch.no_grad():
         vae.decoder.conv_in.weight.mul_(1e5)
     vae.to(torch.float16)
-    z = torch.randn(1, 4, 4, 4)
+    z = torch.randn(1, 4, 4, 4, device=device)
     with torch.no_grad():
         assert not torch.isfinite(vae.decode(z.half())).all()
     out = inference.decode(vae, z, torch.float16)

@@ -15,9 +15,9 @@ from klvae.inference import SpeedOptions, TileOptions, optimize_for_inference
 from klvae.model.blocks import Upsample, fold_upsample_kernel
 
 
-def _vae(seed: int = 0) -> klvae.AutoencoderKL:
+def _vae(seed: int = 0, device: torch.device | str = "cpu") -> klvae.AutoencoderKL:
     torch.manual_seed(seed)
-    vae = klvae.AutoencoderKL("tiny").eval()
+    vae = klvae.AutoencoderKL("tiny").eval().to(device)
     with torch.no_grad():
         for p in vae.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -48,47 +48,48 @@ def test_cpu_defaults_keep_the_weights_and_fold_the_upsamplers() -> None:
 
 
 @pytest.mark.parametrize("shape", [(1, 5, 4, 4), (2, 8, 7, 3)])
-def test_folded_kernel_equals_nearest_upsampling_then_conv(shape: tuple[int, ...]) -> None:
+def test_folded_kernel_equals_nearest_upsampling_then_conv(shape: tuple[int, ...], device: torch.device) -> None:
     torch.manual_seed(0)
-    up = Upsample(shape[1])
-    x = torch.randn(shape)
+    up = Upsample(shape[1]).to(device)
+    x = torch.randn(shape, device=device)
     ref = up(x)
     up.fold = True
     out = up(x)
     assert out.shape == ref.shape == (shape[0], shape[1], 2 * shape[2], 2 * shape[3])
     assert (out - ref).abs().max() < 1e-5
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # the kernel is folded in fp32 even under autocast
+    with torch.autocast(device.type, dtype=torch.bfloat16):  # the kernel is folded in fp32 even under autocast
         assert fold_upsample_kernel(up.conv.weight).dtype == torch.float32
     w16 = up.conv.weight.detach().to(torch.bfloat16)
-    m = torch.tensor([[0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0]], dtype=torch.float64)
+    m = torch.tensor([[0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0]], dtype=torch.float64, device=device)
     once = torch.einsum("pa,qb,oiab->iopq", m, m, w16.double()).to(torch.bfloat16)  # summed exactly, rounded once
     assert torch.equal(fold_upsample_kernel(w16), once)
 
 
-def test_folded_upsampling_matches_whole_and_in_strips() -> None:
-    x = torch.rand(1, 3, 40, 56) * 2 - 1
-    m_ref, d_ref = _codec(_vae(), x, torch.float32)
-    folded = optimize_for_inference(_vae(), torch.float32, SpeedOptions(fold_upsample=True))
+def test_folded_upsampling_matches_whole_and_in_strips(device: torch.device) -> None:
+    x = (torch.rand(1, 3, 40, 56) * 2 - 1).to(device)
+    m_ref, d_ref = _codec(_vae(device=device), x, torch.float32)
+    folded = optimize_for_inference(_vae(device=device), torch.float32, SpeedOptions(fold_upsample=True))
     for tiling in (None, TileOptions(tile_size=8), TileOptions(tile_size=6), TileOptions(tile_size=3)):
         m, d = _codec(folded, x, torch.float32, tiling)
         assert torch.equal(m, m_ref) or (m - m_ref).abs().max() < 1e-4  # the encoder has no upsampler
         assert (d - d_ref).abs().max() < 1e-4, tiling
 
 
-def test_channels_last_is_exact() -> None:
-    x = torch.rand(2, 3, 40, 56) * 2 - 1
-    m_ref, d_ref = _codec(_vae(), x, torch.float32)
-    fast = optimize_for_inference(_vae(), torch.float32, SpeedOptions(channels_last=True))
+def test_channels_last_is_exact(device: torch.device) -> None:
+    x = (torch.rand(2, 3, 40, 56) * 2 - 1).to(device)
+    m_ref, d_ref = _codec(_vae(device=device), x, torch.float32)
+    fast = optimize_for_inference(_vae(device=device), torch.float32, SpeedOptions(channels_last=True))
     assert fast.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     for tiling in (None, TileOptions(tile_size=8)):
         m, d = _codec(fast, x, torch.float32, tiling)
         assert (m - m_ref).abs().max() < 1e-4 and (d - d_ref).abs().max() < 1e-4
 
 
-def test_half_weights_stay_within_bf16_noise_and_keep_their_keys() -> None:
-    x = torch.rand(1, 3, 32, 32) * 2 - 1
-    _, d_ref = _codec(_vae(), x, torch.float32)
-    fast = optimize_for_inference(_vae(), torch.bfloat16, SpeedOptions(cast_weights=True, channels_last=True))
+def test_half_weights_stay_within_bf16_noise_and_keep_their_keys(device: torch.device) -> None:
+    x = (torch.rand(1, 3, 32, 32) * 2 - 1).to(device)
+    _, d_ref = _codec(_vae(device=device), x, torch.float32)
+    fast = optimize_for_inference(_vae(device=device), torch.bfloat16,
+                                  SpeedOptions(cast_weights=True, channels_last=True))
     assert {p.dtype for p in fast.parameters()} == {torch.bfloat16}
     assert set(fast.state_dict()) == set(_vae().state_dict())
     for tiling in (None, TileOptions(tile_size=8)):
@@ -96,16 +97,17 @@ def test_half_weights_stay_within_bf16_noise_and_keep_their_keys() -> None:
         assert d.dtype == torch.float32 and 25.0 < _psnr(d, d_ref) < math.inf
 
 
-def test_compiled_model_matches_eager_and_saves_the_same_keys(tmp_path: Path) -> None:
-    x = torch.rand(1, 3, 32, 32) * 2 - 1
-    m_ref, d_ref = _codec(_vae(), x, torch.float32)
-    compiled = optimize_for_inference(_vae(), torch.float32, SpeedOptions(compile=True))
+def test_compiled_model_matches_eager_and_saves_the_same_keys(tmp_path: Path, device: torch.device) -> None:
+    x = (torch.rand(1, 3, 32, 32) * 2 - 1).to(device)
+    m_ref, d_ref = _codec(_vae(device=device), x, torch.float32)
+    compiled = optimize_for_inference(_vae(device=device), torch.float32, SpeedOptions(compile=True))
     m, d = _codec(compiled, x, torch.float32)
     assert (m - m_ref).abs().max() < 1e-4 and (d - d_ref).abs().max() < 1e-4
     compiled.save_pretrained(tmp_path)
     again = klvae.AutoencoderKL.from_pretrained(str(tmp_path))
-    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), _vae().state_dict().values(),
-                                                  strict=True))
+    plain = _vae(device=device).state_dict()
+    assert list(again.state_dict()) == list(plain)
+    assert all(torch.equal(v, plain[k].cpu()) for k, v in again.state_dict().items())
 
 
 def test_bad_compile_mode_is_named() -> None:

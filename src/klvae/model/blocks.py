@@ -79,17 +79,17 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
 
 
-# Row p of _FOLD lists which taps of a 3-tap kernel, applied after nearest x2, land on tap p of the equivalent
-# 4-tap stride-2 transposed kernel (even outputs read taps 1 and 3, odd outputs taps 0 and 2).
-_FOLD = ((0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0.0))
-
-
 def fold_upsample_kernel(weight: Tensor) -> Tensor:
     """The [Cin, Cout, 4, 4] conv_transpose2d(stride 2, padding 1) kernel equal to nearest x2 then `weight` (3x3)."""
-    m = torch.tensor(_FOLD, dtype=torch.float32, device=weight.device)
-    # Summed in fp32 (autocast off: it would run einsum in half) so half weights are rounded once, after the sum.
-    with torch.autocast(weight.device.type, enabled=False):
-        return torch.einsum("pa,qb,oiab->iopq", m, m, weight.float()).to(weight.dtype)
+
+    def fold(w: Tensor, dim: int) -> Tensor:
+        # Along one axis, even outputs read source taps (w0) and (w1 + w2), odd ones (w0 + w1) and (w2); the
+        # transposed conv's taps 0..3 hold them in this order.
+        a, b, c = w.unbind(dim)
+        return torch.stack([c, b + c, a + b, a], dim)
+
+    # Summed in fp32 (plain adds: autocast leaves them alone) so half weights are rounded once, after the sum.
+    return fold(fold(weight.float(), 2), 3).transpose(0, 1).to(weight.dtype)
 
 
 class Upsample(nn.Module):
