@@ -8,8 +8,9 @@ import torch
 
 import klvae
 from klvae import inference
-from klvae.inference import TileOptions
+from klvae.inference import TileOptions, tiling
 from klvae.inference.streaming import Streamer
+from klvae.model.blocks import Upsample
 
 
 def _vae(preset: str, seed: int = 0, device: torch.device | None = None, **changes: object) -> klvae.AutoencoderKL:
@@ -49,6 +50,37 @@ def test_tiled_handles_sizes_that_are_not_multiples_of_eight(device: torch.devic
     assert (m_plain - m_tiled).abs().max() < 1e-4
     y = inference.decode(vae, m_plain[:, :4], size=(37, 53), tiling=TileOptions(tile_size=8))
     assert y.shape == (1, 3, 37, 53)
+
+
+@pytest.mark.parametrize(("channels_last", "recompute", "fold"),
+                         [(False, False, False), (True, False, True), (False, True, False), (True, True, True)])
+def test_tiled_maps_carry_their_statistics(channels_last: bool, recompute: bool, fold: bool,
+                                           device: torch.device) -> None:
+    vae = _vae("tiny-f8", device=device)
+    for m in vae.modules():
+        if isinstance(m, Upsample):
+            m.fold = fold  # with recompute, a folded upsampler's map is never materialised
+    x = (torch.rand(1, 3, 48, 40) * 2 - 1).to(device)
+    m_plain = inference.encode_moments(vae, x)
+    d_plain = inference.decode(vae, m_plain[:, :4])
+    st = Streamer(device=device, storage=torch.device("cpu"), dtype=torch.float32, rows=8, image_height=48,
+                  channels_last=channels_last, recompute=recompute)
+    assert st.conv(x, vae.encoder.conv_in).is_contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    m = tiling.tiled_encode_moments(vae, x, st)
+    d = tiling.tiled_decode(vae, m_plain[:, :4], st).clamp(-1, 1)
+    assert st.stat_passes == 0  # every GroupNorm took the sums gathered while its input map was written
+    assert (m.to(device) - m_plain).abs().max() < 1e-4 and (d.to(device) - d_plain).abs().max() < 1e-4
+
+
+def test_small_maps_stay_on_the_device(device: torch.device) -> None:
+    vae = _vae("tiny-f8", device=device)
+    z = torch.randn(1, 4, 6, 5, device=device)
+    # Storage on the meta device holds no values: the result is only right if no map was put there.
+    st = Streamer(device=device, storage=torch.device("meta"), dtype=torch.float32, rows=8, image_height=48,
+                  resident=2**30)
+    d = tiling.tiled_decode(vae, z, st).clamp(-1, 1)
+    assert d.device == device and (d - inference.decode(vae, z)).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("attention", ["linear", "none"])

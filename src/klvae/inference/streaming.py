@@ -11,8 +11,9 @@ untiled computation up to the order of floating-point sums.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,22 @@ Stats = tuple[Tensor, Tensor]  # per (batch, group) mean and 1/std, float32, sha
 
 
 @dataclass
+class Upsampled:
+    """A folded upsampler's output left unmaterialised: the next ResNet block computes the rows it reads from
+    the 4x smaller source map (with `recompute`, so that the 4x larger map never crosses the bus)."""
+
+    src: Tensor  # the source map [B, C, H, W]
+    weight: Tensor  # the folded [C, Cout, 4, 4] transposed-conv kernel, in the compute dtype
+    bias: Tensor
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """The shape of the map it stands for."""
+        b, _, h, w = self.src.shape
+        return b, self.weight.shape[1], 2 * h, 2 * w
+
+
+@dataclass
 class Streamer:
     """Runs layers strip by strip: maps on `storage`, compute on `device` in `dtype`, strips of `budget` bytes."""
 
@@ -41,6 +58,19 @@ class Streamer:
     budget: int = 256 * 2**20  # bytes that one strip's working set may take on the device
     rows: int | None = None  # fixed strip height in image rows (tests, --tile-size); None: from the budget
     image_height: int = 0  # rows of the full-resolution image, so `rows` scales down with the level
+    # NHWC maps and strips: a row strip of a one-image map is then one contiguous block, so each host <-> GPU
+    # copy is a single DMA transfer (an NCHW strip is C scattered pieces, staged through pageable memory).
+    channels_last: bool = False
+    # Maps of at most this many bytes stay on `device`: the latent-resolution levels make no host round trips.
+    resident: int = 0
+    # Whole-map statistics passes run (reading a map back only for its GroupNorm sums); the maps this streamer
+    # writes carry their per-channel sums, gathered while each strip is still on the device.
+    stat_passes: int = 0
+    # Recompute each ResNet block's first conv rather than store its output: per block, the input map crosses
+    # the bus twice and the output once, instead of three reads and two writes. Worth it when maps live in host
+    # memory; on a single device it only adds arithmetic.
+    recompute: bool = False
+    _sums: dict[int, tuple[weakref.ref, Tensor, Tensor]] = field(default_factory=dict, repr=False)
 
     def strip_rows(self, cin: int, cout: int, width: int, height: int, scale: int = 1) -> int:
         """Output rows per strip so that one strip's inputs, fp32 temporaries and outputs fit the budget."""
@@ -54,19 +84,72 @@ class Streamer:
         """A strip to the compute device (non-blocking from pinned memory)."""
         return t.to(self.device, non_blocking=True)
 
+    # ---- maps -----------------------------------------------------------------------------------
+    def new_map(self, b: int, c: int, h: int, w: int) -> tuple[Tensor, list[Tensor]]:
+        """An empty map (on the device when small enough, else on storage) and its per-channel sum buffers."""
+        small = b * c * h * w * (torch.finfo(self.dtype).bits // 8) <= self.resident
+        where = self.device if small else self.storage
+        pin = where.type == "cpu" and self.device.type == "cuda"  # pinned: asynchronous uploads
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        out = torch.empty(b, c, h, w, dtype=self.dtype, device=where, pin_memory=pin, memory_format=fmt)
+        return out, self.new_sums(b, c)
+
+    def write(self, out: Tensor, a: int, e: int, y: Tensor, sums: list[Tensor]) -> None:
+        """Store output rows [a, e) and add the stored values to the map's per-channel sums."""
+        y = y.to(self.dtype)
+        out[:, :, a:e].copy_(y)
+        self.add_sums(sums, y)
+
+    def new_sums(self, b: int, c: int) -> list[Tensor]:
+        """Zeroed per-channel sum and sum-of-squares buffers [B, C] (float64, on the device)."""
+        return [torch.zeros(b, c, dtype=torch.float64, device=self.device) for _ in range(2)]
+
+    @staticmethod
+    def add_sums(sums: list[Tensor], t: Tensor) -> None:
+        """Add a strip's per-channel sums and sums of squares."""
+        v = t.float()
+        sums[0] += v.sum((2, 3), dtype=torch.float64)
+        sums[1] += v.square().sum((2, 3), dtype=torch.float64)
+
+    def seal(self, out: Tensor, sums: list[Tensor]) -> Tensor:
+        """Remember a finished map's sums (weakly: the entry dies with the map) and return the map."""
+        self._sums[id(out)] = (weakref.ref(out), sums[0], sums[1])
+        return out
+
+    def place(self, t: Tensor) -> Tensor:
+        """An input (image or latents) as a map: on the device when small enough, else on storage."""
+        out, _ = self.new_map(*t.shape)
+        return out.copy_(t)
+
+    def store(self, t: Tensor) -> Tensor:
+        """A whole map computed on the device, placed like `new_map` places maps, with its sums."""
+        out, sums = self.new_map(*t.shape)
+        self.write(out, 0, t.shape[2], t, sums)
+        return self.seal(out, sums)
+
     # ---- GroupNorm ------------------------------------------------------------------------------
-    def group_stats(self, x: Tensor, norm: nn.GroupNorm) -> Stats:
-        """Mean and 1/std of each (sample, group) over the whole map, gathered strip by strip."""
+    def group_stats(self, x: Tensor | Upsampled, norm: nn.GroupNorm) -> Stats:
+        """Mean and 1/std of each (sample, group) over the whole map: from the sums gathered while the map was
+        written, or else from a pass over it strip by strip."""
         b, c, h, w = x.shape
-        g = norm.num_groups
-        s1 = torch.zeros(b, g, dtype=torch.float64, device=self.device)
-        s2 = torch.zeros_like(s1)
+        entry = self._sums.get(id(x))
+        if entry is not None and entry[0]() is x:
+            return self.stats_from_sums(entry[1], entry[2], norm, h * w)
+        if isinstance(x, Tensor):  # an unmaterialised upsampler is computed from its small source instead
+            self.stat_passes += 1
+        sums = self.new_sums(b, c)
         step = self.strip_rows(c, 0, w, h)
         for a in range(0, h, step):
-            t = self.to_dev(x[:, :, a : a + step]).float().reshape(b, g, -1)
-            s1 += t.sum(-1, dtype=torch.float64)
-            s2 += t.square().sum(-1, dtype=torch.float64)
-        n = (c // g) * h * w
+            self.add_sums(sums, self.rows_of(x, a, min(a + step, h)).to(self.dtype))
+        return self.stats_from_sums(*sums, norm, h * w)
+
+    @staticmethod
+    def stats_from_sums(c1: Tensor, c2: Tensor, norm: nn.GroupNorm, pixels: int) -> Stats:
+        """Group mean and 1/std from per-channel sums and sums of squares [B, C] (float64) over `pixels`."""
+        b, c = c1.shape
+        g = norm.num_groups
+        s1, s2 = c1.reshape(b, g, -1).sum(-1), c2.reshape(b, g, -1).sum(-1)
+        n = (c // g) * pixels
         mean = s1 / n
         var = (s2 / n - mean.square()).clamp_min(0.0)
         return mean.float(), torch.rsqrt(var + norm.eps).float()
@@ -74,11 +157,11 @@ class Streamer:
     @staticmethod
     def apply_norm(t: Tensor, norm: nn.GroupNorm, stats: Stats, act: bool) -> Tensor:
         """GroupNorm of a strip with whole-map statistics (in fp32), then SiLU when `act`."""
-        b = t.shape[0]
-        mean, rstd = stats
-        g = norm.num_groups
-        y = (t.float().reshape(b, g, -1) - mean[..., None]) * rstd[..., None]
-        y = y.reshape(t.shape) * norm.weight.float()[None, :, None, None] + norm.bias.float()[None, :, None, None]
+        mean, rstd = (s.repeat_interleave(t.shape[1] // norm.num_groups, dim=1) for s in stats)  # [B, C]
+        # As PyTorch's own GroupNorm kernels: one per-channel scale and shift, elementwise, in any memory layout.
+        scale = rstd * norm.weight.float()
+        shift = norm.bias.float() - mean * scale
+        y = t.float() * scale[:, :, None, None] + shift[:, :, None, None]
         return F.silu(y) if act else y
 
     # ---- convolutions ---------------------------------------------------------------------------
@@ -95,18 +178,20 @@ class Streamer:
         k = conv.kernel_size[0]
         ho, wo = {"same": (h, w), "down": (h // 2, w // 2), "up": (2 * h, 2 * w)}[mode]
         scale = 2 if mode == "up" else 1
-        pin = self.storage.type == "cpu" and self.device.type == "cuda"  # pinned: asynchronous uploads
-        out = torch.empty(b, conv.out_channels, ho, wo, dtype=self.dtype, device=self.storage, pin_memory=pin)
+        out, sums = self.new_map(b, conv.out_channels, ho, wo)
         step = self.strip_rows(cin, conv.out_channels, w, h, scale)
         for a in range(0, ho, step):
             e = min(a + step, ho)
-            t = self._conv_input(x, a, e, k, mode, pre)
-            y = F.conv2d(t.to(self.dtype), conv.weight.to(self.dtype), conv.bias.to(self.dtype),
-                         stride=conv.stride, padding=0)
+            y = self._valid_conv(self._conv_input(x, a, e, k, mode, pre), conv)
             if residual is not None:
                 y = y + residual(a, e)
-            out[:, :, a:e].copy_(y)
-        return out
+            self.write(out, a, e, y, sums)
+        return self.seal(out, sums)
+
+    def _valid_conv(self, t: Tensor, conv: nn.Conv2d) -> Tensor:
+        # Padding is already in t (only where the strip meets the map's edge).
+        return F.conv2d(t.to(self.dtype), conv.weight.to(self.dtype), conv.bias.to(self.dtype),
+                        stride=conv.stride, padding=0)
 
     def _conv_input(
         self, x: Tensor, a: int, e: int, k: int, mode: str, pre: Callable[[Tensor], Tensor] | None
@@ -133,9 +218,11 @@ class Streamer:
         return F.pad(t, (cols[0], cols[1], src_lo - lo, hi - src_hi))
 
     # ---- blocks ---------------------------------------------------------------------------------
-    def resnet(self, x: Tensor, block: ResnetBlock) -> Tensor:
+    def resnet(self, x: Tensor | Upsampled, block: ResnetBlock) -> Tensor:
         """A ResNet block: two normalised convs and the (projected) shortcut, each streamed."""
         s1 = self.group_stats(x, block.norm1)
+        if self.recompute:
+            return self._resnet_recomputed(x, block, s1)
         h = self.conv(x, block.conv1, pre=lambda t: self.apply_norm(t, block.norm1, s1, act=True))
         s2 = self.group_stats(h, block.norm2)
 
@@ -147,29 +234,67 @@ class Streamer:
         return self.conv(h, block.conv2, pre=lambda t: self.apply_norm(t, block.norm2, s2, act=True),
                          residual=shortcut)
 
-    def attention(self, x: Tensor, attn: nn.Module, query_chunk: int = 4096) -> Tensor:
-        """Whole-map attention on the device (it runs at latent resolution), queries in chunks."""
+    def _resnet_recomputed(self, x: Tensor | Upsampled, block: ResnetBlock, s1: Stats) -> Tensor:
+        # Pass 1 gathers the sums of h = conv1(silu(norm1(x))) strip by strip and keeps nothing else; pass 2
+        # recomputes h with a one-row halo from a two-row halo of x, then conv2 and the shortcut.
+        b, cin, rows, w = x.shape
+        cout = block.conv2.out_channels
+        pre1 = lambda t: self.apply_norm(t, block.norm1, s1, act=True)  # noqa: E731
+        step = self.strip_rows(cin + cout, cout, w, rows)
+        h_sums = self.new_sums(b, cout)
+        for a in range(0, rows, step):
+            e = min(a + step, rows)
+            t = pre1(self.rows_of(x, max(a - 1, 0), min(e + 1, rows)))
+            h = self._valid_conv(F.pad(t, (1, 1, int(a == 0), int(e == rows))), block.conv1)
+            self.add_sums(h_sums, h.to(self.dtype))  # as a stored h would hold it
+        s2 = self.stats_from_sums(*h_sums, block.norm2, rows * w)
+        out, sums = self.new_map(b, cout, rows, w)
+        for a in range(0, rows, step):
+            e = min(a + step, rows)
+            x_lo, x_hi = max(a - 2, 0), min(e + 2, rows)
+            xs = self.rows_of(x, x_lo, x_hi)
+            h = self._valid_conv(F.pad(pre1(xs), (1, 1, int(x_lo == 0), int(x_hi == rows))), block.conv1)
+            h_lo = x_lo + 1 - int(x_lo == 0)  # first row of h computed
+            h = h[:, :, max(a - 1, 0) - h_lo : min(e + 1, rows) - h_lo]
+            t = F.pad(self.apply_norm(h, block.norm2, s2, act=True), (1, 1, int(a == 0), int(e == rows)))
+            y = self._valid_conv(t, block.conv2)
+            sc = xs[:, :, a - x_lo : e - x_lo].to(self.dtype)
+            if block.conv_shortcut is not None:
+                sc = F.conv2d(sc, block.conv_shortcut.weight.to(self.dtype), block.conv_shortcut.bias.to(self.dtype))
+            self.write(out, a, e, y + sc, sums)
+        return self.seal(out, sums)
+
+    def attention(self, x: Tensor, attn: nn.Module, query_chunk: int | None = None) -> Tensor:
+        """Whole-map attention on the device (it runs at latent resolution), in chunks of query rows whose score
+        matrix (fp32, with the softmax's copy) fits the strip budget where SDPA falls back to plain math. Only the
+        normalised map, K and V are whole: the norm, Q, the output projection and the residual go by chunks."""
         t = self.to_dev(x)
         if isinstance(attn, LinearAttention):
             return self._linear(t, attn)
         assert isinstance(attn, Attention)
         b, c, h, w = t.shape
+        tokens = query_chunk or max(64, min(4096, self.budget // (b * h * w * 12)))
+        step = max(1, tokens // w)  # rows of queries per chunk
         stats = self.group_stats(x, attn.group_norm)
-        n = self.apply_norm(t, attn.group_norm, stats, act=False).to(self.dtype).flatten(2).transpose(1, 2)
-        lin = [(m.weight.to(self.dtype), m.bias.to(self.dtype)) for m in (attn.to_q, attn.to_k, attn.to_v)]
+        n = torch.empty(b, h * w, c, dtype=self.dtype, device=self.device)  # [B, HW, C], tokens in row order
+        for a in range(0, h, step):
+            y = self.apply_norm(t[:, :, a : a + step], attn.group_norm, stats, act=False)
+            n[:, a * w : (a + step) * w] = y.flatten(2).transpose(1, 2)
+        projections = (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0])
+        lin = [(m.weight.to(self.dtype), m.bias.to(self.dtype)) for m in projections]
         k, v = (F.linear(n, *lin[i]).unsqueeze(1) for i in (1, 2))  # [B, 1, HW, C]
-        out = torch.empty_like(n)
-        for a in range(0, n.shape[1], query_chunk):
-            q = F.linear(n[:, a : a + query_chunk], *lin[0]).unsqueeze(1)
-            out[:, a : a + query_chunk] = F.scaled_dot_product_attention(q, k, v).squeeze(1)
-        o = attn.to_out[0]
-        out = F.linear(out, o.weight.to(self.dtype), o.bias.to(self.dtype)).transpose(1, 2).reshape(b, c, h, w)
-        return (t.to(self.dtype) + out).to(self.storage)
+        out, sums = self.new_map(b, c, h, w)
+        for a in range(0, h, step):
+            e = min(a + step, h)
+            q = F.linear(n[:, a * w : e * w], *lin[0]).unsqueeze(1)
+            o = F.linear(F.scaled_dot_product_attention(q, k, v).squeeze(1), *lin[3])  # [B, rows * W, C]
+            self.write(out, a, e, t[:, :, a:e].to(self.dtype) + o.transpose(1, 2).reshape(b, c, e - a, w), sums)
+        return self.seal(out, sums)
 
     def _linear(self, t: Tensor, attn: LinearAttention) -> Tensor:
         # No norm, so the module itself runs on the whole map, in the compute dtype.
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            return attn(t).to(self.dtype).to(self.storage)
+            return self.store(attn(t))
 
     def mid(self, x: Tensor, block: MidBlock) -> Tensor:
         """ResNet -> attention -> ResNet."""
@@ -178,36 +303,44 @@ class Streamer:
             x = self.attention(x, attn)
         return self.resnet(x, block.resnets[1])
 
-    def level(self, x: Tensor, block: nn.Module) -> Tensor:
+    def level(self, x: Tensor | Upsampled, block: nn.Module) -> Tensor | Upsampled:
         """A down or up level: its ResNet blocks, then its resampler."""
         for r in block.resnets:
             x = self.resnet(x, r)
         samplers = getattr(block, "downsamplers", None) or getattr(block, "upsamplers", None)
         for s in samplers or ():
             assert isinstance(s, Downsample | Upsample)
-            if isinstance(s, Upsample) and s.fold:
-                x = self.upsample_folded(x, s.conv)
+            if isinstance(s, Upsample) and s.fold:  # with recompute the next ResNet block reads it row by row
+                x = self.upsampled(x, s.conv) if self.recompute else self.upsample_folded(x, s.conv)
             else:
                 x = self.conv(x, s.conv, mode="down" if isinstance(s, Downsample) else "up")
         return x
 
+    def upsampled(self, x: Tensor, conv: nn.Conv2d) -> Upsampled:
+        """Nearest x2 + conv as the folded stride-2 transposed conv (`Upsample.fold`), not yet computed."""
+        return Upsampled(x, fold_upsample_kernel(conv.weight).to(self.dtype), conv.bias.to(self.dtype))
+
     def upsample_folded(self, x: Tensor, conv: nn.Conv2d) -> Tensor:
-        """Nearest x2 + conv as the folded stride-2 transposed conv (`Upsample.fold`), over strips."""
-        b, c, h, w = x.shape
-        weight = fold_upsample_kernel(conv.weight).to(self.dtype)
-        bias = conv.bias.to(self.dtype)
-        pin = self.storage.type == "cpu" and self.device.type == "cuda"
-        out = torch.empty(b, conv.out_channels, 2 * h, 2 * w, dtype=self.dtype, device=self.storage, pin_memory=pin)
-        step = self.strip_rows(c, conv.out_channels, w, h, 2)
-        for a in range(0, 2 * h, step):
-            e = min(a + step, 2 * h)
-            # Output row y reads source rows (y-1)//2 .. (y+1)//2; rows beyond the map contribute nothing,
-            # exactly as the zero padding of the upsampled map.
-            lo, hi = max((a - 1) // 2, 0), min(e // 2 + 1, h)
-            t = self.to_dev(x[:, :, lo:hi]).to(self.dtype)
-            y = F.conv_transpose2d(t, weight, bias, stride=2, padding=1)  # rows 2*lo .. 2*hi of the output
-            out[:, :, a:e].copy_(y[:, :, a - 2 * lo : e - 2 * lo])
-        return out
+        """Nearest x2 + conv as the folded stride-2 transposed conv, materialised over strips."""
+        up = self.upsampled(x, conv)
+        b, c, h, w = up.shape
+        out, sums = self.new_map(b, c, h, w)
+        step = self.strip_rows(x.shape[1], c, x.shape[3], x.shape[2], 2)
+        for a in range(0, h, step):
+            e = min(a + step, h)
+            self.write(out, a, e, self.rows_of(up, a, e), sums)
+        return self.seal(out, sums)
+
+    def rows_of(self, x: Tensor | Upsampled, a: int, e: int) -> Tensor:
+        """Rows [a, e) of a map on the device: a slice, or computed from an unmaterialised upsampler's source."""
+        if isinstance(x, Tensor):
+            return self.to_dev(x[:, :, a:e])
+        # Output row y reads source rows (y-1)//2 .. (y+1)//2; rows beyond the map contribute nothing, exactly
+        # as the zero padding of the upsampled map.
+        lo, hi = max((a - 1) // 2, 0), min(e // 2 + 1, x.src.shape[2])
+        t = self.to_dev(x.src[:, :, lo:hi]).to(self.dtype)
+        y = F.conv_transpose2d(t, x.weight, x.bias, stride=2, padding=1)  # rows 2*lo .. 2*hi of the output
+        return y[:, :, a - 2 * lo : e - 2 * lo]
 
     def head(self, x: Tensor, norm: nn.GroupNorm, conv: nn.Conv2d) -> Tensor:
         """GroupNorm -> SiLU -> conv_out."""

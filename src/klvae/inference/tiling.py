@@ -47,18 +47,27 @@ def estimate_bytes(vae: AutoencoderKL, op: str, shape: tuple[int, ...], dtype: t
 def make_streamer(
     vae: AutoencoderKL, opts: TileOptions, dtype: torch.dtype, image_height: int
 ) -> Streamer:
-    """A Streamer whose strips fit the budget; maps kept in host memory when computing on a GPU."""
+    """A Streamer whose strips fit the budget; on a GPU, maps over half a strip budget live in host memory, in
+    NHWC so that each strip crosses the bus in one piece."""
     device = vae.device
-    storage = torch.device("cpu") if device.type == "cuda" else device
-    budget = (opts.max_memory or 2 * 2**30) // 4  # leave room for weights, the attention map, allocator slack
-    return Streamer(device=device, storage=storage, dtype=dtype, budget=budget,
-                    rows=opts.tile_size, image_height=image_height)
+    cuda = device.type == "cuda"
+    storage = torch.device("cpu") if cuda else device
+    budget, resident = budgets(opts)
+    return Streamer(device=device, storage=storage, dtype=dtype, budget=budget, rows=opts.tile_size,
+                    image_height=image_height, channels_last=cuda, resident=resident if cuda else 0,
+                    recompute=cuda)
+
+
+def budgets(opts: TileOptions) -> tuple[int, int]:
+    """(bytes one strip's working set may take, bytes up to which a map stays on the GPU) for a memory budget."""
+    strip = (opts.max_memory or 2 * 2**30) // 4  # leave room for weights, resident maps, the attention map
+    return strip, strip // 2
 
 
 def tiled_encode_moments(vae: AutoencoderKL, x: Tensor, st: Streamer) -> Tensor:
     """Encoder moments of x [B, C, H, W] (H, W multiples of the factor), layer by layer over strips."""
     enc = vae.encoder
-    h = st.conv(x.to(st.storage), enc.conv_in)
+    h = st.conv(st.place(x), enc.conv_in)
     for block in enc.down_blocks:
         h = st.level(h, block)
     h = st.mid(h, enc.mid_block)
@@ -71,7 +80,7 @@ def tiled_encode_moments(vae: AutoencoderKL, x: Tensor, st: Streamer) -> Tensor:
 def tiled_decode(vae: AutoencoderKL, z: Tensor, st: Streamer) -> Tensor:
     """Decoder output of unscaled latents z, layer by layer over strips."""
     dec = vae.decoder
-    h = z.to(st.storage)
+    h = st.place(z)
     if vae.post_quant_conv is not None:
         h = st.conv(h, vae.post_quant_conv)
     h = st.conv(h, dec.conv_in)
