@@ -32,7 +32,7 @@ class SpeedOptions:
     # NHWC activations and weights: the layout cuDNN's tensor-core convolutions use natively.
     channels_last: bool | None = None
     # Run each decoder upsampler (nearest x2, 3x3 conv) as one stride-2 transposed conv with a folded 4x4 kernel:
-    # 2.25x fewer multiply-adds in those convs (a sixth of a decode's) and no upsampled map; equal up to the
+    # 2.25x fewer multiply-adds in those convs (15 % of a decode's arithmetic) and no upsampled map; equal up to the
     # order of sums, and exact math on every device, so on by default.
     fold_upsample: bool = True
     # torch.compile the encoder and decoder: the first call per input shape compiles (tens of seconds on a

@@ -33,19 +33,26 @@ Stats = tuple[Tensor, Tensor]  # per (batch, group) mean and 1/std, float32, sha
 
 
 @dataclass
-class Upsampled:
-    """A folded upsampler's output left unmaterialised: the next ResNet block computes the rows it reads from
-    the 4x smaller source map (with `recompute`, so that the 4x larger map never crosses the bus)."""
+class LazyConv:
+    """conv(src) left unmaterialised where src is the smaller map (a folded upsampler's source, the encoder's
+    input image): with `recompute`, the next ResNet block computes the rows it reads from src, so the larger
+    map is never written nor read back."""
 
     src: Tensor  # the source map [B, C, H, W]
-    weight: Tensor  # the folded [C, Cout, 4, 4] transposed-conv kernel, in the compute dtype
+    conv: nn.Conv2d  # a 3x3 "same" conv, or the conv of a folded upsampler
+    up: bool  # nearest x2 first (folded into a stride-2 transposed conv)
+    weight: Tensor  # in the compute dtype; for `up` the folded [C, Cout, 4, 4] kernel
     bias: Tensor
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
         """The shape of the map it stands for."""
         b, _, h, w = self.src.shape
-        return b, self.weight.shape[1], 2 * h, 2 * w
+        s = 2 if self.up else 1
+        return b, self.conv.out_channels, s * h, s * w
+
+
+Map = Tensor | LazyConv
 
 
 @dataclass
@@ -97,8 +104,16 @@ class Streamer:
     def write(self, out: Tensor, a: int, e: int, y: Tensor, sums: list[Tensor]) -> None:
         """Store output rows [a, e) and add the stored values to the map's per-channel sums."""
         y = y.to(self.dtype)
-        out[:, :, a:e].copy_(y)
+        # Asynchronous into pinned host memory: the GPU goes on computing. Later uploads of these rows queue on
+        # the same stream, after the copy; host code reads a map only after `finish`.
+        out[:, :, a:e].copy_(y, non_blocking=True)
         self.add_sums(sums, y)
+
+    def finish(self, t: Tensor) -> Tensor:
+        """Wait for pending copies, so that the host may read `t` (the last map)."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        return t
 
     def new_sums(self, b: int, c: int) -> list[Tensor]:
         """Zeroed per-channel sum and sum-of-squares buffers [B, C] (float64, on the device)."""
@@ -128,7 +143,7 @@ class Streamer:
         return self.seal(out, sums)
 
     # ---- GroupNorm ------------------------------------------------------------------------------
-    def group_stats(self, x: Tensor | Upsampled, norm: nn.GroupNorm) -> Stats:
+    def group_stats(self, x: Map, norm: nn.GroupNorm) -> Stats:
         """Mean and 1/std of each (sample, group) over the whole map: from the sums gathered while the map was
         written, or else from a pass over it strip by strip."""
         b, c, h, w = x.shape
@@ -167,13 +182,14 @@ class Streamer:
     # ---- convolutions ---------------------------------------------------------------------------
     def conv(
         self,
-        x: Tensor,
+        x: Map,
         conv: nn.Conv2d,
         pre: Callable[[Tensor], Tensor] | None = None,
         residual: Callable[[int, int], Tensor] | None = None,
         mode: str = "same",
     ) -> Tensor:
         """conv(pre(x)) (+ residual rows) over strips; mode "same" (3x3/1x1), "down" (pad 0,1 + s2), "up" (x2)."""
+        x = self.materialize(x)
         b, cin, h, w = x.shape
         k = conv.kernel_size[0]
         ho, wo = {"same": (h, w), "down": (h // 2, w // 2), "up": (2 * h, 2 * w)}[mode]
@@ -218,7 +234,7 @@ class Streamer:
         return F.pad(t, (cols[0], cols[1], src_lo - lo, hi - src_hi))
 
     # ---- blocks ---------------------------------------------------------------------------------
-    def resnet(self, x: Tensor | Upsampled, block: ResnetBlock) -> Tensor:
+    def resnet(self, x: Map, block: ResnetBlock) -> Tensor:
         """A ResNet block: two normalised convs and the (projected) shortcut, each streamed."""
         s1 = self.group_stats(x, block.norm1)
         if self.recompute:
@@ -234,7 +250,7 @@ class Streamer:
         return self.conv(h, block.conv2, pre=lambda t: self.apply_norm(t, block.norm2, s2, act=True),
                          residual=shortcut)
 
-    def _resnet_recomputed(self, x: Tensor | Upsampled, block: ResnetBlock, s1: Stats) -> Tensor:
+    def _resnet_recomputed(self, x: Map, block: ResnetBlock, s1: Stats) -> Tensor:
         # Pass 1 gathers the sums of h = conv1(silu(norm1(x))) strip by strip and keeps nothing else; pass 2
         # recomputes h with a one-row halo from a two-row halo of x, then conv2 and the shortcut.
         b, cin, rows, w = x.shape
@@ -264,10 +280,11 @@ class Streamer:
             self.write(out, a, e, y + sc, sums)
         return self.seal(out, sums)
 
-    def attention(self, x: Tensor, attn: nn.Module, query_chunk: int | None = None) -> Tensor:
+    def attention(self, x: Map, attn: nn.Module, query_chunk: int | None = None) -> Tensor:
         """Whole-map attention on the device (it runs at latent resolution), in chunks of query rows whose score
         matrix (fp32, with the softmax's copy) fits the strip budget where SDPA falls back to plain math. Only the
         normalised map, K and V are whole: the norm, Q, the output projection and the residual go by chunks."""
+        x = self.materialize(x)
         t = self.to_dev(x)
         if isinstance(attn, LinearAttention):
             return self._linear(t, attn)
@@ -296,14 +313,14 @@ class Streamer:
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             return self.store(attn(t))
 
-    def mid(self, x: Tensor, block: MidBlock) -> Tensor:
+    def mid(self, x: Map, block: MidBlock) -> Tensor:
         """ResNet -> attention -> ResNet."""
         x = self.resnet(x, block.resnets[0])
         for attn in block.attentions:
             x = self.attention(x, attn)
         return self.resnet(x, block.resnets[1])
 
-    def level(self, x: Tensor | Upsampled, block: nn.Module) -> Tensor | Upsampled:
+    def level(self, x: Map, block: nn.Module) -> Map:
         """A down or up level: its ResNet blocks, then its resampler."""
         for r in block.resnets:
             x = self.resnet(x, r)
@@ -311,30 +328,42 @@ class Streamer:
         for s in samplers or ():
             assert isinstance(s, Downsample | Upsample)
             if isinstance(s, Upsample) and s.fold:  # with recompute the next ResNet block reads it row by row
-                x = self.upsampled(x, s.conv) if self.recompute else self.upsample_folded(x, s.conv)
+                x = self.lazy(x, s.conv, up=True) if self.recompute else self.upsample_folded(x, s.conv)
             else:
                 x = self.conv(x, s.conv, mode="down" if isinstance(s, Downsample) else "up")
         return x
 
-    def upsampled(self, x: Tensor, conv: nn.Conv2d) -> Upsampled:
-        """Nearest x2 + conv as the folded stride-2 transposed conv (`Upsample.fold`), not yet computed."""
-        return Upsampled(x, fold_upsample_kernel(conv.weight).to(self.dtype), conv.bias.to(self.dtype))
+    def input_conv(self, x: Tensor, conv: nn.Conv2d) -> Map:
+        """The first conv of a small input (image, latents): with `recompute` the next block computes its rows."""
+        return self.lazy(x, conv) if self.recompute else self.conv(x, conv)
+
+    def lazy(self, x: Tensor, conv: nn.Conv2d, up: bool = False) -> LazyConv:
+        """conv(x), or nearest x2 + conv as the folded transposed conv (`Upsample.fold`), not yet computed."""
+        weight = fold_upsample_kernel(conv.weight) if up else conv.weight
+        return LazyConv(x, conv, up, weight.to(self.dtype), conv.bias.to(self.dtype))
 
     def upsample_folded(self, x: Tensor, conv: nn.Conv2d) -> Tensor:
         """Nearest x2 + conv as the folded stride-2 transposed conv, materialised over strips."""
-        up = self.upsampled(x, conv)
-        b, c, h, w = up.shape
+        return self.materialize(self.lazy(x, conv, up=True))
+
+    def materialize(self, x: Map) -> Tensor:
+        """A map in memory (storage or device), with its sums."""
+        if isinstance(x, Tensor):
+            return x
+        b, c, h, w = x.shape
         out, sums = self.new_map(b, c, h, w)
-        step = self.strip_rows(x.shape[1], c, x.shape[3], x.shape[2], 2)
+        step = self.strip_rows(x.src.shape[1], c, w, h)
         for a in range(0, h, step):
             e = min(a + step, h)
-            self.write(out, a, e, self.rows_of(up, a, e), sums)
+            self.write(out, a, e, self.rows_of(x, a, e), sums)
         return self.seal(out, sums)
 
-    def rows_of(self, x: Tensor | Upsampled, a: int, e: int) -> Tensor:
+    def rows_of(self, x: Map, a: int, e: int) -> Tensor:
         """Rows [a, e) of a map on the device: a slice, or computed from an unmaterialised upsampler's source."""
         if isinstance(x, Tensor):
             return self.to_dev(x[:, :, a:e])
+        if not x.up:
+            return self._valid_conv(self._conv_input(x.src, a, e, x.conv.kernel_size[0], "same", None), x.conv)
         # Output row y reads source rows (y-1)//2 .. (y+1)//2; rows beyond the map contribute nothing, exactly
         # as the zero padding of the upsampled map.
         lo, hi = max((a - 1) // 2, 0), min(e // 2 + 1, x.src.shape[2])

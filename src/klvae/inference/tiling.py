@@ -67,14 +67,14 @@ def budgets(opts: TileOptions) -> tuple[int, int]:
 def tiled_encode_moments(vae: AutoencoderKL, x: Tensor, st: Streamer) -> Tensor:
     """Encoder moments of x [B, C, H, W] (H, W multiples of the factor), layer by layer over strips."""
     enc = vae.encoder
-    h = st.conv(st.place(x), enc.conv_in)
+    h = st.input_conv(st.place(x), enc.conv_in)
     for block in enc.down_blocks:
         h = st.level(h, block)
     h = st.mid(h, enc.mid_block)
     h = st.head(h, enc.conv_norm_out, enc.conv_out)
     if vae.quant_conv is not None:
         h = st.conv(h, vae.quant_conv)
-    return h.float()
+    return st.finish(h).float()
 
 
 def tiled_decode(vae: AutoencoderKL, z: Tensor, st: Streamer) -> Tensor:
@@ -83,11 +83,11 @@ def tiled_decode(vae: AutoencoderKL, z: Tensor, st: Streamer) -> Tensor:
     h = st.place(z)
     if vae.post_quant_conv is not None:
         h = st.conv(h, vae.post_quant_conv)
-    h = st.conv(h, dec.conv_in)
+    h = st.input_conv(h, dec.conv_in)
     h = st.mid(h, dec.mid_block)
     for block in dec.up_blocks:
         h = st.level(h, block)
-    return st.head(h, dec.conv_norm_out, dec.conv_out).float()
+    return st.finish(st.head(h, dec.conv_norm_out, dec.conv_out)).float()
 
 
 def run_maybe_tiled(
