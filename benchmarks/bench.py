@@ -7,7 +7,8 @@ untiled output (equal to diffusers' in fp32: see tests/test_parity.py), as PSNR 
 abs difference.
 Variants: klvae (fp32 weights under autocast), klvae-fast (optimize_for_inference: folded upsampling; on
 GPUs also weights in the compute dtype and channels_last), klvae-unfolded (klvae-fast without the folded
-upsampling, to weigh that lever), klvae-compiled (klvae-fast plus torch.compile), diffusers (weights in the
+upsampling, to weigh that lever), klvae-nchw (klvae-fast in NCHW: eager GroupNorm on CUDA may not keep
+channels_last), klvae-compiled (klvae-fast plus torch.compile), diffusers (weights in the
 compute dtype) and diffusers-compiled (plus channels_last and torch.compile, the peer's fastest setting).
 
     python benchmarks/bench.py --device cpu --dtype fp32 --cases decode:256:1 encode:256:1 --json out.json
@@ -112,7 +113,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.inf if mse == 0 else 10 * math.log10(4.0 / mse)
 
 
-OURS = ("klvae", "klvae-fast", "klvae-unfolded", "klvae-compiled")
+OURS = ("klvae", "klvae-fast", "klvae-unfolded", "klvae-nchw", "klvae-compiled")
 THEIRS = ("diffusers", "diffusers-compiled")
 
 
@@ -124,8 +125,9 @@ def make_variants(ours: klvae.AutoencoderKL, theirs: torch.nn.Module, dtype: tor
     for name in names:
         if name == "klvae":
             out[name] = ours
-        elif name in ("klvae-fast", "klvae-unfolded", "klvae-compiled"):
-            opts = SpeedOptions(compile=name == "klvae-compiled", fold_upsample=name != "klvae-unfolded")
+        elif name in ("klvae-fast", "klvae-unfolded", "klvae-nchw", "klvae-compiled"):
+            opts = SpeedOptions(compile=name == "klvae-compiled", fold_upsample=name != "klvae-unfolded",
+                                channels_last=False if name == "klvae-nchw" else None)
             out[name] = optimize_for_inference(copy.deepcopy(ours), dtype, opts)
         elif name == "diffusers":
             out[name] = copy.deepcopy(theirs).to(dtype)

@@ -3,14 +3,15 @@
 #
 #   bash benchmarks/gpu.sh wheels       # here, once: diffusers (the oracle) as wheels into the ignored .whl/
 #   bash benchmarks/gpu.sh check        # on the GPU machine: the device-aware tests with --device cuda
-#   bash benchmarks/gpu.sh eager        #   klvae, klvae-fast, klvae-unfolded, diffusers on whole images
-#   bash benchmarks/gpu.sh compiled     #   klvae-compiled, diffusers-compiled (torch.compile + channels_last)
+#   bash benchmarks/gpu.sh eager        #   klvae, klvae-fast, -unfolded, -nchw, diffusers on whole images
+#   bash benchmarks/gpu.sh compiled     #   klvae-compiled, diffusers-compiled (torch.compile + channels_last),
+#   bash benchmarks/gpu.sh compiled-encode  # decode cases, then encode cases
 #   bash benchmarks/gpu.sh tiled        #   exact strips vs diffusers' enable_tiling() at 2048² and 4096²
 #
 # On the device tool: run `bash benchmarks/gpu.sh PART` with carry [".whl"]; JSON and logs land in $OUT
 # (docs/ when OUT is unset). The GPU image has torch, so klvae runs from src/ without installing.
 set -euo pipefail
-part=${1:?usage: bash benchmarks/gpu.sh wheels|check|eager|compiled|tiled}
+part=${1:?usage: bash benchmarks/gpu.sh wheels|check|eager|compiled|compiled-encode|tiled}
 
 if [ "$part" = wheels ]; then
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -34,15 +35,18 @@ case "$part" in
         python3 -m pytest -p no:cacheprovider --device cuda tests/test_inference.py tests/test_speed.py 2>&1 \
             | tee -a "$out/gpu-$part.log" ;;
     eager)
-        bench --variants klvae klvae-fast klvae-unfolded diffusers \
+        bench --variants klvae klvae-fast klvae-unfolded klvae-nchw diffusers \
             --cases decode:512:1 decode:512:8 decode:1024:1 encode:512:1 encode:512:8 encode:1024:1 \
             --json "$out/benchmarks-h100-eager.json" ;;
-    compiled)
+    compiled)  # each shape compiles once per variant (about a minute each), so decode and encode go apart
         bench --variants klvae-compiled diffusers-compiled \
-            --cases decode:512:8 decode:1024:1 encode:512:8 encode:1024:1 --json "$out/benchmarks-h100-compiled.json" ;;
+            --cases decode:512:8 decode:1024:1 --json "$out/benchmarks-h100-compiled.json" ;;
+    compiled-encode)
+        bench --variants klvae-compiled diffusers-compiled \
+            --cases encode:512:8 encode:1024:1 --json "$out/benchmarks-h100-compiled-encode.json" ;;
     tiled)
         bench --variants klvae klvae-fast diffusers --warmup 1 --iters 3 \
             --cases decode:2048:1:tiled encode:2048:1:tiled decode:4096:1:tiled encode:4096:1:tiled \
             --json "$out/benchmarks-h100-tiled.json" ;;
-    *) echo "unknown part $part: wheels|check|eager|compiled|tiled" >&2; exit 2 ;;
+    *) echo "unknown part $part: wheels|check|eager|compiled|compiled-encode|tiled" >&2; exit 2 ;;
 esac
