@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,7 @@ from klvae.weights import (
     diffusers_to_ldm,
     drop_training_keys,
     export_ldm,
+    hub,
     infer_config,
     read_config_json,
     read_state_dict,
@@ -301,6 +305,36 @@ def test_preset_name_goes_to_its_hub_repo(offline_cache: Path, monkeypatch: pyte
     back = AutoencoderKL.from_pretrained("tiny")
     assert back.config == TINY
     assert_same_weights(back, model)
+
+
+@pytest.fixture
+def no_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """No HF_HUB_OFFLINE, no proxy, and a host name that does not resolve."""
+    cache = tmp_path / "hf" / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(k, raising=False)
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", fail)
+    hub._no_network.cache_clear()
+    yield cache
+    hub._no_network.cache_clear()
+
+
+def test_without_network_the_cache_answers_at_once(no_network: Path) -> None:
+    model = tiny_model()
+    fake_hub_cache(no_network, "org/cached", model, "vae")
+    start = time.perf_counter()
+    assert_same_weights(AutoencoderKL.from_pretrained("org/cached", subfolder="vae"), model)
+    with pytest.raises(WeightsError, match=r"^no network .* org/absent/config\.json is not in the local cache$"):
+        AutoencoderKL.from_pretrained("org/absent")
+    assert time.perf_counter() - start < 5  # huggingface_hub's own retries take about 25 s
 
 
 def test_hub_id_not_in_the_cache(offline_cache: Path) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 from klvae.errors import WeightsError
 
@@ -32,6 +35,23 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+@functools.cache
+def _no_network() -> bool:
+    """Whether the hub's host name fails to resolve: then only the local cache is tried, at once, instead of
+    huggingface_hub's retries (about 25 s). Behind a proxy the proxy resolves names, so no check is made."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return False
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except (OSError, UnicodeError):
+        log.info("%s does not resolve: using the local hub cache only", host)
+        return True
+    return False
+
+
 def _cache_dir() -> str | None:
     # Also read at call time, for the same reason; None lets huggingface_hub use its own default.
     if os.environ.get("HF_HUB_CACHE"):
@@ -47,7 +67,8 @@ def _download(repo_id: str, filename: str, subfolder: str | None) -> Path:
     from huggingface_hub import hf_hub_download
 
     path = hf_hub_download(
-        repo_id, filename, subfolder=subfolder or None, cache_dir=_cache_dir(), local_files_only=_offline(),
+        repo_id, filename, subfolder=subfolder or None, cache_dir=_cache_dir(),
+        local_files_only=_offline() or _no_network(),
         library_name="klvae",
     )
     return Path(path)
@@ -67,6 +88,8 @@ def _describe(e: Exception, repo_id: str, filename: str) -> str:
     if isinstance(e, LocalEntryNotFoundError):
         if _offline():
             return f"HF_HUB_OFFLINE is set and {where} is not in the local cache"
+        if _no_network():
+            return f"no network (the hub's host name does not resolve) and {where} is not in the local cache"
         return f"cannot reach the hub and {where} is not in the local cache"
     if isinstance(e, EntryNotFoundError):
         return f"hub repository {repo_id} has no {filename}"
