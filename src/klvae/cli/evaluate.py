@@ -71,7 +71,7 @@ def _model_names(specs: list[str]) -> list[str]:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate the models and write the report; exit 1 when some images were unreadable."""
     from klvae.evaluation.evaluate import EvalOptions, build_metric_nets, run_evaluation
-    from klvae.inference import resolve_device, resolve_dtype
+    from klvae.inference import SpeedOptions, optimize_for_inference, resolve_device, resolve_dtype
     from klvae.model.autoencoder import AutoencoderKL
 
     device = resolve_device(args.device)
@@ -88,7 +88,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     configs = _per_model(args.config, len(args.model), "--config")
     models = {}
     for name, spec, sub, cfg in zip(_model_names(args.model), args.model, subfolders, configs, strict=True):
-        models[name] = AutoencoderKL.from_pretrained(spec, subfolder=sub, config=cfg, device=device)
+        vae = AutoencoderKL.from_pretrained(spec, subfolder=sub, config=cfg, device=device)
+        # The same levers as encode/decode/reconstruct, so that eval scores what those commands produce.
+        models[name] = optimize_for_inference(vae, opts.dtype, SpeedOptions())
         log.info("model %s on %s", spec, device)
     nets = build_metric_nets(device, lpips=not args.no_lpips, lpips_vgg=args.lpips_vgg, lpips_lin=args.lpips_lin,
                              fid=not args.no_fid, inception_weights=args.inception_weights)
