@@ -52,9 +52,12 @@ def test_tiled_handles_sizes_that_are_not_multiples_of_eight(device: torch.devic
     assert y.shape == (1, 3, 37, 53)
 
 
-@pytest.mark.parametrize(("channels_last", "recompute", "fold"),
-                         [(False, False, False), (True, False, True), (False, True, False), (True, True, True)])
-def test_tiled_maps_carry_their_statistics(channels_last: bool, recompute: bool, fold: bool,
+@pytest.mark.parametrize(("channels_last", "recompute", "fold", "resident"),
+                         [(False, False, False, 0), (True, False, True, 0), (False, True, False, 0),
+                          (True, True, True, 0), (True, True, True, 100_000)])
+# resident=100_000: the 64-channel upsampled map at 24x20 (123 kB) is recomputed, the 32-channel block output
+# it feeds (61 kB) is kept: a lazy input into a block that is not itself recomputed.
+def test_tiled_maps_carry_their_statistics(channels_last: bool, recompute: bool, fold: bool, resident: int,
                                            device: torch.device) -> None:
     vae = _vae("tiny-f8", device=device)
     for m in vae.modules():
@@ -64,7 +67,7 @@ def test_tiled_maps_carry_their_statistics(channels_last: bool, recompute: bool,
     m_plain = inference.encode_moments(vae, x)
     d_plain = inference.decode(vae, m_plain[:, :4])
     st = Streamer(device=device, storage=torch.device("cpu"), dtype=torch.float32, rows=8, image_height=48,
-                  channels_last=channels_last, recompute=recompute)
+                  channels_last=channels_last, recompute=recompute, resident=resident)
     assert st.conv(x, vae.encoder.conv_in).is_contiguous(
         memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     m = tiling.tiled_encode_moments(vae, x, st)

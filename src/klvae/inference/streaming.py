@@ -11,6 +11,7 @@ untiled computation up to the order of floating-point sums.
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -92,10 +93,18 @@ class Streamer:
         return t.to(self.device, non_blocking=True)
 
     # ---- maps -----------------------------------------------------------------------------------
+    def on_device(self, shape: tuple[int, ...]) -> bool:
+        """Whether a map of this shape is kept on the device rather than on storage."""
+        return math.prod(shape) * (torch.finfo(self.dtype).bits // 8) <= self.resident
+
+    def recomputes(self, shape: tuple[int, ...]) -> bool:
+        """Whether a map of this shape is recomputed rather than stored: with `recompute`, when it would not
+        stay on the device (recomputing a map that need not cross the bus only adds arithmetic)."""
+        return self.recompute and not self.on_device(shape)
+
     def new_map(self, b: int, c: int, h: int, w: int) -> tuple[Tensor, list[Tensor]]:
         """An empty map (on the device when small enough, else on storage) and its per-channel sum buffers."""
-        small = b * c * h * w * (torch.finfo(self.dtype).bits // 8) <= self.resident
-        where = self.device if small else self.storage
+        where = self.device if self.on_device((b, c, h, w)) else self.storage
         pin = where.type == "cpu" and self.device.type == "cuda"  # pinned: asynchronous uploads
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         out = torch.empty(b, c, h, w, dtype=self.dtype, device=where, pin_memory=pin, memory_format=fmt)
@@ -237,7 +246,8 @@ class Streamer:
     def resnet(self, x: Map, block: ResnetBlock) -> Tensor:
         """A ResNet block: two normalised convs and the (projected) shortcut, each streamed."""
         s1 = self.group_stats(x, block.norm1)
-        if self.recompute:
+        b, _, h, w = x.shape
+        if isinstance(x, LazyConv) or self.recomputes((b, block.conv1.out_channels, h, w)):
             return self._resnet_recomputed(x, block, s1)
         h = self.conv(x, block.conv1, pre=lambda t: self.apply_norm(t, block.norm1, s1, act=True))
         s2 = self.group_stats(h, block.norm2)
@@ -328,14 +338,16 @@ class Streamer:
         for s in samplers or ():
             assert isinstance(s, Downsample | Upsample)
             if isinstance(s, Upsample) and s.fold:  # with recompute the next ResNet block reads it row by row
-                x = self.lazy(x, s.conv, up=True) if self.recompute else self.upsample_folded(x, s.conv)
+                up = self.lazy(x, s.conv, up=True)
+                x = up if self.recomputes(up.shape) else self.materialize(up)
             else:
                 x = self.conv(x, s.conv, mode="down" if isinstance(s, Downsample) else "up")
         return x
 
     def input_conv(self, x: Tensor, conv: nn.Conv2d) -> Map:
         """The first conv of a small input (image, latents): with `recompute` the next block computes its rows."""
-        return self.lazy(x, conv) if self.recompute else self.conv(x, conv)
+        lazy = self.lazy(x, conv)
+        return lazy if self.recomputes(lazy.shape) else self.conv(x, conv)
 
     def lazy(self, x: Tensor, conv: nn.Conv2d, up: bool = False) -> LazyConv:
         """conv(x), or nearest x2 + conv as the folded transposed conv (`Upsample.fold`), not yet computed."""
