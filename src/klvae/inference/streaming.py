@@ -2,11 +2,12 @@
 
 Why this and not diffusers' tiling: tiles that each run the whole network see their own GroupNorm
 statistics and their own attention context, which leaves seams. Here the network runs layer by layer.
-Every full activation map lives on a `storage` device (host memory when the GPU budget is small); a
-convolution reads one strip plus the rows its kernel reaches; a GroupNorm first gathers its per-group
-sums over the whole map (a statistics pass), then normalises each strip with those global figures; the
-mid-block attention runs on the whole latent-resolution map, in query chunks. The result equals the
-untiled computation up to the order of floating-point sums.
+A full activation map stays on the device when it is small, else it waits on a `storage` device (pinned
+host memory on a GPU). A convolution reads one strip plus the rows its kernel reaches. A GroupNorm
+normalises each strip with whole-map statistics, from the per-channel sums gathered while its input map was
+written. The mid-block attention runs on the whole latent-resolution map, in query chunks. When maps cross
+the bus, the big ones are recomputed from smaller ones rather than stored (`recompute`). The result equals
+the untiled computation up to the order of floating-point sums.
 """
 
 from __future__ import annotations
@@ -74,9 +75,10 @@ class Streamer:
     # Whole-map statistics passes run (reading a map back only for its GroupNorm sums); the maps this streamer
     # writes carry their per-channel sums, gathered while each strip is still on the device.
     stat_passes: int = 0
-    # Recompute each ResNet block's first conv rather than store its output: per block, the input map crosses
-    # the bus twice and the output once, instead of three reads and two writes. Worth it when maps live in host
-    # memory; on a single device it only adds arithmetic.
+    # For maps that would not stay on the device: recompute a ResNet block's first conv rather than store it
+    # (per block the input crosses the bus twice and the output once, instead of three reads and two writes),
+    # and let the next block compute a folded upsampler's or an input conv's rows from their smaller source.
+    # Worth it when maps live in host memory; on a single device it only adds arithmetic.
     recompute: bool = False
     _sums: dict[int, tuple[weakref.ref, Tensor, Tensor]] = field(default_factory=dict, repr=False)
 
@@ -159,7 +161,7 @@ class Streamer:
         entry = self._sums.get(id(x))
         if entry is not None and entry[0]() is x:
             return self.stats_from_sums(entry[1], entry[2], norm, h * w)
-        if isinstance(x, Tensor):  # an unmaterialised upsampler is computed from its small source instead
+        if isinstance(x, Tensor):  # a lazy map is computed from its small source instead
             self.stat_passes += 1
         sums = self.new_sums(b, c)
         step = self.strip_rows(c, 0, w, h)
@@ -371,7 +373,7 @@ class Streamer:
         return self.seal(out, sums)
 
     def rows_of(self, x: Map, a: int, e: int) -> Tensor:
-        """Rows [a, e) of a map on the device: a slice, or computed from an unmaterialised upsampler's source."""
+        """Rows [a, e) of a map on the device: a slice, or computed from a lazy conv's source."""
         if isinstance(x, Tensor):
             return self.to_dev(x[:, :, a:e])
         if not x.up:
