@@ -40,6 +40,31 @@ class CountingStreamer(Streamer):
         super().write(out, a, e, y, sums)
 
 
+def count(vae: klvae.AutoencoderKL, op: str, size: int, max_memory: int) -> CountingStreamer:
+    """Run one tiled encode or decode of a size² image on the meta device; the streamer holds the counts."""
+    meta = torch.device("meta")
+    budget, resident = tiling.budgets(TileOptions(max_memory=max_memory))
+    st = CountingStreamer(device=meta, storage=meta, dtype=torch.bfloat16, budget=budget, image_height=size,
+                          channels_last=True, resident=resident, recompute=True)  # as on a GPU
+    f, c = vae.downsample_factor, vae.config.latent_channels
+    with torch.no_grad():
+        if op == "decode":
+            tiling.tiled_decode(vae, torch.zeros(1, c, size // f, size // f, device=meta, dtype=torch.bfloat16), st)
+        else:
+            tiling.tiled_encode_moments(vae, torch.zeros(1, 3, size, size, device=meta, dtype=torch.bfloat16), st)
+    return st
+
+
+def meta_model(preset: str) -> klvae.AutoencoderKL:
+    """The preset's architecture on the meta device, in bf16, with its upsamplers folded (the GPU default)."""
+    with torch.device("meta"):
+        vae = klvae.AutoencoderKL(preset).eval().to(torch.bfloat16)
+    for m in vae.modules():
+        if hasattr(m, "fold"):
+            m.fold = True
+    return vae
+
+
 def main() -> None:
     """Count both directions for each size and print them."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -47,25 +72,10 @@ def main() -> None:
     ap.add_argument("--max-memory", type=float, default=2.0, help="GPU budget in GiB (default 2)")
     ap.add_argument("--preset", default="sd15")
     args = ap.parse_args()
-    meta = torch.device("meta")
-    with meta:
-        vae = klvae.AutoencoderKL(args.preset).eval().to(torch.bfloat16)
-    for m in vae.modules():  # as optimize_for_inference leaves them
-        if hasattr(m, "fold"):
-            m.fold = True
-    f = vae.downsample_factor
+    vae = meta_model(args.preset)
     for size in args.size:
         for op in ("decode", "encode"):
-            budget, resident = tiling.budgets(TileOptions(max_memory=int(args.max_memory * 2**30)))
-            st = CountingStreamer(device=meta, storage=meta, dtype=torch.bfloat16, budget=budget,
-                                  image_height=size, channels_last=True, resident=resident, recompute=True)
-            with torch.no_grad():
-                if op == "decode":
-                    tiling.tiled_decode(vae, torch.zeros(1, vae.config.latent_channels, size // f, size // f,
-                                                         device=meta, dtype=torch.bfloat16), st)
-                else:
-                    tiling.tiled_encode_moments(vae, torch.zeros(1, 3, size, size, device=meta,
-                                                                 dtype=torch.bfloat16), st)
+            st = count(vae, op, size, int(args.max_memory * 2**30))
             print(f"{op} {size}²: host->GPU {st.up / 2**30:6.1f} GiB, GPU->host {st.down / 2**30:6.1f} GiB, "
                   f"statistics passes {st.stat_passes}")
 

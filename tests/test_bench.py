@@ -1,5 +1,6 @@
 """The benchmark script runs end to end on the CPU and writes the rows docs/benchmarks.md is built from."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -23,3 +24,18 @@ def test_bench_writes_every_variant_and_case(tmp_path: Path) -> None:
         assert rows[(case, "klvae")]["psnr_vs_fp32_untiled"] > 100
         assert rows[(case, "diffusers enable_tiling()")]["psnr_vs_fp32_untiled"] < 45
     assert all(r["ms"] > 0 and r["images_per_s"] > 0 for r in rows.values())
+
+
+def test_tiling_traffic_stays_as_documented() -> None:
+    """docs/benchmarks.md's traffic table: a 1024² job keeps every map on the GPU, a 2048² decode moves at most
+    8.8 GiB up and 4.5 GiB down (201 GiB at 4096² in the first version), and no map is read back for statistics."""
+    spec = importlib.util.spec_from_file_location("traffic", ROOT / "benchmarks" / "traffic.py")
+    traffic = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(traffic)
+    vae = traffic.meta_model("sd15")
+    for op in ("decode", "encode"):
+        st = traffic.count(vae, op, 1024, 2 * 2**30)
+        assert st.up == st.down == 0 and st.stat_passes == 0
+    st = traffic.count(vae, "decode", 2048, 2 * 2**30)
+    assert st.stat_passes == 0
+    assert 8 * 2**30 < st.up <= 8.85 * 2**30 and 4 * 2**30 < st.down <= 4.55 * 2**30
