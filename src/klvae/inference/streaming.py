@@ -356,10 +356,6 @@ class Streamer:
         weight = fold_upsample_kernel(conv.weight) if up else conv.weight
         return LazyConv(x, conv, up, weight.to(self.dtype), conv.bias.to(self.dtype))
 
-    def upsample_folded(self, x: Tensor, conv: nn.Conv2d) -> Tensor:
-        """Nearest x2 + conv as the folded stride-2 transposed conv, materialised over strips."""
-        return self.materialize(self.lazy(x, conv, up=True))
-
     def materialize(self, x: Map) -> Tensor:
         """A map in memory (storage or device), with its sums."""
         if isinstance(x, Tensor):
