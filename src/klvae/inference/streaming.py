@@ -255,9 +255,7 @@ class Streamer:
         s2 = self.group_stats(h, block.norm2)
 
         def shortcut(a: int, e: int) -> Tensor:
-            t = self.to_dev(x[:, :, a:e]).to(self.dtype)
-            sc = block.conv_shortcut
-            return t if sc is None else F.conv2d(t, sc.weight.to(self.dtype), sc.bias.to(self.dtype))
+            return self._shortcut(self.to_dev(x[:, :, a:e]), block)
 
         return self.conv(h, block.conv2, pre=lambda t: self.apply_norm(t, block.norm2, s2, act=True),
                          residual=shortcut)
@@ -286,11 +284,14 @@ class Streamer:
             h = h[:, :, max(a - 1, 0) - h_lo : min(e + 1, rows) - h_lo]
             t = F.pad(self.apply_norm(h, block.norm2, s2, act=True), (1, 1, int(a == 0), int(e == rows)))
             y = self._valid_conv(t, block.conv2)
-            sc = xs[:, :, a - x_lo : e - x_lo].to(self.dtype)
-            if block.conv_shortcut is not None:
-                sc = F.conv2d(sc, block.conv_shortcut.weight.to(self.dtype), block.conv_shortcut.bias.to(self.dtype))
-            self.write(out, a, e, y + sc, sums)
+            self.write(out, a, e, y + self._shortcut(xs[:, :, a - x_lo : e - x_lo], block), sums)
         return self.seal(out, sums)
+
+    def _shortcut(self, t: Tensor, block: ResnetBlock) -> Tensor:
+        # The block's input rows, projected by its 1x1 conv when the widths differ.
+        t = t.to(self.dtype)
+        sc = block.conv_shortcut
+        return t if sc is None else F.conv2d(t, sc.weight.to(self.dtype), sc.bias.to(self.dtype))
 
     def attention(self, x: Map, attn: nn.Module, query_chunk: int | None = None) -> Tensor:
         """Whole-map attention on the device (it runs at latent resolution), in chunks of query rows whose score
@@ -373,7 +374,8 @@ class Streamer:
         if isinstance(x, Tensor):
             return self.to_dev(x[:, :, a:e])
         if not x.up:
-            return self._valid_conv(self._conv_input(x.src, a, e, x.conv.kernel_size[0], "same", None), x.conv)
+            t = self._conv_input(x.src, a, e, x.conv.kernel_size[0], "same", None)
+            return F.conv2d(t.to(self.dtype), x.weight, x.bias)  # padding is in t
         # Output row y reads source rows (y-1)//2 .. (y+1)//2; rows beyond the map contribute nothing, exactly
         # as the zero padding of the upsampled map.
         lo, hi = max((a - 1) // 2, 0), min(e // 2 + 1, x.src.shape[2])
