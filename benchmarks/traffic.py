@@ -1,8 +1,11 @@
-"""Host <-> GPU traffic of klvae's exact tiling at a given size, counted on the meta device (no GPU, no time).
+"""Host <-> GPU traffic and peak GPU memory of klvae's exact tiling, counted on the meta device (no GPU, no time).
 
 When the GPU budget is small the tiled path keeps big maps in host memory and moves strips across the bus; at
 4096² that traffic, not arithmetic, bounds the tiled decode's time. This counts the bytes each way, as the
-GPU path would move them (same budget, same placement of maps), for the sd15 architecture.
+GPU path would move them (same budget, same placement of maps), for the sd15 architecture, and the peak of
+the bytes held on the GPU: every tensor the job allocates there, while it lives, plus the weights. The peak
+leaves out what the meta device cannot see: the caching allocator's slack, cuDNN workspaces, CUDA context.
+Attention is counted as plain math (its score chunks materialised), which a fused kernel only lowers.
 
     python benchmarks/traffic.py --size 4096 2048 --max-memory 2
 """
@@ -10,12 +13,43 @@ GPU path would move them (same budget, same placement of maps), for the sd15 arc
 from __future__ import annotations
 
 import argparse
+import weakref
+from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import klvae
 from klvae.inference import TileOptions, tiling
 from klvae.inference.streaming import Streamer
+
+
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of every storage an op creates while it lives (the next one, if `host`, not at all)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = self.peak = 0
+        self.host = False  # set just before a host map is allocated
+        self._seen: set[int] = set()
+
+    def __torch_dispatch__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> object:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in self._seen:
+                st = t.untyped_storage()
+                n = 0 if self.host else st.nbytes()
+                self.host = False
+                self._seen.add(st._cdata)
+                self.now += n
+                self.peak = max(self.peak, self.now)
+                weakref.finalize(st, self._free, st._cdata, n)  # a storage's Python object lives as long as it
+        return out
+
+    def _free(self, key: int, n: int) -> None:
+        self._seen.discard(key)
+        self.now -= n
 
 
 class CountingStreamer(Streamer):
@@ -23,35 +57,43 @@ class CountingStreamer(Streamer):
 
     up: int = 0
     down: int = 0
+    live: LiveBytes | None = None
 
-    def new_map(self, b: int, c: int, h: int, w: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        out, sums = super().new_map(b, c, h, w)
-        out.on_host = b * c * h * w * out.element_size() > self.resident  # where the GPU path would put it
-        return out, sums
+    def empty(self, shape: tuple[int, ...], fmt: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+        host = not self.on_device(shape)  # where the GPU path would put it
+        if self.live is not None:
+            self.live.host = host
+        out = super().empty(shape, fmt)
+        out.on_host = host
+        return out
 
     def to_dev(self, t: torch.Tensor) -> torch.Tensor:
         if getattr(t if t._base is None else t._base, "on_host", True):  # input images and latents: host
             self.up += t.numel() * t.element_size()
         return super().to_dev(t)
 
-    def write(self, out: torch.Tensor, a: int, e: int, y: torch.Tensor, sums: list[torch.Tensor]) -> None:
-        if out.on_host:
-            self.down += y.numel() * out.element_size()
-        super().write(out, a, e, y, sums)
+    def put(self, dst: torch.Tensor, y: torch.Tensor) -> None:
+        if getattr(dst if dst._base is None else dst._base, "on_host", False):
+            self.down += y.numel() * dst.element_size()
+        super().put(dst, y)
 
 
 def count(vae: klvae.AutoencoderKL, op: str, size: int, max_memory: int) -> CountingStreamer:
-    """Run one tiled encode or decode of a size² image on the meta device; the streamer holds the counts."""
+    """Run one tiled encode or decode of a size² image on the meta device; the streamer holds the counts, and
+    `peak` the most bytes held on the GPU at once (weights included)."""
     meta = torch.device("meta")
-    budget, resident = tiling.budgets(TileOptions(max_memory=max_memory))
+    weights = sum(p.numel() * p.element_size() for p in vae.parameters())
+    budget, pool = tiling.budgets(TileOptions(max_memory=max_memory), weights)
     st = CountingStreamer(device=meta, storage=meta, dtype=torch.bfloat16, budget=budget, image_height=size,
-                          channels_last=True, resident=resident, recompute=True)  # as on a GPU
+                          channels_last=True, pool=pool, recompute=True)  # as on a GPU
+    st.live = LiveBytes()
     f, c = vae.downsample_factor, vae.config.latent_channels
-    with torch.no_grad():
+    with torch.no_grad(), st.live:
         if op == "decode":
             tiling.tiled_decode(vae, torch.zeros(1, c, size // f, size // f, device=meta, dtype=torch.bfloat16), st)
         else:
             tiling.tiled_encode_moments(vae, torch.zeros(1, 3, size, size, device=meta, dtype=torch.bfloat16), st)
+    st.peak = st.live.peak + weights
     return st
 
 
@@ -77,7 +119,7 @@ def main() -> None:
         for op in ("decode", "encode"):
             st = count(vae, op, size, int(args.max_memory * 2**30))
             print(f"{op} {size}²: host->GPU {st.up / 2**30:6.1f} GiB, GPU->host {st.down / 2**30:6.1f} GiB, "
-                  f"statistics passes {st.stat_passes}")
+                  f"peak GPU {st.peak / 2**30:5.2f} GiB, statistics passes {st.stat_passes}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import torch
 import klvae
 from klvae import inference
 from klvae.inference import TileOptions, tiling
-from klvae.inference.streaming import Streamer
+from klvae.inference.streaming import LazyConv, Streamer
 from klvae.model.blocks import Upsample
 
 
@@ -52,12 +52,28 @@ def test_tiled_handles_sizes_that_are_not_multiples_of_eight(device: torch.devic
     assert y.shape == (1, 3, 37, 53)
 
 
-@pytest.mark.parametrize(("channels_last", "recompute", "fold", "resident"),
+class _Watching(Streamer):
+    """Counts where maps go, and lazy maps read by a block whose own output is kept (not recomputed)."""
+
+    def __init__(self, **kw: object) -> None:
+        super().__init__(**kw)
+        self.seen = {"device": 0, "storage": 0, "lazy into kept block": 0}
+
+    def empty(self, shape: tuple[int, ...], fmt: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+        self.seen["device" if self.on_device(shape) else "storage"] += 1
+        return super().empty(shape, fmt)
+
+    def resnet(self, x: object, block: torch.nn.Module) -> torch.Tensor:
+        b, _, h, w = x.shape
+        if isinstance(x, LazyConv) and not self.recomputes((b, block.conv1.out_channels, h, w)):
+            self.seen["lazy into kept block"] += 1
+        return super().resnet(x, block)
+
+
+@pytest.mark.parametrize(("channels_last", "recompute", "fold", "pool"),
                          [(False, False, False, 0), (True, False, True, 0), (False, True, False, 0),
-                          (True, True, True, 0), (True, True, True, 100_000)])
-# resident=100_000: the 64-channel upsampled map at 24x20 (123 kB) is recomputed, the 32-channel block output
-# it feeds (61 kB) is kept: a lazy input into a block that is not itself recomputed.
-def test_tiled_maps_carry_their_statistics(channels_last: bool, recompute: bool, fold: bool, resident: int,
+                          (True, True, True, 0), (True, True, True, 120_000)])
+def test_tiled_maps_carry_their_statistics(channels_last: bool, recompute: bool, fold: bool, pool: int,
                                            device: torch.device) -> None:
     vae = _vae("tiny-f8", device=device)
     for m in vae.modules():
@@ -66,14 +82,17 @@ def test_tiled_maps_carry_their_statistics(channels_last: bool, recompute: bool,
     x = (torch.rand(1, 3, 48, 40) * 2 - 1).to(device)
     m_plain = inference.encode_moments(vae, x)
     d_plain = inference.decode(vae, m_plain[:, :4])
-    st = Streamer(device=device, storage=torch.device("cpu"), dtype=torch.float32, rows=8, image_height=48,
-                  channels_last=channels_last, recompute=recompute, resident=resident)
-    assert st.conv(x, vae.encoder.conv_in).is_contiguous(
-        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    st = _Watching(device=device, storage=torch.device("cpu"), dtype=torch.float32, rows=8, image_height=48,
+                   channels_last=channels_last, recompute=recompute, pool=pool)
+    with torch.no_grad():
+        assert st.conv(x, vae.encoder.conv_in).is_contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     m = tiling.tiled_encode_moments(vae, x, st)
     d = tiling.tiled_decode(vae, m_plain[:, :4], st).clamp(-1, 1)
     assert st.stat_passes == 0  # every GroupNorm took the sums gathered while its input map was written
     assert (m.to(device) - m_plain).abs().max() < 1e-4 and (d.to(device) - d_plain).abs().max() < 1e-4
+    if pool:  # a mixed placement, with a recomputed map feeding a block whose output stays on the device
+        assert st.seen["device"] > 0 and st.seen["storage"] > 0 and st.seen["lazy into kept block"] > 0
 
 
 def test_small_maps_stay_on_the_device(device: torch.device) -> None:
@@ -81,7 +100,7 @@ def test_small_maps_stay_on_the_device(device: torch.device) -> None:
     z = torch.randn(1, 4, 6, 5, device=device)
     # Storage on the meta device holds no values: the result is only right if no map was put there.
     st = Streamer(device=device, storage=torch.device("meta"), dtype=torch.float32, rows=8, image_height=48,
-                  resident=2**30)
+                  pool=2**30)
     d = tiling.tiled_decode(vae, z, st).clamp(-1, 1)
     assert d.device == device and (d - inference.decode(vae, z)).abs().max() < 1e-4
 
@@ -95,13 +114,20 @@ def test_tiled_attention_variants(attention: str, device: torch.device) -> None:
     assert (a - b).abs().max() < 1e-4
 
 
-def test_attention_query_chunks_do_not_change_the_result(device: torch.device) -> None:
+@pytest.mark.parametrize(("rows", "key_chunk", "budget"),
+                         [(None, None, 2**28), (2, None, 2**28), (3, 10, 2**28), (1, 1, 2**28), (None, None, 8_000)])
+# budget 8_000: the chunks come from the budget alone, and one row of queries against every key would exceed it,
+# so keys go in chunks (online softmax)
+def test_attention_chunks_do_not_change_the_result(rows: int | None, key_chunk: int | None, budget: int,
+                                                   device: torch.device) -> None:
     vae = _vae("tiny", device=device)
     attn = vae.decoder.mid_block.attentions[0]
     x = torch.randn(1, 64, 7, 9, device=device)
-    st = Streamer(device=device, storage=device, dtype=torch.float32)
+    st = Streamer(device=device, storage=device, dtype=torch.float32, budget=budget)
     whole = attn(x)
-    torch.testing.assert_close(st.attention(x, attn, query_chunk=5), whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(st.attention(x, attn, rows=rows, key_chunk=key_chunk), whole, atol=1e-5, rtol=1e-5)
+    if budget < 2**20:
+        assert st._attention_chunks(1, 64, 7, 9, False, True, None, None)[1] < 7 * 9
 
 
 def test_streamed_groupnorm_statistics_match_groupnorm(device: torch.device) -> None:

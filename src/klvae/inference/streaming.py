@@ -70,8 +70,9 @@ class Streamer:
     # NHWC maps and strips: a row strip of a one-image map is then one contiguous block, so each host <-> GPU
     # copy is a single DMA transfer (an NCHW strip is C scattered pieces, staged through pageable memory).
     channels_last: bool = False
-    # Maps of at most this many bytes stay on `device`: the latent-resolution levels make no host round trips.
-    resident: int = 0
+    # Bytes of maps that may stay on `device` at once (a pool, counted while they live); a map that would overflow
+    # it goes to `storage`. Small jobs then make no host round trips, and big ones stay within the budget.
+    pool: int = 0
     # Whole-map statistics passes run (reading a map back only for its GroupNorm sums); the maps this streamer
     # writes carry their per-channel sums, gathered while each strip is still on the device.
     stat_passes: int = 0
@@ -81,13 +82,15 @@ class Streamer:
     # Worth it when maps live in host memory; on a single device it only adds arithmetic.
     recompute: bool = False
     _sums: dict[int, tuple[weakref.ref, Tensor, Tensor]] = field(default_factory=dict, repr=False)
+    _live: int = field(default=0, repr=False)  # bytes of the maps now held on `device` from the pool
 
     def strip_rows(self, cin: int, cout: int, width: int, height: int, scale: int = 1) -> int:
-        """Output rows per strip so that one strip's inputs, fp32 temporaries and outputs fit the budget."""
+        """Output rows per strip so that one strip's inputs, fp32 temporaries and outputs fit the budget (the output
+        counts twice in the compute dtype, with the residual, and twice in fp32, for its sums)."""
         if self.rows is not None:
             return max(1, self.rows * height * scale // max(self.image_height, 1))
         elem = torch.finfo(self.dtype).bits // 8
-        per_row = width * scale * (cin * (elem + 8) / scale + cout * elem * 2)
+        per_row = width * scale * (cin * (elem + 8) / scale + cout * (elem * 2 + 8))
         return max(1, int(self.budget // max(per_row, 1)))
 
     def to_dev(self, t: Tensor) -> Tensor:
@@ -96,8 +99,14 @@ class Streamer:
 
     # ---- maps -----------------------------------------------------------------------------------
     def on_device(self, shape: tuple[int, ...]) -> bool:
-        """Whether a map of this shape is kept on the device rather than on storage."""
-        return math.prod(shape) * (torch.finfo(self.dtype).bits // 8) <= self.resident
+        """Whether a new map of this shape would be kept on the device (it fits what is left of the pool)."""
+        return self._live + self._nbytes(shape) <= self.pool
+
+    def _nbytes(self, shape: tuple[int, ...]) -> int:
+        return math.prod(shape) * (torch.finfo(self.dtype).bits // 8)
+
+    def _release(self, n: int) -> None:
+        self._live -= n
 
     def recomputes(self, shape: tuple[int, ...]) -> bool:
         """Whether a map of this shape is recomputed rather than stored: with `recompute`, when it would not
@@ -105,20 +114,32 @@ class Streamer:
         return self.recompute and not self.on_device(shape)
 
     def new_map(self, b: int, c: int, h: int, w: int) -> tuple[Tensor, list[Tensor]]:
-        """An empty map (on the device when small enough, else on storage) and its per-channel sum buffers."""
-        where = self.device if self.on_device((b, c, h, w)) else self.storage
-        pin = where.type == "cpu" and self.device.type == "cuda"  # pinned: asynchronous uploads
+        """An empty map (on the device while the pool has room, else on storage) and its per-channel sum buffers."""
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        out = torch.empty(b, c, h, w, dtype=self.dtype, device=where, pin_memory=pin, memory_format=fmt)
-        return out, self.new_sums(b, c)
+        return self.empty((b, c, h, w), fmt), self.new_sums(b, c)
+
+    def empty(self, shape: tuple[int, ...], fmt: torch.memory_format = torch.contiguous_format) -> Tensor:
+        """An uninitialised tensor on the device, taken from the pool while it has room, else on storage."""
+        on_device = self.on_device(shape)
+        where = self.device if on_device else self.storage
+        pin = where.type == "cpu" and self.device.type == "cuda"  # pinned: asynchronous uploads
+        out = torch.empty(shape, dtype=self.dtype, device=where, pin_memory=pin, memory_format=fmt)
+        if on_device:  # back to the pool when the map dies
+            self._live += self._nbytes(shape)
+            weakref.finalize(out, self._release, self._nbytes(shape))
+        return out
 
     def write(self, out: Tensor, a: int, e: int, y: Tensor, sums: list[Tensor]) -> None:
         """Store output rows [a, e) and add the stored values to the map's per-channel sums."""
         y = y.to(self.dtype)
+        self.put(out[:, :, a:e], y)
+        self.add_sums(sums, y)
+
+    def put(self, dst: Tensor, y: Tensor) -> None:
+        """Copy computed values into (part of) a map."""
         # Asynchronous into pinned host memory: the GPU goes on computing. Later uploads of these rows queue on
         # the same stream, after the copy; host code reads a map only after `finish`.
-        out[:, :, a:e].copy_(y, non_blocking=True)
-        self.add_sums(sums, y)
+        dst.copy_(y, non_blocking=True)
 
     def finish(self, t: Tensor) -> Tensor:
         """Wait for pending copies, so that the host may read `t` (the last map)."""
@@ -293,33 +314,97 @@ class Streamer:
         sc = block.conv_shortcut
         return t if sc is None else F.conv2d(t, sc.weight.to(self.dtype), sc.bias.to(self.dtype))
 
-    def attention(self, x: Map, attn: nn.Module, query_chunk: int | None = None) -> Tensor:
-        """Whole-map attention on the device (it runs at latent resolution), in chunks of query rows whose score
-        matrix (fp32, with the softmax's copy) fits the strip budget where SDPA falls back to plain math. Only the
-        normalised map, K and V are whole: the norm, Q, the output projection and the residual go by chunks."""
+    def attention(self, x: Map, attn: nn.Module, rows: int | None = None, key_chunk: int | None = None) -> Tensor:
+        """Whole-map attention at latent resolution, in bounded memory: K and V are computed strip by strip into
+        token maps placed like any map (on the device while the pool has room), then chunks of query rows attend
+        to them; keys go in chunks too (online softmax) when one chunk's scores would overflow the strip budget.
+        `rows` / `key_chunk` force the chunking (tests)."""
         x = self.materialize(x)
-        t = self.to_dev(x)
         if isinstance(attn, LinearAttention):
-            return self._linear(t, attn)
+            return self._linear(self.to_dev(x), attn)
         assert isinstance(attn, Attention)
-        b, c, h, w = t.shape
-        tokens = query_chunk or max(64, min(4096, self.budget // (b * h * w * 12)))
-        step = max(1, tokens // w)  # rows of queries per chunk
+        b, c, h, w = x.shape
         stats = self.group_stats(x, attn.group_norm)
-        n = torch.empty(b, h * w, c, dtype=self.dtype, device=self.device)  # [B, HW, C], tokens in row order
-        for a in range(0, h, step):
-            y = self.apply_norm(t[:, :, a : a + step], attn.group_norm, stats, act=False)
-            n[:, a * w : (a + step) * w] = y.flatten(2).transpose(1, 2)
         projections = (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0])
         lin = [(m.weight.to(self.dtype), m.bias.to(self.dtype)) for m in projections]
-        k, v = (F.linear(n, *lin[i]).unsqueeze(1) for i in (1, 2))  # [B, 1, HW, C]
-        out, sums = self.new_map(b, c, h, w)
+
+        def tokens(a: int, e: int) -> Tensor:  # normalised rows [a, e) as tokens [B, (e - a) * W, C]
+            y = self.apply_norm(self.rows_of(x, a, e), attn.group_norm, stats, act=False).to(self.dtype)
+            return y.flatten(2).transpose(1, 2)
+
+        kv_on_device = self.on_device((2, b, h * w, c))
+        k, v = self.empty((b, h * w, c)), self.empty((b, h * w, c))  # token-major: a key chunk is one block
+        step = self.strip_rows(c, 2 * c, w, h)
         for a in range(0, h, step):
             e = min(a + step, h)
-            q = F.linear(n[:, a * w : e * w], *lin[0]).unsqueeze(1)
-            o = F.linear(F.scaled_dot_product_attention(q, k, v).squeeze(1), *lin[3])  # [B, rows * W, C]
-            self.write(out, a, e, t[:, :, a:e].to(self.dtype) + o.transpose(1, 2).reshape(b, c, e - a, w), sums)
+            n = tokens(a, e)
+            for dst, i in ((k, 1), (v, 2)):
+                self.put(dst[:, a * w : e * w], F.linear(n, *lin[i]))
+        fused = kv_on_device and self._fused_attention(k)
+        rows, key_chunk = self._attention_chunks(b, c, h, w, fused, kv_on_device, rows, key_chunk)
+        out, sums = self.new_map(b, c, h, w)
+        for a in range(0, h, rows):
+            e = min(a + rows, h)
+            o = self._attend(F.linear(tokens(a, e), *lin[0]), k, v, key_chunk, fused)
+            o = F.linear(o, *lin[3]).transpose(1, 2).reshape(b, c, e - a, w)  # [B, C, rows, W]
+            self.write(out, a, e, self.rows_of(x, a, e).to(self.dtype) + o, sums)
         return self.seal(out, sums)
+
+    def _attention_chunks(
+        self, b: int, c: int, h: int, w: int, fused: bool, kv_on_device: bool, rows: int | None, key_chunk: int | None
+    ) -> tuple[int, int]:
+        # (query rows, keys) per step. Query tokens cost their q, fp32 accumulator, projection and residual:
+        # a quarter of the budget. Scores cost ~12 bytes each (fp32, its exponent, a cast) unless a fused kernel
+        # keeps them on chip. With K and V in host memory every query chunk uploads them all: big query chunks.
+        tokens = h * w
+        elem = torch.finfo(self.dtype).bits // 8
+        most = max(1, self.budget // 4 // (b * c * (4 * elem + 4) * w))
+        if rows is None:
+            whole_keys = self.budget // 2 // (b * tokens * 12) // w
+            rows = most if fused or not kv_on_device or whole_keys < 1 else whole_keys
+        rows = max(1, min(rows, h))
+        if key_chunk is None:
+            key_chunk = tokens if fused else max(1, self.budget // 2 // (b * rows * w * 12))
+        return rows, min(key_chunk, tokens)
+
+    def _fused_attention(self, k: Tensor) -> bool:
+        # Whether SDPA's memory-efficient kernel takes this head (its score matrix never reaches memory): only on
+        # CUDA. Flash attention stops at head size 256; the VAE's is 128-512.
+        if self.device.type != "cuda":
+            return False
+        t = k[:1, :8].unsqueeze(1)
+        try:
+            params = torch.backends.cuda.SDPAParams(t, t, t, None, 0.0, False, False)
+            return bool(torch.backends.cuda.can_use_efficient_attention(params))
+        except (AttributeError, RuntimeError, TypeError):  # an older or newer signature: take the bounded path
+            return False
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, chunk: int, fused: bool) -> Tensor:
+        """softmax(q k^T / sqrt(C)) v for q [B, T, C] against the token maps k, v [B, N, C], `chunk` keys at a time.
+        Key chunks are merged by their running maximum and sum (online softmax), exact up to rounding."""
+        n = k.shape[1]
+        if chunk >= n:
+            if fused:
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):  # never the math fallback at this size
+                    return F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
+            k, v = self.to_dev(k), self.to_dev(v)
+            return F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
+        q = q * q.shape[-1] ** -0.5
+        top = torch.full((*q.shape[:2], 1), -math.inf, device=q.device)  # running max of the scores
+        total = torch.zeros_like(top)  # running sum of exp(score - top)
+        acc = torch.zeros(q.shape, device=q.device)  # running sum of exp(score - top) * value, fp32
+        for s in range(0, n, chunk):
+            ks, vs = self.to_dev(k[:, s : s + chunk]), self.to_dev(v[:, s : s + chunk])
+            scores = torch.bmm(q, ks.transpose(1, 2)).float()  # [B, T, chunk]
+            new_top = torch.maximum(top, scores.amax(-1, keepdim=True))
+            p = scores.sub_(new_top).exp_()
+            fade = (top - new_top).exp_()  # rescales what earlier chunks added
+            total = total.mul_(fade).add_(p.sum(-1, keepdim=True))
+            acc = acc.mul_(fade).add_(torch.bmm(p.to(vs.dtype), vs).float())
+            top = new_top
+        return acc.div_(total).to(q.dtype)
 
     def _linear(self, t: Tensor, attn: LinearAttention) -> Tensor:
         # No norm, so the module itself runs on the whole map, in the compute dtype.

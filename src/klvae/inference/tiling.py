@@ -47,47 +47,52 @@ def estimate_bytes(vae: AutoencoderKL, op: str, shape: tuple[int, ...], dtype: t
 def make_streamer(
     vae: AutoencoderKL, opts: TileOptions, dtype: torch.dtype, image_height: int
 ) -> Streamer:
-    """A Streamer whose strips fit the budget; on a GPU, maps over half a strip budget live in host memory, in
-    NHWC so that each strip crosses the bus in one piece."""
+    """A Streamer whose strips and device-held maps fit the budget; on a GPU the maps that do not fit live in
+    pinned host memory, in NHWC so that each strip crosses the bus in one piece."""
     device = vae.device
     cuda = device.type == "cuda"
     storage = torch.device("cpu") if cuda else device
-    budget, resident = budgets(opts)
+    budget, pool = budgets(opts, sum(p.numel() * p.element_size() for p in vae.parameters()))
     return Streamer(device=device, storage=storage, dtype=dtype, budget=budget, rows=opts.tile_size,
-                    image_height=image_height, channels_last=cuda, resident=resident if cuda else 0,
-                    recompute=cuda)
+                    image_height=image_height, channels_last=cuda, pool=pool if cuda else 0, recompute=cuda)
 
 
-def budgets(opts: TileOptions) -> tuple[int, int]:
-    """(bytes one strip's working set may take, bytes up to which a map stays on the GPU) for a memory budget."""
-    strip = (opts.max_memory or 2 * 2**30) // 4  # leave room for weights, resident maps, the attention map
-    return strip, strip // 2
+def budgets(opts: TileOptions, weights: int = 0) -> tuple[int, int]:
+    """(bytes one strip's working set may take, bytes of maps that may stay on the GPU) for a memory budget:
+    a quarter for strips, half less the weights for maps, and a quarter left for the allocator's slack,
+    convolution workspaces and small buffers."""
+    total = opts.max_memory or 2 * 2**30
+    return total // 4, max(0, total * 5 // 8 - weights)
 
 
+@torch.no_grad()  # inference only: an autograd graph would also keep every map alive through its in-place writes
 def tiled_encode_moments(vae: AutoencoderKL, x: Tensor, st: Streamer) -> Tensor:
     """Encoder moments of x [B, C, H, W] (H, W multiples of the factor), layer by layer over strips."""
     enc = vae.encoder
-    h = st.input_conv(st.place(x), enc.conv_in)
+    # Each stage's map is popped straight into the next call, so no local here keeps it alive while later stages
+    # run: its device memory goes back to the streamer's pool as soon as the stage that reads it is done.
+    box = [st.input_conv(st.place(x), enc.conv_in)]
     for block in enc.down_blocks:
-        h = st.level(h, block)
-    h = st.mid(h, enc.mid_block)
-    h = st.head(h, enc.conv_norm_out, enc.conv_out)
+        box.append(st.level(box.pop(), block))
+    box.append(st.mid(box.pop(), enc.mid_block))
+    box.append(st.head(box.pop(), enc.conv_norm_out, enc.conv_out))
     if vae.quant_conv is not None:
-        h = st.conv(h, vae.quant_conv)
-    return st.finish(h).float()
+        box.append(st.conv(box.pop(), vae.quant_conv))
+    return st.finish(box.pop()).float()
 
 
+@torch.no_grad()
 def tiled_decode(vae: AutoencoderKL, z: Tensor, st: Streamer) -> Tensor:
     """Decoder output of unscaled latents z, layer by layer over strips."""
     dec = vae.decoder
-    h = st.place(z)
+    box = [st.place(z)]  # popped into each stage, as in tiled_encode_moments
     if vae.post_quant_conv is not None:
-        h = st.conv(h, vae.post_quant_conv)
-    h = st.input_conv(h, dec.conv_in)
-    h = st.mid(h, dec.mid_block)
+        box.append(st.conv(box.pop(), vae.post_quant_conv))
+    box.append(st.input_conv(box.pop(), dec.conv_in))
+    box.append(st.mid(box.pop(), dec.mid_block))
     for block in dec.up_blocks:
-        h = st.level(h, block)
-    return st.finish(st.head(h, dec.conv_norm_out, dec.conv_out)).float()
+        box.append(st.level(box.pop(), block))
+    return st.finish(st.head(box.pop(), dec.conv_norm_out, dec.conv_out)).float()
 
 
 def run_maybe_tiled(
