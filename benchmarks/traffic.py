@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
 
 import klvae
 from klvae.inference import TileOptions, tiling
@@ -80,7 +81,7 @@ class CountingStreamer(Streamer):
 
 def count(vae: klvae.AutoencoderKL, op: str, size: int, max_memory: int) -> CountingStreamer:
     """Run one tiled encode or decode of a size² image on the meta device; the streamer holds the counts, and
-    `peak` the most bytes held on the GPU at once (weights included)."""
+    `peak` the most bytes held on the GPU at once (weights included) and `flops` the arithmetic done."""
     meta = torch.device("meta")
     weights = sum(p.numel() * p.element_size() for p in vae.parameters())
     budget, pool = tiling.budgets(TileOptions(max_memory=max_memory), weights)
@@ -88,13 +89,27 @@ def count(vae: klvae.AutoencoderKL, op: str, size: int, max_memory: int) -> Coun
                           channels_last=True, pool=pool, recompute=True)  # as on a GPU
     st.live = LiveBytes()
     f, c = vae.downsample_factor, vae.config.latent_channels
-    with torch.no_grad(), st.live:
+    flops = FlopCounterMode(display=False)
+    with torch.no_grad(), st.live, flops:
         if op == "decode":
             tiling.tiled_decode(vae, torch.zeros(1, c, size // f, size // f, device=meta, dtype=torch.bfloat16), st)
         else:
             tiling.tiled_encode_moments(vae, torch.zeros(1, 3, size, size, device=meta, dtype=torch.bfloat16), st)
     st.peak = st.live.peak + weights
+    st.flops = flops.get_total_flops()
     return st
+
+
+def untiled_flops(vae: klvae.AutoencoderKL, op: str, size: int) -> int:
+    """The arithmetic of the same job untiled (whole maps, whole-map attention), for comparison."""
+    meta, f, c = torch.device("meta"), vae.downsample_factor, vae.config.latent_channels
+    flops = FlopCounterMode(display=False)
+    with torch.no_grad(), flops:
+        if op == "decode":
+            vae.decode(torch.zeros(1, c, size // f, size // f, device=meta, dtype=torch.bfloat16))
+        else:
+            vae.encode_moments(torch.zeros(1, 3, size, size, device=meta, dtype=torch.bfloat16))
+    return flops.get_total_flops()
 
 
 def meta_model(preset: str) -> klvae.AutoencoderKL:
@@ -118,8 +133,10 @@ def main() -> None:
     for size in args.size:
         for op in ("decode", "encode"):
             st = count(vae, op, size, int(args.max_memory * 2**30))
+            plain = untiled_flops(vae, op, size) / 1e12
             print(f"{op} {size}²: host->GPU {st.up / 2**30:6.1f} GiB, GPU->host {st.down / 2**30:6.1f} GiB, "
-                  f"peak GPU {st.peak / 2**30:5.2f} GiB, statistics passes {st.stat_passes}")
+                  f"peak GPU {st.peak / 2**30:5.2f} GiB, {st.flops / 1e12:6.1f} TFLOP ({plain:.1f} untiled), "
+                  f"statistics passes {st.stat_passes}")
 
 
 if __name__ == "__main__":

@@ -2,11 +2,12 @@
 
 Why this and not diffusers' tiling: tiles that each run the whole network see their own GroupNorm
 statistics and their own attention context, which leaves seams. Here the network runs layer by layer.
-A full activation map stays on the device when it is small, else it waits on a `storage` device (pinned
-host memory on a GPU). A convolution reads one strip plus the rows its kernel reaches. A GroupNorm
-normalises each strip with whole-map statistics, from the per-channel sums gathered while its input map was
-written. The mid-block attention runs on the whole latent-resolution map, in query chunks. When maps cross
-the bus, the big ones are recomputed from smaller ones rather than stored (`recompute`). The result equals
+A full activation map stays on the device while a pool of device memory has room for it, else it waits on a
+`storage` device (pinned host memory on a GPU). A convolution reads one strip plus the rows its kernel reaches.
+A GroupNorm normalises each strip with whole-map statistics, from the per-channel sums gathered while its input
+map was written. The mid-block attention runs on the whole latent-resolution map: K and V are placed like maps,
+queries go in chunks, and keys too (an online softmax) when a chunk's scores would overflow the budget. When maps
+cross the bus, the big ones are recomputed from smaller ones rather than stored (`recompute`). The result equals
 the untiled computation up to the order of floating-point sums.
 """
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from klvae.model.blocks import (
     Attention,
@@ -385,8 +387,6 @@ class Streamer:
         n = k.shape[1]
         if chunk >= n:
             if fused:
-                from torch.nn.attention import SDPBackend, sdpa_kernel
-
                 with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):  # never the math fallback at this size
                     return F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
             k, v = self.to_dev(k), self.to_dev(v)
