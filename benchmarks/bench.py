@@ -4,7 +4,8 @@ Times are medians of CUDA-event (GPU) or perf_counter (CPU) timings after warm-u
 turns; peak memory (GPU only) is torch.cuda.max_memory_allocated during the timed calls above what was
 resident, plus the variant's own weights and input. Accuracy columns compare each output with klvae's fp32
 untiled output (equal to diffusers' in fp32: see tests/test_parity.py), as PSNR in dB over [-1, 1] and max
-abs difference.
+abs difference; above 2048² on a GPU, where untiled fp32 does not fit, with klvae's exact strips in fp32
+(row key "reference").
 Variants: klvae (fp32 weights under autocast), klvae-fast (optimize_for_inference: folded upsampling; on
 GPUs also weights in the compute dtype and channels_last), klvae-unfolded (klvae-fast without the folded
 upsampling, to weigh that lever), klvae-nchw (klvae-fast in NCHW: eager GroupNorm on CUDA may not keep
@@ -153,10 +154,12 @@ def run_case(case: str, ours: klvae.AutoencoderKL, models: dict[str, torch.nn.Mo
         torch.randn(batch, c, size // f, size // f, generator=g)
     x = x.to(device)
     tiling = TileOptions(enabled=tiled, max_memory=2 * 2**30 if tiled else None, tile_size=tile_size)
-    ref = None
-    if size <= 2048 or device.type == "cpu":
-        with _true_fp32():
-            ref = _run_ours(ours, op, x, torch.float32, TileOptions(enabled=False))
+    with _true_fp32():
+        if size <= 2048 or device.type == "cpu":
+            ref, ref_kind = _run_ours(ours, op, x, torch.float32, TileOptions(enabled=False)), "fp32 untiled"
+        else:  # untiled fp32 needs ~76 GiB at 4096²; exact strips in fp32 match it to ~120 dB (tests/test_inference.py)
+            big = TileOptions(enabled=True, max_memory=32 * 2**30)
+            ref, ref_kind = _run_ours(ours, op, x, torch.float32, big), "fp32 exact-tiled"
     fns: dict[str, Callable[[], torch.Tensor]] = {}
     for name, model in models.items():
         if tiled and name.endswith("-compiled"):
@@ -175,7 +178,7 @@ def run_case(case: str, ours: klvae.AutoencoderKL, models: dict[str, torch.nn.Mo
         if device.type == "cuda":  # the other variants' weights stay resident: count only this job's
             peak += resident_gib(models[name], x)
         label = name + (" enable_tiling()" if tiled and not name.startswith("klvae") else "")
-        rows.append(_row(label, case, batch, ms, peak, out, ref))
+        rows.append({**_row(label, case, batch, ms, peak, out, ref), "reference": ref_kind})
         del out
     for name in fns:
         if not name.startswith("klvae"):  # back to untiled, with the tile sizes of its config
