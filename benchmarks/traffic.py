@@ -60,6 +60,10 @@ class CountingStreamer(Streamer):
     down: int = 0
     live: LiveBytes | None = None
 
+    @property
+    def separate_storage(self) -> bool:
+        return True  # the meta device stands for both the GPU and host memory
+
     def empty(self, shape: tuple[int, ...], fmt: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
         host = not self.on_device(shape)  # where the GPU path would put it
         if self.live is not None:

@@ -95,6 +95,11 @@ class Streamer:
         per_row = width * scale * (cin * (elem + 8) / scale + cout * (elem * 2 + 8))
         return max(1, int(self.budget // max(per_row, 1)))
 
+    @property
+    def separate_storage(self) -> bool:
+        """Whether maps on `storage` are in another memory than the device's (reading them crosses a bus)."""
+        return self.storage != self.device
+
     def to_dev(self, t: Tensor) -> Tensor:
         """A strip to the compute device (non-blocking from pinned memory)."""
         return t.to(self.device, non_blocking=True)
@@ -334,7 +339,7 @@ class Streamer:
             y = self.apply_norm(self.rows_of(x, a, e), attn.group_norm, stats, act=False).to(self.dtype)
             return y.flatten(2).transpose(1, 2)
 
-        kv_on_device = self.on_device((2, b, h * w, c))
+        kv_on_device = not self.separate_storage or self.on_device((2, b, h * w, c))
         k, v = self.empty((b, h * w, c)), self.empty((b, h * w, c))  # token-major: a key chunk is one block
         step = self.strip_rows(c, 2 * c, w, h)
         for a in range(0, h, step):
