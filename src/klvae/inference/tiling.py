@@ -59,8 +59,8 @@ def make_streamer(
 
 def budgets(opts: TileOptions, weights: int = 0) -> tuple[int, int]:
     """(bytes one strip's working set may take, bytes of maps that may stay on the GPU) for a memory budget:
-    a quarter for strips, half less the weights for maps, and a quarter left for the allocator's slack,
-    convolution workspaces and small buffers."""
+    a quarter for strips, five eighths less the weights for maps, and an eighth left for the allocator's slack,
+    convolution workspaces and small buffers (the counted peaks in docs/benchmarks.md stay under 80 %)."""
     total = opts.max_memory or 2 * 2**30
     return total // 4, max(0, total * 5 // 8 - weights)
 
