@@ -87,16 +87,13 @@ def count(vae: klvae.AutoencoderKL, op: str, size: int, max_memory: int) -> Coun
     """Run one tiled encode or decode of a size² image on the meta device; the streamer holds the counts, and
     `peak` the most bytes held on the GPU at once (weights included) and `flops` the arithmetic done."""
     meta = torch.device("meta")
-    weights = sum(p.numel() * p.element_size() for p in vae.parameters())
+    weights = tiling.weight_bytes(vae)
     budget, pool = tiling.budgets(TileOptions(max_memory=max_memory), weights)
     st = CountingStreamer(device=meta, storage=meta, dtype=torch.bfloat16, budget=budget, image_height=size,
                           channels_last=True, pool=pool, recompute=True)  # as on a GPU
     st.live = LiveBytes()
-    f, c = vae.downsample_factor, vae.config.latent_channels
     flops = FlopCounterMode(display=False)
-    # The input waits in host memory, as the API leaves it: only what the job places on the GPU counts.
-    x = torch.zeros(1, c, size // f, size // f) if op == "decode" else torch.zeros(1, 3, size, size)
-    x = x.to(meta, torch.bfloat16)
+    x = meta_input(vae, op, size)  # made before counting: the input waits in host memory, as the API leaves it
     with torch.no_grad(), st.live, flops:
         if op == "decode":
             tiling.tiled_decode(vae, x, st)
@@ -109,14 +106,18 @@ def count(vae: klvae.AutoencoderKL, op: str, size: int, max_memory: int) -> Coun
 
 def untiled_flops(vae: klvae.AutoencoderKL, op: str, size: int) -> int:
     """The arithmetic of the same job untiled (whole maps, whole-map attention), for comparison."""
-    meta, f, c = torch.device("meta"), vae.downsample_factor, vae.config.latent_channels
     flops = FlopCounterMode(display=False)
+    x = meta_input(vae, op, size)
     with torch.no_grad(), flops:
-        if op == "decode":
-            vae.decode(torch.zeros(1, c, size // f, size // f, device=meta, dtype=torch.bfloat16))
-        else:
-            vae.encode_moments(torch.zeros(1, 3, size, size, device=meta, dtype=torch.bfloat16))
+        vae.decode(x) if op == "decode" else vae.encode_moments(x)
     return flops.get_total_flops()
+
+
+def meta_input(vae: klvae.AutoencoderKL, op: str, size: int) -> torch.Tensor:
+    """The bf16 meta-device input of a size² job: latents to decode, or an image to encode."""
+    f, c = vae.downsample_factor, vae.config.latent_channels
+    shape = (1, c, size // f, size // f) if op == "decode" else (1, 3, size, size)
+    return torch.zeros(shape, device="meta", dtype=torch.bfloat16)
 
 
 def meta_model(preset: str) -> klvae.AutoencoderKL:

@@ -13,6 +13,7 @@ the untiled computation up to the order of floating-point sums.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from collections.abc import Callable
@@ -391,11 +392,11 @@ class Streamer:
         Key chunks are merged by their running maximum and sum (online softmax), exact up to rounding."""
         n = k.shape[1]
         if chunk >= n:
-            if fused:
-                with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):  # never the math fallback at this size
-                    return F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
+            # Fused: the memory-efficient kernel only, never the math fallback that would hold every score.
+            kernel = sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION) if fused else contextlib.nullcontext()
             k, v = self.to_dev(k), self.to_dev(v)
-            return F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
+            with kernel:
+                return F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
         q = q * q.shape[-1] ** -0.5
         top = torch.full((*q.shape[:2], 1), -math.inf, device=q.device)  # running max of the scores
         total = torch.zeros_like(top)  # running sum of exp(score - top)

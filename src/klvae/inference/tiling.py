@@ -52,9 +52,14 @@ def make_streamer(
     device = vae.device
     cuda = device.type == "cuda"
     storage = torch.device("cpu") if cuda else device
-    budget, pool = budgets(opts, sum(p.numel() * p.element_size() for p in vae.parameters()))
+    budget, pool = budgets(opts, weight_bytes(vae))
     return Streamer(device=device, storage=storage, dtype=dtype, budget=budget, rows=opts.tile_size,
                     image_height=image_height, channels_last=cuda, pool=pool if cuda else 0, recompute=cuda)
+
+
+def weight_bytes(vae: AutoencoderKL) -> int:
+    """Bytes the model's parameters take where they are stored."""
+    return sum(p.numel() * p.element_size() for p in vae.parameters())
 
 
 def budgets(opts: TileOptions, weights: int = 0) -> tuple[int, int]:
