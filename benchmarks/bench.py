@@ -7,7 +7,8 @@ untiled output (equal to diffusers' in fp32: see tests/test_parity.py), as PSNR 
 abs difference; above 2048² on a GPU, where untiled fp32 does not fit, with klvae's exact strips in fp32
 (row key "reference").
 Variants: klvae (fp32 weights under autocast), klvae-fast (optimize_for_inference: folded upsampling; on
-GPUs also weights in the compute dtype and channels_last), klvae-unfolded (klvae-fast without the folded
+GPUs also weights in the compute dtype, channels_last and the fused GroupNorm + SiLU kernels), klvae-unfused
+(klvae-fast with PyTorch's GroupNorm and SiLU, to weigh the kernels), klvae-unfolded (klvae-fast without the folded
 upsampling, to weigh that lever), klvae-nchw (klvae-fast in NCHW: eager GroupNorm on CUDA may not keep
 channels_last), klvae-compiled (klvae-fast plus torch.compile), diffusers (weights in the
 compute dtype) and diffusers-compiled (plus channels_last and torch.compile, the peer's fastest setting).
@@ -114,7 +115,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.inf if mse == 0 else 10 * math.log10(4.0 / mse)
 
 
-OURS = ("klvae", "klvae-fast", "klvae-unfolded", "klvae-nchw", "klvae-compiled")
+OURS = ("klvae", "klvae-fast", "klvae-unfused", "klvae-unfolded", "klvae-nchw", "klvae-compiled")
 THEIRS = ("diffusers", "diffusers-compiled")
 
 
@@ -126,9 +127,10 @@ def make_variants(ours: klvae.AutoencoderKL, theirs: torch.nn.Module, dtype: tor
     for name in names:
         if name == "klvae":
             out[name] = ours
-        elif name in ("klvae-fast", "klvae-unfolded", "klvae-nchw", "klvae-compiled"):
+        elif name in OURS:
             opts = SpeedOptions(compile=name == "klvae-compiled", fold_upsample=name != "klvae-unfolded",
-                                channels_last=False if name == "klvae-nchw" else None)
+                                channels_last=False if name == "klvae-nchw" else None,
+                                fused_norm=False if name == "klvae-unfused" else None)
             out[name] = optimize_for_inference(copy.deepcopy(ours), dtype, opts)
         elif name == "diffusers":
             out[name] = copy.deepcopy(theirs).to(dtype)

@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu.sh wheels       # here, once: diffusers (the oracle) as wheels into the ignored .whl/
 #   bash benchmarks/gpu.sh check        # on the GPU machine: the device-aware tests with --device cuda
-#   bash benchmarks/gpu.sh eager        #   klvae, klvae-fast, -unfolded, -nchw, diffusers on whole images
+#   bash benchmarks/gpu.sh eager        #   klvae, klvae-fast, -unfused, -unfolded, -nchw, diffusers on whole images
 #   bash benchmarks/gpu.sh compiled     #   klvae-compiled, diffusers-compiled (torch.compile + channels_last),
 #   bash benchmarks/gpu.sh compiled-encode  # decode cases, then encode cases
 #   bash benchmarks/gpu.sh tiled        #   exact strips vs diffusers' enable_tiling() at 2048² and 4096²
@@ -35,7 +35,7 @@ case "$part" in
         python3 -m pytest -p no:cacheprovider --device cuda tests/test_inference.py tests/test_speed.py 2>&1 \
             | tee -a "$out/gpu-$part.log" ;;
     eager)
-        bench --variants klvae klvae-fast klvae-unfolded klvae-nchw diffusers \
+        bench --variants klvae klvae-fast klvae-unfused klvae-unfolded klvae-nchw diffusers \
             --cases decode:512:1 decode:512:8 decode:1024:1 encode:512:1 encode:512:8 encode:1024:1 \
             --json "$out/benchmarks-h100-eager.json" ;;
     compiled)  # each shape compiles once per variant (about a minute each), so decode and encode go apart

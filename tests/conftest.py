@@ -1,5 +1,7 @@
 """`--device cuda` runs the device-aware tests (inference, speed levers) on a GPU; the default is the CPU."""
 
+import os
+
 import pytest
 import torch
 
@@ -10,6 +12,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     dev = torch.device(config.getoption("--device"))
+    if dev.type == "cpu":
+        # The fused-norm kernels then run in Triton's interpreter. Triton reads this when it is first imported
+        # (torch.compile's tests import it too), so it is set here, before any test runs.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise pytest.UsageError("--device cuda was given, but torch sees no CUDA device")

@@ -7,19 +7,11 @@ import pytest
 import torch
 
 import klvae
+from helpers import perturbed_vae
 from klvae import inference
 from klvae.inference import TileOptions, tiling
 from klvae.inference.streaming import LazyConv, Streamer
 from klvae.model.blocks import Upsample
-
-
-def _vae(preset: str, seed: int = 0, device: torch.device | None = None, **changes: object) -> klvae.AutoencoderKL:
-    torch.manual_seed(seed)
-    vae = klvae.AutoencoderKL(klvae.get_preset(preset).replace(**changes)).eval().to(device or "cpu")
-    with torch.no_grad():  # default init leaves biases tiny and GroupNorm affine trivial: perturb everything
-        for p in vae.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return vae
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -29,7 +21,7 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize(("preset", "rows"), [("tiny-f8", 8), ("tiny-f8", 1), ("tiny", 5), ("sd15", 16)])
 def test_tiled_equals_untiled(preset: str, rows: int, device: torch.device) -> None:
-    vae = _vae(preset, device=device)
+    vae = perturbed_vae(preset, device=device)
     x = (torch.rand(2, 3, 48, 72) * 2 - 1).to(device)
     m_plain = inference.encode_moments(vae, x)
     m_tiled = inference.encode_moments(vae, x, tiling=TileOptions(tile_size=rows))
@@ -42,7 +34,7 @@ def test_tiled_equals_untiled(preset: str, rows: int, device: torch.device) -> N
 
 
 def test_tiled_handles_sizes_that_are_not_multiples_of_eight(device: torch.device) -> None:
-    vae = _vae("tiny-f8", device=device)
+    vae = perturbed_vae("tiny-f8", device=device)
     x = (torch.rand(1, 3, 37, 53) * 2 - 1).to(device)
     m_plain = inference.encode_moments(vae, x)
     assert m_plain.shape[-2:] == (5, 7)
@@ -75,7 +67,7 @@ class _Watching(Streamer):
                           (True, True, True, 0), (True, True, True, 120_000)])
 def test_tiled_maps_carry_their_statistics(channels_last: bool, recompute: bool, fold: bool, pool: int,
                                            device: torch.device) -> None:
-    vae = _vae("tiny-f8", device=device)
+    vae = perturbed_vae("tiny-f8", device=device)
     for m in vae.modules():
         if isinstance(m, Upsample):
             m.fold = fold  # with recompute, a folded upsampler's map is never materialised
@@ -96,7 +88,7 @@ def test_tiled_maps_carry_their_statistics(channels_last: bool, recompute: bool,
 
 
 def test_small_maps_stay_on_the_device(device: torch.device) -> None:
-    vae = _vae("tiny-f8", device=device)
+    vae = perturbed_vae("tiny-f8", device=device)
     z = torch.randn(1, 4, 6, 5, device=device)
     # Storage on the meta device holds no values: the result is only right if no map was put there.
     st = Streamer(device=device, storage=torch.device("meta"), dtype=torch.float32, rows=8, image_height=48,
@@ -107,7 +99,7 @@ def test_small_maps_stay_on_the_device(device: torch.device) -> None:
 
 @pytest.mark.parametrize("attention", ["linear", "none"])
 def test_tiled_attention_variants(attention: str, device: torch.device) -> None:
-    vae = _vae("tiny", device=device, attention=attention)
+    vae = perturbed_vae("tiny", device=device, attention=attention)
     z = torch.randn(1, 4, 6, 10, device=device)
     a = inference.decode(vae, z)
     b = inference.decode(vae, z, tiling=TileOptions(tile_size=4))
@@ -120,7 +112,7 @@ def test_tiled_attention_variants(attention: str, device: torch.device) -> None:
 # so keys go in chunks (online softmax)
 def test_attention_chunks_do_not_change_the_result(rows: int | None, key_chunk: int | None, budget: int,
                                                    device: torch.device) -> None:
-    vae = _vae("tiny", device=device)
+    vae = perturbed_vae("tiny", device=device)
     attn = vae.decoder.mid_block.attentions[0]
     x = torch.randn(1, 64, 7, 9, device=device)
     st = Streamer(device=device, storage=device, dtype=torch.float32, budget=budget)
@@ -141,7 +133,7 @@ def test_streamed_groupnorm_statistics_match_groupnorm(device: torch.device) -> 
 
 
 def test_memory_budget_picks_tiling_and_says_so(caplog: pytest.LogCaptureFixture, device: torch.device) -> None:
-    vae = _vae("tiny", device=device)
+    vae = perturbed_vae("tiny", device=device)
     z = torch.randn(1, 4, 8, 8, device=device)
     small = inference.estimate_bytes(vae, "decode", (1, 3, 32, 32), torch.float32)
     assert inference.estimate_bytes(vae, "decode", (1, 3, 64, 64), torch.float32) > small
@@ -157,7 +149,7 @@ def test_memory_budget_picks_tiling_and_says_so(caplog: pytest.LogCaptureFixture
 
 def test_out_of_memory_falls_back_to_tiling(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
                                             device: torch.device) -> None:
-    vae = _vae("tiny", device=device)
+    vae = perturbed_vae("tiny", device=device)
     z = torch.randn(1, 4, 8, 8, device=device)
     expected = inference.decode(vae, z)
 
@@ -174,7 +166,7 @@ def test_out_of_memory_falls_back_to_tiling(monkeypatch: pytest.MonkeyPatch, cap
 
 @pytest.mark.parametrize("tiled", [False, True])
 def test_fp16_overflow_is_rerun_in_fp32(tiled: bool, caplog: pytest.LogCaptureFixture, device: torch.device) -> None:
-    vae = _vae("tiny", device=device)
+    vae = perturbed_vae("tiny", device=device)
     with torch.no_grad():
         vae.decoder.conv_in.weight.mul_(1e5)  # activations past fp16's 65504: inf, then NaN after GroupNorm
     z = torch.randn(1, 4, 4, 4, device=device)
@@ -190,7 +182,7 @@ def test_fp16_overflow_is_rerun_in_fp32(tiled: bool, caplog: pytest.LogCaptureFi
 
 
 def test_half_weights_are_upcast_for_the_rerun_and_restored(device: torch.device) -> None:
-    vae = _vae("tiny", device=device)
+    vae = perturbed_vae("tiny", device=device)
     with torch.no_grad():
         vae.decoder.conv_in.weight.mul_(1e5)
     vae.to(torch.float16)
@@ -203,7 +195,7 @@ def test_half_weights_are_upcast_for_the_rerun_and_restored(device: torch.device
 
 
 def test_bad_latents_are_refused() -> None:
-    vae = _vae("tiny")
+    vae = perturbed_vae("tiny")
     with pytest.raises(klvae.LatentsError, match="do not fit"):
         inference.decode(vae, torch.randn(1, 16, 4, 4))
     z = torch.randn(1, 4, 4, 4)

@@ -7,21 +7,13 @@ import pytest
 import torch
 
 import klvae
+from helpers import perturbed_vae
 from klvae import inference
 from klvae.cli import common
 from klvae.cli.main import main
 from klvae.errors import KlvaeError
 from klvae.inference import SpeedOptions, TileOptions, optimize_for_inference
 from klvae.model.blocks import Upsample, fold_upsample_kernel
-
-
-def _vae(seed: int = 0, device: torch.device | str = "cpu") -> klvae.AutoencoderKL:
-    torch.manual_seed(seed)
-    vae = klvae.AutoencoderKL("tiny").eval().to(device)
-    with torch.no_grad():
-        for p in vae.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return vae
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -36,7 +28,7 @@ def _codec(vae: klvae.AutoencoderKL, x: torch.Tensor, dtype: torch.dtype,
 
 
 def test_cpu_defaults_keep_the_weights_and_fold_the_upsamplers() -> None:
-    vae = _vae()
+    vae = perturbed_vae()
     before = {k: v.clone() for k, v in vae.state_dict().items()}
     optimize_for_inference(vae, torch.float32)
     after = vae.state_dict()
@@ -67,8 +59,8 @@ def test_folded_kernel_equals_nearest_upsampling_then_conv(shape: tuple[int, ...
 
 def test_folded_upsampling_matches_whole_and_in_strips(device: torch.device) -> None:
     x = (torch.rand(1, 3, 40, 56) * 2 - 1).to(device)
-    m_ref, d_ref = _codec(_vae(device=device), x, torch.float32)
-    folded = optimize_for_inference(_vae(device=device), torch.float32, SpeedOptions(fold_upsample=True))
+    m_ref, d_ref = _codec(perturbed_vae(device=device), x, torch.float32)
+    folded = optimize_for_inference(perturbed_vae(device=device), torch.float32, SpeedOptions(fold_upsample=True))
     for tiling in (None, TileOptions(tile_size=8), TileOptions(tile_size=6), TileOptions(tile_size=3)):
         m, d = _codec(folded, x, torch.float32, tiling)
         assert torch.equal(m, m_ref) or (m - m_ref).abs().max() < 1e-4  # the encoder has no upsampler
@@ -77,8 +69,8 @@ def test_folded_upsampling_matches_whole_and_in_strips(device: torch.device) -> 
 
 def test_channels_last_is_exact(device: torch.device) -> None:
     x = (torch.rand(2, 3, 40, 56) * 2 - 1).to(device)
-    m_ref, d_ref = _codec(_vae(device=device), x, torch.float32)
-    fast = optimize_for_inference(_vae(device=device), torch.float32, SpeedOptions(channels_last=True))
+    m_ref, d_ref = _codec(perturbed_vae(device=device), x, torch.float32)
+    fast = optimize_for_inference(perturbed_vae(device=device), torch.float32, SpeedOptions(channels_last=True))
     assert fast.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     for tiling in (None, TileOptions(tile_size=8)):
         m, d = _codec(fast, x, torch.float32, tiling)
@@ -87,11 +79,11 @@ def test_channels_last_is_exact(device: torch.device) -> None:
 
 def test_half_weights_stay_within_bf16_noise_and_keep_their_keys(device: torch.device) -> None:
     x = (torch.rand(1, 3, 32, 32) * 2 - 1).to(device)
-    _, d_ref = _codec(_vae(device=device), x, torch.float32)
-    fast = optimize_for_inference(_vae(device=device), torch.bfloat16,
+    _, d_ref = _codec(perturbed_vae(device=device), x, torch.float32)
+    fast = optimize_for_inference(perturbed_vae(device=device), torch.bfloat16,
                                   SpeedOptions(cast_weights=True, channels_last=True))
     assert {p.dtype for p in fast.parameters()} == {torch.bfloat16}
-    assert set(fast.state_dict()) == set(_vae().state_dict())
+    assert set(fast.state_dict()) == set(perturbed_vae().state_dict())
     for tiling in (None, TileOptions(tile_size=8)):
         _, d = _codec(fast, x, torch.bfloat16, tiling)
         assert d.dtype == torch.float32 and 25.0 < _psnr(d, d_ref) < math.inf
@@ -99,20 +91,20 @@ def test_half_weights_stay_within_bf16_noise_and_keep_their_keys(device: torch.d
 
 def test_compiled_model_matches_eager_and_saves_the_same_keys(tmp_path: Path, device: torch.device) -> None:
     x = (torch.rand(1, 3, 32, 32) * 2 - 1).to(device)
-    m_ref, d_ref = _codec(_vae(device=device), x, torch.float32)
-    compiled = optimize_for_inference(_vae(device=device), torch.float32, SpeedOptions(compile=True))
+    m_ref, d_ref = _codec(perturbed_vae(device=device), x, torch.float32)
+    compiled = optimize_for_inference(perturbed_vae(device=device), torch.float32, SpeedOptions(compile=True))
     m, d = _codec(compiled, x, torch.float32)
     assert (m - m_ref).abs().max() < 1e-4 and (d - d_ref).abs().max() < 1e-4
     compiled.save_pretrained(tmp_path)
     again = klvae.AutoencoderKL.from_pretrained(str(tmp_path))
-    plain = _vae(device=device).state_dict()
+    plain = perturbed_vae(device=device).state_dict()
     assert list(again.state_dict()) == list(plain)
     assert all(torch.equal(v, plain[k].cpu()) for k, v in again.state_dict().items())
 
 
 def test_bad_compile_mode_is_named() -> None:
     with pytest.raises(KlvaeError, match="compile mode"):
-        optimize_for_inference(_vae(), torch.float32, SpeedOptions(compile=True, compile_mode="fastest"))
+        optimize_for_inference(perturbed_vae(), torch.float32, SpeedOptions(compile=True, compile_mode="fastest"))
 
 
 def test_cli_compile_flag_reaches_the_levers(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,9 +1,11 @@
-"""Speed levers for inference: weights in the compute dtype, channels_last, folded upsampling, torch.compile, cuDNN.
+"""Speed levers for inference: weights in the compute dtype, channels_last, folded upsampling, fused GroupNorm +
+SiLU kernels, torch.compile, cuDNN.
 
 The plain API (fp32 weights under autocast) is exact and portable but leaves speed on the table on a GPU:
 autocast runs GroupNorm in fp32, so every norm writes fp32 activations that the next convolution casts back,
 and NCHW tensors make cuDNN's tensor-core convolutions transpose. `optimize_for_inference` removes both and,
-on request, compiles the encoder and decoder so that GroupNorm, SiLU and the residual adds fuse.
+runs each GroupNorm and the SiLU after it as Triton kernels that read NHWC maps in place, and on request compiles
+the encoder and decoder so that GroupNorm, SiLU and the residual adds fuse.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from klvae.errors import KlvaeError
+from klvae.inference import fused_norm
 from klvae.model.autoencoder import AutoencoderKL
-from klvae.model.blocks import Upsample
+from klvae.model.blocks import GroupNorm, Upsample
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,10 @@ class SpeedOptions:
     # 2.25x fewer multiply-adds in those convs (15 % of a decode's arithmetic) and no upsampled map; equal up to the
     # order of sums, and exact math on every device, so on by default.
     fold_upsample: bool = True
+    # Run each GroupNorm and the SiLU after it as Triton kernels (klvae.inference.fused_norm): three passes over
+    # the map in its own layout instead of PyTorch's NHWC->NCHW round trip and a separate SiLU. None: on for CUDA
+    # when Triton is installed and nothing is compiled (Inductor fuses the same ops itself).
+    fused_norm: bool | None = None
     # torch.compile the encoder and decoder: the first call per input shape compiles (tens of seconds on a
     # GPU); Inductor's on-disk cache makes later processes start fast. Off unless asked for.
     compile: bool = False
@@ -58,9 +65,12 @@ def optimize_for_inference(
     channels_last = _on(opts.channels_last, cuda)
     if channels_last:
         vae.to(memory_format=torch.channels_last)
+    fused = _fused_norm(opts, cuda)
     for m in vae.modules():
         if isinstance(m, Upsample):
             m.fold = opts.fold_upsample
+        if isinstance(m, GroupNorm):
+            m.kernel = fused_norm.group_norm_act if fused else None
     if _on(opts.cudnn_benchmark, cuda):
         torch.backends.cudnn.benchmark = True
     if opts.compile:
@@ -68,10 +78,19 @@ def optimize_for_inference(
         # blocks one by one, stays eager.
         vae.encoder.compile(mode=opts.compile_mode, dynamic=False)
         vae.decoder.compile(mode=opts.compile_mode, dynamic=False)
-    log.debug("inference levers: weights %s, %s, folded upsampling %s, compile %s",
+    log.debug("inference levers: weights %s, %s, folded upsampling %s, fused norms %s, compile %s",
               str(next(vae.parameters()).dtype).split(".")[-1], "channels_last" if channels_last else "NCHW",
-              "on" if opts.fold_upsample else "off", opts.compile_mode if opts.compile else "off")
+              "on" if opts.fold_upsample else "off", "on" if fused else "off",
+              opts.compile_mode if opts.compile else "off")
     return vae
+
+
+def _fused_norm(opts: SpeedOptions, cuda: bool) -> bool:
+    if opts.fused_norm is None:
+        return cuda and fused_norm.available() and not opts.compile
+    if opts.fused_norm and not fused_norm.available():
+        raise KlvaeError("fused GroupNorm kernels need Triton: pip install triton")
+    return opts.fused_norm
 
 
 def _on(choice: bool | None, cuda: bool) -> bool:

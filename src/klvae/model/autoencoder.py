@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from klvae.model.blocks import DownBlock, MidBlock, UpBlock, group_norm
@@ -40,7 +39,7 @@ class Encoder(nn.Module):
         h = self.conv_in(x)
         for stage in self.stages():
             h = _run(stage, h, self.gradient_checkpointing)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.conv_out(self.conv_norm_out(h, silu=True))
 
 
 class Decoder(nn.Module):
@@ -68,7 +67,7 @@ class Decoder(nn.Module):
         h = self.conv_in(z)
         for stage in self.stages():
             h = _run(stage, h, self.gradient_checkpointing)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.conv_out(self.conv_norm_out(h, silu=True))
 
 
 def _run(stage: nn.Module, h: Tensor, checkpoint: bool) -> Tensor:

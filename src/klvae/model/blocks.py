@@ -2,14 +2,35 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# (x, weight, bias, groups, eps, silu) -> norm(x), then SiLU when silu: the signature of a fused kernel.
+NormKernel = Callable[[Tensor, Tensor, Tensor, int, float, bool], Tensor]
 
-def group_norm(channels: int, groups: int, eps: float) -> nn.GroupNorm:
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm (same parameters and keys) that also applies the SiLU after it, fused when a kernel is set."""
+
+    def __init__(self, channels: int, groups: int, eps: float) -> None:
+        super().__init__(num_groups=groups, num_channels=channels, eps=eps, affine=True)
+        # Set by klvae.inference.speed (a Triton kernel on CUDA); None runs PyTorch's ops. The kernel has no
+        # backward, so it only runs where autograd records nothing.
+        self.kernel: NormKernel | None = None
+
+    def forward(self, x: Tensor, silu: bool = False) -> Tensor:
+        if self.kernel is not None and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            return self.kernel(x, self.weight, self.bias, self.num_groups, self.eps, silu)
+        y = super().forward(x)
+        return F.silu(y) if silu else y
+
+
+def group_norm(channels: int, groups: int, eps: float) -> GroupNorm:
     """GroupNorm with the autoencoder's affine parameters."""
-    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=eps, affine=True)
+    return GroupNorm(channels, groups, eps)
 
 
 class ResnetBlock(nn.Module):
@@ -24,8 +45,8 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(self.norm1(x, silu=True))
+        h = self.conv2(self.norm2(h, silu=True))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         return x + h

@@ -1,0 +1,88 @@
+"""Triton kernels of `klvae.inference.fused_norm`; imported only when a fused norm first runs."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def stats_kernel(x_ptr, part_ptr, HW, s_n, s_c, s_hw, ROWS, P,
+                 G: tl.constexpr, CPG: tl.constexpr, G_P: tl.constexpr, CPG_P: tl.constexpr, BLOCK_HW: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1)
+    g = tl.arange(0, G_P)[None, :, None]
+    j = tl.arange(0, CPG_P)[None, None, :]
+    cmask = (g < G) & (j < CPG)
+    base = x_ptr + n * s_n + (g * CPG + j).to(tl.int64) * s_c
+    r = tl.arange(0, BLOCK_HW)[:, None, None]
+    mean = tl.zeros((G_P,), tl.float32)
+    m2 = tl.zeros((G_P,), tl.float32)
+    cnt = tl.zeros((G_P,), tl.float32)
+    start = p * ROWS
+    for r0 in range(0, ROWS, BLOCK_HW):
+        hw = start + r0 + r
+        mask = cmask & (hw < HW) & (r0 + r < ROWS)
+        x = tl.load(base + hw.to(tl.int64) * s_hw, mask=mask, other=0.0).to(tl.float32)
+        valid = tl.maximum(tl.minimum(tl.minimum(HW - start - r0, ROWS - r0), BLOCK_HW), 0)
+        nb = (valid * CPG).to(tl.float32)
+        mb = tl.sum(tl.sum(x, axis=2), axis=0) / tl.maximum(nb, 1.0)
+        d = tl.where(mask, x - mb[None, :, None], 0.0)
+        m2b = tl.sum(tl.sum(d * d, axis=2), axis=0)
+        tot = cnt + nb
+        frac = nb / tl.maximum(tot, 1.0)
+        delta = mb - mean
+        mean = mean + delta * frac
+        m2 = m2 + m2b + delta * delta * cnt * frac
+        cnt = tot
+    out = part_ptr + ((n * P + p) * 2) * G_P + tl.arange(0, G_P)
+    tl.store(out, mean)
+    tl.store(out + G_P, m2)
+
+
+@triton.jit
+def finalize_kernel(part_ptr, w_ptr, mean_ptr, scale_ptr, HW, C, ROWS, P, eps,
+                    G: tl.constexpr, CPG: tl.constexpr, G_P: tl.constexpr, CPG_P: tl.constexpr, BLOCK_P: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    g = tl.arange(0, G_P)[None, :]
+    total = HW * CPG * 1.0  # not .to(): Triton passes an HW of 1 as a constant, a plain int
+    acc = tl.zeros((G_P,), tl.float32)
+    for p0 in range(0, P, BLOCK_P):  # the mean, from each run's mean weighted by its count
+        p = p0 + tl.arange(0, BLOCK_P)[:, None]
+        pm = (p < P) & (g < G)
+        cnt = (tl.minimum(ROWS, HW - p * ROWS) * CPG).to(tl.float32)
+        mp = tl.load(part_ptr + ((n * P + p) * 2) * G_P + g, mask=pm, other=0.0)
+        acc += tl.sum(tl.where(pm, cnt * mp, 0.0), axis=0)
+    mean = acc / total
+    m2 = tl.zeros((G_P,), tl.float32)
+    for p0 in range(0, P, BLOCK_P):  # M2 = sum of the runs' M2 + count * (run mean - mean)^2
+        p = p0 + tl.arange(0, BLOCK_P)[:, None]
+        pm = (p < P) & (g < G)
+        cnt = (tl.minimum(ROWS, HW - p * ROWS) * CPG).to(tl.float32)
+        ptr = part_ptr + ((n * P + p) * 2) * G_P + g
+        d = tl.load(ptr, mask=pm, other=0.0) - mean[None, :]
+        m2 += tl.sum(tl.where(pm, tl.load(ptr + G_P, mask=pm, other=0.0) + cnt * d * d, 0.0), axis=0)
+    rstd = 1.0 / tl.sqrt(m2 / total + eps)
+    gg = tl.arange(0, G_P)[:, None]
+    jj = tl.arange(0, CPG_P)[None, :]
+    c = gg * CPG + jj
+    cm = (gg < G) & (jj < CPG)
+    sc = rstd[:, None] * tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32)
+    tl.store(mean_ptr + n * C + c, tl.zeros_like(sc) + mean[:, None], mask=cm)
+    tl.store(scale_ptr + n * C + c, sc, mask=cm)
+
+
+@triton.jit
+def apply_kernel(x_ptr, y_ptr, mean_ptr, scale_ptr, b_ptr, HW, C, sx_n, sx_c, sx_hw, sy_n, sy_c, sy_hw,
+                 SILU: tl.constexpr, C_P: tl.constexpr, BLOCK_HW: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    hw = (tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)[:, None]).to(tl.int64)
+    c = tl.arange(0, C_P)[None, :]
+    mask = (hw < HW) & (c < C)
+    x = tl.load(x_ptr + n * sx_n + hw * sx_hw + c * sx_c, mask=mask, other=0.0).to(tl.float32)
+    # (x - mean) * scale + bias, not x * scale + (bias - mean * scale): that would cancel two products of the
+    # mean's size, whose rounding rstd amplifies where a group barely varies.
+    mean = tl.load(mean_ptr + n * C + c, mask=c < C, other=0.0)
+    scale = tl.load(scale_ptr + n * C + c, mask=c < C, other=0.0)
+    y = (x - mean) * scale + tl.load(b_ptr + c, mask=c < C, other=0.0).to(tl.float32)
+    if SILU:
+        y = y * tl.sigmoid(y)
+    tl.store(y_ptr + n * sy_n + hw * sy_hw + c * sy_c, y.to(y_ptr.dtype.element_ty), mask=mask)
