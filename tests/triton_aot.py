@@ -18,8 +18,8 @@ CONSTS = {
     "finalize_kernel": lambda c: {"G": 32, "CPG": c // 32, "G_P": 32, "CPG_P": c // 32, "BLOCK_P": 64},
     "apply_kernel": lambda c: {"SILU": True, "C_P": c, "BLOCK_HW": 4096 // c},
 }
-# Triton turns an int argument equal to 1 into a constant (HW of a 1x1 map, the unit channel stride, one run).
-ONES = {"HW", "ROWS", "P", "s_c", "sx_c", "sy_c"}
+# Triton turns an int argument equal to 1 into a constant unless told not to: the unit channel stride of NHWC.
+ONES = {"s_c", "sx_c", "sy_c"}
 
 
 def signature(fn: triton.JITFunction, c: int, dtype: str, ones: bool) -> tuple[dict, dict]:

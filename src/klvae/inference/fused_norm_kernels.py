@@ -1,10 +1,16 @@
-"""Triton kernels of `klvae.inference.fused_norm`; imported only when a fused norm first runs."""
+"""Triton kernels of `klvae.inference.fused_norm`; imported only when a fused norm first runs.
+
+Triton compiles a variant of a kernel per set of argument properties (equal to 1, divisible by 16). Sizes and
+run counts change with every resolution, so they are not specialised: a model's norms then need one variant
+per width and dtype (about a dozen, compiled on first use and cached on disk by Triton), while the strides,
+whose unit channel stride and 16-divisible row stride let loads vectorise, still are.
+"""
 
 import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["HW", "ROWS", "P"])
 def stats_kernel(x_ptr, part_ptr, HW, s_n, s_c, s_hw, ROWS, P,
                  G: tl.constexpr, CPG: tl.constexpr, G_P: tl.constexpr, CPG_P: tl.constexpr, BLOCK_HW: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
@@ -38,7 +44,7 @@ def stats_kernel(x_ptr, part_ptr, HW, s_n, s_c, s_hw, ROWS, P,
     tl.store(out + G_P, m2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["HW", "C", "ROWS", "P"])
 def finalize_kernel(part_ptr, w_ptr, mean_ptr, scale_ptr, HW, C, ROWS, P, eps,
                     G: tl.constexpr, CPG: tl.constexpr, G_P: tl.constexpr, CPG_P: tl.constexpr, BLOCK_P: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
@@ -70,7 +76,7 @@ def finalize_kernel(part_ptr, w_ptr, mean_ptr, scale_ptr, HW, C, ROWS, P, eps,
     tl.store(scale_ptr + n * C + c, sc, mask=cm)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["HW"])
 def apply_kernel(x_ptr, y_ptr, mean_ptr, scale_ptr, b_ptr, HW, C, sx_n, sx_c, sx_hw, sy_n, sy_c, sy_hw,
                  SILU: tl.constexpr, C_P: tl.constexpr, BLOCK_HW: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
