@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -29,11 +29,13 @@ from klvae.inference.streaming import Streamer
 class LiveBytes(TorchDispatchMode):
     """Counts the bytes of every storage an op creates while it lives (the next one, if `host`, not at all)."""
 
-    def __init__(self) -> None:
+    def __init__(self, known: Iterable[torch.Tensor] = ()) -> None:
         super().__init__()
         self.now = self.peak = 0
         self.host = False  # set just before a host map is allocated
-        self._seen: set[int] = set()
+        # Storages made before counting (the weights, counted apart, and the input, in host memory): a view of
+        # one, such as a strip of the input, is not a new allocation.
+        self._seen: set[int] = {t.untyped_storage()._cdata for t in known}
 
     def __torch_dispatch__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> object:
         out = func(*args, **(kwargs or {}))
@@ -77,6 +79,10 @@ class CountingStreamer(Streamer):
             self.up += t.numel() * t.element_size()
         return super().to_dev(t)
 
+    def upload(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        self.up += src.numel() * src.element_size()
+        super().upload(dst, src)
+
     def put(self, dst: torch.Tensor, y: torch.Tensor) -> None:
         if getattr(dst if dst._base is None else dst._base, "on_host", False):
             self.down += y.numel() * dst.element_size()
@@ -91,9 +97,9 @@ def count(vae: klvae.AutoencoderKL, op: str, size: int, max_memory: int) -> Coun
     budget, pool = tiling.budgets(TileOptions(max_memory=max_memory), weights)
     st = CountingStreamer(device=meta, storage=meta, dtype=torch.bfloat16, budget=budget, image_height=size,
                           channels_last=True, pool=pool, recompute=True)  # as on a GPU
-    st.live = LiveBytes()
-    flops = FlopCounterMode(display=False)
     x = meta_input(vae, op, size)  # made before counting: the input waits in host memory, as the API leaves it
+    st.live = LiveBytes(known=[x, *vae.parameters(), *vae.buffers()])
+    flops = FlopCounterMode(display=False)
     with torch.no_grad(), st.live, flops:
         if op == "decode":
             tiling.tiled_decode(vae, x, st)

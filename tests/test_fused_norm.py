@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -126,3 +127,25 @@ def test_kernels_compile_for_an_h100() -> None:
     r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(r.stdout.splitlines()) == 9 and all("bytes of cubin" in line for line in r.stdout.splitlines())
+
+
+def test_launch_grids_stay_within_cuda_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    # CUDA allows 2^31 - 1 programs on grid axis 0 but 65535 on axes 1 and 2; a whole 2048² decode's last norms
+    # have 4M positions of 128 channels. Recorded on the meta device with launches that do nothing.
+    grids = []
+
+    class Launcher:
+        def __getitem__(self, grid: tuple[int, ...]) -> object:
+            grids.append(grid)
+            return lambda *args, **kwargs: None
+
+    launcher = Launcher()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # meta tensors take the kernel path, also in a --device cuda run
+    monkeypatch.setattr(fused_norm, "_kernels", lambda: SimpleNamespace(
+        stats_kernel=launcher, finalize_kernel=launcher, apply_kernel=launcher))
+    for b, c, side in ((1, 128, 2048), (8, 128, 1024), (8, 512, 64), (300, 128, 8)):
+        x = torch.empty(b, c, side, side, device="meta").to(memory_format=torch.channels_last)
+        w = torch.empty(c, device="meta")
+        fused_norm.group_norm_act(x, w, w, 32, 1e-6, True)
+    assert len(grids) == 12
+    assert all(g[0] < 2**31 and all(d <= 65535 for d in g[1:]) for g in grids), grids

@@ -79,8 +79,9 @@ def finalize_kernel(part_ptr, w_ptr, mean_ptr, scale_ptr, HW, C, ROWS, P, eps,
 @triton.jit(do_not_specialize=["HW"])
 def apply_kernel(x_ptr, y_ptr, mean_ptr, scale_ptr, b_ptr, HW, C, sx_n, sx_c, sx_hw, sy_n, sy_c, sy_hw,
                  SILU: tl.constexpr, C_P: tl.constexpr, BLOCK_HW: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
-    hw = (tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)[:, None]).to(tl.int64)
+    # Blocks of positions on grid axis 0, which may exceed axis 1's limit of 65535 (131072 at 2048² and C = 128).
+    n = tl.program_id(1).to(tl.int64)
+    hw = (tl.program_id(0).to(tl.int64) * BLOCK_HW + tl.arange(0, BLOCK_HW)[:, None])
     c = tl.arange(0, C_P)[None, :]
     mask = (hw < HW) & (c < C)
     x = tl.load(x_ptr + n * sx_n + hw * sx_hw + c * sx_c, mask=mask, other=0.0).to(tl.float32)

@@ -172,9 +172,21 @@ class Streamer:
         return out
 
     def place(self, t: Tensor) -> Tensor:
-        """An input (image or latents) as a map: on the device when small enough, else on storage."""
+        """An input (image or latents) as a map: on the device while the pool has room, else on storage."""
+        uploads = self.on_device(tuple(t.shape)) and self.separate_storage
         out, _ = self.new_map(*t.shape)
-        return out.copy_(t)
+        if not uploads:
+            return out.copy_(t)
+        # In strips: a copy across devices and dtypes stages the source on the device in its own dtype first, a
+        # transient that must stay within the strip budget.
+        step = max(1, self.budget // (2 * t[:, :, :1].numel() * t.element_size()))
+        for a in range(0, t.shape[2], step):
+            self.upload(out[:, :, a : a + step], t[:, :, a : a + step])
+        return out
+
+    def upload(self, dst: Tensor, src: Tensor) -> None:
+        """Copy input values from where they wait (host memory, as a rule) into part of a map on the device."""
+        dst.copy_(src, non_blocking=True)
 
     def store(self, t: Tensor) -> Tensor:
         """A whole map computed on the device, placed like `new_map` places maps, with its sums."""
