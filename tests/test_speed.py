@@ -107,9 +107,9 @@ def test_bad_compile_mode_is_named() -> None:
         optimize_for_inference(perturbed_vae(), torch.float32, SpeedOptions(compile=True, compile_mode="fastest"))
 
 
-def test_cli_compile_flag_reaches_the_levers(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_speed_flags_reach_the_levers(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[SpeedOptions] = []
     monkeypatch.setattr(common, "optimize_for_inference", lambda vae, dtype, opts: seen.append(opts) or vae)
-    for flag in ([], ["--compile"]):
+    for flag in ([], ["--compile"], ["--no-fused-norm"]):
         assert main(["info", "--json", *flag]) == 0
-    assert [o.compile for o in seen] == [False, True]
+    assert [(o.compile, o.fused_norm) for o in seen] == [(False, None), (True, None), (False, False)]

@@ -16,7 +16,7 @@ log = logging.getLogger("klvae")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """--model/--config/--device/--dtype/--batch-size/--compile."""
+    """--model/--config/--device/--dtype/--batch-size/--compile/--no-fused-norm."""
     p.add_argument("--model", "-m", default=None,
                    help="a diffusers folder, a .safetensors/.ckpt file, a hub id, a preset name (sd15, sdxl, ...) "
                         "whose released weights come from the hub, or 'demo' (the default: klvae's small built-in "
@@ -29,6 +29,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the encoder and decoder (GPU speed; the first batch of each size compiles)")
+    p.add_argument("--no-fused-norm", dest="fused_norm", action="store_false", default=None,
+                   help="on a GPU, run GroupNorm and SiLU with PyTorch's ops instead of klvae's Triton kernels")
 
 
 def load_model(args: argparse.Namespace) -> tuple[AutoencoderKL, torch.device, torch.dtype]:
@@ -45,7 +47,7 @@ def load_model(args: argparse.Namespace) -> tuple[AutoencoderKL, torch.device, t
                  "not Stable Diffusion's; see docs/demo-model.md)")
     vae = AutoencoderKL.from_pretrained(args.model, subfolder=args.subfolder, config=args.config, device=device)
     log.info("model %s on %s, compute dtype %s", args.model, device, str(dtype).split(".")[-1])
-    optimize_for_inference(vae, dtype, SpeedOptions(compile=args.compile))
+    optimize_for_inference(vae, dtype, SpeedOptions(compile=args.compile, fused_norm=args.fused_norm))
     return vae, device, dtype
 
 
