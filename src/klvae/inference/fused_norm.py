@@ -18,6 +18,7 @@ otherwise `group_norm_act` falls back to PyTorch.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -49,6 +50,12 @@ def group_norm_act(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: fl
         # across all channels, contiguous only in NHWC.
         y = F.group_norm(x, groups, weight, bias, eps)
         return F.silu(y) if silu else y
+    # Triton launches on the current CUDA device, which need not be x's (cuda:1 from the CLI, say).
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        return _launch(x, weight, bias, groups, eps, silu)
+
+
+def _launch(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, silu: bool) -> Tensor:
     k = _kernels()
     b, c, h, w = x.shape
     hw, cpg = h * w, c // groups
@@ -58,16 +65,17 @@ def group_norm_act(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: fl
     progs = -(-hw // rows)
     part = torch.empty(b, progs, 2, g_p, device=x.device, dtype=torch.float32)  # per run: mean, M2
     sx = (x.stride(0), x.stride(1), x.stride(3))
-    k.stats_kernel[(b, progs)](x, part, hw, *sx, rows, progs, G=groups, CPG=cpg, G_P=g_p, CPG_P=cpg_p, BLOCK_HW=block)
+    k.stats_kernel[(b, progs)](x, part, hw, *sx, rows, progs,
+                               G=groups, CPG=cpg, G_P=g_p, CPG_P=cpg_p, BLOCK_HW=block)
     mean = torch.empty(b, c, device=x.device, dtype=torch.float32)  # per channel: its group's mean
     scale = torch.empty_like(mean)  # rstd * weight
     k.finalize_kernel[(b,)](part, weight, mean, scale, hw, c, rows, progs, eps,
-                     G=groups, CPG=cpg, G_P=g_p, CPG_P=cpg_p, BLOCK_P=max(1, _TILE // g_p // 2))
+                            G=groups, CPG=cpg, G_P=g_p, CPG_P=cpg_p, BLOCK_P=max(1, _TILE // g_p // 2))
     y = torch.empty_like(x)
     c_p = triton_next_pow2(c)
     block = max(1, _TILE // c_p)
     k.apply_kernel[(-(-hw // block), b)](x, y, mean, scale, bias, hw, c, *sx, y.stride(0), y.stride(1), y.stride(3),
-                                  SILU=silu, C_P=c_p, BLOCK_HW=block)
+                                         SILU=silu, C_P=c_p, BLOCK_HW=block)
     return y
 
 
