@@ -34,6 +34,7 @@ _TILE = 4096
 _STATS_PROGRAMS = 1024
 
 
+@functools.cache  # asked on every norm; the answer cannot change within a process
 def available() -> bool:
     """True when Triton is installed (the kernels then run on CUDA tensors, or anywhere under its interpreter)."""
     return importlib.util.find_spec("triton") is not None
