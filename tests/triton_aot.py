@@ -26,7 +26,7 @@ CONSTS = {
     "apply_kernel": lambda c: {"SILU": True, "C_P": c, "BLOCK_HW": 4096 // c},
 }
 # Triton turns an int argument equal to 1 into a constant unless told not to: the unit channel stride of NHWC.
-ONES = {"s_c", "sx_c", "sy_c"}
+ONES = {"s_c"}
 
 
 def signature(fn: triton.JITFunction, c: int, dtype: str, ones: bool) -> tuple[dict, dict]:

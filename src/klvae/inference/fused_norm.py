@@ -75,8 +75,7 @@ def _launch(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, si
     y = torch.empty_like(x)
     c_p = triton_next_pow2(c)
     block = max(1, _TILE // c_p)
-    k.apply_kernel[(-(-hw // block), b)](x, y, mean, scale, bias, hw, c, *sx, y.stride(0), y.stride(1), y.stride(3),
-                                         SILU=silu, C_P=c_p, BLOCK_HW=block)
+    k.apply_kernel[(-(-hw // block), b)](x, y, mean, scale, bias, hw, c, *sx, SILU=silu, C_P=c_p, BLOCK_HW=block)
     return y
 
 

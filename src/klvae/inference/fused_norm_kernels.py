@@ -49,7 +49,7 @@ def finalize_kernel(part_ptr, w_ptr, mean_ptr, scale_ptr, HW, C, ROWS, P, eps,
                     G: tl.constexpr, CPG: tl.constexpr, G_P: tl.constexpr, CPG_P: tl.constexpr, BLOCK_P: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, G_P)[None, :]
-    total = HW * CPG * 1.0  # not .to(): Triton passes an HW of 1 as a constant, a plain int
+    total = (HW * CPG).to(tl.float32)
     acc = tl.zeros((G_P,), tl.float32)
     for p0 in range(0, P, BLOCK_P):  # the mean, from each run's mean weighted by its count
         p = p0 + tl.arange(0, BLOCK_P)[:, None]
@@ -77,14 +77,15 @@ def finalize_kernel(part_ptr, w_ptr, mean_ptr, scale_ptr, HW, C, ROWS, P, eps,
 
 
 @triton.jit(do_not_specialize=["HW"])
-def apply_kernel(x_ptr, y_ptr, mean_ptr, scale_ptr, b_ptr, HW, C, sx_n, sx_c, sx_hw, sy_n, sy_c, sy_hw,
+def apply_kernel(x_ptr, y_ptr, mean_ptr, scale_ptr, b_ptr, HW, C, s_n, s_c, s_hw,
                  SILU: tl.constexpr, C_P: tl.constexpr, BLOCK_HW: tl.constexpr):
     # Blocks of positions on grid axis 0, which may exceed axis 1's limit of 65535 (131072 at 2048² and C = 128).
     n = tl.program_id(1).to(tl.int64)
     hw = (tl.program_id(0).to(tl.int64) * BLOCK_HW + tl.arange(0, BLOCK_HW)[:, None])
     c = tl.arange(0, C_P)[None, :]
     mask = (hw < HW) & (c < C)
-    x = tl.load(x_ptr + n * sx_n + hw * sx_hw + c * sx_c, mask=mask, other=0.0).to(tl.float32)
+    offs = n * s_n + hw * s_hw + c * s_c  # y is laid out as x (empty_like of a dense map)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     # (x - mean) * scale + bias, not x * scale + (bias - mean * scale): that would cancel two products of the
     # mean's size, whose rounding rstd amplifies where a group barely varies.
     mean = tl.load(mean_ptr + n * C + c, mask=c < C, other=0.0)
@@ -92,4 +93,4 @@ def apply_kernel(x_ptr, y_ptr, mean_ptr, scale_ptr, b_ptr, HW, C, sx_n, sx_c, sx
     y = (x - mean) * scale + tl.load(b_ptr + c, mask=c < C, other=0.0).to(tl.float32)
     if SILU:
         y = y * tl.sigmoid(y)
-    tl.store(y_ptr + n * sy_n + hw * sy_hw + c * sy_c, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
