@@ -28,8 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Elements of a tile held in registers by one program: 4096 fp32 values over 4 warps is 32 per thread.
+# Elements of a tile held in registers by one program of the statistics and apply kernels: 4096 fp32 values over
+# 8 warps is 16 per thread. With 4 warps (32 per thread) Triton 3.6, the one CUDA builds of torch 2.11 bring, took
+# 166-168 registers per thread (3 blocks, 12 warps per SM); with 8 it takes 63-80 (tests/triton_aot.py --registers).
 _TILE = 4096
+_WARPS = 8
 # Aim for about this many statistics programs per norm: several waves on a 132-SM H100, few partial results.
 _STATS_PROGRAMS = 1024
 
@@ -67,7 +70,7 @@ def _launch(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, si
     part = torch.empty(b, progs, 2, g_p, device=x.device, dtype=torch.float32)  # per run: mean, M2
     sx = (x.stride(0), x.stride(1), x.stride(3))
     k.stats_kernel[(b, progs)](x, part, hw, *sx, rows, progs,
-                               G=groups, CPG=cpg, G_P=g_p, CPG_P=cpg_p, BLOCK_HW=block)
+                               G=groups, CPG=cpg, G_P=g_p, CPG_P=cpg_p, BLOCK_HW=block, num_warps=_WARPS)
     mean = torch.empty(b, c, device=x.device, dtype=torch.float32)  # per channel: its group's mean
     scale = torch.empty_like(mean)  # rstd * weight
     k.finalize_kernel[(b,)](part, weight, mean, scale, hw, c, rows, progs, eps,
@@ -75,7 +78,8 @@ def _launch(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, si
     y = torch.empty_like(x)
     c_p = triton_next_pow2(c)
     block = max(1, _TILE // c_p)
-    k.apply_kernel[(-(-hw // block), b)](x, y, mean, scale, bias, hw, c, *sx, SILU=silu, C_P=c_p, BLOCK_HW=block)
+    k.apply_kernel[(-(-hw // block), b)](x, y, mean, scale, bias, hw, c, *sx, SILU=silu, C_P=c_p, BLOCK_HW=block,
+                                             num_warps=_WARPS)
     return y
 
 

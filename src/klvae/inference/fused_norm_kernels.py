@@ -13,13 +13,22 @@ import triton.language as tl
 @triton.jit(do_not_specialize=["HW", "ROWS", "P"])
 def stats_kernel(x_ptr, part_ptr, HW, s_n, s_c, s_hw, ROWS, P,
                  G: tl.constexpr, CPG: tl.constexpr, G_P: tl.constexpr, CPG_P: tl.constexpr, BLOCK_HW: tl.constexpr):
+    # The tile is 2-D, [positions, channels], channels being group-major (k = g * CPG_P + j); the merge of a
+    # group's channels happens on the block's small per-channel vectors. A 3-D [positions, groups, channels] tile
+    # took Triton 3.6 up to 201 registers per thread.
     n = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)
-    g = tl.arange(0, G_P)[None, :, None]
-    j = tl.arange(0, CPG_P)[None, None, :]
-    cmask = (g < G) & (j < CPG)
-    base = x_ptr + n * s_n + (g * CPG + j).to(tl.int64) * s_c
-    r = tl.arange(0, BLOCK_HW)[:, None, None]
+    k = tl.arange(0, G_P * CPG_P)
+    if G == G_P and CPG == CPG_P:  # k is the channel: Triton then sees unit-stride runs and vectorises the loads
+        ch = k
+        cmask = (k < G * CPG)[None, :]
+    else:
+        g, j = k // CPG_P, k % CPG_P
+        ch = g * CPG + j
+        cmask = ((g < G) & (j < CPG))[None, :]
+    jmask = (tl.arange(0, CPG_P) < CPG)[None, :]
+    base = x_ptr + n * s_n + ch.to(tl.int64)[None, :] * s_c
+    r = tl.arange(0, BLOCK_HW)[:, None]
     mean = tl.zeros((G_P,), tl.float32)
     m2 = tl.zeros((G_P,), tl.float32)
     cnt = tl.zeros((G_P,), tl.float32)
@@ -28,11 +37,16 @@ def stats_kernel(x_ptr, part_ptr, HW, s_n, s_c, s_hw, ROWS, P,
         hw = start + r0 + r
         mask = cmask & (hw < HW) & (r0 + r < ROWS)
         x = tl.load(base + hw.to(tl.int64) * s_hw, mask=mask, other=0.0).to(tl.float32)
-        valid = tl.maximum(tl.minimum(tl.minimum(HW - start - r0, ROWS - r0), BLOCK_HW), 0)
-        nb = (valid * CPG).to(tl.float32)
-        mb = tl.sum(tl.sum(x, axis=2), axis=0) / tl.maximum(nb, 1.0)
-        d = tl.where(mask, x - mb[None, :, None], 0.0)
-        m2b = tl.sum(tl.sum(d * d, axis=2), axis=0)
+        valid = tl.maximum(tl.minimum(tl.minimum(HW - start - r0, ROWS - r0), BLOCK_HW), 0).to(tl.float32)
+        # Each channel's mean and M2 over the block, then each group's: the channels' M2 plus their means' spread.
+        mc = tl.sum(x, axis=0) / tl.maximum(valid, 1.0)
+        d = tl.where(mask, x - mc[None, :], 0.0)
+        m2c = tl.reshape(tl.sum(d * d, axis=0), (G_P, CPG_P))
+        mc = tl.reshape(mc, (G_P, CPG_P))
+        mb = tl.sum(tl.where(jmask, mc, 0.0), axis=1) / CPG
+        dc = tl.where(jmask, mc - mb[:, None], 0.0)
+        m2b = tl.sum(tl.where(jmask, m2c, 0.0) + valid * dc * dc, axis=1)
+        nb = valid * CPG
         tot = cnt + nb
         frac = nb / tl.maximum(tot, 1.0)
         delta = mb - mean
@@ -77,8 +91,10 @@ def finalize_kernel(part_ptr, w_ptr, mean_ptr, scale_ptr, HW, C, ROWS, P, eps,
 
 
 @triton.jit(do_not_specialize=["HW"])
-def apply_kernel(x_ptr, y_ptr, mean_ptr, scale_ptr, b_ptr, HW, C, s_n, s_c, s_hw,
+def apply_kernel(x_ptr, y_ptr, mean_ptr, scale_ptr, b_ptr, HW, C: tl.constexpr, s_n, s_c, s_hw,
                  SILU: tl.constexpr, C_P: tl.constexpr, BLOCK_HW: tl.constexpr):
+    # C is a constant (a model has a few widths) so that the channel mask is known per run of channels and the
+    # loads and stores vectorise; with C an argument they were 2-byte accesses.
     # Blocks of positions on grid axis 0, which may exceed axis 1's limit of 65535 (131072 at 2048² and C = 128).
     n = tl.program_id(1).to(tl.int64)
     hw = (tl.program_id(0).to(tl.int64) * BLOCK_HW + tl.arange(0, BLOCK_HW)[:, None])
