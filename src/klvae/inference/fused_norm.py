@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # Elements of a tile held in registers by one program of the statistics and apply kernels: 4096 fp32 values over
-# 8 warps is 16 per thread. With 4 warps (32 per thread) Triton 3.6, the one CUDA builds of torch 2.11 bring, took
-# 166-168 registers per thread (3 blocks, 12 warps per SM); with 8 it takes 63-80 (tests/triton_aot.py --registers).
+# 8 warps is 16 per thread (Inductor's heuristics also give 8 warps to elementwise blocks of this size). ptxas
+# reports 34-59 registers per thread with 8 warps, 48-64 with 4 (tests/triton_aot.py --registers).
 _TILE = 4096
 _WARPS = 8
 # Aim for about this many statistics programs per norm: several waves on a 132-SM H100, few partial results.

@@ -13,9 +13,9 @@ import triton.language as tl
 @triton.jit(do_not_specialize=["HW", "ROWS", "P"])
 def stats_kernel(x_ptr, part_ptr, HW, s_n, s_c, s_hw, ROWS, P,
                  G: tl.constexpr, CPG: tl.constexpr, G_P: tl.constexpr, CPG_P: tl.constexpr, BLOCK_HW: tl.constexpr):
-    # The tile is 2-D, [positions, channels], channels being group-major (k = g * CPG_P + j); the merge of a
-    # group's channels happens on the block's small per-channel vectors. A 3-D [positions, groups, channels] tile
-    # took Triton 3.6 up to 201 registers per thread.
+    # The tile is 2-D, [positions, channels], channels being group-major (k = g * CPG_P + j), so its loads are
+    # 16-byte runs along the channels at every width; the merge of a group's channels happens on the block's
+    # small per-channel vectors.
     n = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)
     k = tl.arange(0, G_P * CPG_P)
