@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import Tensor
 
+from klvae.atomic import atomic_write
 from klvae.errors import ImageError, KlvaeError
 
 log = logging.getLogger(__name__)
@@ -221,15 +222,9 @@ def save_image_atomic(img: Image.Image, path: str | Path, **save_kwargs: Any) ->
     fmt = _format_for(p)
     if fmt == "JPEG" and img.mode not in ("RGB", "L"):
         img = to_rgb(img)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    try:
+
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             img.save(f, format=fmt, **save_kwargs)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return p
+
+    return atomic_write(p, write)

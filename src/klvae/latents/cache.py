@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from klvae import inference
+from klvae.atomic import atomic_write, atomic_write_text
 from klvae.errors import ImageError, KlvaeError
 from klvae.images import pil_to_tensor
 from klvae.latents.buckets import make_buckets, nearest_bucket, resize_crop
@@ -91,14 +91,7 @@ def _write_shard(rows: list[tuple[dict[str, Tensor], dict[str, Any]]], out: Path
         for field, v in t.items():
             tensors[f"{r:06d}.{field}"] = v.contiguous()
         metas.append({**meta, "shard": name, "row": r})
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": INDEX_FORMAT})
-        os.replace(tmp, out / name)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(out / name, lambda tmp: save_file(tensors, str(tmp), metadata={"format": INDEX_FORMAT}))
     return metas
 
 
@@ -239,11 +232,7 @@ def write_index(vae: AutoencoderKL, model: str, out: str | Path, opts: CacheOpti
         "options": asdict(opts), "world_size": world, "items": rows,
         "failed": sorted(set(failed) - {r["source"] for r in rows}),
     }
-    fd, tmp = tempfile.mkstemp(prefix=".index.", suffix=".tmp", dir=out)
-    with os.fdopen(fd, "w") as f:
-        json.dump(index, f)
-    os.replace(tmp, out / "index.json")
-    return out / "index.json"
+    return atomic_write_text(out / "index.json", json.dumps(index))
 
 
 def iter_rows(index_path: str | Path) -> Iterator[dict[str, Any]]:

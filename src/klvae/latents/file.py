@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -13,6 +11,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from klvae.atomic import atomic_write
 from klvae.errors import LatentsError
 
 FORMAT = "klvae.latents/1"
@@ -53,15 +52,7 @@ def save_latents(lf: LatentsFile, path: str | Path) -> Path:
         **lf.extra,
     }
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lf.latents.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def load_latents(path: str | Path) -> LatentsFile:

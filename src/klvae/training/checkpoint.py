@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import logging
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from klvae.atomic import atomic_write
 from klvae.errors import KlvaeError
 
 log = logging.getLogger(__name__)
@@ -46,18 +45,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(state: dict[str, Any], directory: str | Path, step: int, keep: int = 2) -> Path:
     """Write step_XXXXXXXX.pt through a temporary file and a rename; prune all but the newest `keep`."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"step_{step:08d}.pt"
-    fd, tmp = tempfile.mkstemp(prefix=".step_", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
             torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)  # a kill before this line leaves only a stray .tmp, never a torn step_*.pt
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    # A kill mid-write leaves only a hidden .tmp, never a torn step_*.pt that a resume would pick.
+    final = atomic_write(directory / f"step_{step:08d}.pt", write)
     for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     return final

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from klvae.atomic import atomic_write
 from klvae.errors import WeightsError
 from klvae.weights.convert import diffusers_to_ldm
 from klvae.weights.diffusers_config import config_to_diffusers
@@ -22,19 +20,6 @@ SAFE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 PICKLE_WEIGHTS = "diffusion_pytorch_model.bin"
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Run write(tmp) on a temporary name beside `path`, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not mkstemp: its 0600 mode would survive the rename; the writer creates the file under the umask instead.
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _tensors(model: nn.Module) -> dict[str, Tensor]:
     # safetensors wants contiguous CPU tensors that share no storage.
     return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -43,7 +28,7 @@ def _tensors(model: nn.Module) -> dict[str, Tensor]:
 def _save_safetensors(tensors: dict[str, Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
-    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
 
 
 def save_pretrained(model: nn.Module, directory: str | Path, safe_serialization: bool = True) -> Path:
@@ -57,9 +42,9 @@ def save_pretrained(model: nn.Module, directory: str | Path, safe_serialization:
     if safe_serialization:
         _save_safetensors(tensors, directory / SAFE_WEIGHTS)
     else:
-        _atomic_write(directory / PICKLE_WEIGHTS, lambda tmp: torch.save(tensors, tmp))
+        atomic_write(directory / PICKLE_WEIGHTS, lambda tmp: torch.save(tensors, tmp))
     text = json.dumps(d, indent=2, sort_keys=True) + "\n"
-    _atomic_write(directory / "config.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write(directory / "config.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
     log.info("saved %s", directory)
     return directory
 

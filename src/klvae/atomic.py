@@ -1,0 +1,56 @@
+"""Atomic file writes: the data goes to a temporary name beside the target, then one rename puts it in place.
+
+Every file klvae writes (weights, latents, cache shards and index, checkpoints, images, reports) goes through
+here, so a reader or a resumed job never sees half a file, and a kill leaves at most a hidden `.NAME.*.tmp`.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Run write(tmp) on a temporary name beside `path`, flush it to disk, then rename it onto `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        write(tmp)
+        # The mode a plain open() would give: some writers (safetensors, mkstemp) create 0600 files, and a rename
+        # keeps the mode, so a cache or checkpoint shared by a team would be unreadable to the rest of it.
+        os.chmod(tmp, 0o666 & ~_umask())
+        # The rename must not reach the disk before the data does, or a crash could leave an empty file.
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write `text` as UTF-8 (newlines as given) atomically."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+
+    return atomic_write(path, write)
+
+
+def _umask() -> int:
+    # Linux reports the umask without changing it; os.umask can only read it by setting it, which races with
+    # other threads creating files.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
