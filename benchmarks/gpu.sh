@@ -32,7 +32,7 @@ python3 -c 'import torch, diffusers; print("torch", torch.__version__, "diffuser
 bench() { python3 benchmarks/bench.py --device cuda --dtype bf16 "$@" 2>&1 | tee -a "$out/gpu-$part.log"; }
 case "$part" in
     check)
-        python3 -m pytest -p no:cacheprovider --device cuda tests/test_inference.py tests/test_speed.py \
+        python3 -m pytest -p no:cacheprovider --device cuda tests/test_inference.py tests/test_speed.py tests/test_posterior.py \
             tests/test_fused_norm.py 2>&1 \
             | tee -a "$out/gpu-$part.log" ;;
     eager)

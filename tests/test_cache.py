@@ -149,3 +149,151 @@ def test_cache_bad_input_is_a_one_line_error(
     assert _cache(["--data", str(tmp_path / "missing"), "-o", str(tmp_path / "c"), "--model", str(model_dir)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no such data" in err[0]
+
+
+class _Killed(BaseException):
+    """Stands in for a SIGKILL landing at a chosen write (BaseException: nothing on the way catches it)."""
+
+
+@pytest.mark.parametrize(("target", "nth", "batch_size"), [
+    ("_write_shard", 2, 8),  # killed before the 2nd shard is written
+    ("_append_line", 2, 8),  # the 2nd shard written but not recorded: an orphan to delete
+    ("_append_line", 2, 3),  # encoder batches of 3 that split an image's two rows as well
+])
+def test_kill_between_an_images_original_and_flipped_rows_loses_neither(
+    tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch, target: str, nth: int, batch_size: int
+) -> None:
+    from klvae.latents import cache
+
+    data = _images(tmp_path / "data", 3, sizes=((32, 32),))
+    out = tmp_path / "cache"
+    vae = klvae.AutoencoderKL.from_pretrained(model_dir)
+    # 3 images x 2 rows in shards of 3: image 1's original and flipped rows fall in different shards.
+    opts = cache.CacheOptions(resolution=32, flip=True, shard_size=3, batch_size=batch_size, num_workers=0)
+    real, calls = getattr(cache, target), []
+
+    def dying(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == nth:
+            raise _Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cache, target, dying)
+    with pytest.raises(_Killed):
+        cache.cache_rank(vae, str(data), out, opts, torch.float32)
+    monkeypatch.setattr(cache, target, real)
+    counts = cache.cache_rank(vae, str(data), out, opts, torch.float32)
+    assert counts["failed"] == 0
+    index = json.loads(cache.write_index(vae, "tiny", out, opts, 1).read_text())
+    assert sorted((it["source"], it["flip"]) for it in index["items"]) == sorted(
+        (f"img{i:03d}.png", f) for i in range(3) for f in (False, True))  # all six rows, each once
+    assert {p.name for p in out.glob("*.safetensors")} == {it["shard"] for it in index["items"]}
+    ds = LatentDataset(out, mode="mean")
+    for row, it in enumerate(ds.items):  # and each row holds what its metadata says
+        x = pil_to_tensor(load_image(data / it["source"]))[None]
+        x = x.flip(-1) if it["flip"] else x
+        expected = vae.scale_latents(inference.encode(vae, x).mode())[0]
+        torch.testing.assert_close(ds[row]["latents"], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    (["--flip"], "flip"), (["--store", "sample"], "store"), (["--resolution", "128"], "resolution"),
+    (["--buckets"], "buckets"),
+])
+def test_resume_with_other_options_is_refused_before_anything_is_written(
+    tmp_path: Path, model_dir: Path, capsys: pytest.CaptureFixture[str], change: list[str], named: str
+) -> None:
+    data = _images(tmp_path / "data", 3, sizes=((64, 64),))
+    out = tmp_path / "cache"
+    base = ["--data", str(data), "-o", str(out), "--model", str(model_dir), "--resolution", "64",
+            "--num-workers", "0", "--shard-size", "1"]
+    assert _cache(base) == 0
+    for interrupted in (False, True):  # a finished cache (index.json), then one killed before its index
+        if interrupted:
+            (out / "index.json").unlink()
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        capsys.readouterr()
+        assert _cache([*base, *change]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and named in err[0], err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written, nothing removed
+    # What does not change the rows (shard size, batch size, workers) may change on resume.
+    assert _cache([*base, "--shard-size", "2", "--batch-size", "3"]) == 0
+
+
+def test_sampled_latents_depend_on_seed_and_item_not_on_the_loader_worker(tmp_path: Path, model_dir: Path) -> None:
+    import shutil
+
+    from torch.utils.data import DataLoader
+
+    data = _images(tmp_path / "data", 1, sizes=((32, 32),))
+    for i in range(1, 4):  # identical images: equal moments, so equal noise would give equal samples
+        shutil.copy(data / "img000.png", data / f"img{i:03d}.png")
+    out = tmp_path / "cache"
+    assert _cache(["--data", str(data), "-o", str(out), "--model", str(model_dir), "--resolution", "32",
+                   "--num-workers", "0"]) == 0
+
+    def draw(workers: int, seed: int = 0) -> list[torch.Tensor]:
+        loader = DataLoader(LatentDataset(out, mode="sample", seed=seed), batch_size=None, num_workers=workers)
+        return [item["latents"] for item in loader]
+
+    two = draw(2)
+    assert all(not torch.equal(two[i], two[j]) for i in range(4) for j in range(i))  # workers 0 and 1 too
+    for again in (draw(2), draw(0)):  # the same seed: the same noise, whichever worker serves an item
+        assert all(torch.equal(a, b) for a, b in zip(two, again, strict=True))
+    assert not torch.equal(draw(0, seed=1)[0], two[0])
+    ds = LatentDataset(out, mode="sample", seed=0)
+    ds.set_epoch(1)  # a new epoch, new noise (augmentation), still reproducible
+    assert not torch.equal(ds[0]["latents"], two[0])
+    assert torch.equal(ds[0]["latents"], ds[0]["latents"])
+
+
+def test_scale_skips_and_counts_unreadable_images(tmp_path: Path, model_dir: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from klvae.latents.scale import estimate_factors
+
+    data = _images(tmp_path / "data", 3, bad=2, sizes=((32, 32),))
+    vae = klvae.AutoencoderKL.from_pretrained(model_dir)
+    f = estimate_factors(vae, str(data), resolution=32, seed=5)
+    assert f["images"] == 3 and f["skipped"] == 2
+    assert estimate_factors(vae, str(data), resolution=32, seed=5) == f  # a seed gives the same samples
+    assert main(["scale", "--data", str(data), "--model", str(model_dir), "--resolution", "32"]) == 1
+    assert "skipped 2 unreadable" in capsys.readouterr().out
+
+
+def test_cache_under_torchrun_loads_the_model_on_the_local_ranks_gpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import klvae.cli.latents as cli_latents
+    from klvae.training import distributed
+
+    events: list[str] = []
+
+    def init(device_type: str) -> distributed.DistInfo:
+        events.append(f"init {device_type}")
+        return distributed.DistInfo(rank=3, world=4, local_rank=1)
+
+    def load(args: object) -> None:
+        events.append(f"load {args.device}")  # type: ignore[attr-defined]
+        raise _Killed
+
+    monkeypatch.setattr(distributed, "init_distributed", init)
+    monkeypatch.setattr(distributed, "shutdown", lambda info: events.append("shutdown"))
+    monkeypatch.setattr(cli_latents, "load_model", load)
+    monkeypatch.setattr("klvae.inference.precision.resolve_device", lambda d: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: events.append(f"set_device {d}"))
+    data = _images(tmp_path / "data", 1)
+    with pytest.raises(_Killed):
+        _cache(["--data", str(data), "-o", str(tmp_path / "c"), "--device", "cuda"])
+    assert events == ["init cuda", "set_device cuda:1", "load cuda:1", "shutdown"]
+
+
+def test_rank_device_picks_the_local_ranks_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from klvae.training.distributed import DistInfo, rank_device
+
+    chosen: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    two = DistInfo(rank=3, world=4, local_rank=1)
+    assert rank_device(torch.device("cuda"), two) == torch.device("cuda", 1) and chosen == [torch.device("cuda", 1)]
+    assert rank_device(torch.device("cpu"), two) == torch.device("cpu")
+    assert rank_device(torch.device("cuda", 1), DistInfo()) == torch.device("cuda", 1)  # one process: as asked

@@ -194,6 +194,34 @@ def test_half_weights_are_upcast_for_the_rerun_and_restored(device: torch.device
     assert vae.dtype == torch.float16
 
 
+def test_dtype_defaults_to_the_weights_and_fp32_is_honoured(device: torch.device) -> None:
+    # A model stored in bf16 (optimize_for_inference) computes in bf16 by default; asking for fp32 outright
+    # upcasts it for the call (a silent bf16 pass would be off by ~1e-2) and puts the bf16 weights back.
+    vae = perturbed_vae("tiny", device=device)
+    z = torch.randn(1, 4, 4, 4, device=device)
+    reference = inference.decode(vae, z)
+    vae.to(torch.bfloat16)
+    default = inference.decode(vae, z)
+    asked = inference.decode(vae, z, torch.float32)
+    assert vae.dtype == torch.bfloat16
+    # The fp32 call equals an fp32 pass over the bf16-rounded weights; the default pass computed in bf16.
+    fp32_of_rounded = inference.decode(perturbed_vae("tiny", device=device).to(torch.bfloat16).float(), z)
+    torch.testing.assert_close(asked, fp32_of_rounded, atol=1e-5, rtol=0)
+    assert (default - fp32_of_rounded).abs().max() > 1e-3
+    assert (default - reference).abs().max() < 0.1  # and it is still the same network
+
+
+def test_tiled_results_come_back_on_the_models_device_unless_over_budget(caplog: pytest.LogCaptureFixture) -> None:
+    # On a GPU the tiled path's last map may sit in host memory; the API hands it back where the untiled path
+    # would (the model's device), unless it alone would exceed the budget's pool. The meta device stands in.
+    vae = perturbed_vae("tiny").to("meta")
+    out = torch.zeros(1, 3, 64, 64)
+    assert tiling.deliver(vae, out, TileOptions(max_memory=2**30)).device.type == "meta"
+    with caplog.at_level(logging.INFO):
+        kept = tiling.deliver(vae, out, TileOptions(max_memory=64 * 1024))
+    assert kept is out and "stays in host memory" in caplog.text
+
+
 def test_bad_latents_are_refused() -> None:
     vae = perturbed_vae("tiny")
     with pytest.raises(klvae.LatentsError, match="do not fit"):

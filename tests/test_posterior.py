@@ -36,6 +36,22 @@ def test_sample_is_reparameterised_and_seeded() -> None:
     assert (m.grad[:, :4] == 1).all() and m.grad[:, 4:].abs().sum() > 0
 
 
+def test_sample_draws_on_the_generators_device(device: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A CPU generator must serve moments on any device (torch.randn refuses a generator of another device) and
+    # give the same noise there; on a CPU-only run the moments sit on the meta device to see the routing.
+    cpu = DiagonalGaussian(_moments())
+    expected = cpu.sample(torch.Generator().manual_seed(3))
+    where = device if device.type != "cpu" else torch.device("meta")
+    d = DiagonalGaussian(_moments().to(where))
+    seen = []
+    randn = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: seen.append(k["device"]) or randn(*a, **k))
+    z = d.sample(torch.Generator().manual_seed(3))
+    assert seen == [torch.device("cpu")] and z.device.type == where.type
+    if where.type != "meta":
+        torch.testing.assert_close(z.cpu(), expected)
+
+
 def test_sample_statistics() -> None:
     m = torch.zeros(1, 2, 200, 200, dtype=torch.float64)
     m[:, 0] = 1.5

@@ -1,5 +1,6 @@
 """The trainer on tiny configs: config files, the loss falling, exact resume, atomic checkpoints, the
-non-finite guard, decoder-only fine-tuning, export, and 2 gloo processes matching one process."""
+non-finite guard, decoder-only fine-tuning, export, 2 gloo processes matching one process, and the data position
+and learned logvar kept through unreadable batches and across ranks."""
 
 import json
 import subprocess
@@ -177,6 +178,63 @@ def test_two_gloo_processes_follow_the_single_process_trajectory(tmp_path: Path,
     assert sorted(one) == sorted(two) == [1, 2, 3, 4]
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-4)
+
+
+def test_resume_after_a_wholly_unreadable_batch_reads_on_where_it_stopped(
+        tmp_path: Path, photos_with_a_broken_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One image per batch, and seed 2 puts broken.jpg first in epoch 0: step 1 reads two loader batches.
+    seen: list[torch.Tensor] = []
+
+    def record(self: Trainer, micro: list[torch.Tensor]) -> dict[str, float]:
+        seen.append(torch.cat(micro))  # the data path only: no model step
+        self.step += 1
+        return {}
+
+    monkeypatch.setattr(Trainer, "train_step", record)
+    common = ("data.batch_size=1", "train.seed=2", "loss.preset=mse", "train.ckpt_every=2")
+    _train(tmp_path / "a", photos_with_a_broken_file, "train.max_steps=4", *common)
+    whole, seen[:] = list(seen), []
+    rows = [json.loads(line) for line in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["bad_images"] == 1  # the empty batch was met in step 1
+    _train(tmp_path / "b", photos_with_a_broken_file, "train.max_steps=2", *common)
+    tr = _train(tmp_path / "b", photos_with_a_broken_file, "train.max_steps=4", *common, resume=True)
+    assert tr.batches_done == 5
+    assert len(seen) == 4
+    for a, b in zip(whole[2:], seen[2:], strict=True):
+        assert torch.equal(a, b)
+
+
+_DUMP_RANK_STATE = """
+import sys, torch
+from klvae.training.config import load_config
+from klvae.training.loop import fit
+from klvae.training.trainer import Trainer
+tr = Trainer(load_config(None, sys.argv[2:]))
+fit(tr)
+torch.save({"logvar": tr.loss.logvar.detach(), "batches_done": tr.batches_done}, f"{sys.argv[1]}/rank{tr.dist.rank}.pt")
+"""
+
+
+def test_two_gloo_processes_keep_one_learned_logvar_and_one_data_position(
+        tmp_path: Path, photos_with_a_broken_file: Path) -> None:
+    # logvar lives outside DDP, so its gradient must be averaged by hand. Seed 2 with one image per rank puts
+    # broken.jpg in rank 0's first batch: both ranks must drop that global batch, or their positions part.
+    script = tmp_path / "dump.py"
+    script.write_text(_DUMP_RANK_STATE)
+    cfg = _config(tmp_path, photos_with_a_broken_file, "train.max_steps=3", "loss.learn_logvar=true",
+                  "data.batch_size=1", "train.seed=2")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), str(tmp_path), *cfg], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ranks = [torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1)]
+    assert ranks[0]["logvar"] != 0.0  # it was trained
+    assert torch.equal(ranks[0]["logvar"], ranks[1]["logvar"])
+    assert ranks[0]["batches_done"] == ranks[1]["batches_done"] > 3
+    latest = ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert latest is not None
+    tr = Trainer(load_config(None, cfg))
+    assert tr.resume(latest)
+    assert torch.equal(tr.loss.logvar.detach(), ranks[0]["logvar"])
 
 
 def test_train_command_bad_config_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

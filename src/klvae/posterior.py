@@ -30,10 +30,11 @@ class DiagonalGaussian:
 
     def sample(self, generator: torch.Generator | None = None) -> Tensor:
         """z = mean + std * eps, eps ~ N(0, I): differentiable in mean and logvar (reparameterisation)."""
-        eps = torch.randn(
-            self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
-        )
-        return self.mean + self.std * eps
+        # Drawn where the generator lives, then moved (as diffusers' randn_tensor): a CPU generator gives the same
+        # noise for moments on any device, and torch.randn refuses a generator of another device.
+        device = generator.device if generator is not None else self.mean.device
+        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps.to(self.mean.device)
 
     def mode(self) -> Tensor:
         """The most likely z: the mean."""

@@ -39,17 +39,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_cache(args: argparse.Namespace) -> int:
     """Encode this process's share; with torchrun, rank 0 writes the index after every rank is done."""
-    from klvae.latents.cache import CacheOptions, cache_rank, write_index
+    from klvae.inference.precision import resolve_device
+    from klvae.latents.cache import CacheOptions, cache_rank, check_resume, write_index
     from klvae.latents.sources import open_source
-    from klvae.training.distributed import barrier, init_distributed, shutdown
+    from klvae.training.distributed import barrier, init_distributed, rank_device, shutdown
 
     opts = CacheOptions(resolution=args.resolution, buckets=args.buckets, flip=args.flip, store=args.store,
                         shard_size=args.shard_size, batch_size=args.batch_size, num_workers=args.num_workers,
                         seed=args.seed)
     source = open_source(args.data)  # bad data is reported before the model is loaded
-    vae, device, dtype = load_model(args)
-    dist = init_distributed(device.type)
+    device = resolve_device(args.device)
+    dist = init_distributed(device.type)  # first: the model goes to this rank's GPU
     try:
+        check_resume(args.output, opts, dist.world)  # a mismatched resume is refused before the model loads
+        args.device = str(rank_device(device, dist))
+        vae, _, dtype = load_model(args)
         counts = cache_rank(vae, source, args.output, opts, dtype, dist.rank, dist.world)
         barrier(dist)
         if dist.is_main:
@@ -70,10 +74,11 @@ def cmd_scale(args: argparse.Namespace) -> int:
     f = estimate_factors(vae, args.data, limit=args.limit, resolution=args.resolution, dtype=dtype)
     shift = None if args.no_shift else round(f["shift_factor"], 6)
     print(f"scaling_factor {f['scaling_factor']:.5f}  shift_factor {shift}  (latent std {f['std']:.5f} "
-          f"over {int(f['images'])} images; the model's: {vae.config.scaling_factor} / {vae.config.shift_factor})")
+          f"over {int(f['images'])} images, skipped {int(f['skipped'])} unreadable; the model's: "
+          f"{vae.config.scaling_factor} / {vae.config.shift_factor})")
     if args.save:
         vae.config = vae.config.replace(scaling_factor=round(f["scaling_factor"], 6), shift_factor=shift)
         print(f"saved to {vae.save_pretrained(args.save)}")
-    return 0
+    return 1 if f["skipped"] else 0  # as cache: finished, but some images were unreadable
 
 

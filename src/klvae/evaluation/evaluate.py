@@ -136,10 +136,10 @@ def quantise(x: Tensor) -> Tensor:
 
 @torch.no_grad()
 def reconstruct(vae: AutoencoderKL, x: Tensor, opts: EvalOptions) -> Tensor:
-    """Encode to the posterior mean and decode, at the input's size; 8-bit-rounded, fp32, on the model's device."""
+    """Encode to the posterior mean and decode, at the input's size; 8-bit-rounded, fp32, on x's device."""
     post = inference.encode(vae, x, opts.dtype, opts.tiling)
     out = inference.decode(vae, post.mode(), opts.dtype, size=tuple(x.shape[-2:]), tiling=opts.tiling)
-    return quantise(out.float())
+    return quantise(out.float()).to(x.device)  # a huge tiled result may stay in host memory
 
 
 def iter_batches(

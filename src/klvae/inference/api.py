@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from klvae.errors import LatentsError
-from klvae.inference.precision import run_guarded
+from klvae.inference.precision import compute_dtype, run_guarded
 from klvae.inference.tiling import TileOptions, make_streamer, run_maybe_tiled, tiled_decode, tiled_encode_moments
 from klvae.model.autoencoder import AutoencoderKL
 from klvae.posterior import DiagonalGaussian
@@ -25,9 +25,15 @@ def pad_for(vae: AutoencoderKL, x: Tensor) -> Tensor:
 
 @torch.no_grad()
 def encode_moments(
-    vae: AutoencoderKL, x: Tensor, dtype: torch.dtype = torch.float32, tiling: TileOptions | None = None
+    vae: AutoencoderKL, x: Tensor, dtype: torch.dtype | None = None, tiling: TileOptions | None = None
 ) -> Tensor:
-    """Images [B, C, H, W] in [-1, 1], any H and W -> fp32 moments over the padded size's latent grid."""
+    """Images [B, C, H, W] in [-1, 1], any H and W -> fp32 moments over the padded size's latent grid.
+
+    `dtype` is the compute dtype (default: the weights' dtype); a half-precision pass that overflows is rerun in
+    fp32. The moments are on the model's device, unless a tiled result alone would exceed the memory budget:
+    then it stays in host memory (`tiling.deliver`).
+    """
+    dtype = compute_dtype(vae, dtype)
     # The image stays where it is until a path takes it: the tiled one reads it strip by strip, so a big image
     # in host memory never has to fit on the GPU whole.
     x = pad_for(vae, x)
@@ -44,7 +50,7 @@ def encode_moments(
 
 
 def encode(
-    vae: AutoencoderKL, x: Tensor, dtype: torch.dtype = torch.float32, tiling: TileOptions | None = None
+    vae: AutoencoderKL, x: Tensor, dtype: torch.dtype | None = None, tiling: TileOptions | None = None
 ) -> DiagonalGaussian:
     """Images [B, C, H, W] in [-1, 1] -> the posterior q(z | x) (see encode_moments)."""
     return DiagonalGaussian(encode_moments(vae, x, dtype, tiling))
@@ -54,12 +60,14 @@ def encode(
 def decode(
     vae: AutoencoderKL,
     z: Tensor,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     size: tuple[int, int] | None = None,
     tiling: TileOptions | None = None,
 ) -> Tensor:
-    """Unscaled latents [B, c, h, w] -> images [B, C, H, W] in [-1, 1], cropped to `size` when given."""
+    """Unscaled latents [B, c, h, w] -> images [B, C, H, W] in [-1, 1], cropped to `size` when given; dtype and
+    device as in encode_moments."""
     check_latents(vae, z)
+    dtype = compute_dtype(vae, dtype)
     z = z.to(vae.device)
 
     def tiled(t: Tensor, dt: torch.dtype) -> Tensor:

@@ -71,12 +71,21 @@ def _fp32_weights(model: nn.Module) -> Iterator[None]:
         model.to(old)
 
 
+def compute_dtype(model: nn.Module, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a pass computes in: the one asked for, else the dtype the model's weights are stored in."""
+    return dtype if dtype is not None else next(model.parameters()).dtype
+
+
 def run_guarded(
     model: nn.Module, fn: Callable[[Tensor, torch.dtype], Tensor], x: Tensor, dtype: torch.dtype, what: str
 ) -> Tensor:
     """fn(x, dtype) under autocast; when that yields non-finite values, rerun in fp32 with a warning."""
     weight = next(model.parameters())
     weight_dtype = weight.dtype
+    if dtype == torch.float32 and weight_dtype != torch.float32:
+        # fp32 asked outright of a model stored in half precision (optimize_for_inference): upcast for this call.
+        with _fp32_weights(model):
+            return fn(x.float(), torch.float32).float()
     if weight_dtype != torch.float32:
         dtype = weight_dtype  # a model stored in half precision computes in it; autocast would mix types
     with autocast(weight.device, dtype):  # x may wait in host memory (a big image for the tiled path)

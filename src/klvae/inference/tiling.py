@@ -114,16 +114,29 @@ def run_maybe_tiled(
     if opts.enabled is False:
         return plain(x, dtype)
     if opts.wants_tiling():
-        return tiled(x, dtype)
+        return deliver(vae, tiled(x, dtype), opts)
     out_shape = (x.shape[0], 3, x.shape[2] * (vae.downsample_factor if op == "decode" else 1),
                  x.shape[3] * (vae.downsample_factor if op == "decode" else 1))
     if opts.max_memory is not None and estimate_bytes(vae, op, out_shape, dtype) > opts.max_memory:
         log.info("%s of %dx%d exceeds the %.2f GiB budget: tiling", op, out_shape[2], out_shape[3],
                  opts.max_memory / 2**30)
-        return tiled(x, dtype)
+        return deliver(vae, tiled(x, dtype), opts)
     try:
         return plain(x, dtype)
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         log.warning("%s ran out of GPU memory at %dx%d; retrying tiled", op, out_shape[2], out_shape[3])
-        return tiled(x, dtype)
+        return deliver(vae, tiled(x, dtype), opts)
+
+
+def deliver(vae: AutoencoderKL, out: Tensor, opts: TileOptions) -> Tensor:
+    """A tiled result on the model's device, as the untiled path gives it, unless it alone would exceed the memory
+    budget's pool of maps: then it stays in host memory, where the streamer left it, and a log line says so."""
+    if out.device == vae.device:
+        return out
+    pool = budgets(opts, weight_bytes(vae))[1]
+    if out.numel() * out.element_size() <= pool:
+        return out.to(vae.device)
+    log.info("the tiled result (%.2f GiB) exceeds the memory budget's pool; it stays in host memory",
+             out.numel() * out.element_size() / 2**30)
+    return out

@@ -2,8 +2,10 @@
 
 Exactly-once: a shard is written under a temporary name and renamed; only then is one line describing
 all of its rows appended (and fsynced) to this rank's manifest. On restart, shards that no manifest line
-names are deleted and only images that no line names are encoded. A torn last line is ignored, so a kill
-at any instant leaves either a whole shard and its line, or neither counted.
+names are deleted and only rows that no line names are encoded (per row, not per image: with --flip an
+image's two rows may fall in different shards). A torn last line is ignored, so a kill at any instant
+leaves either a whole shard and its line, or neither counted. Every line records the options that decide
+what a row holds; a resume with other values is refused before anything is touched.
 """
 
 from __future__ import annotations
@@ -56,17 +58,17 @@ class CacheOptions:
 
 
 class _Prepared(Dataset):
-    """Loads, cuts and flips the images of this rank that are still to do (None for unreadable ones)."""
+    """Loads, cuts and flips the images of this rank that are still to do (an error string for unreadable ones)."""
 
-    def __init__(self, source: ItemSource, ids: list[str], opts: CacheOptions) -> None:
-        self.source, self.ids, self.opts = source, ids, opts
+    def __init__(self, source: ItemSource, todo: list[tuple[str, list[bool]]], opts: CacheOptions) -> None:
+        self.source, self.todo = source, todo  # (id, the flips of its rows still to encode)
         self.buckets = make_buckets(opts.resolution) if opts.buckets else [(opts.resolution, opts.resolution)]
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.todo)
 
     def __getitem__(self, i: int) -> tuple[str, list[tuple[Tensor, dict[str, Any]]] | str]:
-        item_id = self.ids[i]
+        item_id, flips = self.todo[i]
         try:
             img = self.source.load(item_id)
         except ImageError as e:
@@ -75,10 +77,7 @@ class _Prepared(Dataset):
         cut, crop = resize_crop(img, bucket)
         x = pil_to_tensor(cut)
         meta = {"source": item_id, "size": [img.height, img.width], "crop": list(crop), "bucket": list(bucket)}
-        rows = [(x, {**meta, "flip": False})]
-        if self.opts.flip:
-            rows.append((x.flip(-1), {**meta, "flip": True}))
-        return item_id, rows
+        return item_id, [(x.flip(-1) if f else x, {**meta, "flip": f}) for f in flips]
 
 
 def _collate(batch: list[Any]) -> list[Any]:
@@ -115,19 +114,60 @@ def read_manifest(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _recover(out: Path, rank: int) -> tuple[set[str], int]:
-    # Delete this rank's shards that no manifest line names; return the ids done and the next shard number.
+# The options that decide what a row holds (and the world size, which decides each rank's images): a resume
+# with other values would mix rows the reader cannot serve together, or encode images twice.
+_ROW_OPTIONS = ("resolution", "buckets", "flip", "store")
+
+
+def row_options(opts: CacheOptions, world: int) -> dict[str, Any]:
+    """The options a resume must share with the runs before it (seed only where it decides the rows)."""
+    rec = {k: getattr(opts, k) for k in _ROW_OPTIONS}
+    if opts.store == "sample":
+        rec["seed"] = opts.seed
+    return {**rec, "world_size": world}
+
+
+def check_resume(out: str | Path, opts: CacheOptions, world: int) -> None:
+    """Refuse (KlvaeError) to add to a cache that index.json or a manifest line says was made with other options."""
+    out, current = Path(out), row_options(opts, world)
+    recorded = []
+    if (out / "index.json").is_file():
+        index = json.loads((out / "index.json").read_text())
+        size = {"world_size": index["world_size"]} if "world_size" in index else {}
+        recorded.append({**index.get("options", {}), **size})
+    for p in sorted(out.glob("manifest-rank*.jsonl")):
+        recorded += [rec["options"] for rec in read_manifest(p) if "options" in rec]  # older lines lack them
+    for old in recorded:
+        for key, value in current.items():
+            if key in old and old[key] != value:
+                raise KlvaeError(f"{out} holds a cache made with {key}={old[key]!r}, not {value!r}: resume it with "
+                                 "the same options and number of processes, or write to another folder")
+
+
+def _recover(out: Path, rank: int) -> tuple[set[tuple[str, bool]], set[str], int]:
+    # Delete this rank's shards that no manifest line names; return the rows (source, flip) done, the ids that
+    # failed and the next shard number.
     records = read_manifest(out / f"manifest-rank{rank:03d}.jsonl")
-    named = {rec["shard"] for rec in records if "shard" in rec}
+    named = {rec["shard"] for rec in records if rec.get("shard")}
     for p in out.glob(f"rank{rank:03d}-*.safetensors"):
         if p.name not in named:
             log.info("removing %s, written but not recorded before an interruption", p.name)
             p.unlink()
     for p in out.glob(f".rank{rank:03d}-*.tmp"):
         p.unlink()
-    done = {m["source"] for rec in records for m in rec.get("rows", [])}
-    done |= {i for rec in records for i in rec.get("failed", [])}
-    return done, len(named)
+    rows = {(m["source"], m["flip"]) for rec in records for m in rec.get("rows", [])}
+    failed = {i for rec in records for i in rec.get("failed", [])}
+    # After the highest number recorded: numbers need not be contiguous (earlier versions skipped one).
+    next_no = 1 + max((int(Path(n).stem.rsplit("-", 1)[1]) for n in named), default=-1)
+    return rows, failed, next_no
+
+
+def _todo(mine: list[str], rows_done: set[tuple[str, bool]], failed: set[str],
+          flip: bool) -> list[tuple[str, list[bool]]]:
+    # Each image with the flips of its rows that no manifest line records yet.
+    wanted = [False, True] if flip else [False]
+    todo = [(i, [f for f in wanted if (i, f) not in rows_done]) for i in mine if i not in failed]
+    return [(i, flips) for i, flips in todo if flips]
 
 
 def _encode_rows(vae: AutoencoderKL, xs: list[Tensor], opts: CacheOptions, dtype: torch.dtype,
@@ -147,17 +187,18 @@ def _encode_rows(vae: AutoencoderKL, xs: list[Tensor], opts: CacheOptions, dtype
 
 def cache_rank(vae: AutoencoderKL, spec: str | ItemSource, out: str | Path, opts: CacheOptions,
                dtype: torch.dtype, rank: int = 0, world: int = 1) -> dict[str, int]:
-    """Encode this rank's share of the data that is not done yet; returns counts (encoded, failed, skipped)."""
+    """Encode this rank's share of the data that is not done yet; returns counts (encoded, failed, done_before)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     source = open_source(spec) if isinstance(spec, str) else spec
     mine = [i for n, i in enumerate(source.ids) if n % world == rank]
-    done, shard_no = _recover(out, rank)
-    todo = [i for i in mine if i not in done]
+    check_resume(out, opts, world)
+    rows_done, failed, shard_no = _recover(out, rank)
+    todo = _todo(mine, rows_done, failed, opts.flip)
     log.info("rank %d: %d images, %d done before, %d to encode", rank, len(mine), len(mine) - len(todo), len(todo))
     loader = DataLoader(_Prepared(source, todo, opts), batch_size=opts.batch_size, num_workers=opts.num_workers,
                         collate_fn=_collate)
-    writer = _ShardWriter(out, rank, shard_no, opts.shard_size)
+    writer = _ShardWriter(out, rank, shard_no, opts.shard_size, row_options(opts, world))
     gen = torch.Generator().manual_seed(opts.seed * 1009 + rank)
     pending: dict[tuple[int, int], list[tuple[Tensor, dict]]] = {}
     counts = {"encoded": 0, "failed": 0, "done_before": len(mine) - len(todo)}
@@ -188,8 +229,8 @@ def cache_rank(vae: AutoencoderKL, spec: str | ItemSource, out: str | Path, opts
 class _ShardWriter:
     """Collects encoded rows; writes a shard when full, then records it with one manifest line."""
 
-    def __init__(self, out: Path, rank: int, next_no: int, size: int) -> None:
-        self.out, self.rank, self.no, self.size = out, rank, next_no, size
+    def __init__(self, out: Path, rank: int, next_no: int, size: int, options: dict[str, Any]) -> None:
+        self.out, self.rank, self.no, self.size, self.options = out, rank, next_no, size, options
         self.manifest = out / f"manifest-rank{rank:03d}.jsonl"
         self.rows: list[tuple[dict[str, Tensor], dict]] = []
         self.failed: list[str] = []
@@ -207,7 +248,7 @@ class _ShardWriter:
             return
         name = f"rank{self.rank:03d}-{self.no:05d}.safetensors" if self.rows else None
         metas = _write_shard(self.rows, self.out, name) if name else []
-        _append_line(self.manifest, {"shard": name, "rows": metas, "failed": self.failed})
+        _append_line(self.manifest, {"shard": name, "rows": metas, "failed": self.failed, "options": self.options})
         self.no += 1 if name else 0
         self.rows, self.failed = [], []
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import defaultdict
 from collections.abc import Iterator
@@ -15,13 +16,15 @@ from torch.utils.data import Dataset, Sampler
 
 from klvae.errors import LatentsError
 from klvae.latents.cache import INDEX_FORMAT
+from klvae.posterior import DiagonalGaussian
 
 
 class LatentDataset(Dataset):
     """Scaled latents ((z - shift) * scale, as the diffusion model wants them) and each row's metadata.
 
     With moments stored, `mode="sample"` draws z from the posterior on every access (augmentation, as
-    LDM training does) and `mode="mean"` returns its mean.
+    LDM training does) and `mode="mean"` returns its mean. With a seed, an item's noise depends only on
+    (seed, epoch, index): the same in any DataLoader worker and on every run; `set_epoch` changes it.
     """
 
     def __init__(self, root: str | Path, mode: str = "sample", seed: int | None = None) -> None:
@@ -38,11 +41,25 @@ class LatentDataset(Dataset):
         self.store: str = index["options"]["store"]
         self.scale, self.shift = float(index["scaling_factor"]), float(index["shift_factor"] or 0.0)
         self.mode = mode
-        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.seed, self.epoch = seed, 0
         self._handles: dict[str, Any] = {}
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Other noise for this epoch (with a seed); call it before the epoch's DataLoader iteration starts."""
+        # Workers copy the dataset when an iteration starts (persistent_workers keep their first copy).
+        self.epoch = epoch
+
+    def _generator(self, i: int) -> torch.Generator | None:
+        # One generator per draw, seeded from (seed, epoch, item): a generator held by the dataset is copied into
+        # every DataLoader worker, which then all draw the same sequence. Without a seed, torch's global RNG,
+        # which the DataLoader seeds differently in each worker.
+        if self.seed is None:
+            return None
+        key = hashlib.blake2b(f"{self.seed}/{self.epoch}/{i}".encode(), digest_size=8).digest()
+        return torch.Generator().manual_seed(int.from_bytes(key, "little"))
 
     def _tensor(self, shard: str, key: str) -> Tensor:
         # One open handle per shard and process; safetensors maps the file, so a row read is a small copy.
@@ -58,8 +75,7 @@ class LatentDataset(Dataset):
             mean, logvar = self._tensor(it["shard"], f"{prefix}.mean"), self._tensor(it["shard"], f"{prefix}.logvar")
             z = mean
             if self.mode == "sample":
-                std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-                z = mean + std * torch.randn(mean.shape, generator=self.generator)
+                z = DiagonalGaussian(torch.cat([mean, logvar])[None]).sample(self._generator(i))[0]
             latents = (z - self.shift) * self.scale
         else:
             latents = self._tensor(it["shard"], f"{prefix}.latent")

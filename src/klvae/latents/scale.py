@@ -19,22 +19,31 @@ log = logging.getLogger(__name__)
 
 def estimate_factors(vae: AutoencoderKL, spec: str, limit: int = 256, resolution: int = 256,
                      dtype: torch.dtype = torch.float32, sample: bool = True, seed: int = 0) -> dict[str, float]:
-    """Mean and std of z over up to `limit` images (centre crops): the factors that make z zero-mean, unit-std."""
+    """Mean and std of z over up to `limit` images (centre crops): the factors that make z zero-mean, unit-std.
+
+    Unreadable images are skipped with a warning and counted (`skipped`); `images` is the number used.
+    """
     source = open_source(spec)
+    # A CPU generator on any device: DiagonalGaussian.sample draws on the generator's device and moves the noise,
+    # so a seed gives the same samples on every device.
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(source.ids), generator=gen).tolist()[:limit]
-    n, s1, s2, used = 0, 0.0, 0.0, 0
+    n, s1, s2, used, skipped = 0, 0.0, 0.0, 0, 0
     for i in order:
         try:
             img, _ = resize_crop(source.load(source.ids[i]), (resolution, resolution))
         except ImageError as e:
             log.warning("skipping %s", e)
+            skipped += 1
             continue
         post = inference.encode(vae, pil_to_tensor(img)[None], dtype)
         z = (post.sample(gen.manual_seed(seed + i)) if sample else post.mode()).double()
         n, s1, s2, used = n + z.numel(), s1 + z.sum().item(), s2 + z.square().sum().item(), used + 1
     if used == 0:
-        raise KlvaeError(f"no readable images in {spec}")
+        raise KlvaeError(f"no readable images in {spec} ({skipped} unreadable)")
+    if skipped:
+        log.warning("skipped %d unreadable of %d images sampled", skipped, len(order))
     mean = s1 / n
     std = math.sqrt(max(s2 / n - mean * mean, 1e-12))
-    return {"scaling_factor": 1.0 / std, "shift_factor": mean, "std": std, "images": float(used)}
+    return {"scaling_factor": 1.0 / std, "shift_factor": mean, "std": std, "images": float(used),
+            "skipped": float(skipped)}

@@ -39,7 +39,9 @@ class AutoencoderKLConfig:
     # Latent normalisation for the diffusion model: z_diffusion = (z - shift_factor) * scaling_factor.
     scaling_factor: float = 0.18215
     shift_factor: float | None = None
-    # The VAE overflows in fp16 (SD 1.x, SDXL): run it in fp32 when a half dtype is asked for.
+    # diffusers' flag that the VAE overflows in fp16 (SD 1.x, SDXL), on which its pipelines run the VAE in fp32.
+    # Kept for round trips only: klvae checks every half-precision pass and reruns one that overflowed in fp32
+    # whatever the flag says (inference.precision.run_guarded), so fp16 runs where it works.
     force_upcast: bool = True
 
     def __post_init__(self) -> None:

@@ -48,8 +48,27 @@ def all_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t / info.world
 
 
+def rank_device(device: torch.device, info: DistInfo) -> torch.device:
+    """Under torchrun, the GPU of this process's local rank (made current); otherwise `device` as given."""
+    # "cuda" alone would put every rank on cuda:0; a single process keeps the GPU it was given (cuda:1, say).
+    if device.type != "cuda" or not info.enabled:
+        return device
+    device = torch.device("cuda", info.local_rank)
+    torch.cuda.set_device(device)  # nccl's collectives run on the current device
+    return device
+
+
+def all_ranks(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    """Whether `flag` holds on every rank; all ranks get the same answer."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor(float(flag), device=device)  # on the backend's device: nccl reduces CUDA tensors only
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() == 1.0)
+
+
 def average_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:
-    """Average the .grad of parameters that are not under DistributedDataParallel (the discriminator)."""
+    """Average the .grad of parameters that are not under DistributedDataParallel (critic, learned logvar)."""
     if not info.enabled:
         return
     grads = [p.grad for p in params if p.grad is not None]

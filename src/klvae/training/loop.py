@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from klvae.training.data_setup import build_train_loader, build_val_batches
+from klvae.training.distributed import DistInfo, all_ranks
 from klvae.training.trainer import Trainer
 from klvae.training.validate import validate
 
@@ -50,14 +51,19 @@ class RunLog:
             self.tb.close()
 
 
-def _micro_batches(it: Iterator[dict[str, Any]], n: int, skipped: list[int]) -> list[torch.Tensor]:
-    out = []
+def _micro_batches(it: Iterator[dict[str, Any]], n: int, skipped: list[int], dist: DistInfo,
+                   device: torch.device) -> tuple[list[torch.Tensor], int]:
+    """`n` non-empty micro-batches, and how many loader batches were read for them (the resume position)."""
+    out, read = [], 0
     while len(out) < n:
         batch = next(it)
+        read += 1
         skipped[0] += int(batch.get("skipped", 0))
-        if batch["pixels"].shape[0] > 0:
+        # A batch with no readable image is dropped on every rank alike, so that all ranks read the same
+        # number of batches (one data position to save) and run the same number of micro-steps.
+        if all_ranks(batch["pixels"].shape[0] > 0, dist, device):
             out.append(batch["pixels"])
-    return out
+    return out, read
 
 
 def fit(tr: Trainer) -> dict[str, float]:
@@ -73,8 +79,8 @@ def fit(tr: Trainer) -> dict[str, float]:
     t0, n0 = time.perf_counter(), tr.step
     try:
         while tr.step < cfg.train.max_steps:
-            micro = _micro_batches(it, accum, skipped)
-            tr.batches_done += accum
+            micro, read = _micro_batches(it, accum, skipped, tr.dist, tr.device)
+            tr.batches_done += read  # batches read, not kept: a dropped empty batch is consumed data too
             last = tr.train_step(micro)
             bar.update(1)
             bar.set_postfix(loss=f"{last.get('total', float('nan')):.4g}", rec=f"{last.get('rec', float('nan')):.4g}")

@@ -22,7 +22,14 @@ from klvae.model.config import get_preset
 from klvae.posterior import DiagonalGaussian
 from klvae.training import checkpoint as ckpt
 from klvae.training.config import TrainConfig
-from klvae.training.distributed import DistInfo, all_mean, average_gradients, barrier, init_distributed
+from klvae.training.distributed import (
+    DistInfo,
+    all_mean,
+    average_gradients,
+    barrier,
+    init_distributed,
+    rank_device,
+)
 from klvae.training.losses import AutoencoderLoss, LossConfig, get_loss_preset
 
 log = logging.getLogger(__name__)
@@ -87,10 +94,7 @@ class Trainer:
         self.cfg = cfg
         device = resolve_device(cfg.train.device)
         self.dist: DistInfo = init_distributed(device.type)
-        if device.type == "cuda":
-            device = torch.device("cuda", self.dist.local_rank)
-            torch.cuda.set_device(device)
-        self.device = device
+        self.device = rank_device(device, self.dist)
         self.out = Path(cfg.train.out_dir)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         self.vae = build_model(cfg).to(device)
@@ -111,7 +115,8 @@ class Trainer:
 
     def _build_optimisers(self) -> None:
         o = self.cfg.optim
-        ae = [p for p in self.vae.parameters() if p.requires_grad] + list(self.loss.autoencoder_parameters())
+        self.loss_ae_params = list(self.loss.autoencoder_parameters())  # logvar when learned: not under DDP
+        ae = [p for p in self.vae.parameters() if p.requires_grad] + self.loss_ae_params
         self.opt_ae = torch.optim.AdamW(ae, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
         self.disc_params = list(self.loss.discriminator_parameters())
         self.opt_d = (torch.optim.AdamW(self.disc_params, lr=o.disc_lr, betas=o.betas, weight_decay=o.weight_decay)
@@ -218,6 +223,9 @@ class Trainer:
 
     def _apply_gradients(self, disc_on: bool) -> None:
         clip = self.cfg.optim.grad_clip
+        # DDP averaged the autoencoder's gradients but not logvar's; average it too (before clipping, whose norm
+        # includes it), or each rank's logvar drifts apart and only rank 0's reaches the checkpoint.
+        average_gradients(self.loss_ae_params, self.dist)
         self.scaler.unscale_(self.opt_ae)
         if clip > 0:
             torch.nn.utils.clip_grad_norm_([p for g in self.opt_ae.param_groups for p in g["params"]], clip)
