@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 
-from klvae.errors import KlvaeError
+import klvae.images
+from klvae.errors import ImageError, KlvaeError
 from klvae.latents.sources import open_source
 from klvae.training.data import (
     HFDiskDataset,
@@ -216,6 +217,24 @@ def test_shards_group_members_and_skip_bad_samples(tmp_path: Path) -> None:
     items = list(WebDatasetShards(tar, build_transform(TINY)))
     assert [it and it["key"] for it in items] == ["mixed.tar:a", None, None, "mixed.tar:dir/d", "mixed.tar:e"]
     assert items[0]["pixels"].shape == (3, 16, 16)
+
+
+def test_an_oversized_tar_member_is_skipped_unread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    # A member's header states its size; one over the limit is refused before its bytes are read, counted as a
+    # skipped sample, and the stream goes on. The limit (2 GiB) is lowered here to a size a test can write.
+    big, small = _encoded(_tiny(1)), _encoded(np.zeros((4, 4, 3), np.uint8))
+    monkeypatch.setattr(klvae.images, "MAX_ENCODED_BYTES", len(small))
+    tar = _write_tar(tmp_path / "s.tar", [("a", {"png": big}), ("b", {"png": small})])
+    ds = WebDatasetShards(tar, build_transform(TINY))
+    with caplog.at_level(logging.WARNING):
+        items = list(ds)
+    assert [it and it["key"] for it in items] == [None, "s.tar:b"] and ds.skipped == 1
+    assert "more than the" in caplog.text
+    source = open_source(str(tar))
+    with pytest.raises(ImageError, match="more than the"):
+        source.load(source.ids[0])
+    assert source.load(source.ids[1]).size == (4, 4)
 
 
 @pytest.mark.parametrize("cut", [5120, 1000])  # at a block boundary, and inside a member

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import tarfile
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -33,6 +34,9 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", 
 # admits 100-megapixel photos and panoramas, which the tiled encoder handles, and refuses crafted headers.
 # A larger max_pixels also needs Image.MAX_IMAGE_PIXELS raised, as PIL refuses beyond that itself.
 MAX_PIXELS: int = 2 * 89_478_485
+# The most bytes an encoded image read into memory (a tar member) may have, checked before reading: a crafted
+# or corrupt header could otherwise claim any size. Uncompressed 16-bit RGBA at MAX_PIXELS is 1.4 GB.
+MAX_ENCODED_BYTES: int = 2 * 2**30
 
 PAD_MODES = ("replicate", "reflect", "constant")
 
@@ -104,6 +108,14 @@ def open_image_bytes(data: bytes, name: str, max_pixels: int | None = MAX_PIXELS
     if not data:
         raise ImageError(f"{name}: empty image data")
     return _decode(io.BytesIO(data), name, max_pixels)
+
+
+def read_tar_member(tf: tarfile.TarFile, member: tarfile.TarInfo, name: str) -> bytes:
+    """The bytes of one tar member; ImageError, before reading, for one over MAX_ENCODED_BYTES."""
+    if member.size > MAX_ENCODED_BYTES:
+        raise ImageError(f"{name}: {member.size} bytes, more than the {MAX_ENCODED_BYTES} an encoded image may have")
+    f = tf.extractfile(member)
+    return f.read() if f is not None else b""
 
 
 def image_from_cell(value: Any, name: str, max_pixels: int | None = MAX_PIXELS) -> Image.Image:

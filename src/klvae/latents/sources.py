@@ -11,7 +11,14 @@ from PIL import Image
 
 from klvae.datasources import TableRows, resolve_spec
 from klvae.errors import ImageError, KlvaeError
-from klvae.images import IMAGE_EXTENSIONS, find_images, image_from_cell, load_image, open_image_bytes
+from klvae.images import (
+    IMAGE_EXTENSIONS,
+    find_images,
+    image_from_cell,
+    load_image,
+    open_image_bytes,
+    read_tar_member,
+)
 
 
 @dataclass
@@ -31,8 +38,7 @@ class ItemSource:
             tar_path, member = self._paths[item_id]
             try:
                 with tarfile.open(tar_path) as tf:
-                    f = tf.extractfile(member)
-                    data = f.read() if f is not None else b""
+                    data = read_tar_member(tf, tf.getmember(member), item_id)
             except (OSError, tarfile.TarError) as e:
                 raise ImageError(f"{item_id}: cannot read from {tar_path}: {e}") from None
             return open_image_bytes(data, item_id)

@@ -31,6 +31,7 @@ from klvae.images import (
     load_image,
     open_image_bytes,
     pil_to_tensor,
+    read_tar_member,
 )
 
 log = logging.getLogger(__name__)
@@ -206,8 +207,9 @@ def _split_name(name: str) -> tuple[str, str]:
 
 
 def _tar_groups(tf: tarfile.TarFile, wanted: Callable[[int], bool],
-                is_image: Callable[[str], bool]) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) per run of members sharing a key; bytes read only for wanted images."""
+                is_image: Callable[[str], bool]) -> Iterator[tuple[str, dict[str, bytes | ImageError]]]:
+    """(key, {extension: bytes, or the error of a member too big to read}) per run of members sharing a key;
+    bytes read only for wanted images."""
     key, idx, group = None, -1, {}
     for m in tf:  # a stream: a member's bytes can only be read while it is the current one
         if not m.isfile() or m.name.rpartition("/")[2].startswith("."):
@@ -218,8 +220,10 @@ def _tar_groups(tf: tarfile.TarFile, wanted: Callable[[int], bool],
                 yield key, group
             key, idx, group = k, idx + 1, {}
         if wanted(idx) and is_image(ext):
-            f = tf.extractfile(m)
-            group[ext] = f.read() if f is not None else b""
+            try:
+                group[ext] = read_tar_member(tf, m, m.name)
+            except ImageError as e:  # the sample is skipped and counted; the stream goes on past the member
+                group[ext] = e
     if key is not None and wanted(idx):
         yield key, group
 
@@ -240,7 +244,7 @@ class WebDatasetShards(IterableDataset):
     def _is_image(self, ext: str) -> bool:
         return ext in self.image_keys or ext.rpartition(".")[2] in self.image_keys
 
-    def _pick(self, group: dict[str, bytes]) -> bytes | None:
+    def _pick(self, group: dict[str, bytes | ImageError]) -> bytes | ImageError | None:
         for k in self.image_keys:
             if k in group:
                 return group[k]
@@ -252,9 +256,9 @@ class WebDatasetShards(IterableDataset):
         worker = (info.id, info.num_workers) if info is not None else (0, 1)
         return split_plan(len(self.shards), [(self.rank, self.world_size), worker])
 
-    def _sample(self, name: str, data: bytes | None) -> Item:
-        if data is None:
-            log.warning("skipping %s: no %s member", name, "/".join(self.image_keys))
+    def _sample(self, name: str, data: bytes | ImageError | None) -> Item:
+        if data is None or isinstance(data, ImageError):
+            log.warning("skipping %s: %s", name, data or f"no {'/'.join(self.image_keys)} member")
             return None
         return _item(name, lambda: open_image_bytes(data, name, self.max_pixels), self.transform)
 
