@@ -79,7 +79,8 @@ def _squeeze_linear(key: str, t: Tensor) -> Tensor:
     return t
 
 
-def _num_levels(sd: StateDict, pattern: str) -> int:
+def count_indices(sd: StateDict, pattern: str) -> int:
+    """1 + the largest index `pattern`'s first group captures in any key (0 if none): levels, blocks, layers."""
     idx = {int(m.group(1)) for k in sd if (m := re.match(pattern, k))}
     return max(idx) + 1 if idx else 0
 
@@ -131,7 +132,7 @@ def _diffusers_key(key: str, n_up: int) -> str:
 
 def ldm_to_diffusers(sd: StateDict) -> StateDict:
     """LDM keys -> diffusers keys; attention 1x1-conv weights become Linear weights."""
-    n_up = _num_levels(sd, r"^decoder\.up\.(\d+)\.")
+    n_up = count_indices(sd, r"^decoder\.up\.(\d+)\.")
     out: StateDict = {}
     for k, v in sd.items():
         new = _ldm_key(k, n_up)
@@ -141,7 +142,7 @@ def ldm_to_diffusers(sd: StateDict) -> StateDict:
 
 def diffusers_to_ldm(sd: StateDict) -> StateDict:
     """Diffusers keys -> LDM keys; attention Linear weights become 1x1-conv weights [C, C, 1, 1]."""
-    n_up = _num_levels(sd, r"^decoder\.up_blocks\.(\d+)\.")
+    n_up = count_indices(sd, r"^decoder\.up_blocks\.(\d+)\.")
     out: StateDict = {}
     for k, v in sd.items():
         new = _diffusers_key(k, n_up)

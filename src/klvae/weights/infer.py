@@ -12,13 +12,13 @@ Shapes give the architecture but not everything:
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterable
 
 from torch import Tensor
 
 from klvae.errors import WeightsError
 from klvae.model.config import PRESETS, AutoencoderKLConfig
+from klvae.weights.convert import count_indices
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +48,6 @@ def guess_family(keys: Iterable[str]) -> str | None:
     return None
 
 
-def _count(sd: dict[str, Tensor], pattern: str) -> int:
-    idx = {int(m.group(1)) for k in sd if (m := re.match(pattern, k))}
-    return max(idx) + 1 if idx else 0
-
-
 def _shape(sd: dict[str, Tensor], key: str) -> tuple[int, ...]:
     if key not in sd:
         raise WeightsError(f"cannot infer the config: the weights have no {key}")
@@ -74,12 +69,12 @@ def _groups(widths: tuple[int, ...]) -> int:
 
 def infer_architecture(sd: dict[str, Tensor]) -> dict[str, object]:
     """The ARCH_FIELDS (plus norm_num_groups, assumed) that a diffusers-layout state dict's shapes imply."""
-    levels = _count(sd, r"^encoder\.down_blocks\.(\d+)\.")
+    levels = count_indices(sd, r"^encoder\.down_blocks\.(\d+)\.")
     if levels == 0:
         raise WeightsError("cannot infer the config: the weights have no encoder.down_blocks.* keys")
     widths = tuple(_shape(sd, f"encoder.down_blocks.{i}.resnets.0.conv1.weight")[0] for i in range(levels))
-    layers = _count(sd, r"^encoder\.down_blocks\.0\.resnets\.(\d+)\.")
-    dec_layers = _count(sd, r"^decoder\.up_blocks\.0\.resnets\.(\d+)\.")
+    layers = count_indices(sd, r"^encoder\.down_blocks\.0\.resnets\.(\d+)\.")
+    dec_layers = count_indices(sd, r"^decoder\.up_blocks\.0\.resnets\.(\d+)\.")
     if dec_layers != layers + 1:
         raise WeightsError(
             f"unsupported weights: {layers} ResNet blocks per encoder level but {dec_layers} per decoder level "
