@@ -301,6 +301,75 @@ def test_eval_bad_input_is_a_one_line_error(data_dir: Path, models: list[Path], 
     assert not (tmp_path / "r").exists()
 
 
+@pytest.fixture
+def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail a test whose run gets as far as evaluating: its error must come before the work."""
+    from klvae.evaluation import evaluate as evaluate_mod
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the work started")
+
+    monkeypatch.setattr(evaluate_mod, "evaluate", refuse)
+
+
+@pytest.mark.parametrize(("flag", "content", "words"), [
+    ("--lpips-vgg", None, ["--lpips-vgg", "no such file"]),
+    ("--lpips-vgg", np.random.default_rng(0).integers(0, 255, 1000, dtype=np.uint8).tobytes(),
+     ["--lpips-vgg", "not a PyTorch weights file"]),
+    ("--lpips-lin", b"abc", ["--lpips-lin", "not a PyTorch weights file"]),
+    ("--inception-weights", b"abc", ["--inception-weights", "not a PyTorch weights file"]),
+    ("--inception-weights", "wrong keys", ["--inception-weights", "do not fit"]),
+    ("--inception-weights", b"", ["--inception-weights", "is empty"]),
+])
+def test_named_metric_weights_must_load_before_the_work(
+    data_dir: Path, models: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], no_work: None,
+    flag: str, content: bytes | str | None, words: list[str],
+) -> None:
+    path = tmp_path / "w.pth"
+    if content == "wrong keys":
+        torch.save({"conv.weight": torch.zeros(1)}, path)
+    elif content is not None:
+        path.write_bytes(content)
+    report = tmp_path / "report"
+    capsys.readouterr()
+    assert run_cli("--model", str(models[0]), "--data", str(data_dir), "-o", str(report), flag, str(path)) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if not ln.startswith(("INFO", "WARNING"))]
+    assert len(err) == 1 and err[0].startswith("klvae: error: ") and all(w in err[0] for w in words), err
+    assert not report.exists()
+
+
+def test_weights_found_automatically_but_unreadable_are_left_out_in_one_line(
+    data_dir: Path, models: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cached = lpips_mod.hub_checkpoint(lpips_mod.VGG16_FILE)
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(np.random.default_rng(0).integers(0, 255, 1000, dtype=np.uint8).tobytes())  # not a pickle
+    capsys.readouterr()
+    rc = run_cli("--model", str(models[0]), "--data", str(data_dir), "-o", str(tmp_path / "r"), "--no-fid",
+                 "--resolution", str(RES))
+    assert rc == 1  # for the truncated image: LPIPS missing is no failure
+    err = capsys.readouterr().err
+    warning = [ln for ln in err.splitlines() if "LPIPS left out" in ln]
+    assert len(warning) == 1 and "UnpicklingError" in warning[0]
+    assert "Unsupported operand" not in err and "weights_only" not in err.replace(warning[0], "")
+
+
+def test_eval_output_that_is_a_file_fails_before_the_work(
+    data_dir: Path, models: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], no_work: None
+) -> None:
+    (tmp_path / "report").write_text("not a folder")
+    capsys.readouterr()
+    assert run_cli("--model", str(models[0]), "--data", str(data_dir), "-o", str(tmp_path / "report")) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"klvae: error: --output {tmp_path / 'report'} is a " \
+        "file, not a folder"
+
+
+def test_eval_resolution_beyond_max_pixels_is_an_error(data_dir: Path, models: list[Path], tmp_path: Path,
+                                                       no_work: None) -> None:
+    assert run_cli("--model", str(models[0]), "--data", str(data_dir), "-o", str(tmp_path / "r"),
+                   "--resolution", "20000") == 2
+
+
 # ---- report pieces -------------------------------------------------------------------------------------
 
 

@@ -118,3 +118,30 @@ def test_config_validation_and_dict_round_trip() -> None:
     assert AutoencoderKLConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown config fields"):
         AutoencoderKLConfig.from_dict({"block_out_chanels": [1]})
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"norm_num_groups": 0}, "norm_num_groups must be a positive integer"),  # was a ZeroDivisionError
+        ({"block_out_channels": "abc"}, "block_out_channels must be a list of positive integers"),
+        ({"block_out_channels": (64, 0)}, "block_out_channels entry must be a positive integer"),
+        ({"layers_per_block": True}, "layers_per_block must be a positive integer"),
+        ({"latent_channels": 4.5}, "latent_channels must be a positive integer"),
+        ({"force_upcast": "no"}, "force_upcast must be true or false"),  # "no" is truthy
+        ({"use_quant_conv": 1}, "use_quant_conv must be true or false"),
+        ({"scaling_factor": float("nan")}, "scaling_factor must be a finite positive number"),
+        ({"shift_factor": "x"}, "shift_factor must be a finite number"),
+        ({"norm_eps": 0.0}, "norm_eps must be a finite positive number"),
+    ],
+)
+def test_config_refuses_wrong_types_and_ranges(change: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        PRESETS["tiny"].replace(**change)
+
+
+def test_config_normalises_integral_numbers() -> None:
+    import numpy as np
+
+    cfg = PRESETS["tiny"].replace(block_out_channels=[np.int64(32), 64], latent_channels=np.int64(8))
+    assert cfg.block_out_channels == (32, 64) and type(cfg.latent_channels) is int

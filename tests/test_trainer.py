@@ -252,3 +252,77 @@ def test_shipped_recipes_are_valid_configs(recipe: Path) -> None:
     cfg = load_config(recipe)
     assert cfg.data.train and cfg.train.max_steps > 0
     build_loss_config(cfg.loss)
+
+
+@pytest.fixture(scope="module")
+def step0(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], Path]:
+    """A tiny run's overrides and its step-0 checkpoint (no training: building the Trainer is enough)."""
+    tmp = tmp_path_factory.mktemp("step0")
+    cfg = _config(tmp, tmp / "no-images-needed", "train.max_steps=2")
+    path = Trainer(load_config(None, cfg)).save()
+    assert path is not None
+    return cfg, path
+
+
+def test_resume_with_another_architecture_names_the_mismatch_in_one_line(step0: tuple[list[str], Path]) -> None:
+    cfg, path = step0
+    tr = Trainer(load_config(None, [*cfg, "model.preset=tiny-f8", "data.resolution=64"]))
+    expected = (r"cannot resume from .*step_00000000\.pt: the weights do not fit this config's model "
+                r"\(model\.preset 'tiny-f8'; the checkpoint's was model\.preset 'tiny'\): "
+                r".*shape mismatches \(weights vs model\): \S+ \[\d+(, \d+)*\] vs")
+    with pytest.raises(KlvaeError, match=expected) as e:
+        tr.resume(path)
+    assert "\n" not in str(e.value)
+    tr = Trainer(load_config(None, [*cfg, "model.decoder_only=true"]))  # fewer parameters to optimise
+    with pytest.raises(KlvaeError, match="the optimiser state does not fit this config"):
+        tr.resume(path)
+
+
+def _not_checkpoints(tmp: Path, good: Path) -> dict[str, Path]:
+    whole = good.read_bytes()
+    files = {"random.ckpt": b"\x8a\x0b" + bytes(range(256)) * 4, "image.png": b"\x89PNG\r\n\x1a\n" + b"\0" * 64,
+             "truncated.pt": whole[:5000], "torn.pt": whole[: len(whole) // 2]}
+    for name, data in files.items():
+        (tmp / name).write_bytes(data)
+    from safetensors.torch import save_file
+
+    save_file({"decoder.conv_in.bias": torch.zeros(2)}, str(tmp / "weights.safetensors"))
+    torch.save({"step": 3, "weights": torch.zeros(2)}, tmp / "other.pt")
+    torch.save({"step": 1, "callback": _Payload()}, tmp / "evil.pt")
+    return {p.name: p for p in tmp.iterdir()}
+
+
+class _Payload:
+    """Unpickling this would call print: weights_only must refuse it."""
+
+    def __reduce__(self) -> tuple:
+        return (print, ("payload ran",))
+
+
+def test_resume_from_a_file_that_is_not_a_checkpoint_is_one_line(
+        tmp_path: Path, step0: tuple[list[str], Path], capsys: pytest.CaptureFixture[str]) -> None:
+    cfg, good = step0
+    tr = Trainer(load_config(None, cfg))
+    for name, path in _not_checkpoints(tmp_path, good).items():
+        with pytest.raises(KlvaeError, match=r"is not a (complete )?klvae (training )?checkpoint") as e:
+            tr.resume(path)
+        assert "\n" not in str(e.value), name
+    assert "payload ran" not in capsys.readouterr().out
+    args = [a for o in cfg for a in ("--set", o)]
+    assert main(["train", *args, "--resume", str(tmp_path / "image.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a klvae checkpoint" in err[0], err
+
+
+def test_a_garbage_newest_checkpoint_is_named_with_the_one_before(tmp_path: Path,
+                                                                 step0: tuple[list[str], Path]) -> None:
+    cfg, good = step0
+    run = tmp_path / "run" / "checkpoints"
+    run.mkdir(parents=True)
+    (run / "step_00000001.pt").write_bytes(good.read_bytes())
+    (run / "step_00000009.pt").write_bytes(b"garbage\n")
+    tr = Trainer(load_config(None, [*cfg, f"train.out_dir={tmp_path / 'run'}"]))
+    with pytest.raises(KlvaeError, match=r"step_00000009\.pt is not a klvae checkpoint.*resume from step_00000001\.pt"):
+        tr.resume()
+    (run / "step_00000009.pt").unlink()
+    assert tr.resume() and tr.step == 0

@@ -77,6 +77,14 @@ def test_shape_mismatch_is_named(tmp_path: Path) -> None:
         AutoencoderKL.from_pretrained(write_file(sd, tmp_path / "w.safetensors"), config="tiny")
 
 
+def test_non_floating_tensor_is_named(tmp_path: Path) -> None:
+    sd = tiny_model().state_dict()
+    sd["decoder.conv_in.bias"] = sd["decoder.conv_in.bias"].to(torch.int32)
+    with pytest.raises(WeightsError, match=r"wrong type .*decoder\.conv_in\.bias torch\.int32 vs torch\.float32") as e:
+        AutoencoderKL.from_pretrained(write_file(sd, tmp_path / "w.safetensors"))
+    assert "\n" not in str(e.value)
+
+
 def test_many_missing_keys_are_counted(tmp_path: Path) -> None:
     sd = {k: v for k, v in tiny_model().state_dict().items() if not k.startswith("decoder.up_blocks.1.")}
     with pytest.raises(WeightsError, match=r"missing keys: .*\.\.\. \(\d+ in all\)") as e:
@@ -178,6 +186,14 @@ def test_config_json_reads_diffusers_files(tmp_path: Path) -> None:
         ({"act_fn": "relu"}, "act_fn 'relu'"),
         ({"_class_name": "AutoencoderTiny"}, "AutoencoderTiny"),
         ({"norm_num_groups": 7}, "divisible"),
+        ({"norm_num_groups": 0}, "norm_num_groups must be a positive integer"),  # was a ZeroDivisionError
+        ({"block_out_channels": "abc"}, "block_out_channels must be a non-empty list of integers"),
+        ({"block_out_channels": ["a"]}, "every block_out_channels entry must be an integer"),
+        ({"force_upcast": "no"}, "force_upcast must be true or false"),  # bool("no") is True
+        ({"mid_block_add_attention": 0}, "mid_block_add_attention must be true or false"),
+        ({"layers_per_block": 1.5}, "layers_per_block must be an integer"),  # int() would truncate it
+        ({"scaling_factor": None}, "scaling_factor must be a number"),
+        ({"sample_size": "big"}, "sample_size must be an integer"),
     ],
 )
 def test_config_json_rejects_what_cannot_be_built(change: dict, message: str) -> None:

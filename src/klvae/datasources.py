@@ -67,7 +67,12 @@ class ParquetRows:
         self.groups: list[tuple[int, int, int]] = []  # (first row, file index, row group)
         n = 0
         for fi, f in enumerate(files):
-            meta = pq.ParquetFile(f).metadata
+            try:
+                meta = pq.ParquetFile(f).metadata
+            except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid (not parquet, cut short) is a ValueError
+                # An error, not a skip: row ids number the rows of all files, so leaving one out would shift them.
+                reason = (str(e).splitlines() or [type(e).__name__])[0]
+                raise KlvaeError(f"cannot read parquet file {f}: {reason}") from None
             names = meta.schema.to_arrow_schema().names
             if column not in names:
                 raise KlvaeError(f"{f} has no column {column!r} (columns: {', '.join(names)})")

@@ -5,17 +5,26 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from klvae import inference
-from klvae.cli.common import add_model_args, add_tiling_args, load_model, tiling_from_args
-from klvae.errors import ImageError, KlvaeError
+from klvae.cli.common import (
+    add_model_args,
+    add_tiling_args,
+    check_output_path,
+    check_seed,
+    load_model,
+    tiling_from_args,
+)
+from klvae.errors import ImageError, KlvaeError, LatentsError
 from klvae.images import find_images, load_image, pil_to_tensor, save_image_atomic, tensor_to_pil
-from klvae.latents.file import LatentItem, LatentsFile, load_latents, save_latents
+from klvae.latents.file import LatentItem, LatentsFile, check_sizes, load_latents, save_latents
 from klvae.model.autoencoder import AutoencoderKL
 
 log = logging.getLogger("klvae")
@@ -64,18 +73,23 @@ def _load_all(paths: list[Path]) -> tuple[dict[Path, torch.Tensor], list[Path]]:
     return loaded, bad
 
 
-def cmd_encode(args: argparse.Namespace) -> int:
-    """Encode images to scaled latents in one safetensors file."""
-    paths = find_images(args.inputs)
-    if not paths:
-        raise KlvaeError(f"no images found in {' '.join(args.inputs)}")
-    if len(paths) == 1 and Path(args.inputs[0]).is_file():
-        load_image(paths[0])  # a single named file that cannot be read is an error, not a skip
-    vae, _, dtype = load_model(args)
-    tiling = tiling_from_args(args)
-    images, bad = _load_all(paths)
-    if not images:
-        raise KlvaeError(f"none of the {len(paths)} images could be read")
+def _check_encode_args(args: argparse.Namespace, paths: list[Path]) -> None:
+    # All refused before the model loads: a wrong output must not cost an encode, nor replace an input.
+    check_seed(args.seed)
+    if Path(args.output).suffix.lower() != ".safetensors":
+        raise KlvaeError(f"--output {args.output}: the latents file must end in .safetensors")
+    check_output_path(args.output, inputs=[*paths, *args.inputs])
+
+
+def _check_finite(t: torch.Tensor, what: str, where: object) -> None:
+    # Inference reruns a half-precision overflow in fp32; what is still inf/NaN comes from the weights.
+    if not torch.isfinite(t).all():
+        raise KlvaeError(f"the model produced non-finite {what} for {where}: inf or NaN in its weights?")
+
+
+def _encode_groups(vae: AutoencoderKL, images: dict[Path, torch.Tensor], args: argparse.Namespace,
+                   dtype: torch.dtype, tiling: inference.TileOptions | None) -> dict[Path, torch.Tensor]:
+    """Scaled latents of every image, in batches of equal size."""
     gen = torch.Generator(device=vae.device).manual_seed(args.seed)
     by_size: dict[tuple[int, int], list[Path]] = defaultdict(list)
     for p, t in images.items():
@@ -86,10 +100,27 @@ def cmd_encode(args: argparse.Namespace) -> int:
             for i in range(0, len(group), args.batch_size):
                 chunk = group[i : i + args.batch_size]
                 post = inference.encode(vae, torch.stack([images[p] for p in chunk]), dtype, tiling)
-                z = post.sample(gen) if args.sample else post.mode()
-                for p, zi in zip(chunk, vae.scale_latents(z).cpu(), strict=True):
-                    latents[p] = zi
+                z = vae.scale_latents(post.sample(gen) if args.sample else post.mode()).cpu()
+                _check_finite(z, "latents", chunk[0] if len(chunk) == 1 else f"{chunk[0]} (or its batch)")
+                latents.update(zip(chunk, z, strict=True))
                 bar.update(len(chunk))
+    return latents
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    """Encode images to scaled latents in one safetensors file."""
+    paths = find_images(args.inputs)
+    if not paths:
+        raise KlvaeError(f"no images found in {' '.join(args.inputs)}")
+    _check_encode_args(args, paths)
+    if len(paths) == 1 and Path(args.inputs[0]).is_file():
+        load_image(paths[0])  # a single named file that cannot be read is an error, not a skip
+    tiling = tiling_from_args(args)
+    vae, _, dtype = load_model(args)
+    images, bad = _load_all(paths)
+    if not images:
+        raise KlvaeError(f"none of the {len(paths)} images could be read")
+    latents = _encode_groups(vae, images, args, dtype, tiling)
     ordered = [p for p in paths if p in latents]
     items = [
         LatentItem(name=p.name, key=f"{n:06d}", height=images[p].shape[-2], width=images[p].shape[-1])
@@ -106,33 +137,71 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-def _unique_png_names(items: list[LatentItem]) -> list[str]:
-    seen: dict[str, int] = {}
+# Room for "_NNN.png" within the 255 bytes most file systems allow in a name.
+_MAX_STEM_BYTES = 200
+
+
+def _plain_stem(it: LatentItem, n: int) -> str:
+    """A file-name stem for an item, from its name, else its key, else its position: the last path component,
+    without control characters or leading dots, so that the PNG lands inside --output and is not hidden."""
+    for text in (it.name, it.key):
+        parts = [q for q in re.split(r"[/\\]+", text) if q not in ("", ".", "..")]
+        if not parts:
+            continue
+        stem = re.sub(r"[\x00-\x1f\x7f]", "_", Path(parts[-1]).stem).strip().lstrip(".").strip()
+        # Lone surrogates (valid in JSON) become '?'; a cut through a character drops that character.
+        stem = stem.encode("utf-8", "replace")[:_MAX_STEM_BYTES].decode("utf-8", "ignore").strip()
+        if stem:
+            return stem
+    return f"{n:06d}"
+
+
+def unique_png_names(items: list[LatentItem]) -> list[str]:
+    """One plain PNG file name per item, no two alike (nor differing only in case): a repeated stem gets the
+    first free `_1`, `_2` ... that no other item of the run asks for, so no image overwrites another."""
+    stems = [_plain_stem(it, n) for n, it in enumerate(items)]
+    taken = {s.casefold() for s in stems}
+    given: set[str] = set()
+    next_n: dict[str, int] = defaultdict(lambda: 1)
     names = []
-    for it in items:
-        stem = Path(it.name).stem or it.key
-        n = seen.get(stem, 0)
-        seen[stem] = n + 1
-        names.append(f"{stem}.png" if n == 0 else f"{stem}_{n}.png")
+    for it, stem in zip(items, stems, strict=True):
+        name = stem
+        if stem.casefold() in given:
+            while f"{stem}_{next_n[stem.casefold()]}".casefold() in taken:
+                next_n[stem.casefold()] += 1
+            name = f"{stem}_{next_n[stem.casefold()]}"
+            taken.add(name.casefold())
+        given.add(name.casefold())
+        source = it.name or it.key
+        if stem != Path(source).stem or re.search(r"[/\\]", source):
+            log.warning("%r is not a plain file name; writing that item as %s.png", source[:80], name)
+        names.append(f"{name}.png")
     return names
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
-    """Decode a latents file to PNGs."""
+    """Decode a latents file to PNGs; every item is checked before the first is written."""
     lf = load_latents(args.latents)
+    out = check_output_path(args.output, folder=True)
+    tiling = tiling_from_args(args)
     vae, _, dtype = load_model(args)
     c = vae.config
     if lf.scaling_factor != c.scaling_factor or (lf.shift_factor or 0.0) != (c.shift_factor or 0.0):
         log.warning("latents were scaled with %s/%s, the model's factors are %s/%s; using the file's",
                     lf.scaling_factor, lf.shift_factor, c.scaling_factor, c.shift_factor)
-    tiling = tiling_from_args(args)
-    for it in lf.items:  # check all before writing any image
-        inference.check_latents(vae, lf.latents[it.key][None])
-    out = Path(args.output)
+    # A bad item (sizes, pixel limit, channels, NaN) refuses the whole file, as nothing has been written yet.
+    check_sizes(lf, vae.downsample_factor, args.latents)
+    for n, it in enumerate(lf.items):
+        try:
+            inference.check_latents(vae, lf.latents[it.key][None])
+        except LatentsError as e:
+            raise LatentsError(f"{args.latents}: item {n} ({it.name[:60]!r}): {e}") from None
+    names = unique_png_names(lf.items)
     out.mkdir(parents=True, exist_ok=True)
-    for it, name in tqdm(list(zip(lf.items, _unique_png_names(lf.items), strict=True)), desc="decoding", unit="img"):
-        z = lf.latents[it.key][None] / lf.scaling_factor + (lf.shift_factor or 0.0)
+    for it, name in tqdm(list(zip(lf.items, names, strict=True)), desc="decoding", unit="img"):
+        z = lf.latents[it.key][None].float() / lf.scaling_factor + (lf.shift_factor or 0.0)
         img = inference.decode(vae, z, dtype, size=(it.height, it.width), tiling=tiling)
+        _check_finite(img, "pixels", f"{it.name[:60]!r}")
         save_image_atomic(tensor_to_pil(img[0]), out / name)
     log.info("decoded %d image(s) to %s", len(lf.items), out)
     return 0
@@ -140,17 +209,27 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     """Encode and decode one image; print PSNR and SSIM against the original."""
-    from klvae.evaluation.metrics import psnr, ssim
+    from klvae.evaluation.metrics import SSIM_RADIUS, psnr, ssim
 
+    out = check_output_path(args.output, inputs=[args.image])
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise KlvaeError(f"--output {out}: unknown image extension {out.suffix!r} (use .png, .jpg, .webp, ...)")
     x = pil_to_tensor(load_image(args.image))[None]
-    vae, _, dtype = load_model(args)
     tiling = tiling_from_args(args)
+    vae, _, dtype = load_model(args)
     z = inference.encode(vae, x, dtype, tiling).mode()
+    _check_finite(z, "latents", args.image)
     y = inference.decode(vae, z, dtype, size=tuple(x.shape[-2:]), tiling=tiling).cpu()
-    save_image_atomic(tensor_to_pil(y[0]), args.output)
-    # Metrics on the 8-bit images that were actually written, as a viewer would see them.
+    _check_finite(y, "pixels", args.image)
+    # Metrics on the 8-bit image that is written, as a viewer sees it; computed first, so nothing fails after.
     y8 = pil_to_tensor(tensor_to_pil(y[0]))[None]
-    print(f"PSNR {psnr(x, y8).item():.2f} dB  SSIM {ssim(x, y8).item():.4f}  -> {args.output}")
+    quality = f"PSNR {psnr(x, y8).item():.2f} dB  SSIM "
+    if min(x.shape[-2:]) >= 2 * SSIM_RADIUS + 1:
+        quality += f"{ssim(x, y8).item():.4f}"
+    else:  # SSIM's 11x11 window does not fit in the image
+        quality += f"n/a (under {2 * SSIM_RADIUS + 1} px a side)"
+    save_image_atomic(tensor_to_pil(y[0]), out)
+    print(f"{quality}  -> {out}")
     return 0
 
 

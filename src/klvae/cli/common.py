@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
+from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 
+from klvae.errors import KlvaeError
 from klvae.inference.precision import resolve_device, resolve_dtype
 from klvae.inference.speed import SpeedOptions, optimize_for_inference
 from klvae.inference.tiling import TileOptions
@@ -36,10 +41,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def load_model(args: argparse.Namespace) -> tuple[AutoencoderKL, torch.device, torch.dtype]:
     """The model named by --model on --device, with the compute dtype from --dtype."""
     if args.batch_size is not None and args.batch_size < 1:
-        from klvae.errors import KlvaeError
-
         raise KlvaeError(f"--batch-size must be at least 1, got {args.batch_size}")
-    device = resolve_device(args.device)
+    device = usable_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     if args.model is None:
         args.model = "demo"
@@ -51,20 +54,69 @@ def load_model(args: argparse.Namespace) -> tuple[AutoencoderKL, torch.device, t
     return vae, device, dtype
 
 
+def usable_device(name: str) -> torch.device:
+    """The device --device names, checked to hold data on this machine (KlvaeError otherwise)."""
+    device = resolve_device(name)
+    if device.type == "meta":
+        raise KlvaeError(f"--device {name}: the meta device holds no data and cannot run a model; "
+                         "use auto, cpu or cuda")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise KlvaeError(f"--device {name}: Apple's MPS backend is not available here")
+    try:
+        # xpu or a GPU index that this machine lacks fails here, in one line, not deep inside a model load.
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError, ValueError) as e:
+        # torch's messages run to several lines and a list of backends; the first sentence says it.
+        reason = (str(e).strip() or type(e).__name__).splitlines()[0].split(". ")[0][:160]
+        raise KlvaeError(f"--device {name} is not available here: {reason}") from None
+    return device
+
+
+def check_seed(seed: int, flag: str = "--seed") -> int:
+    """A seed torch's generators take: 0 to 2**63 - 1."""
+    if not 0 <= seed < 2**63:
+        raise KlvaeError(f"{flag} must be between 0 and {2**63 - 1}, got {seed}")
+    return seed
+
+
+def check_output_path(path: str | Path, flag: str = "--output", *, folder: bool = False,
+                      inputs: Iterable[str | Path] = ()) -> Path:
+    """KlvaeError unless `path` can be written as a file (a folder with `folder`) and is none of `inputs`;
+    creates nothing, so a bad output is refused before any work."""
+    p = Path(path)
+    if p.is_dir() and not folder:
+        raise KlvaeError(f"{flag} {p} is a folder; name a file")
+    if p.exists() and not p.is_dir() and folder:
+        raise KlvaeError(f"{flag} {p} is a file, not a folder")
+    # samefile: a symlink or hard link to an input is that input too.
+    if p.is_file() and any(os.path.exists(q) and os.path.samefile(p, q) for q in inputs):
+        raise KlvaeError(f"{flag} {p} is one of the inputs; it would be overwritten")
+    # The nearest folder that exists is where the write (or the first mkdir) happens.
+    parent = p if folder else p.parent
+    while not parent.exists() and parent.parent != parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise KlvaeError(f"{flag} {p}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise KlvaeError(f"{flag} {p}: no permission to write in {parent}")
+    return p
+
+
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
           "g": 2**30, "gb": 2**30, "gib": 2**30}
 
 
 def parse_bytes(text: str) -> int:
-    """'2GiB', '1.5G', '512M' or a plain byte count -> bytes."""
+    """'2GiB', '1.5G', '512M', '1e9' or a plain byte count -> bytes."""
     import re
 
-    from klvae.errors import KlvaeError
-
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
     if not m or m.group(2).lower() not in _UNITS:
         raise KlvaeError(f"cannot read the memory size {text!r}; write e.g. 2GiB, 512M or 1000000")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if not math.isfinite(value):  # '1e999' is inf, which int() cannot take
+        raise KlvaeError(f"the memory size {text!r} is too large")
+    return int(value)
 
 
 def add_tiling_args(p: argparse.ArgumentParser) -> None:
@@ -72,16 +124,18 @@ def add_tiling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile-size", type=int, default=None,
                    help="tile (strip) height in image pixels; turns exact tiling on")
     p.add_argument("--max-memory", default=None,
-                   help="device memory budget, e.g. 2GiB: tiles when the untiled pass would not fit")
+                   help="device memory budget, e.g. 2GiB, 512M or a byte count: tiles when the untiled pass "
+                        "would not fit")
 
 
 def tiling_from_args(args: argparse.Namespace) -> TileOptions | None:
     """The TileOptions that --tile-size/--max-memory describe (None: untiled with the OOM fall-back)."""
-    from klvae.errors import KlvaeError
-
     if args.tile_size is None and args.max_memory is None:
         return None
     if args.tile_size is not None and args.tile_size < 1:
         raise KlvaeError(f"--tile-size must be at least 1, got {args.tile_size}")
-    budget = parse_bytes(args.max_memory) if args.max_memory else None
+    budget = parse_bytes(args.max_memory) if args.max_memory is not None else None
+    # 0 (or 0.5 bytes, rounded down) would otherwise mean "no budget given", i.e. the 2 GiB default.
+    if budget is not None and budget < 1:
+        raise KlvaeError(f"--max-memory must be at least 1 byte, got {args.max_memory!r}")
     return TileOptions(tile_size=args.tile_size, max_memory=budget)

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from klvae.cli.common import add_tiling_args, tiling_from_args
+from klvae.cli.common import add_tiling_args, check_output_path, tiling_from_args
 from klvae.errors import KlvaeError
 
 log = logging.getLogger("klvae")
@@ -72,6 +72,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate the models and write the report; exit 1 when some images were unreadable."""
     from klvae.evaluation.evaluate import EvalOptions, build_metric_nets, run_evaluation
     from klvae.inference import SpeedOptions, optimize_for_inference, resolve_device, resolve_dtype
+    from klvae.latents.sources import open_source
     from klvae.model.autoencoder import AutoencoderKL
 
     device = resolve_device(args.device)
@@ -81,20 +82,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
         image_column=args.image_column,
     )
     opts.check()
+    check_output_path(args.output, folder=True)  # before the work, not after it
+    source = open_source(args.data, image_column=args.image_column)  # bad data before any model or download
     if not args.model:
         args.model = ["demo"]
         log.info("no --model given: evaluating klvae's built-in demo model (see docs/demo-model.md)")
     subfolders = _per_model(args.subfolder, len(args.model), "--subfolder")
     configs = _per_model(args.config, len(args.model), "--config")
+    # Named weight files are checked before the models load: a wrong one is an error, not a missing metric.
+    nets = build_metric_nets(device, lpips=not args.no_lpips, lpips_vgg=args.lpips_vgg, lpips_lin=args.lpips_lin,
+                             fid=not args.no_fid, inception_weights=args.inception_weights)
     models = {}
     for name, spec, sub, cfg in zip(_model_names(args.model), args.model, subfolders, configs, strict=True):
         vae = AutoencoderKL.from_pretrained(spec, subfolder=sub, config=cfg, device=device)
         # The same levers as encode/decode/reconstruct, so that eval scores what those commands produce.
         models[name] = optimize_for_inference(vae, opts.dtype, SpeedOptions())
         log.info("model %s on %s", spec, device)
-    nets = build_metric_nets(device, lpips=not args.no_lpips, lpips_vgg=args.lpips_vgg, lpips_lin=args.lpips_lin,
-                             fid=not args.no_fid, inception_weights=args.inception_weights)
-    summary = run_evaluation(models, args.data, args.output, opts, nets, device)
+    summary = run_evaluation(models, args.data, args.output, opts, nets, device, source)
     _print_summary(summary, Path(args.output))
     return 1 if summary["images"]["skipped"] else 0
 

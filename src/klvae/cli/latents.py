@@ -5,8 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from klvae.cli.common import add_model_args, load_model
+import torch
+
+from klvae.cli.common import add_model_args, check_output_path, check_seed, load_model
+from klvae.errors import KlvaeError
+
+if TYPE_CHECKING:
+    from klvae.training.distributed import DistInfo
 
 log = logging.getLogger("klvae")
 
@@ -40,45 +48,73 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_cache(args: argparse.Namespace) -> int:
     """Encode this process's share; with torchrun, rank 0 writes the index after every rank is done."""
     from klvae.inference.precision import resolve_device
-    from klvae.latents.cache import CacheOptions, cache_rank, check_resume, write_index
+    from klvae.latents.cache import CacheOptions, cache_rank, check_resume, model_fingerprint, write_index
     from klvae.latents.sources import open_source
     from klvae.training.distributed import barrier, init_distributed, rank_device, shutdown
 
     opts = CacheOptions(resolution=args.resolution, buckets=args.buckets, flip=args.flip, store=args.store,
                         shard_size=args.shard_size, batch_size=args.batch_size, num_workers=args.num_workers,
-                        seed=args.seed)
+                        seed=check_seed(args.seed))
+    check_output_path(args.output, folder=True)
     source = open_source(args.data)  # bad data is reported before the model is loaded
+    if not source.ids:
+        raise KlvaeError(f"no images in {args.data}")
     device = resolve_device(args.device)
     dist = init_distributed(device.type)  # first: the model goes to this rank's GPU
     try:
         check_resume(args.output, opts, dist.world)  # a mismatched resume is refused before the model loads
         args.device = str(rank_device(device, dist))
         vae, _, dtype = load_model(args)
-        counts = cache_rank(vae, source, args.output, opts, dtype, dist.rank, dist.world)
+        fingerprint = model_fingerprint(vae, opts.store == "scaled")
+        counts = _sum_over_ranks(cache_rank(vae, source, args.output, opts, dtype, dist.rank, dist.world,
+                                            fingerprint), dist, vae.device)
         barrier(dist)
         if dist.is_main:
-            index = write_index(vae, str(args.model), args.output, opts, dist.world)
-            n = len(json.loads(index.read_text())["items"])
-            print(f"cached {n} rows in {index.parent} (this run encoded {counts['encoded']}, "
-                  f"skipped {counts['failed']} unreadable, {counts['done_before']} were done before)")
+            index = write_index(vae, str(args.model), args.output, opts, dist.world, fingerprint)
+            _print_cache_summary(index, counts, len(source.unreadable))
     finally:
         shutdown(dist)
-    return 1 if counts["failed"] else 0
+    return 1 if counts["failed"] or counts["failed_before"] or source.unreadable else 0
+
+
+def _sum_over_ranks(counts: dict[str, int], dist: DistInfo, device: torch.device) -> dict[str, int]:
+    # The summary and the exit status speak for the whole job, not for rank 0's share.
+    from klvae.training.distributed import all_mean
+
+    t = all_mean(torch.tensor([float(v) for v in counts.values()], dtype=torch.float64, device=device), dist)
+    return {k: round(float(v) * dist.world) for k, v in zip(counts, t.tolist(), strict=True)}
+
+
+def _print_cache_summary(index: Path, counts: dict[str, int], bad_shards: int) -> None:
+    n = len(json.loads(index.read_text())["items"])
+    parts = [f"this run encoded {counts['encoded']} images and skipped {counts['failed']} unreadable",
+             f"{counts['done_before']} were done before"]
+    if counts["failed_before"]:
+        parts.append(f"{counts['failed_before']} found unreadable before were skipped again")
+    if bad_shards:
+        parts.append(f"{bad_shards} unreadable tar shard{'s' if bad_shards > 1 else ''} skipped")
+    print(f"cached {n} rows in {index.parent} ({'; '.join(parts)})")
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
     """Print the factors; optionally save the model with them."""
-    from klvae.latents.scale import estimate_factors
+    from klvae.latents.scale import check_scale_options, estimate_factors
+    from klvae.latents.sources import open_source
 
+    check_scale_options(args.limit, args.resolution)
+    if args.save:
+        check_output_path(args.save, "--save", folder=True)  # before the work, not after it
+    source = open_source(args.data)  # bad data is reported before the model is loaded
+    if not source.ids:
+        raise KlvaeError(f"no images in {args.data}")
     vae, _, dtype = load_model(args)
-    f = estimate_factors(vae, args.data, limit=args.limit, resolution=args.resolution, dtype=dtype)
+    f = estimate_factors(vae, source, limit=args.limit, resolution=args.resolution, dtype=dtype)
     shift = None if args.no_shift else round(f["shift_factor"], 6)
+    shards = f", {len(source.unreadable)} unreadable tar shards skipped" if source.unreadable else ""
     print(f"scaling_factor {f['scaling_factor']:.5f}  shift_factor {shift}  (latent std {f['std']:.5f} "
-          f"over {int(f['images'])} images, skipped {int(f['skipped'])} unreadable; the model's: "
+          f"over {int(f['images'])} images, skipped {int(f['skipped'])} unreadable{shards}; the model's: "
           f"{vae.config.scaling_factor} / {vae.config.shift_factor})")
     if args.save:
         vae.config = vae.config.replace(scaling_factor=round(f["scaling_factor"], 6), shift_factor=shift)
         print(f"saved to {vae.save_pretrained(args.save)}")
-    return 1 if f["skipped"] else 0  # as cache: finished, but some images were unreadable
-
-
+    return 1 if f["skipped"] or source.unreadable else 0  # as cache: finished, but some images were unreadable

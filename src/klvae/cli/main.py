@@ -57,19 +57,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KlvaeError as e:
-        print(f"klvae: error: {e}", file=sys.stderr)
+        print(f"klvae: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("klvae: interrupted", file=sys.stderr)
         return 130
     except OSError as e:
-        print(f"klvae: error: {e}", file=sys.stderr)
+        print(f"klvae: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except Exception as e:  # a bug of ours: still one line unless --debug asks for the traceback
         if args.debug:
             raise
-        print(f"klvae: internal error: {type(e).__name__}: {e} (rerun with --debug for details)", file=sys.stderr)
+        print(f"klvae: internal error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for details)",
+              file=sys.stderr)
         return 1
+
+
+def _one_line(e: BaseException) -> str:
+    # Messages quoted from torch, safetensors or a file can hold newlines; the error stays one line.
+    return " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
 
 
 if __name__ == "__main__":

@@ -8,9 +8,12 @@ import torch
 from PIL import Image, ImageDraw
 
 from klvae import inference
-from klvae.cli.common import add_model_args, load_model
+from klvae.cli.common import add_model_args, check_output_path, check_seed, load_model
 from klvae.errors import KlvaeError
 from klvae.images import load_image, pil_to_tensor, save_image_atomic, tensor_to_pil
+
+# Diffusion schedules in use have a thousand steps, a few thousand at most.
+MAX_NUM_STEPS = 100_000
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,8 +35,14 @@ def cmd_noise(args: argparse.Namespace) -> int:
     """Encode, scale, q_sample at each t with one noise draw, unscale, decode, and label the tiles."""
     from klvae.diffusion import NoiseSchedule
 
-    if any(t < 0 or t >= args.num_steps for t in args.steps):
-        raise KlvaeError(f"--steps must lie in [0, {args.num_steps - 1}]")
+    if not 1 <= args.num_steps <= MAX_NUM_STEPS:
+        # The schedule holds several float64 tables of this length: a typo of a few digits must not fill memory.
+        raise KlvaeError(f"--num-steps must lie in [1, {MAX_NUM_STEPS}], got {args.num_steps}")
+    bad = [t for t in args.steps if t < 0 or t >= args.num_steps]
+    if bad:
+        raise KlvaeError(f"--steps must lie in [0, {args.num_steps - 1}] (--num-steps {args.num_steps}), got {bad[0]}")
+    check_seed(args.seed)
+    check_output_path(args.output, inputs=[args.image])  # before the work, not after it
     x = pil_to_tensor(load_image(args.image))[None]
     vae, _, dtype = load_model(args)
     schedule = NoiseSchedule.from_name(args.schedule, args.num_steps)

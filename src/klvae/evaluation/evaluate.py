@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import platform
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,12 @@ from tqdm import tqdm
 
 from klvae import __version__, inference
 from klvae.errors import ImageError, KlvaeError
-from klvae.evaluation.fid import FIDReference, InceptionV3Features
+from klvae.evaluation.fid import FIDReference, InceptionV3Features, resolve_inception_weights
 from klvae.evaluation.metrics import MetricAccumulator, psnr, ssim
-from klvae.images import pil_to_tensor
+from klvae.images import MAX_PIXELS, pil_to_tensor
 from klvae.inference import TileOptions
 from klvae.latents.buckets import resize_crop
-from klvae.latents.sources import ItemSource, open_source
+from klvae.latents.sources import ItemSource, item_error, open_source
 from klvae.model.autoencoder import AutoencoderKL
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,9 @@ class EvalOptions:
             raise KlvaeError(f"--crop must be one of {', '.join(CROPS)}, got {self.crop!r}")
         if self.resolution < MIN_SIDE:
             raise KlvaeError(f"--resolution must be at least {MIN_SIDE}, got {self.resolution}")
+        if self.resolution > math.isqrt(MAX_PIXELS):
+            raise KlvaeError(f"--resolution must be at most {math.isqrt(MAX_PIXELS)} (a square of at most "
+                             f"{MAX_PIXELS} pixels), got {self.resolution}")
         if self.limit is not None and self.limit < 1:
             raise KlvaeError(f"--limit must be at least 1, got {self.limit}")
         if self.batch_size < 1:
@@ -97,27 +101,76 @@ def build_metric_nets(
     fid: bool = True,
     inception_weights: str | Path | None = None,
 ) -> MetricNets:
-    """LPIPS and the FID Inception with pretrained weights; a metric whose weights cannot be had is left out."""
-    from klvae.training.losses.lpips import LPIPS
+    """LPIPS and the FID Inception with pretrained weights. A weights file named here must load, else a one-line
+    KlvaeError; weights looked for automatically (hub cache, download) are left out with a warning if missing."""
+    from klvae.training.losses.lpips import LPIPS, resolve_lin_weights, resolve_vgg_weights
 
     nets = MetricNets()
     if not lpips:
         nets.left_out["lpips"] = "disabled (--no-lpips)"
     else:
-        try:
-            nets.lpips = LPIPS(pretrained=True, vgg_path=lpips_vgg, lin_path=lpips_lin).to(device)
-        except KlvaeError as e:
-            log.warning("LPIPS left out (--lpips-vgg and --lpips-lin name local weight files): %s", e)
-            nets.left_out["lpips"] = f"weights unavailable: {e}"
+        net = LPIPS(pretrained=False)
+        # The named files first: a wrong one fails at once, before any download is tried.
+        for load, path, flag in ((net.load_vgg, lpips_vgg, "--lpips-vgg"), (net.load_lin, lpips_lin, "--lpips-lin")):
+            if path is not None:
+                load_named_weights(load, path, flag)
+        found = [(load, resolve) for load, resolve, path in ((net.load_vgg, resolve_vgg_weights, lpips_vgg),
+                                                             (net.load_lin, resolve_lin_weights, lpips_lin))
+                 if path is None]
+        hint = "--lpips-vgg and --lpips-lin name local weight files"
+        if _load_found(found, "LPIPS", hint, nets.left_out, "lpips"):
+            nets.lpips = net.to(device)
     if not fid:
         nets.left_out["rfid"] = "disabled (--no-fid)"
     else:
-        try:
-            nets.inception = InceptionV3Features(pretrained=True, weights=inception_weights).to(device)
-        except KlvaeError as e:
-            log.warning("rFID left out (--inception-weights names a local weights file): %s", e)
-            nets.left_out["rfid"] = f"weights unavailable: {e}"
+        inception = InceptionV3Features(pretrained=False)
+        if inception_weights is not None:
+            load_named_weights(inception.load, inception_weights, "--inception-weights")
+        found = [(inception.load, resolve_inception_weights)] if inception_weights is None else []
+        hint = "--inception-weights names a local weights file"
+        if _load_found(found, "rFID", hint, nets.left_out, "rfid"):
+            nets.inception = inception.to(device)
     return nets
+
+
+def _load_found(loads: list[tuple[Callable[[Any], None], Callable[[], Any]]], metric: str, hint: str,
+                left_out: dict[str, str], key: str) -> bool:
+    # Weights nobody named may be missing here (offline, no cache): the metric is left out, with one line.
+    try:
+        for load, resolve in loads:
+            load(resolve())
+    except KlvaeError as e:
+        reason = first_line(e)
+        log.warning("%s left out (%s): %s", metric, hint, reason)
+        left_out[key] = f"weights unavailable: {reason}"
+        return False
+    return True
+
+
+def first_line(e: BaseException) -> str:
+    """An error's message cut to its first line (torch's unpickling errors run to a dozen)."""
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+
+def load_named_weights(load: Callable[[Any], None], path: str | Path, flag: str) -> None:
+    """Load a weights file the user named with `load`; any failure is a one-line KlvaeError naming the option."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise KlvaeError(f"{flag} {p}: no such file")
+    if p.stat().st_size == 0:
+        raise KlvaeError(f"{flag} {p} is empty")
+    try:
+        sd = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling and zip errors have many types; all mean "not a weights file"
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        detail = type(e).__name__ + (f": {msg}" if msg and len(msg) <= 100 else "")  # torch's run to a dozen lines
+        raise KlvaeError(f"{flag} {p} is not a PyTorch weights file ({detail})") from None
+    if not isinstance(sd, Mapping):
+        raise KlvaeError(f"{flag} {p} holds a {type(sd).__name__}, not a state dict")
+    try:
+        load(dict(sd))
+    except KlvaeError as e:  # WeightsError: missing, unexpected or mis-shaped keys
+        raise KlvaeError(f"{flag} {p}: {first_line(e)}") from None
 
 
 def prepare(img: Any, opts: EvalOptions) -> Tensor:
@@ -151,9 +204,9 @@ def iter_batches(
     for item_id in ids:
         try:
             t = prepare(source.load(item_id), opts)
-        except (ImageError, OSError) as e:
-            log.warning("skipping %s: %s", item_id, e)
-            skipped.append({"id": item_id, "error": str(e)})
+        except Exception as e:  # ImageError, or a decoder's own (PIL raises many kinds): this image, not the run
+            log.warning("skipping %s", item_error(item_id, e))
+            skipped.append({"id": item_id, "error": item_error(item_id, e)})
             continue
         # crop=none gives images of many sizes; a batch holds one size, so a size change flushes it.
         if batch and (t.shape != batch[0].shape or len(batch) == opts.batch_size):
@@ -207,6 +260,8 @@ def evaluate(
         bar.update(len(ids) - bar.n)
     if not res.ids:
         raise KlvaeError(f"none of the {len(ids)} images could be read")
+    # Tar shards that could not be read (or not to their end) are skipped parts of the data, counted as such.
+    res.skipped += [{"id": path, "error": f"tar shard skipped: {why}"} for path, why in source.unreadable]
     res.summaries = {m: accs[m].summary() for m in names}
     if nets.inception is not None:
         _add_rfid(res, feats)
@@ -250,8 +305,8 @@ def example_images(
     for item_id in ids:
         try:
             x = prepare(source.load(item_id), opts).unsqueeze(0)
-        except (ImageError, OSError) as e:  # read once already, so only a changing source gets here
-            log.warning("no example pictures for %s: %s", item_id, e)
+        except Exception as e:  # read once already, so only a changing source gets here
+            log.warning("no example pictures: %s", item_error(item_id, e))
             continue
         recs = {m: reconstruct(vae, x.to(vae.device), opts)[0].cpu() for m, vae in models.items()}
         out[item_id] = (x[0], recs)
@@ -300,12 +355,14 @@ def run_evaluation(
     opts: EvalOptions,
     nets: MetricNets,
     device: torch.device,
+    source: ItemSource | None = None,
 ) -> dict[str, Any]:
-    """Evaluate every model on `data`, write metrics.csv, summary.json and index.html; returns the summary."""
+    """Evaluate every model on `data` (or on `source`, opened from it already), write metrics.csv, summary.json
+    and index.html; returns the summary."""
     from klvae.evaluation.report import json_safe, write_report
 
     opts.check()
-    source = open_source(data, image_column=opts.image_column)
+    source = source if source is not None else open_source(data, image_column=opts.image_column)
     res = evaluate(models, source, opts, nets)
     summary = build_summary(res, data, opts, device)
     picks = select_examples(res, opts.examples)

@@ -5,13 +5,17 @@ all of its rows appended (and fsynced) to this rank's manifest. On restart, shar
 names are deleted and only rows that no line names are encoded (per row, not per image: with --flip an
 image's two rows may fall in different shards). A torn last line is ignored, so a kill at any instant
 leaves either a whole shard and its line, or neither counted. Every line records the options that decide
-what a row holds; a resume with other values is refused before anything is touched.
+what a row holds, and a fingerprint of the model; a resume with other values, or another model, is refused
+before anything is touched.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -26,10 +30,10 @@ from tqdm import tqdm
 
 from klvae import inference
 from klvae.atomic import atomic_write, atomic_write_text
-from klvae.errors import ImageError, KlvaeError
-from klvae.images import pil_to_tensor
+from klvae.errors import KlvaeError
+from klvae.images import MAX_PIXELS, pil_to_tensor
 from klvae.latents.buckets import make_buckets, nearest_bucket, resize_crop
-from klvae.latents.sources import ItemSource, open_source
+from klvae.latents.sources import ItemSource, item_error, open_source
 from klvae.model.autoencoder import AutoencoderKL
 
 log = logging.getLogger(__name__)
@@ -53,8 +57,37 @@ class CacheOptions:
     def __post_init__(self) -> None:
         if self.store not in ("moments", "sample", "scaled"):
             raise KlvaeError(f"store must be moments, sample or scaled, got {self.store!r}")
+        check_resolution(self.resolution)
         if self.resolution % 64 and self.buckets:
             raise KlvaeError("with buckets, resolution must be a multiple of 64")
+        for flag, value, least in (("--shard-size", self.shard_size, 1), ("--batch-size", self.batch_size, 1),
+                                   ("--num-workers", self.num_workers, 0)):
+            if value < least:
+                raise KlvaeError(f"{flag} must be at least {least}, got {value}")
+
+
+def check_resolution(resolution: int, flag: str = "--resolution") -> None:
+    """KlvaeError unless a square of this side is an image size klvae reads (1 .. sqrt(MAX_PIXELS))."""
+    if resolution < 1:
+        raise KlvaeError(f"{flag} must be at least 1, got {resolution}")
+    if resolution > math.isqrt(MAX_PIXELS):
+        raise KlvaeError(f"{flag} must be at most {math.isqrt(MAX_PIXELS)} (a square of at most {MAX_PIXELS} "
+                         f"pixels), got {resolution}")
+
+
+def model_fingerprint(vae: AutoencoderKL, with_factors: bool = True) -> str:
+    """A hash of what decides the latents a model gives: its architecture (and factors) and its weights."""
+    cfg = vae.config.to_dict()
+    # Fields that do not change a latent; two copies of one model may well differ in them.
+    for key in ("sample_size", "force_upcast", *(() if with_factors else ("scaling_factor", "shift_factor"))):
+        cfg.pop(key, None)
+    h = hashlib.blake2b(json.dumps(cfg, sort_keys=True).encode(), digest_size=16)
+    for name, t in sorted(vae.state_dict().items()):
+        # Rounded to bf16: a GPU run casts the weights to bf16 for speed, and must still match a run in fp32.
+        t = t.detach().to(torch.bfloat16) if t.is_floating_point() else t.detach()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 class _Prepared(Dataset):
@@ -71,11 +104,11 @@ class _Prepared(Dataset):
         item_id, flips = self.todo[i]
         try:
             img = self.source.load(item_id)
-        except ImageError as e:
-            return item_id, str(e)
-        bucket = nearest_bucket(img.height, img.width, self.buckets)
-        cut, crop = resize_crop(img, bucket)
-        x = pil_to_tensor(cut)
+            bucket = nearest_bucket(img.height, img.width, self.buckets)
+            cut, crop = resize_crop(img, bucket)
+            x = pil_to_tensor(cut)
+        except Exception as e:  # ImageError, or a decoder's own (PIL raises many kinds): this image, not the job
+            return item_id, item_error(item_id, e)
         meta = {"source": item_id, "size": [img.height, img.width], "crop": list(crop), "bucket": list(bucket)}
         return item_id, [(x.flip(-1) if f else x, {**meta, "flip": f}) for f in flips]
 
@@ -119,29 +152,38 @@ def read_manifest(path: Path) -> list[dict[str, Any]]:
 _ROW_OPTIONS = ("resolution", "buckets", "flip", "store")
 
 
-def row_options(opts: CacheOptions, world: int) -> dict[str, Any]:
-    """The options a resume must share with the runs before it (seed only where it decides the rows)."""
+def row_options(opts: CacheOptions, world: int, fingerprint: str | None = None) -> dict[str, Any]:
+    """The options a resume must share with the runs before it (seed only where it decides the rows), and the
+    model's fingerprint where known."""
     rec = {k: getattr(opts, k) for k in _ROW_OPTIONS}
     if opts.store == "sample":
         rec["seed"] = opts.seed
-    return {**rec, "world_size": world}
+    model = {"model_fingerprint": fingerprint} if fingerprint else {}
+    return {**rec, "world_size": world, **model}
 
 
-def check_resume(out: str | Path, opts: CacheOptions, world: int) -> None:
-    """Refuse (KlvaeError) to add to a cache that index.json or a manifest line says was made with other options."""
-    out, current = Path(out), row_options(opts, world)
+def check_resume(out: str | Path, opts: CacheOptions, world: int, fingerprint: str | None = None) -> None:
+    """Refuse (KlvaeError) to add to a cache that index.json or a manifest line says was made with other options,
+    or (given this model's fingerprint) with another model."""
+    out, current = Path(out), row_options(opts, world, fingerprint)
     recorded = []
     if (out / "index.json").is_file():
         index = json.loads((out / "index.json").read_text())
-        size = {"world_size": index["world_size"]} if "world_size" in index else {}
-        recorded.append({**index.get("options", {}), **size})
+        extra = {k: index[k] for k in ("world_size", "model_fingerprint") if k in index}
+        recorded.append({**index.get("options", {}), **extra})
     for p in sorted(out.glob("manifest-rank*.jsonl")):
         recorded += [rec["options"] for rec in read_manifest(p) if "options" in rec]  # older lines lack them
     for old in recorded:
         for key, value in current.items():
-            if key in old and old[key] != value:
-                raise KlvaeError(f"{out} holds a cache made with {key}={old[key]!r}, not {value!r}: resume it with "
-                                 "the same options and number of processes, or write to another folder")
+            if key not in old or old[key] == value:
+                continue
+            if key == "model_fingerprint":
+                # Paths may differ between runs (a copy, a hub cache), so the weights decide, not the --model text.
+                raise KlvaeError(f"{out} holds a cache made with another model (fingerprint {old[key][:12]}, this "
+                                 f"one's {value[:12]}): resume it with the model it was begun with, or write to "
+                                 "another folder")
+            raise KlvaeError(f"{out} holds a cache made with {key}={old[key]!r}, not {value!r}: resume it with "
+                             "the same options and number of processes, or write to another folder")
 
 
 def _recover(out: Path, rank: int) -> tuple[set[tuple[str, bool]], set[str], int]:
@@ -186,28 +228,53 @@ def _encode_rows(vae: AutoencoderKL, xs: list[Tensor], opts: CacheOptions, dtype
 
 
 def cache_rank(vae: AutoencoderKL, spec: str | ItemSource, out: str | Path, opts: CacheOptions,
-               dtype: torch.dtype, rank: int = 0, world: int = 1) -> dict[str, int]:
-    """Encode this rank's share of the data that is not done yet; returns counts (encoded, failed, done_before)."""
+               dtype: torch.dtype, rank: int = 0, world: int = 1, fingerprint: str | None = None) -> dict[str, int]:
+    """Encode this rank's share of the data that is not done yet; returns image counts (encoded, failed,
+    done_before, failed_before). Everything is checked before `out` is made or touched."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     source = open_source(spec) if isinstance(spec, str) else spec
+    if not source.ids:
+        raise KlvaeError(f"no images in {spec if isinstance(spec, str) else 'the data'}")
+    factor = vae.config.downsample_factor
+    if opts.resolution % factor:
+        # The encoder would pad the cut, and the rows would hold latents of the padding too.
+        raise KlvaeError(f"--resolution must be a multiple of the model's downsample factor {factor}, "
+                         f"got {opts.resolution}")
+    fingerprint = fingerprint or model_fingerprint(vae, opts.store == "scaled")
+    check_resume(out, opts, world, fingerprint)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _cache_todo(vae, source, out, opts, dtype, rank, world, fingerprint)
+    except BaseException:
+        if created:  # a failed start leaves no empty folder; rmdir fails, as it should, on anything in it
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+
+
+def _cache_todo(vae: AutoencoderKL, source: ItemSource, out: Path, opts: CacheOptions, dtype: torch.dtype,
+                rank: int, world: int, fingerprint: str) -> dict[str, int]:
     mine = [i for n, i in enumerate(source.ids) if n % world == rank]
-    check_resume(out, opts, world)
     rows_done, failed, shard_no = _recover(out, rank)
     todo = _todo(mine, rows_done, failed, opts.flip)
-    log.info("rank %d: %d images, %d done before, %d to encode", rank, len(mine), len(mine) - len(todo), len(todo))
+    failed_before = sum(i in failed for i in mine)  # recorded unreadable by an earlier run: not retried
+    counts = {"encoded": 0, "failed": 0, "done_before": len(mine) - len(todo) - failed_before,
+              "failed_before": failed_before}
+    log.info("rank %d: %d images, %d done before, %d unreadable before, %d to encode", rank, len(mine),
+             counts["done_before"], failed_before, len(todo))
     loader = DataLoader(_Prepared(source, todo, opts), batch_size=opts.batch_size, num_workers=opts.num_workers,
                         collate_fn=_collate)
-    writer = _ShardWriter(out, rank, shard_no, opts.shard_size, row_options(opts, world))
-    gen = torch.Generator().manual_seed(opts.seed * 1009 + rank)
+    writer = _ShardWriter(out, rank, shard_no, opts.shard_size, row_options(opts, world, fingerprint))
+    gen = torch.Generator().manual_seed((opts.seed * 1009 + rank) % 2**63)  # unchanged below 2**53
     pending: dict[tuple[int, int], list[tuple[Tensor, dict]]] = {}
-    counts = {"encoded": 0, "failed": 0, "done_before": len(mine) - len(todo)}
 
     def encode_bucket(key: tuple[int, int]) -> None:
         rows = pending.pop(key)
         writer.add(zip(_encode_rows(vae, [x for x, _ in rows], opts, dtype, gen), [m for _, m in rows], strict=True))
 
-    for batch in tqdm(loader, desc=f"cache rank {rank}", unit="batch", disable=not todo):
+    batches = tqdm(_batches(loader), total=len(loader), desc=f"cache rank {rank}", unit="batch", disable=not todo)
+    for batch in batches:
         for item_id, rows in batch:
             if isinstance(rows, str):
                 log.warning("skipping %s", rows)
@@ -224,6 +291,23 @@ def cache_rank(vae: AutoencoderKL, spec: str | ItemSource, out: str | Path, opts
         encode_bucket(key)
     writer.flush()
     return counts
+
+
+def _batches(loader: DataLoader) -> Iterator[list[Any]]:
+    # A worker's error arrives with the worker's whole traceback in its message; the CLI wants one line. (Image
+    # problems never get here: `_Prepared` turns them into skipped items.)
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except Exception as e:
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            if len(lines) > 1:
+                raise RuntimeError(f"in an image-loading worker: {lines[-1]}") from e
+            raise
+        yield batch
 
 
 class _ShardWriter:
@@ -253,8 +337,10 @@ class _ShardWriter:
         self.rows, self.failed = [], []
 
 
-def write_index(vae: AutoencoderKL, model: str, out: str | Path, opts: CacheOptions, world: int) -> Path:
-    """Merge every rank's manifest into index.json (atomically); checks that no image appears twice."""
+def write_index(vae: AutoencoderKL, model: str, out: str | Path, opts: CacheOptions, world: int,
+                fingerprint: str | None = None) -> Path:
+    """Merge every rank's manifest into index.json (atomically); checks that no image appears twice, and that
+    there is a row at all (KlvaeError: none of the images could be read)."""
     out = Path(out)
     rows, failed = [], []
     for p in sorted(out.glob("manifest-rank*.jsonl")):
@@ -267,8 +353,11 @@ def write_index(vae: AutoencoderKL, model: str, out: str | Path, opts: CacheOpti
         if key in seen:
             raise KlvaeError(f"{r['source']} appears twice in the cache manifests")
         seen.add(key)
+    if not rows:
+        raise KlvaeError(f"nothing cached in {out}: none of the {len(set(failed))} images could be read")
     index = {
         "format": INDEX_FORMAT, "model": model, "scaling_factor": vae.config.scaling_factor,
+        "model_fingerprint": fingerprint or model_fingerprint(vae, opts.store == "scaled"),
         "shift_factor": vae.config.shift_factor, "latent_channels": vae.config.latent_channels,
         "options": asdict(opts), "world_size": world, "items": rows,
         "failed": sorted(set(failed) - {r["source"] for r in rows}),

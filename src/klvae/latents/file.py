@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from torch import Tensor
 
 from klvae.atomic import atomic_write
 from klvae.errors import LatentsError
+from klvae.images import MAX_PIXELS
 
 FORMAT = "klvae.latents/1"
 
@@ -52,11 +54,22 @@ def save_latents(lf: LatentsFile, path: str | Path) -> Path:
         **lf.extra,
     }
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lf.latents.items()}
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+    def write(tmp: Path) -> None:
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+        except SafetensorError as e:
+            # safetensors reports a full disk or a read-only folder as its own error type, not an OSError.
+            raise OSError(f"cannot write {path}: {e}") from None
+
+    return atomic_write(path, write)
 
 
-def load_latents(path: str | Path) -> LatentsFile:
-    """Read a latents file; anything malformed is a LatentsError naming the problem."""
+def load_latents(path: str | Path, downsample_factor: int | None = None) -> LatentsFile:
+    """Read and check a latents file; anything malformed is a LatentsError naming the item and field.
+
+    With `downsample_factor` the items' sizes are also checked against their latents (see check_sizes).
+    """
     path = Path(path)
     if not path.is_file():
         raise LatentsError(f"no such latents file: {path}")
@@ -69,19 +82,105 @@ def load_latents(path: str | Path) -> LatentsFile:
     except (SafetensorError, OSError, ValueError) as e:
         raise LatentsError(f"{path} is not a readable safetensors file: {e}") from None
     if meta.get("format") != FORMAT:
-        raise LatentsError(f"{path} is not a klvae latents file (format {meta.get('format')!r})")
-    try:
-        items = [LatentItem(**d) for d in json.loads(meta["items"])]
-        lf = LatentsFile(
-            latents=tensors,
-            items=items,
-            model=meta.get("model", ""),
-            scaling_factor=float(json.loads(meta["scaling_factor"])),
-            shift_factor=json.loads(meta["shift_factor"]),
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        raise LatentsError(f"{path} has malformed metadata: {e}") from None
+        raise LatentsError(f"{path} is not a klvae latents file (format {_short(meta.get('format'))})")
+    items_json = _meta_json(meta, "items", path)
+    if not isinstance(items_json, list):
+        raise LatentsError(f"{path} has malformed metadata: items is {type(items_json).__name__}, not a list")
+    items = [_parse_item(d, n, path) for n, d in enumerate(items_json)]
     missing = [i.key for i in items if i.key not in tensors]
     if missing:
-        raise LatentsError(f"{path} lists latents it does not hold: {', '.join(missing[:5])}")
+        raise LatentsError(f"{path} lists latents it does not hold: {_short(', '.join(missing[:5]))}")
+    for n, it in enumerate(items):
+        _check_tensor(tensors[it.key], f"{path}: item {n} ({_short(it.name)})")
+    scaling = _meta_number(_meta_json(meta, "scaling_factor", path), "scaling_factor", path)
+    if scaling is None or scaling == 0:
+        raise LatentsError(f"{path} has malformed metadata: scaling_factor must be a non-zero number, got {scaling}")
+    lf = LatentsFile(latents=tensors, items=items, model=meta.get("model", ""), scaling_factor=scaling,
+                     shift_factor=_meta_number(_meta_json(meta, "shift_factor", path), "shift_factor", path))
+    if downsample_factor is not None:
+        check_sizes(lf, downsample_factor, path)
     return lf
+
+
+def check_sizes(lf: LatentsFile, downsample_factor: int, where: str | Path = "latents") -> None:
+    """Each item's size must be what its latents decode to, cropped by less than one latent cell, and the
+    decoded image must stay within klvae.images.MAX_PIXELS; else a LatentsError naming the item."""
+    f = downsample_factor
+    for n, it in enumerate(lf.items):
+        label = f"{where}: item {n} ({_short(it.name)})"
+        h, w = lf.latents[it.key].shape[-2:]
+        for field_name, size, cells in (("height", it.height, h), ("width", it.width, w)):
+            # encode pads each side to a multiple of f, so the size lies within the last latent cell.
+            if not (cells - 1) * f < size <= cells * f:
+                raise LatentsError(f"{label}: {field_name} {size} does not fit latents {cells} cells "
+                                   f"{'high' if field_name == 'height' else 'wide'} "
+                                   f"(x{f}: {(cells - 1) * f + 1} to {cells * f})")
+        if h * f * w * f > MAX_PIXELS:
+            raise LatentsError(f"{label}: latents of {h}x{w} decode to {h * f}x{w * f} = {h * f * w * f:,} "
+                               f"pixels, over the limit of {MAX_PIXELS:,}")
+
+
+_ITEM_FIELDS = ("name", "key", "height", "width")
+
+
+def _short(value: object, limit: int = 60) -> str:
+    # A crafted file can put megabytes in a field; the error line quotes only its start.
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _meta_json(meta: dict[str, str], name: str, path: Path) -> object:
+    if name not in meta:
+        raise LatentsError(f"{path} has malformed metadata: no {name} field")
+    try:
+        return json.loads(meta[name])
+    except (ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
+        raise LatentsError(f"{path} has malformed metadata: {name} is not JSON ({e})") from None
+
+
+def _meta_number(value: object, name: str, path: Path) -> float | None:
+    # bool is an int to Python, but `true` is no factor; NaN/inf would turn every latent non-finite.
+    if value is None:
+        return None
+    try:
+        number = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+    except OverflowError:  # a JSON integer past float's range
+        number = math.nan
+    if not math.isfinite(number):
+        raise LatentsError(f"{path} has malformed metadata: {name} must be a finite number, got {_short(value)}")
+    return number
+
+
+def _parse_item(d: object, n: int, path: Path) -> LatentItem:
+    if not isinstance(d, dict):
+        raise LatentsError(f"{path}: item {n} is {type(d).__name__}, not an object with {', '.join(_ITEM_FIELDS)}")
+    missing, unknown = [k for k in _ITEM_FIELDS if k not in d], [k for k in d if k not in _ITEM_FIELDS]
+    if missing or unknown:
+        what = "; ".join(s for s in (missing and f"no {', '.join(missing)}",
+                                     unknown and f"unknown {_short(', '.join(map(str, unknown)))}") if s)
+        raise LatentsError(f"{path}: item {n} has malformed fields: {what}")
+    label = f"{path}: item {n}"
+    for k in ("name", "key"):
+        if not isinstance(d[k], str):
+            raise LatentsError(f"{label}: {k} must be a string, got {_short(d[k])}")
+    if not d["key"]:
+        raise LatentsError(f"{label}: key is empty")
+    for k in ("height", "width"):
+        v = d[k]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise LatentsError(f"{label} ({_short(d['name'])}): {k} must be a positive integer, got {_short(v)}")
+    if d["height"] * d["width"] > MAX_PIXELS:
+        raise LatentsError(f"{label} ({_short(d['name'])}): {d['height']}x{d['width']} is over the limit of "
+                           f"{MAX_PIXELS:,} pixels")
+    return LatentItem(name=d["name"], key=d["key"], height=d["height"], width=d["width"])
+
+
+def _check_tensor(t: Tensor, label: str) -> None:
+    if t.ndim != 3:
+        raise LatentsError(f"{label}: latents of shape {list(t.shape)}; each item holds one image's "
+                           "[channels, height, width]")
+    if 0 in t.shape:
+        raise LatentsError(f"{label}: empty latents of shape {list(t.shape)}")
+    if not t.is_floating_point():
+        raise LatentsError(f"{label}: latents of dtype {str(t.dtype).removeprefix('torch.')}; "
+                           "expected floating point")

@@ -8,22 +8,32 @@ import math
 import torch
 
 from klvae import inference
-from klvae.errors import ImageError, KlvaeError
+from klvae.errors import KlvaeError
 from klvae.images import pil_to_tensor
 from klvae.latents.buckets import resize_crop
-from klvae.latents.sources import open_source
+from klvae.latents.cache import check_resolution
+from klvae.latents.sources import ItemSource, item_error, open_source
 from klvae.model.autoencoder import AutoencoderKL
 
 log = logging.getLogger(__name__)
 
 
-def estimate_factors(vae: AutoencoderKL, spec: str, limit: int = 256, resolution: int = 256,
+def check_scale_options(limit: int, resolution: int) -> None:
+    """KlvaeError for a --limit or --resolution that no run can use."""
+    if limit < 1:
+        raise KlvaeError(f"--limit must be at least 1, got {limit}")
+    check_resolution(resolution)
+
+
+def estimate_factors(vae: AutoencoderKL, spec: str | ItemSource, limit: int = 256, resolution: int = 256,
                      dtype: torch.dtype = torch.float32, sample: bool = True, seed: int = 0) -> dict[str, float]:
     """Mean and std of z over up to `limit` images (centre crops): the factors that make z zero-mean, unit-std.
 
     Unreadable images are skipped with a warning and counted (`skipped`); `images` is the number used.
     """
-    source = open_source(spec)
+    check_scale_options(limit, resolution)
+    source = open_source(spec) if isinstance(spec, str) else spec
+    name = spec if isinstance(spec, str) else "the data"
     # A CPU generator on any device: DiagonalGaussian.sample draws on the generator's device and moves the noise,
     # so a seed gives the same samples on every device.
     gen = torch.Generator().manual_seed(seed)
@@ -32,15 +42,15 @@ def estimate_factors(vae: AutoencoderKL, spec: str, limit: int = 256, resolution
     for i in order:
         try:
             img, _ = resize_crop(source.load(source.ids[i]), (resolution, resolution))
-        except ImageError as e:
-            log.warning("skipping %s", e)
+        except Exception as e:  # ImageError, or a decoder's own error: this image is skipped, not the job
+            log.warning("skipping %s", item_error(source.ids[i], e))
             skipped += 1
             continue
         post = inference.encode(vae, pil_to_tensor(img)[None], dtype)
         z = (post.sample(gen.manual_seed(seed + i)) if sample else post.mode()).double()
         n, s1, s2, used = n + z.numel(), s1 + z.sum().item(), s2 + z.square().sum().item(), used + 1
     if used == 0:
-        raise KlvaeError(f"no readable images in {spec} ({skipped} unreadable)")
+        raise KlvaeError(f"no readable images in {name} ({skipped} unreadable)")
     if skipped:
         log.warning("skipped %d unreadable of %d images sampled", skipped, len(order))
     mean = s1 / n

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,15 +21,22 @@ from klvae.images import (
     read_tar_member,
 )
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class ItemSource:
-    """A fixed, ordered list of item ids; `load(id)` returns the RGB image or raises ImageError."""
+    """A fixed, ordered list of item ids; `load(id)` returns the RGB image or raises ImageError.
+
+    `unreadable` lists the parts of the data (tar shards) that were skipped, wholly or from some point on,
+    as (path, reason): a job counts them as skipped and finishes the rest.
+    """
 
     kind: str
     ids: list[str]
     _paths: dict[str, Any] = field(default_factory=dict, repr=False)
     _table: TableRows | None = field(default=None, repr=False)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
 
     def load(self, item_id: str) -> Image.Image:
         """The image of one item."""
@@ -36,14 +44,18 @@ class ItemSource:
             return load_image(self._paths[item_id])
         if self.kind == "tar":
             tar_path, member = self._paths[item_id]
-            try:
-                with tarfile.open(tar_path) as tf:
-                    data = read_tar_member(tf, tf.getmember(member), item_id)
-            except (OSError, tarfile.TarError) as e:
-                raise ImageError(f"{item_id}: cannot read from {tar_path}: {e}") from None
-            return open_image_bytes(data, item_id)
+            return open_image_bytes(_read_member(tar_path, member, item_id), item_id)
         assert self._table is not None
         return image_from_cell(self._table.cell(int(item_id.removeprefix("row"))), item_id)
+
+
+def item_error(item_id: str, e: Exception) -> str:
+    """Why an item is skipped, in one line: an ImageError's own message, else the item and the error's type."""
+    if isinstance(e, ImageError):
+        text = str(e) if item_id in str(e) else f"{item_id}: {e}"
+    else:
+        text = f"{item_id}: {type(e).__name__}: {e}"
+    return (text.splitlines() or [text])[0]
 
 
 def _folder(root: Path) -> ItemSource:
@@ -53,17 +65,55 @@ def _folder(root: Path) -> ItemSource:
     return ItemSource("folder", list(ids), ids)
 
 
+def _read_member(tar_path: Path, member: str, item_id: str) -> bytes:
+    # Headers are read only up to the member (not getmember's whole index), so the images before the cut of
+    # a truncated shard stay readable.
+    try:
+        with tarfile.open(tar_path) as tf:
+            for m in tf:
+                if m.name == member:
+                    return read_tar_member(tf, m, item_id)
+    except (OSError, EOFError, tarfile.TarError) as e:
+        raise ImageError(f"{item_id}: cannot read from {tar_path}: {tar_reason(e)}") from None
+    raise ImageError(f"{item_id}: no longer in {tar_path}")
+
+
+def tar_reason(e: BaseException) -> str:
+    """A tarfile error in one line (tarfile.open lists every compression it tried, one per line)."""
+    lines = str(e).splitlines()
+    if len(lines) > 1:
+        return "not a tar file (nor a gzip, bz2 or xz compressed one)"
+    return lines[0] if lines else type(e).__name__
+
+
+def _tar_members(t: Path, ids: dict[str, tuple[Path, str]]) -> str | None:
+    # Adds the shard's image members to `ids`; returns why the shard (or its rest) cannot be read, if so.
+    n = 0
+    try:
+        with tarfile.open(t) as tf:
+            for m in tf:
+                if m.isfile() and Path(m.name).suffix.lower() in IMAGE_EXTENSIONS:
+                    ids[f"{t.name}:{m.name}"] = (t, m.name)
+                    n += 1
+    except (OSError, EOFError, tarfile.TarError) as e:
+        return f"cut short after {n} image(s): {tar_reason(e)}" if n else tar_reason(e)
+    return None
+
+
 def _tars(paths: tuple[Path, ...]) -> ItemSource:
     ids: dict[str, tuple[Path, str]] = {}
+    unreadable = []
     for t in paths:
-        try:
-            with tarfile.open(t) as tf:
-                for m in tf.getmembers():
-                    if m.isfile() and Path(m.name).suffix.lower() in IMAGE_EXTENSIONS:
-                        ids[f"{t.name}:{m.name}"] = (t, m.name)
-        except (OSError, tarfile.TarError) as e:
-            raise KlvaeError(f"cannot read tar shard {t}: {e}") from None
-    return ItemSource("tar", list(ids), ids)
+        reason = _tar_members(t, ids)
+        if reason is not None:
+            unreadable.append((str(t), reason))
+    if len(unreadable) == len(paths) and not ids:
+        others = f" (nor any of the other {len(paths) - 1} shards)" if len(paths) > 1 else ""
+        raise KlvaeError(f"cannot read tar shard {unreadable[0][0]}: {unreadable[0][1]}{others}")
+    for path, reason in unreadable:
+        # One bad shard among many is skipped and counted, as a bad image is; the job finishes the rest.
+        log.warning("skipping tar shard %s: %s", path, reason)
+    return ItemSource("tar", list(ids), ids, unreadable=unreadable)
 
 
 def open_source(spec: str, image_column: str = "image") -> ItemSource:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -45,11 +48,9 @@ class AutoencoderKLConfig:
     force_upcast: bool = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))
+        _check_types(self)
         if not self.block_out_channels:
             raise ValueError("block_out_channels must name at least one level")
-        if self.layers_per_block < 1:
-            raise ValueError(f"layers_per_block must be >= 1, got {self.layers_per_block}")
         for c in self.block_out_channels:
             if c % self.norm_num_groups:
                 raise ValueError(f"channel width {c} is not divisible by norm_num_groups={self.norm_num_groups}")
@@ -60,8 +61,6 @@ class AutoencoderKLConfig:
                         self.block_out_channels[0], self.block_out_channels[0] // 2)
         if self.attention not in ("vanilla", "linear", "none"):
             raise ValueError(f"attention must be 'vanilla', 'linear' or 'none', got {self.attention!r}")
-        if self.scaling_factor <= 0:
-            raise ValueError(f"scaling_factor must be positive, got {self.scaling_factor}")
 
     @property
     def downsample_factor(self) -> int:
@@ -86,6 +85,46 @@ class AutoencoderKLConfig:
         if unknown:
             raise ValueError(f"unknown config fields: {', '.join(unknown)}")
         return cls(**d)
+
+
+# Typed as declared and checked here: a config comes from JSON, YAML overrides or checkpoints, where 0 groups
+# would divide by zero deep in the model, "abc" would read as three channel widths and "no" as true.
+_POSITIVE_INTS = ("in_channels", "out_channels", "layers_per_block", "latent_channels", "norm_num_groups",
+                  "sample_size")
+_BOOLS = ("use_quant_conv", "use_post_quant_conv", "force_upcast")
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _finite(value: Any, name: str, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or (positive and value <= 0):
+        raise ValueError(f"{name} must be a finite{' positive' if positive else ''} number, got {value!r}")
+    return float(value)
+
+
+def _check_types(cfg: AutoencoderKLConfig) -> None:
+    """ValueError for a field of the wrong type or out of range; normalises numbers to int/float/tuple."""
+    def put(name: str, value: Any) -> None:
+        object.__setattr__(cfg, name, value)
+
+    widths = cfg.block_out_channels
+    if isinstance(widths, str | bytes) or not isinstance(widths, Sequence):
+        raise ValueError(f"block_out_channels must be a list of positive integers, got {widths!r}")
+    put("block_out_channels", tuple(_positive_int(c, "every block_out_channels entry") for c in widths))
+    for name in _POSITIVE_INTS:
+        put(name, _positive_int(getattr(cfg, name), name))
+    for name in _BOOLS:
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"{name} must be true or false, got {getattr(cfg, name)!r}")
+    put("norm_eps", _finite(cfg.norm_eps, "norm_eps", positive=True))
+    put("scaling_factor", _finite(cfg.scaling_factor, "scaling_factor", positive=True))
+    if cfg.shift_factor is not None:
+        put("shift_factor", _finite(cfg.shift_factor, "shift_factor"))
 
 
 _SD = AutoencoderKLConfig()

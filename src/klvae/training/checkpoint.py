@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import pickle
 import random
 import re
 from pathlib import Path
@@ -73,7 +74,51 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint with weights_only=True (no arbitrary objects are unpickled)."""
+    path = Path(path)
     try:
-        return torch.load(Path(path), map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as e:
-        raise KlvaeError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+        f = path.open("rb")
+    except OSError as e:
+        raise KlvaeError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    with f:
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            # Not torch's zip format (a PNG, random bytes), or pickled objects that weights_only refuses.
+            raise KlvaeError(f"{path} is not a klvae checkpoint: torch.load(weights_only=True) cannot read it") \
+                from None
+        except Exception as e:  # torch raises RuntimeError, OSError, EOFError ... for a torn file
+            raise KlvaeError(f"{path} is not a complete klvae checkpoint (truncated or corrupt): {_first(e)}") \
+                from None
+    if not isinstance(state, dict):
+        raise KlvaeError(f"{path} is not a klvae checkpoint: it holds a {type(state).__name__}, not a dict")
+    return state
+
+
+def _first(e: BaseException) -> str:
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    return line.split(". ")[0]  # torch's zip reader appends paragraphs of advice to its first sentence
+
+
+# What Trainer.state_dict() writes, with the type each entry must have for Trainer.load_state_dict().
+_COUNTERS = ("step", "batches_done", "nonfinite_run")
+_MAPPINGS = ("vae", "loss", "opt_ae", "scaler", "d_scaler", "rng")
+_OPTIONAL_MAPPINGS = ("ema", "opt_d")
+
+
+def load_training_state(path: str | Path) -> dict[str, Any]:
+    """A checkpoint that Trainer.state_dict() wrote; KlvaeError naming what a foreign or torn file lacks."""
+    state = load_checkpoint(path)
+    missing = [k for k in (*_COUNTERS, *_MAPPINGS) if k not in state]
+    if missing:
+        shown = ", ".join(map(str, list(state)[:5])) or "nothing"
+        raise KlvaeError(f"{path} is not a klvae training checkpoint: it has no {', '.join(missing)} "
+                         f"(it holds {shown}{', ...' if len(state) > 5 else ''})")
+    bad = [k for k in _COUNTERS if isinstance(state[k], bool) or not isinstance(state[k], int) or state[k] < 0]
+    bad += [k for k in _MAPPINGS if not isinstance(state[k], dict)]
+    bad += [k for k in _OPTIONAL_MAPPINGS if state.get(k) is not None and not isinstance(state[k], dict)]
+    bad += [k for k in ("vae", "loss", "ema") if isinstance(state.get(k), dict)
+            and not all(isinstance(v, torch.Tensor) for v in state[k].values())]
+    if bad:
+        raise KlvaeError(f"{path} is not a complete klvae checkpoint: malformed {', '.join(bad)}")
+    return state

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_origin, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
 import tomllib
 import yaml
 
 from klvae.errors import KlvaeError
+from klvae.images import MAX_PIXELS
+from klvae.model.config import PRESETS, AutoencoderKLConfig
+from klvae.training.data import CROPS
+from klvae.training.losses import LOSS_PRESETS, LossConfig, get_loss_preset
 
 
 @dataclass
@@ -122,33 +128,44 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         raise KlvaeError(f"config section {where or 'top level'} must be a mapping, got {type(data).__name__}")
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(map(str, data)) - names)
     if unknown:
         raise KlvaeError(f"unknown config field(s) {', '.join(f'{where}{u}' for u in unknown)}")
     kwargs = {}
     for name, value in data.items():
-        t = hints[name]
+        t, full = hints[name], f"{where}{name}"
         if dataclasses.is_dataclass(t):
-            kwargs[name] = _build(t, value, f"{where}{name}.")
+            kwargs[name] = _build(t, value, f"{full}.")
         elif get_origin(t) is tuple:
-            kwargs[name] = tuple(float(v) for v in value)
+            kwargs[name] = _floats(value, len(get_args(t)), full)
+        elif get_origin(t) is dict and not isinstance(value, dict):
+            raise KlvaeError(f"config field {full} must be a mapping (set its keys as {full}.KEY=VALUE), "
+                             f"got {value!r}")
         elif t in (int, float, str, bool):
-            kwargs[name] = _coerce(t, value, f"{where}{name}")
+            kwargs[name] = _coerce(t, value, full)
         else:
             kwargs[name] = value
     return cls(**kwargs)
 
 
+def _floats(value: Any, n: int, name: str) -> tuple[float, ...]:
+    if not isinstance(value, list | tuple) or len(value) != n:
+        raise KlvaeError(f"config field {name} must be a list of {n} numbers, got {value!r}")
+    return tuple(_coerce(float, v, name) for v in value)
+
+
 def _coerce(t: type, value: Any, name: str) -> Any:
     if t is bool and not isinstance(value, bool):
         raise KlvaeError(f"config field {name} must be true or false, got {value!r}")
-    if t is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+    if t is not bool and isinstance(value, bool):  # bool is an int to Python, not to a person: true steps?
+        raise KlvaeError(f"config field {name} must be {t.__name__}, got {value!r}")
     if t is float and isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-4 as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    if t is float and isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise KlvaeError(f"config field {name} must be a finite number, got {value!r}")
+        return float(value)
     if t is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if not isinstance(value, t):
@@ -167,7 +184,10 @@ def apply_override(d: dict[str, Any], assignment: str) -> None:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise KlvaeError(f"override {assignment!r}: {p} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise KlvaeError(f"override {assignment!r}: cannot parse the value: {str(e).splitlines()[0]}") from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
@@ -181,6 +201,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             d = tomllib.loads(p.read_text()) if p.suffix == ".toml" else (yaml.safe_load(p.read_text()) or {})
         except (yaml.YAMLError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise KlvaeError(f"cannot parse {p}: {str(e).splitlines()[0]}") from None
+        if not isinstance(d, dict):
+            raise KlvaeError(f"config section top level must be a mapping, got {type(d).__name__}")
     for o in overrides or []:
         apply_override(d, o)
     cfg = _build(TrainConfig, d, "")
@@ -191,12 +213,84 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 def _check(cfg: TrainConfig) -> None:
     if not cfg.data.train:
         raise KlvaeError("data.train is not set: name an image folder, dataset or shards")
-    if cfg.train.precision not in ("fp32", "bf16", "fp16"):
-        raise KlvaeError(f"train.precision must be fp32, bf16 or fp16, got {cfg.train.precision!r}")
-    if cfg.optim.schedule not in ("constant", "cosine"):
-        raise KlvaeError(f"optim.schedule must be constant or cosine, got {cfg.optim.schedule!r}")
-    for name in ("batch_size", "resolution"):
-        if getattr(cfg.data, name) < 1:
-            raise KlvaeError(f"data.{name} must be at least 1")
-    if cfg.optim.grad_accum < 1 or cfg.train.max_steps < 1:
-        raise KlvaeError("optim.grad_accum and train.max_steps must be at least 1")
+    choices = (("train.precision", cfg.train.precision, ("fp32", "bf16", "fp16")),
+               ("optim.schedule", cfg.optim.schedule, ("constant", "cosine")),
+               ("data.crop", cfg.data.crop, CROPS))
+    for name, value, allowed in choices:
+        if value not in allowed:
+            raise KlvaeError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    for name, value, ok, rule in _ranges(cfg):
+        if not ok:
+            raise KlvaeError(f"{name} must be {rule}, got {value!r}")
+    arch = model_config(cfg.model)
+    if arch is not None and cfg.data.resolution % arch.downsample_factor:
+        raise KlvaeError(f"data.resolution must be a multiple of {arch.downsample_factor} (the model's downsample "
+                         f"factor), got {cfg.data.resolution}")
+    build_loss_config(cfg.loss)
+
+
+# The largest square crop: one that an image may have at all (klvae.images.MAX_PIXELS); far beyond any GPU.
+MAX_RESOLUTION = math.isqrt(MAX_PIXELS)
+
+
+def _ranges(cfg: TrainConfig) -> list[tuple[str, Any, bool, str]]:
+    """(field, value, whether it is in range, the range in words) for every numeric field."""
+    d, o, t = cfg.data, cfg.optim, cfg.train
+    return [
+        ("data.resolution", d.resolution, 1 <= d.resolution <= MAX_RESOLUTION,
+         f"between 1 and {MAX_RESOLUTION} (resolution² <= klvae.images.MAX_PIXELS)"),
+        ("data.batch_size", d.batch_size, d.batch_size >= 1, "at least 1"),
+        ("data.num_workers", d.num_workers, d.num_workers >= 0, "at least 0 (0 loads in the main process)"),
+        ("data.val_images", d.val_images, d.val_images >= 1, "at least 1"),
+        ("data.flip", d.flip, 0 <= d.flip <= 1, "a probability in [0, 1]"),
+        ("data.scale_min", d.scale_min, 0 < d.scale_min <= 1, "in (0, 1]"),
+        ("data.scale_max", d.scale_max, d.scale_min <= d.scale_max <= 1, "in [data.scale_min, 1]"),
+        ("optim.lr", o.lr, o.lr >= 0, "at least 0"),
+        ("optim.disc_lr", o.disc_lr, o.disc_lr >= 0, "at least 0"),
+        ("optim.betas", list(o.betas), all(0 <= b < 1 for b in o.betas), "two numbers in [0, 1)"),
+        ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, "at least 0"),
+        ("optim.warmup_steps", o.warmup_steps, o.warmup_steps >= 0, "at least 0"),
+        ("optim.grad_accum", o.grad_accum, o.grad_accum >= 1, "at least 1"),
+        ("optim.grad_clip", o.grad_clip, o.grad_clip >= 0, "at least 0 (0 disables clipping)"),
+        ("train.max_steps", t.max_steps, t.max_steps >= 1, "at least 1"),
+        # The posterior noise seeds torch with seed * 1_000_003 + step * 101, which must stay under 2**64.
+        ("train.seed", t.seed, 0 <= t.seed < 2**32, "in [0, 2**32)"),
+        ("train.ema_decay", t.ema_decay, 0 <= t.ema_decay < 1, "in [0, 1) (0 disables the EMA)"),
+        ("train.log_every", t.log_every, t.log_every >= 1, "at least 1"),
+        ("train.val_every", t.val_every, t.val_every >= 1, "at least 1"),
+        ("train.ckpt_every", t.ckpt_every, t.ckpt_every >= 1, "at least 1"),
+        ("train.max_nonfinite", t.max_nonfinite, t.max_nonfinite >= 1, "at least 1"),
+    ]
+
+
+def model_config(m: ModelSection) -> AutoencoderKLConfig | None:
+    """The architecture that `m` asks for; None when it is the pretrained weights' own (no overrides)."""
+    if m.preset not in PRESETS:
+        raise KlvaeError(f"model.preset must be one of {', '.join(PRESETS)}, got {m.preset!r}")
+    if m.pretrained and not m.overrides:
+        return None
+    known = [f.name for f in dataclasses.fields(AutoencoderKLConfig)]
+    unknown = sorted(set(map(str, m.overrides)) - set(known))
+    if unknown:
+        raise KlvaeError(f"unknown model.overrides field(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    try:
+        return PRESETS[m.preset].replace(**m.overrides)
+    except (TypeError, ValueError) as e:
+        raise KlvaeError(f"model.overrides: {e}") from None
+
+
+def build_loss_config(d: dict[str, Any]) -> LossConfig:
+    """A loss preset with field overrides from the config's `loss` mapping."""
+    d = dict(d)
+    preset = d.pop("preset", "ldm")
+    if not isinstance(preset, str):
+        raise KlvaeError(f"loss.preset must be one of {', '.join(LOSS_PRESETS)}, got {preset!r}")
+    base = get_loss_preset(preset)
+    hints = get_type_hints(LossConfig)
+    unknown = sorted(set(map(str, d)) - set(hints))
+    if unknown:
+        raise KlvaeError(f"unknown loss field(s) {', '.join(f'loss.{u}' for u in unknown)}")
+    for name, value in d.items():
+        if hints[name] in (str, bool):  # LossConfig converts and checks its numbers itself
+            _coerce(hints[name], value, f"loss.{name}")
+    return base.replace(**d)

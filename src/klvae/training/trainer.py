@@ -18,10 +18,9 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from klvae.errors import KlvaeError
 from klvae.inference.precision import resolve_device
 from klvae.model.autoencoder import AutoencoderKL
-from klvae.model.config import get_preset
 from klvae.posterior import DiagonalGaussian
 from klvae.training import checkpoint as ckpt
-from klvae.training.config import TrainConfig
+from klvae.training.config import TrainConfig, build_loss_config, model_config
 from klvae.training.distributed import (
     DistInfo,
     all_mean,
@@ -30,7 +29,8 @@ from klvae.training.distributed import (
     init_distributed,
     rank_device,
 )
-from klvae.training.losses import AutoencoderLoss, LossConfig, get_loss_preset
+from klvae.training.losses import AutoencoderLoss
+from klvae.weights import check_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +38,8 @@ log = logging.getLogger(__name__)
 def build_model(cfg: TrainConfig) -> AutoencoderKL:
     """The autoencoder to train: a preset from scratch, or pretrained weights."""
     m = cfg.model
-    if m.pretrained:
-        config = get_preset(m.preset).replace(**m.overrides) if m.overrides else None
-        vae = AutoencoderKL.from_pretrained(m.pretrained, config=config)
-    else:
-        vae = AutoencoderKL(get_preset(m.preset).replace(**m.overrides))
+    config = model_config(m)
+    vae = AutoencoderKL.from_pretrained(m.pretrained, config=config) if m.pretrained else AutoencoderKL(config)
     vae.enable_gradient_checkpointing(m.gradient_checkpointing)
     if m.decoder_only:
         for mod in (vae.encoder, vae.quant_conv):
@@ -51,14 +48,17 @@ def build_model(cfg: TrainConfig) -> AutoencoderKL:
     return vae.train()
 
 
-def build_loss_config(d: dict[str, Any]) -> LossConfig:
-    """A loss preset with field overrides from the config's `loss` mapping."""
-    d = dict(d)
-    base = get_loss_preset(d.pop("preset", "ldm"))
+def _saved_model_section(s: dict[str, Any]) -> dict[str, Any] | None:
+    """The model section of the config a checkpoint was written with, when it can be read."""
     try:
-        return base.replace(**d)
-    except TypeError as e:
-        raise KlvaeError(f"bad loss config: {e}") from None
+        saved = json.loads(s.get("config", ""))["model"]
+    except (TypeError, ValueError, KeyError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def _describe(m: dict[str, Any]) -> str:
+    return ", ".join(f"model.{k} {m[k]!r}" for k in ("preset", "pretrained", "overrides") if m.get(k))
 
 
 def lr_factor(step: int, warmup: int, schedule: str, max_steps: int) -> float:
@@ -136,24 +136,54 @@ class Trainer:
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
         """Restore a state_dict(); the world size may differ (the data position is global)."""
+        self._check_fits(s)
         self.vae.load_state_dict(s["vae"])
         self.loss.load_state_dict(s["loss"])
         if self.ema is not None and s.get("ema") is not None:
             self.ema.load_state_dict(s["ema"])
-        self.opt_ae.load_state_dict(s["opt_ae"])
-        if self.opt_d is not None and s.get("opt_d") is not None:
-            self.opt_d.load_state_dict(s["opt_d"])
-        self.scaler.load_state_dict(s["scaler"])
-        self.d_scaler.load_state_dict(s["d_scaler"])
+        try:
+            self.opt_ae.load_state_dict(s["opt_ae"])
+            if self.opt_d is not None and s.get("opt_d") is not None:
+                self.opt_d.load_state_dict(s["opt_d"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise KlvaeError(f"the optimiser state does not fit this config (model.decoder_only or "
+                             f"loss.learn_logvar changed?): {e}") from None
+        # A run switched to fp16 starts its scalers afresh: an fp32 run saved them empty (disabled).
+        for scaler, saved in ((self.scaler, s["scaler"]), (self.d_scaler, s["d_scaler"])):
+            if saved:
+                scaler.load_state_dict(saved)
         self.step, self.batches_done, self.nonfinite_run = s["step"], s["batches_done"], s["nonfinite_run"]
-        ckpt.set_rng_state(s["rng"])
+        try:
+            ckpt.set_rng_state(s["rng"])
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+            raise KlvaeError(f"bad random-generator state: {type(e).__name__}: {e}") from None
+
+    def _check_fits(self, s: dict[str, Any]) -> None:
+        # torch's own load_state_dict reports every mismatched tensor on a line of its own: name them in one.
+        mine, saved = _describe(vars(self.cfg.model)), _saved_model_section(s)
+        theirs = _describe(saved) if saved is not None else mine
+        what = f"this config's model ({mine}" + (f"; the checkpoint's was {theirs})" if theirs != mine else ")")
+        check_state_dict(self.vae, s["vae"], what, shown=1)
+        check_state_dict(self.loss, s["loss"], "this config's loss (loss.* settings)", shown=1)
+        if self.ema is not None and s.get("ema") is not None:
+            check_state_dict(self.ema, s["ema"], "this config's EMA model", shown=1)
 
     def resume(self, path: str | Path | None = None) -> bool:
         """Load `path`, or the newest checkpoint of the run folder; False when there is none."""
         found = Path(path) if path else ckpt.latest_checkpoint(self.out / "checkpoints")
         if found is None:
             return False
-        self.load_state_dict(ckpt.load_checkpoint(found))
+        try:
+            state = ckpt.load_training_state(found)
+        except KlvaeError as e:
+            older = ckpt.list_checkpoints(found.parent)[:-1] if path is None else []
+            if older:  # e.g. a file torn outside klvae's atomic writes: the one before may be whole
+                raise KlvaeError(f"{e}; move it away to resume from {older[-1].name}") from None
+            raise
+        try:
+            self.load_state_dict(state)
+        except KlvaeError as e:
+            raise type(e)(f"cannot resume from {found}: {e}") from None
         log.info("resumed from %s at step %d", found, self.step)
         return True
 

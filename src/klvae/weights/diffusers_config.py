@@ -27,11 +27,41 @@ _DIFFUSERS_NORM_EPS = 1e-6
 
 def _check_block_types(d: dict[str, Any], levels: int) -> None:
     for key, expected in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
-        types = list(d.get(key, [expected]))
+        types = d.get(key, [expected])
+        if not isinstance(types, list):
+            raise WeightsError(f"config.json: {key} must be a list, got {types!r}")
         if any(t != expected for t in types):
             raise WeightsError(f"config.json: {key} {types} is unsupported (only {expected})")
         if len(types) != levels:
             raise WeightsError(f"config.json: {key} has {len(types)} entries but block_out_channels has {levels}")
+
+
+def _int(value: Any, key: str) -> int:
+    # JSON may write 2 as 2.0; 1.5 or "2" are not integers (int() would truncate or parse them).
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise WeightsError(f"config.json: {key} must be an integer, got {value!r}")
+    return value
+
+
+def _float(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise WeightsError(f"config.json: {key} must be a number, got {value!r}")
+    return float(value)
+
+
+def _bool(value: Any, key: str) -> bool:
+    # bool("no") is True: only JSON's true and false are flags.
+    if not isinstance(value, bool):
+        raise WeightsError(f"config.json: {key} must be true or false, got {value!r}")
+    return value
+
+
+def _widths(widths: Any) -> tuple[int, ...]:
+    if not isinstance(widths, list) or not widths:
+        raise WeightsError(f"config.json: block_out_channels must be a non-empty list of integers, got {widths!r}")
+    return tuple(_int(w, "every block_out_channels entry") for w in widths)
 
 
 def config_from_diffusers(d: dict[str, Any]) -> AutoencoderKLConfig:
@@ -45,18 +75,17 @@ def config_from_diffusers(d: dict[str, Any]) -> AutoencoderKLConfig:
     if unknown:
         log.warning("config.json: ignoring unknown keys %s", ", ".join(unknown))
     v = {k: d.get(k, default) for k, default in _DIFFUSERS_DEFAULTS.items()}
-    _check_block_types(d, len(v["block_out_channels"]))
+    widths = _widths(v["block_out_channels"])
+    _check_block_types(d, len(widths))
+    ints = {k: _int(v[k], k) for k in ("in_channels", "out_channels", "layers_per_block", "latent_channels",
+                                     "norm_num_groups")}
+    flags = {k: _bool(v[k], k) for k in ("use_quant_conv", "use_post_quant_conv", "force_upcast")}
     try:
         return AutoencoderKLConfig(
-            in_channels=int(v["in_channels"]), out_channels=int(v["out_channels"]),
-            block_out_channels=tuple(v["block_out_channels"]), layers_per_block=int(v["layers_per_block"]),
-            latent_channels=int(v["latent_channels"]), norm_num_groups=int(v["norm_num_groups"]),
-            norm_eps=_DIFFUSERS_NORM_EPS, use_quant_conv=bool(v["use_quant_conv"]),
-            use_post_quant_conv=bool(v["use_post_quant_conv"]),
-            attention="vanilla" if v["mid_block_add_attention"] else "none",
-            sample_size=_sample_size(v["sample_size"]), scaling_factor=float(v["scaling_factor"]),
-            shift_factor=None if v["shift_factor"] is None else float(v["shift_factor"]),
-            force_upcast=bool(v["force_upcast"]),
+            block_out_channels=widths, **ints, **flags, norm_eps=_DIFFUSERS_NORM_EPS,
+            attention="vanilla" if _bool(v["mid_block_add_attention"], "mid_block_add_attention") else "none",
+            sample_size=_sample_size(v["sample_size"]), scaling_factor=_float(v["scaling_factor"], "scaling_factor"),
+            shift_factor=None if v["shift_factor"] is None else _float(v["shift_factor"], "shift_factor"),
         )
     except (TypeError, ValueError) as e:
         raise WeightsError(f"config.json: {e}") from None
@@ -64,7 +93,9 @@ def config_from_diffusers(d: dict[str, Any]) -> AutoencoderKLConfig:
 
 def _sample_size(s: Any) -> int:
     # diffusers allows [H, W]; the tile size we use is square.
-    return int(max(s)) if isinstance(s, (list, tuple)) else int(s)
+    if isinstance(s, list) and s:
+        return max(_int(x, "sample_size") for x in s)
+    return _int(s, "sample_size")
 
 
 def config_to_diffusers(cfg: AutoencoderKLConfig) -> dict[str, Any]:

@@ -181,25 +181,36 @@ def _resolve_config(
     return infer_config(sd, family), "the config inferred from the weights"
 
 
-def _names(keys: list[str]) -> str:
-    more = f", ... ({len(keys)} in all)" if len(keys) > _SHOWN else ""
-    return ", ".join(keys[:_SHOWN]) + more
+def _names(keys: list[str], shown: int = _SHOWN) -> str:
+    more = f", ... ({len(keys)} in all)" if len(keys) > shown else ""
+    return ", ".join(keys[:shown]) + more
 
 
-def check_state_dict(model: nn.Module, sd: dict[str, Any], what: str = "the model") -> None:
-    """WeightsError naming missing keys, unexpected keys and shape mismatches of `sd` against `model`."""
+def _type(v: Any) -> str:
+    return str(v.dtype) if isinstance(v, Tensor) else type(v).__name__
+
+
+def check_state_dict(model: nn.Module, sd: dict[str, Any], what: str = "the model", shown: int = _SHOWN) -> None:
+    """WeightsError naming missing keys, unexpected keys and type and shape mismatches of `sd` against `model`."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
+    # A weight must be a tensor of the model's kind: an int32 tensor in place of a float one cannot be loaded.
+    kinds = [
+        f"{k} {_type(sd[k])} vs {expected[k].dtype}"
+        for k in expected
+        if k in sd and (not isinstance(sd[k], Tensor) or sd[k].is_floating_point() != expected[k].is_floating_point())
+    ]
     shapes = [
         f"{k} {list(sd[k].shape)} vs {list(expected[k].shape)}"
         for k in expected
-        if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)
+        if k in sd and isinstance(sd[k], Tensor) and tuple(sd[k].shape) != tuple(expected[k].shape)
     ]
     problems = [
-        f"{len(missing)} missing keys: {_names(missing)}" if missing else "",
-        f"{len(unexpected)} unexpected keys: {_names(unexpected)}" if unexpected else "",
-        f"{len(shapes)} shape mismatches (weights vs model): {_names(shapes)}" if shapes else "",
+        f"{len(missing)} missing keys: {_names(missing, shown)}" if missing else "",
+        f"{len(unexpected)} unexpected keys: {_names(unexpected, shown)}" if unexpected else "",
+        f"{len(kinds)} values of the wrong type (weights vs model): {_names(kinds, shown)}" if kinds else "",
+        f"{len(shapes)} shape mismatches (weights vs model): {_names(shapes, shown)}" if shapes else "",
     ]
     problems = [p for p in problems if p]
     if problems:

@@ -1,0 +1,323 @@
+"""Hostile or malformed input to `klvae encode | decode | reconstruct`: one-line errors, exit 2, nothing written
+outside --output, nothing half-written, nothing overwritten that the command did not make."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+
+import klvae
+from klvae.cli import common
+from klvae.cli.codec import unique_png_names
+from klvae.cli.main import main
+from klvae.errors import KlvaeError
+from klvae.latents.file import FORMAT, LatentItem, load_latents
+
+# Every command here runs the built-in demo model (the default, x8), which loads in a fraction of a second.
+
+
+def _err_line(capsys: pytest.CaptureFixture[str]) -> str:
+    lines = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("klvae:")]
+    assert len(lines) == 1, lines
+    assert "internal error" not in lines[0]
+    return lines[0]
+
+
+def _image(path: Path, w: int = 16, h: int = 16, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _latents(path: Path, items: object, tensors: dict | None = None, meta: dict | None = None) -> Path:
+    """A latents file written by hand, so that its metadata can be anything."""
+    if tensors is None:
+        tensors = {d["key"]: torch.zeros(4, 2, 2) for d in items if isinstance(d, dict) and isinstance(d["key"], str)}
+    fields = {"format": FORMAT, "model": "demo", "scaling_factor": "0.18215", "shift_factor": "null",
+              "items": json.dumps(items), **(meta or {})}
+    save_file(tensors or {"unused": torch.zeros(4, 2, 2)}, str(path), metadata=fields)
+    return path
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+# 1. item names and keys never reach outside --output
+
+
+HOSTILE = [  # (name, key) -> the file decode writes
+    (("", "../escaped"), "escaped.png"),
+    (("", "../../../x/pwned"), "pwned.png"),
+    (("../../evil.png", "k2"), "evil.png"),
+    ((".hidden", "k3"), "hidden.png"),
+    (("sub/dir/", "k4"), "dir.png"),
+    (("..\\..\\win.png", "k5"), "win.png"),
+    (("..", ".."), "000006.png"),
+    (("a\x00b\n.png", "k7"), "a_b_.png"),
+]
+
+
+def test_decode_writes_plain_names_inside_the_output_folder(tmp_path: Path) -> None:
+    items = [{"name": n, "key": k, "height": 16, "width": 16} for (n, k), _ in HOSTILE]
+    long_name = {"name": "é" * 300 + ".png", "key": "long", "height": 16, "width": 16}
+    src = _latents(tmp_path / "z.safetensors", [*items, long_name])
+    out = tmp_path / "out" / "sub"
+    assert main(["decode", str(src), "-o", str(out)]) == 0
+    files = _files(tmp_path)
+    long_written = [f for f in files if "é" in f]
+    assert sorted(set(files) - set(long_written)) == sorted(["z.safetensors", *("out/sub/" + w for _, w in HOSTILE)])
+    # a very long name is cut to what file systems take (255 bytes)
+    assert len(long_written) == 1 and len(Path(long_written[0]).name.encode()) <= 255
+
+
+# 2. generated names never collide
+
+
+def test_unique_png_names_skip_names_that_other_items_ask_for() -> None:
+    items = [LatentItem(n, f"{i:06d}", 8, 8) for i, n in enumerate(["a.png", "a_1.png", "a.png", "A.png", "", "b"])]
+    assert unique_png_names(items) == ["a.png", "a_1.png", "a_2.png", "A_3.png", "000004.png", "b.png"]
+
+
+def test_decode_of_a_folder_with_colliding_names_writes_every_image(tmp_path: Path) -> None:
+    for i, rel in enumerate(["d1/a.png", "d1/a_1.png", "d2/a.png"]):
+        _image(tmp_path / "in" / rel, seed=i)
+    z = tmp_path / "z.safetensors"
+    assert main(["encode", str(tmp_path / "in"), "-o", str(z)]) == 0
+    assert main(["decode", str(z), "-o", str(tmp_path / "out")]) == 0
+    assert _files(tmp_path / "out") == ["a.png", "a_1.png", "a_2.png"]
+    # each file is its own image: d1/a.png, d1/a_1.png, d2/a.png in the encoded order
+    pixels = [np.asarray(Image.open(tmp_path / "out" / n)) for n in ("a.png", "a_1.png", "a_2.png")]
+    assert not np.array_equal(pixels[0], pixels[2])
+
+
+# 3. encode's output is checked before the work, and never replaces an input
+
+
+@pytest.mark.parametrize(
+    ("output", "message"),
+    [
+        ("victim.png", "must end in .safetensors"),
+        ("out/enc.png", "must end in .safetensors"),
+        ("dir.safetensors", "is a folder"),
+        ("victim.png/x.safetensors", "is a file, not a folder"),
+        ("named.safetensors", "one of the inputs"),
+    ],
+)
+def test_encode_refuses_a_bad_output_before_any_work(tmp_path: Path, output: str, message: str,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    victim = _image(tmp_path / "victim.png")
+    before = victim.read_bytes()
+    (tmp_path / "dir.safetensors").mkdir()
+    (tmp_path / "named.safetensors").write_bytes(b"not an image")
+
+    def no_model(_args: object) -> None:
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr("klvae.cli.codec.load_model", no_model)
+    inputs = [str(victim), str(tmp_path / "named.safetensors")] if output == "named.safetensors" else [str(victim)]
+    capsys.readouterr()
+    assert main(["encode", *inputs, "-o", str(tmp_path / output)]) == 2
+    assert message in _err_line(capsys)
+    assert victim.read_bytes() == before
+    assert _files(tmp_path) == ["named.safetensors", "victim.png"]
+
+
+def test_encode_refuses_an_unwritable_folder_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    img = _image(tmp_path / "a.png")
+    (tmp_path / "ro").mkdir()
+    # as root every folder is writable, so the permission is faked
+    monkeypatch.setattr(common.os, "access", lambda p, mode: Path(p) != tmp_path / "ro")
+    assert main(["encode", str(img), "-o", str(tmp_path / "ro" / "x" / "z.safetensors")]) == 2
+    assert "no permission to write in" in _err_line(capsys)
+
+
+def test_reconstruct_refuses_to_overwrite_its_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    img = _image(tmp_path / "a.png")
+    before = img.read_bytes()
+    assert main(["reconstruct", str(img), "-o", str(img)]) == 2
+    assert "one of the inputs" in _err_line(capsys)
+    assert img.read_bytes() == before
+
+
+# 4./5. malformed metadata and absurd sizes are refused at load, before any image is written
+
+GOOD = {"name": "good.png", "key": "g", "height": 16, "width": 16}
+
+
+@pytest.mark.parametrize(
+    ("items", "tensors", "meta", "message"),
+    [
+        ([{**GOOD, "height": 8.5}], None, {}, "height must be a positive integer, got 8.5"),
+        ([{**GOOD, "height": "8"}], None, {}, "height must be a positive integer, got '8'"),
+        ([{**GOOD, "width": 0}], None, {}, "width must be a positive integer, got 0"),
+        ([{**GOOD, "height": -5}], None, {}, "height must be a positive integer"),
+        ([{**GOOD, "height": True}], None, {}, "height must be a positive integer"),
+        ([{**GOOD, "height": 17}], None, {}, "height 17 does not fit latents 2 cells high (x8: 9 to 16)"),
+        ([{**GOOD, "width": 8}], None, {}, "width 8 does not fit latents 2 cells wide"),
+        ([{**GOOD, "height": 100_000, "width": 100_000}], None, {}, "over the limit"),
+        ([{**GOOD, "key": 0}], {"0": torch.zeros(4, 2, 2)}, {}, "key must be a string, got 0"),
+        ([{**GOOD, "name": 5}], None, {}, "name must be a string, got 5"),
+        ([{**GOOD, "x": 2}], None, {}, "unknown 'x'"),
+        ([{"name": "a", "key": "g"}], None, {}, "no height, width"),
+        ([1, 2], None, {}, "item 0 is int"),
+        ({"a": 1}, None, {}, "items is dict, not a list"),
+        ([GOOD], None, {"items": "notjson"}, "items is not JSON"),
+        ([GOOD], None, {"shift_factor": '"abc"'}, "shift_factor must be a finite number, got 'abc'"),
+        ([GOOD], None, {"shift_factor": "[1]"}, "shift_factor must be a finite number, got [1]"),
+        ([GOOD], None, {"scaling_factor": "0"}, "scaling_factor must be a non-zero number"),
+        ([GOOD], None, {"scaling_factor": "NaN"}, "scaling_factor must be a finite number"),
+        ([GOOD], None, {"scaling_factor": '"abc"'}, "scaling_factor must be a finite number"),
+        ([GOOD], {"g": torch.zeros(4, 0, 5)}, {}, "empty latents of shape [4, 0, 5]"),
+        ([GOOD], {"g": torch.zeros(1, 4, 2, 2)}, {}, "latents of shape [1, 4, 2, 2]; each item holds one image's"),
+        ([GOOD], {"g": torch.zeros(4, 2, 2, dtype=torch.int32)}, {}, "latents of dtype int32"),
+        ([GOOD], {"g": torch.zeros(3, 2, 2)}, {}, "do not fit this model"),
+        # a good item first: nothing may be written before the bad second one is found
+        ([GOOD, {**GOOD, "key": "b", "name": "bad.png", "height": 40}],
+         {"g": torch.zeros(4, 2, 2), "b": torch.zeros(4, 2, 2)}, {}, "item 1 ('bad.png'): height 40 does not fit"),
+        ([GOOD, {**GOOD, "key": "b", "name": "bad.png"}],
+         {"g": torch.zeros(4, 2, 2), "b": torch.full((4, 2, 2), float("nan"))}, {}, "item 1 ('bad.png'): latents "
+                                                                                   "contain NaN"),
+    ],
+)
+def test_malformed_latents_are_one_line_and_exit_2(tmp_path: Path, items: list, tensors: dict | None, meta: dict,
+                                                   message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    src = _latents(tmp_path / "z.safetensors", items, tensors, meta)
+    capsys.readouterr()
+    assert main(["decode", str(src), "-o", str(tmp_path / "out")]) == 2
+    line = _err_line(capsys)
+    assert message in line and str(src) in line
+    assert _files(tmp_path) == ["z.safetensors"]
+
+
+def test_load_latents_checks_sizes_with_a_factor(tmp_path: Path) -> None:
+    src = _latents(tmp_path / "z.safetensors", [{**GOOD, "height": 12}])
+    assert load_latents(src, downsample_factor=8).items[0].height == 12
+    with pytest.raises(KlvaeError, match="height 12 does not fit latents 2 cells high"):
+        load_latents(src, downsample_factor=4)
+
+
+def test_decode_refuses_an_output_past_max_pixels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    # [4, 1700, 1700] latents would decode to 13600² px; a small limit shows the same check on a small file.
+    src = _latents(tmp_path / "z.safetensors", [{**GOOD, "height": 44, "width": 60}], {"g": torch.zeros(4, 6, 8)})
+    monkeypatch.setattr("klvae.latents.file.MAX_PIXELS", 3000)  # the 44x60 size passes, its 48x64 decode not
+    assert main(["decode", str(src), "-o", str(tmp_path / "out")]) == 2
+    assert "decode to 48x64 = 3,072 pixels, over the limit of 3,000" in _err_line(capsys)
+    assert _files(tmp_path) == ["z.safetensors"]
+
+
+# 6. a model that makes inf/NaN is an error, not a grey picture
+
+
+@pytest.fixture(scope="module")
+def broken_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("broken")
+    out = {}
+    for part in ("encoder", "decoder"):
+        vae = klvae.AutoencoderKL("tiny-f8")
+        with torch.no_grad():
+            for p in getattr(vae, part).parameters():
+                p.fill_(float("inf") if part == "encoder" else float("nan"))
+        vae.save_pretrained(root / part)
+        out[part] = root / part
+    return out
+
+
+@pytest.mark.parametrize(
+    ("command", "part", "message"),
+    [
+        ("encode", "encoder", "non-finite latents"),
+        ("reconstruct", "encoder", "non-finite latents"),
+        ("reconstruct", "decoder", "non-finite pixels"),
+    ],
+)
+def test_non_finite_results_are_an_error(tmp_path: Path, broken_models: dict[str, Path], command: str, part: str,
+                                         message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    img = _image(tmp_path / "in" / "a.png")
+    out = tmp_path / "out" / ("z.safetensors" if command == "encode" else "r.png")
+    assert main([command, str(img), "-o", str(out), "--model", str(broken_models[part])]) == 2
+    assert message in _err_line(capsys)
+    assert not (tmp_path / "out").exists() or _files(tmp_path / "out") == []
+
+
+def test_decode_with_a_non_finite_decoder_is_an_error(tmp_path: Path, broken_models: dict[str, Path],
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    src = _latents(tmp_path / "z.safetensors", [GOOD])
+    assert main(["decode", str(src), "-o", str(tmp_path / "out"), "--model", str(broken_models["decoder"])]) == 2
+    assert "non-finite pixels" in _err_line(capsys)
+    assert _files(tmp_path / "out") == []
+
+
+# 7. images too small for SSIM
+
+
+def test_reconstruct_of_a_tiny_image_prints_ssim_as_not_available(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    img = _image(tmp_path / "tiny.png", w=9, h=6)
+    out = tmp_path / "r.png"
+    assert main(["reconstruct", str(img), "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "PSNR" in text and "SSIM n/a" in text
+    assert Image.open(out).size == (9, 6)
+
+
+# 8. a failed latents write is a one-line error that leaves nothing behind
+
+
+def test_a_failed_latents_write_is_one_line_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    img = _image(tmp_path / "in" / "a.png")
+
+    def fail(_tensors: dict, filename: str, metadata: dict) -> None:
+        Path(filename).write_bytes(b"half")
+        raise SafetensorError(f"Error while serializing: I/O error: Permission denied (os error 13) at {filename}")
+
+    monkeypatch.setattr("klvae.latents.file.save_file", fail)
+    assert main(["encode", str(img), "-o", str(tmp_path / "out" / "z.safetensors")]) == 2
+    assert "cannot write" in _err_line(capsys)
+    assert _files(tmp_path / "out") == []
+
+
+# 9. option values
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--device", "meta"], "--device meta"),
+        (["--device", "mps"], "--device mps"),
+        (["--sample", "--seed", "99999999999999999999999"], "--seed must be between 0 and"),
+        (["--sample", "--seed", "-1"], "--seed must be between 0 and"),
+        (["--max-memory", "0"], "--max-memory must be at least 1 byte"),
+        (["--max-memory", "1e999"], "too large"),
+    ],
+)
+def test_bad_option_values_are_one_line(tmp_path: Path, options: list[str], message: str,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    img = _image(tmp_path / "a.png")
+    assert main(["encode", str(img), "-o", str(tmp_path / "z.safetensors"), *options]) == 2
+    assert message in _err_line(capsys)
+    assert not (tmp_path / "z.safetensors").exists()
+
+
+@pytest.mark.parametrize(("text", "size"), [("1e3", 1000), ("2.5e6", 2_500_000), ("1e-3G", 1_073_741), ("512M", 2**29)])
+def test_memory_sizes_take_plain_and_scientific_numbers(text: str, size: int) -> None:
+    assert common.parse_bytes(text) == size
+
+
+def test_an_error_with_several_lines_is_printed_as_one(monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    def fail(_args: object) -> int:
+        raise KlvaeError("first\nsecond")
+
+    monkeypatch.setattr("klvae.cli.codec.cmd_info", fail)  # register() binds it when main builds the parser
+    assert main(["info"]) == 2
+    assert _err_line(capsys) == "klvae: error: first second"
