@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import tarfile
 import warnings
@@ -34,6 +35,8 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", 
 # admits 100-megapixel photos and panoramas, which the tiled encoder handles, and refuses crafted headers.
 # A larger max_pixels also needs Image.MAX_IMAGE_PIXELS raised, as PIL refuses beyond that itself.
 MAX_PIXELS: int = 2 * 89_478_485
+# The largest square side an image may have under MAX_PIXELS: the bound of every --resolution (13377).
+MAX_RESOLUTION: int = math.isqrt(MAX_PIXELS)
 # The most bytes an encoded image read into memory (a tar member) may have, checked before reading: a crafted
 # or corrupt header could otherwise claim any size. Uncompressed 16-bit RGBA at MAX_PIXELS is 1.4 GB.
 MAX_ENCODED_BYTES: int = 2 * 2**30

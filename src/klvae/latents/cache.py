@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -31,7 +30,7 @@ from tqdm import tqdm
 from klvae import inference
 from klvae.atomic import atomic_write, atomic_write_text
 from klvae.errors import KlvaeError
-from klvae.images import MAX_PIXELS, pil_to_tensor
+from klvae.images import MAX_PIXELS, MAX_RESOLUTION, pil_to_tensor
 from klvae.latents.buckets import make_buckets, nearest_bucket, resize_crop
 from klvae.latents.sources import ItemSource, item_error, open_source
 from klvae.model.autoencoder import AutoencoderKL
@@ -70,8 +69,8 @@ def check_resolution(resolution: int, flag: str = "--resolution") -> None:
     """KlvaeError unless a square of this side is an image size klvae reads (1 .. sqrt(MAX_PIXELS))."""
     if resolution < 1:
         raise KlvaeError(f"{flag} must be at least 1, got {resolution}")
-    if resolution > math.isqrt(MAX_PIXELS):
-        raise KlvaeError(f"{flag} must be at most {math.isqrt(MAX_PIXELS)} (a square of at most {MAX_PIXELS} "
+    if resolution > MAX_RESOLUTION:
+        raise KlvaeError(f"{flag} must be at most {MAX_RESOLUTION} (a square of at most {MAX_PIXELS} "
                          f"pixels), got {resolution}")
 
 

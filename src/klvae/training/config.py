@@ -13,7 +13,7 @@ import tomllib
 import yaml
 
 from klvae.errors import KlvaeError
-from klvae.images import MAX_PIXELS
+from klvae.images import MAX_RESOLUTION
 from klvae.model.config import PRESETS, AutoencoderKLConfig
 from klvae.training.data import CROPS
 from klvae.training.losses import LOSS_PRESETS, LossConfig, get_loss_preset
@@ -227,10 +227,6 @@ def _check(cfg: TrainConfig) -> None:
         raise KlvaeError(f"data.resolution must be a multiple of {arch.downsample_factor} (the model's downsample "
                          f"factor), got {cfg.data.resolution}")
     build_loss_config(cfg.loss)
-
-
-# The largest square crop: one that an image may have at all (klvae.images.MAX_PIXELS); far beyond any GPU.
-MAX_RESOLUTION = math.isqrt(MAX_PIXELS)
 
 
 def _ranges(cfg: TrainConfig) -> list[tuple[str, Any, bool, str]]:
