@@ -17,21 +17,22 @@ from PIL import Image
 import klvae
 from klvae.cli import main as cli_main
 from klvae.errors import KlvaeError, WeightsError
-from klvae.evaluation import fid as fid_mod
 from klvae.evaluation.fid import (
     FEATURE_DIM,
     FIDReference,
     InceptionV3Features,
     feature_statistics,
     frechet_distance,
-    tf_bilinear_resize,
     trace_sqrt_product,
 )
 from klvae.evaluation.report import ERROR_FULL_SCALE, error_heatmap, histogram_svg, json_safe
 from klvae.latents.buckets import resize_crop
+from klvae.nets import inception as inception_mod
+from klvae.nets import lpips as lpips_mod
+from klvae.nets import pretrained as pretrained_mod
+from klvae.nets.inception import tf_bilinear_resize
+from klvae.nets.lpips import LPIPS, LinLayers, VGG16Features
 from klvae.posterior import DiagonalGaussian
-from klvae.training.losses import lpips as lpips_mod
-from klvae.training.losses.lpips import LPIPS, LinLayers, VGG16Features
 
 skdata = pytest.importorskip("skimage.data")
 skmetrics = pytest.importorskip("skimage.metrics")
@@ -47,11 +48,10 @@ def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise urllib.error.URLError("network disabled in tests")
 
-    monkeypatch.setattr(lpips_mod, "download", refuse)
-    monkeypatch.setattr(fid_mod, "download", refuse)
+    monkeypatch.setattr(pretrained_mod, "download", refuse)
     monkeypatch.setattr(lpips_mod, "installed_lpips_lin", lambda: None)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.setattr(fid_mod, "INPUT_SIZE", 75)
+    monkeypatch.setattr(inception_mod, "INPUT_SIZE", 75)
     if "klvae.cli.evaluate" not in cli_main.COMMAND_MODULES:  # until main.py lists it
         monkeypatch.setattr(cli_main, "COMMAND_MODULES", (*cli_main.COMMAND_MODULES, "klvae.cli.evaluate"))
 
@@ -181,7 +181,7 @@ def test_inception_features_load_from_file_and_fail_offline(weights: dict[str, P
 
 
 def test_inception_weights_found_in_the_torch_hub_cache(weights: dict[str, Path]) -> None:
-    cached = fid_mod.hub_checkpoint(fid_mod.PYTORCH_FID_FILE)
+    cached = pretrained_mod.hub_checkpoint(inception_mod.PYTORCH_FID_FILE)
     cached.parent.mkdir(parents=True)
     cached.write_bytes(weights["inception"].read_bytes())
     InceptionV3Features(pretrained=True)
@@ -341,7 +341,7 @@ def test_named_metric_weights_must_load_before_the_work(
 def test_weights_found_automatically_but_unreadable_are_left_out_in_one_line(
     data_dir: Path, models: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cached = lpips_mod.hub_checkpoint(lpips_mod.VGG16_FILE)
+    cached = pretrained_mod.hub_checkpoint(lpips_mod.VGG16_FILE)
     cached.parent.mkdir(parents=True)
     cached.write_bytes(np.random.default_rng(0).integers(0, 255, 1000, dtype=np.uint8).tobytes())  # not a pickle
     capsys.readouterr()

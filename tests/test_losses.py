@@ -12,6 +12,9 @@ import torch
 from torch import nn
 
 from klvae.errors import KlvaeError, WeightsError
+from klvae.nets import lpips as lpips_mod
+from klvae.nets import pretrained as pretrained_mod
+from klvae.nets.lpips import TAP_CHANNELS, VGG16Features
 from klvae.posterior import DiagonalGaussian
 from klvae.training.losses import (
     LPIPS,
@@ -30,8 +33,6 @@ from klvae.training.losses import (
     vanilla_d_loss,
     weights_init,
 )
-from klvae.training.losses import lpips as lpips_mod
-from klvae.training.losses.lpips import TAP_CHANNELS, VGG16Features
 
 # Kept before the autouse fixture stubs it out, for the one test that exercises the real lookup.
 _real_installed_lpips_lin = lpips_mod.installed_lpips_lin
@@ -44,7 +45,7 @@ def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise urllib.error.URLError("network disabled in tests")
 
-    monkeypatch.setattr(lpips_mod, "download", refuse)
+    monkeypatch.setattr(pretrained_mod, "download", refuse)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.setattr(lpips_mod, "installed_lpips_lin", lambda: None)
 
@@ -336,7 +337,7 @@ def test_lpips_offline_without_weights_raises_one_line() -> None:
 def test_lpips_pretrained_from_hub_cache_and_installed_package(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cached = lpips_mod.hub_checkpoint(lpips_mod.VGG16_FILE)
+    cached = pretrained_mod.hub_checkpoint(lpips_mod.VGG16_FILE)
     cached.parent.mkdir(parents=True)
     torch.save(torchvision_vgg_state(), cached)
     with pytest.raises(KlvaeError, match="lin_path"):  # VGG found in the cache, heads not anywhere

@@ -17,13 +17,14 @@ from tqdm import tqdm
 
 from klvae import __version__, inference
 from klvae.errors import ImageError, KlvaeError
-from klvae.evaluation.fid import FIDReference, InceptionV3Features, resolve_inception_weights
+from klvae.evaluation.fid import FIDReference
 from klvae.evaluation.metrics import MetricAccumulator, psnr, ssim
 from klvae.images import MAX_PIXELS, pil_to_tensor
 from klvae.inference import TileOptions
 from klvae.latents.buckets import resize_crop
 from klvae.latents.sources import ItemSource, item_error, open_source
 from klvae.model.autoencoder import AutoencoderKL
+from klvae.nets.inception import InceptionV3Features, resolve_inception_weights
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def build_metric_nets(
 ) -> MetricNets:
     """LPIPS and the FID Inception with pretrained weights. A weights file named here must load, else a one-line
     KlvaeError; weights looked for automatically (hub cache, download) are left out with a warning if missing."""
-    from klvae.training.losses.lpips import LPIPS, resolve_lin_weights, resolve_vgg_weights
+    from klvae.nets.lpips import LPIPS, resolve_lin_weights, resolve_vgg_weights
 
     nets = MetricNets()
     if not lpips:

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 @cache
 def _pretrained_lpips(device: str) -> nn.Module | None:
     # Only real LPIPS weights give a meaningful figure; without them validation reports PSNR/SSIM only.
-    from klvae.training.losses.lpips import LPIPS
+    from klvae.nets.lpips import LPIPS
 
     try:
         return LPIPS(pretrained=True).to(device).eval()

@@ -1,5 +1,6 @@
 """Autoencoder training losses: LPIPS, the PatchGAN critic, and LDM's combined objective."""
 
+from klvae.nets.lpips import LPIPS
 from klvae.training.losses.discriminator import (
     ActNorm,
     NLayerDiscriminator,
@@ -19,7 +20,6 @@ from klvae.training.losses.ldm import (
     kl_loss,
     pixel_loss,
 )
-from klvae.training.losses.lpips import LPIPS
 
 __all__ = [
     "LOSS_PRESETS",

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from klvae.errors import KlvaeError
+from klvae.nets.lpips import LPIPS
 from klvae.posterior import DiagonalGaussian
 from klvae.training.losses.discriminator import (
     D_LOSSES,
@@ -25,7 +26,6 @@ from klvae.training.losses.discriminator import (
     generator_adversarial_loss,
     weights_init,
 )
-from klvae.training.losses.lpips import LPIPS
 
 log = logging.getLogger(__name__)
 

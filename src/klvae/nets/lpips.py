@@ -8,7 +8,6 @@ The VGG16 `features` stack mirrors torchvision's layer indexing, so torchvision'
 from __future__ import annotations
 
 import importlib.util
-import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -16,9 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from klvae.errors import KlvaeError, WeightsError
-
-log = logging.getLogger(__name__)
+from klvae.nets.pretrained import FrozenNet, fetch, load_strict, read_weights
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 VGG16_FILE = "vgg16-397923af.pth"
@@ -94,20 +91,6 @@ def _unit_normalise(f: Tensor, eps: float = 1e-10) -> Tensor:
     return f / (f.pow(2).sum(dim=1, keepdim=True).sqrt() + eps)
 
 
-class FrozenNet(nn.Module):
-    """A fixed pretrained network (a metric or a loss term): no gradients, and always in eval mode, so that
-    dropout stays off and BatchNorm keeps the checkpoint's statistics whatever its parent's mode."""
-
-    def freeze(self) -> None:
-        """Call at the end of __init__, once the weights are in."""
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> FrozenNet:
-        """Ignores `mode`."""
-        return super().train(False)
-
-
 class LPIPS(FrozenNet):
     """Learned perceptual distance between two image batches in [-1, 1]; returns [B, 1, 1, 1].
 
@@ -161,42 +144,6 @@ class LPIPS(FrozenNet):
         return total
 
 
-def load_strict(module: nn.Module, state_dict: Mapping[str, Any], what: str) -> None:
-    """load_state_dict with a one-line WeightsError naming missing, unexpected and mis-shaped keys."""
-    expected = module.state_dict()
-    missing = sorted(expected.keys() - state_dict.keys())
-    unexpected = sorted(state_dict.keys() - expected.keys())
-    bad = sorted(
-        f"{k} {tuple(getattr(state_dict[k], 'shape', ()))} != {tuple(expected[k].shape)}"
-        for k in expected.keys() & state_dict.keys()
-        if not isinstance(state_dict[k], Tensor) or state_dict[k].shape != expected[k].shape
-    )
-    if missing or unexpected or bad:
-        parts = [f"{name}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
-                 for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad)) if keys]
-        raise WeightsError(f"{what} do not fit: " + "; ".join(parts))
-    module.load_state_dict(dict(state_dict), strict=True)
-
-
-def read_weights(path: str | Path, what: str) -> dict[str, Any]:
-    """torch.load(weights_only=True) on CPU, with failures as one-line WeightsErrors."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise WeightsError(f"{what} file not found: {p}")
-    try:
-        sd = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling and zip errors have many types; all mean "not a weights file"
-        raise WeightsError(f"{what} file {p} cannot be read: {type(e).__name__}: {e}") from None
-    if not isinstance(sd, Mapping):
-        raise WeightsError(f"{what} file {p} holds a {type(sd).__name__}, not a state dict")
-    return dict(sd)
-
-
-def hub_checkpoint(file_name: str) -> Path:
-    """Where torch.hub caches `file_name` (TORCH_HOME/hub/checkpoints unless torch.hub.set_dir moved it)."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / file_name
-
-
 def installed_lpips_lin() -> Path | None:
     """The v0.1 VGG heads shipped inside an installed `lpips` package, found without importing it."""
     try:
@@ -210,30 +157,9 @@ def installed_lpips_lin() -> Path | None:
     return None
 
 
-def download(url: str, file_name: str, check_hash: bool) -> dict[str, Any]:
-    """torch.hub's cached download (weights_only); tests replace this to keep off the network."""
-    return torch.hub.load_state_dict_from_url(
-        url, map_location="cpu", progress=False, check_hash=check_hash, file_name=file_name, weights_only=True
-    )
-
-
-def _fetch(url: str, file_name: str, what: str, arg: str, check_hash: bool) -> dict[str, Any]:
-    cached = hub_checkpoint(file_name)
-    if cached.is_file():
-        return read_weights(cached, what)
-    log.info("downloading %s from %s", what, url)
-    try:
-        return download(url, file_name, check_hash)
-    except Exception as e:  # URLError, HTTPError, OSError, hash mismatch: all mean "not available here"
-        raise KlvaeError(
-            f"{what} weights unavailable ({type(e).__name__}: {e}); pass {arg}=<file> "
-            f"(LossConfig.lpips_{arg}) or save {url} as {cached}"
-        ) from None
-
-
 def resolve_vgg_weights() -> dict[str, Any]:
     """torchvision's VGG16 ImageNet state dict: the torch hub cache, else a download."""
-    return _fetch(VGG16_URL, VGG16_FILE, "VGG16 ImageNet", "vgg_path", check_hash=True)
+    return fetch(VGG16_URL, (VGG16_FILE,), "VGG16 ImageNet", _hint("vgg_path"), check_hash=True)
 
 
 def resolve_lin_weights() -> dict[str, Any]:
@@ -241,4 +167,8 @@ def resolve_lin_weights() -> dict[str, Any]:
     local = installed_lpips_lin()
     if local is not None:
         return read_weights(local, "LPIPS linear")
-    return _fetch(LIN_URL, LIN_FILE, "LPIPS v0.1 linear", "lin_path", check_hash=False)
+    return fetch(LIN_URL, (LIN_FILE,), "LPIPS v0.1 linear", _hint("lin_path"), check_hash=False)
+
+
+def _hint(arg: str) -> str:
+    return f"pass {arg}=<file> (LossConfig.lpips_{arg})"
