@@ -64,6 +64,18 @@ def test_encode_decode_round_trip_restores_sizes(tmp_path: Path, photos: Path, m
     assert Image.open(dec / "astronaut.png").size == (60, 44)
 
 
+def test_quiet_hides_the_progress_bars_and_the_info_lines(
+    tmp_path: Path, photos: Path, model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "z.safetensors"
+    assert main(["encode", str(photos), "-o", str(out), "--model", str(model_dir)]) == 0
+    err = capsys.readouterr().err
+    assert "encoding" in err and "reading" in err  # the bars, on stderr
+    assert main(["-q", "decode", str(out), "-o", str(tmp_path / "d"), "--model", str(model_dir)]) == 0
+    assert main(["-q", "encode", str(photos), "-o", str(out), "--model", str(model_dir)]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_tiled_cli_output_equals_untiled(tmp_path: Path, photos: Path, model_dir: Path) -> None:
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     assert main(["encode", str(photos), "-o", str(a), "--model", str(model_dir)]) == 0

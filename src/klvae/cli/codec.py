@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from klvae import inference
 from klvae.cli.common import (
@@ -26,6 +25,7 @@ from klvae.errors import ImageError, KlvaeError, LatentsError
 from klvae.images import find_images, load_image, pil_to_tensor, save_image_atomic, tensor_to_pil
 from klvae.latents.file import LatentItem, LatentsFile, check_sizes, load_latents, save_latents
 from klvae.model.autoencoder import AutoencoderKL
+from klvae.progress import progress_bar
 
 log = logging.getLogger("klvae")
 
@@ -64,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _load_all(paths: list[Path]) -> tuple[dict[Path, torch.Tensor], list[Path]]:
     # Decoding everything first is fine for a CLI batch of images; `klvae cache` streams for datasets.
     loaded, bad = {}, []
-    for path in tqdm(paths, desc="reading", unit="img", disable=len(paths) < 2):
+    for path in progress_bar(paths, desc="reading", unit="img", disable=len(paths) < 2):
         try:
             loaded[path] = pil_to_tensor(load_image(path))
         except ImageError as e:
@@ -95,7 +95,7 @@ def _encode_groups(vae: AutoencoderKL, images: dict[Path, torch.Tensor], args: a
     for p, t in images.items():
         by_size[tuple(t.shape[-2:])].append(p)
     latents: dict[Path, torch.Tensor] = {}
-    with tqdm(total=len(images), desc="encoding", unit="img") as bar:
+    with progress_bar(total=len(images), desc="encoding", unit="img") as bar:
         for group in by_size.values():
             for i in range(0, len(group), args.batch_size):
                 chunk = group[i : i + args.batch_size]
@@ -198,7 +198,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
             raise LatentsError(f"{args.latents}: item {n} ({it.name[:60]!r}): {e}") from None
     names = unique_png_names(lf.items)
     out.mkdir(parents=True, exist_ok=True)
-    for it, name in tqdm(list(zip(lf.items, names, strict=True)), desc="decoding", unit="img"):
+    for it, name in progress_bar(list(zip(lf.items, names, strict=True)), desc="decoding", unit="img"):
         z = lf.latents[it.key][None].float() / lf.scaling_factor + (lf.shift_factor or 0.0)
         img = inference.decode(vae, z, dtype, size=(it.height, it.width), tiling=tiling)
         _check_finite(img, "pixels", f"{it.name[:60]!r}")

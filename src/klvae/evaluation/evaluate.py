@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from klvae import __version__, inference
 from klvae.errors import ImageError, KlvaeError
@@ -25,6 +24,7 @@ from klvae.latents.buckets import resize_crop
 from klvae.latents.sources import ItemSource, item_error, open_source
 from klvae.model.autoencoder import AutoencoderKL
 from klvae.nets.inception import InceptionV3Features, resolve_inception_weights
+from klvae.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ def evaluate(
     res.values = {m: {k: [] for k in res.metrics} for m in names}
     accs = {m: MetricAccumulator() for m in names}
     feats: dict[str, list[Tensor]] = {m: [] for m in ["", *names]}  # "" holds the originals
-    with tqdm(total=len(ids), desc="evaluating", unit="img") as bar:
+    with progress_bar(total=len(ids), desc="evaluating", unit="img") as bar:
         for batch_ids, x in iter_batches(source, ids, opts, res.skipped):
             for m, vae in models.items():
                 x_dev = x.to(vae.device)

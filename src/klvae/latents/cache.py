@@ -25,7 +25,6 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from klvae import inference
 from klvae.atomic import atomic_write, atomic_write_text
@@ -34,6 +33,7 @@ from klvae.images import MAX_PIXELS, MAX_RESOLUTION, pil_to_tensor
 from klvae.latents.buckets import make_buckets, nearest_bucket, resize_crop
 from klvae.latents.sources import ItemSource, item_error, open_source
 from klvae.model.autoencoder import AutoencoderKL
+from klvae.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +272,8 @@ def _cache_todo(vae: AutoencoderKL, source: ItemSource, out: Path, opts: CacheOp
         rows = pending.pop(key)
         writer.add(zip(_encode_rows(vae, [x for x, _ in rows], opts, dtype, gen), [m for _, m in rows], strict=True))
 
-    batches = tqdm(_batches(loader), total=len(loader), desc=f"cache rank {rank}", unit="batch", disable=not todo)
+    batches = progress_bar(_batches(loader), total=len(loader), desc=f"cache rank {rank}", unit="batch",
+                           disable=not todo)
     for batch in batches:
         for item_id, rows in batch:
             if isinstance(rows, str):

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
+from klvae.progress import progress_bar
 from klvae.training.data_setup import build_train_loader, build_val_batches
 from klvae.training.distributed import DistInfo, all_ranks
 from klvae.training.trainer import Trainer
@@ -75,7 +75,7 @@ def fit(tr: Trainer) -> dict[str, float]:
     runlog = RunLog(tr.out, main)
     last: dict[str, float] = {}
     skipped = [0]
-    bar = tqdm(total=cfg.train.max_steps, initial=tr.step, disable=not main, desc="train", unit="step")
+    bar = progress_bar(total=cfg.train.max_steps, initial=tr.step, disable=not main, desc="train", unit="step")
     t0, n0 = time.perf_counter(), tr.step
     try:
         while tr.step < cfg.train.max_steps:
