@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -51,12 +50,11 @@ def _tar(path: Path, names: list[str]) -> Path:
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, list[str]]:
-    """Exit status, stdout and stderr's lines (quiet: INFO logs off) of one klvae command."""
+    """Exit status, stdout and stderr's lines (quiet: INFO logs and progress bars off) of one klvae command."""
     capsys.readouterr()
     rc = main(["-q", *argv])
     out = capsys.readouterr()
-    err = re.sub(r"[\w ]+: *\d+%\|[^|]*\|[^\]]*\]", "", out.err)  # tqdm's progress bars
-    return rc, out.out, [ln for ln in err.splitlines() if ln.strip()]
+    return rc, out.out, [ln for ln in out.err.splitlines() if ln.strip()]
 
 
 def _one_line_error(rc: int, err: list[str], *words: str) -> None:
@@ -148,6 +146,21 @@ def test_scale_and_noise_bad_options_are_one_line_errors(
         argv += ["--data", str(data)]
     rc, _, err = _run(capsys, *argv)
     _one_line_error(rc, err, *words)
+
+
+@pytest.mark.parametrize("job", ["cache", "scale", "eval"])
+@pytest.mark.parametrize(("device", "words"), [("meta", ["meta device holds no data"]),
+                                               ("mps", ["MPS"]), ("nonsense", ["is not a device"])])
+def test_the_jobs_refuse_a_device_that_cannot_run_a_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], job: str, device: str, words: list[str]
+) -> None:
+    data = _images(tmp_path / "data", 2)
+    argv = [job, "--data", str(data), "--device", device]
+    argv += {"cache": ["-o", str(tmp_path / "c")], "eval": ["-o", str(tmp_path / "r"), "--no-lpips", "--no-fid"],
+             "scale": []}[job]
+    rc, _, err = _run(capsys, *argv)
+    _one_line_error(rc, err, "--device", *words)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "r").exists()
 
 
 class _Flaky(ItemSource):

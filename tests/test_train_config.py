@@ -89,6 +89,16 @@ def test_the_train_command_reports_one_line(override: str, tmp_path: Path, capsy
     assert len(err) == 1 and err[0].startswith("klvae: error: "), err
 
 
+@pytest.mark.parametrize("device", ["meta", "cuda:99", "nonsense"])
+def test_a_device_that_cannot_train_is_one_line(device: str, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    sets = [a for o in (*BASE, f"train.device={device}", f"train.out_dir={tmp_path / 'run'}") for a in ("--set", o)]
+    assert main(["train", *sets]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("klvae: error: train.device "), err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_top_level_list_with_overrides_is_refused(tmp_path: Path) -> None:
     f = tmp_path / "list.yaml"
     f.write_text("- a\n- b\n")

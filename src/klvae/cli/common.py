@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from klvae.errors import KlvaeError
-from klvae.inference.precision import resolve_device, resolve_dtype
+from klvae.inference.precision import resolve_dtype, usable_device
 from klvae.inference.speed import SpeedOptions, optimize_for_inference
 from klvae.inference.tiling import TileOptions
 from klvae.model.autoencoder import AutoencoderKL
@@ -42,7 +42,7 @@ def load_model(args: argparse.Namespace) -> tuple[AutoencoderKL, torch.device, t
     """The model named by --model on --device, with the compute dtype from --dtype."""
     if args.batch_size is not None and args.batch_size < 1:
         raise KlvaeError(f"--batch-size must be at least 1, got {args.batch_size}")
-    device = usable_device(args.device)
+    device = usable_device(args.device, "--device")
     dtype = resolve_dtype(args.dtype, device)
     if args.model is None:
         args.model = "demo"
@@ -52,24 +52,6 @@ def load_model(args: argparse.Namespace) -> tuple[AutoencoderKL, torch.device, t
     log.info("model %s on %s, compute dtype %s", args.model, device, str(dtype).split(".")[-1])
     optimize_for_inference(vae, dtype, SpeedOptions(compile=args.compile, fused_norm=args.fused_norm))
     return vae, device, dtype
-
-
-def usable_device(name: str) -> torch.device:
-    """The device --device names, checked to hold data on this machine (KlvaeError otherwise)."""
-    device = resolve_device(name)
-    if device.type == "meta":
-        raise KlvaeError(f"--device {name}: the meta device holds no data and cannot run a model; "
-                         "use auto, cpu or cuda")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise KlvaeError(f"--device {name}: Apple's MPS backend is not available here")
-    try:
-        # xpu or a GPU index that this machine lacks fails here, in one line, not deep inside a model load.
-        torch.empty(1, device=device)
-    except (RuntimeError, AssertionError, ValueError) as e:
-        # torch's messages run to several lines and a list of backends; the first sentence says it.
-        reason = (str(e).strip() or type(e).__name__).splitlines()[0].split(". ")[0][:160]
-        raise KlvaeError(f"--device {name} is not available here: {reason}") from None
-    return device
 
 
 def check_seed(seed: int, flag: str = "--seed") -> int:

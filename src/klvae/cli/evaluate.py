@@ -71,11 +71,11 @@ def _model_names(specs: list[str]) -> list[str]:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate the models and write the report; exit 1 when some images were unreadable."""
     from klvae.evaluation.evaluate import EvalOptions, build_metric_nets, run_evaluation
-    from klvae.inference import SpeedOptions, optimize_for_inference, resolve_device, resolve_dtype
+    from klvae.inference import SpeedOptions, optimize_for_inference, resolve_dtype, usable_device
     from klvae.latents.sources import open_source
     from klvae.model.autoencoder import AutoencoderKL
 
-    device = resolve_device(args.device)
+    device = usable_device(args.device, "--device")
     opts = EvalOptions(
         resolution=args.resolution, crop=args.crop, limit=args.limit, batch_size=args.batch_size,
         dtype=resolve_dtype(args.dtype, device), tiling=tiling_from_args(args), examples=args.examples,

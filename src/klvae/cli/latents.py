@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_cache(args: argparse.Namespace) -> int:
     """Encode this process's share; with torchrun, rank 0 writes the index after every rank is done."""
-    from klvae.inference.precision import resolve_device
+    from klvae.inference.precision import usable_device
     from klvae.latents.cache import CacheOptions, cache_rank, check_resume, model_fingerprint, write_index
     from klvae.latents.sources import open_source
     from klvae.training.distributed import barrier, init_distributed, rank_device, shutdown
@@ -59,7 +59,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     source = open_source(args.data)  # bad data is reported before the model is loaded
     if not source.ids:
         raise KlvaeError(f"no images in {args.data}")
-    device = resolve_device(args.device)
+    device = usable_device(args.device, "--device")
     dist = init_distributed(device.type)  # first: the model goes to this rank's GPU
     try:
         check_resume(args.output, opts, dist.world)  # a mismatched resume is refused before the model loads

@@ -23,16 +23,41 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """`None`/"auto" -> CUDA when present, else CPU; anything else as given (checked)."""
+def resolve_device(device: str | torch.device | None, what: str = "device") -> torch.device:
+    """`None`/"auto" -> CUDA when present, else CPU; anything else as given (checked); `what` names the setting."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise KlvaeError(f"unknown device {device!r}: {e}") from None
+    except (RuntimeError, TypeError):
+        # torch's own message lists twenty backends; these are the ones a VAE runs on.
+        raise KlvaeError(f"{what} {device!r} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise KlvaeError(f"device {device!r} asked for, but CUDA is not available here")
+        raise KlvaeError(f"{what} {device!r} asked for, but CUDA is not available here")
+    return dev
+
+
+def usable_device(device: str | torch.device | None, what: str = "device") -> torch.device:
+    """`resolve_device`, then checked to hold data on this machine; `what` names the setting in the error."""
+    dev = resolve_device(device, what)
+    if dev.type == "meta":
+        raise KlvaeError(f"{what} {device}: the meta device holds no data and cannot run a model; "
+                         "use auto, cpu or cuda")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise KlvaeError(f"{what} {device}: Apple's MPS backend is not available here")
+    if dev.type == "cuda":
+        # Counted, not allocated: under torchrun every rank would otherwise open a context on GPU 0.
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise KlvaeError(f"{what} {device} is not available here: {torch.cuda.device_count()} GPU(s)")
+        return dev
+    if dev.type != "cpu":
+        try:
+            # xpu and the like fail here, in one line, not deep inside a model load.
+            torch.empty(1, device=dev)
+        except (RuntimeError, AssertionError, ValueError) as e:
+            # torch's messages run to several lines and a list of backends; the first sentence says it.
+            reason = (str(e).strip() or type(e).__name__).splitlines()[0].split(". ")[0][:160]
+            raise KlvaeError(f"{what} {device} is not available here: {reason}") from None
     return dev
 
 

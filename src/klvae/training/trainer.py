@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from klvae.errors import KlvaeError
-from klvae.inference.precision import resolve_device
+from klvae.inference.precision import usable_device
 from klvae.model.autoencoder import AutoencoderKL
 from klvae.posterior import DiagonalGaussian
 from klvae.training import checkpoint as ckpt
@@ -92,7 +92,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
-        device = resolve_device(cfg.train.device)
+        device = usable_device(cfg.train.device, "train.device")
         self.dist: DistInfo = init_distributed(device.type)
         self.device = rank_device(device, self.dist)
         self.out = Path(cfg.train.out_dir)
