@@ -4,9 +4,12 @@ import os
 import stat
 
 import pytest
+import torch
 
-from klvae.atomic import atomic_write, atomic_write_text
+from klvae import AutoencoderKL
+from klvae.atomic import atomic_write, atomic_write_all, atomic_write_text
 from klvae.latents.file import LatentsFile, save_latents
+from klvae.weights.save import PICKLE_WEIGHTS, SAFE_WEIGHTS
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
@@ -35,3 +38,32 @@ def test_files_get_the_umask_mode_not_0600(tmp_path):
         os.umask(old)
     for p in (text, lat):
         assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
+
+
+def test_files_that_belong_together_are_all_renamed_or_none(tmp_path):
+    a, b = tmp_path / "weights.bin", tmp_path / "config.json"
+    atomic_write_text(a, "old weights")
+    atomic_write_text(b, "old config")
+
+    def broken(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_all([(a, lambda tmp: tmp.write_text("new weights")), (b, broken)])
+    assert (a.read_text(), b.read_text()) == ("old weights", "old config")  # not new weights with an old config
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "weights.bin"]
+    atomic_write_all([(a, lambda tmp: tmp.write_text("new weights")), (b, lambda tmp: tmp.write_text("new"))])
+    assert (a.read_text(), b.read_text()) == ("new weights", "new")
+
+
+def test_save_pretrained_leaves_no_stale_weights_of_the_other_format(tmp_path):
+    torch.manual_seed(0)
+    old, new = AutoencoderKL("tiny-f8"), AutoencoderKL("tiny-f8")
+    old.save_pretrained(tmp_path)
+    new.save_pretrained(tmp_path, safe_serialization=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", PICKLE_WEIGHTS]
+    loaded = AutoencoderKL.from_pretrained(tmp_path)  # would read the old .safetensors had it stayed
+    torch.testing.assert_close(loaded.state_dict(), new.state_dict())
+    new.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", SAFE_WEIGHTS]

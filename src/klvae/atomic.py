@@ -8,28 +8,39 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Run write(tmp) on a temporary name beside `path`, flush it to disk, then rename it onto `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    atomic_write_all([(path, write)])
+    return Path(path)
+
+
+def atomic_write_all(files: Sequence[tuple[str | Path, Callable[[Path], None]]]) -> None:
+    """Several files that belong together (weights and their config.json): every one is written and flushed
+    under its temporary name before the first rename, so a failure in any leaves all the old files in place."""
+    done: list[tuple[Path, Path]] = []
     try:
-        write(tmp)
-        # The mode a plain open() would give: some writers (safetensors, mkstemp) create 0600 files, and a rename
-        # keeps the mode, so a cache or checkpoint shared by a team would be unreadable to the rest of it.
-        os.chmod(tmp, 0o666 & ~_umask())
-        # The rename must not reach the disk before the data does, or a crash could leave an empty file.
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for path, write in files:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+            done.append((tmp, path))
+            write(tmp)
+            # The mode a plain open() would give: some writers (safetensors, mkstemp) create 0600 files, and a
+            # rename keeps the mode, so a cache or checkpoint shared by a team would be unreadable to the rest.
+            os.chmod(tmp, 0o666 & ~_umask())
+            # The rename must not reach the disk before the data does, or a crash could leave an empty file.
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        for tmp, path in done:
+            os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        for tmp, _ in done:
+            tmp.unlink(missing_ok=True)
         raise
-    return path
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from klvae.atomic import atomic_write
+from klvae.atomic import atomic_write, atomic_write_all
 from klvae.errors import WeightsError
 from klvae.weights.convert import diffusers_to_ldm
 from klvae.weights.diffusers_config import config_to_diffusers
@@ -25,26 +26,30 @@ def _tensors(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
 
 
-def _save_safetensors(tensors: dict[str, Tensor], path: Path) -> None:
+def _safetensors_writer(tensors: dict[str, Tensor]) -> Callable[[Path], None]:
     from safetensors.torch import save_file
 
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    return lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"})
 
 
 def save_pretrained(model: nn.Module, directory: str | Path, safe_serialization: bool = True) -> Path:
-    """Write config.json + diffusion_pytorch_model.safetensors (or .bin) into `directory`; returns it."""
+    """Write config.json + diffusion_pytorch_model.safetensors (or .bin) into `directory`; returns it.
+
+    Both files are renamed into place only once both are written, and the other format's weights file is
+    removed: a loader that prefers .safetensors would otherwise read the old weights beside a new .bin.
+    """
     config = getattr(model, "config", None)
     if config is None:
         raise WeightsError(f"{type(model).__name__} has no config to save")
     d = config_to_diffusers(config)  # raises before anything is written when diffusers cannot express it
     directory = Path(directory)
     tensors = _tensors(model)
-    if safe_serialization:
-        _save_safetensors(tensors, directory / SAFE_WEIGHTS)
-    else:
-        atomic_write(directory / PICKLE_WEIGHTS, lambda tmp: torch.save(tensors, tmp))
+    name, stale = (SAFE_WEIGHTS, PICKLE_WEIGHTS) if safe_serialization else (PICKLE_WEIGHTS, SAFE_WEIGHTS)
+    write_weights = _safetensors_writer(tensors) if safe_serialization else lambda tmp: torch.save(tensors, tmp)
     text = json.dumps(d, indent=2, sort_keys=True) + "\n"
-    atomic_write(directory / "config.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write_all([(directory / name, write_weights),
+                      (directory / "config.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))])
+    (directory / stale).unlink(missing_ok=True)
     log.info("saved %s", directory)
     return directory
 
@@ -54,6 +59,6 @@ def export_ldm(model: nn.Module, path: str | Path) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise WeightsError(f"export_ldm writes .safetensors, not {path.name}")
-    _save_safetensors(diffusers_to_ldm(_tensors(model)), path)
+    atomic_write(path, _safetensors_writer(diffusers_to_ldm(_tensors(model))))
     log.info("exported LDM-layout weights to %s", path)
     return path
