@@ -196,6 +196,42 @@ def test_kill_between_an_images_original_and_flipped_rows_loses_neither(
         torch.testing.assert_close(ds[row]["latents"], expected, atol=1e-5, rtol=1e-5)
 
 
+def test_a_sampled_cache_resumed_after_a_kill_equals_an_uninterrupted_one(
+    tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from klvae.latents import cache
+
+    data = _images(tmp_path / "data", 3, sizes=((32, 32),))
+    vae = klvae.AutoencoderKL.from_pretrained(model_dir)
+
+    def rows(out: Path, batch_size: int) -> dict[tuple[str, bool], torch.Tensor]:
+        opts = cache.CacheOptions(resolution=32, flip=True, store="sample", seed=7, shard_size=2,
+                                  batch_size=batch_size, num_workers=0)
+        cache.cache_rank(vae, str(data), out, opts, torch.float32)
+        cache.write_index(vae, "tiny", out, opts, 1)
+        ds = LatentDataset(out)
+        return {(it["source"], it["flip"]): ds[r]["latents"] for r, it in enumerate(ds.items)}
+
+    whole = rows(tmp_path / "whole", batch_size=6)
+    real, calls = cache._append_line, []
+
+    def dying(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 2:
+            raise _Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cache, "_append_line", dying)
+    with pytest.raises(_Killed):
+        rows(tmp_path / "resumed", batch_size=1)
+    monkeypatch.setattr(cache, "_append_line", real)
+    resumed = rows(tmp_path / "resumed", batch_size=4)
+    assert whole.keys() == resumed.keys() and len(whole) == 6
+    for k in whole:  # other batches and a resume, the same noise: it depends on (seed, image, flip) alone
+        torch.testing.assert_close(resumed[k], whole[k], atol=1e-5, rtol=0)
+    assert not torch.allclose(whole[("img000.png", False)], whole[("img001.png", False)])
+
+
 @pytest.mark.parametrize(("change", "named"), [
     (["--flip"], "flip"), (["--store", "sample"], "store"), (["--resolution", "128"], "resolution"),
     (["--buckets"], "buckets"),
@@ -280,7 +316,7 @@ def test_cache_under_torchrun_loads_the_model_on_the_local_ranks_gpu(
     monkeypatch.setattr(distributed, "init_distributed", init)
     monkeypatch.setattr(distributed, "shutdown", lambda info: events.append("shutdown"))
     monkeypatch.setattr(cli_latents, "load_model", load)
-    monkeypatch.setattr("klvae.inference.precision.resolve_device", lambda d: torch.device("cuda"))
+    monkeypatch.setattr("klvae.inference.precision.usable_device", lambda d, what="device": torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: events.append(f"set_device {d}"))
     data = _images(tmp_path / "data", 1)
     with pytest.raises(_Killed):

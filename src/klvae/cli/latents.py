@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="posterior mean+logvar (default), one sample, or scaled mean latents")
     p.add_argument("--shard-size", type=int, default=256, help="rows per shard file")
     p.add_argument("--num-workers", type=int, default=2, help="image decoding processes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="with --store sample: each row's noise comes from (seed, image, flip), whatever the batch")
     add_model_args(p)
     p.set_defaults(func=cmd_cache)
 

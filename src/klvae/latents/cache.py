@@ -211,19 +211,35 @@ def _todo(mine: list[str], rows_done: set[tuple[str, bool]], failed: set[str],
     return [(i, flips) for i, flips in todo if flips]
 
 
-def _encode_rows(vae: AutoencoderKL, xs: list[Tensor], opts: CacheOptions, dtype: torch.dtype,
-                 gen: torch.Generator) -> list[dict[str, Tensor]]:
+def _encode_rows(vae: AutoencoderKL, xs: list[Tensor], metas: list[dict], opts: CacheOptions,
+                 dtype: torch.dtype) -> list[dict[str, Tensor]]:
     moments = inference.encode_moments(vae, torch.stack(xs), dtype).cpu()
     c = vae.config.latent_channels
     mean, logvar = moments[:, :c], moments[:, c:]
     if opts.store == "moments":
         return [{"mean": m, "logvar": lv} for m, lv in zip(mean, logvar, strict=True)]
-    from klvae.posterior import DiagonalGaussian
+    if opts.store == "sample":
+        from klvae.posterior import DiagonalGaussian
 
-    z = DiagonalGaussian(moments).sample(gen) if opts.store == "sample" else mean
+        z = torch.cat([DiagonalGaussian(m[None]).sample(_row_generator(opts.seed, meta))
+                       for m, meta in zip(moments, metas, strict=True)])
+    else:
+        z = mean
     if opts.store == "scaled":
         z = vae.scale_latents(z)
     return [{"latent": zi} for zi in z]
+
+
+def _row_generator(seed: int, meta: dict) -> torch.Generator:
+    # Noise from (seed, image, flip) alone: a row's sample is the same whatever the batch, rank, world size or
+    # resume that encodes it, so an interrupted cache ends as an uninterrupted one would.
+    return keyed_generator(seed, meta["source"], int(meta["flip"]))
+
+
+def keyed_generator(*key: object) -> torch.Generator:
+    """A CPU generator seeded by a hash of `key` (e.g. seed, epoch, item): the same draw wherever it is made."""
+    digest = hashlib.blake2b("/".join(map(str, key)).encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
 
 
 def cache_rank(vae: AutoencoderKL, spec: str | ItemSource, out: str | Path, opts: CacheOptions,
@@ -265,12 +281,12 @@ def _cache_todo(vae: AutoencoderKL, source: ItemSource, out: Path, opts: CacheOp
     loader = DataLoader(_Prepared(source, todo, opts), batch_size=opts.batch_size, num_workers=opts.num_workers,
                         collate_fn=_collate)
     writer = _ShardWriter(out, rank, shard_no, opts.shard_size, row_options(opts, world, fingerprint))
-    gen = torch.Generator().manual_seed((opts.seed * 1009 + rank) % 2**63)  # unchanged below 2**53
     pending: dict[tuple[int, int], list[tuple[Tensor, dict]]] = {}
 
     def encode_bucket(key: tuple[int, int]) -> None:
         rows = pending.pop(key)
-        writer.add(zip(_encode_rows(vae, [x for x, _ in rows], opts, dtype, gen), [m for _, m in rows], strict=True))
+        metas = [m for _, m in rows]
+        writer.add(zip(_encode_rows(vae, [x for x, _ in rows], metas, opts, dtype), metas, strict=True))
 
     batches = progress_bar(_batches(loader), total=len(loader), desc=f"cache rank {rank}", unit="batch",
                            disable=not todo)

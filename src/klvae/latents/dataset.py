@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import defaultdict
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from klvae.errors import LatentsError
-from klvae.latents.cache import INDEX_FORMAT
+from klvae.latents.cache import INDEX_FORMAT, keyed_generator
 from klvae.posterior import DiagonalGaussian
 
 
@@ -58,8 +57,7 @@ class LatentDataset(Dataset):
         # which the DataLoader seeds differently in each worker.
         if self.seed is None:
             return None
-        key = hashlib.blake2b(f"{self.seed}/{self.epoch}/{i}".encode(), digest_size=8).digest()
-        return torch.Generator().manual_seed(int.from_bytes(key, "little"))
+        return keyed_generator(self.seed, self.epoch, i)
 
     def _tensor(self, shard: str, key: str) -> Tensor:
         # One open handle per shard and process; safetensors maps the file, so a row read is a small copy.
@@ -114,3 +112,4 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return sum((len(g) + self.batch_size - 1) // self.batch_size for g in self.groups)
+
