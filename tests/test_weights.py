@@ -192,7 +192,7 @@ def test_config_json_reads_diffusers_files(tmp_path: Path) -> None:
         ({"force_upcast": "no"}, "force_upcast must be true or false"),  # bool("no") is True
         ({"mid_block_add_attention": 0}, "mid_block_add_attention must be true or false"),
         ({"layers_per_block": 1.5}, "layers_per_block must be an integer"),  # int() would truncate it
-        ({"scaling_factor": None}, "scaling_factor must be a number"),
+        ({"scaling_factor": None}, "scaling_factor must be a finite positive number"),
         ({"sample_size": "big"}, "sample_size must be an integer"),
     ],
 )

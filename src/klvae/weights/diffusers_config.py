@@ -45,12 +45,6 @@ def _int(value: Any, key: str) -> int:
     return value
 
 
-def _float(value: Any, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise WeightsError(f"config.json: {key} must be a number, got {value!r}")
-    return float(value)
-
-
 def _bool(value: Any, key: str) -> bool:
     # bool("no") is True: only JSON's true and false are flags.
     if not isinstance(value, bool):
@@ -79,13 +73,14 @@ def config_from_diffusers(d: dict[str, Any]) -> AutoencoderKLConfig:
     _check_block_types(d, len(widths))
     ints = {k: _int(v[k], k) for k in ("in_channels", "out_channels", "layers_per_block", "latent_channels",
                                      "norm_num_groups")}
-    flags = {k: _bool(v[k], k) for k in ("use_quant_conv", "use_post_quant_conv", "force_upcast")}
+    # The flags and factors pass as they are: AutoencoderKLConfig checks their types and ranges itself.
+    same = {k: v[k] for k in ("use_quant_conv", "use_post_quant_conv", "force_upcast", "scaling_factor",
+                              "shift_factor")}
     try:
         return AutoencoderKLConfig(
-            block_out_channels=widths, **ints, **flags, norm_eps=_DIFFUSERS_NORM_EPS,
+            block_out_channels=widths, **ints, **same, norm_eps=_DIFFUSERS_NORM_EPS,
             attention="vanilla" if _bool(v["mid_block_add_attention"], "mid_block_add_attention") else "none",
-            sample_size=_sample_size(v["sample_size"]), scaling_factor=_float(v["scaling_factor"], "scaling_factor"),
-            shift_factor=None if v["shift_factor"] is None else _float(v["shift_factor"], "shift_factor"),
+            sample_size=_sample_size(v["sample_size"]),
         )
     except (TypeError, ValueError) as e:
         raise WeightsError(f"config.json: {e}") from None
