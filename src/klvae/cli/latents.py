@@ -80,10 +80,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 def _sum_over_ranks(counts: dict[str, int], dist: DistInfo, device: torch.device) -> dict[str, int]:
     # The summary and the exit status speak for the whole job, not for rank 0's share.
-    from klvae.training.distributed import all_mean
+    from klvae.training.distributed import all_sum
 
-    t = all_mean(torch.tensor([float(v) for v in counts.values()], dtype=torch.float64, device=device), dist)
-    return {k: round(float(v) * dist.world) for k, v in zip(counts, t.tolist(), strict=True)}
+    t = all_sum(torch.tensor(list(counts.values()), dtype=torch.int64, device=device), dist)
+    return dict(zip(counts, t.tolist(), strict=True))
 
 
 def _print_cache_summary(index: Path, counts: dict[str, int], bad_shards: int) -> None:

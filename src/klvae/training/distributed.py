@@ -39,13 +39,18 @@ def init_distributed(device_type: str) -> DistInfo:
     return info
 
 
-def all_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """The mean of `t` over ranks (identity for one process)."""
+def all_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The sum of `t` over ranks, in its dtype (identity for one process)."""
     if not info.enabled:
         return t
     t = t.detach().clone()
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t / info.world
+    return t
+
+
+def all_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The mean of `t` over ranks (identity for one process)."""
+    return all_sum(t, info) / info.world if info.enabled else t
 
 
 def rank_device(device: torch.device, info: DistInfo) -> torch.device:

@@ -24,6 +24,7 @@ from klvae.training.config import TrainConfig, build_loss_config, model_config
 from klvae.training.distributed import (
     DistInfo,
     all_mean,
+    all_ranks,
     average_gradients,
     barrier,
     init_distributed,
@@ -222,8 +223,8 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _all_finite(self, *values: Tensor) -> bool:
-        ok = torch.tensor(float(all(bool(torch.isfinite(v).all()) for v in values)), device=self.device)
-        return bool(all_mean(ok, self.dist).item() == 1.0)  # every rank decides alike, so none hangs
+        ok = all(bool(torch.isfinite(v).all()) for v in values)
+        return all_ranks(ok, self.dist, self.device)  # every rank decides alike, so none hangs
 
     def _micro_step(self, x: Tensor, i: int, accum: int, disc_on: bool, logs: dict[str, float]) -> bool:
         last = i == accum - 1
