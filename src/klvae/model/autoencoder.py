@@ -36,6 +36,7 @@ class Encoder(nn.Module):
         yield self.mid_block
 
     def forward(self, x: Tensor) -> Tensor:
+        """Image [B, in, H, W] (H, W multiples of the downsample factor) -> moments [B, 2*latent, H/f, W/f]."""
         h = self.conv_in(x)
         for stage in self.stages():
             h = _run(stage, h, self.gradient_checkpointing)
@@ -64,6 +65,7 @@ class Decoder(nn.Module):
         yield from self.up_blocks
 
     def forward(self, z: Tensor) -> Tensor:
+        """Latent [B, latent, h, w] -> image [B, out, h*f, w*f]."""
         h = self.conv_in(z)
         for stage in self.stages():
             h = _run(stage, h, self.gradient_checkpointing)

@@ -22,6 +22,7 @@ class GroupNorm(nn.GroupNorm):
         self.kernel: NormKernel | None = None
 
     def forward(self, x: Tensor, silu: bool = False) -> Tensor:
+        """[B, C, H, W] -> the normalised map (then SiLU when `silu`), same shape, dtype and layout."""
         if self.kernel is not None and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
             return self.kernel(x, self.weight, self.bias, self.num_groups, self.eps, silu)
         y = super().forward(x)
@@ -45,6 +46,7 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: Tensor) -> Tensor:
+        """[B, Cin, H, W] -> [B, Cout, H, W]."""
         h = self.conv1(self.norm1(x, silu=True))
         h = self.conv2(self.norm2(h, silu=True))
         if self.conv_shortcut is not None:
@@ -65,6 +67,7 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
 
     def forward(self, x: Tensor) -> Tensor:
+        """[B, C, H, W] -> [B, C, H, W]: x plus attention over its H*W positions."""
         b, c, h, w = x.shape
         t = self.group_norm(x).flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, H*W, C]
         q, k, v = (proj(t).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # [B, 1, HW, C]
@@ -82,6 +85,7 @@ class LinearAttention(nn.Module):
         self.to_out = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
+        """[B, C, H, W] -> [B, C, H, W]."""
         b, c, h, w = x.shape
         q, k, v = self.to_qkv(x).reshape(b, 3, c, h * w).unbind(1)  # each [B, C, HW]
         context = torch.einsum("bdn,ben->bde", k.softmax(dim=-1), v)  # [B, C, C]
@@ -97,6 +101,7 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x: Tensor) -> Tensor:
+        """[B, C, H, W] -> [B, C, H/2, W/2] (H, W even)."""
         return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
 
 
@@ -125,6 +130,7 @@ class Upsample(nn.Module):
         self.fold = False
 
     def forward(self, x: Tensor) -> Tensor:
+        """[B, C, H, W] -> [B, C, 2H, 2W]."""
         if self.fold:
             w = fold_upsample_kernel(self.conv.weight)
             return F.conv_transpose2d(x, w.to(x.dtype), self.conv.bias.to(x.dtype), stride=2, padding=1)
@@ -145,6 +151,7 @@ class MidBlock(nn.Module):
             self.attentions = nn.ModuleList()
 
     def forward(self, x: Tensor) -> Tensor:
+        """[B, C, h, w] -> [B, C, h, w]."""
         x = self.resnets[0](x)
         for attn in self.attentions:
             x = attn(x)
@@ -162,6 +169,7 @@ class DownBlock(nn.Module):
         self.downsamplers = nn.ModuleList([Downsample(cout)]) if down else None
 
     def forward(self, x: Tensor) -> Tensor:
+        """[B, Cin, H, W] -> [B, Cout, H, W], halved when the level downsamples."""
         for r in self.resnets:
             x = r(x)
         if self.downsamplers is not None:
@@ -180,6 +188,7 @@ class UpBlock(nn.Module):
         self.upsamplers = nn.ModuleList([Upsample(cout)]) if up else None
 
     def forward(self, x: Tensor) -> Tensor:
+        """[B, Cin, H, W] -> [B, Cout, H, W], doubled when the level upsamples."""
         for r in self.resnets:
             x = r(x)
         if self.upsamplers is not None:
