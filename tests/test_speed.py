@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import klvae
 from helpers import perturbed_vae
@@ -107,9 +108,22 @@ def test_bad_compile_mode_is_named() -> None:
         optimize_for_inference(perturbed_vae(), torch.float32, SpeedOptions(compile=True, compile_mode="fastest"))
 
 
-def test_cli_speed_flags_reach_the_levers(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_speed_flags_reach_the_levers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     seen: list[SpeedOptions] = []
-    monkeypatch.setattr(common, "optimize_for_inference", lambda vae, dtype, opts: seen.append(opts) or vae)
+
+    def record(vae: klvae.AutoencoderKL, dtype: torch.dtype, opts: SpeedOptions) -> klvae.AutoencoderKL:
+        seen.append(opts)
+        return vae
+
+    monkeypatch.setattr(common, "optimize_for_inference", record)
+    monkeypatch.setattr(inference, "optimize_for_inference", record)  # eval imports it from there
+    img = tmp_path / "a.png"
+    Image.new("RGB", (16, 16), (90, 140, 30)).save(img)
     for flag in ([], ["--compile"], ["--no-fused-norm"]):
-        assert main(["info", "--json", *flag]) == 0
-    assert [(o.compile, o.fused_norm) for o in seen] == [(False, None), (True, None), (False, False)]
+        assert main(["reconstruct", str(img), "-o", str(tmp_path / "r.png"), *flag]) == 0
+        assert main(["eval", "--data", str(tmp_path), "-o", str(tmp_path / f"rep{len(seen)}"), "--resolution", "16",
+                     "--no-lpips", "--no-fid", *flag]) == 0
+    assert [(o.compile, o.fused_norm) for o in seen] == [(False, None)] * 2 + [(True, None)] * 2 + [(False, False)] * 2
+    assert main(["info", "--json"]) == 0  # info describes a model: it has no speed levers to take
+    with pytest.raises(SystemExit):
+        main(["info", "--compile"])

@@ -49,14 +49,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_decode)
 
     p = sub.add_parser("reconstruct", help="encode + decode one image; prints PSNR and SSIM")
-    p.add_argument("image")
-    p.add_argument("-o", "--output", required=True, help="reconstruction to write (.png)")
+    p.add_argument("image", help="the image to encode and decode")
+    p.add_argument("-o", "--output", required=True,
+                   help="reconstruction to write (.png; .jpg, .webp and other Pillow formats by the extension)")
     add_model_args(p)
     add_tiling_args(p)
     p.set_defaults(func=cmd_reconstruct)
 
     p = sub.add_parser("info", help="the model's config, factors and parameter counts")
-    add_model_args(p)
+    add_model_args(p, run=False)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
 

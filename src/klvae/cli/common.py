@@ -20,8 +20,8 @@ from klvae.model.autoencoder import AutoencoderKL
 log = logging.getLogger("klvae")
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """--model/--config/--device/--dtype/--batch-size/--compile/--no-fused-norm."""
+def add_model_args(p: argparse.ArgumentParser, run: bool = True) -> None:
+    """--model/--subfolder/--config, and with `run` the options of running it (`add_run_args`)."""
     p.add_argument("--model", "-m", default=None,
                    help="a diffusers folder, a .safetensors/.ckpt file, a hub id, a preset name (sd15, sdxl, ...) "
                         "whose released weights come from the hub, or 'demo' (the default: klvae's small built-in "
@@ -29,6 +29,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subfolder", default=None, help="subfolder of a pipeline folder or hub repo (e.g. vae)")
     p.add_argument("--config", default=None,
                    help="preset whose config (and factors) a single weights file uses, e.g. sdxl")
+    if run:
+        add_run_args(p)
+    else:  # a model only described: loaded on the CPU in fp32, with nothing to speed up
+        p.set_defaults(device="cpu", dtype="fp32", batch_size=None, compile=False, fused_norm=False)
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """--device/--dtype/--batch-size/--compile/--no-fused-norm."""
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs that have it, else fp32), fp32, bf16, fp16")
     p.add_argument("--batch-size", type=int, default=4, help="images per forward pass")

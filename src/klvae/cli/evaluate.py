@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from klvae.cli.common import add_tiling_args, check_output_path, tiling_from_args
+from klvae.cli.common import add_run_args, add_tiling_args, check_output_path, tiling_from_args
 from klvae.errors import KlvaeError
 
 log = logging.getLogger("klvae")
@@ -34,9 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="center: resize to cover and centre-crop to --resolution; none: the full image")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
     p.add_argument("--examples", type=int, default=4, help="best and worst N images per model in index.html")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs that have it, else fp32), fp32, bf16, fp16")
-    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
+    add_run_args(p)
     add_tiling_args(p)
     p.add_argument("--no-lpips", action="store_true", help="leave LPIPS out")
     p.add_argument("--lpips-vgg", default=None, help="torchvision VGG16 weights file (vgg16-397923af.pth) for LPIPS")
@@ -96,7 +94,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for name, spec, sub, cfg in zip(_model_names(args.model), args.model, subfolders, configs, strict=True):
         vae = AutoencoderKL.from_pretrained(spec, subfolder=sub, config=cfg, device=device)
         # The same levers as encode/decode/reconstruct, so that eval scores what those commands produce.
-        models[name] = optimize_for_inference(vae, opts.dtype, SpeedOptions())
+        models[name] = optimize_for_inference(vae, opts.dtype,
+                                              SpeedOptions(compile=args.compile, fused_norm=args.fused_norm))
         log.info("model %s on %s", spec, device)
     summary = run_evaluation(models, args.data, args.output, opts, nets, device, source)
     _print_summary(summary, Path(args.output))

@@ -37,9 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("scale", help="estimate scaling_factor = 1/std and shift_factor = mean of the latents")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True, help="image folder, datasets folder, parquet, or .tar shards (glob)")
     p.add_argument("--limit", type=int, default=256, help="images to sample")
-    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--resolution", type=int, default=256, help="side of the centre crop each image is encoded at")
     p.add_argument("--save", default=None, help="write the model with these factors to this folder (diffusers layout)")
     p.add_argument("--no-shift", action="store_true", help="keep shift_factor unset (SD 1.x/XL style)")
     add_model_args(p)

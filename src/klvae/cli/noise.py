@@ -19,14 +19,14 @@ MAX_NUM_STEPS = 100_000
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the noise subcommand."""
     p = sub.add_parser("noise", help="a sheet of the image's latents noised at several timesteps and decoded")
-    p.add_argument("image")
+    p.add_argument("image", help="the image whose latents are noised")
     p.add_argument("-o", "--output", required=True, help="sheet to write (.png)")
     p.add_argument("--steps", type=int, nargs="+", default=[0, 100, 250, 500, 750, 999],
                    help="timesteps t to show (0 <= t < --num-steps)")
     p.add_argument("--schedule", choices=["scaled_linear", "linear", "cosine"], default="scaled_linear",
                    help="beta schedule (scaled_linear 0.00085..0.012 is Stable Diffusion's)")
-    p.add_argument("--num-steps", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-steps", type=int, default=1000, help="length of the schedule (Stable Diffusion: 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the one noise draw all timesteps share")
     add_model_args(p)
     p.set_defaults(func=cmd_noise)
 
