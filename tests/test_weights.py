@@ -212,6 +212,29 @@ def test_linear_attention_cannot_be_saved_for_diffusers_but_exports_to_ldm(tmp_p
     assert_same_weights(AutoencoderKL.from_pretrained(path, config=model.config), model)
 
 
+def test_an_exported_ldm_file_reloads_as_the_same_model(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # 4 groups and odd factors: nothing a guess from the shapes would give back.
+    cfg = TINY.replace(norm_num_groups=4, scaling_factor=0.7, shift_factor=-0.2)
+    model = tiny_model(cfg)
+    path = export_ldm(model, tmp_path / "vae.safetensors")
+    assert infer_config(to_diffusers(read_state_dict(path))).norm_num_groups != 4  # shapes alone would lose it
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        back = AutoencoderKL.from_pretrained(path)
+    assert back.config == cfg and not caplog.records  # no "config inferred" warning
+    assert_same_weights(back, model)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:  # other loaders see plain LDM keys and ignore the header
+        assert "encoder.down.0.block.0.conv1.weight" in f.keys()
+    # An explicit config still wins, and a damaged header is one WeightsError.
+    assert AutoencoderKL.from_pretrained(path, config=cfg.replace(scaling_factor=1.0)).config.scaling_factor == 1.0
+    sd = read_state_dict(path)
+    save_file(sd, str(tmp_path / "bad.safetensors"), metadata={"klvae_config": "{not json"})
+    with pytest.raises(WeightsError, match="config in its header"):
+        AutoencoderKL.from_pretrained(tmp_path / "bad.safetensors")
+
+
 def test_save_pretrained_round_trip_leaves_no_temp_files(tmp_path: Path) -> None:
     model = tiny_model(TINY.replace(scaling_factor=0.5, shift_factor=0.1, attention="none"))
     out = model.save_pretrained(tmp_path / "out")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 from dataclasses import dataclass
@@ -29,6 +30,9 @@ FOLDER_WEIGHTS = (
     "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin",
 )
 _SHOWN = 5  # keys named per kind of mismatch in an error line
+# The .safetensors header key under which klvae stores the model's config (JSON of AutoencoderKLConfig.to_dict):
+# a lone LDM-layout file then reloads as the same model, where shapes alone cannot tell e.g. norm_num_groups.
+CONFIG_METADATA = "klvae_config"
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,7 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _read_safetensors(path: Path) -> tuple[StateDict, list[str]]:
+def _read_safetensors(path: Path) -> tuple[StateDict, list[str], dict[str, str]]:
     from safetensors import safe_open
 
     try:
@@ -51,7 +55,7 @@ def _read_safetensors(path: Path) -> tuple[StateDict, list[str]]:
             keys = list(f.keys())
             # A full SD checkpoint is gigabytes: read only the VAE's tensors when they sit under a prefix.
             prefix = next((p for p in VAE_PREFIXES if any(k.startswith(p) for k in keys)), "")
-            return {k: f.get_tensor(k) for k in keys if k.startswith(prefix)}, keys
+            return {k: f.get_tensor(k) for k in keys if k.startswith(prefix)}, keys, f.metadata() or {}
     except Exception as e:  # safetensors raises its own SafetensorError besides OSError
         raise WeightsError(f"cannot read {path}: {_first_line(e)}") from None
 
@@ -87,19 +91,21 @@ def _read_pickle(path: Path) -> tuple[StateDict, list[str]]:
     return sd, keys
 
 
-def _read(path: Path) -> tuple[StateDict, list[str]]:
+def _read(path: Path) -> tuple[StateDict, list[str], dict[str, str]]:
+    """The tensors, every key in the file, and the header's metadata (safetensors only)."""
     if not path.is_file():
         raise WeightsError(f"no such file: {path}")
     suffix = path.suffix.lower()
+    meta: dict[str, str] = {}
     if suffix == ".safetensors":
-        sd, keys = _read_safetensors(path)
+        sd, keys, meta = _read_safetensors(path)
     elif suffix in PICKLE_SUFFIXES:
         sd, keys = _read_pickle(path)
     else:
         raise WeightsError(f"{path}: unsupported weights file (expected .safetensors, {', '.join(PICKLE_SUFFIXES)})")
     if not sd:
         raise WeightsError(f"{path} holds no tensors")
-    return sd, keys
+    return sd, keys, meta
 
 
 def read_state_dict(path: str | Path) -> StateDict:
@@ -162,9 +168,11 @@ def _locate(path_or_id: str | Path, subfolder: str | None) -> _Source:
 
 
 def _resolve_config(
-    config: AutoencoderKLConfig | str | None, source: _Source, sd: StateDict, family: str | None
+    config: AutoencoderKLConfig | str | None, source: _Source, sd: StateDict, family: str | None,
+    meta: dict[str, str],
 ) -> tuple[AutoencoderKLConfig, str]:
-    """The config to build and how to name it in errors; explicit > preset name > config.json > shapes."""
+    """The config to build and how to name it in errors: explicit > preset name > config.json > the config klvae
+    wrote into a .safetensors header > shapes."""
     if isinstance(config, AutoencoderKLConfig):
         check_fits(sd, config, "(the one passed)")
         return config, "the config passed"
@@ -178,7 +186,18 @@ def _resolve_config(
         cfg = read_config_json(source.config_json)
         check_fits(sd, cfg, str(source.config_json))
         return cfg, str(source.config_json)
+    if CONFIG_METADATA in meta:
+        cfg = _config_from_metadata(meta[CONFIG_METADATA], source.weights)
+        check_fits(sd, cfg, f"the config in {source.weights.name}'s header")
+        return cfg, f"the config in {source.weights.name}'s header"
     return infer_config(sd, family), "the config inferred from the weights"
+
+
+def _config_from_metadata(text: str, path: Path) -> AutoencoderKLConfig:
+    try:
+        return AutoencoderKLConfig.from_dict(json.loads(text))
+    except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
+        raise WeightsError(f"{path}: the klvae config in its header is unreadable: {_first_line(e)}") from None
 
 
 def _names(keys: list[str], shown: int = _SHOWN) -> str:
@@ -234,9 +253,9 @@ def load_pretrained(
 ) -> M:
     """A `cls` (AutoencoderKL) with the weights that path_or_id names, in eval mode on device/dtype."""
     source = _locate(path_or_id, subfolder)
-    raw, all_keys = _read(source.weights)
+    raw, all_keys, meta = _read(source.weights)
     sd = to_diffusers(raw)
-    cfg, what = _resolve_config(config, source, sd, guess_family(all_keys))
+    cfg, what = _resolve_config(config, source, sd, guess_family(all_keys), meta)
     # Built without memory or random init: every tensor is replaced by a checkpoint tensor below.
     with torch.device("meta"):
         model = cls(cfg)

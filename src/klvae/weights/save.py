@@ -12,8 +12,10 @@ from torch import Tensor, nn
 
 from klvae.atomic import atomic_write, atomic_write_all
 from klvae.errors import WeightsError
+from klvae.model.config import AutoencoderKLConfig
 from klvae.weights.convert import diffusers_to_ldm
 from klvae.weights.diffusers_config import config_to_diffusers
+from klvae.weights.load import CONFIG_METADATA
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +28,11 @@ def _tensors(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
 
 
-def _safetensors_writer(tensors: dict[str, Tensor]) -> Callable[[Path], None]:
+def _safetensors_writer(tensors: dict[str, Tensor], config: AutoencoderKLConfig) -> Callable[[Path], None]:
     from safetensors.torch import save_file
 
-    return lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"})
+    metadata = {"format": "pt", CONFIG_METADATA: json.dumps(config.to_dict(), sort_keys=True)}
+    return lambda tmp: save_file(tensors, str(tmp), metadata=metadata)
 
 
 def save_pretrained(model: nn.Module, directory: str | Path, safe_serialization: bool = True) -> Path:
@@ -45,7 +48,7 @@ def save_pretrained(model: nn.Module, directory: str | Path, safe_serialization:
     directory = Path(directory)
     tensors = _tensors(model)
     name, stale = (SAFE_WEIGHTS, PICKLE_WEIGHTS) if safe_serialization else (PICKLE_WEIGHTS, SAFE_WEIGHTS)
-    write_weights = _safetensors_writer(tensors) if safe_serialization else lambda tmp: torch.save(tensors, tmp)
+    write_weights = _safetensors_writer(tensors, config) if safe_serialization else lambda tmp: torch.save(tensors, tmp)
     text = json.dumps(d, indent=2, sort_keys=True) + "\n"
     atomic_write_all([(directory / name, write_weights),
                       (directory / "config.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))])
@@ -55,10 +58,16 @@ def save_pretrained(model: nn.Module, directory: str | Path, safe_serialization:
 
 
 def export_ldm(model: nn.Module, path: str | Path) -> Path:
-    """Write the weights in LDM layout (keys without prefix) to one .safetensors file; returns its path."""
+    """Write the weights in LDM layout (keys without prefix) to one .safetensors file; returns its path.
+
+    The header also holds the config, so that klvae reloads the file as the same model (other loaders ignore it).
+    """
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise WeightsError(f"export_ldm writes .safetensors, not {path.name}")
-    atomic_write(path, _safetensors_writer(diffusers_to_ldm(_tensors(model))))
+    config = getattr(model, "config", None)
+    if not isinstance(config, AutoencoderKLConfig):
+        raise WeightsError(f"{type(model).__name__} has no AutoencoderKLConfig to export with")
+    atomic_write(path, _safetensors_writer(diffusers_to_ldm(_tensors(model)), config))
     log.info("exported LDM-layout weights to %s", path)
     return path
