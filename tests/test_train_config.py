@@ -104,3 +104,17 @@ def test_a_top_level_list_with_overrides_is_refused(tmp_path: Path) -> None:
     f.write_text("- a\n- b\n")
     with pytest.raises(KlvaeError, match="top level must be a mapping"):
         load_config(f, ["train.max_steps=3"])
+
+
+def test_print_config_spells_out_the_loss_and_loads_back(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    sets = [a for o in (*BASE, "loss.preset=ft-mse", "loss.kl_weight=1e-5") for a in ("--set", o)]
+    assert main(["train", "--print-config", *sets]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    loss = printed["loss"]
+    assert loss["preset"] == "ft-mse" and loss["kl_weight"] == 1e-5
+    assert {"pixel_loss", "disc_weight", "disc_start", "perceptual_weight"} <= loss.keys()  # the preset's fields too
+    path = tmp_path / "printed.yaml"
+    path.write_text(yaml.safe_dump(printed))
+    assert yaml.safe_load(yaml.safe_dump(load_config(path, []).resolved_dict())) == printed

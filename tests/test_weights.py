@@ -226,7 +226,7 @@ def test_an_exported_ldm_file_reloads_as_the_same_model(tmp_path: Path, caplog: 
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:  # other loaders see plain LDM keys and ignore the header
-        assert "encoder.down.0.block.0.conv1.weight" in f.keys()
+        assert "encoder.down.0.block.0.conv1.weight" in list(f.keys())
     # An explicit config still wins, and a damaged header is one WeightsError.
     assert AutoencoderKL.from_pretrained(path, config=cfg.replace(scaling_factor=1.0)).config.scaling_factor == 1.0
     sd = read_state_dict(path)

@@ -28,7 +28,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        print(yaml.safe_dump(cfg.resolved_dict(), sort_keys=False))
         return 0
     from klvae.training.distributed import shutdown
     from klvae.training.loop import fit

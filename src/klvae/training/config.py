@@ -122,6 +122,13 @@ class TrainConfig:
         """Plain dict (for YAML and checkpoints)."""
         return dataclasses.asdict(self)
 
+    def resolved_dict(self) -> dict[str, Any]:
+        """`to_dict` with every loss field spelled out as the preset and overrides give it (what the run uses);
+        loadable as a config again."""
+        d = self.to_dict()
+        d["loss"] = {"preset": self.loss.get("preset", "ldm"), **dataclasses.asdict(build_loss_config(self.loss))}
+        return d
+
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     if not isinstance(data, dict):
