@@ -261,6 +261,7 @@ def test_eval_two_models_side_by_side_without_weights(data_dir: Path, models: li
     s = json.loads((report / "summary.json").read_text())
     assert list(s["models"]) == names
     assert s["left_out"]["lpips"].startswith("weights unavailable") and "disabled" in s["left_out"]["rfid"]
+    assert "pass --lpips-vgg <file>" in s["left_out"]["lpips"]  # the flag, not a Python API name
     assert "lpips" not in s["models"][names[0]] and "rfid" not in s["models"][names[0]]
     page = check_html(report)
     assert "vae&lt;b&gt;&amp;c" in page and "vae<b>&c" not in page

@@ -34,8 +34,9 @@ from klvae.training.losses import (
     weights_init,
 )
 
-# Kept before the autouse fixture stubs it out, for the one test that exercises the real lookup.
+# Kept before the autouse fixture stubs them out, for the tests that exercise the real lookup and download.
 _real_installed_lpips_lin = lpips_mod.installed_lpips_lin
+_real_download = pretrained_mod.download
 
 
 @pytest.fixture(autouse=True)
@@ -353,6 +354,39 @@ def test_lpips_pretrained_from_hub_cache_and_installed_package(
     m = LPIPS(pretrained=True)
     assert torch.equal(m.lin.lin2.model[1].weight, lin["lin2.model.1.weight"])
     assert "lpips" not in sys.modules
+
+
+def test_a_download_lands_whole_in_the_hub_cache_checked_and_silent(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    import hashlib
+
+    src = tmp_path / "served.pth"
+    torch.save(lin_state(), src)
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    url = src.as_uri()  # urllib serves file:// as it would https://
+    good, bad = f"lin-{digest[:8]}.pth", f"lin-{'0' * 8}.pth"
+    sd = _real_download(url, good, check_hash=True)
+    assert torch.equal(sd["lin0.model.1.weight"], torch.load(src)["lin0.model.1.weight"])
+    assert pretrained_mod.hub_checkpoint(good).is_file()
+    with pytest.raises(RuntimeError, match=r"(?i)hash"):
+        _real_download(url, bad, check_hash=True)
+    assert sorted(p.name for p in pretrained_mod.hub_checkpoint(good).parent.iterdir()) == [good]  # no partial file
+    out = capfd.readouterr()
+    assert out.out == "" and out.err == ""  # torch.hub's "Downloading: ..." line is not printed
+
+
+def test_validation_measures_lpips_with_the_files_the_loss_config_names(tmp_path: Path) -> None:
+    from klvae import AutoencoderKL
+    from klvae.training.validate import validate
+
+    torch.save(torchvision_vgg_state(), tmp_path / "vgg.pth")
+    torch.save(lin_state(), tmp_path / "lin.pth")
+    vae = AutoencoderKL("tiny").eval()
+    batches = [torch.rand(2, 3, 16, 16) * 2 - 1]
+    assert "lpips" not in validate(vae, batches, torch.device("cpu"), None)  # offline and nothing named
+    named = validate(vae, batches, torch.device("cpu"), None, (str(tmp_path / "vgg.pth"), str(tmp_path / "lin.pth")))
+    assert named["lpips"] > 0
 
 
 # ---- the critic -----------------------------------------------------------------------------------------

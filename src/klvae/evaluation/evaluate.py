@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import math
 import platform
@@ -115,8 +116,9 @@ def build_metric_nets(
         for load, path, flag in ((net.load_vgg, lpips_vgg, "--lpips-vgg"), (net.load_lin, lpips_lin, "--lpips-lin")):
             if path is not None:
                 load_named_weights(load, path, flag)
-        found = [(load, resolve) for load, resolve, path in ((net.load_vgg, resolve_vgg_weights, lpips_vgg),
-                                                             (net.load_lin, resolve_lin_weights, lpips_lin))
+        found = [(load, functools.partial(resolve, hint=f"pass {flag} <file>"))
+                 for load, resolve, path, flag in ((net.load_vgg, resolve_vgg_weights, lpips_vgg, "--lpips-vgg"),
+                                                   (net.load_lin, resolve_lin_weights, lpips_lin, "--lpips-lin"))
                  if path is None]
         hint = "--lpips-vgg and --lpips-lin name local weight files"
         if _load_found(found, "LPIPS", hint, nets.left_out, "lpips"):

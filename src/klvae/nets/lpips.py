@@ -157,18 +157,15 @@ def installed_lpips_lin() -> Path | None:
     return None
 
 
-def resolve_vgg_weights() -> dict[str, Any]:
-    """torchvision's VGG16 ImageNet state dict: the torch hub cache, else a download."""
-    return fetch(VGG16_URL, (VGG16_FILE,), "VGG16 ImageNet", _hint("vgg_path"), check_hash=True)
+def resolve_vgg_weights(hint: str = "set loss.lpips_vgg_path (LPIPS(vgg_path=...))") -> dict[str, Any]:
+    """torchvision's VGG16 ImageNet state dict: the torch hub cache, else a download; `hint` says how to name a
+    file instead, in the caller's terms."""
+    return fetch(VGG16_URL, (VGG16_FILE,), "VGG16 ImageNet", hint, check_hash=True)
 
 
-def resolve_lin_weights() -> dict[str, Any]:
+def resolve_lin_weights(hint: str = "set loss.lpips_lin_path (LPIPS(lin_path=...))") -> dict[str, Any]:
     """The LPIPS v0.1 VGG heads: an installed lpips package, the torch hub cache, else a download."""
     local = installed_lpips_lin()
     if local is not None:
         return read_weights(local, "LPIPS linear")
-    return fetch(LIN_URL, (LIN_FILE,), "LPIPS v0.1 linear", _hint("lin_path"), check_hash=False)
-
-
-def _hint(arg: str) -> str:
-    return f"pass {arg}=<file> (LossConfig.lpips_{arg})"
+    return fetch(LIN_URL, (LIN_FILE,), "LPIPS v0.1 linear", hint, check_hash=False)

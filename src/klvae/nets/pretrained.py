@@ -7,6 +7,7 @@ loaded with a key-and-shape check that fails in one line instead of printing and
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -70,10 +71,17 @@ def hub_checkpoint(file_name: str) -> Path:
 
 
 def download(url: str, file_name: str, check_hash: bool) -> dict[str, Any]:
-    """torch.hub's cached download (weights_only); tests replace this to keep off the network."""
-    return torch.hub.load_state_dict_from_url(
-        url, map_location="cpu", progress=False, check_hash=check_hash, file_name=file_name, weights_only=True
-    )
+    """Download into the torch hub cache, then read it (weights_only); tests replace this to keep off the network.
+
+    torch.hub's own loader prints a line to stderr that no log level hides; its file download does not. It
+    writes a temporary file and renames it, so a failed download leaves nothing in the cache.
+    """
+    dst = hub_checkpoint(file_name)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    # As torch.hub checks: the hex digits after the last "-" of the file name begin the file's SHA-256.
+    m = re.search(r"-([a-f0-9]+)\.", file_name) if check_hash else None
+    torch.hub.download_url_to_file(url, str(dst), hash_prefix=m[1] if m else None, progress=False)
+    return read_weights(dst, file_name)
 
 
 def fetch(url: str, file_names: tuple[str, ...], what: str, hint: str, check_hash: bool) -> dict[str, Any]:

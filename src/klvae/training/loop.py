@@ -88,7 +88,8 @@ def fit(tr: Trainer) -> dict[str, float]:
                 rate = (tr.step - n0) / max(time.perf_counter() - t0, 1e-9)
                 runlog.write(tr.step, {**last, "steps_per_s": rate, "bad_images": float(skipped[0])}, "train")
             if val is not None and (tr.step % cfg.train.val_every == 0 or tr.step == cfg.train.max_steps):
-                metrics = validate(tr.exported_model(), val, tr.device, tr.out / "samples" / f"step_{tr.step:08d}.png")
+                grid = tr.out / "samples" / f"step_{tr.step:08d}.png"
+                metrics = validate(tr.exported_model(), val, tr.device, grid, tr.lpips_files())
                 runlog.write(tr.step, metrics, "val")
                 log.info("step %d validation: %s", tr.step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if tr.step % cfg.train.ckpt_every == 0 or tr.step == cfg.train.max_steps:

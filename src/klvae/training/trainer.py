@@ -201,6 +201,10 @@ class Trainer:
         """The weights that export writes: the EMA when kept and asked for, else the trained ones."""
         return self.ema.module if self.ema is not None and self.cfg.train.export_ema else self.vae
 
+    def lpips_files(self) -> tuple[str | None, str | None]:
+        """The VGG16 and LPIPS-head files the loss config names (also used by validation's LPIPS)."""
+        return self.loss.config.lpips_vgg_path, self.loss.config.lpips_lin_path
+
     def export(self) -> Path:
         """Write exported_model() with save_pretrained to out_dir/final."""
         return self.exported_model().save_pretrained(self.out / "final")

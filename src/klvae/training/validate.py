@@ -18,12 +18,13 @@ log = logging.getLogger(__name__)
 
 
 @cache
-def _pretrained_lpips(device: str) -> nn.Module | None:
-    # Only real LPIPS weights give a meaningful figure; without them validation reports PSNR/SSIM only.
+def _pretrained_lpips(device: str, vgg_path: str | None, lin_path: str | None) -> nn.Module | None:
+    # Only real LPIPS weights give a meaningful figure; without them validation reports PSNR/SSIM only. The
+    # files the loss config names serve here too, so an offline run that has them measures LPIPS as well.
     from klvae.nets.lpips import LPIPS
 
     try:
-        return LPIPS(pretrained=True).to(device).eval()
+        return LPIPS(pretrained=True, vgg_path=vgg_path, lin_path=lin_path).to(device).eval()
     except KlvaeError as e:
         log.warning("validation without LPIPS: %s", e)
         return None
@@ -38,12 +39,14 @@ def make_grid(top: Tensor, bottom: Tensor, n: int = 8) -> Tensor:
 
 @torch.no_grad()
 def validate(
-    vae: AutoencoderKL, batches: list[Tensor], device: torch.device, grid_path: Path | None
+    vae: AutoencoderKL, batches: list[Tensor], device: torch.device, grid_path: Path | None,
+    lpips_files: tuple[str | None, str | None] = (None, None),
 ) -> dict[str, float]:
-    """Reconstruct the held-out batches through the posterior mean; mean metrics, and a grid image."""
+    """Reconstruct the held-out batches through the posterior mean; mean metrics, and a grid image.
+    `lpips_files` (VGG16, LPIPS heads) name local weights for the LPIPS metric; else the cache or a download."""
     was_training = vae.training
     vae.eval()
-    lp = _pretrained_lpips(str(device))
+    lp = _pretrained_lpips(str(device), *lpips_files)
     sums: dict[str, float] = {"psnr": 0.0, "ssim": 0.0, **({"lpips": 0.0} if lp is not None else {})}
     n, first = 0, None
     for x in batches:
