@@ -268,6 +268,14 @@ def test_eval_two_models_side_by_side_without_weights(data_dir: Path, models: li
     rows_html = page.split('<div class="row">')[1:]
     assert len(rows_html) == 2 * 2 * 3  # 2 models x worst/best x 3
     assert all(r.count("_recon.png") == 2 * 2 for r in rows_html)  # each model's reconstruction (href + src)
+    # A rerun with one model into the same folder leaves no picture of the second; the user's own files stay.
+    (report / "images" / "notes.png").write_bytes(b"mine")
+    assert run_cli("--model", str(models[0]), "--data", str(data_dir), "-o", str(report), "--resolution", str(RES),
+                   "--examples", "1", "--no-fid", "--no-lpips") == 1
+    page = check_html(report)
+    linked = set(re.findall(r'src="(images/[^"]+)"', page))
+    assert {f"images/{p.name}" for p in (report / "images").iterdir()} == linked | {"images/notes.png"}
+    assert not list((report / "images").glob("*_m1_*"))
 
 
 def test_eval_full_images_limit_and_duplicate_model(data_dir: Path, models: list[Path], tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import html
 import io
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -242,3 +243,13 @@ def write_report(out_dir: Path, res: EvalResult, summary: Mapping[str, Any],
     atomic_write_text(out_dir / "summary.json", json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")
     files = write_example_images(out_dir, res, examples)
     atomic_write_text(out_dir / "index.html", render_html(summary, res, picks, files))
+    _remove_stale_examples(out_dir, {name for names in files.values() for name in names.values()})
+
+
+def _remove_stale_examples(out_dir: Path, current: set[str]) -> None:
+    # A rerun into the same folder (other data, fewer models) would leave the earlier run's pictures beside the
+    # new report; only names this module writes are touched, never a user's own files.
+    pattern = re.compile(r"\d{5}_(original|m\d+_(recon|error))\.png")
+    for p in (out_dir / "images").glob("*.png"):
+        if pattern.fullmatch(p.name) and f"images/{p.name}" not in current:
+            p.unlink(missing_ok=True)
