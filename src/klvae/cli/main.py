@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "klvae.cli.latents",
     "klvae.cli.noise",
     "klvae.cli.evaluate",
+    "klvae.cli.convert",
 )
 
 

@@ -1,0 +1,74 @@
+"""`klvae convert`: write a model in another weights format (a diffusers folder, or one LDM-layout file)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from klvae.cli.common import check_output_path
+from klvae.errors import KlvaeError
+from klvae.inference.precision import DTYPES
+
+log = logging.getLogger("klvae")
+
+FORMATS = ("diffusers", "ldm")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the convert subcommand."""
+    p = sub.add_parser("convert", help="write a model as a diffusers folder or one LDM-layout .safetensors file "
+                                       "(the single-file form ComfyUI and the SD web UIs load)")
+    p.add_argument("--model", "-m", required=True,
+                   help="a diffusers folder, a .safetensors/.ckpt file (full SD checkpoints too), a hub id or a preset")
+    p.add_argument("--subfolder", default=None, help="subfolder of a pipeline folder or hub repo (e.g. vae)")
+    p.add_argument("--config", default=None, help="preset whose config a single weights file uses, e.g. sdxl")
+    p.add_argument("-o", "--output", required=True,
+                   help="a folder (diffusers layout) or a .safetensors file (LDM layout)")
+    p.add_argument("--to", choices=FORMATS, default=None,
+                   help="the format; by default ldm when --output ends in .safetensors, else diffusers")
+    p.add_argument("--dtype", default="fp32", help="storage dtype: fp32 (default), fp16 or bf16 (half the size)")
+    p.set_defaults(func=cmd_convert)
+
+
+def _target(args: argparse.Namespace) -> tuple[str, Path]:
+    out = Path(args.output)
+    fmt = args.to or ("ldm" if out.suffix.lower() == ".safetensors" else "diffusers")
+    if fmt == "ldm" and out.suffix.lower() != ".safetensors":
+        raise KlvaeError(f"--output {out}: an LDM-layout file must end in .safetensors")
+    if fmt == "diffusers" and out.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
+        raise KlvaeError(f"--output {out}: the diffusers layout is a folder; name a folder, or use --to ldm")
+    check_output_path(out, folder=fmt == "diffusers")
+    src = Path(args.model).expanduser()
+    src = src / args.subfolder if args.subfolder and src.is_dir() else src
+    # Converting onto the source would replace the weights being read (a folder: its config.json and weights).
+    if src.exists() and out.exists() and os.path.samefile(src, out):
+        raise KlvaeError(f"--output {out} is the model being converted; name another place")
+    return fmt, out
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Load the model, cast its weights to --dtype, and write them in the other format."""
+    from klvae.model.autoencoder import AutoencoderKL
+    from klvae.weights.save import export_ldm
+
+    dtype = DTYPES.get(str(args.dtype).lower())
+    if dtype is None:
+        raise KlvaeError(f"--dtype must be one of fp32, fp16, bf16, got {args.dtype!r}")
+    fmt, out = _target(args)  # all refused before the (perhaps large, perhaps downloaded) weights load
+    vae = AutoencoderKL.from_pretrained(args.model, subfolder=args.subfolder, config=args.config, dtype=dtype)
+    if not all(bool(torch.isfinite(p).all()) for p in vae.parameters()):
+        # A written model with inf weights would decode grey or NaN pictures for whoever loads it.
+        raise KlvaeError(f"some weights are not finite in {args.dtype} (fp16 ends at 65504); "
+                         "store fp32 or bf16 instead")
+    if fmt == "ldm":
+        export_ldm(vae, out)
+    else:
+        vae.save_pretrained(out)
+    n = vae.num_parameters()["total"]
+    print(f"wrote {out} ({fmt} layout, {args.dtype} weights, {n:,} parameters)")
+    return 0
+
