@@ -108,14 +108,20 @@ def test_resume_continues_exactly(tmp_path: Path, photos: Path) -> None:
     # gradient accumulation and random crops/flips (per-item seeded) are all part of the state.
     common = ("loss.disc_start=2", "loss.disc_weight=0.5", "train.ema_decay=0.9", "optim.grad_accum=2",
               "data.crop=random", "data.scale_min=0.5", "optim.warmup_steps=2", "train.ckpt_every=3")
-    _train(tmp_path / "a", photos, "train.max_steps=6", *common)
+    a = _train(tmp_path / "a", photos, "train.max_steps=6", *common)
     whole = _losses(tmp_path / "a" / "run")
     _train(tmp_path / "b", photos, "train.max_steps=3", *common)
-    _train(tmp_path / "b", photos, "train.max_steps=6", *common, resume=True)
+    b = _train(tmp_path / "b", photos, "train.max_steps=6", *common, resume=True)
     resumed = _losses(tmp_path / "b" / "run")
     assert resumed[2] > 0 and whole[5] != whole[4]
     for step in (4, 5, 6):
         assert resumed[step] == pytest.approx(whole[step], rel=1e-6, abs=1e-7)
+    # The rest of the state, which the losses do not show: the EMA (the export), the critic and both optimisers.
+    sa, sb = a.state_dict(), b.state_dict()
+    for part in ("vae", "loss", "ema", "opt_ae", "opt_d"):
+        torch.testing.assert_close(sb[part], sa[part], rtol=1e-5, atol=1e-7, msg=lambda m, p=part: f"{p}: {m}")
+    final_a, final_b = (klvae.AutoencoderKL.from_pretrained(tr.out / "final").state_dict() for tr in (a, b))
+    torch.testing.assert_close(final_b, final_a, rtol=1e-5, atol=1e-7)
 
 
 def test_a_killed_save_leaves_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
