@@ -1,4 +1,7 @@
-"""Shared by the tests: tiny models whose weights all differ from their (near-trivial) initialisation."""
+"""Shared by the tests: tiny models whose weights all differ from their (near-trivial) initialisation, and the
+CLI's one-line errors."""
+
+import re
 
 import torch
 
@@ -15,3 +18,14 @@ def perturbed_vae(preset: str = "tiny", seed: int = 0, device: torch.device | st
         for p in vae.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return vae
+
+
+def one_error_line(err: str) -> str:
+    """The CLI's error from its stderr, asserting that besides log lines (INFO/WARNING/DEBUG: ...) and progress
+    bars it is all there is: one `klvae: error:` line, no traceback, no second message."""
+    logs = ("INFO: ", "WARNING: ", "DEBUG: ")
+    bar = re.compile(r"[\w ]+: +\d+%\|")
+    rest = [ln for ln in err.strip().splitlines() if ln.strip() and not ln.startswith(logs) and not bar.match(ln)]
+    assert len(rest) == 1 and rest[0].startswith("klvae: error: "), rest
+    assert "internal error" not in rest[0], rest
+    return rest[0]

@@ -67,3 +67,32 @@ def test_save_pretrained_leaves_no_stale_weights_of_the_other_format(tmp_path):
     torch.testing.assert_close(loaded.state_dict(), new.state_dict())
     new.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", SAFE_WEIGHTS]
+
+
+@pytest.mark.parametrize("writer", ["save_pretrained", "export_ldm"])
+def test_a_weights_write_that_fails_midway_leaves_the_old_files(tmp_path, monkeypatch, writer):
+    import safetensors.torch
+
+    from klvae.weights.save import export_ldm
+
+    torch.manual_seed(0)
+    old, new = AutoencoderKL("tiny-f8"), AutoencoderKL("tiny-f8")
+    target = tmp_path / ("model" if writer == "save_pretrained" else "vae.safetensors")
+
+    def write(vae):
+        return vae.save_pretrained(target) if writer == "save_pretrained" else export_ldm(vae, target)
+
+    write(old)
+    files = [target] if target.is_file() else sorted(target.iterdir())
+    before = {p: p.read_bytes() for p in files}
+
+    def half_then_fail(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 100)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        write(new)
+    assert {p: p.read_bytes() for p in files} == before  # the old weights and config.json, untouched
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]

@@ -18,7 +18,7 @@ from klvae import inference
 from klvae.cli.main import main
 from klvae.images import load_image, pil_to_tensor
 from klvae.latents.buckets import make_buckets, nearest_bucket, resize_crop
-from klvae.latents.cache import read_manifest
+from klvae.latents.cache import keyed_generator, read_manifest
 from klvae.latents.dataset import BucketBatchSampler, LatentDataset
 
 
@@ -63,7 +63,13 @@ def test_cache_writes_shards_index_and_the_reader_returns_scaled_latents(tmp_pat
     torch.testing.assert_close(ds[row]["latents"], expected, atol=1e-5, rtol=1e-5)
     assert ds[row]["latents"].shape == (4, 16, 16)  # the tiny preset downsamples by 2
     sampled = LatentDataset(out, mode="sample", seed=0)[row]["latents"]
-    assert not torch.equal(sampled, expected)
+    # A posterior sample, scaled like the mean: (mean + std * eps - shift) * scale, eps from (seed, epoch, row).
+    moments = inference.encode_moments(vae, pil_to_tensor(img)[None])
+    eps = torch.randn(expected.shape, generator=keyed_generator(0, 0, row))
+    mean, logvar = moments[0].chunk(2)
+    z = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps
+    torch.testing.assert_close(sampled, vae.scale_latents(z), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(sampled, expected, atol=1e-3)
 
 
 def test_buckets_have_equal_area_and_match_aspect() -> None:
@@ -80,10 +86,16 @@ def test_bucketed_cache_batches_by_size(tmp_path: Path, model_dir: Path) -> None
     assert _cache(["--data", str(data), "-o", str(out), "--model", str(model_dir), "--resolution", "64",
                    "--buckets", "--num-workers", "0"]) == 0
     ds = LatentDataset(out, mode="mean")
-    assert {tuple(it["bucket"]) for it in ds.items} == {(64, 64), (64, 128), (128, 64)} or len(
-        {tuple(it["bucket"]) for it in ds.items}) == 3
+    for it in ds.items:  # each image in the bucket of its own aspect: (h, w) as the image, never swapped
+        bh, bw = it["bucket"]
+        h, w = it["size"]
+        assert (bh > bw) == (h > w) and (bh < bw) == (h < w), it
+    assert len({tuple(it["bucket"]) for it in ds.items}) == 3
+    seen: list[int] = []
     for batch in BucketBatchSampler(ds, batch_size=4):
         assert len({ds[i]["latents"].shape for i in batch}) == 1
+        seen += batch
+    assert sorted(seen) == list(range(len(ds)))  # every row once
 
 
 def test_kill_and_resume_encodes_every_image_exactly_once(tmp_path: Path, model_dir: Path) -> None:
@@ -140,7 +152,11 @@ def test_scale_estimate_matches_the_latent_statistics(tmp_path: Path, model_dir:
     assert main(args) == 0
     assert "scaling_factor" in capsys.readouterr().out
     cfg = klvae.AutoencoderKL.from_pretrained(saved).config
-    assert cfg.scaling_factor != 0.5 and cfg.shift_factor is not None
+    # The CLI measures posterior samples (the default, seed 0): the same figures as the library's call.
+    sampled = estimate_factors(vae, str(data), resolution=32)
+    assert sampled["scaling_factor"] != pytest.approx(f["scaling_factor"], rel=1e-3)  # not the mean's
+    assert cfg.scaling_factor == round(sampled["scaling_factor"], 6)  # saved to six decimals
+    assert cfg.shift_factor == round(sampled["shift_factor"], 6)
 
 
 def test_cache_bad_input_is_a_one_line_error(

@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import klvae
+from helpers import one_error_line
 from klvae import inference
 from klvae.cli.main import main
 from klvae.images import load_image, pil_to_tensor
@@ -40,9 +41,7 @@ def photos(tmp_path: Path) -> Path:
 
 
 def _err_line(capsys: pytest.CaptureFixture[str]) -> str:
-    lines = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("klvae:")]
-    assert len(lines) == 1, lines
-    return lines[0]
+    return one_error_line(capsys.readouterr().err)
 
 
 def test_encode_decode_round_trip_restores_sizes(tmp_path: Path, photos: Path, model_dir: Path) -> None:
@@ -76,14 +75,42 @@ def test_quiet_hides_the_progress_bars_and_the_info_lines(
     assert capsys.readouterr().err == ""
 
 
-def test_tiled_cli_output_equals_untiled(tmp_path: Path, photos: Path, model_dir: Path) -> None:
+def counting_tiled_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts of the tiled encode and decode paths that inference takes from here on."""
+    from klvae.inference import api
+
+    calls = {"encode": 0, "decode": 0}
+    for name, key in (("tiled_encode_moments", "encode"), ("tiled_decode", "decode")):
+        real = getattr(api, name)
+
+        def counted(*args: object, _real=real, _key=key, **kwargs: object) -> object:
+            calls[_key] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(api, name, counted)
+    return calls
+
+
+def test_tiled_cli_output_equals_untiled(tmp_path: Path, photos: Path, model_dir: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = counting_tiled_calls(monkeypatch)
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     assert main(["encode", str(photos), "-o", str(a), "--model", str(model_dir)]) == 0
+    assert calls == {"encode": 0, "decode": 0}
     assert main(["encode", str(photos), "-o", str(b), "--model", str(model_dir), "--tile-size", "16"]) == 0
+    assert calls["encode"] == 2  # one per batch of equal sizes: the tiled path really ran
     la, lb = load_file(a), load_file(b)
     for k in la:
         torch.testing.assert_close(la[k], lb[k], atol=1e-4, rtol=0)
+    assert main(["decode", str(a), "-o", str(tmp_path / "d0"), "--model", str(model_dir)]) == 0
+    assert calls["decode"] == 0
+    # 1 MiB cannot hold an untiled decode of these sizes, so the budget picks tiling by itself.
     assert main(["decode", str(a), "-o", str(tmp_path / "d"), "--model", str(model_dir), "--max-memory", "1MiB"]) == 0
+    assert calls["decode"] == 3
+    for png in (tmp_path / "d0").iterdir():
+        untiled, tiled = (np.asarray(Image.open(d / png.name), dtype=np.int16)
+                          for d in (tmp_path / "d0", tmp_path / "d"))
+        assert np.abs(untiled - tiled).max() <= 1  # 8-bit pictures: at most a rounding step apart
 
 
 def test_reconstruct_prints_psnr_and_ssim(tmp_path: Path, photos: Path, model_dir: Path,

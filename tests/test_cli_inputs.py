@@ -12,6 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 import klvae
+from helpers import one_error_line
 from klvae.cli import common
 from klvae.cli.codec import unique_png_names
 from klvae.cli.main import main
@@ -22,10 +23,7 @@ from klvae.latents.file import FORMAT, LatentItem, load_latents
 
 
 def _err_line(capsys: pytest.CaptureFixture[str]) -> str:
-    lines = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("klvae:")]
-    assert len(lines) == 1, lines
-    assert "internal error" not in lines[0]
-    return lines[0]
+    return one_error_line(capsys.readouterr().err)
 
 
 def _image(path: Path, w: int = 16, h: int = 16, seed: int = 0) -> Path:

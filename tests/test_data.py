@@ -297,8 +297,8 @@ def test_expand_shards_and_rank_resolution(shards: list[Path], tmp_path: Path) -
 
 
 def _write_parquet(path: Path, images: list[bytes], row_group_size: int = 2) -> Path:
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.table({"image": [{"bytes": b, "path": None} for b in images], "label": list(range(len(images)))})
     pq.write_table(table, path, row_group_size=row_group_size)
@@ -353,7 +353,7 @@ def test_parquet_splits_side_by_side_are_not_mixed(tmp_path: Path) -> None:
 
 
 def test_save_to_disk_folders(tmp_path: Path) -> None:
-    datasets = pytest.importorskip("datasets")
+    import datasets
     pics = [Image.fromarray(_tiny(i)) for i in range(4)]
     ds = datasets.Dataset.from_dict({"image": pics, "text": ["a", "b", "c", "d"]})
     ds = ds.cast_column("image", datasets.Image())

@@ -4,13 +4,12 @@ import math
 
 import numpy as np
 import pytest
+import skimage.data as skimage_data
+import skimage.filters as skimage_filters
+import skimage.metrics as skimage_metrics
 import torch
 
 from klvae.evaluation.metrics import MetricAccumulator, from_unit_range, psnr, ssim, ssim_map, to_unit_range
-
-skimage_metrics = pytest.importorskip("skimage.metrics")
-skimage_data = pytest.importorskip("skimage.data")
-skimage_filters = pytest.importorskip("skimage.filters")
 
 SK_SSIM = {"gaussian_weights": True, "sigma": 1.5, "use_sample_covariance": False, "channel_axis": -1}
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import diffusers
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -14,8 +15,6 @@ from torch import Tensor, nn
 from klvae import AutoencoderKL
 from klvae.model.config import PRESETS, AutoencoderKLConfig
 from klvae.weights import config_to_diffusers, diffusers_to_ldm, export_ldm
-
-diffusers = pytest.importorskip("diffusers")
 
 TOL = 1e-5
 # Full-width 4-level topology at small width, groups 32 so that shapes alone determine it (see weights.infer).
@@ -95,7 +94,7 @@ def test_full_width_parity_both_ways(name: str, tmp_path: Path) -> None:
 
 
 def test_ldm_keys_agree_with_diffusers_own_converter() -> None:
-    single_file = pytest.importorskip("diffusers.loaders.single_file_utils")
+    import diffusers.loaders.single_file_utils as single_file
     theirs = diffusers_vae(SMALL_F8)
     sd = theirs.state_dict()
     converted = single_file.convert_ldm_vae_checkpoint(diffusers_to_ldm(sd), config_to_diffusers(SMALL_F8))

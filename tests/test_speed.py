@@ -87,7 +87,7 @@ def test_half_weights_stay_within_bf16_noise_and_keep_their_keys(device: torch.d
     assert set(fast.state_dict()) == set(perturbed_vae().state_dict())
     for tiling in (None, TileOptions(tile_size=8)):
         _, d = _codec(fast, x, torch.bfloat16, tiling)
-        assert d.dtype == torch.float32 and 25.0 < _psnr(d, d_ref) < math.inf
+        assert d.dtype == torch.float32 and 38.0 < _psnr(d, d_ref) < math.inf  # 44.6 dB measured on the CPU
 
 
 def test_compiled_model_matches_eager_and_saves_the_same_keys(tmp_path: Path, device: torch.device) -> None:
