@@ -3,6 +3,7 @@ CLI's one-line errors."""
 
 import re
 
+import pytest
 import torch
 
 import klvae
@@ -29,3 +30,19 @@ def one_error_line(err: str) -> str:
     assert len(rest) == 1 and rest[0].startswith("klvae: error: "), rest
     assert "internal error" not in rest[0], rest
     return rest[0]
+
+
+def counting_tiled_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts of the tiled encode and decode paths that inference takes from here on."""
+    from klvae.inference import api
+
+    calls = {"encode": 0, "decode": 0}
+    for name, key in (("tiled_encode_moments", "encode"), ("tiled_decode", "decode")):
+        real = getattr(api, name)
+
+        def counted(*args: object, _real=real, _key=key, **kwargs: object) -> object:
+            calls[_key] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(api, name, counted)
+    return calls

@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import klvae
-from helpers import one_error_line
+from helpers import counting_tiled_calls, one_error_line
 from klvae import inference
 from klvae.cli.main import main
 from klvae.images import load_image, pil_to_tensor
@@ -73,22 +73,6 @@ def test_quiet_hides_the_progress_bars_and_the_info_lines(
     assert main(["-q", "decode", str(out), "-o", str(tmp_path / "d"), "--model", str(model_dir)]) == 0
     assert main(["-q", "encode", str(photos), "-o", str(out), "--model", str(model_dir)]) == 0
     assert capsys.readouterr().err == ""
-
-
-def counting_tiled_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """Counts of the tiled encode and decode paths that inference takes from here on."""
-    from klvae.inference import api
-
-    calls = {"encode": 0, "decode": 0}
-    for name, key in (("tiled_encode_moments", "encode"), ("tiled_decode", "decode")):
-        real = getattr(api, name)
-
-        def counted(*args: object, _real=real, _key=key, **kwargs: object) -> object:
-            calls[_key] += 1
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(api, name, counted)
-    return calls
 
 
 def test_tiled_cli_output_equals_untiled(tmp_path: Path, photos: Path, model_dir: Path,

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 import klvae
+from helpers import counting_tiled_calls
 from klvae.cli import main as cli_main
 from klvae.errors import KlvaeError, WeightsError
 from klvae.evaluation.fid import (
@@ -275,7 +276,9 @@ def test_eval_two_models_side_by_side_without_weights(data_dir: Path, models: li
     assert not list((report / "images").glob("*_m1_*"))
 
 
-def test_eval_full_images_limit_and_duplicate_model(data_dir: Path, models: list[Path], tmp_path: Path) -> None:
+def test_eval_full_images_limit_and_duplicate_model(data_dir: Path, models: list[Path], tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = counting_tiled_calls(monkeypatch)
     report = tmp_path / "report"
     rc = run_cli("--model", str(models[0]), "--model", str(models[0]), "--data", str(data_dir), "-o", str(report),
                  "--crop", "none", "--limit", "3", "--no-lpips", "--no-fid", "--examples", "1", "--tile-size", "16")
@@ -283,6 +286,7 @@ def test_eval_full_images_limit_and_duplicate_model(data_dir: Path, models: list
     assert list(s["models"]) == [str(models[0]), f"{models[0]} #2"]
     assert s["images"]["found"] == 3 and s["resolution"] is None and s["crop"] == "none"
     assert s["tiling"] == {"tile_size": 16, "max_memory": None}
+    assert calls["encode"] >= 3 and calls["decode"] >= 3  # the strips really ran (3 images, 2 models)
     assert rc == (1 if s["images"]["skipped"] else 0)
     rows = read_csv(report / "metrics.csv")
     assert [r["psnr"] for r in rows[::2]] == [r["psnr"] for r in rows[1::2]]  # the same model twice
