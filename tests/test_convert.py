@@ -44,6 +44,27 @@ def test_diffusers_to_ldm_and_back_is_exact(source: Path, tmp_path: Path, capsys
     _same(klvae.AutoencoderKL.from_pretrained(back), original)
 
 
+def test_the_vae_of_a_full_sd_checkpoint_comes_out_alone(source: Path, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from klvae.weights import diffusers_to_ldm
+
+    vae = klvae.AutoencoderKL.from_pretrained(source)
+    full = {f"first_stage_model.{k}": v.contiguous() for k, v in diffusers_to_ldm(vae.state_dict()).items()}
+    full["model.diffusion_model.input_blocks.0.0.weight"] = torch.ones(4, 4)  # the UNet and text encoder: left out
+    full["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.zeros(1, 77)
+    save_file(full, str(tmp_path / "sd15-full.safetensors"))
+    out = tmp_path / "vae.safetensors"
+    assert main(["convert", "-m", str(tmp_path / "sd15-full.safetensors"), "--config", "tiny-f8", "-o", str(out)]) == 0
+    with safe_open(str(out), framework="pt") as f:
+        keys = list(f.keys())
+    assert not [k for k in keys if k.startswith(("first_stage_model.", "model.", "cond_stage_model."))]
+    back = klvae.AutoencoderKL.from_pretrained(out)
+    assert back.config == klvae.PRESETS["tiny-f8"]  # the preset named, its factors included
+    for k, v in vae.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+
+
 def test_half_storage_halves_the_file_and_loads_in_diffusers(source: Path, tmp_path: Path) -> None:
     import diffusers
     out = tmp_path / "fp16"
