@@ -199,5 +199,3 @@ def expand_shards(spec: str | Path | Sequence[str | Path]) -> list[Path]:
                 raise KlvaeError(f"no shards at {s}")
             out.extend(hits)
     return list(dict.fromkeys(out))
-
-

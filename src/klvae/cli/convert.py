@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from pathlib import Path
 
@@ -12,8 +11,6 @@ import torch
 from klvae.cli.common import check_output_path
 from klvae.errors import KlvaeError
 from klvae.inference.precision import DTYPES
-
-log = logging.getLogger("klvae")
 
 FORMATS = ("diffusers", "ldm")
 
@@ -71,4 +68,3 @@ def cmd_convert(args: argparse.Namespace) -> int:
     n = vae.num_parameters()["total"]
     print(f"wrote {out} ({fmt} layout, {args.dtype} weights, {n:,} parameters)")
     return 0
-

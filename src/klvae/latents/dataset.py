@@ -112,4 +112,3 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return sum((len(g) + self.batch_size - 1) // self.batch_size for g in self.groups)
-

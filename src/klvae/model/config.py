@@ -170,4 +170,3 @@ def get_preset(name: str) -> AutoencoderKLConfig:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}") from None
-
