@@ -59,8 +59,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     vae = AutoencoderKL.from_pretrained(args.model, subfolder=args.subfolder, config=args.config, dtype=dtype)
     if not all(bool(torch.isfinite(p).all()) for p in vae.parameters()):
         # A written model with inf weights would decode grey or NaN pictures for whoever loads it.
-        raise KlvaeError(f"some weights are not finite in {args.dtype} (fp16 ends at 65504); "
-                         "store fp32 or bf16 instead")
+        if dtype == torch.float16:
+            raise KlvaeError("some weights are not finite in fp16 (its range ends at 65504); store fp32 or bf16")
+        raise KlvaeError(f"{args.model}: some weights are inf or NaN; nothing written")
     if fmt == "ldm":
         export_ldm(vae, out)
     else:
