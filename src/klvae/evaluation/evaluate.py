@@ -120,8 +120,7 @@ def build_metric_nets(
                  for load, resolve, path, flag in ((net.load_vgg, resolve_vgg_weights, lpips_vgg, "--lpips-vgg"),
                                                    (net.load_lin, resolve_lin_weights, lpips_lin, "--lpips-lin"))
                  if path is None]
-        hint = "--lpips-vgg and --lpips-lin name local weight files"
-        if _load_found(found, "LPIPS", hint, nets.left_out, "lpips"):
+        if _load_found(found, "LPIPS", nets.left_out, "lpips"):
             nets.lpips = net.to(device)
     if not fid:
         nets.left_out["rfid"] = "disabled (--no-fid)"
@@ -130,21 +129,21 @@ def build_metric_nets(
         if inception_weights is not None:
             load_named_weights(inception.load, inception_weights, "--inception-weights")
         found = [(inception.load, resolve_inception_weights)] if inception_weights is None else []
-        hint = "--inception-weights names a local weights file"
-        if _load_found(found, "rFID", hint, nets.left_out, "rfid"):
+        if _load_found(found, "rFID", nets.left_out, "rfid"):
             nets.inception = inception.to(device)
     return nets
 
 
-def _load_found(loads: list[tuple[Callable[[Any], None], Callable[[], Any]]], metric: str, hint: str,
+def _load_found(loads: list[tuple[Callable[[Any], None], Callable[[], Any]]], metric: str,
                 left_out: dict[str, str], key: str) -> bool:
-    # Weights nobody named may be missing here (offline, no cache): the metric is left out, with one line.
+    # Weights nobody named may be missing here (offline, no cache): the metric is left out, with one line that
+    # names the option for a local file (each resolver's message carries it).
     try:
         for load, resolve in loads:
             load(resolve())
     except KlvaeError as e:
         reason = first_line(e)
-        log.warning("%s left out (%s): %s", metric, hint, reason)
+        log.warning("%s left out: %s", metric, reason)
         left_out[key] = f"weights unavailable: {reason}"
         return False
     return True
