@@ -73,7 +73,9 @@ class Attention(nn.Module):
         q, k, v = (proj(t).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # [B, 1, HW, C]
         a = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # [B, HW, C]
         a = self.to_out[0](a).transpose(1, 2).reshape(b, c, h, w)
-        return x + a
+        # a first, as diffusers adds: the sum takes a's channels-last strides, and the convolutions after it pick
+        # their kernels by layout, so the other order differs from diffusers by rounding at batch > 1.
+        return a + x
 
 
 class LinearAttention(nn.Module):
