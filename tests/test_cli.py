@@ -186,3 +186,16 @@ def test_noise_sheet(tmp_path: Path, photos: Path, model_dir: Path) -> None:
     expected = ((recon.permute(1, 2, 0).numpy() + 1) * 127.5).round()
     # t=0 still adds sqrt(beta_0) of noise: near the plain reconstruction; t=999 is mostly noise
     assert 2 * np.mean((t0 - expected) ** 2) < np.mean((t999 - expected) ** 2)
+
+
+
+def test_noise_beta_range_reaches_the_schedule(tmp_path: Path, photos: Path, model_dir: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from klvae import diffusion
+    made = []
+    real = diffusion.make_betas
+    monkeypatch.setattr(diffusion, "make_betas", lambda *a, **k: made.append((a, k)) or real(*a, **k))
+    out = tmp_path / "sheet.png"
+    assert main(["noise", str(photos / "astronaut.png"), "-o", str(out), "--steps", "0", "--schedule", "linear",
+                 "--beta-start", "0.001", "--beta-end", "0.03", "--model", str(model_dir)]) == 0
+    assert made == [(("linear", 1000), {"beta_start": 0.001, "beta_end": 0.03})] and out.exists()

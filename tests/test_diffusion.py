@@ -28,6 +28,15 @@ def test_betas_closed_forms() -> None:
     assert lin.dtype == sl.dtype == torch.float64
 
 
+def test_default_beta_ranges_are_each_names_own() -> None:
+    """Left out, "linear" is DDPM's 1e-4..0.02 (diffusers' and LDM's defaults), "scaled_linear" SD's 0.00085..0.012."""
+    lin = make_betas("linear", T)
+    assert (lin[0].item(), lin[-1].item()) == pytest.approx((1e-4, 2e-2), abs=1e-15)
+    torch.testing.assert_close(make_betas("scaled_linear", T), make_betas("scaled_linear", T, 0.00085, 0.012),
+                               rtol=0, atol=0)
+    assert NoiseSchedule.from_name("linear", T).alphas_cumprod[-1].item() == pytest.approx(4.04e-5, rel=1e-2)
+
+
 def test_cosine_betas_formula() -> None:
     s = 8e-3
     f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731

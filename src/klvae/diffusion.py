@@ -11,6 +11,8 @@ here (diffusers)    betas                                        LDM name       
 ==================  ===========================================  ===============  ====================
 
 So an LDM config that says `linear` with `linear_start: 0.00085, linear_end: 0.012` is `scaled_linear` here.
+Left out, the beta range is the one each name is known by: 1e-4..0.02 for "linear" (DDPM), 0.00085..0.012 for
+"scaled_linear" (Stable Diffusion).
 All tables are float64 (as LDM's numpy tables are); results are cast to the input's dtype at the end.
 """
 
@@ -25,16 +27,24 @@ from torch import Tensor
 Schedule = Literal["linear", "scaled_linear", "cosine"]
 
 
+# The beta range each schedule is known by: pixel-space DDPM's for "linear" (diffusers' and LDM's defaults), Stable
+# Diffusion's for "scaled_linear", which only SD-style latent models use.
+DEFAULT_BETA_RANGE: dict[str, tuple[float, float]] = {"linear": (1e-4, 2e-2), "scaled_linear": (0.00085, 0.012)}
+
+
 def make_betas(
     schedule: Schedule,
     num_steps: int = 1000,
-    beta_start: float = 0.00085,
-    beta_end: float = 0.012,
+    beta_start: float | None = None,
+    beta_end: float | None = None,
     cosine_s: float = 8e-3,
 ) -> Tensor:
     """The float64 betas [num_steps] of a named schedule (LDM's `make_beta_schedule`, diffusers' names)."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    default_start, default_end = DEFAULT_BETA_RANGE.get(schedule, (0.0, 0.0))
+    beta_start = default_start if beta_start is None else beta_start
+    beta_end = default_end if beta_end is None else beta_end
     if schedule == "linear":
         return torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
     if schedule == "scaled_linear":
@@ -93,7 +103,7 @@ class NoiseSchedule:
         self.posterior_mean_coef2 = (1.0 - ab_prev) * self.alphas.sqrt() / (1.0 - ab)
 
     @classmethod
-    def from_name(cls, schedule: Schedule, num_steps: int = 1000, **kwargs: float) -> NoiseSchedule:
+    def from_name(cls, schedule: Schedule, num_steps: int = 1000, **kwargs: float | None) -> NoiseSchedule:
         """A schedule from `make_betas` arguments."""
         return cls(make_betas(schedule, num_steps, **kwargs))
 

@@ -26,6 +26,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--schedule", choices=["scaled_linear", "linear", "cosine"], default="scaled_linear",
                    help="beta schedule (scaled_linear 0.00085..0.012 is Stable Diffusion's)")
     p.add_argument("--num-steps", type=int, default=1000, help="length of the schedule (Stable Diffusion: 1000)")
+    p.add_argument("--beta-start", type=float, default=None,
+                   help="first beta of a linear or scaled_linear schedule (default 0.00085 for scaled_linear, "
+                        "1e-4 for linear)")
+    p.add_argument("--beta-end", type=float, default=None,
+                   help="last beta of a linear or scaled_linear schedule (default 0.012 for scaled_linear, "
+                        "0.02 for linear)")
     p.add_argument("--seed", type=int, default=0, help="seed of the one noise draw all timesteps share")
     add_model_args(p)
     p.set_defaults(func=cmd_noise)
@@ -41,11 +47,13 @@ def cmd_noise(args: argparse.Namespace) -> int:
     bad = [t for t in args.steps if t < 0 or t >= args.num_steps]
     if bad:
         raise KlvaeError(f"--steps must lie in [0, {args.num_steps - 1}] (--num-steps {args.num_steps}), got {bad[0]}")
+    _check_betas(args)
     check_seed(args.seed)
     check_output_path(args.output, inputs=[args.image])  # before the work, not after it
     x = pil_to_tensor(load_image(args.image))[None]
     vae, _, dtype = load_model(args)
-    schedule = NoiseSchedule.from_name(args.schedule, args.num_steps)
+    schedule = NoiseSchedule.from_name(args.schedule, args.num_steps, beta_start=args.beta_start,
+                                       beta_end=args.beta_end)
     z0 = vae.scale_latents(inference.encode(vae, x, dtype).mode())
     noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(args.seed)).to(z0.device)
     tiles = []
@@ -56,6 +64,15 @@ def cmd_noise(args: argparse.Namespace) -> int:
     save_image_atomic(_sheet(tiles), args.output)
     print(f"wrote {args.output}: t = {', '.join(str(t) for t in args.steps)} ({args.schedule} schedule)")
     return 0
+
+
+def _check_betas(args: argparse.Namespace) -> None:
+    given = {name: v for name, v in (("--beta-start", args.beta_start), ("--beta-end", args.beta_end)) if v is not None}
+    if given and args.schedule == "cosine":
+        raise KlvaeError(f"{', '.join(given)} set the range of a linear or scaled_linear schedule, not of cosine")
+    for name, v in given.items():
+        if not 0 < v < 1:  # also refuses nan
+            raise KlvaeError(f"{name} must lie strictly between 0 and 1, got {v}")
 
 
 def _sheet(tiles: list[tuple[int, Image.Image, float]]) -> Image.Image:
