@@ -208,6 +208,28 @@ def test_discriminator_off_before_disc_start_on_from_it() -> None:
     assert logs["d_weight"].item() > 0.0
 
 
+def test_actnorm_takes_its_init_from_the_first_generator_pass_as_in_ldm() -> None:
+    """LDM's generator pass runs the critic at every step, so ActNorm initialises at step 0, not at disc_start."""
+    torch.manual_seed(0)
+    loss_fn, dec = AutoencoderLoss(no_lpips(disc_start=5, disc_ndf=8, disc_use_actnorm=True)), TinyDecoder()
+    norms = [m for m in loss_fn.discriminator.modules() if isinstance(m, ActNorm)]
+    x, h = torch.rand(2, 3, 32, 32), torch.randn(2, 4, 32, 32)
+    post = DiagonalGaussian(torch.randn(2, 8, 4, 4))
+    rec = dec(h)
+    first = ActNorm(norms[0].loc.shape[1])  # the first ActNorm on the same features, by hand
+    features = loss_fn.discriminator.main[:3](rec.detach())
+    first(features)
+    loss, logs = loss_fn.generator_loss(x, rec, post, 0, last_layer=dec.conv_out.weight)
+    assert all(m.initialized.item() == 1 for m in norms) and logs["g_loss"].item() == 0.0
+    torch.testing.assert_close(norms[0].loc, first.loc)
+    torch.testing.assert_close(norms[0].scale, first.scale)
+    loss.backward()
+    assert all(p.grad is None for p in loss_fn.discriminator.parameters())  # the init pass trains nothing
+    loc = norms[-1].loc.detach().clone()
+    loss_fn.generator_loss(x, dec(h) * 3, post, 5, last_layer=dec.conv_out.weight)
+    assert torch.equal(norms[-1].loc, loc)  # initialised once only
+
+
 def test_no_last_layer_or_no_grad_gives_zero_gan_weight() -> None:
     loss_fn, dec = AutoencoderLoss(no_lpips(disc_start=0, disc_ndf=8)), TinyDecoder()
     x, h = torch.rand(1, 3, 32, 32), torch.randn(1, 4, 32, 32)

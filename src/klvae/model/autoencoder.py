@@ -113,7 +113,11 @@ class AutoencoderKL(nn.Module):
     def forward(
         self, x: Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None
     ) -> tuple[Tensor, DiagonalGaussian]:
-        """Reconstruct x through a posterior sample (or its mode); returns (reconstruction, posterior)."""
+        """Reconstruct x through a posterior sample (or its mode); returns (reconstruction, posterior).
+
+        This is LDM's forward, sampling by default as training wants; diffusers' `vae(x)` decodes the mode, which
+        is `vae(x, sample_posterior=False)` here.
+        """
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z), posterior

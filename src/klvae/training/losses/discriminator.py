@@ -69,6 +69,10 @@ class NLayerDiscriminator(nn.Module):
         """Per-patch real/fake logits."""
         return self.main(x)
 
+    def awaits_init(self) -> bool:
+        """True while an ActNorm layer waits for the first training batch to set its loc and scale."""
+        return self.training and any(isinstance(m, ActNorm) and not bool(m.initialized) for m in self.modules())
+
 
 def weights_init(m: nn.Module) -> None:
     """DCGAN init for `module.apply`: conv weights N(0, 0.02); BatchNorm weight N(1, 0.02), bias 0."""

@@ -265,9 +265,14 @@ class AutoencoderLoss(nn.Module):
         factor = self.discriminator_factor(global_step)
         zero = nll_loss.new_zeros(())
         g_loss, d_weight = zero, zero
-        if factor > 0 and self.discriminator is not None:  # before disc_start the critic does not even run
+        if factor > 0 and self.discriminator is not None:  # before disc_start the critic's loss is not needed
             g_loss = generator_adversarial_loss(self.discriminator(reconstructions))
             d_weight = self._gan_weight(nll_loss, g_loss, last_layer)
+        elif self.discriminator is not None and self.discriminator.awaits_init():
+            # LDM's generator pass runs the critic from step 0, so ActNorm takes its init from the first
+            # reconstructions, not from those at disc_start; one pass without gradients does the same.
+            with torch.no_grad():
+                self.discriminator(reconstructions.detach())
         loss = weighted_nll_loss + cfg.kl_weight * kl + d_weight * factor * g_loss
         logs = {
             "total": loss, "nll": nll_loss, "rec": rec.mean(), "kl": kl, "d_weight": d_weight,
