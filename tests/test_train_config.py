@@ -57,6 +57,12 @@ def _load(*overrides: str) -> TrainConfig:
         ("loss.preset=foo", r"unknown loss preset 'foo'"),
         ("loss.kl_wieght=1", r"unknown loss field\(s\) loss\.kl_wieght"),
         ("loss.learn_logvar=maybe", r"loss\.learn_logvar must be true or false"),
+        # A nan weight made every step non-finite; 1e400 overflowed int(); 1.5 steps were cut to 1.
+        ("loss.kl_weight=.nan", r"loss\.kl_weight must be a finite number, got nan"),
+        ("loss.disc_weight=.inf", r"loss\.disc_weight must be a finite number, got inf"),
+        ("loss.disc_start=1e400", r"loss\.disc_start must be a finite number, got '1e400'"),
+        ("loss.disc_start=1.5", r"loss\.disc_start must be a whole number, got 1\.5"),
+        ("loss.lpips_vgg_path=5", r"config field loss\.lpips_vgg_path must be str, got 5"),
         ("train.x=[", r"override 'train\.x=\[': cannot parse the value"),
     ],
 )
@@ -81,7 +87,7 @@ def test_pretrained_weights_keep_their_own_architecture() -> None:
 
 
 @pytest.mark.parametrize("override", ["train.log_every=0", "optim.betas=abc", "model.overrides.norm_num_groups=0",
-                                      "loss=ldm", "data.resolution=100000"])
+                                      "loss=ldm", "data.resolution=100000", "loss.disc_start=1e400"])
 def test_the_train_command_reports_one_line(override: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["train", "--print-config", *[a for o in (*BASE, override) for a in ("--set", o)]]
     assert main(args) == 2

@@ -161,7 +161,12 @@ def _floats(value: Any, n: int, name: str) -> tuple[float, ...]:
     return tuple(_coerce(float, v, name) for v in value)
 
 
-def _coerce(t: type, value: Any, name: str) -> Any:
+def _coerce(t: Any, value: Any, name: str) -> Any:
+    args = get_args(t)
+    if type(None) in args:  # `X | None`: None stays, anything else must be an X
+        if value is None:
+            return None
+        (t,) = (a for a in args if a is not type(None))
     if t is bool and not isinstance(value, bool):
         raise KlvaeError(f"config field {name} must be true or false, got {value!r}")
     if t is not bool and isinstance(value, bool):  # bool is an int to Python, not to a person: true steps?
@@ -294,6 +299,6 @@ def build_loss_config(d: dict[str, Any]) -> LossConfig:
     if unknown:
         raise KlvaeError(f"unknown loss field(s) {', '.join(f'loss.{u}' for u in unknown)}")
     for name, value in d.items():
-        if hints[name] in (str, bool):  # LossConfig converts and checks its numbers itself
+        if hints[name] not in (int, float):  # LossConfig converts and checks its numbers itself
             _coerce(hints[name], value, f"loss.{name}")
     return base.replace(**d)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -101,12 +102,21 @@ def _coerce_numbers(cfg: LossConfig) -> None:
     for names, kind in ((_FLOATS, float), (_INTS, int)):
         for name in names:
             value = getattr(cfg, name)
-            if isinstance(value, bool):
-                raise KlvaeError(f"loss.{name} must be a number, got {value!r}")
             try:
-                object.__setattr__(cfg, name, kind(value) if kind is float else kind(float(value)))
-            except (TypeError, ValueError):
-                raise KlvaeError(f"loss.{name} must be a number, got {value!r}") from None
+                number = math.nan if isinstance(value, bool) else float(value)
+            except (TypeError, ValueError, OverflowError):
+                number = math.nan
+            # A nan or inf weight would make every step non-finite, and each would only be skipped.
+            if not math.isfinite(number):
+                raise KlvaeError(f"loss.{name} must be a finite number, got {_short(value)}")
+            if kind is int and not number.is_integer():
+                raise KlvaeError(f"loss.{name} must be a whole number, got {_short(value)}")
+            object.__setattr__(cfg, name, int(number) if kind is int else number)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 LOSS_PRESETS: dict[str, LossConfig] = {
