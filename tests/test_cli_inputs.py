@@ -176,6 +176,7 @@ GOOD = {"name": "good.png", "key": "g", "height": 16, "width": 16}
         ([GOOD], {"g": torch.zeros(4, 0, 5)}, {}, "empty latents of shape [4, 0, 5]"),
         ([GOOD], {"g": torch.zeros(1, 4, 2, 2)}, {}, "latents of shape [1, 4, 2, 2]; each item holds one image's"),
         ([GOOD], {"g": torch.zeros(4, 2, 2, dtype=torch.int32)}, {}, "latents of dtype int32"),
+        ([GOOD], {"g": torch.zeros(4, 2, 2, dtype=torch.float8_e4m3fn)}, {}, "latents of dtype float8_e4m3fn"),
         ([GOOD], {"g": torch.zeros(3, 2, 2)}, {}, "do not fit this model"),
         # a good item first: nothing may be written before the bad second one is found
         ([GOOD, {**GOOD, "key": "b", "name": "bad.png", "height": 40}],
