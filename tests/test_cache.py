@@ -167,6 +167,33 @@ def test_cache_bad_input_is_a_one_line_error(
     assert len(err) == 1 and "no such data" in err[0]
 
 
+@pytest.mark.parametrize(("where", "line"), [
+    *(("manifest-rank000.jsonl", line) for line in ["5", "[1, 2]", '{"rows": [5]}', '{"options": 5}', '{"shard": 3}']),
+    *(("index.json", line) for line in ["5", "[1, 2]", '{"options": 5}', "{not json"]),
+])
+def test_a_damaged_manifest_or_index_is_a_one_line_error(
+    tmp_path: Path, model_dir: Path, capsys: pytest.CaptureFixture[str], where: str, line: str
+) -> None:
+    data, out = _images(tmp_path / "data", 2), tmp_path / "cache"
+    args = ["--data", str(data), "-o", str(out), "--model", str(model_dir), "--resolution", "32", "--num-workers", "0"]
+    assert _cache(args) == 0
+    capsys.readouterr()
+    (out / where).write_text(line + "\n")
+    assert _cache(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("klvae: error: ") and "the cache is damaged" in err[0], err
+
+
+def test_a_line_torn_by_a_kill_does_not_swallow_the_next_record(tmp_path: Path) -> None:
+    from klvae.latents.cache import _append_line
+
+    manifest = tmp_path / "manifest-rank000.jsonl"
+    record = {"shard": "rank000-00000.safetensors", "rows": [{"source": "a.png", "flip": False}], "failed": []}
+    manifest.write_text(json.dumps(record) + "\n" + '{"shard": "rank000-000')  # a kill mid-append
+    _append_line(manifest, {**record, "shard": "rank000-00001.safetensors"})
+    assert [r["shard"] for r in read_manifest(manifest)] == ["rank000-00000.safetensors", "rank000-00001.safetensors"]
+
+
 class _Killed(BaseException):
     """Stands in for a SIGKILL landing at a chosen write (BaseException: nothing on the way catches it)."""
 

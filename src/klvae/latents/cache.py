@@ -127,23 +127,50 @@ def _write_shard(rows: list[tuple[dict[str, Tensor], dict[str, Any]]], out: Path
 
 
 def _append_line(path: Path, record: dict[str, Any]) -> None:
+    # After a line torn by a kill, start a new one: glued to the fragment, this record would be unreadable too.
+    torn = path.exists() and path.stat().st_size > 0 and _last_byte(path) != b"\n"
     with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(("\n" if torn else "") + json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
 
+def _last_byte(path: Path) -> bytes:
+    with path.open("rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
+
+
 def read_manifest(path: Path) -> list[dict[str, Any]]:
-    """The complete lines of a manifest (a torn last line from a kill is ignored)."""
+    """The complete lines of a manifest (lines torn by a kill are ignored; a whole line that is not a record is a
+    KlvaeError)."""
     if not path.exists():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            rec = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
             continue
+        if not _is_record(rec):
+            raise KlvaeError(f"{path} line {n} is not a cache manifest record: the cache is damaged; move the "
+                             "folder aside and cache again")
+        records.append(rec)
     return records
+
+
+def _is_record(rec: Any) -> bool:
+    # What a resume and write_index read from each line: its shard, rows (source, flip), failures and options.
+    def is_row(m: Any) -> bool:
+        return isinstance(m, dict) and isinstance(m.get("source"), str) and isinstance(m.get("flip"), bool)
+
+    return (
+        isinstance(rec, dict)
+        and isinstance(rec.get("shard"), str | None)
+        and isinstance(rows := rec.get("rows", []), list) and all(map(is_row, rows))
+        and isinstance(failed := rec.get("failed", []), list) and all(isinstance(i, str) for i in failed)
+        and isinstance(rec.get("options", {}), dict)
+    )
 
 
 # The options that decide what a row holds (and the world size, which decides each rank's images): a resume
@@ -167,7 +194,7 @@ def check_resume(out: str | Path, opts: CacheOptions, world: int, fingerprint: s
     out, current = Path(out), row_options(opts, world, fingerprint)
     recorded = []
     if (out / "index.json").is_file():
-        index = json.loads((out / "index.json").read_text())
+        index = _read_index(out / "index.json")
         extra = {k: index[k] for k in ("world_size", "model_fingerprint") if k in index}
         recorded.append({**index.get("options", {}), **extra})
     for p in sorted(out.glob("manifest-rank*.jsonl")):
@@ -183,6 +210,16 @@ def check_resume(out: str | Path, opts: CacheOptions, world: int, fingerprint: s
                                  "another folder")
             raise KlvaeError(f"{out} holds a cache made with {key}={old[key]!r}, not {value!r}: resume it with "
                              "the same options and number of processes, or write to another folder")
+
+
+def _read_index(path: Path) -> dict[str, Any]:
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        index = None
+    if not isinstance(index, dict) or not isinstance(index.get("options", {}), dict):
+        raise KlvaeError(f"{path} is not a cache index: the cache is damaged; move the folder aside and cache again")
+    return index
 
 
 def _recover(out: Path, rank: int) -> tuple[set[tuple[str, bool]], set[str], int]:
