@@ -184,6 +184,25 @@ def test_a_damaged_manifest_or_index_is_a_one_line_error(
     assert len(err) == 1 and err[0].startswith("klvae: error: ") and "the cache is damaged" in err[0], err
 
 
+def test_a_full_disk_while_writing_a_shard_is_a_one_line_error(
+    tmp_path: Path, model_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safetensors import SafetensorError
+
+    from klvae import atomic
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise SafetensorError("Error while serializing: IoError(No space left on device (os error 28))")
+
+    monkeypatch.setattr(atomic, "save_file", full)
+    data, out = _images(tmp_path / "data", 2), tmp_path / "cache"
+    assert _cache(["--data", str(data), "-o", str(out), "--model", str(model_dir), "--resolution", "32",
+                   "--num-workers", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("klvae: error: cannot write ") and "No space left" in err[-1], err
+    assert "internal error" not in "".join(err) and not list(out.glob("*.safetensors")) and not list(out.glob(".*"))
+
+
 def test_a_line_torn_by_a_kill_does_not_swallow_the_next_record(tmp_path: Path) -> None:
     from klvae.latents.cache import _append_line
 

@@ -11,6 +11,10 @@ import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+from torch import Tensor
+
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Run write(tmp) on a temporary name beside `path`, flush it to disk, then rename it onto `path`."""
@@ -49,6 +53,19 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     def write(tmp: Path) -> None:
         with open(tmp, "w", encoding="utf-8", newline="") as f:
             f.write(text)
+
+    return atomic_write(path, write)
+
+
+def atomic_save_file(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> Path:
+    """safetensors' save_file, atomically; a failed write (full disk, read-only folder) is an OSError naming path."""
+
+    def write(tmp: Path) -> None:
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as e:
+            # safetensors reports these as its own error type, which callers would take for a bug.
+            raise OSError(f"cannot write {path}: {e}") from None
 
     return atomic_write(path, write)
 

@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from klvae import inference
-from klvae.atomic import atomic_write, atomic_write_text
+from klvae.atomic import atomic_save_file, atomic_write_text
 from klvae.errors import KlvaeError
 from klvae.images import MAX_PIXELS, MAX_RESOLUTION, pil_to_tensor
 from klvae.latents.buckets import make_buckets, nearest_bucket, resize_crop
@@ -122,7 +121,7 @@ def _write_shard(rows: list[tuple[dict[str, Tensor], dict[str, Any]]], out: Path
         for field, v in t.items():
             tensors[f"{r:06d}.{field}"] = v.contiguous()
         metas.append({**meta, "shard": name, "row": r})
-    atomic_write(out / name, lambda tmp: save_file(tensors, str(tmp), metadata={"format": INDEX_FORMAT}))
+    atomic_save_file(out / name, tensors, {"format": INDEX_FORMAT})
     return metas
 
 

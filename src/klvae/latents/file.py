@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
-from klvae.atomic import atomic_write
+from klvae.atomic import atomic_save_file
 from klvae.errors import LatentsError
 from klvae.images import MAX_PIXELS
 
@@ -54,15 +54,7 @@ def save_latents(lf: LatentsFile, path: str | Path) -> Path:
         **lf.extra,
     }
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lf.latents.items()}
-
-    def write(tmp: Path) -> None:
-        try:
-            save_file(tensors, str(tmp), metadata=meta)
-        except SafetensorError as e:
-            # safetensors reports a full disk or a read-only folder as its own error type, not an OSError.
-            raise OSError(f"cannot write {path}: {e}") from None
-
-    return atomic_write(path, write)
+    return atomic_save_file(path, tensors, meta)
 
 
 def load_latents(path: str | Path, downsample_factor: int | None = None) -> LatentsFile:
