@@ -279,7 +279,7 @@ def test_a_failed_latents_write_is_one_line_and_leaves_nothing(tmp_path: Path, m
         Path(filename).write_bytes(b"half")
         raise SafetensorError(f"Error while serializing: I/O error: Permission denied (os error 13) at {filename}")
 
-    monkeypatch.setattr("klvae.latents.file.save_file", fail)
+    monkeypatch.setattr("klvae.atomic.save_file", fail)
     assert main(["encode", str(img), "-o", str(tmp_path / "out" / "z.safetensors")]) == 2
     assert "cannot write" in _err_line(capsys)
     assert _files(tmp_path / "out") == []
