@@ -2,8 +2,10 @@
 
 import json
 import math
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -199,3 +201,14 @@ def test_noise_beta_range_reaches_the_schedule(tmp_path: Path, photos: Path, mod
     assert main(["noise", str(photos / "astronaut.png"), "-o", str(out), "--steps", "0", "--schedule", "linear",
                  "--beta-start", "0.001", "--beta-end", "0.03", "--model", str(model_dir)]) == 0
     assert made == [(("linear", 1000), {"beta_start": 0.001, "beta_end": 0.03})] and out.exists()
+
+
+def test_ctrl_c_while_torch_imports_is_one_line() -> None:
+    """`import klvae` leaves torch for later, so a Ctrl-C in the seconds of its import lands inside main()."""
+    proc = subprocess.Popen([sys.executable, "-c", "import klvae, sys; assert 'torch' not in sys.modules; "
+                             "from klvae.cli.main import main; sys.exit(main(['info']))"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # torch takes seconds to import; Python's own SIGINT handler is in place long before
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip() == "klvae: interrupted", err

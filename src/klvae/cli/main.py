@@ -52,8 +52,10 @@ def setup_logging(level: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 partial failure or internal error, 2 bad input)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)  # imports torch: seconds in which a Ctrl-C may land
+    except KeyboardInterrupt:
+        return _interrupted()
     setup_logging(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
     try:
         return int(args.func(args) or 0)
@@ -61,8 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"klvae: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("klvae: interrupted", file=sys.stderr)
-        return 130
+        return _interrupted()
     except OSError as e:
         print(f"klvae: error: {_one_line(e)}", file=sys.stderr)
         return 2
@@ -72,6 +73,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"klvae: internal error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for details)",
               file=sys.stderr)
         return 1
+
+
+def _interrupted() -> int:
+    print("klvae: interrupted", file=sys.stderr)
+    return 130
 
 
 def _one_line(e: BaseException) -> str:
