@@ -98,7 +98,9 @@ def fit(tr: Trainer) -> dict[str, float]:
         bar.close()
         runlog.close()
     if skipped[0]:
-        log.warning("%d unreadable training image(s) were skipped", skipped[0])
+        # Counted per read, and every epoch reads each image again: the warnings on the way name the files.
+        log.warning("unreadable training images were skipped %d time(s) (once per read, so once per epoch each)",
+                    skipped[0])
     if main:
         log.info("exported weights to %s", tr.export())
     return last
