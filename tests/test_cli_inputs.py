@@ -161,6 +161,7 @@ GOOD = {"name": "good.png", "key": "g", "height": 16, "width": 16}
         ([{**GOOD, "height": 17}], None, {}, "height 17 does not fit latents 2 cells high (x8: 9 to 16)"),
         ([{**GOOD, "width": 8}], None, {}, "width 8 does not fit latents 2 cells wide"),
         ([{**GOOD, "height": 100_000, "width": 100_000}], None, {}, "over the limit"),
+        ([{**GOOD, "height": 10**400}], None, {}, "('good.png'): 10000000000000000...x16 is over the limit"),
         ([{**GOOD, "key": 0}], {"0": torch.zeros(4, 2, 2)}, {}, "key must be a string, got 0"),
         ([{**GOOD, "name": 5}], None, {}, "name must be a string, got 5"),
         ([{**GOOD, "x": 2}], None, {}, "unknown 'x'"),

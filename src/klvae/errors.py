@@ -1,5 +1,7 @@
 """The one exception family that the library raises for bad input; the CLI turns it into a one-line error."""
 
+from __future__ import annotations
+
 
 class KlvaeError(Exception):
     """Bad input or an unusable resource, described in one line for a person."""
@@ -15,3 +17,12 @@ class ImageError(KlvaeError):
 
 class LatentsError(KlvaeError):
     """Latents that do not fit the model (channels) or are not finite."""
+
+
+def quote(value: object, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters: a crafted file can put megabytes in a field an error quotes."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's 4300-digit str limit
+        text = f"<{type(value).__name__} too long to show>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from klvae.atomic import atomic_save_file
-from klvae.errors import LatentsError
+from klvae.errors import LatentsError, quote
 from klvae.images import MAX_PIXELS
 
 FORMAT = "klvae.latents/1"
@@ -74,16 +74,16 @@ def load_latents(path: str | Path, downsample_factor: int | None = None) -> Late
     except (SafetensorError, OSError, ValueError) as e:
         raise LatentsError(f"{path} is not a readable safetensors file: {e}") from None
     if meta.get("format") != FORMAT:
-        raise LatentsError(f"{path} is not a klvae latents file (format {_short(meta.get('format'))})")
+        raise LatentsError(f"{path} is not a klvae latents file (format {quote(meta.get('format'))})")
     items_json = _meta_json(meta, "items", path)
     if not isinstance(items_json, list):
         raise LatentsError(f"{path} has malformed metadata: items is {type(items_json).__name__}, not a list")
     items = [_parse_item(d, n, path) for n, d in enumerate(items_json)]
     missing = [i.key for i in items if i.key not in tensors]
     if missing:
-        raise LatentsError(f"{path} lists latents it does not hold: {_short(', '.join(missing[:5]))}")
+        raise LatentsError(f"{path} lists latents it does not hold: {quote(', '.join(missing[:5]))}")
     for n, it in enumerate(items):
-        _check_tensor(tensors[it.key], f"{path}: item {n} ({_short(it.name)})")
+        _check_tensor(tensors[it.key], f"{path}: item {n} ({quote(it.name)})")
     scaling = _meta_number(_meta_json(meta, "scaling_factor", path), "scaling_factor", path)
     if scaling is None or scaling == 0:
         raise LatentsError(f"{path} has malformed metadata: scaling_factor must be a non-zero number, got {scaling}")
@@ -99,7 +99,7 @@ def check_sizes(lf: LatentsFile, downsample_factor: int, where: str | Path = "la
     decoded image must stay within klvae.images.MAX_PIXELS; else a LatentsError naming the item."""
     f = downsample_factor
     for n, it in enumerate(lf.items):
-        label = f"{where}: item {n} ({_short(it.name)})"
+        label = f"{where}: item {n} ({quote(it.name)})"
         h, w = lf.latents[it.key].shape[-2:]
         for field_name, size, cells in (("height", it.height, h), ("width", it.width, w)):
             # encode pads each side to a multiple of f, so the size lies within the last latent cell.
@@ -113,12 +113,6 @@ def check_sizes(lf: LatentsFile, downsample_factor: int, where: str | Path = "la
 
 
 _ITEM_FIELDS = ("name", "key", "height", "width")
-
-
-def _short(value: object, limit: int = 60) -> str:
-    # A crafted file can put megabytes in a field; the error line quotes only its start.
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _meta_json(meta: dict[str, str], name: str, path: Path) -> object:
@@ -139,7 +133,7 @@ def _meta_number(value: object, name: str, path: Path) -> float | None:
     except OverflowError:  # a JSON integer past float's range
         number = math.nan
     if not math.isfinite(number):
-        raise LatentsError(f"{path} has malformed metadata: {name} must be a finite number, got {_short(value)}")
+        raise LatentsError(f"{path} has malformed metadata: {name} must be a finite number, got {quote(value)}")
     return number
 
 
@@ -149,21 +143,21 @@ def _parse_item(d: object, n: int, path: Path) -> LatentItem:
     missing, unknown = [k for k in _ITEM_FIELDS if k not in d], [k for k in d if k not in _ITEM_FIELDS]
     if missing or unknown:
         what = "; ".join(s for s in (missing and f"no {', '.join(missing)}",
-                                     unknown and f"unknown {_short(', '.join(map(str, unknown)))}") if s)
+                                     unknown and f"unknown {quote(', '.join(map(str, unknown)))}") if s)
         raise LatentsError(f"{path}: item {n} has malformed fields: {what}")
     label = f"{path}: item {n}"
     for k in ("name", "key"):
         if not isinstance(d[k], str):
-            raise LatentsError(f"{label}: {k} must be a string, got {_short(d[k])}")
+            raise LatentsError(f"{label}: {k} must be a string, got {quote(d[k])}")
     if not d["key"]:
         raise LatentsError(f"{label}: key is empty")
     for k in ("height", "width"):
         v = d[k]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise LatentsError(f"{label} ({_short(d['name'])}): {k} must be a positive integer, got {_short(v)}")
+            raise LatentsError(f"{label} ({quote(d['name'])}): {k} must be a positive integer, got {quote(v)}")
     if d["height"] * d["width"] > MAX_PIXELS:
-        raise LatentsError(f"{label} ({_short(d['name'])}): {d['height']}x{d['width']} is over the limit of "
-                           f"{MAX_PIXELS:,} pixels")
+        raise LatentsError(f"{label} ({quote(d['name'])}): {quote(d['height'], 20)}x{quote(d['width'], 20)} is over "
+                           f"the limit of {MAX_PIXELS:,} pixels")
     return LatentItem(name=d["name"], key=d["key"], height=d["height"], width=d["width"])
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from klvae.errors import KlvaeError
+from klvae.errors import KlvaeError, quote
 from klvae.nets.lpips import LPIPS
 from klvae.posterior import DiagonalGaussian
 from klvae.training.losses.discriminator import (
@@ -108,15 +108,10 @@ def _coerce_numbers(cfg: LossConfig) -> None:
                 number = math.nan
             # A nan or inf weight would make every step non-finite, and each would only be skipped.
             if not math.isfinite(number):
-                raise KlvaeError(f"loss.{name} must be a finite number, got {_short(value)}")
+                raise KlvaeError(f"loss.{name} must be a finite number, got {quote(value)}")
             if kind is int and not number.is_integer():
-                raise KlvaeError(f"loss.{name} must be a whole number, got {_short(value)}")
+                raise KlvaeError(f"loss.{name} must be a whole number, got {quote(value)}")
             object.__setattr__(cfg, name, int(number) if kind is int else number)
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 LOSS_PRESETS: dict[str, LossConfig] = {
