@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from helpers import fake_hub_cache
 from klvae import AutoencoderKL, WeightsError
 from klvae.model.config import PRESET_HUB_IDS, PRESETS, AutoencoderKLConfig
 from klvae.weights import (
@@ -31,7 +32,6 @@ from klvae.weights import (
 from klvae.weights.infer import ARCH_FIELDS
 
 TINY = PRESETS["tiny"]
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 def tiny_model(cfg: AutoencoderKLConfig = TINY, seed: int = 0) -> AutoencoderKL:
@@ -309,17 +309,6 @@ def test_unreadable_and_unknown_sources(tmp_path: Path) -> None:
 
 
 # ---- the hub, offline -------------------------------------------------------------------------------------------
-def fake_hub_cache(
-    root: Path, repo_id: str, model: AutoencoderKL, subfolder: str | None, bin_only: bool = False
-) -> None:
-    """The layout huggingface_hub's cache has: models--org--name/refs/main + snapshots/<commit>/..."""
-    repo = root / f"models--{repo_id.replace('/', '--')}"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(COMMIT)
-    snap = repo / "snapshots" / COMMIT
-    model.save_pretrained(snap / subfolder if subfolder else snap, safe_serialization=not bin_only)
-
-
 @pytest.fixture
 def offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache = tmp_path / "hf" / "hub"

@@ -36,10 +36,17 @@ CONFIG_METADATA = "klvae_config"
 
 
 @dataclass(frozen=True)
-class _Source:
+class WeightsSource:
+    """The local files a model loads from (the hub's are in its cache), and the preset name it was, if any."""
+
     weights: Path
     config_json: Path | None = None
-    preset: str | None = None  # the preset name that path_or_id was
+    preset: str | None = None
+
+    @property
+    def files(self) -> list[Path]:
+        """Every file that loading reads."""
+        return [self.weights] + ([self.config_json] if self.config_json is not None else [])
 
 
 def _first_line(e: BaseException) -> str:
@@ -113,22 +120,22 @@ def read_state_dict(path: str | Path) -> StateDict:
     return _read(Path(path))[0]
 
 
-def _folder(d: Path) -> _Source:
+def _folder(d: Path) -> WeightsSource:
     for name in FOLDER_WEIGHTS:
         if (d / name).is_file():
             if ".fp16." in name:
                 log.info("%s: only the fp16 variant is there, using %s", d, name)
             config = d / CONFIG_NAME
-            return _Source(d / name, config if config.is_file() else None)
+            return WeightsSource(d / name, config if config.is_file() else None)
     if (d / "vae" / CONFIG_NAME).is_file():
         log.info("%s is a pipeline folder: using its vae/ subfolder", d)
         return _folder(d / "vae")
     raise WeightsError(f"{d} has no {' or '.join(FOLDER_WEIGHTS[:2])} (a pipeline folder? pass subfolder='vae')")
 
 
-def _hub(repo_id: str, subfolder: str | None, preset: str | None = None) -> _Source:
+def _hub(repo_id: str, subfolder: str | None, preset: str | None = None) -> WeightsSource:
     config, weights = fetch_diffusers_files(repo_id, subfolder)
-    return _Source(weights, config, preset)
+    return WeightsSource(weights, config, preset)
 
 
 # Models that ship inside the package (src/klvae/assets/<name>/), so the commands run offline.
@@ -145,7 +152,7 @@ def embedded_model_dir(name: str) -> Path:
     return folder
 
 
-def _locate(path_or_id: str | Path, subfolder: str | None) -> _Source:
+def locate(path_or_id: str | Path, subfolder: str | None = None) -> WeightsSource:
     """Where the weights (and config.json) named by path_or_id are, fetching from the hub when needed."""
     path = Path(path_or_id).expanduser()
     if path.exists():
@@ -153,7 +160,7 @@ def _locate(path_or_id: str | Path, subfolder: str | None) -> _Source:
             path = path / subfolder
             if not path.is_dir():
                 raise WeightsError(f"no such folder: {path}")
-        return _folder(path) if path.is_dir() else _Source(path)
+        return _folder(path) if path.is_dir() else WeightsSource(path)
     name = str(path_or_id)
     if name in EMBEDDED_MODELS:
         return _folder(embedded_model_dir(name))
@@ -168,7 +175,7 @@ def _locate(path_or_id: str | Path, subfolder: str | None) -> _Source:
 
 
 def _resolve_config(
-    config: AutoencoderKLConfig | str | None, source: _Source, sd: StateDict, family: str | None,
+    config: AutoencoderKLConfig | str | None, source: WeightsSource, sd: StateDict, family: str | None,
     meta: dict[str, str],
 ) -> tuple[AutoencoderKLConfig, str]:
     """The config to build and how to name it in errors: explicit > preset name > config.json > the config klvae
@@ -252,7 +259,17 @@ def load_pretrained(
     device: str | torch.device | None = None,
 ) -> M:
     """A `cls` (AutoencoderKL) with the weights that path_or_id names, in eval mode on device/dtype."""
-    source = _locate(path_or_id, subfolder)
+    return load_source(cls, locate(path_or_id, subfolder), config=config, dtype=dtype, device=device)
+
+
+def load_source(
+    cls: type[M],
+    source: WeightsSource,
+    config: AutoencoderKLConfig | str | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> M:
+    """`load_pretrained` from files already located (see `locate`)."""
     raw, all_keys, meta = _read(source.weights)
     sd = to_diffusers(raw)
     cfg, what = _resolve_config(config, source, sd, guess_family(all_keys), meta)
