@@ -160,3 +160,27 @@ def test_convert_never_writes_over_the_model_it_reads(
     assert main(["-q", "convert", "-m", model, "-o", output, "--dtype", "fp16"]) == 2
     assert "the model being converted (" in one_error_line(capsys.readouterr().err)
     assert _tree(places) == before
+
+
+@pytest.mark.parametrize("output", ["kept/new/deeper", "kept/new/vae.safetensors"])
+def test_a_full_disk_is_one_line_and_leaves_no_new_folder(
+    source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], output: str
+) -> None:
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from helpers import one_error_line
+
+    def full(tensors: dict, filename: str, metadata: dict | None = None) -> None:
+        Path(filename).write_bytes(b"\0" * 100)
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                              '"No space left on device" })')
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    (tmp_path / "kept").mkdir()  # there before: stays
+    out = tmp_path / output
+    capsys.readouterr()
+    assert main(["-q", "convert", "-m", str(source), "-o", str(out)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"cannot write {out}: " in line and "No space left on device" in line
+    assert [p.name for p in tmp_path.rglob("*")] == ["kept"]

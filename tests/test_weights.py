@@ -263,6 +263,17 @@ def test_pipeline_folder_and_subfolder(tmp_path: Path) -> None:
         AutoencoderKL.from_pretrained(tmp_path / "pipe", subfolder="unet")
 
 
+def test_a_failed_bin_write_names_the_folder_and_leaves_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(obj: object, f: object, *args: object, **kwargs: object) -> None:
+        Path(f).write_bytes(b"\0" * 10)
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError, match=f"^cannot write {tmp_path / 'a' / 'b'}: .*unexpected pos"):
+        tiny_model().save_pretrained(tmp_path / "a" / "b", safe_serialization=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---- pickles ----------------------------------------------------------------------------------------------------
 def test_bin_files_load(tmp_path: Path) -> None:
     model = tiny_model()
