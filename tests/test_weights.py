@@ -155,6 +155,31 @@ def test_conv_shaped_attention_weights_in_modern_names_are_squeezed() -> None:
     assert all(converted[k].shape == v.shape for k, v in sd.items())
 
 
+@pytest.mark.parametrize(("extra", "message"), [
+    # A gap: one tiny key far out would have made the loader build 30000 blocks per level.
+    ({"encoder.down_blocks.0.resnets.29999.x": 1, "decoder.up_blocks.0.resnets.30000.x": 1},
+     r"the weights have encoder\.down_blocks\.0\.resnets\.29999\.\* but no encoder\.down_blocks\.0\.resnets\.1\.\*"),
+    ({"encoder.down_blocks.7.x": 1},
+     r"the weights have encoder\.down_blocks\.7\.\* but no encoder\.down_blocks\.2\.\*"),
+    # No gap, but more blocks than any VAE: as costly to build.
+    ({**{f"encoder.down_blocks.0.resnets.{i}.x": 1 for i in range(1, 100)},
+      **{f"decoder.up_blocks.0.resnets.{i}.x": 1 for i in range(2, 101)}},
+     r"100 encoder\.down_blocks\.0\.resnets\.\* in the weights, more than any VAE has \(at most 64\)"),
+], ids=["block-gap", "level-gap", "too-many-blocks"])
+def test_crafted_block_indices_are_refused_before_any_model_is_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: dict[str, int], message: str
+) -> None:
+    sd = {**tiny_model(TINY.replace(layers_per_block=1)).state_dict(), **{k: torch.zeros(n) for k, n in extra.items()}}
+    path = write_file(sd, tmp_path / "w.safetensors")
+
+    def built(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(AutoencoderKL, "__init__", built)
+    with pytest.raises(WeightsError, match=f"^cannot infer the config: {message}"):
+        AutoencoderKL.from_pretrained(path)
+
+
 # ---- config.json ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_config_json_round_trip(name: str) -> None:
