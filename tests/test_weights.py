@@ -203,6 +203,18 @@ def test_config_json_reads_diffusers_files(tmp_path: Path) -> None:
     assert read_config_json(tmp_path / "config.json") == PRESETS["sd2"]
 
 
+def test_deeply_nested_json_is_one_line_not_a_recursion_error(tmp_path: Path) -> None:
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text("[" * 100000)
+    with pytest.raises(WeightsError, match=r"config\.json: its JSON is nested too deeply"):
+        AutoencoderKL.from_pretrained(tmp_path / "m")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"),
+              metadata={"klvae_config": "[" * 100000})
+    with pytest.raises(WeightsError, match="the klvae config in its header is nested too deeply"):
+        AutoencoderKL.from_pretrained(tmp_path / "w.safetensors")
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

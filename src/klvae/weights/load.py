@@ -203,6 +203,8 @@ def _resolve_config(
 def _config_from_metadata(text: str, path: Path) -> AutoencoderKLConfig:
     try:
         return AutoencoderKLConfig.from_dict(json.loads(text))
+    except RecursionError:
+        raise WeightsError(f"{path}: the klvae config in its header is nested too deeply to be a config") from None
     except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
         raise WeightsError(f"{path}: the klvae config in its header is unreadable: {_first_line(e)}") from None
 
