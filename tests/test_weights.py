@@ -300,6 +300,33 @@ def test_pipeline_folder_and_subfolder(tmp_path: Path) -> None:
         AutoencoderKL.from_pretrained(tmp_path / "pipe", subfolder="unet")
 
 
+def test_bad_device_dtype_and_subfolder_are_refused_up_front(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from helpers import one_error_line
+    from klvae import KlvaeError
+    from klvae.cli.main import main
+
+    with pytest.raises(KlvaeError, match="'banana' is not a device"):
+        AutoencoderKL.from_pretrained("demo", device="banana")
+    with pytest.raises(WeightsError, match=r"dtype torch\.int8 is not a floating-point torch\.dtype"):
+        AutoencoderKL.from_pretrained("demo", dtype=torch.int8)
+    path = tiny_model().save_pretrained(tmp_path / "pipe" / "vae")
+    for model, sub, message in [
+        ("demo", "../..", "must be a path inside the model folder"),
+        (tmp_path / "pipe", "../pipe/vae", "must be a path inside the model folder"),
+        (tmp_path / "pipe", str(path), "must be a path inside the model folder"),  # absolute
+        ("demo", "vae", "'demo' is klvae's built-in model, not a folder or hub repo"),
+        ("sdxl", "unet", "'sdxl' is a preset, not a folder or hub repo"),  # refused before any download
+        (path / "diffusion_pytorch_model.safetensors", "vae", "is a file, not a folder"),
+    ]:
+        with pytest.raises(WeightsError, match=message):
+            AutoencoderKL.from_pretrained(model, subfolder=sub)
+    capsys.readouterr()
+    assert main(["info", "--model", "demo", "--subfolder", "vae"]) == 2
+    assert "built-in model" in one_error_line(capsys.readouterr().err)
+
+
 def test_a_failed_bin_write_names_the_folder_and_leaves_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def full(obj: object, f: object, *args: object, **kwargs: object) -> None:
         Path(f).write_bytes(b"\0" * 10)

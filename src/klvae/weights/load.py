@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from klvae.errors import WeightsError
+from klvae.inference.precision import usable_device
 from klvae.model.config import PRESET_HUB_IDS, PRESETS, AutoencoderKLConfig
 from klvae.weights.convert import VAE_PREFIXES, StateDict, to_diffusers
 from klvae.weights.diffusers_config import read_config_json
@@ -152,23 +153,38 @@ def embedded_model_dir(name: str) -> Path:
     return folder
 
 
+def _check_subfolder(subfolder: str) -> None:
+    # A subfolder is a place inside the model: '../other' or '/etc' would read a model from elsewhere.
+    sub = Path(subfolder)
+    if sub.is_absolute() or ".." in sub.parts:
+        raise WeightsError(f"subfolder {subfolder!r} must be a path inside the model folder or repo (no '..')")
+
+
 def locate(path_or_id: str | Path, subfolder: str | None = None) -> WeightsSource:
     """Where the weights (and config.json) named by path_or_id are, fetching from the hub when needed."""
+    if subfolder:
+        _check_subfolder(subfolder)
     path = Path(path_or_id).expanduser()
     if path.exists():
         if subfolder:
+            if not path.is_dir():
+                raise WeightsError(f"subfolder {subfolder!r} given, but {path} is a file, not a folder")
             path = path / subfolder
             if not path.is_dir():
                 raise WeightsError(f"no such folder: {path}")
         return _folder(path) if path.is_dir() else WeightsSource(path)
     name = str(path_or_id)
+    if subfolder and (name in EMBEDDED_MODELS or name in PRESETS):
+        # Such a name stands for one known model; a subfolder would be ignored, or pick another part of its repo.
+        what = "klvae's built-in model" if name in EMBEDDED_MODELS else "a preset"
+        raise WeightsError(f"subfolder {subfolder!r} given, but {name!r} is {what}, not a folder or hub repo")
     if name in EMBEDDED_MODELS:
         return _folder(embedded_model_dir(name))
     if name in PRESETS:
         if name not in PRESET_HUB_IDS:
             raise WeightsError(f"preset {name!r} has no released weights: build it with AutoencoderKL({name!r})")
         repo_id, preset_sub = PRESET_HUB_IDS[name]
-        return _hub(repo_id, subfolder or preset_sub, preset=name)
+        return _hub(repo_id, preset_sub, preset=name)
     if looks_like_repo_id(name) and not name.lower().endswith((".safetensors", *PICKLE_SUFFIXES)):
         return _hub(name, subfolder)
     raise WeightsError(f"no such file or folder, preset or hub id: {name}")
@@ -252,6 +268,15 @@ def load_state_dict_strict(model: M, sd: StateDict, what: str = "the model", ass
     return model
 
 
+def _check_dtype(dtype: torch.dtype | None) -> None:
+    # Else an int8 model fails strict loading with every weight named as "of the wrong type".
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        return
+    what = dtype if isinstance(dtype, torch.dtype) else repr(dtype)
+    raise WeightsError(f"dtype {what} is not a floating-point torch.dtype: use torch.float32, torch.float16 or "
+                       "torch.bfloat16")
+
+
 def load_pretrained(
     cls: type[M],
     path_or_id: str | Path,
@@ -261,6 +286,9 @@ def load_pretrained(
     device: str | torch.device | None = None,
 ) -> M:
     """A `cls` (AutoencoderKL) with the weights that path_or_id names, in eval mode on device/dtype."""
+    # Refused before anything is read or fetched.
+    _check_dtype(dtype)
+    device = usable_device(device) if device is not None else None
     return load_source(cls, locate(path_or_id, subfolder), config=config, dtype=dtype, device=device)
 
 
@@ -272,6 +300,7 @@ def load_source(
     device: str | torch.device | None = None,
 ) -> M:
     """`load_pretrained` from files already located (see `locate`)."""
+    _check_dtype(dtype)
     raw, all_keys, meta = _read(source.weights)
     sd = to_diffusers(raw)
     cfg, what = _resolve_config(config, source, sd, guess_family(all_keys), meta)
