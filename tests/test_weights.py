@@ -370,6 +370,26 @@ def test_pickled_objects_are_refused(tmp_path: Path) -> None:
     assert RAN == []
 
 
+def test_files_that_are_no_checkpoint_say_what_they_are(tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
+    import pickle
+
+    (tmp_path / "notes.bin").write_text("hello world\n")
+    with pytest.raises(WeightsError, match=r"notes\.bin is not a PyTorch checkpoint"):  # was "cannot read ...: 101"
+        AutoencoderKL.from_pretrained(tmp_path / "notes.bin")
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    with pytest.raises(WeightsError, match=r"empty\.ckpt is empty \(0 bytes\)"):  # was "...: EOFError"
+        AutoencoderKL.from_pretrained(tmp_path / "empty.ckpt")
+    (tmp_path / "cut.ckpt").write_bytes(b"PK\x03\x04" + b"\0" * 60)
+    with pytest.raises(WeightsError, match=r"cut\.ckpt: a damaged or truncated checkpoint \(PytorchStreamReader"):
+        AutoencoderKL.from_pretrained(tmp_path / "cut.ckpt")
+    with open(tmp_path / "raw.ckpt", "wb") as f:
+        pickle.dump({"a": 1}, f, protocol=4)
+    recwarn.clear()
+    with pytest.raises(WeightsError, match="refusing to unpickle"):
+        AutoencoderKL.from_pretrained(tmp_path / "raw.ckpt")
+    assert not [str(w.message) for w in recwarn], "torch's pickle-protocol warning reached the user"
+
+
 def test_unreadable_and_unknown_sources(tmp_path: Path) -> None:
     (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(WeightsError, match="cannot read"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -69,13 +70,29 @@ def _read_safetensors(path: Path) -> tuple[StateDict, list[str], dict[str, str]]
 
 
 def _torch_load(path: Path) -> Any:
-    try:
-        # mmap keeps a multi-GB full checkpoint out of RAM; files older than torch's zip format cannot be mapped.
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):
-            raise
-        return torch.load(path, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():
+        # torch warns (two lines) about a raw protocol-4 pickle just before weights_only refuses it anyway.
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        try:
+            # mmap keeps a multi-GB full checkpoint out of RAM; files older than torch's zip format cannot be mapped.
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _unreadable_pickle(path: Path, e: Exception) -> WeightsError:
+    """What is wrong with a file that torch.load fails on, for a person (torch says e.g. `101` or `EOFError`)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return WeightsError(f"{path} is empty (0 bytes)")
+    # torch.save writes a zip archive (PK..) or, before torch 1.6, a pickle (protocol 2+ starts with 0x80).
+    if not head.startswith((b"PK", b"\x80")):
+        return WeightsError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle)")
+    # torch's first sentence says it; the rest of its message is advice on how checkpoints get damaged.
+    return WeightsError(f"cannot read {path}: a damaged or truncated checkpoint ({_first_line(e).split('. ')[0]})")
 
 
 def _read_pickle(path: Path) -> tuple[StateDict, list[str]]:
@@ -86,8 +103,10 @@ def _read_pickle(path: Path) -> tuple[StateDict, list[str]]:
             f"refusing to unpickle {path}: it holds objects other than tensors (torch.load weights_only=True); "
             "convert it to .safetensors where you trust its source"
         ) from None
-    except Exception as e:
+    except OSError as e:
         raise WeightsError(f"cannot read {path}: {_first_line(e)}") from None
+    except Exception as e:
+        raise _unreadable_pickle(path, e) from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # LDM / Lightning checkpoints nest the weights
     if not isinstance(obj, dict):
