@@ -2,6 +2,7 @@
 CLI's one-line errors."""
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,19 @@ def perturbed_vae(preset: str = "tiny", seed: int = 0, device: torch.device | st
         for p in vae.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return vae
+
+
+def fake_hub_cache(
+    root: Path, repo_id: str, model: klvae.AutoencoderKL, subfolder: str | None, bin_only: bool = False
+) -> Path:
+    """The layout huggingface_hub's cache has: models--org--name/refs/main + snapshots/<commit>/...; returns the
+    folder the model was saved in."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snap = repo / "snapshots" / commit
+    return model.save_pretrained(snap / subfolder if subfolder else snap, safe_serialization=not bin_only)
 
 
 def one_error_line(err: str) -> str:

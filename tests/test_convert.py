@@ -78,7 +78,7 @@ def test_half_storage_halves_the_file_and_loads_in_diffusers(source: Path, tmp_p
 
 
 @pytest.mark.parametrize(("argv", "words"), [
-    (["-o", "SRC"], "is the model being converted"),
+    (["-o", "SRC"], "holds the model being converted"),
     (["-o", "OUT/x.ckpt"], "is a folder"),
     (["-o", "OUT/x.bin", "--to", "ldm"], "must end in .safetensors"),
     (["-o", "OUT/d", "--dtype", "int8"], "--dtype must be one of"),
@@ -102,3 +102,85 @@ def test_bad_conversions_are_one_line_and_write_nothing(
     assert len(err) == 1 and err[0].startswith("klvae: error: ") and words in err[0], err
     assert list(out.iterdir()) == []
     assert {p.name: p.read_bytes() for p in source.iterdir()} == before
+
+
+def _tree(root: Path) -> dict[str, bytes | str]:
+    """Every file under `root`: its bytes, or for a link where it points (a replaced link is a change too)."""
+    return {str(p.relative_to(root)): str(p.readlink()) if p.is_symlink() else p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_symlink() or p.is_file()}
+
+
+@pytest.fixture
+def places(source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Under tmp_path/w: a model folder, a link to it, a pipeline folder, the demo model's folder and a preset's
+    hub cache whose snapshot files link to blobs, as huggingface_hub lays them out."""
+    import shutil
+
+    from helpers import fake_hub_cache
+    from klvae.model.config import PRESET_HUB_IDS
+    from klvae.weights import load
+
+    w = tmp_path / "w"
+    shutil.copytree(source, w / "m")
+    (w / "link").symlink_to(w / "m")
+    shutil.copytree(source, w / "pipe" / "vae")
+    shutil.copytree(source, w / "demo")
+    monkeypatch.setattr(load, "embedded_model_dir", lambda name: w / "demo")
+    snap = fake_hub_cache(w / "hub", "org/tiny-vae", klvae.AutoencoderKL.from_pretrained(source), "vae")
+    blobs = snap.parents[2] / "blobs"  # models--org--tiny-vae/blobs
+    blobs.mkdir()
+    for f in list(snap.iterdir()):
+        f.rename(blobs / f.name)
+        f.symlink_to(Path("../../../blobs") / f.name)
+    monkeypatch.setenv("HF_HUB_CACHE", str(w / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setitem(PRESET_HUB_IDS, "tiny-f8", ("org/tiny-vae", "vae"))
+    return w
+
+
+@pytest.mark.parametrize(("model", "output"), [
+    ("m/" + SAFE_WEIGHTS, "m"),  # the output folder holds the weights file read
+    ("m", "m/" + SAFE_WEIGHTS),  # the output file is the folder's weights
+    ("pipe", "pipe/vae"),  # a pipeline folder is read from its vae/
+    ("pipe", "pipe"),
+    ("link", "m"),  # by another name
+    ("m", "link"),
+    ("demo", "demo"),
+    ("demo", "demo/" + SAFE_WEIGHTS),
+    ("tiny-f8", "hub/models--org--tiny-vae/snapshots/0123456789abcdef0123456789abcdef01234567/vae"),
+])
+def test_convert_never_writes_over_the_model_it_reads(
+    places: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, model: str, output: str
+) -> None:
+    from helpers import one_error_line
+
+    monkeypatch.chdir(places)
+    before = _tree(places)
+    capsys.readouterr()
+    assert main(["-q", "convert", "-m", model, "-o", output, "--dtype", "fp16"]) == 2
+    assert "the model being converted (" in one_error_line(capsys.readouterr().err)
+    assert _tree(places) == before
+
+
+@pytest.mark.parametrize("output", ["kept/new/deeper", "kept/new/vae.safetensors"])
+def test_a_full_disk_is_one_line_and_leaves_no_new_folder(
+    source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], output: str
+) -> None:
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from helpers import one_error_line
+
+    def full(tensors: dict, filename: str, metadata: dict | None = None) -> None:
+        Path(filename).write_bytes(b"\0" * 100)
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                              '"No space left on device" })')
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    (tmp_path / "kept").mkdir()  # there before: stays
+    out = tmp_path / output
+    capsys.readouterr()
+    assert main(["-q", "convert", "-m", str(source), "-o", str(out)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"cannot write {out}: " in line and "No space left on device" in line
+    assert [p.name for p in tmp_path.rglob("*")] == ["kept"]

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from helpers import fake_hub_cache
 from klvae import AutoencoderKL, WeightsError
 from klvae.model.config import PRESET_HUB_IDS, PRESETS, AutoencoderKLConfig
 from klvae.weights import (
@@ -31,7 +32,6 @@ from klvae.weights import (
 from klvae.weights.infer import ARCH_FIELDS
 
 TINY = PRESETS["tiny"]
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 def tiny_model(cfg: AutoencoderKLConfig = TINY, seed: int = 0) -> AutoencoderKL:
@@ -155,6 +155,31 @@ def test_conv_shaped_attention_weights_in_modern_names_are_squeezed() -> None:
     assert all(converted[k].shape == v.shape for k, v in sd.items())
 
 
+@pytest.mark.parametrize(("extra", "message"), [
+    # A gap: one tiny key far out would have made the loader build 30000 blocks per level.
+    ({"encoder.down_blocks.0.resnets.29999.x": 1, "decoder.up_blocks.0.resnets.30000.x": 1},
+     r"the weights have encoder\.down_blocks\.0\.resnets\.29999\.\* but no encoder\.down_blocks\.0\.resnets\.1\.\*"),
+    ({"encoder.down_blocks.7.x": 1},
+     r"the weights have encoder\.down_blocks\.7\.\* but no encoder\.down_blocks\.2\.\*"),
+    # No gap, but more blocks than any VAE: as costly to build.
+    ({**{f"encoder.down_blocks.0.resnets.{i}.x": 1 for i in range(1, 100)},
+      **{f"decoder.up_blocks.0.resnets.{i}.x": 1 for i in range(2, 101)}},
+     r"100 encoder\.down_blocks\.0\.resnets\.\* in the weights, more than any VAE has \(at most 64\)"),
+], ids=["block-gap", "level-gap", "too-many-blocks"])
+def test_crafted_block_indices_are_refused_before_any_model_is_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: dict[str, int], message: str
+) -> None:
+    sd = {**tiny_model(TINY.replace(layers_per_block=1)).state_dict(), **{k: torch.zeros(n) for k, n in extra.items()}}
+    path = write_file(sd, tmp_path / "w.safetensors")
+
+    def built(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(AutoencoderKL, "__init__", built)
+    with pytest.raises(WeightsError, match=f"^cannot infer the config: {message}"):
+        AutoencoderKL.from_pretrained(path)
+
+
 # ---- config.json ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_config_json_round_trip(name: str) -> None:
@@ -176,6 +201,18 @@ def test_config_json_reads_diffusers_files(tmp_path: Path) -> None:
     }
     (tmp_path / "config.json").write_text(json.dumps(d))
     assert read_config_json(tmp_path / "config.json") == PRESETS["sd2"]
+
+
+def test_deeply_nested_json_is_one_line_not_a_recursion_error(tmp_path: Path) -> None:
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text("[" * 100000)
+    with pytest.raises(WeightsError, match=r"config\.json: its JSON is nested too deeply"):
+        AutoencoderKL.from_pretrained(tmp_path / "m")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"),
+              metadata={"klvae_config": "[" * 100000})
+    with pytest.raises(WeightsError, match="the klvae config in its header is nested too deeply"):
+        AutoencoderKL.from_pretrained(tmp_path / "w.safetensors")
 
 
 @pytest.mark.parametrize(
@@ -263,6 +300,44 @@ def test_pipeline_folder_and_subfolder(tmp_path: Path) -> None:
         AutoencoderKL.from_pretrained(tmp_path / "pipe", subfolder="unet")
 
 
+def test_bad_device_dtype_and_subfolder_are_refused_up_front(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from helpers import one_error_line
+    from klvae import KlvaeError
+    from klvae.cli.main import main
+
+    with pytest.raises(KlvaeError, match="'banana' is not a device"):
+        AutoencoderKL.from_pretrained("demo", device="banana")
+    with pytest.raises(WeightsError, match=r"dtype torch\.int8 is not a floating-point torch\.dtype"):
+        AutoencoderKL.from_pretrained("demo", dtype=torch.int8)
+    path = tiny_model().save_pretrained(tmp_path / "pipe" / "vae")
+    for model, sub, message in [
+        ("demo", "../..", "must be a path inside the model folder"),
+        (tmp_path / "pipe", "../pipe/vae", "must be a path inside the model folder"),
+        (tmp_path / "pipe", str(path), "must be a path inside the model folder"),  # absolute
+        ("demo", "vae", "'demo' is klvae's built-in model, not a folder or hub repo"),
+        ("sdxl", "unet", "'sdxl' is a preset, not a folder or hub repo"),  # refused before any download
+        (path / "diffusion_pytorch_model.safetensors", "vae", "is a file, not a folder"),
+    ]:
+        with pytest.raises(WeightsError, match=message):
+            AutoencoderKL.from_pretrained(model, subfolder=sub)
+    capsys.readouterr()
+    assert main(["info", "--model", "demo", "--subfolder", "vae"]) == 2
+    assert "built-in model" in one_error_line(capsys.readouterr().err)
+
+
+def test_a_failed_bin_write_names_the_folder_and_leaves_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(obj: object, f: object, *args: object, **kwargs: object) -> None:
+        Path(f).write_bytes(b"\0" * 10)
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError, match=f"^cannot write {tmp_path / 'a' / 'b'}: .*unexpected pos"):
+        tiny_model().save_pretrained(tmp_path / "a" / "b", safe_serialization=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---- pickles ----------------------------------------------------------------------------------------------------
 def test_bin_files_load(tmp_path: Path) -> None:
     model = tiny_model()
@@ -295,6 +370,26 @@ def test_pickled_objects_are_refused(tmp_path: Path) -> None:
     assert RAN == []
 
 
+def test_files_that_are_no_checkpoint_say_what_they_are(tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
+    import pickle
+
+    (tmp_path / "notes.bin").write_text("hello world\n")
+    with pytest.raises(WeightsError, match=r"notes\.bin is not a PyTorch checkpoint"):  # was "cannot read ...: 101"
+        AutoencoderKL.from_pretrained(tmp_path / "notes.bin")
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    with pytest.raises(WeightsError, match=r"empty\.ckpt is empty \(0 bytes\)"):  # was "...: EOFError"
+        AutoencoderKL.from_pretrained(tmp_path / "empty.ckpt")
+    (tmp_path / "cut.ckpt").write_bytes(b"PK\x03\x04" + b"\0" * 60)
+    with pytest.raises(WeightsError, match=r"cut\.ckpt: a damaged or truncated checkpoint \(PytorchStreamReader"):
+        AutoencoderKL.from_pretrained(tmp_path / "cut.ckpt")
+    with open(tmp_path / "raw.ckpt", "wb") as f:
+        pickle.dump({"a": 1}, f, protocol=4)
+    recwarn.clear()
+    with pytest.raises(WeightsError, match="refusing to unpickle"):
+        AutoencoderKL.from_pretrained(tmp_path / "raw.ckpt")
+    assert not [str(w.message) for w in recwarn], "torch's pickle-protocol warning reached the user"
+
+
 def test_unreadable_and_unknown_sources(tmp_path: Path) -> None:
     (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(WeightsError, match="cannot read"):
@@ -309,17 +404,6 @@ def test_unreadable_and_unknown_sources(tmp_path: Path) -> None:
 
 
 # ---- the hub, offline -------------------------------------------------------------------------------------------
-def fake_hub_cache(
-    root: Path, repo_id: str, model: AutoencoderKL, subfolder: str | None, bin_only: bool = False
-) -> None:
-    """The layout huggingface_hub's cache has: models--org--name/refs/main + snapshots/<commit>/..."""
-    repo = root / f"models--{repo_id.replace('/', '--')}"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(COMMIT)
-    snap = repo / "snapshots" / COMMIT
-    model.save_pretrained(snap / subfolder if subfolder else snap, safe_serialization=not bin_only)
-
-
 @pytest.fixture
 def offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache = tmp_path / "hf" / "hub"

@@ -24,12 +24,14 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 def atomic_write_all(files: Sequence[tuple[str | Path, Callable[[Path], None]]]) -> None:
     """Several files that belong together (weights and their config.json): every one is written and flushed
-    under its temporary name before the first rename, so a failure in any leaves all the old files in place."""
+    under its temporary name before the first rename, so a failure in any leaves all the old files in place
+    (and removes the folders it made for them, when still empty)."""
     done: list[tuple[Path, Path]] = []
+    made: list[Path] = []
     try:
         for path, write in files:
             path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
+            made += _make_folders(path.parent)
             tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
             done.append((tmp, path))
             write(tmp)
@@ -44,7 +46,24 @@ def atomic_write_all(files: Sequence[tuple[str | Path, Callable[[Path], None]]])
     except BaseException:
         for tmp, _ in done:
             tmp.unlink(missing_ok=True)
+        # Innermost first; a folder that something else has filled meanwhile stays.
+        for folder in reversed(made):
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """Create `folder` and its missing parents; returns those created, outermost first."""
+    missing: list[Path] = []
+    p = folder
+    while not p.exists() and p.parent != p:
+        missing.append(p)
+        p = p.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing[::-1]
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

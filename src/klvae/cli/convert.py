@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from klvae.cli.common import check_output_path
 from klvae.errors import KlvaeError
 from klvae.inference.precision import DTYPES
+
+if TYPE_CHECKING:
+    from klvae.weights.load import WeightsSource
 
 FORMATS = ("diffusers", "ldm")
 
@@ -39,24 +43,42 @@ def _target(args: argparse.Namespace) -> tuple[str, Path]:
     if fmt == "diffusers" and out.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
         raise KlvaeError(f"--output {out}: the diffusers layout is a folder; name a folder, or use --to ldm")
     check_output_path(out, folder=fmt == "diffusers")
-    src = Path(args.model).expanduser()
-    src = src / args.subfolder if args.subfolder and src.is_dir() else src
-    # Converting onto the source would replace the weights being read (a folder: its config.json and weights).
-    if src.exists() and out.exists() and os.path.samefile(src, out):
-        raise KlvaeError(f"--output {out} is the model being converted; name another place")
     return fmt, out
+
+
+def _inside(file: Path, folder: Path) -> bool:
+    """Whether `file` lies in `folder` or below it, by its path as given or by where its links lead."""
+    ancestors = {*Path(os.path.abspath(file)).parents, *file.resolve().parents}
+    return any(a.exists() and os.path.samefile(a, folder) for a in ancestors)
+
+
+def _check_not_the_source(out: Path, fmt: str, source: WeightsSource) -> None:
+    """KlvaeError when writing `out` would replace or sit over a file that the model is read from."""
+    if not out.exists():
+        return  # nothing there yet, so no file being read is there
+    for f in source.files:
+        # samefile: a link to a read file, or a hub cache entry (a link to a blob), is that file too.
+        if os.path.samefile(out, f):
+            raise KlvaeError(f"--output {out} would overwrite the model being converted ({f}); name another place")
+        # A folder output gets its config.json and weights replaced, and whatever else is in it (a pipeline's
+        # vae/, another weights file) becomes part of the new model's folder.
+        if fmt == "diffusers" and _inside(f, out):
+            raise KlvaeError(f"--output {out} holds the model being converted ({f}); name another place")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """Load the model, cast its weights to --dtype, and write them in the other format."""
     from klvae.model.autoencoder import AutoencoderKL
+    from klvae.weights.load import load_source, locate
     from klvae.weights.save import export_ldm
 
     dtype = DTYPES.get(str(args.dtype).lower())
     if dtype is None:
         raise KlvaeError(f"--dtype must be one of fp32, fp16, bf16, got {args.dtype!r}")
     fmt, out = _target(args)  # all refused before the (perhaps large, perhaps downloaded) weights load
-    vae = AutoencoderKL.from_pretrained(args.model, subfolder=args.subfolder, config=args.config, dtype=dtype)
+    source = locate(args.model, args.subfolder)
+    _check_not_the_source(out, fmt, source)  # the files that will be read, wherever --model found them
+    vae = load_source(AutoencoderKL, source, config=args.config, dtype=dtype)
     if not all(bool(torch.isfinite(p).all()) for p in vae.parameters()):
         # A written model with inf weights would decode grey or NaN pictures for whoever loads it.
         if dtype == torch.float16:

@@ -79,9 +79,14 @@ def _squeeze_linear(key: str, t: Tensor) -> Tensor:
     return t
 
 
+def indices(sd: StateDict, pattern: str) -> set[int]:
+    """The indices that `pattern`'s first group captures in the keys: of levels, blocks, layers."""
+    return {int(m.group(1)) for k in sd if (m := re.match(pattern, k))}
+
+
 def count_indices(sd: StateDict, pattern: str) -> int:
     """1 + the largest index `pattern`'s first group captures in any key (0 if none): levels, blocks, layers."""
-    idx = {int(m.group(1)) for k in sd if (m := re.match(pattern, k))}
+    idx = indices(sd, pattern)
     return max(idx) + 1 if idx else 0
 
 

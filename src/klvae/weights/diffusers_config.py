@@ -134,6 +134,8 @@ def read_config_json(path: str | Path) -> AutoencoderKLConfig:
         d = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise WeightsError(f"cannot read {path}: {e}") from None
+    except RecursionError:
+        raise WeightsError(f"cannot read {path}: its JSON is nested too deeply to be a config") from None
     if not isinstance(d, dict):
         raise WeightsError(f"{path} is not a JSON object")
     return config_from_diffusers(d)

@@ -12,13 +12,14 @@ Shapes give the architecture but not everything:
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 
 from torch import Tensor
 
 from klvae.errors import WeightsError
 from klvae.model.config import PRESETS, AutoencoderKLConfig
-from klvae.weights.convert import count_indices
+from klvae.weights.convert import indices
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,11 @@ ARCH_FIELDS = (
     "in_channels", "out_channels", "block_out_channels", "layers_per_block", "latent_channels",
     "use_quant_conv", "use_post_quant_conv", "attention",
 )
+
+# Far beyond any released VAE (4 levels, 2 blocks): more is a crafted file, whose model would take minutes and
+# gigabytes just to build before strict loading could refuse its keys.
+MAX_LEVELS = 16
+MAX_LAYERS = 64
 
 # Keys of the rest of a full checkpoint that tell which model the VAE came with (checked in this order).
 _FAMILY_HINTS = (
@@ -67,14 +73,29 @@ def _groups(widths: tuple[int, ...]) -> int:
     return next(g for g in (32, 16, 8, 4, 2, 1) if all(c % g == 0 for c in widths))
 
 
+def _count(sd: dict[str, Tensor], prefix: str, most: int) -> int:
+    """How many of `prefix`.N the keys hold, numbered 0..N-1; WeightsError for a gap or more than `most`."""
+    found = indices(sd, "^" + re.escape(prefix) + r"\.(\d+)\.")
+    n = len(found)
+    if found and max(found) != n - 1:
+        gap = next(i for i in range(n + 1) if i not in found)
+        raise WeightsError(
+            f"cannot infer the config: the weights have {prefix}.{max(found)}.* but no {prefix}.{gap}.*"
+        )
+    if n > most:
+        raise WeightsError(f"cannot infer the config: {n} {prefix}.* in the weights, more than any VAE has "
+                           f"(at most {most})")
+    return n
+
+
 def infer_architecture(sd: dict[str, Tensor]) -> dict[str, object]:
     """The ARCH_FIELDS (plus norm_num_groups, assumed) that a diffusers-layout state dict's shapes imply."""
-    levels = count_indices(sd, r"^encoder\.down_blocks\.(\d+)\.")
+    levels = _count(sd, "encoder.down_blocks", MAX_LEVELS)
     if levels == 0:
         raise WeightsError("cannot infer the config: the weights have no encoder.down_blocks.* keys")
     widths = tuple(_shape(sd, f"encoder.down_blocks.{i}.resnets.0.conv1.weight")[0] for i in range(levels))
-    layers = count_indices(sd, r"^encoder\.down_blocks\.0\.resnets\.(\d+)\.")
-    dec_layers = count_indices(sd, r"^decoder\.up_blocks\.0\.resnets\.(\d+)\.")
+    layers = _count(sd, "encoder.down_blocks.0.resnets", MAX_LAYERS)
+    dec_layers = _count(sd, "decoder.up_blocks.0.resnets", MAX_LAYERS + 1)
     if dec_layers != layers + 1:
         raise WeightsError(
             f"unsupported weights: {layers} ResNet blocks per encoder level but {dec_layers} per decoder level "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from klvae.errors import WeightsError
+from klvae.inference.precision import usable_device
 from klvae.model.config import PRESET_HUB_IDS, PRESETS, AutoencoderKLConfig
 from klvae.weights.convert import VAE_PREFIXES, StateDict, to_diffusers
 from klvae.weights.diffusers_config import read_config_json
@@ -36,10 +38,17 @@ CONFIG_METADATA = "klvae_config"
 
 
 @dataclass(frozen=True)
-class _Source:
+class WeightsSource:
+    """The local files a model loads from (the hub's are in its cache), and the preset name it was, if any."""
+
     weights: Path
     config_json: Path | None = None
-    preset: str | None = None  # the preset name that path_or_id was
+    preset: str | None = None
+
+    @property
+    def files(self) -> list[Path]:
+        """Every file that loading reads."""
+        return [self.weights] + ([self.config_json] if self.config_json is not None else [])
 
 
 def _first_line(e: BaseException) -> str:
@@ -61,13 +70,29 @@ def _read_safetensors(path: Path) -> tuple[StateDict, list[str], dict[str, str]]
 
 
 def _torch_load(path: Path) -> Any:
-    try:
-        # mmap keeps a multi-GB full checkpoint out of RAM; files older than torch's zip format cannot be mapped.
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):
-            raise
-        return torch.load(path, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():
+        # torch warns (two lines) about a raw protocol-4 pickle just before weights_only refuses it anyway.
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        try:
+            # mmap keeps a multi-GB full checkpoint out of RAM; files older than torch's zip format cannot be mapped.
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _unreadable_pickle(path: Path, e: Exception) -> WeightsError:
+    """What is wrong with a file that torch.load fails on, for a person (torch says e.g. `101` or `EOFError`)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return WeightsError(f"{path} is empty (0 bytes)")
+    # torch.save writes a zip archive (PK..) or, before torch 1.6, a pickle (protocol 2+ starts with 0x80).
+    if not head.startswith((b"PK", b"\x80")):
+        return WeightsError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle)")
+    # torch's first sentence says it; the rest of its message is advice on how checkpoints get damaged.
+    return WeightsError(f"cannot read {path}: a damaged or truncated checkpoint ({_first_line(e).split('. ')[0]})")
 
 
 def _read_pickle(path: Path) -> tuple[StateDict, list[str]]:
@@ -78,8 +103,10 @@ def _read_pickle(path: Path) -> tuple[StateDict, list[str]]:
             f"refusing to unpickle {path}: it holds objects other than tensors (torch.load weights_only=True); "
             "convert it to .safetensors where you trust its source"
         ) from None
-    except Exception as e:
+    except OSError as e:
         raise WeightsError(f"cannot read {path}: {_first_line(e)}") from None
+    except Exception as e:
+        raise _unreadable_pickle(path, e) from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # LDM / Lightning checkpoints nest the weights
     if not isinstance(obj, dict):
@@ -113,22 +140,22 @@ def read_state_dict(path: str | Path) -> StateDict:
     return _read(Path(path))[0]
 
 
-def _folder(d: Path) -> _Source:
+def _folder(d: Path) -> WeightsSource:
     for name in FOLDER_WEIGHTS:
         if (d / name).is_file():
             if ".fp16." in name:
                 log.info("%s: only the fp16 variant is there, using %s", d, name)
             config = d / CONFIG_NAME
-            return _Source(d / name, config if config.is_file() else None)
+            return WeightsSource(d / name, config if config.is_file() else None)
     if (d / "vae" / CONFIG_NAME).is_file():
         log.info("%s is a pipeline folder: using its vae/ subfolder", d)
         return _folder(d / "vae")
     raise WeightsError(f"{d} has no {' or '.join(FOLDER_WEIGHTS[:2])} (a pipeline folder? pass subfolder='vae')")
 
 
-def _hub(repo_id: str, subfolder: str | None, preset: str | None = None) -> _Source:
+def _hub(repo_id: str, subfolder: str | None, preset: str | None = None) -> WeightsSource:
     config, weights = fetch_diffusers_files(repo_id, subfolder)
-    return _Source(weights, config, preset)
+    return WeightsSource(weights, config, preset)
 
 
 # Models that ship inside the package (src/klvae/assets/<name>/), so the commands run offline.
@@ -145,30 +172,45 @@ def embedded_model_dir(name: str) -> Path:
     return folder
 
 
-def _locate(path_or_id: str | Path, subfolder: str | None) -> _Source:
+def _check_subfolder(subfolder: str) -> None:
+    # A subfolder is a place inside the model: '../other' or '/etc' would read a model from elsewhere.
+    sub = Path(subfolder)
+    if sub.is_absolute() or ".." in sub.parts:
+        raise WeightsError(f"subfolder {subfolder!r} must be a path inside the model folder or repo (no '..')")
+
+
+def locate(path_or_id: str | Path, subfolder: str | None = None) -> WeightsSource:
     """Where the weights (and config.json) named by path_or_id are, fetching from the hub when needed."""
+    if subfolder:
+        _check_subfolder(subfolder)
     path = Path(path_or_id).expanduser()
     if path.exists():
         if subfolder:
+            if not path.is_dir():
+                raise WeightsError(f"subfolder {subfolder!r} given, but {path} is a file, not a folder")
             path = path / subfolder
             if not path.is_dir():
                 raise WeightsError(f"no such folder: {path}")
-        return _folder(path) if path.is_dir() else _Source(path)
+        return _folder(path) if path.is_dir() else WeightsSource(path)
     name = str(path_or_id)
+    if subfolder and (name in EMBEDDED_MODELS or name in PRESETS):
+        # Such a name stands for one known model; a subfolder would be ignored, or pick another part of its repo.
+        what = "klvae's built-in model" if name in EMBEDDED_MODELS else "a preset"
+        raise WeightsError(f"subfolder {subfolder!r} given, but {name!r} is {what}, not a folder or hub repo")
     if name in EMBEDDED_MODELS:
         return _folder(embedded_model_dir(name))
     if name in PRESETS:
         if name not in PRESET_HUB_IDS:
             raise WeightsError(f"preset {name!r} has no released weights: build it with AutoencoderKL({name!r})")
         repo_id, preset_sub = PRESET_HUB_IDS[name]
-        return _hub(repo_id, subfolder or preset_sub, preset=name)
+        return _hub(repo_id, preset_sub, preset=name)
     if looks_like_repo_id(name) and not name.lower().endswith((".safetensors", *PICKLE_SUFFIXES)):
         return _hub(name, subfolder)
     raise WeightsError(f"no such file or folder, preset or hub id: {name}")
 
 
 def _resolve_config(
-    config: AutoencoderKLConfig | str | None, source: _Source, sd: StateDict, family: str | None,
+    config: AutoencoderKLConfig | str | None, source: WeightsSource, sd: StateDict, family: str | None,
     meta: dict[str, str],
 ) -> tuple[AutoencoderKLConfig, str]:
     """The config to build and how to name it in errors: explicit > preset name > config.json > the config klvae
@@ -196,6 +238,8 @@ def _resolve_config(
 def _config_from_metadata(text: str, path: Path) -> AutoencoderKLConfig:
     try:
         return AutoencoderKLConfig.from_dict(json.loads(text))
+    except RecursionError:
+        raise WeightsError(f"{path}: the klvae config in its header is nested too deeply to be a config") from None
     except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
         raise WeightsError(f"{path}: the klvae config in its header is unreadable: {_first_line(e)}") from None
 
@@ -243,6 +287,15 @@ def load_state_dict_strict(model: M, sd: StateDict, what: str = "the model", ass
     return model
 
 
+def _check_dtype(dtype: torch.dtype | None) -> None:
+    # Else an int8 model fails strict loading with every weight named as "of the wrong type".
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        return
+    what = dtype if isinstance(dtype, torch.dtype) else repr(dtype)
+    raise WeightsError(f"dtype {what} is not a floating-point torch.dtype: use torch.float32, torch.float16 or "
+                       "torch.bfloat16")
+
+
 def load_pretrained(
     cls: type[M],
     path_or_id: str | Path,
@@ -252,7 +305,21 @@ def load_pretrained(
     device: str | torch.device | None = None,
 ) -> M:
     """A `cls` (AutoencoderKL) with the weights that path_or_id names, in eval mode on device/dtype."""
-    source = _locate(path_or_id, subfolder)
+    # Refused before anything is read or fetched.
+    _check_dtype(dtype)
+    device = usable_device(device) if device is not None else None
+    return load_source(cls, locate(path_or_id, subfolder), config=config, dtype=dtype, device=device)
+
+
+def load_source(
+    cls: type[M],
+    source: WeightsSource,
+    config: AutoencoderKLConfig | str | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> M:
+    """`load_pretrained` from files already located (see `locate`)."""
+    _check_dtype(dtype)
     raw, all_keys, meta = _read(source.weights)
     sd = to_diffusers(raw)
     cfg, what = _resolve_config(config, source, sd, guess_family(all_keys), meta)

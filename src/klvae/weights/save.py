@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -35,6 +36,20 @@ def _safetensors_writer(tensors: dict[str, Tensor], config: AutoencoderKLConfig)
     return lambda tmp: save_file(tensors, str(tmp), metadata=metadata)
 
 
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Any failure to write (a full disk, a read-only folder) as one OSError that names `path`."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError, RuntimeError) as e:
+        # safetensors and torch.save report a full disk as their own error types (torch.save: RuntimeError), and
+        # an OSError from write() or fsync() names no file.
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OSError(f"cannot write {path}: {reason}") from None
+
+
 def save_pretrained(model: nn.Module, directory: str | Path, safe_serialization: bool = True) -> Path:
     """Write config.json + diffusion_pytorch_model.safetensors (or .bin) into `directory`; returns it.
 
@@ -50,8 +65,9 @@ def save_pretrained(model: nn.Module, directory: str | Path, safe_serialization:
     name, stale = (SAFE_WEIGHTS, PICKLE_WEIGHTS) if safe_serialization else (PICKLE_WEIGHTS, SAFE_WEIGHTS)
     write_weights = _safetensors_writer(tensors, config) if safe_serialization else lambda tmp: torch.save(tensors, tmp)
     text = json.dumps(d, indent=2, sort_keys=True) + "\n"
-    atomic_write_all([(directory / name, write_weights),
-                      (directory / "config.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))])
+    with _writing(directory):
+        atomic_write_all([(directory / name, write_weights),
+                          (directory / "config.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))])
     (directory / stale).unlink(missing_ok=True)
     log.info("saved %s", directory)
     return directory
@@ -68,6 +84,8 @@ def export_ldm(model: nn.Module, path: str | Path) -> Path:
     config = getattr(model, "config", None)
     if not isinstance(config, AutoencoderKLConfig):
         raise WeightsError(f"{type(model).__name__} has no AutoencoderKLConfig to export with")
-    atomic_write(path, _safetensors_writer(diffusers_to_ldm(_tensors(model)), config))
+    tensors = diffusers_to_ldm(_tensors(model))
+    with _writing(path):
+        atomic_write(path, _safetensors_writer(tensors, config))
     log.info("exported LDM-layout weights to %s", path)
     return path
