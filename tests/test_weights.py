@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 import torch
@@ -327,13 +329,15 @@ def test_bad_device_dtype_and_subfolder_are_refused_up_front(
     assert "built-in model" in one_error_line(capsys.readouterr().err)
 
 
-def test_a_failed_bin_write_names_the_folder_and_leaves_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def full(obj: object, f: object, *args: object, **kwargs: object) -> None:
-        Path(f).write_bytes(b"\0" * 10)
-        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+def test_a_failed_bin_write_names_the_file_and_leaves_no_folder(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(obj: object, f: BinaryIO, *args: object, **kwargs: object) -> None:
+        f.write(b"\0" * 10)  # torch.save into a file object meets a full disk as the file's OSError
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(OSError, match=f"^cannot write {tmp_path / 'a' / 'b'}: .*unexpected pos"):
+    bin_file = tmp_path / "a" / "b" / "diffusion_pytorch_model.bin"
+    with pytest.raises(OSError, match=f"^cannot write {bin_file}: .*No space left on device"):
         tiny_model().save_pretrained(tmp_path / "a" / "b", safe_serialization=False)
     assert list(tmp_path.iterdir()) == []
 

@@ -17,7 +17,8 @@ from torch import Tensor
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Run write(tmp) on a temporary name beside `path`, flush it to disk, then rename it onto `path`."""
+    """Run write(tmp) on a temporary name beside `path`, flush it to disk, then rename it onto `path`; a failed
+    write (OSError, or safetensors' own error) is an OSError that names `path`."""
     atomic_write_all([(path, write)])
     return Path(path)
 
@@ -34,13 +35,7 @@ def atomic_write_all(files: Sequence[tuple[str | Path, Callable[[Path], None]]])
             made += _make_folders(path.parent)
             tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
             done.append((tmp, path))
-            write(tmp)
-            # The mode a plain open() would give: some writers (safetensors, mkstemp) create 0600 files, and a
-            # rename keeps the mode, so a cache or checkpoint shared by a team would be unreadable to the rest.
-            os.chmod(tmp, 0o666 & ~_umask())
-            # The rename must not reach the disk before the data does, or a crash could leave an empty file.
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
+            _write_flushed(path, tmp, write)
         for tmp, path in done:
             os.replace(tmp, path)
     except BaseException:
@@ -53,6 +48,22 @@ def atomic_write_all(files: Sequence[tuple[str | Path, Callable[[Path], None]]])
             except OSError:
                 break
         raise
+
+
+def _write_flushed(path: Path, tmp: Path, write: Callable[[Path], None]) -> None:
+    try:
+        write(tmp)
+        # The mode a plain open() would give: some writers (safetensors, mkstemp) create 0600 files, and a
+        # rename keeps the mode, so a cache or checkpoint shared by a team would be unreadable to the rest.
+        os.chmod(tmp, 0o666 & ~_umask())
+        # The rename must not reach the disk before the data does, or a crash could leave an empty file.
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    except (OSError, SafetensorError) as e:
+        # A full disk or a read-only folder: an OSError from write() names the temporary file or nothing, and
+        # safetensors raises its own type, which callers would take for a bug. Both become one named OSError.
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise OSError(f"cannot write {path}: {reason}") from None
 
 
 def _make_folders(folder: Path) -> list[Path]:
@@ -78,15 +89,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_save_file(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> Path:
     """safetensors' save_file, atomically; a failed write (full disk, read-only folder) is an OSError naming path."""
-
-    def write(tmp: Path) -> None:
-        try:
-            save_file(tensors, str(tmp), metadata=metadata)
-        except SafetensorError as e:
-            # safetensors reports these as its own error type, which callers would take for a bug.
-            raise OSError(f"cannot write {path}: {e}") from None
-
-    return atomic_write(path, write)
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def _umask() -> int:

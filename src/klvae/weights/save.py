@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,18 +35,13 @@ def _safetensors_writer(tensors: dict[str, Tensor], config: AutoencoderKLConfig)
     return lambda tmp: save_file(tensors, str(tmp), metadata=metadata)
 
 
-@contextlib.contextmanager
-def _writing(path: Path) -> Iterator[None]:
-    """Any failure to write (a full disk, a read-only folder) as one OSError that names `path`."""
-    from safetensors import SafetensorError
+def _pickle_writer(tensors: dict[str, Tensor]) -> Callable[[Path], None]:
+    def write(tmp: Path) -> None:
+        # Through a file object: a full disk is then an OSError, where torch.save(path) raises a RuntimeError.
+        with open(tmp, "wb") as f:
+            torch.save(tensors, f)
 
-    try:
-        yield
-    except (OSError, SafetensorError, RuntimeError) as e:
-        # safetensors and torch.save report a full disk as their own error types (torch.save: RuntimeError), and
-        # an OSError from write() or fsync() names no file.
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise OSError(f"cannot write {path}: {reason}") from None
+    return write
 
 
 def save_pretrained(model: nn.Module, directory: str | Path, safe_serialization: bool = True) -> Path:
@@ -63,11 +57,10 @@ def save_pretrained(model: nn.Module, directory: str | Path, safe_serialization:
     directory = Path(directory)
     tensors = _tensors(model)
     name, stale = (SAFE_WEIGHTS, PICKLE_WEIGHTS) if safe_serialization else (PICKLE_WEIGHTS, SAFE_WEIGHTS)
-    write_weights = _safetensors_writer(tensors, config) if safe_serialization else lambda tmp: torch.save(tensors, tmp)
+    write_weights = _safetensors_writer(tensors, config) if safe_serialization else _pickle_writer(tensors)
     text = json.dumps(d, indent=2, sort_keys=True) + "\n"
-    with _writing(directory):
-        atomic_write_all([(directory / name, write_weights),
-                          (directory / "config.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))])
+    atomic_write_all([(directory / name, write_weights),
+                      (directory / "config.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))])
     (directory / stale).unlink(missing_ok=True)
     log.info("saved %s", directory)
     return directory
@@ -85,7 +78,6 @@ def export_ldm(model: nn.Module, path: str | Path) -> Path:
     if not isinstance(config, AutoencoderKLConfig):
         raise WeightsError(f"{type(model).__name__} has no AutoencoderKLConfig to export with")
     tensors = diffusers_to_ldm(_tensors(model))
-    with _writing(path):
-        atomic_write(path, _safetensors_writer(tensors, config))
+    atomic_write(path, _safetensors_writer(tensors, config))
     log.info("exported LDM-layout weights to %s", path)
     return path
