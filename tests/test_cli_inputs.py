@@ -319,3 +319,35 @@ def test_an_error_with_several_lines_is_printed_as_one(monkeypatch: pytest.Monke
     monkeypatch.setattr("klvae.cli.codec.cmd_info", fail)  # register() binds it when main builds the parser
     assert main(["info"]) == 2
     assert _err_line(capsys) == "klvae: error: first second"
+
+
+# 10. decode never replaces a file it did not make, unless told to
+
+
+def test_decode_into_the_encoded_folder_refuses_to_replace_the_originals(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "s"
+    originals = {n: _image(folder / n, seed=i).read_bytes() for i, n in enumerate(["a.png", "b.png"])}
+    z = tmp_path / "z.safetensors"
+    assert main(["encode", str(folder), "-o", str(z)]) == 0
+
+    def no_model(_args: object) -> None:
+        raise AssertionError("the model was loaded before the clash was found")
+
+    with monkeypatch.context() as m:
+        m.setattr("klvae.cli.codec.load_model", no_model)
+        capsys.readouterr()
+        assert main(["decode", str(z), "-o", str(folder)]) == 2
+    line = _err_line(capsys)
+    assert "a.png already exists (2 of the 2 PNGs" in line and "--overwrite" in line
+    assert {n: (folder / n).read_bytes() for n in originals} == originals
+    assert main(["decode", str(z), "-o", str(folder), "--overwrite"]) == 0
+    assert all((folder / n).read_bytes() != b for n, b in originals.items())
+
+
+def test_decode_never_replaces_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = _latents(tmp_path / "z.safetensors", [GOOD])
+    (tmp_path / "out" / "good.png").mkdir(parents=True)
+    assert main(["decode", str(src), "-o", str(tmp_path / "out"), "--overwrite"]) == 2
+    assert "good.png is a folder" in _err_line(capsys)

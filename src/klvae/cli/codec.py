@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -44,6 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("decode", help="a latents file -> PNG images")
     p.add_argument("latents", help="latents file written by `klvae encode`")
     p.add_argument("-o", "--output", required=True, help="folder for the PNGs")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace files in --output that have the PNGs' names (refused without it)")
     add_model_args(p)
     add_tiling_args(p)
     p.set_defaults(func=cmd_decode)
@@ -180,10 +183,24 @@ def unique_png_names(items: list[LatentItem]) -> list[str]:
     return names
 
 
+def _check_clashes(out: Path, names: list[str], overwrite: bool) -> None:
+    """KlvaeError when a PNG would replace a file in `out` (unless `overwrite`), or a folder (always)."""
+    # Decoding into the folder the images were encoded from would otherwise replace the originals.
+    clashes = [n for n in names if os.path.lexists(out / n)]
+    folders = [n for n in clashes if (out / n).is_dir()]
+    if folders:
+        raise KlvaeError(f"--output {out}: {folders[0]} is a folder; a PNG of that name cannot replace it")
+    if clashes and not overwrite:
+        raise KlvaeError(f"--output {out}: {clashes[0]} already exists ({len(clashes)} of the {len(names)} PNGs "
+                         "would replace files there); add --overwrite to replace them")
+
+
 def cmd_decode(args: argparse.Namespace) -> int:
     """Decode a latents file to PNGs; every item is checked before the first is written."""
     lf = load_latents(args.latents)
     out = check_output_path(args.output, folder=True)
+    names = unique_png_names(lf.items)
+    _check_clashes(out, names, args.overwrite)
     tiling = tiling_from_args(args)
     vae, _, dtype = load_model(args)
     c = vae.config
@@ -197,7 +214,6 @@ def cmd_decode(args: argparse.Namespace) -> int:
             inference.check_latents(vae, lf.latents[it.key][None])
         except LatentsError as e:
             raise LatentsError(f"{args.latents}: item {n} ({it.name[:60]!r}): {e}") from None
-    names = unique_png_names(lf.items)
     out.mkdir(parents=True, exist_ok=True)
     for it, name in progress_bar(list(zip(lf.items, names, strict=True)), desc="decoding", unit="img"):
         z = lf.latents[it.key][None].float() / lf.scaling_factor + (lf.shift_factor or 0.0)
