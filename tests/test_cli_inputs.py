@@ -183,6 +183,10 @@ GOOD = {"name": "good.png", "key": "g", "height": 16, "width": 16}
         ([GOOD, {**GOOD, "key": "b", "name": "bad.png"}],
          {"g": torch.zeros(4, 2, 2), "b": torch.full((4, 2, 2), float("nan"))}, {}, "item 1 ('bad.png'): latents "
                                                                                    "contain NaN"),
+        # finite as stored, inf once divided by the scaling factor: found before the first write too
+        ([GOOD, {**GOOD, "key": "b", "name": "bad.png"}],
+         {"g": torch.zeros(4, 2, 2), "b": torch.full((4, 2, 2), 3e38)}, {}, "item 1 ('bad.png'): latents overflow to "
+                                                                            "inf once unscaled"),
     ],
 )
 def test_malformed_latents_are_one_line_and_exit_2(tmp_path: Path, items: list, tensors: dict | None, meta: dict,
@@ -252,6 +256,27 @@ def test_decode_with_a_non_finite_decoder_is_an_error(tmp_path: Path, broken_mod
     assert main(["decode", str(src), "-o", str(tmp_path / "out"), "--model", str(broken_models["decoder"])]) == 2
     assert "non-finite pixels" in _err_line(capsys)
     assert _files(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize(
+    ("scaling", "values", "message"),
+    [
+        ("1e-30", (1.0, 1.0), "item 0 ('good.png'): the model produced non-finite pixels: its unscaled latents "
+                              "reach 1e+30"),
+        ("1e-8", (0.0, 1e30), "item 1 ('bad.png'): the model produced non-finite pixels: its unscaled latents "
+                              "reach 1e+38"),
+    ],
+)
+def test_latents_that_overflow_the_decoder_name_the_item_and_write_nothing(
+    tmp_path: Path, scaling: str, values: tuple[float, float], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    items = [GOOD, {**GOOD, "key": "b", "name": "bad.png"}]
+    tensors = {"g": torch.full((4, 2, 2), values[0]), "b": torch.full((4, 2, 2), values[1])}
+    src = _latents(tmp_path / "z.safetensors", items, tensors, {"scaling_factor": scaling})
+    assert main(["decode", str(src), "-o", str(tmp_path / "out")]) == 2
+    line = _err_line(capsys)
+    assert message in line and str(src) in line and "weights" not in line
+    assert _files(tmp_path) == ["z.safetensors"]
 
 
 # 7. images too small for SSIM

@@ -231,15 +231,16 @@ def _format_for(path: Path) -> str:
     return fmt
 
 
+def write_image(img: Image.Image, path: str | Path, fmt: str, **save_kwargs: Any) -> None:
+    """Write img to path in the Pillow format `fmt`, in place (atomic_write's writers use this on the temporary)."""
+    if fmt == "JPEG" and img.mode not in ("RGB", "L"):
+        img = to_rgb(img)
+    with open(path, "wb") as f:
+        img.save(f, format=fmt, **save_kwargs)
+
+
 def save_image_atomic(img: Image.Image, path: str | Path, **save_kwargs: Any) -> Path:
     """Write img to path via a temporary file and os.replace, so a reader never sees half a file."""
     p = Path(path)
     fmt = _format_for(p)
-    if fmt == "JPEG" and img.mode not in ("RGB", "L"):
-        img = to_rgb(img)
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            img.save(f, format=fmt, **save_kwargs)
-
-    return atomic_write(p, write)
+    return atomic_write(p, lambda tmp: write_image(img, tmp, fmt, **save_kwargs))

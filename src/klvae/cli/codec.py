@@ -8,12 +8,14 @@ import logging
 import os
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from klvae import inference
+from klvae.atomic import atomic_write_all
 from klvae.cli.common import (
     add_model_args,
     add_tiling_args,
@@ -23,7 +25,14 @@ from klvae.cli.common import (
     tiling_from_args,
 )
 from klvae.errors import ImageError, KlvaeError, LatentsError
-from klvae.images import find_images, load_image, pil_to_tensor, save_image_atomic, tensor_to_pil
+from klvae.images import (
+    find_images,
+    load_image,
+    pil_to_tensor,
+    save_image_atomic,
+    tensor_to_pil,
+    write_image,
+)
 from klvae.latents.file import LatentItem, LatentsFile, check_sizes, load_latents, save_latents
 from klvae.model.autoencoder import AutoencoderKL
 from klvae.progress import progress_bar
@@ -195,8 +204,48 @@ def _check_clashes(out: Path, names: list[str], overwrite: bool) -> None:
                          "would replace files there); add --overwrite to replace them")
 
 
+def _unscaled(lf: LatentsFile, it: LatentItem) -> torch.Tensor:
+    return lf.latents[it.key][None].float() / lf.scaling_factor + (lf.shift_factor or 0.0)
+
+
+def _check_items(vae: AutoencoderKL, lf: LatentsFile, where: str) -> None:
+    """LatentsError naming the first item that does not fit the model, or is not finite once unscaled."""
+    check_sizes(lf, vae.downsample_factor, where)
+    for n, it in enumerate(lf.items):
+        try:
+            inference.check_latents(vae, lf.latents[it.key][None])
+            # As decoded: a tiny scaling_factor or a huge value overflows only after the division.
+            if not torch.isfinite(_unscaled(lf, it)).all():
+                raise LatentsError(f"latents overflow to inf once unscaled (/ scaling_factor {lf.scaling_factor:g})")
+        except LatentsError as e:
+            raise LatentsError(f"{where}: item {n} ({it.name[:60]!r}): {e}") from None
+
+
+def _png_writer(vae: AutoencoderKL, lf: LatentsFile, n: int, dtype: torch.dtype,
+                tiling: inference.TileOptions | None, where: str) -> Callable[[Path], None]:
+    """A writer for atomic_write_all that decodes item n and saves it as PNG."""
+    it = lf.items[n]
+
+    def write(tmp: Path) -> None:
+        z = _unscaled(lf, it)
+        img = inference.decode(vae, z, dtype, size=(it.height, it.width), tiling=tiling)
+        if not torch.isfinite(img).all():
+            peak = z.abs().max().item()
+            why = (f"its unscaled latents reach {peak:.3g}, far beyond an encoder's (scaling_factor "
+                   f"{lf.scaling_factor:g})" if peak > _PLAUSIBLE_LATENT else "inf or NaN in the model's weights?")
+            raise KlvaeError(f"{where}: item {n} ({it.name[:60]!r}): the model produced non-finite pixels: {why}")
+        write_image(tensor_to_pil(img[0]), tmp, "PNG")
+
+    return write
+
+
+# Real latents, unscaled, stay within a few dozen; a decode that overflows from far past this is the file's doing.
+_PLAUSIBLE_LATENT = 1e4
+
+
 def cmd_decode(args: argparse.Namespace) -> int:
-    """Decode a latents file to PNGs; every item is checked before the first is written."""
+    """Decode a latents file to PNGs; every item is checked before the first is written, and the PNGs land
+    together, so a failure leaves none of them."""
     lf = load_latents(args.latents)
     out = check_output_path(args.output, folder=True)
     names = unique_png_names(lf.items)
@@ -208,18 +257,18 @@ def cmd_decode(args: argparse.Namespace) -> int:
         log.warning("latents were scaled with %s/%s, the model's factors are %s/%s; using the file's",
                     lf.scaling_factor, lf.shift_factor, c.scaling_factor, c.shift_factor)
     # A bad item (sizes, pixel limit, channels, NaN) refuses the whole file, as nothing has been written yet.
-    check_sizes(lf, vae.downsample_factor, args.latents)
-    for n, it in enumerate(lf.items):
-        try:
-            inference.check_latents(vae, lf.latents[it.key][None])
-        except LatentsError as e:
-            raise LatentsError(f"{args.latents}: item {n} ({it.name[:60]!r}): {e}") from None
-    out.mkdir(parents=True, exist_ok=True)
-    for it, name in progress_bar(list(zip(lf.items, names, strict=True)), desc="decoding", unit="img"):
-        z = lf.latents[it.key][None].float() / lf.scaling_factor + (lf.shift_factor or 0.0)
-        img = inference.decode(vae, z, dtype, size=(it.height, it.width), tiling=tiling)
-        _check_finite(img, "pixels", f"{it.name[:60]!r}")
-        save_image_atomic(tensor_to_pil(img[0]), out / name)
+    _check_items(vae, lf, args.latents)
+    with progress_bar(total=len(names), desc="decoding", unit="img") as bar:
+
+        def counted(write: Callable[[Path], None]) -> Callable[[Path], None]:
+            def run(tmp: Path) -> None:
+                write(tmp)
+                bar.update(1)
+
+            return run
+
+        atomic_write_all([(out / name, counted(_png_writer(vae, lf, n, dtype, tiling, args.latents)))
+                          for n, name in enumerate(names)])
     log.info("decoded %d image(s) to %s", len(lf.items), out)
     return 0
 
