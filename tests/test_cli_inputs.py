@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 import klvae
-from helpers import one_error_line
+from helpers import fifo_watchdog, one_error_line
 from klvae.cli import common
 from klvae.cli.codec import unique_png_names
 from klvae.cli.main import main
@@ -376,3 +376,19 @@ def test_decode_never_replaces_a_folder(tmp_path: Path, capsys: pytest.CaptureFi
     (tmp_path / "out" / "good.png").mkdir(parents=True)
     assert main(["decode", str(src), "-o", str(tmp_path / "out"), "--overwrite"]) == 2
     assert "good.png is a folder" in _err_line(capsys)
+
+
+# 11. FIFOs (and sockets, devices) are never opened
+
+
+def test_encode_skips_a_fifo_in_a_folder_and_refuses_one_named(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    _image(tmp_path / "in" / "a.png")
+    z = tmp_path / "z.safetensors"
+    with fifo_watchdog(tmp_path / "in" / "fifo.png") as watchdog:
+        assert main(["encode", str(tmp_path / "in"), "-o", str(z)]) == 1  # one bad item, skipped and counted
+        assert "skipping " in capsys.readouterr().err
+        assert [it.name for it in load_latents(z).items] == ["a.png"]
+        assert main(["encode", str(tmp_path / "in" / "fifo.png"), "-o", str(tmp_path / "y.safetensors")]) == 2
+        assert "fifo.png: not a regular file" in _err_line(capsys)
+    assert not watchdog["fired"], "encode blocked on the FIFO"

@@ -14,6 +14,7 @@ import skimage.data
 import torch
 from PIL import Image
 
+from helpers import fifo_watchdog
 from klvae.errors import ImageError, KlvaeError
 from klvae.images import (
     MAX_PIXELS,
@@ -144,6 +145,29 @@ def test_find_images_mixes_files_and_folders(photos: Path, tmp_path: Path) -> No
     assert find_images([str(photos / "sub")]) == [photos / "sub" / "chelsea.webp"]
     with pytest.raises(ImageError, match="no such file or folder"):
         find_images([photos, tmp_path / "missing"])
+
+
+def test_a_fifo_is_refused_unopened_when_loaded_listed_or_named(photos: Path, tmp_path: Path) -> None:
+    from klvae.latents.sources import open_source
+
+    with fifo_watchdog(tmp_path / "fifo.png") as watchdog:
+        with pytest.raises(ImageError, match=r"fifo\.png: not a regular file \(a FIFO"):
+            load_image(tmp_path / "fifo.png")
+        # a folder lists it, so that a job counts it as a bad item; named on its own it is an error
+        assert find_images([tmp_path]) == [tmp_path / "fifo.png"]
+        with pytest.raises(ImageError, match=r"fifo\.png: not a regular file"):
+            find_images([photos, tmp_path / "fifo.png"])
+        with pytest.raises(KlvaeError, match=r"fifo\.png: not a regular file"):
+            open_source(str(tmp_path / "fifo.png"))
+    assert not watchdog["fired"], "a reader blocked on the FIFO"
+
+
+def test_a_fifo_among_tar_shards_is_skipped_unopened(tmp_path: Path) -> None:
+    from klvae.latents.sources import open_source
+
+    with fifo_watchdog(tmp_path / "shard.tar") as watchdog, pytest.raises(KlvaeError, match=r"shard\.tar: not a reg"):
+        open_source(str(tmp_path))
+    assert not watchdog["fired"], "a reader blocked on the FIFO"
 
 
 def test_symlink_loops_end(photos: Path, tmp_path: Path) -> None:

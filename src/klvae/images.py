@@ -11,6 +11,7 @@ import io
 import logging
 import math
 import os
+import stat
 import tarfile
 import warnings
 from collections.abc import Iterable
@@ -103,7 +104,24 @@ def load_image(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Image.I
     p = Path(path)
     if p.is_dir():
         raise ImageError(f"{p}: is a folder, not an image")
-    return _decode(p, str(p), max_pixels)
+    try:
+        check_regular_file(p)
+        # O_NONBLOCK: should a FIFO take the file's place after the check, opening it must not wait for a writer.
+        f = os.fdopen(os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb")
+    except FileNotFoundError:
+        raise ImageError(f"{p}: no such file") from None
+    except OSError as e:
+        raise ImageError(f"{p}: cannot open: {e.strerror or e}") from None
+    with f:
+        check_regular_file(p, os.fstat(f.fileno()))
+        return _decode(f, str(p), max_pixels)
+
+
+def check_regular_file(path: Path, st: os.stat_result | None = None) -> None:
+    """ImageError for a FIFO, socket or device: reading one can block forever or never end (`st`: its fstat)."""
+    mode = (st or path.stat()).st_mode
+    if not stat.S_ISREG(mode):
+        raise ImageError(f"{path}: not a regular file (a FIFO, socket or device), so not an image")
 
 
 def open_image_bytes(data: bytes, name: str, max_pixels: int | None = MAX_PIXELS) -> Image.Image:
@@ -165,6 +183,8 @@ def find_images(paths: Iterable[str | Path], recursive: bool = True) -> list[Pat
             found.update(_walk(p, recursive))
         elif p.is_file():
             found.add(p)  # a file named explicitly is taken whatever its extension; load_image judges it
+        elif p.exists():
+            check_regular_file(p)
         else:
             raise ImageError(f"{p}: no such file or folder")
     return sorted(found, key=lambda q: q.as_posix())
