@@ -83,6 +83,23 @@ def test_truncated_and_fake_files_raise_one_line_image_errors(photos: Path, tmp_
         open_image_bytes(b"", "x")
 
 
+@pytest.mark.parametrize("fmt", ["EPS", "XBM", "PCX"])
+def test_only_raster_formats_are_opened_whatever_the_name(tmp_path: Path, fmt: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import EpsImagePlugin
+
+    def no_ghostscript(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("Ghostscript was run")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", no_ghostscript)
+    path = tmp_path / "x.png"
+    Image.new("RGB" if fmt != "XBM" else "1", (8, 8)).save(path, format=fmt)
+    with pytest.raises(ImageError, match=r"x\.png: not an image, or not one of PNG, JPEG"):
+        load_image(path)
+    with pytest.raises(ImageError, match=r"cell: not an image"):
+        open_image_bytes(path.read_bytes(), "cell")
+
+
 def test_decompression_bomb_guard_reads_only_the_header(tmp_path: Path) -> None:
     ok = tmp_path / "small.png"
     Image.new("RGB", (20, 10)).save(ok)

@@ -7,6 +7,7 @@ as sRGB, as in the training data pipelines of SD and its successors.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
@@ -42,6 +43,10 @@ MAX_RESOLUTION: int = math.isqrt(MAX_PIXELS)
 # or corrupt header could otherwise claim any size. Uncompressed 16-bit RGBA at MAX_PIXELS is 1.4 GB.
 MAX_ENCODED_BYTES: int = 2 * 2**30
 
+# The only formats an image file or cell is opened as, whatever its name: raster formats with Pillow's own
+# decoders. Left to itself Pillow tries every plugin, and one (EPS) hands the file to Ghostscript.
+READ_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF", "PPM")
+
 PAD_MODES = ("replicate", "reflect", "constant")
 
 # Background for transparent pixels: white, as images with alpha are shown on web pages and documents.
@@ -72,12 +77,19 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+@functools.cache
+def _read_formats() -> tuple[str, ...]:
+    # Pillow builds without libwebp lack WEBP, and Image.open fails on a format it has no plugin for.
+    Image.init()
+    return tuple(f for f in READ_FORMATS if f in Image.OPEN)
+
+
 def _decode(src: str | Path | BinaryIO, name: str, max_pixels: int | None) -> Image.Image:
     try:
         with warnings.catch_warnings():
             # PIL warns from 89 MP on; the size check below is the limit that applies.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(src)
+            img = Image.open(src, formats=_read_formats())
         with img:
             _check_size(img, name, max_pixels)  # the header is read, the pixels are not yet
             img.load()  # a truncated or corrupt file fails here, not later in a worker's transform
@@ -94,7 +106,7 @@ def _decode(src: str | Path | BinaryIO, name: str, max_pixels: int | None) -> Im
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name}: {e}") from None
     except Image.UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image, or a format PIL cannot read") from None
+        raise ImageError(f"{name}: not an image, or not one of {', '.join(_read_formats())}") from None
     except Exception as e:  # PIL's format plugins raise many types (OSError, SyntaxError, ValueError, ...)
         raise ImageError(f"{name}: cannot decode: {type(e).__name__}: {e}") from None
 
