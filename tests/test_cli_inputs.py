@@ -145,6 +145,24 @@ def test_reconstruct_refuses_to_overwrite_its_input(tmp_path: Path, capsys: pyte
     assert img.read_bytes() == before
 
 
+@pytest.mark.parametrize("command", ["reconstruct", "noise"])
+@pytest.mark.parametrize("name", ["x.xbm", "x.grib", "x.bufr", "x.eps", "x"])
+def test_an_image_output_that_cannot_hold_rgb_is_refused_before_any_work(
+    tmp_path: Path, command: str, name: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    img = _image(tmp_path / "a.png")
+
+    def no_model(_args: object) -> None:
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(f"klvae.cli.{'codec' if command == 'reconstruct' else 'noise'}.load_model", no_model)
+    out = tmp_path / name
+    assert main([command, str(img), "-o", str(out)]) == 2
+    line = _err_line(capsys)
+    assert f"{out}: cannot write an RGB image with " in line and ".png, .jpg" in line
+    assert _files(tmp_path) == ["a.png"]
+
+
 # 4./5. malformed metadata and absurd sizes are refused at load, before any image is written
 
 GOOD = {"name": "good.png", "key": "g", "height": 16, "width": 16}

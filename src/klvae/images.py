@@ -47,6 +47,11 @@ MAX_ENCODED_BYTES: int = 2 * 2**30
 # decoders. Left to itself Pillow tries every plugin, and one (EPS) hands the file to Ghostscript.
 READ_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF", "PPM")
 
+# Output extensions and their formats: those that hold 8-bit RGB as given (Pillow's XBM, GRIB, BUFR and others
+# cannot, and would fail only once the work is done).
+WRITE_FORMATS: dict[str, str] = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP",
+                                 ".tif": "TIFF", ".tiff": "TIFF"}
+
 PAD_MODES = ("replicate", "reflect", "constant")
 
 # Background for transparent pixels: white, as images with alpha are shown on web pages and documents.
@@ -256,10 +261,15 @@ def crop_to_size(x: Tensor, size: tuple[int, int]) -> Tensor:
     return x[..., :h, :w]
 
 
-def _format_for(path: Path) -> str:
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None:
-        raise KlvaeError(f"{path}: unknown image extension {path.suffix!r} (use .png, .jpg, .webp, ...)")
+def image_format_for(path: str | Path) -> str:
+    """The Pillow format an output image's extension names; KlvaeError (naming the path) unless it holds 8-bit RGB."""
+    p = Path(path)
+    fmt = WRITE_FORMATS.get(p.suffix.lower())
+    Image.init()
+    if fmt is None or fmt not in Image.SAVE:  # SAVE: a Pillow built without libwebp cannot write WEBP
+        known = ", ".join(e for e, f in WRITE_FORMATS.items() if f in Image.SAVE)
+        what = f"the extension {p.suffix!r}" if p.suffix else "a name without an extension"
+        raise KlvaeError(f"{p}: cannot write an RGB image with {what}; end the name in {known}")
     return fmt
 
 
@@ -274,5 +284,5 @@ def write_image(img: Image.Image, path: str | Path, fmt: str, **save_kwargs: Any
 def save_image_atomic(img: Image.Image, path: str | Path, **save_kwargs: Any) -> Path:
     """Write img to path via a temporary file and os.replace, so a reader never sees half a file."""
     p = Path(path)
-    fmt = _format_for(p)
+    fmt = image_format_for(p)
     return atomic_write(p, lambda tmp: write_image(img, tmp, fmt, **save_kwargs))

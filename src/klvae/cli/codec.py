@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from klvae import inference
 from klvae.atomic import atomic_write_all
@@ -27,6 +26,7 @@ from klvae.cli.common import (
 from klvae.errors import ImageError, KlvaeError, LatentsError
 from klvae.images import (
     find_images,
+    image_format_for,
     load_image,
     pil_to_tensor,
     save_image_atomic,
@@ -63,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reconstruct", help="encode + decode one image; prints PSNR and SSIM")
     p.add_argument("image", help="the image to encode and decode")
     p.add_argument("-o", "--output", required=True,
-                   help="reconstruction to write (.png; .jpg, .webp and other Pillow formats by the extension)")
+                   help="reconstruction to write (.png, or by the extension .jpg, .jpeg, .webp, .bmp, .tif, .tiff)")
     add_model_args(p)
     add_tiling_args(p)
     p.set_defaults(func=cmd_reconstruct)
@@ -278,8 +278,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     from klvae.evaluation.metrics import SSIM_RADIUS, psnr, ssim
 
     out = check_output_path(args.output, inputs=[args.image])
-    if out.suffix.lower() not in Image.registered_extensions():
-        raise KlvaeError(f"--output {out}: unknown image extension {out.suffix!r} (use .png, .jpg, .webp, ...)")
+    image_format_for(out)
     x = pil_to_tensor(load_image(args.image))[None]
     tiling = tiling_from_args(args)
     vae, _, dtype = load_model(args)
