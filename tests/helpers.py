@@ -1,7 +1,12 @@
 """Shared by the tests: tiny models whose weights all differ from their (near-trivial) initialisation, and the
 CLI's one-line errors."""
 
+import contextlib
+import os
 import re
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -60,3 +65,31 @@ def counting_tiled_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 
         monkeypatch.setattr(api, name, counted)
     return calls
+
+
+@contextlib.contextmanager
+def fifo_watchdog(path: Path, after: float = 10.0) -> Iterator[dict[str, bool]]:
+    """Make a FIFO at `path`; should a reader still block on it `after` seconds on, open and close its write end,
+    so that the reader sees an empty file instead of hanging the test run. Yields {"fired": ...}, which says so."""
+    os.mkfifo(path)
+    state = {"fired": False}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.2):
+            if time.monotonic() - start < after:
+                continue
+            try:  # succeeds only while a reader has it open
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+                state["fired"] = True
+            except OSError:
+                pass
+
+    start = time.monotonic()
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        done.set()
+        thread.join()

@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 import klvae
-from helpers import one_error_line
+from helpers import fifo_watchdog, one_error_line
 from klvae.cli import common
 from klvae.cli.codec import unique_png_names
 from klvae.cli.main import main
@@ -145,6 +145,24 @@ def test_reconstruct_refuses_to_overwrite_its_input(tmp_path: Path, capsys: pyte
     assert img.read_bytes() == before
 
 
+@pytest.mark.parametrize("command", ["reconstruct", "noise"])
+@pytest.mark.parametrize("name", ["x.xbm", "x.grib", "x.bufr", "x.eps", "x"])
+def test_an_image_output_that_cannot_hold_rgb_is_refused_before_any_work(
+    tmp_path: Path, command: str, name: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    img = _image(tmp_path / "a.png")
+
+    def no_model(_args: object) -> None:
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(f"klvae.cli.{'codec' if command == 'reconstruct' else 'noise'}.load_model", no_model)
+    out = tmp_path / name
+    assert main([command, str(img), "-o", str(out)]) == 2
+    line = _err_line(capsys)
+    assert f"{out}: cannot write an RGB image with " in line and ".png, .jpg" in line
+    assert _files(tmp_path) == ["a.png"]
+
+
 # 4./5. malformed metadata and absurd sizes are refused at load, before any image is written
 
 GOOD = {"name": "good.png", "key": "g", "height": 16, "width": 16}
@@ -185,6 +203,10 @@ GOOD = {"name": "good.png", "key": "g", "height": 16, "width": 16}
         ([GOOD, {**GOOD, "key": "b", "name": "bad.png"}],
          {"g": torch.zeros(4, 2, 2), "b": torch.full((4, 2, 2), float("nan"))}, {}, "item 1 ('bad.png'): latents "
                                                                                    "contain NaN"),
+        # finite as stored, inf once divided by the scaling factor: found before the first write too
+        ([GOOD, {**GOOD, "key": "b", "name": "bad.png"}],
+         {"g": torch.zeros(4, 2, 2), "b": torch.full((4, 2, 2), 3e38)}, {}, "item 1 ('bad.png'): latents overflow to "
+                                                                            "inf once unscaled"),
     ],
 )
 def test_malformed_latents_are_one_line_and_exit_2(tmp_path: Path, items: list, tensors: dict | None, meta: dict,
@@ -256,6 +278,27 @@ def test_decode_with_a_non_finite_decoder_is_an_error(tmp_path: Path, broken_mod
     assert _files(tmp_path / "out") == []
 
 
+@pytest.mark.parametrize(
+    ("scaling", "values", "message"),
+    [
+        ("1e-30", (1.0, 1.0), "item 0 ('good.png'): the model produced non-finite pixels: its unscaled latents "
+                              "reach 1e+30"),
+        ("1e-8", (0.0, 1e30), "item 1 ('bad.png'): the model produced non-finite pixels: its unscaled latents "
+                              "reach 1e+38"),
+    ],
+)
+def test_latents_that_overflow_the_decoder_name_the_item_and_write_nothing(
+    tmp_path: Path, scaling: str, values: tuple[float, float], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    items = [GOOD, {**GOOD, "key": "b", "name": "bad.png"}]
+    tensors = {"g": torch.full((4, 2, 2), values[0]), "b": torch.full((4, 2, 2), values[1])}
+    src = _latents(tmp_path / "z.safetensors", items, tensors, {"scaling_factor": scaling})
+    assert main(["decode", str(src), "-o", str(tmp_path / "out")]) == 2
+    line = _err_line(capsys)
+    assert message in line and str(src) in line and "weights" not in line
+    assert _files(tmp_path) == ["z.safetensors"]
+
+
 # 7. images too small for SSIM
 
 
@@ -321,3 +364,51 @@ def test_an_error_with_several_lines_is_printed_as_one(monkeypatch: pytest.Monke
     monkeypatch.setattr("klvae.cli.codec.cmd_info", fail)  # register() binds it when main builds the parser
     assert main(["info"]) == 2
     assert _err_line(capsys) == "klvae: error: first second"
+
+
+# 10. decode never replaces a file it did not make, unless told to
+
+
+def test_decode_into_the_encoded_folder_refuses_to_replace_the_originals(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "s"
+    originals = {n: _image(folder / n, seed=i).read_bytes() for i, n in enumerate(["a.png", "b.png"])}
+    z = tmp_path / "z.safetensors"
+    assert main(["encode", str(folder), "-o", str(z)]) == 0
+
+    def no_model(_args: object) -> None:
+        raise AssertionError("the model was loaded before the clash was found")
+
+    with monkeypatch.context() as m:
+        m.setattr("klvae.cli.codec.load_model", no_model)
+        capsys.readouterr()
+        assert main(["decode", str(z), "-o", str(folder)]) == 2
+    line = _err_line(capsys)
+    assert "a.png already exists (2 of the 2 PNGs" in line and "--overwrite" in line
+    assert {n: (folder / n).read_bytes() for n in originals} == originals
+    assert main(["decode", str(z), "-o", str(folder), "--overwrite"]) == 0
+    assert all((folder / n).read_bytes() != b for n, b in originals.items())
+
+
+def test_decode_never_replaces_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = _latents(tmp_path / "z.safetensors", [GOOD])
+    (tmp_path / "out" / "good.png").mkdir(parents=True)
+    assert main(["decode", str(src), "-o", str(tmp_path / "out"), "--overwrite"]) == 2
+    assert "good.png is a folder" in _err_line(capsys)
+
+
+# 11. FIFOs (and sockets, devices) are never opened
+
+
+def test_encode_skips_a_fifo_in_a_folder_and_refuses_one_named(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    _image(tmp_path / "in" / "a.png")
+    z = tmp_path / "z.safetensors"
+    with fifo_watchdog(tmp_path / "in" / "fifo.png") as watchdog:
+        assert main(["encode", str(tmp_path / "in"), "-o", str(z)]) == 1  # one bad item, skipped and counted
+        assert "skipping " in capsys.readouterr().err
+        assert [it.name for it in load_latents(z).items] == ["a.png"]
+        assert main(["encode", str(tmp_path / "in" / "fifo.png"), "-o", str(tmp_path / "y.safetensors")]) == 2
+        assert "fifo.png: not a regular file" in _err_line(capsys)
+    assert not watchdog["fired"], "encode blocked on the FIFO"

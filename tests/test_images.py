@@ -14,6 +14,7 @@ import skimage.data
 import torch
 from PIL import Image
 
+from helpers import fifo_watchdog
 from klvae.errors import ImageError, KlvaeError
 from klvae.images import (
     MAX_PIXELS,
@@ -82,6 +83,23 @@ def test_truncated_and_fake_files_raise_one_line_image_errors(photos: Path, tmp_
         open_image_bytes(b"", "x")
 
 
+@pytest.mark.parametrize("fmt", ["EPS", "XBM", "PCX"])
+def test_only_raster_formats_are_opened_whatever_the_name(tmp_path: Path, fmt: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import EpsImagePlugin
+
+    def no_ghostscript(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("Ghostscript was run")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", no_ghostscript)
+    path = tmp_path / "x.png"
+    Image.new("RGB" if fmt != "XBM" else "1", (8, 8)).save(path, format=fmt)
+    with pytest.raises(ImageError, match=r"x\.png: not an image, or not one of PNG, JPEG"):
+        load_image(path)
+    with pytest.raises(ImageError, match=r"cell: not an image"):
+        open_image_bytes(path.read_bytes(), "cell")
+
+
 def test_decompression_bomb_guard_reads_only_the_header(tmp_path: Path) -> None:
     ok = tmp_path / "small.png"
     Image.new("RGB", (20, 10)).save(ok)
@@ -144,6 +162,29 @@ def test_find_images_mixes_files_and_folders(photos: Path, tmp_path: Path) -> No
     assert find_images([str(photos / "sub")]) == [photos / "sub" / "chelsea.webp"]
     with pytest.raises(ImageError, match="no such file or folder"):
         find_images([photos, tmp_path / "missing"])
+
+
+def test_a_fifo_is_refused_unopened_when_loaded_listed_or_named(photos: Path, tmp_path: Path) -> None:
+    from klvae.latents.sources import open_source
+
+    with fifo_watchdog(tmp_path / "fifo.png") as watchdog:
+        with pytest.raises(ImageError, match=r"fifo\.png: not a regular file \(a FIFO"):
+            load_image(tmp_path / "fifo.png")
+        # a folder lists it, so that a job counts it as a bad item; named on its own it is an error
+        assert find_images([tmp_path]) == [tmp_path / "fifo.png"]
+        with pytest.raises(ImageError, match=r"fifo\.png: not a regular file"):
+            find_images([photos, tmp_path / "fifo.png"])
+        with pytest.raises(KlvaeError, match=r"fifo\.png: not a regular file"):
+            open_source(str(tmp_path / "fifo.png"))
+    assert not watchdog["fired"], "a reader blocked on the FIFO"
+
+
+def test_a_fifo_among_tar_shards_is_skipped_unopened(tmp_path: Path) -> None:
+    from klvae.latents.sources import open_source
+
+    with fifo_watchdog(tmp_path / "shard.tar") as watchdog, pytest.raises(KlvaeError, match=r"shard\.tar: not a reg"):
+        open_source(str(tmp_path))
+    assert not watchdog["fired"], "a reader blocked on the FIFO"
 
 
 def test_symlink_loops_end(photos: Path, tmp_path: Path) -> None:
@@ -210,7 +251,7 @@ def test_save_image_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     save_image_atomic(Image.new("RGBA", (4, 4)), tmp_path / "b.jpg")
     with Image.open(tmp_path / "b.jpg") as im:
         assert im.format == "JPEG"
-    with pytest.raises(KlvaeError, match="unknown image extension"):
+    with pytest.raises(KlvaeError, match=r"c\.xyz: cannot write an RGB image with the extension '\.xyz'"):
         save_image_atomic(img, tmp_path / "c.xyz")
 
     def broken_save(self: Image.Image, fp: io.BufferedWriter, *args: object, **kwargs: object) -> None:

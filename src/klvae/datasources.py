@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from klvae.errors import ImageError, KlvaeError
-from klvae.images import find_images
+from klvae.images import check_regular_file, find_images
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,8 @@ def resolve_spec(spec: str | Path, recursive: bool = True) -> DataSpec:
     p = Path(s)
     if not p.exists():
         raise KlvaeError(f"no such data: {s}")
+    if not p.is_dir():
+        check_regular_file(p)  # a FIFO named as the data would block its reader forever
     if p.name.endswith(TAR_SUFFIXES):
         return DataSpec("tar", (p,))
     if p.suffix == ".parquet" or is_disk(p) or any(p.glob("*.parquet")) or any(p.glob("data/*.parquet")):

@@ -7,10 +7,12 @@ as sRGB, as in the training data pipelines of SD and its successors.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
 import os
+import stat
 import tarfile
 import warnings
 from collections.abc import Iterable
@@ -40,6 +42,15 @@ MAX_RESOLUTION: int = math.isqrt(MAX_PIXELS)
 # The most bytes an encoded image read into memory (a tar member) may have, checked before reading: a crafted
 # or corrupt header could otherwise claim any size. Uncompressed 16-bit RGBA at MAX_PIXELS is 1.4 GB.
 MAX_ENCODED_BYTES: int = 2 * 2**30
+
+# The only formats an image file or cell is opened as, whatever its name: raster formats with Pillow's own
+# decoders. Left to itself Pillow tries every plugin, and one (EPS) hands the file to Ghostscript.
+READ_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF", "PPM")
+
+# Output extensions and their formats: those that hold 8-bit RGB as given (Pillow's XBM, GRIB, BUFR and others
+# cannot, and would fail only once the work is done).
+WRITE_FORMATS: dict[str, str] = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP",
+                                 ".tif": "TIFF", ".tiff": "TIFF"}
 
 PAD_MODES = ("replicate", "reflect", "constant")
 
@@ -71,12 +82,19 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+@functools.cache
+def _read_formats() -> tuple[str, ...]:
+    # Pillow builds without libwebp lack WEBP, and Image.open fails on a format it has no plugin for.
+    Image.init()
+    return tuple(f for f in READ_FORMATS if f in Image.OPEN)
+
+
 def _decode(src: str | Path | BinaryIO, name: str, max_pixels: int | None) -> Image.Image:
     try:
         with warnings.catch_warnings():
             # PIL warns from 89 MP on; the size check below is the limit that applies.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(src)
+            img = Image.open(src, formats=_read_formats())
         with img:
             _check_size(img, name, max_pixels)  # the header is read, the pixels are not yet
             img.load()  # a truncated or corrupt file fails here, not later in a worker's transform
@@ -93,7 +111,7 @@ def _decode(src: str | Path | BinaryIO, name: str, max_pixels: int | None) -> Im
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name}: {e}") from None
     except Image.UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image, or a format PIL cannot read") from None
+        raise ImageError(f"{name}: not an image, or not one of {', '.join(_read_formats())}") from None
     except Exception as e:  # PIL's format plugins raise many types (OSError, SyntaxError, ValueError, ...)
         raise ImageError(f"{name}: cannot decode: {type(e).__name__}: {e}") from None
 
@@ -103,7 +121,24 @@ def load_image(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Image.I
     p = Path(path)
     if p.is_dir():
         raise ImageError(f"{p}: is a folder, not an image")
-    return _decode(p, str(p), max_pixels)
+    try:
+        check_regular_file(p)
+        # O_NONBLOCK: should a FIFO take the file's place after the check, opening it must not wait for a writer.
+        f = os.fdopen(os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb")
+    except FileNotFoundError:
+        raise ImageError(f"{p}: no such file") from None
+    except OSError as e:
+        raise ImageError(f"{p}: cannot open: {e.strerror or e}") from None
+    with f:
+        check_regular_file(p, os.fstat(f.fileno()))
+        return _decode(f, str(p), max_pixels)
+
+
+def check_regular_file(path: Path, st: os.stat_result | None = None) -> None:
+    """ImageError for a FIFO, socket or device: reading one can block forever or never end (`st`: its fstat)."""
+    mode = (st or path.stat()).st_mode
+    if not stat.S_ISREG(mode):
+        raise ImageError(f"{path}: not a regular file (a FIFO, socket or device), so not an image")
 
 
 def open_image_bytes(data: bytes, name: str, max_pixels: int | None = MAX_PIXELS) -> Image.Image:
@@ -165,6 +200,8 @@ def find_images(paths: Iterable[str | Path], recursive: bool = True) -> list[Pat
             found.update(_walk(p, recursive))
         elif p.is_file():
             found.add(p)  # a file named explicitly is taken whatever its extension; load_image judges it
+        elif p.exists():
+            check_regular_file(p)
         else:
             raise ImageError(f"{p}: no such file or folder")
     return sorted(found, key=lambda q: q.as_posix())
@@ -224,22 +261,28 @@ def crop_to_size(x: Tensor, size: tuple[int, int]) -> Tensor:
     return x[..., :h, :w]
 
 
-def _format_for(path: Path) -> str:
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None:
-        raise KlvaeError(f"{path}: unknown image extension {path.suffix!r} (use .png, .jpg, .webp, ...)")
+def image_format_for(path: str | Path) -> str:
+    """The Pillow format an output image's extension names; KlvaeError (naming the path) unless it holds 8-bit RGB."""
+    p = Path(path)
+    fmt = WRITE_FORMATS.get(p.suffix.lower())
+    Image.init()
+    if fmt is None or fmt not in Image.SAVE:  # SAVE: a Pillow built without libwebp cannot write WEBP
+        known = ", ".join(e for e, f in WRITE_FORMATS.items() if f in Image.SAVE)
+        what = f"the extension {p.suffix!r}" if p.suffix else "a name without an extension"
+        raise KlvaeError(f"{p}: cannot write an RGB image with {what}; end the name in {known}")
     return fmt
+
+
+def write_image(img: Image.Image, path: str | Path, fmt: str, **save_kwargs: Any) -> None:
+    """Write img to path in the Pillow format `fmt`, in place (atomic_write's writers use this on the temporary)."""
+    if fmt == "JPEG" and img.mode not in ("RGB", "L"):
+        img = to_rgb(img)
+    with open(path, "wb") as f:
+        img.save(f, format=fmt, **save_kwargs)
 
 
 def save_image_atomic(img: Image.Image, path: str | Path, **save_kwargs: Any) -> Path:
     """Write img to path via a temporary file and os.replace, so a reader never sees half a file."""
     p = Path(path)
-    fmt = _format_for(p)
-    if fmt == "JPEG" and img.mode not in ("RGB", "L"):
-        img = to_rgb(img)
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            img.save(f, format=fmt, **save_kwargs)
-
-    return atomic_write(p, write)
+    fmt = image_format_for(p)
+    return atomic_write(p, lambda tmp: write_image(img, tmp, fmt, **save_kwargs))

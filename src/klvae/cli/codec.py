@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from klvae import inference
+from klvae.atomic import atomic_write_all
 from klvae.cli.common import (
     add_model_args,
     add_tiling_args,
@@ -22,7 +24,15 @@ from klvae.cli.common import (
     tiling_from_args,
 )
 from klvae.errors import ImageError, KlvaeError, LatentsError
-from klvae.images import find_images, load_image, pil_to_tensor, save_image_atomic, tensor_to_pil
+from klvae.images import (
+    find_images,
+    image_format_for,
+    load_image,
+    pil_to_tensor,
+    save_image_atomic,
+    tensor_to_pil,
+    write_image,
+)
 from klvae.latents.file import LatentItem, LatentsFile, check_sizes, load_latents, save_latents
 from klvae.model.autoencoder import AutoencoderKL
 from klvae.progress import progress_bar
@@ -44,6 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("decode", help="a latents file -> PNG images")
     p.add_argument("latents", help="latents file written by `klvae encode`")
     p.add_argument("-o", "--output", required=True, help="folder for the PNGs")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace files in --output that have the PNGs' names (refused without it)")
     add_model_args(p)
     add_tiling_args(p)
     p.set_defaults(func=cmd_decode)
@@ -51,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reconstruct", help="encode + decode one image; prints PSNR and SSIM")
     p.add_argument("image", help="the image to encode and decode")
     p.add_argument("-o", "--output", required=True,
-                   help="reconstruction to write (.png; .jpg, .webp and other Pillow formats by the extension)")
+                   help="reconstruction to write (.png, or by the extension .jpg, .jpeg, .webp, .bmp, .tif, .tiff)")
     add_model_args(p)
     add_tiling_args(p)
     p.set_defaults(func=cmd_reconstruct)
@@ -180,10 +192,64 @@ def unique_png_names(items: list[LatentItem]) -> list[str]:
     return names
 
 
+def _check_clashes(out: Path, names: list[str], overwrite: bool) -> None:
+    """KlvaeError when a PNG would replace a file in `out` (unless `overwrite`), or a folder (always)."""
+    # Decoding into the folder the images were encoded from would otherwise replace the originals.
+    clashes = [n for n in names if os.path.lexists(out / n)]
+    folders = [n for n in clashes if (out / n).is_dir()]
+    if folders:
+        raise KlvaeError(f"--output {out}: {folders[0]} is a folder; a PNG of that name cannot replace it")
+    if clashes and not overwrite:
+        raise KlvaeError(f"--output {out}: {clashes[0]} already exists ({len(clashes)} of the {len(names)} PNGs "
+                         "would replace files there); add --overwrite to replace them")
+
+
+def _unscaled(lf: LatentsFile, it: LatentItem) -> torch.Tensor:
+    return lf.latents[it.key][None].float() / lf.scaling_factor + (lf.shift_factor or 0.0)
+
+
+def _check_items(vae: AutoencoderKL, lf: LatentsFile, where: str) -> None:
+    """LatentsError naming the first item that does not fit the model, or is not finite once unscaled."""
+    check_sizes(lf, vae.downsample_factor, where)
+    for n, it in enumerate(lf.items):
+        try:
+            inference.check_latents(vae, lf.latents[it.key][None])
+            # As decoded: a tiny scaling_factor or a huge value overflows only after the division.
+            if not torch.isfinite(_unscaled(lf, it)).all():
+                raise LatentsError(f"latents overflow to inf once unscaled (/ scaling_factor {lf.scaling_factor:g})")
+        except LatentsError as e:
+            raise LatentsError(f"{where}: item {n} ({it.name[:60]!r}): {e}") from None
+
+
+def _png_writer(vae: AutoencoderKL, lf: LatentsFile, n: int, dtype: torch.dtype,
+                tiling: inference.TileOptions | None, where: str) -> Callable[[Path], None]:
+    """A writer for atomic_write_all that decodes item n and saves it as PNG."""
+    it = lf.items[n]
+
+    def write(tmp: Path) -> None:
+        z = _unscaled(lf, it)
+        img = inference.decode(vae, z, dtype, size=(it.height, it.width), tiling=tiling)
+        if not torch.isfinite(img).all():
+            peak = z.abs().max().item()
+            why = (f"its unscaled latents reach {peak:.3g}, far beyond an encoder's (scaling_factor "
+                   f"{lf.scaling_factor:g})" if peak > _PLAUSIBLE_LATENT else "inf or NaN in the model's weights?")
+            raise KlvaeError(f"{where}: item {n} ({it.name[:60]!r}): the model produced non-finite pixels: {why}")
+        write_image(tensor_to_pil(img[0]), tmp, "PNG")
+
+    return write
+
+
+# Real latents, unscaled, stay within a few dozen; a decode that overflows from far past this is the file's doing.
+_PLAUSIBLE_LATENT = 1e4
+
+
 def cmd_decode(args: argparse.Namespace) -> int:
-    """Decode a latents file to PNGs; every item is checked before the first is written."""
+    """Decode a latents file to PNGs; every item is checked before the first is written, and the PNGs land
+    together, so a failure leaves none of them."""
     lf = load_latents(args.latents)
     out = check_output_path(args.output, folder=True)
+    names = unique_png_names(lf.items)
+    _check_clashes(out, names, args.overwrite)
     tiling = tiling_from_args(args)
     vae, _, dtype = load_model(args)
     c = vae.config
@@ -191,19 +257,18 @@ def cmd_decode(args: argparse.Namespace) -> int:
         log.warning("latents were scaled with %s/%s, the model's factors are %s/%s; using the file's",
                     lf.scaling_factor, lf.shift_factor, c.scaling_factor, c.shift_factor)
     # A bad item (sizes, pixel limit, channels, NaN) refuses the whole file, as nothing has been written yet.
-    check_sizes(lf, vae.downsample_factor, args.latents)
-    for n, it in enumerate(lf.items):
-        try:
-            inference.check_latents(vae, lf.latents[it.key][None])
-        except LatentsError as e:
-            raise LatentsError(f"{args.latents}: item {n} ({it.name[:60]!r}): {e}") from None
-    names = unique_png_names(lf.items)
-    out.mkdir(parents=True, exist_ok=True)
-    for it, name in progress_bar(list(zip(lf.items, names, strict=True)), desc="decoding", unit="img"):
-        z = lf.latents[it.key][None].float() / lf.scaling_factor + (lf.shift_factor or 0.0)
-        img = inference.decode(vae, z, dtype, size=(it.height, it.width), tiling=tiling)
-        _check_finite(img, "pixels", f"{it.name[:60]!r}")
-        save_image_atomic(tensor_to_pil(img[0]), out / name)
+    _check_items(vae, lf, args.latents)
+    with progress_bar(total=len(names), desc="decoding", unit="img") as bar:
+
+        def counted(write: Callable[[Path], None]) -> Callable[[Path], None]:
+            def run(tmp: Path) -> None:
+                write(tmp)
+                bar.update(1)
+
+            return run
+
+        atomic_write_all([(out / name, counted(_png_writer(vae, lf, n, dtype, tiling, args.latents)))
+                          for n, name in enumerate(names)])
     log.info("decoded %d image(s) to %s", len(lf.items), out)
     return 0
 
@@ -213,8 +278,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     from klvae.evaluation.metrics import SSIM_RADIUS, psnr, ssim
 
     out = check_output_path(args.output, inputs=[args.image])
-    if out.suffix.lower() not in Image.registered_extensions():
-        raise KlvaeError(f"--output {out}: unknown image extension {out.suffix!r} (use .png, .jpg, .webp, ...)")
+    image_format_for(out)
     x = pil_to_tensor(load_image(args.image))[None]
     tiling = tiling_from_args(args)
     vae, _, dtype = load_model(args)

@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 from klvae import inference
 from klvae.cli.common import add_model_args, check_output_path, check_seed, load_model
 from klvae.errors import KlvaeError
-from klvae.images import load_image, pil_to_tensor, save_image_atomic, tensor_to_pil
+from klvae.images import image_format_for, load_image, pil_to_tensor, save_image_atomic, tensor_to_pil
 
 # Diffusion schedules in use have a thousand steps, a few thousand at most.
 MAX_NUM_STEPS = 100_000
@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the noise subcommand."""
     p = sub.add_parser("noise", help="a sheet of the image's latents noised at several timesteps and decoded")
     p.add_argument("image", help="the image whose latents are noised")
-    p.add_argument("-o", "--output", required=True, help="sheet to write (.png)")
+    p.add_argument("-o", "--output", required=True, help="sheet to write (.png, .jpg, .webp, .bmp, .tif ...)")
     p.add_argument("--steps", type=int, nargs="+", default=[0, 100, 250, 500, 750, 999],
                    help="timesteps t to show (0 <= t < --num-steps)")
     p.add_argument("--schedule", choices=["scaled_linear", "linear", "cosine"], default="scaled_linear",
@@ -50,6 +50,7 @@ def cmd_noise(args: argparse.Namespace) -> int:
     _check_betas(args)
     check_seed(args.seed)
     check_output_path(args.output, inputs=[args.image])  # before the work, not after it
+    image_format_for(args.output)
     x = pil_to_tensor(load_image(args.image))[None]
     vae, _, dtype = load_model(args)
     schedule = NoiseSchedule.from_name(args.schedule, args.num_steps, beta_start=args.beta_start,

@@ -89,6 +89,8 @@ def tar_reason(e: BaseException) -> str:
 def _tar_members(t: Path, ids: dict[str, tuple[Path, str]]) -> str | None:
     # Adds the shard's image members to `ids`; returns why the shard (or its rest) cannot be read, if so.
     n = 0
+    if not t.is_file():  # a FIFO among the shards would block tarfile forever
+        return "not a regular file (a FIFO, socket or device)"
     try:
         with tarfile.open(t) as tf:
             for m in tf:
