@@ -2,10 +2,8 @@
 
 import json
 import math
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -204,11 +202,21 @@ def test_noise_beta_range_reaches_the_schedule(tmp_path: Path, photos: Path, mod
 
 
 def test_ctrl_c_while_torch_imports_is_one_line() -> None:
-    """`import klvae` leaves torch for later, so a Ctrl-C in the seconds of its import lands inside main()."""
-    proc = subprocess.Popen([sys.executable, "-c", "import klvae, sys; assert 'torch' not in sys.modules; "
-                             "from klvae.cli.main import main; sys.exit(main(['info']))"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.5)  # torch takes seconds to import; Python's own SIGINT handler is in place long before
-    proc.send_signal(signal.SIGINT)
+    """`import klvae` leaves torch for later, so a Ctrl-C during its import lands inside main()."""
+    # The child sends itself SIGINT the moment torch's import begins (an import hook), so the test does
+    # not race a sleep against how fast this machine imports torch.
+    child = ("import os, signal, sys\n"
+             "class Hook:\n"
+             "    def find_spec(self, name, path=None, target=None):\n"
+             "        if name == 'torch':\n"
+             "            sys.meta_path.remove(self)\n"
+             "            os.kill(os.getpid(), signal.SIGINT)\n"
+             "        return None\n"
+             "import klvae\n"
+             "assert 'torch' not in sys.modules\n"
+             "sys.meta_path.insert(0, Hook())\n"
+             "from klvae.cli.main import main\n"
+             "sys.exit(main(['info']))\n")
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip() == "klvae: interrupted", err
