@@ -127,6 +127,76 @@ def test_a_folder_with_a_truncated_image_is_finished_with_a_warning(
     assert len(load_latents(out).items) == 3
 
 
+def test_encode_loads_a_batch_at_a_time_with_the_batches_of_a_whole_load(
+    tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from klvae.cli import codec
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "in"
+    root.mkdir()
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)).save(root / f"i{i}.png")
+    data = (root / "i1.png").read_bytes()
+    (root / "i1.png").write_bytes(data[: len(data) // 2])  # its header reads, its pixels do not: skipped
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 24 wide, 16 high; a quarter turn makes it 16x24 like the rest
+    Image.fromarray(rng.integers(0, 256, (24, 16, 3), dtype=np.uint8)).save(root / "r.jpg", exif=exif.tobytes())
+    loads, batches = [], []
+    real_load, real_encode = codec.load_image, inference.encode
+    monkeypatch.setattr(codec, "load_image", lambda p, *a: loads.append(Path(p).name) or real_load(p, *a))
+
+    def encode(vae: klvae.AutoencoderKL, x: torch.Tensor, *args: object) -> object:
+        batches.append((len(loads), x.clone()))
+        return real_encode(vae, x, *args)
+
+    monkeypatch.setattr(codec.inference, "encode", encode)
+    out = tmp_path / "z.safetensors"
+    assert main(["encode", str(root), "-o", str(out), "--model", str(model_dir), "--batch-size", "2"]) == 1
+    # memory holds a batch, not the folder: each encode follows its own two loads (three with the skipped one)
+    assert [n for n, _ in batches] == [3, 5, 7]
+    lf = load_latents(out)
+    names = [it.name for it in lf.items]
+    assert names == ["i0.png", "i2.png", "i3.png", "i4.png", "i5.png", "r.jpg"]
+    # the same batches as when every image was read first: i0+i2, i3+i4, i5+r.jpg
+    vae = klvae.AutoencoderKL.from_pretrained(model_dir)
+    x = torch.stack([pil_to_tensor(load_image(root / n)) for n in names])
+    assert all(torch.equal(b, x[2 * k : 2 * k + 2]) for k, (_, b) in enumerate(batches))
+    for k in range(3):
+        z = vae.scale_latents(inference.encode(vae, x[2 * k : 2 * k + 2]).mode())
+        for j in range(2):
+            assert torch.equal(lf.latents[lf.items[2 * k + j].key], z[j])
+    assert (lf.items[-1].height, lf.items[-1].width) == (16, 24)
+
+
+def test_encode_an_image_whose_header_misled_is_encoded_alone(tmp_path: Path, model_dir: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # A PNG may keep its EXIF rotation after the pixels, so its size is known only once it is loaded.
+    from klvae.cli import codec
+
+    rng = np.random.default_rng(1)
+    root = tmp_path / "in"
+    root.mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)).save(root / f"i{i}.png")
+    Image.fromarray(rng.integers(0, 256, (24, 16, 3), dtype=np.uint8)).save(root / "late.png")
+    real_size = codec.image_size
+    monkeypatch.setattr(codec, "image_size", lambda p: (16, 24) if Path(p).name == "late.png" else real_size(p))
+    shapes = []
+    real_encode = inference.encode
+    monkeypatch.setattr(codec.inference, "encode",
+                        lambda vae, x, *a: shapes.append(tuple(x.shape)) or real_encode(vae, x, *a))
+    out = tmp_path / "z.safetensors"
+    assert main(["encode", str(root), "-o", str(out), "--model", str(model_dir), "--batch-size", "4"]) == 0
+    assert shapes == [(3, 3, 16, 24), (1, 3, 24, 16)]
+    lf = load_latents(out)
+    assert [(it.name, it.height, it.width) for it in lf.items] == [
+        ("i0.png", 16, 24), ("i1.png", 16, 24), ("i2.png", 16, 24), ("late.png", 24, 16)]
+    vae = klvae.AutoencoderKL.from_pretrained(model_dir)
+    z = vae.scale_latents(inference.encode(vae, pil_to_tensor(load_image(root / "late.png"))[None]).mode())
+    assert torch.equal(lf.latents[lf.items[-1].key], z[0])
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [

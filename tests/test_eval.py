@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
 import urllib.error
 from pathlib import Path
@@ -391,3 +392,40 @@ def test_error_heatmap_scale_and_histogram() -> None:
     svg = histogram_svg({"a": [20.0, 21.0, 21.5], "b<": [30.0, float("inf")]}, bins=10)
     assert svg.startswith("<svg") and svg.count("<rect") == 3 and "b&lt;:" in svg
     assert json_safe({"x": [float("inf"), 1.0, float("nan")]}) == {"x": [None, 1.0, None]}
+
+
+def test_eval_file_name_that_is_not_utf8_is_written_as_escapes(models: list[Path], tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    img = Image.fromarray(skdata.astronaut()).resize((40, 40))
+    img.save(os.fsencode(data) + b"/\xff\xfe.png", format="PNG")  # a Latin-1 name on a UTF-8 system
+    img.save(data / "plain.png")
+    report = tmp_path / "report"
+    assert run_cli("--model", str(models[0]), "--data", str(data), "-o", str(report), "--resolution", str(RES),
+                   "--examples", "1", "--no-fid", "--no-lpips") == 0
+    assert sorted(r["id"] for r in read_csv(report / "metrics.csv")) == ["\\xff\\xfe.png", "plain.png"]
+    assert "\\xff\\xfe.png" in check_html(report)
+
+
+def test_a_report_that_fails_midway_leaves_the_previous_one_whole(data_dir: Path, models: list[Path],
+                                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    report = tmp_path / "report"
+    args = ("--model", str(models[0]), "--data", str(data_dir), "-o", str(report), "--resolution", str(RES),
+            "--examples", "1", "--no-fid", "--no-lpips")
+    run_cli(*args)
+    before = {p: p.read_bytes() for p in report.rglob("*") if p.is_file()}
+    assert len(before) == 3 + 2 * 3  # csv, json, html; worst and best triplets
+    from klvae.evaluation import report as report_mod
+
+    def full_disk(*a: object, **k: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report_mod, "write_image", full_disk)  # the tables are written, then the first PNG fails
+    capsys.readouterr()
+    assert run_cli(*args, "--limit", "2") == 2  # other images: other tables, were they written
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(r"klvae: error: cannot write .*/images/\d{5}_original\.png: .*No space left on device",
+                        err), err
+    after = {p: p.read_bytes() for p in report.rglob("*") if p.is_file()}
+    assert after == before  # no new table beside the old page, no temporary file left

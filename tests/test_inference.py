@@ -230,6 +230,43 @@ def test_bad_latents_are_refused() -> None:
     z[0, 0, 0, 0] = float("nan")
     with pytest.raises(klvae.LatentsError, match="NaN"):
         inference.decode(vae, z)
+    for bad in (torch.zeros(1, 4, 0, 4), torch.zeros(0, 4, 4, 4)):
+        with pytest.raises(klvae.LatentsError, match="do not fit"):
+            inference.decode(vae, bad)
+    with pytest.raises(klvae.LatentsError, match="floating point"):
+        inference.decode(vae, torch.zeros(1, 4, 4, 4, dtype=torch.int64))
+    with pytest.raises(klvae.LatentsError, match=r"must be a torch\.Tensor"):
+        inference.decode(vae, [[0.0]])
+
+
+@pytest.mark.parametrize(("x", "match"), [
+    (torch.zeros(3, 16, 16), r"do not fit .*a single image needs a batch dimension"),
+    (torch.zeros(1, 4, 16, 16), "do not fit"),
+    (torch.zeros(1, 3, 0, 16), "do not fit"),
+    (torch.zeros(0, 3, 16, 16), "do not fit"),
+    (torch.zeros(1, 3, 16, 16, dtype=torch.uint8), "floating point"),
+    ("astronaut.png", "must be a torch.Tensor"),
+])
+def test_bad_images_are_refused(x: object, match: str) -> None:
+    vae = perturbed_vae("tiny")
+    with pytest.raises(klvae.ImageError, match=match):
+        inference.encode(vae, x)
+
+
+@pytest.mark.parametrize("size", [(-1, -1), (0, 8), (8, 17), (17, 8), (8,), (8, 8, 8), (8.0, 8), (True, 8), 8])
+def test_decode_size_must_crop_within_the_image(size: object) -> None:
+    vae = perturbed_vae("tiny")  # downsample 2: 8x8 latents decode to 16x16
+    z = torch.randn(1, 4, 8, 8)
+    with pytest.raises(klvae.KlvaeError, match=r"size must be \(height, width\) with each between 1 and the decoded"):
+        inference.decode(vae, z, size=size)
+    assert inference.decode(vae, z, size=(16, 5)).shape == (1, 3, 16, 5)
+
+
+@pytest.mark.parametrize("kwargs", [{"tile_size": 0}, {"tile_size": -8}, {"tile_size": 8.5}, {"max_memory": 0},
+                                    {"max_memory": -1}, {"max_memory": "2GiB"}, {"enabled": "yes"}])
+def test_tile_options_are_checked(kwargs: dict) -> None:
+    with pytest.raises(klvae.KlvaeError, match=r"^TileOptions\.\w+ must be"):
+        TileOptions(**kwargs)
 
 
 def test_dtype_and_device_resolution() -> None:

@@ -7,6 +7,7 @@ here, so a reader or a resumed job never sees half a file, and a kill leaves at 
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,6 +15,8 @@ from pathlib import Path
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor
+
+_SMUGGLED_BYTE = re.compile("[\udc80-\udcff]")
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -77,14 +80,24 @@ def _make_folders(folder: Path) -> list[Path]:
     return missing[::-1]
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write `text` as UTF-8 (newlines as given) atomically."""
+def text_writer(text: str) -> Callable[[Path], None]:
+    """A writer for atomic_write/atomic_write_all that writes `text` as UTF-8, newlines as given."""
+    # A file name that is not valid UTF-8 reaches Python with its bad bytes as lone surrogates (U+DC80..U+DCFF);
+    # a report quoting it must not fail at its very end for that: such a byte is written as \xNN, like Python
+    # shows it, and any other lone surrogate as \uNNNN.
+    text = _SMUGGLED_BYTE.sub(lambda m: f"\\x{ord(m.group()) - 0xDC00:02x}", text)
+    data = text.encode("utf-8", errors="backslashreplace")
 
     def write(tmp: Path) -> None:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
 
-    return atomic_write(path, write)
+    return write
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write `text` as UTF-8 (newlines as given) atomically."""
+    return atomic_write(path, text_writer(text))
 
 
 def atomic_save_file(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> Path:

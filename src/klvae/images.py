@@ -7,6 +7,7 @@ as sRGB, as in the training data pipelines of SD and its successors.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import logging
@@ -15,14 +16,14 @@ import os
 import stat
 import tarfile
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 from torch import Tensor
 
 from klvae.atomic import atomic_write
@@ -89,21 +90,25 @@ def _read_formats() -> tuple[str, ...]:
     return tuple(f for f in READ_FORMATS if f in Image.OPEN)
 
 
-def _decode(src: str | Path | BinaryIO, name: str, max_pixels: int | None) -> Image.Image:
+def _open(src: str | Path | BinaryIO, name: str, max_pixels: int | None) -> Image.Image:
+    """Image.open in klvae's formats, within the size limit: the header is read, the pixels are not yet."""
+    with warnings.catch_warnings():
+        # PIL warns from 89 MP on; the size check below is the limit that applies.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(src, formats=_read_formats())
     try:
-        with warnings.catch_warnings():
-            # PIL warns from 89 MP on; the size check below is the limit that applies.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(src, formats=_read_formats())
-        with img:
-            _check_size(img, name, max_pixels)  # the header is read, the pixels are not yet
-            img.load()  # a truncated or corrupt file fails here, not later in a worker's transform
-            try:
-                out = ImageOps.exif_transpose(img)
-            except Exception as e:  # broken EXIF blocks are common; the pixels are still good
-                log.debug("%s: EXIF orientation ignored: %s", name, e)
-                out = img.copy()
-            return to_rgb(out)
+        _check_size(img, name, max_pixels)
+    except ImageError:
+        img.close()
+        raise
+    return img
+
+
+@contextlib.contextmanager
+def _image_errors(name: str) -> Iterator[None]:
+    """Any failure to read an image, as one ImageError line that names it."""
+    try:
+        yield
     except ImageError:
         raise
     except FileNotFoundError:
@@ -116,9 +121,20 @@ def _decode(src: str | Path | BinaryIO, name: str, max_pixels: int | None) -> Im
         raise ImageError(f"{name}: cannot decode: {type(e).__name__}: {e}") from None
 
 
-def load_image(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Image.Image:
-    """Fully decoded 8-bit RGB image, EXIF-rotated; ImageError (naming the file) if it cannot be read."""
-    p = Path(path)
+def _decode(src: str | Path | BinaryIO, name: str, max_pixels: int | None) -> Image.Image:
+    with _image_errors(name), _open(src, name, max_pixels) as img:
+        img.load()  # a truncated or corrupt file fails here, not later in a worker's transform
+        try:
+            out = ImageOps.exif_transpose(img)
+        except Exception as e:  # broken EXIF blocks are common; the pixels are still good
+            log.debug("%s: EXIF orientation ignored: %s", name, e)
+            out = img.copy()
+        return to_rgb(out)
+
+
+@contextlib.contextmanager
+def _open_file(p: Path) -> Iterator[BinaryIO]:
+    """The regular file at p, opened for reading; ImageError for a folder, a FIFO or a missing file."""
     if p.is_dir():
         raise ImageError(f"{p}: is a folder, not an image")
     try:
@@ -131,7 +147,34 @@ def load_image(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Image.I
         raise ImageError(f"{p}: cannot open: {e.strerror or e}") from None
     with f:
         check_regular_file(p, os.fstat(f.fileno()))
+        yield f
+
+
+def load_image(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Image.Image:
+    """Fully decoded 8-bit RGB image, EXIF-rotated; ImageError (naming the file) if it cannot be read."""
+    p = Path(path)
+    with _open_file(p) as f:
         return _decode(f, str(p), max_pixels)
+
+
+def image_size(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> tuple[int, int]:
+    """(height, width) of the image load_image would return, from the header and the EXIF orientation; the pixels
+    are not decoded, so a truncated file passes here (and fails in load_image)."""
+    p = Path(path)
+    with _open_file(p) as f, _image_errors(str(p)), _open(f, str(p), max_pixels) as img:
+        w, h = img.size
+        return (w, h) if _orientation(img) in (5, 6, 7, 8) else (h, w)  # a quarter turn swaps the sides
+
+
+def _orientation(img: Image.Image) -> int:
+    # A PNG may keep its EXIF after the pixels, and Pillow decodes them all to find it; such a rare rotated PNG's
+    # size is learnt only once it is loaded.
+    if img.format == "PNG" and "exif" not in img.info:
+        return 1
+    try:
+        return int(img.getexif().get(ExifTags.Base.Orientation, 1))
+    except Exception:  # a broken EXIF block: _decode leaves such an image as it is
+        return 1
 
 
 def check_regular_file(path: Path, st: os.stat_result | None = None) -> None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
 import re
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from klvae.errors import ImageError, KlvaeError, LatentsError
 from klvae.images import (
     find_images,
     image_format_for,
+    image_size,
     load_image,
     pil_to_tensor,
     save_image_atomic,
@@ -74,16 +76,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_info)
 
 
-def _load_all(paths: list[Path]) -> tuple[dict[Path, torch.Tensor], list[Path]]:
-    # Decoding everything first is fine for a CLI batch of images; `klvae cache` streams for datasets.
-    loaded, bad = {}, []
+def _group_by_size(paths: list[Path], bad: list[Path]) -> dict[tuple[int, int], list[Path]]:
+    """The paths by image size, in order, from their headers; those that cannot be read are logged and added to bad."""
+    # Only headers here: the pixels are decoded a batch at a time as they are encoded, so memory holds one batch.
+    by_size: dict[tuple[int, int], list[Path]] = defaultdict(list)
     for path in progress_bar(paths, desc="reading", unit="img", disable=len(paths) < 2):
         try:
-            loaded[path] = pil_to_tensor(load_image(path))
+            by_size[image_size(path)].append(path)
         except ImageError as e:
             log.warning("skipping %s", e)
             bad.append(path)
-    return loaded, bad
+    return by_size
+
+
+def _loaded(paths: list[Path], bad: list[Path]) -> Iterator[tuple[Path, torch.Tensor]]:
+    """Each image that loads, as a tensor; one that does not (a truncated file) is logged and added to bad."""
+    for path in paths:
+        try:
+            yield path, pil_to_tensor(load_image(path))
+        except ImageError as e:
+            log.warning("skipping %s", e)
+            bad.append(path)
 
 
 def _check_encode_args(args: argparse.Namespace, paths: list[Path]) -> None:
@@ -100,24 +113,36 @@ def _check_finite(t: torch.Tensor, what: str, where: object) -> None:
         raise KlvaeError(f"the model produced non-finite {what} for {where}: inf or NaN in its weights?")
 
 
-def _encode_groups(vae: AutoencoderKL, images: dict[Path, torch.Tensor], args: argparse.Namespace,
-                   dtype: torch.dtype, tiling: inference.TileOptions | None) -> dict[Path, torch.Tensor]:
-    """Scaled latents of every image, in batches of equal size."""
+def _encode_batch(vae: AutoencoderKL, batch: list[tuple[Path, torch.Tensor]], args: argparse.Namespace,
+                  gen: torch.Generator, dtype: torch.dtype, tiling: inference.TileOptions | None
+                  ) -> dict[Path, torch.Tensor]:
+    post = inference.encode(vae, torch.stack([t for _, t in batch]), dtype, tiling)
+    z = vae.scale_latents(post.sample(gen) if args.sample else post.mode()).cpu()
+    first = batch[0][0]
+    _check_finite(z, "latents", first if len(batch) == 1 else f"{first} (or its batch)")
+    return dict(zip([p for p, _ in batch], z, strict=True))
+
+
+def _encode_groups(vae: AutoencoderKL, by_size: dict[tuple[int, int], list[Path]], args: argparse.Namespace,
+                   dtype: torch.dtype, tiling: inference.TileOptions | None, bad: list[Path]
+                   ) -> dict[Path, tuple[torch.Tensor, tuple[int, int]]]:
+    """Scaled latents and size of every image that loads, loaded a batch of one size at a time."""
     gen = torch.Generator(device=vae.device).manual_seed(args.seed)
-    by_size: dict[tuple[int, int], list[Path]] = defaultdict(list)
-    for p, t in images.items():
-        by_size[tuple(t.shape[-2:])].append(p)
-    latents: dict[Path, torch.Tensor] = {}
-    with progress_bar(total=len(images), desc="encoding", unit="img") as bar:
-        for group in by_size.values():
-            for i in range(0, len(group), args.batch_size):
-                chunk = group[i : i + args.batch_size]
-                post = inference.encode(vae, torch.stack([images[p] for p in chunk]), dtype, tiling)
-                z = vae.scale_latents(post.sample(gen) if args.sample else post.mode()).cpu()
-                _check_finite(z, "latents", chunk[0] if len(chunk) == 1 else f"{chunk[0]} (or its batch)")
-                latents.update(zip(chunk, z, strict=True))
-                bar.update(len(chunk))
-    return latents
+    out: dict[Path, tuple[torch.Tensor, tuple[int, int]]] = {}
+    total, bad_before = sum(map(len, by_size.values())), len(bad)
+    with progress_bar(total=total, desc="encoding", unit="img") as bar:
+        for size, group in by_size.items():
+            stream = _loaded(group, bad)
+            # Batches of the images that load, as when all were loaded first: the same batches, the same latents.
+            while chunk := list(itertools.islice(stream, args.batch_size)):
+                # An image its header mispredicted (a late EXIF block, a file changed meanwhile) is encoded alone.
+                fit = [c for c in chunk if c[1].shape[-2:] == size]
+                for batch in [fit, *([c] for c in chunk if c[1].shape[-2:] != size)]:
+                    if batch:
+                        z = _encode_batch(vae, batch, args, gen, dtype, tiling)
+                        out.update((p, (z[p], tuple(t.shape[-2:]))) for p, t in batch)
+                bar.update(len(out) + len(bad) - bad_before - bar.n)
+    return out
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
@@ -129,18 +154,19 @@ def cmd_encode(args: argparse.Namespace) -> int:
     if len(paths) == 1 and Path(args.inputs[0]).is_file():
         load_image(paths[0])  # a single named file that cannot be read is an error, not a skip
     tiling = tiling_from_args(args)
-    vae, _, dtype = load_model(args)
-    images, bad = _load_all(paths)
-    if not images:
+    bad: list[Path] = []
+    by_size = _group_by_size(paths, bad)
+    if not by_size:
         raise KlvaeError(f"none of the {len(paths)} images could be read")
-    latents = _encode_groups(vae, images, args, dtype, tiling)
-    ordered = [p for p in paths if p in latents]
-    items = [
-        LatentItem(name=p.name, key=f"{n:06d}", height=images[p].shape[-2], width=images[p].shape[-1])
-        for n, p in enumerate(ordered)
-    ]
+    vae, _, dtype = load_model(args)
+    encoded = _encode_groups(vae, by_size, args, dtype, tiling, bad)
+    if not encoded:
+        raise KlvaeError(f"none of the {len(paths)} images could be read")
+    ordered = [p for p in paths if p in encoded]
+    items = [LatentItem(name=p.name, key=f"{n:06d}", height=encoded[p][1][0], width=encoded[p][1][1])
+             for n, p in enumerate(ordered)]
     lf = LatentsFile(
-        latents={it.key: latents[p] for it, p in zip(items, ordered, strict=True)},
+        latents={it.key: encoded[p][0] for it, p in zip(items, ordered, strict=True)},
         items=items, model=str(args.model),
         scaling_factor=vae.config.scaling_factor, shift_factor=vae.config.shift_factor,
         extra={"posterior": "sample" if args.sample else "mean"},

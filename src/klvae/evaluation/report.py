@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import csv
+import functools
 import html
 import io
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,9 @@ import numpy as np
 from PIL import Image
 from torch import Tensor
 
-from klvae.atomic import atomic_write_text
+from klvae.atomic import atomic_write_all, text_writer
 from klvae.evaluation.evaluate import EvalResult
-from klvae.images import save_image_atomic, tensor_to_pil
+from klvae.images import tensor_to_pil, write_image
 
 # An inferno-like ramp: dark for no error, yellow-white at the full-scale error.
 _RAMP = np.array([(0, 0, 4), (40, 11, 84), (101, 21, 110), (159, 42, 99), (212, 72, 66), (245, 125, 21),
@@ -163,22 +164,28 @@ def example_rows(res: EvalResult, ranked_by: str, indices: Sequence[int], files:
     return "".join(rows)
 
 
-def write_example_images(out_dir: Path, res: EvalResult, examples: Mapping[str, tuple[Tensor, Mapping[str, Tensor]]]
-                         ) -> dict[int, dict[str, str]]:
-    """PNG triplets under out_dir/images; returns, per index into res.ids, the relative file names."""
+def example_files(res: EvalResult, examples: Mapping[str, tuple[Tensor, Mapping[str, Tensor]]]
+                  ) -> tuple[dict[int, dict[str, str]], list[tuple[str, Image.Image | Callable[[], Image.Image]]]]:
+    """The example PNG triplets: per index into res.ids the relative file names, and (name, image) to write, an
+    error map as a function that draws it when it is written."""
     files: dict[int, dict[str, str]] = {}
+    images: list[tuple[str, Image.Image | Callable[[], Image.Image]]] = []
     index = {item_id: i for i, item_id in enumerate(res.ids)}
     for item_id, (original, recs) in examples.items():
         i = index[item_id]
         names = {"original": f"images/{i:05d}_original.png"}
-        save_image_atomic(tensor_to_pil(original), out_dir / names["original"])
+        images.append((names["original"], tensor_to_pil(original)))
         for j, m in enumerate(res.models):
             names[f"recon{j}"] = f"images/{i:05d}_m{j}_recon.png"
             names[f"error{j}"] = f"images/{i:05d}_m{j}_error.png"
-            save_image_atomic(tensor_to_pil(recs[m]), out_dir / names[f"recon{j}"])
-            save_image_atomic(error_heatmap(original, recs[m]), out_dir / names[f"error{j}"])
+            images.append((names[f"recon{j}"], tensor_to_pil(recs[m])))
+            images.append((names[f"error{j}"], functools.partial(error_heatmap, original, recs[m])))
         files[i] = names
-    return files
+    return files, images
+
+
+def _png(img: Image.Image | Callable[[], Image.Image]) -> Callable[[Path], None]:
+    return lambda tmp: write_image(img if isinstance(img, Image.Image) else img(), tmp, "PNG")
 
 
 _CSS = """
@@ -237,12 +244,15 @@ def render_html(summary: Mapping[str, Any], res: EvalResult, picks: Mapping[str,
 def write_report(out_dir: Path, res: EvalResult, summary: Mapping[str, Any],
                  picks: Mapping[str, Mapping[str, list[int]]],
                  examples: Mapping[str, tuple[Tensor, Mapping[str, Tensor]]]) -> None:
-    """metrics.csv, summary.json, the example PNGs, and index.html last (its presence means a whole report)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "metrics.csv", metrics_csv(res))
-    atomic_write_text(out_dir / "summary.json", json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")
-    files = write_example_images(out_dir, res, examples)
-    atomic_write_text(out_dir / "index.html", render_html(summary, res, picks, files))
+    """metrics.csv, summary.json, the example PNGs and index.html, written together: a failure in any (a full
+    disk) leaves the folder as it was, never a new table beside an old page."""
+    files, images = example_files(res, examples)
+    atomic_write_all([
+        (out_dir / "metrics.csv", text_writer(metrics_csv(res))),
+        (out_dir / "summary.json", text_writer(json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")),
+        *((out_dir / name, _png(img)) for name, img in images),
+        (out_dir / "index.html", text_writer(render_html(summary, res, picks, files))),
+    ])
     _remove_stale_examples(out_dir, {name for names in files.values() for name in names.values()})
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from klvae.errors import LatentsError
+from klvae.errors import ImageError, KlvaeError, LatentsError, quote
 from klvae.inference.precision import compute_dtype, run_guarded
 from klvae.inference.tiling import TileOptions, make_streamer, run_maybe_tiled, tiled_decode, tiled_encode_moments
 from klvae.model.autoencoder import AutoencoderKL
@@ -33,6 +35,7 @@ def encode_moments(
     fp32. The moments are on the model's device, unless a tiled result alone would exceed the memory budget:
     then it stays in host memory (`tiling.deliver`).
     """
+    check_images(vae, x)
     dtype = compute_dtype(vae, dtype)
     # The image stays where it is until a path takes it: the tiled one reads it strip by strip, so a big image
     # in host memory never has to fit on the GPU whole.
@@ -81,14 +84,45 @@ def decode(
         opts=tiling,
     ).clamp(-1, 1)
     if size is not None:
-        out = out[..., : size[0], : size[1]]
+        h, w = _check_size(size, tuple(out.shape[-2:]))
+        out = out[..., :h, :w]
     return out
 
 
+def _check_size(size: tuple[int, int], full: tuple[int, ...]) -> tuple[int, int]:
+    """`size` as two ints, each within the decoded image's side (numpy integers are taken too)."""
+    # A crop larger than the decoded image would silently return the whole image; negative sizes would slice
+    # from the end.
+    try:
+        h, w = (operator.index(s) for s in size if not isinstance(s, bool))
+    except (TypeError, ValueError):
+        h = w = 0
+    if not (1 <= h <= full[0] and 1 <= w <= full[1]):
+        raise KlvaeError(f"size must be (height, width) with each between 1 and the decoded {full[0]}x{full[1]}, "
+                         f"got {quote(size)}")
+    return h, w
+
+
+def check_images(vae: AutoencoderKL, x: Tensor) -> None:
+    """Images must be a floating-point tensor [B, C, H, W] with the model's channel count and at least one pixel."""
+    c = vae.config.in_channels
+    if not isinstance(x, Tensor):
+        raise ImageError(f"images must be a torch.Tensor [B, {c}, H, W] in [-1, 1], got {type(x).__name__}")
+    if x.ndim != 4 or x.shape[1] != c or 0 in x.shape:
+        hint = " (a single image needs a batch dimension: x[None])" if x.ndim == 3 else ""
+        raise ImageError(f"images of shape {tuple(x.shape)} do not fit this model, which takes [B, {c}, H, W]{hint}")
+    if not x.is_floating_point():
+        raise ImageError(f"images must be floating point in [-1, 1], got {x.dtype} (uint8 pixels: x / 127.5 - 1)")
+
+
 def check_latents(vae: AutoencoderKL, z: Tensor) -> None:
-    """Latents must be 4-D, have the model's channel count and be finite."""
+    """Latents must be a floating-point [B, c, h, w] tensor, not empty, with the model's channel count, finite."""
     c = vae.config.latent_channels
-    if z.ndim != 4 or z.shape[1] != c:
+    if not isinstance(z, Tensor):
+        raise LatentsError(f"latents must be a torch.Tensor [B, {c}, h, w], got {type(z).__name__}")
+    if z.ndim != 4 or z.shape[1] != c or 0 in z.shape:
         raise LatentsError(f"latents of shape {tuple(z.shape)} do not fit this model, which takes [B, {c}, h, w]")
+    if not z.is_floating_point():
+        raise LatentsError(f"latents must be floating point, got {z.dtype}")
     if not torch.isfinite(z).all():
         raise LatentsError("latents contain NaN or infinite values")

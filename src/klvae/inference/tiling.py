@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from klvae.errors import KlvaeError, quote
 from klvae.inference.streaming import Streamer
 from klvae.model.autoencoder import AutoencoderKL
 
@@ -30,6 +31,15 @@ class TileOptions:
     max_memory: int | None = None
     # Force tiling on (True) or off (False); None decides from max_memory and the out-of-memory fall-back.
     enabled: bool | None = None
+
+    def __post_init__(self) -> None:
+        # 0 or a negative number would not fail here but deep in the strip planner, or mean "no budget".
+        for name in ("tile_size", "max_memory"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise KlvaeError(f"TileOptions.{name} must be a whole number of at least 1 (or None), got {quote(v)}")
+        if self.enabled is not None and not isinstance(self.enabled, bool):
+            raise KlvaeError(f"TileOptions.enabled must be True, False or None, got {quote(self.enabled)}")
 
     def wants_tiling(self) -> bool:
         """Whether tiling was asked for outright (a forced flag or a strip height)."""
