@@ -133,6 +133,10 @@ def test_config_validation_and_dict_round_trip() -> None:
         ({"scaling_factor": float("nan")}, "scaling_factor must be a finite positive number"),
         ({"shift_factor": "x"}, "shift_factor must be a finite number"),
         ({"norm_eps": 0.0}, "norm_eps must be a finite positive number"),
+        # a crafted config.json would otherwise build for minutes and take all memory
+        ({"layers_per_block": 100_000}, r"2 levels of 100000 blocks is not a VAE klvae builds \(at most 16 levels"),
+        ({"block_out_channels": (32,) * 17}, "17 levels of 1 blocks is not a VAE"),
+        ({"block_out_channels": (65536, 65536)}, "make about 618 billion parameters: not a VAE klvae builds"),
     ],
 )
 def test_config_refuses_wrong_types_and_ranges(change: dict, message: str) -> None:

@@ -59,6 +59,7 @@ class AutoencoderKLConfig:
             # colour, and a model trained so reconstructs in grey.
             log.warning("one channel per GroupNorm group at width %d: use norm_num_groups <= %d",
                         self.block_out_channels[0], self.block_out_channels[0] // 2)
+        _check_size(self)
         if self.attention not in ("vanilla", "linear", "none"):
             raise ValueError(f"attention must be 'vanilla', 'linear' or 'none', got {self.attention!r}")
 
@@ -125,6 +126,31 @@ def _check_types(cfg: AutoencoderKLConfig) -> None:
     put("scaling_factor", _finite(cfg.scaling_factor, "scaling_factor", positive=True))
     if cfg.shift_factor is not None:
         put("shift_factor", _finite(cfg.shift_factor, "shift_factor"))
+
+
+# Far beyond any released VAE (4 levels, 2 blocks, 84M parameters): more is a crafted config.json or weights
+# file, whose model would take minutes and gigabytes to build before anything could refuse it.
+MAX_LEVELS = 16
+MAX_LAYERS = 64
+MAX_PARAMETERS = 2**32
+
+
+def approx_parameters(cfg: AutoencoderKLConfig) -> int:
+    """Parameters of the 3x3 convolutions (nearly all of them), counted from the config alone."""
+    widths = cfg.block_out_channels
+    # Per level: the encoder's blocks and the decoder's one more, two convs each; the mid block's four convs.
+    total = sum((2 * cfg.layers_per_block + 1) * 2 * 9 * c * c for c in widths)
+    return total + 4 * 9 * widths[-1] ** 2
+
+
+def _check_size(cfg: AutoencoderKLConfig) -> None:
+    if len(cfg.block_out_channels) > MAX_LEVELS or cfg.layers_per_block > MAX_LAYERS:
+        raise ValueError(f"{len(cfg.block_out_channels)} levels of {cfg.layers_per_block} blocks is not a VAE "
+                         f"klvae builds (at most {MAX_LEVELS} levels of {MAX_LAYERS})")
+    n = approx_parameters(cfg)
+    if n > MAX_PARAMETERS:
+        raise ValueError(f"block_out_channels {list(cfg.block_out_channels)} make about {n / 1e9:.3g} billion "
+                         f"parameters: not a VAE klvae builds (at most {MAX_PARAMETERS / 1e9:.3g} billion)")
 
 
 _SD = AutoencoderKLConfig()

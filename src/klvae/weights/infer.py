@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from torch import Tensor
 
 from klvae.errors import WeightsError
-from klvae.model.config import PRESETS, AutoencoderKLConfig
+from klvae.model.config import MAX_LAYERS, MAX_LEVELS, PRESETS, AutoencoderKLConfig
 from klvae.weights.convert import indices
 
 log = logging.getLogger(__name__)
@@ -28,11 +28,6 @@ ARCH_FIELDS = (
     "in_channels", "out_channels", "block_out_channels", "layers_per_block", "latent_channels",
     "use_quant_conv", "use_post_quant_conv", "attention",
 )
-
-# Far beyond any released VAE (4 levels, 2 blocks): more is a crafted file, whose model would take minutes and
-# gigabytes just to build before strict loading could refuse its keys.
-MAX_LEVELS = 16
-MAX_LAYERS = 64
 
 # Keys of the rest of a full checkpoint that tell which model the VAE came with (checked in this order).
 _FAMILY_HINTS = (
