@@ -13,6 +13,7 @@ import triton.language as tl
 @triton.jit(do_not_specialize=["HW", "ROWS", "P"])
 def stats_kernel(x_ptr, part_ptr, HW, s_n, s_c, s_hw, ROWS, P,
                  G: tl.constexpr, CPG: tl.constexpr, G_P: tl.constexpr, CPG_P: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Pass 1: per sample and run of ROWS positions, each group's mean and sum of squared deviations (M2)."""
     # The tile is 2-D, [positions, channels], channels being group-major (k = g * CPG_P + j), so its loads are
     # 16-byte runs along the channels at every width; the merge of a group's channels happens on the block's
     # small per-channel vectors.
@@ -61,6 +62,7 @@ def stats_kernel(x_ptr, part_ptr, HW, s_n, s_c, s_hw, ROWS, P,
 @triton.jit(do_not_specialize=["HW", "C", "ROWS", "P"])
 def finalize_kernel(part_ptr, w_ptr, mean_ptr, scale_ptr, HW, C, ROWS, P, eps,
                     G: tl.constexpr, CPG: tl.constexpr, G_P: tl.constexpr, CPG_P: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Pass 2: merge the blocks' partial statistics per group; store each channel's mean and weight / std."""
     n = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, G_P)[None, :]
     total = (HW * CPG).to(tl.float32)
@@ -93,6 +95,7 @@ def finalize_kernel(part_ptr, w_ptr, mean_ptr, scale_ptr, HW, C, ROWS, P, eps,
 @triton.jit(do_not_specialize=["HW"])
 def apply_kernel(x_ptr, y_ptr, mean_ptr, scale_ptr, b_ptr, HW, C: tl.constexpr, s_n, s_c, s_hw,
                  SILU: tl.constexpr, C_P: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Pass 3: y = (x - mean) * scale + bias, then SiLU when asked, in the input's dtype."""
     # C is a constant (a model has a few widths) so that the channel mask is known per run of channels and the
     # loads and stores vectorise; with C an argument they were 2-byte accesses.
     # Blocks of positions on grid axis 0, which may exceed axis 1's limit of 65535 (131072 at 2048² and C = 128).
