@@ -105,6 +105,16 @@ def test_a_device_that_cannot_train_is_one_line(device: str, tmp_path: Path,
     assert not (tmp_path / "run").exists()
 
 
+def test_an_out_dir_that_is_a_file_is_one_line_before_the_work(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "run").write_text("mine")
+    sets = [a for o in (*BASE, f"train.out_dir={tmp_path / 'run'}") for a in ("--set", o)]
+    assert main(["train", *sets]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"klvae: error: train.out_dir {tmp_path / 'run'} is a file, not a folder"], err  # was [Errno 17]
+    assert (tmp_path / "run").read_text() == "mine"
+
+
 def test_a_top_level_list_with_overrides_is_refused(tmp_path: Path) -> None:
     f = tmp_path / "list.yaml"
     f.write_text("- a\n- b\n")

@@ -287,7 +287,7 @@ def test_resume_with_another_architecture_names_the_mismatch_in_one_line(step0: 
 def _not_checkpoints(tmp: Path, good: Path) -> dict[str, Path]:
     whole = good.read_bytes()
     files = {"random.ckpt": b"\x8a\x0b" + bytes(range(256)) * 4, "image.png": b"\x89PNG\r\n\x1a\n" + b"\0" * 64,
-             "truncated.pt": whole[:5000], "torn.pt": whole[: len(whole) // 2]}
+             "truncated.pt": whole[:5000], "torn.pt": whole[: len(whole) // 2], "passwd": b"root:x:0:0::/root\n"}
     for name, data in files.items():
         (tmp / name).write_bytes(data)
     from safetensors.torch import save_file
@@ -313,6 +313,8 @@ def test_resume_from_a_file_that_is_not_a_checkpoint_is_one_line(
         with pytest.raises(KlvaeError, match=r"is not a (complete )?klvae (training )?checkpoint") as e:
             tr.resume(path)
         assert "\n" not in str(e.value), name
+    with pytest.raises(KlvaeError, match=r"passwd is not a klvae checkpoint: it is not a PyTorch file \(neither"):
+        tr.resume(tmp_path / "passwd")  # was "...: list index out of range"
     assert "payload ran" not in capsys.readouterr().out
     args = [a for o in cfg for a in ("--set", o)]
     assert main(["train", *args, "--resume", str(tmp_path / "image.png")]) == 2

@@ -378,13 +378,13 @@ def test_files_that_are_no_checkpoint_say_what_they_are(tmp_path: Path, recwarn:
     import pickle
 
     (tmp_path / "notes.bin").write_text("hello world\n")
-    with pytest.raises(WeightsError, match=r"notes\.bin is not a PyTorch checkpoint"):  # was "cannot read ...: 101"
+    with pytest.raises(WeightsError, match=r"notes\.bin: it is not a PyTorch file"):  # was "cannot read ...: 101"
         AutoencoderKL.from_pretrained(tmp_path / "notes.bin")
     (tmp_path / "empty.ckpt").write_bytes(b"")
-    with pytest.raises(WeightsError, match=r"empty\.ckpt is empty \(0 bytes\)"):  # was "...: EOFError"
+    with pytest.raises(WeightsError, match=r"cannot read .*empty\.ckpt: it is empty \(0 bytes\)"):  # was EOFError
         AutoencoderKL.from_pretrained(tmp_path / "empty.ckpt")
     (tmp_path / "cut.ckpt").write_bytes(b"PK\x03\x04" + b"\0" * 60)
-    with pytest.raises(WeightsError, match=r"cut\.ckpt: a damaged or truncated checkpoint \(PytorchStreamReader"):
+    with pytest.raises(WeightsError, match=r"cut\.ckpt: a damaged or truncated file \(PytorchStreamReader"):
         AutoencoderKL.from_pretrained(tmp_path / "cut.ckpt")
     with open(tmp_path / "raw.ckpt", "wb") as f:
         pickle.dump({"a": 1}, f, protocol=4)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from klvae.cli.common import check_output_path
+
 log = logging.getLogger("klvae")
 
 
@@ -30,6 +32,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(yaml.safe_dump(cfg.resolved_dict(), sort_keys=False))
         return 0
+    check_output_path(cfg.train.out_dir, "train.out_dir", folder=True)  # before minutes of model building
     from klvae.training.distributed import shutdown
     from klvae.training.loop import fit
     from klvae.training.trainer import Trainer

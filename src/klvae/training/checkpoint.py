@@ -14,6 +14,7 @@ import torch
 
 from klvae.atomic import atomic_write
 from klvae.errors import KlvaeError
+from klvae.weights.load import torch_file_problem
 
 log = logging.getLogger(__name__)
 
@@ -86,18 +87,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             # Not torch's zip format (a PNG, random bytes), or pickled objects that weights_only refuses.
             raise KlvaeError(f"{path} is not a klvae checkpoint: torch.load(weights_only=True) cannot read it") \
                 from None
-        except Exception as e:  # torch raises RuntimeError, OSError, EOFError ... for a torn file
-            raise KlvaeError(f"{path} is not a complete klvae checkpoint (truncated or corrupt): {_first(e)}") \
-                from None
+        except Exception as e:  # torch raises RuntimeError, OSError, EOFError ... for a torn file or another kind
+            raise KlvaeError(f"{path} is not a klvae checkpoint: {torch_file_problem(path, e)}") from None
     if not isinstance(state, dict):
         raise KlvaeError(f"{path} is not a klvae checkpoint: it holds a {type(state).__name__}, not a dict")
     return state
-
-
-def _first(e: BaseException) -> str:
-    text = str(e).strip()
-    line = text.splitlines()[0] if text else type(e).__name__
-    return line.split(". ")[0]  # torch's zip reader appends paragraphs of advice to its first sentence
 
 
 # What Trainer.state_dict() writes, with the type each entry must have for Trainer.load_state_dict().

@@ -82,17 +82,17 @@ def _torch_load(path: Path) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _unreadable_pickle(path: Path, e: Exception) -> WeightsError:
-    """What is wrong with a file that torch.load fails on, for a person (torch says e.g. `101` or `EOFError`)."""
+def torch_file_problem(path: Path, e: Exception) -> str:
+    """Why torch.load failed on a file, for a person (torch itself says e.g. `101` or `EOFError`)."""
     with open(path, "rb") as f:
         head = f.read(4)
     if not head:
-        return WeightsError(f"{path} is empty (0 bytes)")
+        return "it is empty (0 bytes)"
     # torch.save writes a zip archive (PK..) or, before torch 1.6, a pickle (protocol 2+ starts with 0x80).
     if not head.startswith((b"PK", b"\x80")):
-        return WeightsError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle)")
+        return "it is not a PyTorch file (neither a zip archive nor a pickle)"
     # torch's first sentence says it; the rest of its message is advice on how checkpoints get damaged.
-    return WeightsError(f"cannot read {path}: a damaged or truncated checkpoint ({_first_line(e).split('. ')[0]})")
+    return f"a damaged or truncated file ({_first_line(e).split('. ')[0]})"
 
 
 def _read_pickle(path: Path) -> tuple[StateDict, list[str]]:
@@ -106,7 +106,7 @@ def _read_pickle(path: Path) -> tuple[StateDict, list[str]]:
     except OSError as e:
         raise WeightsError(f"cannot read {path}: {_first_line(e)}") from None
     except Exception as e:
-        raise _unreadable_pickle(path, e) from None
+        raise WeightsError(f"cannot read {path}: {torch_file_problem(path, e)}") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # LDM / Lightning checkpoints nest the weights
     if not isinstance(obj, dict):
