@@ -259,6 +259,17 @@ def test_noise_sheet(tmp_path: Path, photos: Path, model_dir: Path) -> None:
 
 
 
+@pytest.mark.parametrize(("num_steps", "shown"),
+                         [("1000", "0, 100, 250, 500, 750, 999"), ("50", "0, 5, 12, 25, 37, 49"), ("2", "0, 1")])
+def test_noise_default_steps_follow_num_steps(num_steps: str, shown: str, tmp_path: Path, photos: Path,
+                                              model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "sheet.png"
+    assert main(["noise", str(photos / "astronaut.png"), "-o", str(out), "--num-steps", num_steps,
+                 "--model", str(model_dir)]) == 0  # with --num-steps 50 the old default (0..999) was an error
+    assert f"t = {shown} (scaled_linear schedule)" in capsys.readouterr().out
+    assert Image.open(out).width == 60 * len(shown.split(","))
+
+
 def test_noise_beta_range_reaches_the_schedule(tmp_path: Path, photos: Path, model_dir: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     from klvae import diffusion

@@ -12,6 +12,8 @@ from klvae.cli.common import add_model_args, check_output_path, check_seed, load
 from klvae.errors import KlvaeError
 from klvae.images import image_format_for, load_image, pil_to_tensor, save_image_atomic, tensor_to_pil
 
+_DEFAULT_STEPS = (0, 100, 250, 500, 750, 999)  # of Stable Diffusion's 1000: clean, then ever noisier, pure noise
+
 # Diffusion schedules in use have a thousand steps, a few thousand at most.
 MAX_NUM_STEPS = 100_000
 
@@ -21,8 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("noise", help="a sheet of the image's latents noised at several timesteps and decoded")
     p.add_argument("image", help="the image whose latents are noised")
     p.add_argument("-o", "--output", required=True, help="sheet to write (.png, .jpg, .webp, .bmp, .tif ...)")
-    p.add_argument("--steps", type=int, nargs="+", default=[0, 100, 250, 500, 750, 999],
-                   help="timesteps t to show (0 <= t < --num-steps)")
+    p.add_argument("--steps", type=int, nargs="+", default=None,
+                   help="timesteps t to show (0 <= t < --num-steps; default 0, 100, 250, 500, 750, 999 of 1000, "
+                        "the same fractions of another --num-steps)")
     p.add_argument("--schedule", choices=["scaled_linear", "linear", "cosine"], default="scaled_linear",
                    help="beta schedule (scaled_linear 0.00085..0.012 is Stable Diffusion's)")
     p.add_argument("--num-steps", type=int, default=1000, help="length of the schedule (Stable Diffusion: 1000)")
@@ -44,6 +47,9 @@ def cmd_noise(args: argparse.Namespace) -> int:
     if not 1 <= args.num_steps <= MAX_NUM_STEPS:
         # The schedule holds several float64 tables of this length: a typo of a few digits must not fill memory.
         raise KlvaeError(f"--num-steps must lie in [1, {MAX_NUM_STEPS}], got {args.num_steps}")
+    if args.steps is None:
+        last = args.num_steps - 1
+        args.steps = sorted({round(f * last / 999) for f in _DEFAULT_STEPS})
     bad = [t for t in args.steps if t < 0 or t >= args.num_steps]
     if bad:
         raise KlvaeError(f"--steps must lie in [0, {args.num_steps - 1}] (--num-steps {args.num_steps}), got {bad[0]}")
