@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import logging
@@ -37,6 +38,7 @@ from klvae.images import (
 )
 from klvae.latents.file import LatentItem, LatentsFile, check_sizes, load_latents, save_latents
 from klvae.model.autoencoder import AutoencoderKL
+from klvae.model.latent_norm import LatentNorm
 from klvae.progress import progress_bar
 
 log = logging.getLogger("klvae")
@@ -168,7 +170,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     lf = LatentsFile(
         latents={it.key: encoded[p][0] for it, p in zip(items, ordered, strict=True)},
         items=items, model=str(args.model),
-        scaling_factor=vae.config.scaling_factor, shift_factor=vae.config.shift_factor,
+        **dataclasses.asdict(vae.config.latent_norm),
         extra={"posterior": "sample" if args.sample else "mean"},
     )
     save_latents(lf, args.output)
@@ -231,7 +233,13 @@ def _check_clashes(out: Path, names: list[str], overwrite: bool) -> None:
 
 
 def _unscaled(lf: LatentsFile, it: LatentItem) -> torch.Tensor:
-    return lf.latents[it.key][None].float() / lf.scaling_factor + (lf.shift_factor or 0.0)
+    return lf.norm.unscale(lf.latents[it.key][None].float())
+
+
+def _factors(norm: LatentNorm) -> str:
+    # A shift of None and of 0 scale alike.
+    d = {k: v for k, v in norm.to_dict().items() if v}
+    return ", ".join(f"{k} {v}" for k, v in d.items())
 
 
 def _check_items(vae: AutoencoderKL, lf: LatentsFile, where: str) -> None:
@@ -279,9 +287,9 @@ def cmd_decode(args: argparse.Namespace) -> int:
     tiling = tiling_from_args(args)
     vae, _, dtype = load_model(args)
     c = vae.config
-    if lf.scaling_factor != c.scaling_factor or (lf.shift_factor or 0.0) != (c.shift_factor or 0.0):
-        log.warning("latents were scaled with %s/%s, the model's factors are %s/%s; using the file's",
-                    lf.scaling_factor, lf.shift_factor, c.scaling_factor, c.shift_factor)
+    if _factors(lf.norm) != _factors(c.latent_norm):
+        log.warning("latents were scaled with %s, the model's factors are %s; using the file's",
+                    _factors(lf.norm), _factors(c.latent_norm))
     # A bad item (sizes, pixel limit, channels, NaN) refuses the whole file, as nothing has been written yet.
     _check_items(vae, lf, args.latents)
     with progress_bar(total=len(names), desc="decoding", unit="img") as bar:

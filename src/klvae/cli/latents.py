@@ -12,6 +12,7 @@ import torch
 
 from klvae.cli.common import add_model_args, check_output_path, check_seed, load_model
 from klvae.errors import KlvaeError
+from klvae.model.latent_norm import LatentNorm
 
 if TYPE_CHECKING:
     from klvae.training.distributed import DistInfo
@@ -41,7 +42,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=256, help="images to sample")
     p.add_argument("--resolution", type=int, default=256, help="side of the centre crop each image is encoded at")
     p.add_argument("--save", default=None, help="write the model with these factors to this folder (diffusers layout)")
-    p.add_argument("--no-shift", action="store_true", help="keep shift_factor unset (SD 1.x/XL style)")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--no-shift", action="store_true", help="keep shift_factor unset (SD 1.x/XL style)")
+    form.add_argument("--per-channel", action="store_true",
+                      help="estimate latents_mean and latents_std per channel, with scaling_factor 1, instead of "
+                           "one scale and shift (the form Playground v2.5's VAE config uses)")
     add_model_args(p)
     p.set_defaults(func=cmd_scale)
 
@@ -110,12 +115,17 @@ def cmd_scale(args: argparse.Namespace) -> int:
         raise KlvaeError(f"no images in {args.data}")
     vae, _, dtype = load_model(args)
     f = estimate_factors(vae, source, limit=args.limit, resolution=args.resolution, dtype=dtype)
-    shift = None if args.no_shift else round(f["shift_factor"], 6)
     shards = f", {len(source.unreadable)} unreadable tar shards skipped" if source.unreadable else ""
-    print(f"scaling_factor {f['scaling_factor']:.5f}  shift_factor {shift}  (latent std {f['std']:.5f} "
-          f"over {int(f['images'])} images, skipped {int(f['skipped'])} unreadable{shards}; the model's: "
-          f"{vae.config.scaling_factor} / {vae.config.shift_factor})")
+    if args.per_channel:
+        norm = LatentNorm(1.0, None, *([round(v, 6) for v in f[k]] for k in ("latents_mean", "latents_std")))
+        found = f"latents_mean {list(norm.latents_mean or ())}  latents_std {list(norm.latents_std or ())}"
+    else:
+        norm = LatentNorm(round(f["scaling_factor"], 6), None if args.no_shift else round(f["shift_factor"], 6))
+        found = f"scaling_factor {f['scaling_factor']:.5f}  shift_factor {norm.shift_factor}"
+    old = ", ".join(f"{k} {v}" for k, v in vae.config.latent_norm.to_dict().items() if v is not None)
+    print(f"{found}  (latent std {f['std']:.5f} over {int(f['images'])} images, skipped {int(f['skipped'])} "
+          f"unreadable{shards}; the model's: {old})")
     if args.save:
-        vae.config = vae.config.replace(scaling_factor=round(f["scaling_factor"], 6), shift_factor=shift)
+        vae.config = vae.config.replace(**norm.to_dict())
         print(f"saved to {vae.save_pretrained(args.save)}")
     return 1 if f["skipped"] or source.unreadable else 0  # as cache: finished, but some images were unreadable

@@ -32,6 +32,7 @@ from klvae.images import MAX_PIXELS, MAX_RESOLUTION, pil_to_tensor
 from klvae.latents.buckets import make_buckets, nearest_bucket, resize_crop
 from klvae.latents.sources import ItemSource, item_error, open_source
 from klvae.model.autoencoder import AutoencoderKL
+from klvae.model.latent_norm import NORM_FIELDS
 from klvae.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,11 @@ def model_fingerprint(vae: AutoencoderKL, with_factors: bool = True) -> str:
     """A hash of what decides the latents a model gives: its architecture (and factors) and its weights."""
     cfg = vae.config.to_dict()
     # Fields that do not change a latent; two copies of one model may well differ in them.
-    for key in ("sample_size", "force_upcast", *(() if with_factors else ("scaling_factor", "shift_factor"))):
+    for key in ("sample_size", "force_upcast", *(() if with_factors else NORM_FIELDS)):
         cfg.pop(key, None)
+    if cfg.get("latents_mean", 0) is None:
+        # Absent, as they were before the field existed: the fingerprints of existing caches stay the same.
+        cfg.pop("latents_mean"), cfg.pop("latents_std")
     h = hashlib.blake2b(json.dumps(cfg, sort_keys=True).encode(), digest_size=16)
     for name, t in sorted(vae.state_dict().items()):
         # Rounded to bf16: a GPU run casts the weights to bf16 for speed, and must still match a run in fp32.
@@ -408,9 +412,9 @@ def write_index(vae: AutoencoderKL, model: str, out: str | Path, opts: CacheOpti
     if not rows:
         raise KlvaeError(f"nothing cached in {out}: none of the {len(set(failed))} images could be read")
     index = {
-        "format": INDEX_FORMAT, "model": model, "scaling_factor": vae.config.scaling_factor,
+        "format": INDEX_FORMAT, "model": model, **vae.config.latent_norm.to_dict(),
         "model_fingerprint": fingerprint or model_fingerprint(vae, opts.store == "scaled"),
-        "shift_factor": vae.config.shift_factor, "latent_channels": vae.config.latent_channels,
+        "latent_channels": vae.config.latent_channels,
         "options": asdict(opts), "world_size": world, "items": rows,
         "failed": sorted(set(failed) - {r["source"] for r in rows}),
     }

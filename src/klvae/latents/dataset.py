@@ -15,6 +15,7 @@ from torch.utils.data import Dataset, Sampler
 
 from klvae.errors import LatentsError
 from klvae.latents.cache import INDEX_FORMAT, keyed_generator
+from klvae.model.latent_norm import LatentNorm
 from klvae.posterior import DiagonalGaussian
 
 
@@ -38,7 +39,7 @@ class LatentDataset(Dataset):
             raise LatentsError(f"mode must be sample or mean, got {mode!r}")
         self.items: list[dict[str, Any]] = index["items"]
         self.store: str = index["options"]["store"]
-        self.scale, self.shift = float(index["scaling_factor"]), float(index["shift_factor"] or 0.0)
+        self.norm = LatentNorm.from_dict(index)
         self.mode = mode
         self.seed, self.epoch = seed, 0
         self._handles: dict[str, Any] = {}
@@ -74,11 +75,11 @@ class LatentDataset(Dataset):
             z = mean
             if self.mode == "sample":
                 z = DiagonalGaussian(torch.cat([mean, logvar])[None]).sample(self._generator(i))[0]
-            latents = (z - self.shift) * self.scale
+            latents = self.norm.scale(z)
         else:
             latents = self._tensor(it["shard"], f"{prefix}.latent")
             if self.store == "sample":
-                latents = (latents - self.shift) * self.scale
+                latents = self.norm.scale(latents)
         meta = {k: it[k] for k in ("source", "size", "crop", "flip", "bucket")}
         return {"latents": latents, **meta}
 

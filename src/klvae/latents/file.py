@@ -15,6 +15,7 @@ from torch import Tensor
 from klvae.atomic import atomic_save_file
 from klvae.errors import LatentsError, quote
 from klvae.images import MAX_PIXELS
+from klvae.model.latent_norm import LatentNorm
 
 FORMAT = "klvae.latents/1"
 
@@ -38,7 +39,14 @@ class LatentsFile:
     model: str = ""
     scaling_factor: float = 1.0
     shift_factor: float | None = None
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
     extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def norm(self) -> LatentNorm:
+        """The factors the latents were scaled with."""
+        return LatentNorm(self.scaling_factor, self.shift_factor, self.latents_mean, self.latents_std)
 
 
 def save_latents(lf: LatentsFile, path: str | Path) -> Path:
@@ -48,8 +56,7 @@ def save_latents(lf: LatentsFile, path: str | Path) -> Path:
     meta = {
         "format": FORMAT,
         "model": lf.model,
-        "scaling_factor": json.dumps(lf.scaling_factor),
-        "shift_factor": json.dumps(lf.shift_factor),
+        **{k: json.dumps(v) for k, v in lf.norm.to_dict().items()},
         "items": json.dumps([asdict(i) for i in lf.items]),
         **lf.extra,
     }
@@ -84,11 +91,13 @@ def load_latents(path: str | Path, downsample_factor: int | None = None) -> Late
         raise LatentsError(f"{path} lists latents it does not hold: {quote(', '.join(missing[:5]))}")
     for n, it in enumerate(items):
         _check_tensor(tensors[it.key], f"{path}: item {n} ({quote(it.name)})")
-    scaling = _meta_number(_meta_json(meta, "scaling_factor", path), "scaling_factor", path)
-    if scaling is None or scaling == 0:
-        raise LatentsError(f"{path} has malformed metadata: scaling_factor must be a non-zero number, got {scaling}")
-    lf = LatentsFile(latents=tensors, items=items, model=meta.get("model", ""), scaling_factor=scaling,
-                     shift_factor=_meta_number(_meta_json(meta, "shift_factor", path), "shift_factor", path))
+    norm = _parse_norm(meta, path)
+    if norm.channels is not None:
+        for n, it in enumerate(items):
+            if tensors[it.key].shape[0] != norm.channels:
+                raise LatentsError(f"{path}: item {n} ({quote(it.name)}) has {tensors[it.key].shape[0]} channels, "
+                                   f"but latents_mean/latents_std describe {norm.channels}")
+    lf = LatentsFile(latents=tensors, items=items, model=meta.get("model", ""), **asdict(norm))
     if downsample_factor is not None:
         check_sizes(lf, downsample_factor, path)
     return lf
@@ -122,6 +131,19 @@ def _meta_json(meta: dict[str, str], name: str, path: Path) -> object:
         return json.loads(meta[name])
     except (ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
         raise LatentsError(f"{path} has malformed metadata: {name} is not JSON ({e})") from None
+
+
+def _parse_norm(meta: dict[str, str], path: Path) -> LatentNorm:
+    scaling = _meta_number(_meta_json(meta, "scaling_factor", path), "scaling_factor", path)
+    if scaling is None or scaling == 0:
+        raise LatentsError(f"{path} has malformed metadata: scaling_factor must be a non-zero number, got {scaling}")
+    shift = _meta_number(_meta_json(meta, "shift_factor", path), "shift_factor", path)
+    # Files written before the per-channel statistics have no such fields.
+    per_channel = {k: _meta_json(meta, k, path) if k in meta else None for k in ("latents_mean", "latents_std")}
+    try:
+        return LatentNorm(scaling, shift, **per_channel)
+    except ValueError as e:
+        raise LatentsError(f"{path} has malformed metadata: {e}") from None
 
 
 def _meta_number(value: object, name: str, path: Path) -> float | None:

@@ -1,9 +1,11 @@
-"""Scale and shift from data: scaling_factor = 1/std and shift_factor = mean of the latents (LDM's scale_by_std)."""
+"""Scale and shift from data: scaling_factor = 1/std and shift_factor = mean of the latents (LDM's scale_by_std),
+and the per-channel form, latents_mean and latents_std (Playground v2.5's)."""
 
 from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 import torch
 
@@ -26,10 +28,11 @@ def check_scale_options(limit: int, resolution: int) -> None:
 
 
 def estimate_factors(vae: AutoencoderKL, spec: str | ItemSource, limit: int = 256, resolution: int = 256,
-                     dtype: torch.dtype = torch.float32, sample: bool = True, seed: int = 0) -> dict[str, float]:
+                     dtype: torch.dtype = torch.float32, sample: bool = True, seed: int = 0) -> dict[str, Any]:
     """Mean and std of z over up to `limit` images (centre crops): the factors that make z zero-mean, unit-std.
 
-    Unreadable images are skipped with a warning and counted (`skipped`); `images` is the number used.
+    `scaling_factor`, `shift_factor` and `std` are over all channels; `latents_mean` and `latents_std` (lists)
+    per channel. Unreadable images are skipped with a warning and counted (`skipped`); `images` is the number used.
     """
     check_scale_options(limit, resolution)
     source = open_source(spec) if isinstance(spec, str) else spec
@@ -38,7 +41,8 @@ def estimate_factors(vae: AutoencoderKL, spec: str | ItemSource, limit: int = 25
     # so a seed gives the same samples on every device.
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(source.ids), generator=gen).tolist()[:limit]
-    n, s1, s2, used, skipped = 0, 0.0, 0.0, 0, 0
+    # Per-channel sums in float64: n, sum z and sum z^2 over every position of every image.
+    n, s1, s2, used, skipped = 0, torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64), 0, 0
     for i in order:
         try:
             img, _ = resize_crop(source.load(source.ids[i]), (resolution, resolution))
@@ -47,13 +51,16 @@ def estimate_factors(vae: AutoencoderKL, spec: str | ItemSource, limit: int = 25
             skipped += 1
             continue
         post = inference.encode(vae, pil_to_tensor(img)[None], dtype)
-        z = (post.sample(gen.manual_seed(seed + i)) if sample else post.mode()).double()
-        n, s1, s2, used = n + z.numel(), s1 + z.sum().item(), s2 + z.square().sum().item(), used + 1
+        z = (post.sample(gen.manual_seed(seed + i)) if sample else post.mode()).double().cpu()
+        n, used = n + z[:, 0].numel(), used + 1
+        s1, s2 = s1 + z.sum(dim=(0, 2, 3)), s2 + z.square().sum(dim=(0, 2, 3))
     if used == 0:
         raise KlvaeError(f"no readable images in {name} ({skipped} unreadable)")
     if skipped:
         log.warning("skipped %d unreadable of %d images sampled", skipped, len(order))
-    mean = s1 / n
-    std = math.sqrt(max(s2 / n - mean * mean, 1e-12))
+    mean = s1.sum().item() / (n * len(s1))
+    std = math.sqrt(max(s2.sum().item() / (n * len(s1)) - mean * mean, 1e-12))
+    means = s1 / n
+    stds = (s2 / n - means.square()).clamp_min(1e-12).sqrt()
     return {"scaling_factor": 1.0 / std, "shift_factor": mean, "std": std, "images": float(used),
-            "skipped": float(skipped)}
+            "skipped": float(skipped), "latents_mean": means.tolist(), "latents_std": stds.tolist()}

@@ -124,14 +124,12 @@ class AutoencoderKL(nn.Module):
 
     # ---- latent scaling ---------------------------------------------------------------------------
     def scale_latents(self, z: Tensor) -> Tensor:
-        """VAE latent -> the diffusion model's latent: (z - shift) * scale."""
-        shift = self.config.shift_factor or 0.0
-        return (z - shift) * self.config.scaling_factor
+        """VAE latent -> the diffusion model's latent: (z - shift) * scale, per channel where the config says."""
+        return self.config.latent_norm.scale(z)
 
     def unscale_latents(self, z: Tensor) -> Tensor:
         """The diffusion model's latent -> VAE latent: z / scale + shift."""
-        shift = self.config.shift_factor or 0.0
-        return z / self.config.scaling_factor + shift
+        return self.config.latent_norm.unscale(z)
 
     # ---- conveniences -----------------------------------------------------------------------------
     @property

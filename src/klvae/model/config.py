@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from klvae.model.latent_norm import LatentNorm, finite
 
 AttentionType = Literal["vanilla", "linear", "none"]
 
@@ -42,6 +43,10 @@ class AutoencoderKLConfig:
     # Latent normalisation for the diffusion model: z_diffusion = (z - shift_factor) * scaling_factor.
     scaling_factor: float = 0.18215
     shift_factor: float | None = None
+    # Per-channel statistics instead of the shift (diffusers' names; Playground v2.5 has them):
+    # z_diffusion = (z - latents_mean[c]) * scaling_factor / latents_std[c]. See model.latent_norm.
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
     # diffusers' flag that the VAE overflows in fp16 (SD 1.x, SDXL), on which its pipelines run the VAE in fp32.
     # Kept for round trips only: klvae checks every half-precision pass and reruns one that overflowed in fp32
     # whatever the flag says (inference.precision.run_guarded), so fp16 runs where it works.
@@ -64,6 +69,11 @@ class AutoencoderKLConfig:
             raise ValueError(f"attention must be 'vanilla', 'linear' or 'none', got {self.attention!r}")
 
     @property
+    def latent_norm(self) -> LatentNorm:
+        """The map between this VAE's latents and the diffusion model's (scale, shift or per-channel)."""
+        return LatentNorm(self.scaling_factor, self.shift_factor, self.latents_mean, self.latents_std)
+
+    @property
     def downsample_factor(self) -> int:
         """Pixels per latent cell along one side (8 for four levels)."""
         return 2 ** (len(self.block_out_channels) - 1)
@@ -76,6 +86,7 @@ class AutoencoderKLConfig:
         """Plain-JSON form of the fields."""
         d = dataclasses.asdict(self)
         d["block_out_channels"] = list(self.block_out_channels)
+        d.update(self.latent_norm.to_dict())
         return d
 
     @classmethod
@@ -101,13 +112,6 @@ def _positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
-def _finite(value: Any, name: str, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
-            or (positive and value <= 0):
-        raise ValueError(f"{name} must be a finite{' positive' if positive else ''} number, got {value!r}")
-    return float(value)
-
-
 def _check_types(cfg: AutoencoderKLConfig) -> None:
     """ValueError for a field of the wrong type or out of range; normalises numbers to int/float/tuple."""
     def put(name: str, value: Any) -> None:
@@ -122,10 +126,13 @@ def _check_types(cfg: AutoencoderKLConfig) -> None:
     for name in _BOOLS:
         if not isinstance(getattr(cfg, name), bool):
             raise ValueError(f"{name} must be true or false, got {getattr(cfg, name)!r}")
-    put("norm_eps", _finite(cfg.norm_eps, "norm_eps", positive=True))
-    put("scaling_factor", _finite(cfg.scaling_factor, "scaling_factor", positive=True))
-    if cfg.shift_factor is not None:
-        put("shift_factor", _finite(cfg.shift_factor, "shift_factor"))
+    put("norm_eps", finite(cfg.norm_eps, "norm_eps", positive=True))
+    norm = LatentNorm(cfg.scaling_factor, cfg.shift_factor, cfg.latents_mean, cfg.latents_std)
+    for name in ("scaling_factor", "shift_factor", "latents_mean", "latents_std"):
+        put(name, getattr(norm, name))
+    if norm.channels not in (None, cfg.latent_channels):
+        raise ValueError(f"latents_mean/latents_std have {norm.channels} entries for {cfg.latent_channels} "
+                         "latent channels")
 
 
 # Far beyond any released VAE (4 levels, 2 blocks, 84M parameters): more is a crafted config.json or weights
@@ -169,6 +176,11 @@ PRESETS: dict[str, AutoencoderKLConfig] = {
         latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
         sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
     ),
+    # Playground v2.5: SDXL's network, its latents normalised per channel (its vae/config.json's figures).
+    "playground25": _SD.replace(
+        sample_size=1024, scaling_factor=0.5,
+        latents_mean=(-1.6574, 1.886, -1.383, 2.5155), latents_std=(8.4927, 5.9022, 6.5498, 5.2299),
+    ),
     # Small configs for tests and experiments: the full topology at a fraction of the width.
     "tiny": AutoencoderKLConfig(
         block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=64,
@@ -187,6 +199,7 @@ PRESET_HUB_IDS: dict[str, tuple[str, str | None]] = {
     "sdxl": ("stabilityai/sdxl-vae", None),
     "sd3": ("stabilityai/stable-diffusion-3-medium-diffusers", "vae"),
     "flux": ("black-forest-labs/FLUX.1-dev", "vae"),
+    "playground25": ("playgroundai/playground-v2.5-1024px-aesthetic", "vae"),
 }
 
 

@@ -17,10 +17,11 @@ _DIFFUSERS_DEFAULTS: dict[str, Any] = {
     "in_channels": 3, "out_channels": 3, "block_out_channels": [64], "layers_per_block": 1, "latent_channels": 4,
     "norm_num_groups": 32, "sample_size": 32, "scaling_factor": 0.18215, "shift_factor": None,
     "force_upcast": True, "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True,
+    "latents_mean": None, "latents_std": None,
 }
-# Keys diffusers writes that change nothing here (the latents_* statistics are for the diffusion pipeline).
-_IGNORED = {"_class_name", "_diffusers_version", "_name_or_path", "_klvae_version", "latents_mean", "latents_std",
-            "down_block_types", "up_block_types", "act_fn"}
+# Keys diffusers writes that change nothing here.
+_IGNORED = {"_class_name", "_diffusers_version", "_name_or_path", "_klvae_version", "down_block_types",
+            "up_block_types", "act_fn"}
 # diffusers has no such field: its AutoencoderKL always uses this GroupNorm epsilon.
 _DIFFUSERS_NORM_EPS = 1e-6
 
@@ -75,7 +76,11 @@ def config_from_diffusers(d: dict[str, Any]) -> AutoencoderKLConfig:
                                      "norm_num_groups")}
     # The flags and factors pass as they are: AutoencoderKLConfig checks their types and ranges itself.
     same = {k: v[k] for k in ("use_quant_conv", "use_post_quant_conv", "force_upcast", "scaling_factor",
-                              "shift_factor")}
+                              "shift_factor", "latents_mean", "latents_std")}
+    if same["shift_factor"] is not None and same["latents_mean"] is not None:
+        # diffusers' SDXL-family pipelines, the ones that read latents_mean, never read shift_factor.
+        log.warning("config.json sets both shift_factor and latents_mean: using latents_mean/latents_std")
+        same["shift_factor"] = None
     try:
         return AutoencoderKLConfig(
             block_out_channels=widths, **ints, **same, norm_eps=_DIFFUSERS_NORM_EPS,
@@ -116,10 +121,7 @@ def config_to_diffusers(cfg: AutoencoderKLConfig) -> dict[str, Any]:
         "latent_channels": cfg.latent_channels,
         "norm_num_groups": cfg.norm_num_groups,
         "sample_size": cfg.sample_size,
-        "scaling_factor": cfg.scaling_factor,
-        "shift_factor": cfg.shift_factor,
-        "latents_mean": None,
-        "latents_std": None,
+        **cfg.latent_norm.to_dict(),
         "force_upcast": cfg.force_upcast,
         "use_quant_conv": cfg.use_quant_conv,
         "use_post_quant_conv": cfg.use_post_quant_conv,
