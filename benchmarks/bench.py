@@ -31,6 +31,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the diffusers import can hang looking for the hub
 
@@ -247,6 +248,11 @@ def main() -> None:
     cpu_names = ["klvae", "klvae-fast", "diffusers"]
     names = args.variants or (list(OURS + THEIRS) if device.type == "cuda" else cpu_names)
     models = make_variants(ours, theirs, dtype, names)
+    import diffusers
+
+    env = {"torch": torch.__version__, "diffusers": diffusers.__version__, "klvae": klvae.__version__,
+           "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+           "threads": torch.get_num_threads(), "dtype": args.dtype, "preset": args.preset}
     rows = []
     for case in cases:
         new = run_case(case, ours, models, dtype, device, args.warmup, args.iters, args.tile_size)
@@ -254,15 +260,9 @@ def main() -> None:
             print(f"{r['case']:>22} {r['library']:>34} {r['ms']:10.1f} ms {r['images_per_s']:8.2f} img/s "
                   f"{r['peak_gib']:6.2f} GiB  PSNR {r.get('psnr_vs_fp32_untiled', float('nan')):6.1f} dB", flush=True)
         rows += new
-    import diffusers
-
-    env = {"torch": torch.__version__, "diffusers": diffusers.__version__, "klvae": klvae.__version__,
-           "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-           "threads": torch.get_num_threads(), "dtype": args.dtype, "preset": args.preset}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"env": env, "rows": rows}, f, indent=2)
-
+        if args.json:  # after every case: a run stopped at a time limit keeps what it measured
+            Path(args.json + ".tmp").write_text(json.dumps({"env": env, "rows": rows}, indent=2))
+            os.replace(args.json + ".tmp", args.json)
 
 if __name__ == "__main__":
     main()

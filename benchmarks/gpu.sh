@@ -7,11 +7,13 @@
 #   bash benchmarks/gpu.sh compiled     #   klvae-compiled, diffusers-compiled (torch.compile + channels_last),
 #   bash benchmarks/gpu.sh compiled-encode  # decode cases, then encode cases
 #   bash benchmarks/gpu.sh tiled        #   exact strips vs diffusers' enable_tiling() at 2048² and 4096²
+#   bash benchmarks/gpu.sh short        #   one call for a short device budget (15 minutes in all, start included):
+#                                       #   the issue's targets first, each step stopped at its own time limit
 #
 # On the device tool: run `bash benchmarks/gpu.sh PART` with carry [".whl"]; JSON and logs land in $OUT
 # (docs/ when OUT is unset). The GPU image has torch, so klvae runs from src/ without installing.
 set -euo pipefail
-part=${1:?usage: bash benchmarks/gpu.sh wheels|check|eager|compiled|compiled-encode|tiled}
+part=${1:?usage: bash benchmarks/gpu.sh wheels|check|eager|compiled|compiled-encode|tiled|short}
 
 if [ "$part" = wheels ]; then
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -30,6 +32,12 @@ python3 -c 'import torch, diffusers; print("torch", torch.__version__, "diffuser
     | tee -a "$out/gpu-$part.log"
 
 bench() { python3 benchmarks/bench.py --device cuda --dtype bf16 "$@" 2>&1 | tee -a "$out/gpu-$part.log"; }
+# One step of `short`: at most $1 seconds, and a step that runs out leaves the later ones their time.
+step() {
+    local limit=$1; shift
+    timeout "$limit" python3 "$@" 2>&1 | tee -a "$out/gpu-$part.log" \
+        || echo "step stopped (exit ${PIPESTATUS[0]}, limit ${limit}s): python3 $*" | tee -a "$out/gpu-$part.log"
+}
 case "$part" in
     check)
         python3 -m pytest -p no:cacheprovider --device cuda tests/test_inference.py tests/test_speed.py tests/test_posterior.py \
@@ -49,5 +57,14 @@ case "$part" in
         bench --variants klvae klvae-fast diffusers --warmup 1 --iters 3 \
             --cases decode:2048:1:tiled encode:2048:1:tiled decode:4096:1:tiled encode:4096:1:tiled \
             --json "$out/benchmarks-h100-tiled.json" ;;
-    *) echo "unknown part $part: wheels|check|eager|compiled|compiled-encode|tiled" >&2; exit 2 ;;
+    short)  # about 8.5 minutes: targets (klvae-fast vs diffusers), then tiling, then GPU tests, then compile
+        b=(benchmarks/bench.py --device cuda --dtype bf16)
+        step 150 "${b[@]}" --variants klvae-fast klvae-unfused diffusers \
+            --cases decode:512:8 decode:1024:1 encode:512:8 encode:1024:1 --json "$out/benchmarks-h100-short.json"
+        step 120 "${b[@]}" --variants klvae-fast diffusers --warmup 1 --iters 3 \
+            --cases decode:4096:1:tiled encode:4096:1:tiled --json "$out/benchmarks-h100-short-tiled.json"
+        step 120 -m pytest -p no:cacheprovider -x --device cuda tests/test_inference.py tests/test_fused_norm.py
+        step 120 "${b[@]}" --variants klvae-compiled diffusers-compiled \
+            --cases decode:512:8 --json "$out/benchmarks-h100-short-compiled.json" ;;
+    *) echo "unknown part $part: wheels|check|eager|compiled|compiled-encode|tiled|short" >&2; exit 2 ;;
 esac

@@ -27,6 +27,18 @@ def test_bench_writes_every_variant_and_case(tmp_path: Path) -> None:
     assert all(r["ms"] > 0 and r["images_per_s"] > 0 for r in rows.values())
 
 
+def test_bench_keeps_the_cases_done_when_a_later_one_fails(tmp_path: Path) -> None:
+    # gpu.sh's `short` stops steps at time limits: the JSON is rewritten after every case, not only at the end.
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--device", "cpu", "--preset", "tiny",
+           "--warmup", "0", "--iters", "1", "--cases", "decode:64:1", "decode:64:0", "--variants", "klvae",
+           "diffusers", "--json", str(out)]
+    assert subprocess.run(cmd, capture_output=True, timeout=300).returncode != 0  # a batch of 0 fails
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["case"], r["library"]) for r in rows] == [("decode:64:1", "klvae"), ("decode:64:1", "diffusers")]
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # no temporary file left
+
+
 def _traffic() -> ModuleType:
     # A fresh copy of benchmarks/traffic.py (not a package), so a test may change its classes.
     spec = importlib.util.spec_from_file_location("traffic", ROOT / "benchmarks" / "traffic.py")
