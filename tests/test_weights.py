@@ -434,6 +434,37 @@ def test_preset_name_goes_to_its_hub_repo(offline_cache: Path, monkeypatch: pyte
     assert_same_weights(back, model)
 
 
+def test_hub_revision_pins_a_commit_or_branch(offline_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from klvae.cli.main import main
+
+    model = tiny_model()
+    snap = fake_hub_cache(offline_cache, "org/pinned", model, "vae").parent
+    commit = snap.name
+    other = tiny_model(seed=1)
+    # A second snapshot, which the branch "v2" points to; main stays on the first.
+    other.save_pretrained(snap.parent / ("f" * 40) / "vae")
+    (snap.parent.parent / "refs" / "v2").write_text("f" * 40)
+    assert_same_weights(AutoencoderKL.from_pretrained("org/pinned", subfolder="vae"), model)
+    assert_same_weights(AutoencoderKL.from_pretrained("org/pinned", subfolder="vae", revision="v2"), other)
+    assert_same_weights(AutoencoderKL.from_pretrained(f"org/pinned@{commit}", subfolder="vae"), model)
+    assert_same_weights(AutoencoderKL.from_pretrained("org/pinned@v2", subfolder="vae", revision="v2"), other)
+    with pytest.raises(WeightsError, match=r"^HF_HUB_OFFLINE is set and org/pinned/vae/config.json at revision v3 "):
+        AutoencoderKL.from_pretrained("org/pinned@v3", subfolder="vae")
+    with pytest.raises(WeightsError, match="org/pinned@v2 names revision 'v2', but revision 'main' is given too"):
+        AutoencoderKL.from_pretrained("org/pinned@v2", revision="main")
+    for bad in ("../../x", "v2/../../..", "-rf", "a b"):
+        with pytest.raises(WeightsError, match="is not a branch, tag or commit name"):
+            AutoencoderKL.from_pretrained(f"org/pinned@{bad}", subfolder="vae")
+    with pytest.raises(WeightsError, match="revision 'v2' given, but 'demo' is klvae's built-in model"):
+        AutoencoderKL.from_pretrained("demo@v2")
+    with pytest.raises(WeightsError, match=r"revision 'v2' given, but .* is a local folder, not a hub repo"):
+        AutoencoderKL.from_pretrained(snap, revision="v2")
+    # The CLI takes the same form wherever --model goes.
+    assert main(["-q", "info", "--model", "org/pinned@v2", "--subfolder", "vae"]) == 0
+    assert main(["info", "--model", "org/pinned@nope", "--subfolder", "vae"]) == 2
+    assert "at revision nope is not in the local cache" in capsys.readouterr().err
+
+
 @pytest.fixture
 def no_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """No HF_HUB_OFFLINE, no proxy, and a host name that does not resolve."""

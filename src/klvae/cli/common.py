@@ -25,7 +25,8 @@ def add_model_args(p: argparse.ArgumentParser, run: bool = True) -> None:
     p.add_argument("--model", "-m", default=None,
                    help="a diffusers folder, a .safetensors/.ckpt file, a hub id, a preset name (sd15, sdxl, ...) "
                         "whose released weights come from the hub, or 'demo' (the default: klvae's small built-in "
-                        "model, which runs offline)")
+                        "model, which runs offline); a hub id or preset may pin a branch, tag or commit as "
+                        "org/name@revision")
     p.add_argument("--subfolder", default=None, help="subfolder of a pipeline folder or hub repo (e.g. vae)")
     p.add_argument("--config", default=None,
                    help="preset whose config (and factors) a single weights file uses, e.g. sdxl")

@@ -169,11 +169,14 @@ class AutoencoderKL(nn.Module):
         config: AutoencoderKLConfig | str | None = None,
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
+        revision: str | None = None,
     ) -> AutoencoderKL:
-        """Load a diffusers folder, a single LDM/diffusers file, a hub id, or a preset name's hub weights."""
+        """Load a diffusers folder, a single LDM/diffusers file, a hub id, or a preset name's hub weights; a hub
+        id or preset at a branch, tag or commit with `revision` (or as "org/name@revision")."""
         from klvae.weights.load import load_pretrained
 
-        return load_pretrained(cls, path_or_id, subfolder=subfolder, config=config, dtype=dtype, device=device)
+        return load_pretrained(cls, path_or_id, subfolder=subfolder, config=config, dtype=dtype, device=device,
+                               revision=revision)
 
     def save_pretrained(self, directory: str | Path, **kwargs: Any) -> Path:
         """Write config.json + diffusion_pytorch_model.safetensors, loadable by diffusers too."""

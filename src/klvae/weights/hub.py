@@ -63,18 +63,18 @@ def _cache_dir() -> str | None:
     return None
 
 
-def _download(repo_id: str, filename: str, subfolder: str | None) -> Path:
+def _download(repo_id: str, filename: str, subfolder: str | None, revision: str | None) -> Path:
     from huggingface_hub import hf_hub_download
 
     path = hf_hub_download(
-        repo_id, filename, subfolder=subfolder or None, cache_dir=_cache_dir(),
+        repo_id, filename, subfolder=subfolder or None, revision=revision, cache_dir=_cache_dir(),
         local_files_only=_offline() or _no_network(),
         library_name="klvae",
     )
     return Path(path)
 
 
-def _describe(e: Exception, repo_id: str, filename: str) -> str:
+def _describe(e: Exception, repo_id: str, filename: str, revision: str | None = None) -> str:
     """One line for a person from a huggingface_hub exception."""
     from huggingface_hub.utils import (
         EntryNotFoundError,
@@ -84,7 +84,7 @@ def _describe(e: Exception, repo_id: str, filename: str) -> str:
         RevisionNotFoundError,
     )
 
-    where = f"{repo_id}/{filename}"
+    where = f"{repo_id}/{filename}" + (f" at revision {revision}" if revision else "")
     if isinstance(e, LocalEntryNotFoundError):
         if _offline():
             return f"HF_HUB_OFFLINE is set and {where} is not in the local cache"
@@ -92,39 +92,41 @@ def _describe(e: Exception, repo_id: str, filename: str) -> str:
             return f"no network (the hub's host name does not resolve) and {where} is not in the local cache"
         return f"cannot reach the hub and {where} is not in the local cache"
     if isinstance(e, EntryNotFoundError):
-        return f"hub repository {repo_id} has no {filename}"
+        return f"hub repository {repo_id} has no {filename}" + (f" at revision {revision}" if revision else "")
     if isinstance(e, GatedRepoError):
         return f"{repo_id} is gated: accept its licence on huggingface.co and log in (hf auth login)"
     if isinstance(e, RepositoryNotFoundError):
         return f"hub repository {repo_id} not found (or private: log in with hf auth login)"
     if isinstance(e, RevisionNotFoundError):
-        return f"hub repository {repo_id} has no such revision"
+        return f"hub repository {repo_id} has no revision {revision or 'main'}"
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return f"cannot fetch {where} from the hub: {first}"
 
 
-def fetch_diffusers_files(repo_id: str, subfolder: str | None = None) -> tuple[Path, Path]:
-    """Local paths of config.json and the weights (safetensors, else .bin) of a hub repo, downloaded or cached."""
+def fetch_diffusers_files(repo_id: str, subfolder: str | None = None, revision: str | None = None) -> tuple[Path, Path]:
+    """Local paths of config.json and the weights (safetensors, else .bin) of a hub repo, downloaded or cached;
+    `revision` is a branch, tag or commit (default: main)."""
     from huggingface_hub.utils import EntryNotFoundError
 
     def shown(name: str) -> str:
         return f"{subfolder}/{name}" if subfolder else name
 
     try:
-        config = _download(repo_id, CONFIG_NAME, subfolder)
+        config = _download(repo_id, CONFIG_NAME, subfolder, revision)
     except (OSError, ValueError, EntryNotFoundError) as e:
-        raise WeightsError(_describe(e, repo_id, shown(CONFIG_NAME))) from None
+        raise WeightsError(_describe(e, repo_id, shown(CONFIG_NAME), revision)) from None
     first: Exception | None = None
     for name in WEIGHTS_NAMES:
         try:
-            weights = _download(repo_id, name, subfolder)
+            weights = _download(repo_id, name, subfolder, revision)
         except (OSError, ValueError, EntryNotFoundError) as e:
             # Fall back to .bin only when the file is absent (remotely or in the cache), not on other failures.
             if not isinstance(e, EntryNotFoundError):
-                raise WeightsError(_describe(e, repo_id, shown(name))) from None
+                raise WeightsError(_describe(e, repo_id, shown(name), revision)) from None
             first = first or e
             continue
-        log.info("hub %s%s: %s", repo_id, f" ({subfolder})" if subfolder else "", weights)
+        log.info("hub %s%s%s: %s", repo_id, f"@{revision}" if revision else "", f" ({subfolder})" if subfolder else "",
+                 weights)
         return config, weights
     assert first is not None
-    raise WeightsError(_describe(first, repo_id, shown(WEIGHTS_NAMES[0]) + " (nor .bin)"))
+    raise WeightsError(_describe(first, repo_id, shown(WEIGHTS_NAMES[0]) + " (nor .bin)", revision))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,8 +154,8 @@ def _folder(d: Path) -> WeightsSource:
     raise WeightsError(f"{d} has no {' or '.join(FOLDER_WEIGHTS[:2])} (a pipeline folder? pass subfolder='vae')")
 
 
-def _hub(repo_id: str, subfolder: str | None, preset: str | None = None) -> WeightsSource:
-    config, weights = fetch_diffusers_files(repo_id, subfolder)
+def _hub(repo_id: str, subfolder: str | None, revision: str | None, preset: str | None = None) -> WeightsSource:
+    config, weights = fetch_diffusers_files(repo_id, subfolder, revision)
     return WeightsSource(weights, config, preset)
 
 
@@ -179,12 +180,30 @@ def _check_subfolder(subfolder: str) -> None:
         raise WeightsError(f"subfolder {subfolder!r} must be a path inside the model folder or repo (no '..')")
 
 
-def locate(path_or_id: str | Path, subfolder: str | None = None) -> WeightsSource:
-    """Where the weights (and config.json) named by path_or_id are, fetching from the hub when needed."""
+# A branch, tag or commit as git allows them, without what a shell or a path would misread.
+_REVISION = re.compile(r"^[\w][\w.\-/]*$")
+
+
+def _split_revision(name: str, revision: str | None) -> tuple[str, str | None]:
+    """'org/name@rev' (or 'sdxl@rev') -> the name and the revision; one given both ways must agree."""
+    base, at, rev = name.rpartition("@")
+    if not at or not base:
+        return name, revision
+    if revision is not None and revision != rev:
+        raise WeightsError(f"{name} names revision {rev!r}, but revision {revision!r} is given too")
+    return base, rev
+
+
+def locate(path_or_id: str | Path, subfolder: str | None = None, revision: str | None = None) -> WeightsSource:
+    """Where the weights (and config.json) named by path_or_id are, fetching from the hub when needed; a hub id or
+    preset may name a revision (branch, tag or commit) as `org/name@rev` or with `revision`."""
     if subfolder:
         _check_subfolder(subfolder)
     path = Path(path_or_id).expanduser()
     if path.exists():
+        if revision:
+            kind = "folder" if path.is_dir() else "file"
+            raise WeightsError(f"revision {revision!r} given, but {path} is a local {kind}, not a hub repo")
         if subfolder:
             if not path.is_dir():
                 raise WeightsError(f"subfolder {subfolder!r} given, but {path} is a file, not a folder")
@@ -192,21 +211,25 @@ def locate(path_or_id: str | Path, subfolder: str | None = None) -> WeightsSourc
             if not path.is_dir():
                 raise WeightsError(f"no such folder: {path}")
         return _folder(path) if path.is_dir() else WeightsSource(path)
-    name = str(path_or_id)
-    if subfolder and (name in EMBEDDED_MODELS or name in PRESETS):
+    name, revision = _split_revision(str(path_or_id), revision)
+    # '..' would lead huggingface_hub's cache lookup (refs/<revision>) out of the cache.
+    if revision is not None and (not _REVISION.match(revision) or ".." in revision):
+        raise WeightsError(f"revision {revision!r} is not a branch, tag or commit name")
+    if (subfolder or revision) and (name in EMBEDDED_MODELS or (subfolder and name in PRESETS)):
         # Such a name stands for one known model; a subfolder would be ignored, or pick another part of its repo.
         what = "klvae's built-in model" if name in EMBEDDED_MODELS else "a preset"
-        raise WeightsError(f"subfolder {subfolder!r} given, but {name!r} is {what}, not a folder or hub repo")
+        given = f"subfolder {subfolder!r}" if subfolder else f"revision {revision!r}"
+        raise WeightsError(f"{given} given, but {name!r} is {what}, not a folder or hub repo")
     if name in EMBEDDED_MODELS:
         return _folder(embedded_model_dir(name))
     if name in PRESETS:
         if name not in PRESET_HUB_IDS:
             raise WeightsError(f"preset {name!r} has no released weights: build it with AutoencoderKL({name!r})")
         repo_id, preset_sub = PRESET_HUB_IDS[name]
-        return _hub(repo_id, preset_sub, preset=name)
+        return _hub(repo_id, preset_sub, revision, preset=name)
     if looks_like_repo_id(name) and not name.lower().endswith((".safetensors", *PICKLE_SUFFIXES)):
-        return _hub(name, subfolder)
-    raise WeightsError(f"no such file or folder, preset or hub id: {name}")
+        return _hub(name, subfolder, revision)
+    raise WeightsError(f"no such file or folder, preset or hub id: {path_or_id}")
 
 
 def _resolve_config(
@@ -303,12 +326,13 @@ def load_pretrained(
     config: AutoencoderKLConfig | str | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
+    revision: str | None = None,
 ) -> M:
     """A `cls` (AutoencoderKL) with the weights that path_or_id names, in eval mode on device/dtype."""
     # Refused before anything is read or fetched.
     _check_dtype(dtype)
     device = usable_device(device) if device is not None else None
-    return load_source(cls, locate(path_or_id, subfolder), config=config, dtype=dtype, device=device)
+    return load_source(cls, locate(path_or_id, subfolder, revision), config=config, dtype=dtype, device=device)
 
 
 def load_source(
