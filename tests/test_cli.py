@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -240,6 +241,16 @@ def test_the_command_line_prints_no_traceback(tmp_path: Path) -> None:
                         "-o", str(tmp_path / "o"), "--model", "tiny"], capture_output=True, text=True)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and r.stderr.strip().startswith("klvae: error:")
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly() -> None:
+    # `klvae info --json | head -5`: the pipe's read end is closed before klvae writes a byte.
+    r, w = os.pipe()
+    os.close(r)
+    proc = subprocess.run([sys.executable, "-m", "klvae.cli.main", "-q", "info", "--json"], stdout=w,
+                          stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(w)
+    assert proc.returncode == 141 and proc.stderr == "", proc.stderr  # was "klvae: error: [Errno 32] Broken pipe"
 
 
 def test_noise_sheet(tmp_path: Path, photos: Path, model_dir: Path) -> None:

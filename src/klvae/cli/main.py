@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -58,7 +59,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _interrupted()
     setup_logging(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
     try:
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, where a closed pipe can still be caught, not at the interpreter's exit
+        return status
+    except BrokenPipeError:
+        return _reader_gone()
     except KlvaeError as e:
         print(f"klvae: error: {_one_line(e)}", file=sys.stderr)
         return 2
@@ -73,6 +78,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"klvae: internal error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for details)",
               file=sys.stderr)
         return 1
+
+
+def _reader_gone() -> int:
+    # `klvae info --json | head`: the reader left. Stop quietly, with the status a shell gives a tool killed by
+    # SIGPIPE; stdout goes to /dev/null so that the interpreter's final flush does not fail again.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 141
 
 
 def _interrupted() -> int:
