@@ -243,6 +243,25 @@ def test_the_command_line_prints_no_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr and r.stderr.strip().startswith("klvae: error:")
 
 
+def test_every_option_has_help_that_names_its_default() -> None:
+    import argparse
+
+    from klvae.cli.main import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, p in sub.choices.items():
+        helps = {a.dest: p._get_formatter()._expand_help(a) for a in p._actions if a.help != argparse.SUPPRESS}
+        for a in p._actions:
+            if a.help == argparse.SUPPRESS or isinstance(a, argparse._HelpAction):
+                continue
+            assert a.help, f"{name} {a.option_strings or a.dest} has no help"
+            if a.option_strings and a.default not in (None, [], argparse.SUPPRESS) and not isinstance(a.default, bool):
+                assert "default" in helps[a.dest].lower(), f"{name} {a.option_strings}: default {a.default!r} unnamed"
+    cache_help = sub.choices["cache"].format_help()
+    assert "(default: 512)" in cache_help and "(default: 256)" in cache_help  # --resolution, --shard-size
+
+
 def test_a_reader_that_leaves_early_ends_the_command_quietly() -> None:
     # `klvae info --json | head -5`: the pipe's read end is closed before klvae writes a byte.
     r, w = os.pipe()

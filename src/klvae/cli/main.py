@@ -24,16 +24,34 @@ COMMAND_MODULES = (
 )
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Help that names each option's default, where there is one worth naming and the text does not already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        d = action.default
+        if (not action.option_strings or d is None or isinstance(d, bool) or d == [] or d is argparse.SUPPRESS
+                or "default" in text.lower()):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     import importlib
 
-    parser = argparse.ArgumentParser(prog="klvae", description="The KL autoencoder of latent diffusion.")
+    parser = _Parser(prog="klvae", description="The KL autoencoder of latent diffusion.")
     parser.add_argument("--version", action="version", version=f"klvae {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     parser.add_argument("--debug", action="store_true", help="show the traceback of unexpected errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser
