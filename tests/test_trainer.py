@@ -284,6 +284,24 @@ def test_resume_with_another_architecture_names_the_mismatch_in_one_line(step0: 
         tr.resume(path)
 
 
+def test_resume_without_a_checkpoint_warns_and_a_finished_run_keeps_its_export(
+        tmp_path: Path, photos: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = [a for o in _config(tmp_path, photos, "train.max_steps=1") for a in ("--set", o)]
+    assert main(["-q", "train", *args, "--resume"]) == 0
+    out = capsys.readouterr()
+    assert "WARNING: --resume: no checkpoint in" in out.err and "starts from step 0" in out.err
+    final = tmp_path / "run" / "final" / "diffusion_pytorch_model.safetensors"
+    before = final.stat().st_mtime_ns
+    assert main(["-q", "train", *args, "--resume"]) == 0  # already at max_steps: nothing to train or rewrite
+    assert "trained to step 1: no step left to train;" in capsys.readouterr().out
+    assert final.stat().st_mtime_ns == before
+    # A recipe's stage 2 started before stage 1 exported: the message names the setting and the cause.
+    missing = tmp_path / "stage1" / "final"
+    assert main(["train", *args, "--set", f"model.pretrained={missing}"]) == 2
+    err = capsys.readouterr().err
+    assert f"klvae: error: model.pretrained: no such file or folder, preset or hub id: {missing} (train the run" in err
+
+
 def _not_checkpoints(tmp: Path, good: Path) -> dict[str, Path]:
     whole = good.read_bytes()
     files = {"random.ckpt": b"\x8a\x0b" + bytes(range(256)) * 4, "image.png": b"\x89PNG\r\n\x1a\n" + b"\0" * 64,

@@ -41,12 +41,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         if args.resume is not None:
             found = trainer.resume(None if args.resume == "latest" else args.resume)
-            if not found:
-                log.info("no checkpoint in %s/checkpoints: starting from step 0", cfg.train.out_dir)
+            if not found:  # as accelerate does: a new run, said loudly, since a mistyped out_dir lands here
+                log.warning("--resume: no checkpoint in %s/checkpoints, so training starts from step 0",
+                            cfg.train.out_dir)
         logs = fit(trainer)
     finally:
         shutdown(trainer.dist)
     if trainer.dist.is_main:
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(logs.items()))
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(logs.items())) or "no step left to train"
         print(f"trained to step {trainer.step}: {shown}; weights in {cfg.train.out_dir}/final")
     return 0

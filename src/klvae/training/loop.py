@@ -101,6 +101,6 @@ def fit(tr: Trainer) -> dict[str, float]:
         # Counted per read, and every epoch reads each image again: the warnings on the way name the files.
         log.warning("unreadable training images were skipped %d time(s) (once per read, so once per epoch each)",
                     skipped[0])
-    if main:
+    if main and (last or not (tr.out / "final").is_dir()):  # a finished run resumed keeps its export as it is
         log.info("exported weights to %s", tr.export())
     return last

@@ -15,9 +15,10 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from klvae.errors import KlvaeError
+from klvae.errors import KlvaeError, WeightsError
 from klvae.inference.precision import usable_device
 from klvae.model.autoencoder import AutoencoderKL
+from klvae.model.config import AutoencoderKLConfig
 from klvae.posterior import DiagonalGaussian
 from klvae.training import checkpoint as ckpt
 from klvae.training.config import TrainConfig, build_loss_config, model_config
@@ -40,13 +41,22 @@ def build_model(cfg: TrainConfig) -> AutoencoderKL:
     """The autoencoder to train: a preset from scratch, or pretrained weights."""
     m = cfg.model
     config = model_config(m)
-    vae = AutoencoderKL.from_pretrained(m.pretrained, config=config) if m.pretrained else AutoencoderKL(config)
+    vae = _pretrained(m.pretrained, config) if m.pretrained else AutoencoderKL(config)
     vae.enable_gradient_checkpointing(m.gradient_checkpointing)
     if m.decoder_only:
         for mod in (vae.encoder, vae.quant_conv):
             if mod is not None:
                 mod.requires_grad_(False)
     return vae.train()
+
+
+def _pretrained(spec: str, config: AutoencoderKLConfig | None) -> AutoencoderKL:
+    try:
+        return AutoencoderKL.from_pretrained(spec, config=config)
+    except WeightsError as e:
+        # A run's export (stage 2 of a recipe) that is not there yet: the stage before has not been trained.
+        hint = " (train the run that exports it first)" if Path(spec).name == "final" else ""
+        raise WeightsError(f"model.pretrained: {e}{hint}") from None
 
 
 def _saved_model_section(s: dict[str, Any]) -> dict[str, Any] | None:
