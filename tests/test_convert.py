@@ -77,8 +77,21 @@ def test_half_storage_halves_the_file_and_loads_in_diffusers(source: Path, tmp_p
     assert theirs.config.scaling_factor == 0.3 and theirs.config.shift_factor == 0.05
 
 
+@pytest.mark.parametrize("name", ["again", "again.safetensors"])
+def test_an_existing_output_is_replaced_only_with_overwrite(source: Path, tmp_path: Path, name: str) -> None:
+    out = tmp_path / name
+    assert main(["-q", "convert", "-m", str(source), "-o", str(out)]) == 0
+    written = _tree(tmp_path) if out.is_dir() else {name: out.read_bytes()}
+    assert main(["-q", "convert", "-m", str(source), "-o", str(out), "--dtype", "fp16"]) == 2
+    assert (_tree(tmp_path) if out.is_dir() else {name: out.read_bytes()}) == written
+    assert main(["-q", "convert", "-m", str(source), "-o", str(out), "--dtype", "fp16", "--overwrite"]) == 0
+    with safe_open(str(out / SAFE_WEIGHTS if out.is_dir() else out), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in list(f.keys())} == {torch.float16}  # the new model replaced it
+
+
 @pytest.mark.parametrize(("argv", "words"), [
-    (["-o", "SRC"], "holds the model being converted"),
+    (["-o", "SRC"], "config.json already exists; add --overwrite to replace it"),
+    (["-o", "SRC", "--overwrite"], "holds the model being converted"),
     (["-o", "OUT/x.ckpt"], "is a folder"),
     (["-o", "OUT/x.bin", "--to", "ldm"], "must end in .safetensors"),
     (["-o", "OUT/d", "--dtype", "int8"], "--dtype must be one of"),
@@ -157,7 +170,11 @@ def test_convert_never_writes_over_the_model_it_reads(
     monkeypatch.chdir(places)
     before = _tree(places)
     capsys.readouterr()
+    # Refused without --overwrite, and with it too: --overwrite replaces another model, never the one read.
     assert main(["-q", "convert", "-m", model, "-o", output, "--dtype", "fp16"]) == 2
+    first = one_error_line(capsys.readouterr().err)  # a pipeline folder has no model of its own at the top
+    assert "already exists; add --overwrite" in first or "the model being converted (" in first
+    assert main(["-q", "convert", "-m", model, "-o", output, "--dtype", "fp16", "--overwrite"]) == 2
     assert "the model being converted (" in one_error_line(capsys.readouterr().err)
     assert _tree(places) == before
 

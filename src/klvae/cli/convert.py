@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--to", choices=FORMATS, default=None,
                    help="the format; by default ldm when --output ends in .safetensors, else diffusers")
     p.add_argument("--dtype", default="fp32", help="storage dtype: fp32 (default), fp16 or bf16 (half the size)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output file, or the config.json and weights of an existing folder")
     p.set_defaults(func=cmd_convert)
 
 
@@ -43,6 +45,14 @@ def _target(args: argparse.Namespace) -> tuple[str, Path]:
     if fmt == "diffusers" and out.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
         raise KlvaeError(f"--output {out}: the diffusers layout is a folder; name a folder, or use --to ldm")
     check_output_path(out, folder=fmt == "diffusers")
+    if not args.overwrite:
+        from klvae.weights.hub import CONFIG_NAME
+        from klvae.weights.load import FOLDER_WEIGHTS
+
+        held = [out] if out.is_file() else [out / n for n in (CONFIG_NAME, *FOLDER_WEIGHTS) if (out / n).exists()]
+        if held:
+            # As decode does: a model written over another is lost, so it takes a word from the user.
+            raise KlvaeError(f"--output {out}: {held[0]} already exists; add --overwrite to replace it")
     return fmt, out
 
 
