@@ -1,7 +1,9 @@
 """Prepare the demo model's training data from packages a fresh machine can install.
 
 Sources: Debian's `plasma-workspace-wallpapers` and `gnome-backgrounds` (fetched with `apt-get download`
-and unpacked with `dpkg -x`, no root install needed) and scikit-image's bundled sample images. Every image
+and unpacked with `dpkg -x`, no root install needed; so Debian or Ubuntu with its package mirror reachable)
+and scikit-image's bundled sample images (pip install scikit-image). Without apt-get the set is
+scikit-image's samples alone, with a warning. Every image
 is scaled so its shorter side is at most --max-side, written as PNG, and its licence recorded in
 licences.json. A fixed, name-ordered subset (every --val-every-th image) is held out for validation.
 
@@ -28,14 +30,21 @@ SKIMAGE = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "imm
 GNOME_LICENCE = "CC-BY-SA-3.0 (debian/copyright of gnome-backgrounds)"
 
 
-def fetch_packages(work: Path) -> Path:
-    """apt-get download + dpkg -x of the wallpaper packages into work/root."""
+def fetch_packages(work: Path) -> Path | None:
+    """apt-get download + dpkg -x of the wallpaper packages into work/root; None where that cannot run (not
+    Debian/Ubuntu, or no network), with a warning: the set is then scikit-image's samples alone."""
     root = work / "root"
     root.mkdir(parents=True, exist_ok=True)
-    for pkg in PACKAGES:
-        subprocess.run(["apt-get", "download", pkg], cwd=work, check=True, capture_output=True)
-    for deb in sorted(work.glob("*.deb")):
-        subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
+    try:
+        for pkg in PACKAGES:
+            subprocess.run(["apt-get", "download", pkg], cwd=work, check=True, capture_output=True)
+        for deb in sorted(work.glob("*.deb")):
+            subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        why = e.stderr.decode(errors="replace").strip().splitlines()[-1:] if getattr(e, "stderr", None) else [str(e)]
+        log.warning("the Debian wallpaper packages cannot be fetched (%s): using scikit-image's %d samples only, "
+                    "a much smaller set than docs/demo-model.md describes", "; ".join(why), len(SKIMAGE))
+        return None
     return root
 
 
@@ -63,7 +72,11 @@ def gnome_images(root: Path) -> list[tuple[str, Path, str]]:
 
 def skimage_images() -> list[tuple[str, Image.Image, str]]:
     """(name, image, licence) for scikit-image's bundled samples (those that need no download)."""
-    import skimage.data
+    try:
+        import skimage.data
+    except ImportError:
+        raise SystemExit("prepare_data: scikit-image is needed: pip install scikit-image "
+                         "(the test extra, pip install -e '.[test]', has it)") from None
 
     out = []
     for name in SKIMAGE:
@@ -100,9 +113,10 @@ def main() -> None:
     for split in ("train", "val"):
         (out / split).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
+        samples = skimage_images()  # first: a missing scikit-image stops the script before any download
         root = fetch_packages(Path(work))
-        items = [(n, Image.open(p), lic) for n, p, lic in plasma_images(root) + gnome_images(root)]
-        items += skimage_images()
+        found = plasma_images(root) + gnome_images(root) if root is not None else []
+        items = [(n, Image.open(p), lic) for n, p, lic in found] + samples
         items.sort(key=lambda t: t[0])
         licences = {}
         for i, (name, img, lic) in enumerate(items):
