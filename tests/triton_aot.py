@@ -83,7 +83,7 @@ def main(registers: bool) -> None:
         for c, dtype, nhwc in cases:
             sig, values, attrs = signature(fn, c, dtype, nhwc)
             out = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=values, attrs=attrs), target=target,
-                                 options={"num_warps": WARPS[fn.__name__]})
+                                 options={"num_warps": WARPS[fn.__name__], "enable_fp_fusion": True})
             extra = f"{ptxas_report(out.asm['ptx'])}; {global_loads(out.asm['ptx'])}" if registers else ""
             print(f"triton {triton.__version__}", fn.__name__, c, dtype, "nhwc" if nhwc else "", len(out.asm["cubin"]),
                   "bytes of cubin", extra)

@@ -33,6 +33,9 @@ from torch import Tensor
 # reports 34-59 registers per thread with 8 warps, 48-64 with 4 (tests/triton_aot.py --registers).
 _TILE = 4096
 _WARPS = 8
+# Fused multiply-adds, named rather than left to Triton's default, which 3.10 turns off: the kernels' rounding
+# then stays what the tests measured, whichever Triton a CUDA build of torch brings.
+_FMA = True
 # Aim for about this many statistics programs per norm: several waves on a 132-SM H100, few partial results.
 _STATS_PROGRAMS = 1024
 
@@ -70,16 +73,18 @@ def _launch(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, si
     part = torch.empty(b, progs, 2, g_p, device=x.device, dtype=torch.float32)  # per run: mean, M2
     sx = (x.stride(0), x.stride(1), x.stride(3))
     k.stats_kernel[(b, progs)](x, part, hw, *sx, rows, progs,
-                               G=groups, CPG=cpg, G_P=g_p, CPG_P=cpg_p, BLOCK_HW=block, num_warps=_WARPS)
+                               G=groups, CPG=cpg, G_P=g_p, CPG_P=cpg_p, BLOCK_HW=block, num_warps=_WARPS,
+                               enable_fp_fusion=_FMA)
     mean = torch.empty(b, c, device=x.device, dtype=torch.float32)  # per channel: its group's mean
     scale = torch.empty_like(mean)  # rstd * weight
     k.finalize_kernel[(b,)](part, weight, mean, scale, hw, c, rows, progs, eps,
-                            G=groups, CPG=cpg, G_P=g_p, CPG_P=cpg_p, BLOCK_P=max(1, _TILE // g_p // 2))
+                            G=groups, CPG=cpg, G_P=g_p, CPG_P=cpg_p, BLOCK_P=max(1, _TILE // g_p // 2),
+                            enable_fp_fusion=_FMA)
     y = torch.empty_like(x)
     c_p = triton_next_pow2(c)
     block = max(1, _TILE // c_p)
     k.apply_kernel[(-(-hw // block), b)](x, y, mean, scale, bias, hw, c, *sx, SILU=silu, C_P=c_p, BLOCK_HW=block,
-                                             num_warps=_WARPS)
+                                             num_warps=_WARPS, enable_fp_fusion=_FMA)
     return y
 
 
