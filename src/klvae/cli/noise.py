@@ -76,7 +76,8 @@ def cmd_noise(args: argparse.Namespace) -> int:
 def _check_betas(args: argparse.Namespace) -> None:
     given = {name: v for name, v in (("--beta-start", args.beta_start), ("--beta-end", args.beta_end)) if v is not None}
     if given and args.schedule == "cosine":
-        raise KlvaeError(f"{', '.join(given)} set the range of a linear or scaled_linear schedule, not of cosine")
+        verb = "sets" if len(given) == 1 else "set"
+        raise KlvaeError(f"{' and '.join(given)} {verb} the range of a linear or scaled_linear schedule, not of cosine")
     for name, v in given.items():
         if not 0 < v < 1:  # also refuses nan
             raise KlvaeError(f"{name} must lie strictly between 0 and 1, got {v}")
