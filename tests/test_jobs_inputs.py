@@ -138,7 +138,8 @@ def test_cache_of_no_images_is_an_error(tmp_path: Path, capsys: pytest.CaptureFi
     (["noise", "IMAGE", "-o", "OUT", "--num-steps", "10", "--steps", "10"], ["--steps", "got 10"]),
     (["noise", "IMAGE", "-o", "OUT", "--beta-end", "1"], ["--beta-end", "between 0 and 1", "got 1.0"]),
     (["noise", "IMAGE", "-o", "OUT", "--beta-start", "nan"], ["--beta-start", "between 0 and 1"]),
-    (["noise", "IMAGE", "-o", "OUT", "--schedule", "cosine", "--beta-start", "0.001"], ["--beta-start sets the range", "cosine"]),
+    (["noise", "IMAGE", "-o", "OUT", "--schedule", "cosine", "--beta-start", "0.001"],
+     ["--beta-start sets the range", "cosine"]),
 ])
 def test_scale_and_noise_bad_options_are_one_line_errors(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], words: list[str]
