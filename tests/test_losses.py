@@ -120,6 +120,9 @@ def test_adaptive_weight_by_hand() -> None:
     got = adaptive_weight(nll, g, w)
     assert torch.allclose(got, gn / (gg + 1e-4))
     assert not got.requires_grad
+    # A critic whose gradient vanishes: VQGAN's clamp holds the weight at 1e4.
+    tiny = (w * 1e-12).sum()
+    assert adaptive_weight(nll, tiny, w).item() == 1e4
 
 
 # ---- the combined generator loss ----------------------------------------------------------------------------
@@ -189,6 +192,22 @@ def test_generator_loss_with_gan_matches_hand_adaptive_weight() -> None:
     assert torch.allclose(loss, nll + d_weight * g, rtol=1e-5)
     loss.backward()  # the graph is still whole after the adaptive-weight grads
     assert dec.conv_out.weight.grad is not None
+
+
+def test_disc_factor_scales_both_gan_terms() -> None:
+    # LDM: loss = nll + kl + d_weight * disc_factor * g_loss, and d_loss = disc_factor * hinge(D(x), D(x̂)).
+    torch.manual_seed(0)
+    loss_fn, dec = AutoencoderLoss(no_lpips(disc_start=0, disc_weight=0.5, disc_factor=0.5, disc_ndf=8,
+                                            kl_weight=0.0)), TinyDecoder()
+    x, h = torch.rand(2, 3, 32, 32), torch.randn(2, 4, 32, 32)
+    loss, logs = loss_fn.generator_loss(x, dec(h), None, 0, last_layer=dec.conv_out.weight)
+    assert logs["disc_factor"].item() == 0.5 and logs["g_loss"].item() != 0.0
+    torch.testing.assert_close(loss, logs["nll"] + logs["d_weight"] * 0.5 * logs["g_loss"])
+    real, fake = loss_fn.discriminator(x), loss_fn.discriminator(dec(h).detach())
+    d_loss, _ = loss_fn.discriminator_loss(x, dec(h), 0)
+    # The critic's hinge is not symmetric in its arguments: swapped, it would learn backwards.
+    assert not torch.allclose(hinge_d_loss(real, fake), hinge_d_loss(fake, real))
+    torch.testing.assert_close(d_loss, 0.5 * hinge_d_loss(real, fake))
 
 
 def test_discriminator_off_before_disc_start_on_from_it() -> None:
@@ -419,6 +438,7 @@ def test_patchgan_shapes_and_layout() -> None:
     assert d(torch.randn(2, 3, 64, 64)).shape == (2, 1, 6, 6)
     assert d.main[2].bias is None and isinstance(d.main[3], nn.BatchNorm2d)
     assert [m.out_channels for m in d.main if isinstance(m, nn.Conv2d)] == [8, 16, 32, 64, 1]
+    assert {m.negative_slope for m in d.main if isinstance(m, nn.LeakyReLU)} == {0.2}  # LDM's PatchGAN
     a = NLayerDiscriminator(ndf=8, use_actnorm=True)
     assert a(torch.randn(2, 3, 64, 64)).shape == (2, 1, 6, 6)
     assert isinstance(a.main[3], ActNorm) and a.main[2].bias is not None
