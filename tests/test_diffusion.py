@@ -133,6 +133,14 @@ def test_q_posterior_closed_form(schedule: str) -> None:
     assert v[0].item() == 0.0 and logv[0].item() == pytest.approx(math.log(1e-20))
 
 
+def test_posterior_variance_blends_beta_tilde_and_beta_with_v_posterior() -> None:
+    beta = NoiseSchedule.sd().betas
+    ab = torch.cumprod(1 - beta, 0)
+    tilde = beta * (1 - torch.cat([ab.new_ones(1), ab[:-1]])) / (1 - ab)
+    s = NoiseSchedule(beta, v_posterior=0.25)
+    torch.testing.assert_close(s.posterior_variance, 0.75 * tilde + 0.25 * beta)
+
+
 def test_q_mean_variance() -> None:
     s, x0, t = NoiseSchedule.sd(), _x0(), _t()
     mean, var, logvar = s.q_mean_variance(x0, t)
@@ -170,6 +178,11 @@ def test_dtype_kept_and_timestep_checks() -> None:
         s.q_sample(x, torch.full((6,), 3.0))
     with pytest.raises(ValueError, match="lie in"):
         s.q_sample(x, torch.full((6,), T))
+    for call in (lambda t: s.q_sample(x, t), lambda t: s.q_posterior(x, x, t), s.snr):
+        with pytest.raises(ValueError, match="lie in"):  # -1 would index the last step silently
+            call(torch.full((6,), -1))
+    with pytest.raises(TypeError):
+        s.q_sample(x, torch.ones(6, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"\[B\]"):
         s.q_sample(x, torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="noise shape"):

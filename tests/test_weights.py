@@ -266,6 +266,10 @@ def test_an_exported_ldm_file_reloads_as_the_same_model(tmp_path: Path, caplog: 
 
     with safe_open(str(path), framework="pt") as f:  # other loaders see plain LDM keys and ignore the header
         assert "encoder.down.0.block.0.conv1.weight" in list(f.keys())
+        c = cfg.block_out_channels[-1]
+        for part in ("encoder", "decoder"):  # LDM's attention projections are 1x1 convs, as its loaders expect
+            for proj in ("q", "k", "v", "proj_out"):
+                assert f.get_slice(f"{part}.mid.attn_1.{proj}.weight").get_shape() == [c, c, 1, 1]
     # An explicit config still wins, and a damaged header is one WeightsError.
     assert AutoencoderKL.from_pretrained(path, config=cfg.replace(scaling_factor=1.0)).config.scaling_factor == 1.0
     sd = read_state_dict(path)
