@@ -33,6 +33,15 @@ def test_tiled_equals_untiled(preset: str, rows: int, device: torch.device) -> N
     assert (d_plain - d_tiled).abs().max() < 1e-4
 
 
+def test_tiled_equals_untiled_with_the_configs_own_norm_eps(device: torch.device) -> None:
+    vae = perturbed_vae("tiny", device=device, norm_eps=0.5)  # far from 1e-6: a fixed eps would show
+    x = (torch.rand(1, 3, 24, 40) * 2 - 1).to(device)
+    m = inference.encode_moments(vae, x)
+    assert (m - inference.encode_moments(vae, x, tiling=TileOptions(tile_size=4))).abs().max() < 1e-4
+    z = m[:, :4]
+    assert (inference.decode(vae, z) - inference.decode(vae, z, tiling=TileOptions(tile_size=4))).abs().max() < 1e-4
+
+
 def test_tiled_handles_sizes_that_are_not_multiples_of_eight(device: torch.device) -> None:
     vae = perturbed_vae("tiny-f8", device=device)
     x = (torch.rand(1, 3, 37, 53) * 2 - 1).to(device)
@@ -130,6 +139,13 @@ def test_streamed_groupnorm_statistics_match_groupnorm(device: torch.device) -> 
     st = Streamer(device=device, storage=torch.device("cpu"), dtype=torch.float32, rows=2, image_height=13)
     y = st.apply_norm(x, norm, st.group_stats(x, norm), act=False)
     torch.testing.assert_close(y, norm(x), atol=1e-5, rtol=1e-5)
+    # A mean 3000 times the spread: sums accumulated in float32 would lose the variance to cancellation (off by
+    # about half); in float64 only each float32 square's rounding is left (about 1e-3).
+    far = torch.randn(1, 16, 96, 96, device=device, dtype=torch.float64) + 3000
+    mean, rstd = st.group_stats(far.float(), norm)
+    want = far.reshape(1, 4, -1).var(-1, unbiased=False)
+    torch.testing.assert_close(rstd.double(), torch.rsqrt(want + 1e-6), rtol=1e-2, atol=0)
+    torch.testing.assert_close(mean.double(), far.reshape(1, 4, -1).mean(-1), rtol=1e-6, atol=0)
 
 
 def test_memory_budget_picks_tiling_and_says_so(caplog: pytest.LogCaptureFixture, device: torch.device) -> None:
@@ -145,6 +161,13 @@ def test_memory_budget_picks_tiling_and_says_so(caplog: pytest.LogCaptureFixture
     with caplog.at_level(logging.INFO):
         inference.decode(vae, z, tiling=TileOptions(max_memory=10 * small))
     assert "tiling" not in caplog.text
+    # The decode is judged by the image it makes (16x16 here), not by its 8x8 latents.
+    at_latent = inference.estimate_bytes(vae, "decode", (1, 3, 8, 8), torch.float32)
+    at_image = inference.estimate_bytes(vae, "decode", (1, 3, 16, 16), torch.float32)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        inference.decode(vae, z, tiling=TileOptions(max_memory=(at_latent + at_image) // 2))
+    assert "decode of 16x16 exceeds" in caplog.text
 
 
 def test_out_of_memory_falls_back_to_tiling(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,

@@ -294,6 +294,11 @@ def test_dtype_and_fp16_variant(tmp_path: Path) -> None:
     back = AutoencoderKL.from_pretrained(tmp_path, dtype=torch.float16, device="cpu")
     assert back.dtype == torch.float16
     assert_same_weights(back, model.half())
+    # Half-precision weights without a dtype load in fp32, as every path computes by default.
+    AutoencoderKL.from_pretrained(tmp_path, dtype=torch.float16).save_pretrained(tmp_path / "half")
+    back = AutoencoderKL.from_pretrained(tmp_path / "half")
+    assert back.dtype == torch.float32
+    assert_same_weights(back, model.half().float())
 
 
 def test_pipeline_folder_and_subfolder(tmp_path: Path) -> None:
