@@ -23,16 +23,6 @@ SSIM_RADIUS = 5  # skimage: int(truncate * sigma + 0.5) with truncate = 3.5
 SSIM_K1, SSIM_K2 = 0.01, 0.03
 
 
-def to_unit_range(x: Tensor) -> Tensor:
-    """[-1, 1] -> [0, 1], clamped."""
-    return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
-
-
-def from_unit_range(x: Tensor) -> Tensor:
-    """[0, 1] -> [-1, 1]."""
-    return x * 2.0 - 1.0
-
-
 def _as_batches(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """Both as float [B, C, H, W] in a common working dtype; a lone [C, H, W] image becomes a batch of one."""
     if a.shape != b.shape:
