@@ -8,7 +8,8 @@ from PIL import Image
 
 
 def make_buckets(resolution: int, step: int = 64, max_ratio: float = 4.0) -> list[tuple[int, int]]:
-    """(height, width) pairs, multiples of `step`, with area close to resolution**2 and ratio <= max_ratio."""
+    """(height, width) pairs, multiples of `step`, with area close to resolution**2 and ratio <= max_ratio; no side
+    is below `step`, so where resolution is a small multiple of it the long buckets exceed that area."""
     area = resolution * resolution
     buckets = set()
     w = step
@@ -28,7 +29,8 @@ def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> t
 
 
 def resize_crop(img: Image.Image, size: tuple[int, int]) -> tuple[Image.Image, tuple[int, int, int, int]]:
-    """Scale to cover (height, width), centre-crop to it; returns the image and the crop box in scaled pixels."""
+    """Scale to cover (height, width), centre-crop to it; returns the image and (top, left, height, width) of the
+    crop in scaled pixels (SDXL's crop conditioning takes top and left)."""
     th, tw = size
     s = max(th / img.height, tw / img.width)
     nh, nw = max(th, round(img.height * s)), max(tw, round(img.width * s))
