@@ -70,6 +70,15 @@ def test_cache_writes_shards_index_and_the_reader_returns_scaled_latents(tmp_pat
     assert not torch.allclose(sampled, expected, atol=1e-3)
 
 
+def test_an_image_too_elongated_to_cover_the_crop_is_refused_before_scaling() -> None:
+    from klvae.errors import ImageError
+
+    strip = Image.new("RGB", (1, 20000))  # to cover 256x256 it would be scaled to 256x5120000
+    with pytest.raises(ImageError, match=r"a 1x20000 image is too elongated to cover 256x256: scaled to 256x5120000"):
+        resize_crop(strip, (256, 256))
+    assert resize_crop(Image.new("RGB", (1, 2000)), (64, 64))[0].size == (64, 64)  # 64x128000 is within bounds
+
+
 def test_buckets_have_equal_area_and_match_aspect() -> None:
     buckets = make_buckets(1024)
     assert (1024, 1024) in buckets

@@ -164,6 +164,24 @@ def test_find_images_mixes_files_and_folders(photos: Path, tmp_path: Path) -> No
         find_images([photos, tmp_path / "missing"])
 
 
+def test_a_folder_that_cannot_be_listed_is_named_in_a_warning(
+        photos: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import os
+
+    real = os.scandir
+
+    def locked(path: object = ".") -> object:  # as chmod 000 does for anyone but root
+        if Path(str(path)).name == "sub":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", locked)
+    with caplog.at_level("WARNING"):
+        found = find_images([photos])
+    assert [p.name for p in found] == ["astronaut.png", "coffee.jpg"]
+    assert f"cannot read folder {photos / 'sub'} (Permission denied): its images are left out" in caplog.text
+
+
 def test_a_fifo_is_refused_unopened_when_loaded_listed_or_named(photos: Path, tmp_path: Path) -> None:
     from klvae.latents.sources import open_source
 

@@ -219,7 +219,11 @@ def _walk(root: Path, recursive: bool) -> list[Path]:
     out: list[Path] = []
     seen: set[str] = set()
     # followlinks: datasets are often assembled from symlinked folders; `seen` stops symlink loops.
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    def unreadable(e: OSError) -> None:
+        # os.walk skips a folder it cannot list without a word; its images would vanish from the job unseen.
+        log.warning("cannot read folder %s (%s): its images are left out", e.filename, e.strerror or e)
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable):
         real = os.path.realpath(dirpath)
         if real in seen:
             dirnames[:] = []

@@ -6,6 +6,9 @@ import math
 
 from PIL import Image
 
+from klvae.errors import ImageError
+from klvae.images import MAX_PIXELS
+
 
 def make_buckets(resolution: int, step: int = 64, max_ratio: float = 4.0) -> list[tuple[int, int]]:
     """(height, width) pairs, multiples of `step`, with area close to resolution**2 and ratio <= max_ratio; no side
@@ -34,6 +37,9 @@ def resize_crop(img: Image.Image, size: tuple[int, int]) -> tuple[Image.Image, t
     th, tw = size
     s = max(th / img.height, tw / img.width)
     nh, nw = max(th, round(img.height * s)), max(tw, round(img.width * s))
+    if nh * nw > MAX_PIXELS:  # a 1x200000 strip covering 256x256 would be scaled to 256x51200000
+        raise ImageError(f"a {img.width}x{img.height} image is too elongated to cover {tw}x{th}: scaled to "
+                         f"{nw}x{nh} it would exceed the limit of {MAX_PIXELS:,} pixels")
     img = img.resize((nw, nh), Image.Resampling.LANCZOS)
     top, left = (nh - th) // 2, (nw - tw) // 2
     box = (left, top, left + tw, top + th)
