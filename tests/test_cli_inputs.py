@@ -163,6 +163,28 @@ def test_an_image_output_that_cannot_hold_rgb_is_refused_before_any_work(
     assert _files(tmp_path) == ["a.png"]
 
 
+@pytest.mark.parametrize(("command", "size", "name", "limit"), [
+    ("reconstruct", (16400, 8), "x.webp", 16383), ("reconstruct", (8, 65504), "x.jpg", 65500),
+    ("noise", (64, 16), "x.webp", 16383),  # 257 pictures of 64 side by side: a sheet 16448 wide
+])
+def test_an_image_too_large_for_its_format_is_refused_before_any_work(
+    tmp_path: Path, command: str, size: tuple[int, int], name: str, limit: int, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    img = tmp_path / "a.png"
+    Image.new("RGB", size).save(img)
+
+    def no_model(_args: object) -> None:
+        raise AssertionError("the model was loaded before the output's size was checked")
+
+    monkeypatch.setattr(f"klvae.cli.{'codec' if command == 'reconstruct' else 'noise'}.load_model", no_model)
+    out = tmp_path / name
+    steps = ["--steps", *map(str, range(257))] if command == "noise" else []
+    assert main([command, str(img), "-o", str(out), *steps]) == 2  # was an internal error after the work
+    assert f"stores at most {limit} pixels a side" in _err_line(capsys)
+    assert _files(tmp_path) == ["a.png"]
+
+
 # 4./5. malformed metadata and absurd sizes are refused at load, before any image is written
 
 GOOD = {"name": "good.png", "key": "g", "height": 16, "width": 16}

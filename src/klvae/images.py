@@ -328,8 +328,24 @@ def write_image(img: Image.Image, path: str | Path, fmt: str, **save_kwargs: Any
         img.save(f, format=fmt, **save_kwargs)
 
 
+# The formats' own ceilings on a side (libwebp's 14-bit sizes, libjpeg's JPEG_MAX_DIMENSION); PNG, BMP and TIFF
+# reach past MAX_PIXELS.
+FORMAT_MAX_SIDE = {"WEBP": 16383, "JPEG": 65500}
+
+
+def check_format_size(path: str | Path, width: int, height: int) -> None:
+    """ImageError when an image of width x height cannot be stored in the format `path` names: checked before
+    the work that makes it, not after."""
+    fmt = image_format_for(Path(path))
+    limit = FORMAT_MAX_SIDE.get(fmt)
+    if limit is not None and max(width, height) > limit:
+        raise ImageError(f"{path}: {fmt} stores at most {limit} pixels a side, and this image would be "
+                         f"{width}x{height}; write .png instead")
+
+
 def save_image_atomic(img: Image.Image, path: str | Path, **save_kwargs: Any) -> Path:
     """Write img to path via a temporary file and os.replace, so a reader never sees half a file."""
     p = Path(path)
     fmt = image_format_for(p)
+    check_format_size(p, *img.size)
     return atomic_write(p, lambda tmp: write_image(img, tmp, fmt, **save_kwargs))

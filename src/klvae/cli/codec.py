@@ -27,6 +27,7 @@ from klvae.cli.common import (
 )
 from klvae.errors import ImageError, KlvaeError, LatentsError
 from klvae.images import (
+    check_format_size,
     find_images,
     image_format_for,
     image_size,
@@ -314,6 +315,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     out = check_output_path(args.output, inputs=[args.image])
     image_format_for(out)
     x = pil_to_tensor(load_image(args.image))[None]
+    check_format_size(out, x.shape[-1], x.shape[-2])
     tiling = tiling_from_args(args)
     vae, _, dtype = load_model(args)
     z = inference.encode(vae, x, dtype, tiling).mode()

@@ -10,7 +10,14 @@ from PIL import Image, ImageDraw
 from klvae import inference
 from klvae.cli.common import add_model_args, check_output_path, check_seed, load_model
 from klvae.errors import KlvaeError
-from klvae.images import image_format_for, load_image, pil_to_tensor, save_image_atomic, tensor_to_pil
+from klvae.images import (
+    check_format_size,
+    image_format_for,
+    load_image,
+    pil_to_tensor,
+    save_image_atomic,
+    tensor_to_pil,
+)
 
 _DEFAULT_STEPS = (0, 100, 250, 500, 750, 999)  # of Stable Diffusion's 1000: clean, then ever noisier, pure noise
 
@@ -58,6 +65,7 @@ def cmd_noise(args: argparse.Namespace) -> int:
     check_output_path(args.output, inputs=[args.image])  # before the work, not after it
     image_format_for(args.output)
     x = pil_to_tensor(load_image(args.image))[None]
+    check_format_size(args.output, x.shape[-1] * len(args.steps), x.shape[-2] + _LABEL_HEIGHT)  # the sheet's size
     vae, _, dtype = load_model(args)
     schedule = NoiseSchedule.from_name(args.schedule, args.num_steps, beta_start=args.beta_start,
                                        beta_end=args.beta_end)
@@ -83,11 +91,14 @@ def _check_betas(args: argparse.Namespace) -> None:
             raise KlvaeError(f"{name} must lie strictly between 0 and 1, got {v}")
 
 
+_LABEL_HEIGHT = 18  # the strip above each picture for its t and SNR
+
+
 def _sheet(tiles: list[tuple[int, Image.Image, float]]) -> Image.Image:
     w, h = tiles[0][1].size
-    sheet = Image.new("RGB", (w * len(tiles), h + 18), "white")
+    sheet = Image.new("RGB", (w * len(tiles), h + _LABEL_HEIGHT), "white")
     draw = ImageDraw.Draw(sheet)
     for i, (t, img, snr) in enumerate(tiles):
-        sheet.paste(img, (i * w, 18))
+        sheet.paste(img, (i * w, _LABEL_HEIGHT))
         draw.text((i * w + 4, 3), f"t={t}  SNR={snr:.3g}", fill="black")
     return sheet
