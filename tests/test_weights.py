@@ -389,6 +389,9 @@ def test_files_that_are_no_checkpoint_say_what_they_are(tmp_path: Path, recwarn:
     (tmp_path / "notes.bin").write_text("hello world\n")
     with pytest.raises(WeightsError, match=r"notes\.bin: it is not a PyTorch file"):  # was "cannot read ...: 101"
         AutoencoderKL.from_pretrained(tmp_path / "notes.bin")
+    (tmp_path / "noise.ckpt").write_bytes(b"C\x8e" + bytes(range(256)) * 4)  # bytes an unpickler stops at
+    with pytest.raises(WeightsError, match=r"noise\.ckpt: it is not a PyTorch file"):  # was "refusing to unpickle"
+        AutoencoderKL.from_pretrained(tmp_path / "noise.ckpt")
     (tmp_path / "empty.ckpt").write_bytes(b"")
     with pytest.raises(WeightsError, match=r"cannot read .*empty\.ckpt: it is empty \(0 bytes\)"):  # was EOFError
         AutoencoderKL.from_pretrained(tmp_path / "empty.ckpt")

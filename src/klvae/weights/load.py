@@ -99,7 +99,10 @@ def torch_file_problem(path: Path, e: Exception) -> str:
 def _read_pickle(path: Path) -> tuple[StateDict, list[str]]:
     try:
         obj = _torch_load(path)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as e:
+        problem = torch_file_problem(path, e)
+        if problem.startswith("it is not a PyTorch file"):  # random bytes fail as unpickling too
+            raise WeightsError(f"cannot read {path}: {problem}") from None
         raise WeightsError(
             f"refusing to unpickle {path}: it holds objects other than tensors (torch.load weights_only=True); "
             "convert it to .safetensors where you trust its source"
