@@ -118,6 +118,8 @@ def test_config_validation_and_dict_round_trip() -> None:
     assert AutoencoderKLConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown config fields"):
         AutoencoderKLConfig.from_dict({"block_out_chanels": [1]})
+    with pytest.raises(ValueError, match="a config is a mapping of field names to values, not a list"):
+        AutoencoderKLConfig.from_dict([1])  # type: ignore[arg-type]  # a JSON header may hold anything
 
 
 @pytest.mark.parametrize(

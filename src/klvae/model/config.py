@@ -92,8 +92,10 @@ class AutoencoderKLConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AutoencoderKLConfig:
         """Build from a dict of our field names; unknown names are an error."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a config is a mapping of field names to values, not a {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+        unknown = sorted(map(str, set(d) - names))
         if unknown:
             raise ValueError(f"unknown config fields: {', '.join(unknown)}")
         return cls(**d)
