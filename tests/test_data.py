@@ -282,6 +282,10 @@ def test_expand_shards_and_rank_resolution(shards: list[Path], tmp_path: Path) -
     assert expand_shards([shards[1], root]) == [shards[1], shards[0], shards[2]]
     with pytest.raises(KlvaeError, match="no shards"):
         expand_shards(root / "shard-009.tar")
+    with pytest.raises(KlvaeError, match=r"names 1,000,000,000 shards; at most 1,000,000"):  # was a MemoryError
+        expand_shards(f"{root}/nosuch-{{0..999999999}}.tar")
+    with pytest.raises(KlvaeError, match=r"names 10,000,000 shards"):  # seven ranges of ten: 15 s, then "no shards"
+        expand_shards(f"{root}/s" + "-{0..9}" * 7 + ".tar")
     assert resolve_rank() == (0, 1) and resolve_rank(1, 3) == (1, 3)
     with pytest.raises(KlvaeError, match="rank"):
         resolve_rank(3, 3)

@@ -173,8 +173,24 @@ class TableRows:
         return self.rows[i][self.column] if self.disk else self.rows[i]
 
 
+# Far beyond any real dataset's shard count; more is a typo ({0..999999999}) that would fill memory with names.
+MAX_SHARD_NAMES = 1_000_000
+
+
+def _brace_count(s: str) -> int:
+    """How many names the braces of `s` expand to, counted without expanding them."""
+    n = 1
+    for m in re.finditer(r"\{([^{}]*)\}", s):
+        r = re.fullmatch(r"(\d+)\.\.(\d+)", m.group(1))
+        n *= max(0, int(r.group(2)) - int(r.group(1)) + 1) if r else len(m.group(1).split(","))
+    return n
+
+
 def _expand_braces(s: str) -> list[str]:
     """WebDataset brace notation: shard-{000..099}.tar (zero-padded ranges) and {a,b} alternatives."""
+    n = _brace_count(s)
+    if n > MAX_SHARD_NAMES:
+        raise KlvaeError(f"{s[:200]} names {n:,} shards; at most {MAX_SHARD_NAMES:,} are taken (a typo in a range?)")
     m = re.search(r"\{([^{}]*)\}", s)
     if m is None:
         return [s]
