@@ -151,6 +151,14 @@ def test_alpha_and_odd_modes_become_rgb(tmp_path: Path) -> None:
     g16 = Image.fromarray(np.full((3, 3), 65535, np.uint16))
     g16.save(tmp_path / "g16.png")
     assert (np.asarray(load_image(tmp_path / "g16.png")) == 255).all()
+    # Float TIFFs: [0, 1] values scaled to 8 bits (they came out nearly black), NaN black without a warning.
+    Image.fromarray(np.array([[0.5, 1.0], [np.nan, 0.0]], np.float32), "F").save(tmp_path / "f.tif")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        px = np.asarray(load_image(tmp_path / "f.tif"))[..., 0]
+    assert px.tolist() == [[128, 255], [0, 0]]
+    Image.fromarray(np.array([[100.0, 300.0]], np.float32), "F").save(tmp_path / "f255.tif")
+    assert np.asarray(load_image(tmp_path / "f255.tif"))[..., 0].tolist() == [[100, 255]]  # already 0..255
 
 
 def test_find_images_mixes_files_and_folders(photos: Path, tmp_path: Path) -> None:

@@ -71,10 +71,13 @@ def _check_size(img: Image.Image, name: str, max_pixels: int | None) -> None:
 def to_rgb(img: Image.Image) -> Image.Image:
     """8-bit RGB; alpha (and palette transparency) composited on white, 16-bit and float scaled to 8 bits."""
     if img.mode.startswith("I") or img.mode == "F":
-        a = np.asarray(img, dtype=np.float64)
+        # NaN (a float TIFF or PFM may hold them) becomes black, not numpy's invalid-cast warning.
+        a = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0)
         # 16-bit greyscale (PNG, TIFF) arrives as I;16 (surely 16-bit) or I (judged by its values).
         if img.mode.startswith("I;16") or (img.mode == "I" and a.max(initial=0) > 255):
             a = a * (255.0 / 65535.0)
+        elif img.mode == "F" and a.max(initial=0) <= 1.0:  # float images are mostly stored in [0, 1]
+            a = a * 255.0
         img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         rgba = img.convert("RGBA")
