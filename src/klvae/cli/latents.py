@@ -117,15 +117,22 @@ def cmd_scale(args: argparse.Namespace) -> int:
     f = estimate_factors(vae, source, limit=args.limit, resolution=args.resolution, dtype=dtype)
     shards = f", {len(source.unreadable)} unreadable tar shards skipped" if source.unreadable else ""
     if args.per_channel:
-        norm = LatentNorm(1.0, None, *([round(v, 6) for v in f[k]] for k in ("latents_mean", "latents_std")))
+        means, stds = [round(v, 6) for v in f["latents_mean"]], [_round_positive(v) for v in f["latents_std"]]
+        norm = LatentNorm(1.0, None, means, stds)
         found = f"latents_mean {list(norm.latents_mean or ())}  latents_std {list(norm.latents_std or ())}"
     else:
-        norm = LatentNorm(round(f["scaling_factor"], 6), None if args.no_shift else round(f["shift_factor"], 6))
-        found = f"scaling_factor {f['scaling_factor']:.5f}  shift_factor {norm.shift_factor}"
+        norm = LatentNorm(_round_positive(f["scaling_factor"]), None if args.no_shift else round(f["shift_factor"], 6))
+        found = f"scaling_factor {f['scaling_factor']:.6g}  shift_factor {norm.shift_factor}"
     old = ", ".join(f"{k} {v}" for k, v in vae.config.latent_norm.to_dict().items() if v is not None)
-    print(f"{found}  (latent std {f['std']:.5f} over {int(f['images'])} images, skipped {int(f['skipped'])} "
+    print(f"{found}  (latent std {f['std']:.6g} over {int(f['images'])} images, skipped {int(f['skipped'])} "
           f"unreadable{shards}; the model's: {old})")
     if args.save:
         vae.config = vae.config.replace(**norm.to_dict())
         print(f"saved to {vae.save_pretrained(args.save)}")
     return 1 if f["skipped"] or source.unreadable else 0  # as cache: finished, but some images were unreadable
+
+
+def _round_positive(factor: float) -> float:
+    # Six decimals, as configs hold them; but a factor below 0.1 keeps six significant digits, or the
+    # scaling_factor of a model with huge latents (std 1e7, say) would round to 0, which no config may hold.
+    return round(factor, 6) if abs(factor) >= 0.1 else float(f"{factor:.6g}")

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from klvae import inference
 from klvae.atomic import atomic_save_file, atomic_write_text
-from klvae.errors import KlvaeError
+from klvae.errors import KlvaeError, quote
 from klvae.images import MAX_PIXELS, MAX_RESOLUTION, pil_to_tensor
 from klvae.latents.buckets import make_buckets, nearest_bucket, resize_crop
 from klvae.latents.sources import ItemSource, item_error, open_source
@@ -144,36 +145,66 @@ def _last_byte(path: Path) -> bytes:
         return f.read(1)
 
 
-def read_manifest(path: Path) -> list[dict[str, Any]]:
+def _damaged(what: str) -> KlvaeError:
+    return KlvaeError(f"{what}: the cache is damaged; move the folder aside and cache again")
+
+
+_MANIFEST_NAME = re.compile(r"manifest-(rank\d{3,})\.jsonl")
+
+
+def read_manifest(path: Path, shards: bool = False) -> list[dict[str, Any]]:
     """The complete lines of a manifest (lines torn by a kill are ignored; a whole line that is not a record is a
-    KlvaeError)."""
+    KlvaeError). With `shards`, each shard a line names must also be a file beside it, named by one line only."""
     if not path.exists():
         return []
-    records = []
+    if not (name := _MANIFEST_NAME.fullmatch(path.name)):
+        raise _damaged(f"{path} is not named like a cache manifest (manifest-rankNNN.jsonl)")
+    # A resume takes the next number from these names and deletes every shard of this rank that none names: a
+    # name of another form would crash it, or have it delete the shard the line stands for.
+    shard_name = re.compile(rf"{name[1]}-\d{{5,}}\.safetensors")
+    records, seen = [], set()
     for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         try:
             rec = json.loads(line)
         except (json.JSONDecodeError, RecursionError):
             continue
-        if not _is_record(rec):
-            raise KlvaeError(f"{path} line {n} is not a cache manifest record: the cache is damaged; move the "
-                             "folder aside and cache again")
+        if not _is_record(rec) or (rec.get("shard") is not None and not shard_name.fullmatch(rec["shard"])):
+            raise _damaged(f"{path} line {n} is not a cache manifest record")
+        if shards and (shard := rec.get("shard")):
+            # A line is appended only once its shard is in place; a shard gone, or named twice, was not our doing.
+            if shard in seen or not (path.parent / shard).is_file():
+                raise _damaged(f"{path} line {n} names {quote(shard)}, which is "
+                               f"{'named twice' if shard in seen else 'missing'}")
+            seen.add(shard)
         records.append(rec)
     return records
 
 
 def _is_record(rec: Any) -> bool:
-    # What a resume and write_index read from each line: its shard, rows (source, flip), failures and options.
+    # What a resume and write_index read from each line: its shard, rows (source, flip, and the shard they are
+    # in), failures and options. Rows without a shard, or a shard without rows, no writer makes.
     def is_row(m: Any) -> bool:
-        return isinstance(m, dict) and isinstance(m.get("source"), str) and isinstance(m.get("flip"), bool)
+        return (isinstance(m, dict) and isinstance(m.get("source"), str) and isinstance(m.get("flip"), bool)
+                and m.get("shard", shard) == shard)
 
     return (
         isinstance(rec, dict)
-        and isinstance(rec.get("shard"), str | None)
-        and isinstance(rows := rec.get("rows", []), list) and all(map(is_row, rows))
+        and isinstance(shard := rec.get("shard"), str | None)
+        and isinstance(rows := rec.get("rows", []), list) and all(map(is_row, rows)) and bool(rows) == bool(shard)
         and isinstance(failed := rec.get("failed", []), list) and all(isinstance(i, str) for i in failed)
-        and isinstance(rec.get("options", {}), dict)
+        and isinstance(options := rec.get("options", {}), dict) and _good_options(options)
     )
+
+
+# The type each recorded option must have: a value of another type is no setting any run wrote.
+_OPTION_TYPES: dict[str, type] = {"resolution": int, "buckets": bool, "flip": bool, "store": str, "seed": int,
+                                  "world_size": int, "model_fingerprint": str}
+
+
+def _good_options(options: dict[str, Any]) -> bool:
+    # bool is an int to Python, but `true` is no resolution.
+    return all(isinstance(v, t) and (t is bool or not isinstance(v, bool))
+               for k, v in options.items() if (t := _OPTION_TYPES.get(k)))
 
 
 # The options that decide what a row holds (and the world size, which decides each rank's images): a resume
@@ -201,7 +232,7 @@ def check_resume(out: str | Path, opts: CacheOptions, world: int, fingerprint: s
         extra = {k: index[k] for k in ("world_size", "model_fingerprint") if k in index}
         recorded.append({**index.get("options", {}), **extra})
     for p in sorted(out.glob("manifest-rank*.jsonl")):
-        recorded += [rec["options"] for rec in read_manifest(p) if "options" in rec]  # older lines lack them
+        recorded += [rec["options"] for rec in read_manifest(p, shards=True) if "options" in rec]  # older: none
     for old in recorded:
         for key, value in current.items():
             if key not in old or old[key] == value:
@@ -211,7 +242,7 @@ def check_resume(out: str | Path, opts: CacheOptions, world: int, fingerprint: s
                 raise KlvaeError(f"{out} holds a cache made with another model (fingerprint {old[key][:12]}, this "
                                  f"one's {value[:12]}): resume it with the model it was begun with, or write to "
                                  "another folder")
-            raise KlvaeError(f"{out} holds a cache made with {key}={old[key]!r}, not {value!r}: resume it with "
+            raise KlvaeError(f"{out} holds a cache made with {key}={quote(old[key])}, not {value!r}: resume it with "
                              "the same options and number of processes, or write to another folder")
 
 
@@ -220,15 +251,18 @@ def _read_index(path: Path) -> dict[str, Any]:
         index = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         index = None
-    if not isinstance(index, dict) or not isinstance(index.get("options", {}), dict):
-        raise KlvaeError(f"{path} is not a cache index: the cache is damaged; move the folder aside and cache again")
+    if not isinstance(index, dict) or not isinstance(options := index.get("options", {}), dict):
+        raise _damaged(f"{path} is not a cache index")
+    if not _good_options({**options, **{k: index[k] for k in ("world_size", "model_fingerprint") if k in index}}):
+        raise _damaged(f"{path} records options of the wrong type")
     return index
 
 
 def _recover(out: Path, rank: int) -> tuple[set[tuple[str, bool]], set[str], int]:
     # Delete this rank's shards that no manifest line names; return the rows (source, flip) done, the ids that
     # failed and the next shard number.
-    records = read_manifest(out / f"manifest-rank{rank:03d}.jsonl")
+    # Every line checked (shard names, shards present) before a file is deleted.
+    records = read_manifest(out / f"manifest-rank{rank:03d}.jsonl", shards=True)
     named = {rec["shard"] for rec in records if rec.get("shard")}
     for p in out.glob(f"rank{rank:03d}-*.safetensors"):
         if p.name not in named:
@@ -254,6 +288,7 @@ def _todo(mine: list[str], rows_done: set[tuple[str, bool]], failed: set[str],
 def _encode_rows(vae: AutoencoderKL, xs: list[Tensor], metas: list[dict], opts: CacheOptions,
                  dtype: torch.dtype) -> list[dict[str, Tensor]]:
     moments = inference.encode_moments(vae, torch.stack(xs), dtype).cpu()
+    check_finite_moments(moments, [m["source"] + (" (flipped)" if m["flip"] else "") for m in metas])
     c = vae.config.latent_channels
     mean, logvar = moments[:, :c], moments[:, c:]
     if opts.store == "moments":
@@ -268,6 +303,16 @@ def _encode_rows(vae: AutoencoderKL, xs: list[Tensor], metas: list[dict], opts: 
     if opts.store == "scaled":
         z = vae.scale_latents(z)
     return [{"latent": zi} for zi in z]
+
+
+def check_finite_moments(moments: Tensor, names: list[str]) -> None:
+    """KlvaeError naming the first image whose moments [B, 2C, h, w] (mean and logvar) are not all finite."""
+    # Inference already reruns a half-precision overflow in fp32: what is still inf or NaN comes from the model,
+    # and stored (or averaged into factors) it would only turn up later, as a grey picture or a NaN loss.
+    bad = (~torch.isfinite(moments.flatten(1))).any(1).nonzero()
+    if len(bad):
+        raise KlvaeError(f"the model produced non-finite latents for {names[int(bad[0])]}: inf or NaN in the "
+                         "model's weights?")
 
 
 def _row_generator(seed: int, meta: dict) -> torch.Generator:
@@ -400,7 +445,7 @@ def write_index(vae: AutoencoderKL, model: str, out: str | Path, opts: CacheOpti
     out = Path(out)
     rows, failed = [], []
     for p in sorted(out.glob("manifest-rank*.jsonl")):
-        for rec in read_manifest(p):
+        for rec in read_manifest(p, shards=True):
             rows += rec.get("rows", [])
             failed += rec.get("failed", [])
     seen: set[tuple[str, bool]] = set()

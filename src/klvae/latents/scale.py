@@ -13,11 +13,14 @@ from klvae import inference
 from klvae.errors import KlvaeError
 from klvae.images import pil_to_tensor
 from klvae.latents.buckets import resize_crop
-from klvae.latents.cache import check_resolution
+from klvae.latents.cache import check_finite_moments, check_resolution
 from klvae.latents.sources import ItemSource, item_error, open_source
 from klvae.model.autoencoder import AutoencoderKL
 
 log = logging.getLogger(__name__)
+
+# Real latents, unscaled, stay within a few dozen: factors from a std far past this fit a broken model.
+_PLAUSIBLE_STD = 1e4
 
 
 def check_scale_options(limit: int, resolution: int) -> None:
@@ -51,6 +54,7 @@ def estimate_factors(vae: AutoencoderKL, spec: str | ItemSource, limit: int = 25
             skipped += 1
             continue
         post = inference.encode(vae, pil_to_tensor(img)[None], dtype)
+        check_finite_moments(post.parameters, [source.ids[i]])  # else every factor is NaN, found only at --save
         z = (post.sample(gen.manual_seed(seed + i)) if sample else post.mode()).double().cpu()
         n, used = n + z[:, 0].numel(), used + 1
         s1, s2 = s1 + z.sum(dim=(0, 2, 3)), s2 + z.square().sum(dim=(0, 2, 3))
@@ -60,6 +64,8 @@ def estimate_factors(vae: AutoencoderKL, spec: str | ItemSource, limit: int = 25
         log.warning("skipped %d unreadable of %d images sampled", skipped, len(order))
     mean = s1.sum().item() / (n * len(s1))
     std = math.sqrt(max(s2.sum().item() / (n * len(s1)) - mean * mean, 1e-12))
+    if std > _PLAUSIBLE_STD:
+        log.warning("the latents' std is %.3g, far beyond an encoder's: huge values in the model's weights?", std)
     means = s1 / n
     stds = (s2 / n - means.square()).clamp_min(1e-12).sqrt()
     return {"scaling_factor": 1.0 / std, "shift_factor": mean, "std": std, "images": float(used),
