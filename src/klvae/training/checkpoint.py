@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 import random
 import re
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 
 from klvae.atomic import atomic_write
-from klvae.errors import KlvaeError
+from klvae.errors import KlvaeError, quote
 from klvae.weights.load import torch_file_problem
 
 log = logging.getLogger(__name__)
@@ -116,3 +117,92 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
     if bad:
         raise KlvaeError(f"{path} is not a complete klvae checkpoint: malformed {', '.join(bad)}")
     return state
+
+
+# ---- optimiser state: torch's load_state_dict checks only the number of parameters per group, so a moment of
+# the wrong shape or a one-element betas would load, and fail in the first step after the resume.
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def optimizer_state_problem(opt: torch.optim.Optimizer, saved: Any) -> str | None:
+    """What makes `saved` unusable by `opt` (Adam or AdamW, as the trainer builds), or None.
+
+    None too when the groups hold other numbers of parameters: load_state_dict reports that as a config change."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict) \
+            or not isinstance(saved.get("param_groups"), list):
+        return "it is not a mapping of state and param_groups"
+    groups = saved["param_groups"]
+    if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+        return "a param_groups entry is not a mapping with a params list"
+    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in opt.param_groups]:
+        return None
+    for i, (mine, theirs) in enumerate(zip(opt.param_groups, groups, strict=True)):
+        problem = _group_problem(mine, theirs)
+        if problem:
+            return f"param_groups[{i}] {problem}"
+    ids = [k for g in groups for k in g["params"]]
+    if not all(type(k) is int for k in ids) or len(set(ids)) != len(ids):
+        return "param_groups name their parameters other than by distinct integers"
+    params = dict(zip(ids, (p for g in opt.param_groups for p in g["params"]), strict=True))
+    amsgrad = {k: bool(g.get("amsgrad")) for g in groups for k in g["params"]}
+    for key, st in saved["state"].items():
+        if key not in params:
+            return f"state has an entry {quote(key)} for no parameter"
+        problem = _param_state_problem(st, params[key], amsgrad[key])
+        if problem:
+            return f"state[{key}] {problem}"
+    return None
+
+
+def _group_problem(mine: dict[str, Any], theirs: dict[str, Any]) -> str | None:
+    for k, want in mine.items():
+        if k == "params":
+            continue
+        if k not in theirs:
+            if isinstance(want, bool) or want is None:
+                continue  # a switch that a checkpoint of an older torch lacks: the optimiser fills in its default
+            return f"lacks {k}"
+        got = theirs[k]
+        if not _same_kind(want, got):
+            return f"{k} is {quote(got)}, not like this optimiser's {quote(want)}"
+        if k == "betas" and not all(b < 1 for b in got):
+            return f"betas are {quote(got)}, not in [0, 1)"
+    return None
+
+
+def _same_kind(want: Any, got: Any) -> bool:
+    """Whether `got` can stand in for the hyper-parameter `want`: a switch, a number >= 0, or a tuple of them."""
+    if isinstance(want, bool) or want is None:
+        return got is None or isinstance(got, bool)
+    if isinstance(want, int | float):
+        return _is_count(got)
+    if isinstance(want, tuple | list):
+        return isinstance(got, tuple | list) and len(got) == len(want) and all(map(_same_kind, want, got))
+    return type(got) is type(want)
+
+
+def _is_count(v: Any) -> bool:
+    """A finite number >= 0, plain or as a one-element tensor (Adam's hyper-parameters and step counts)."""
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1 or v.is_complex():
+            return False
+        v = v.item()
+    return not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v) and v >= 0
+
+
+def _param_state_problem(st: Any, param: torch.Tensor, amsgrad: bool) -> str | None:
+    if not isinstance(st, dict):
+        return f"is a {type(st).__name__}, not a mapping"
+    need = ("step", *_MOMENTS, *(("max_exp_avg_sq",) if amsgrad else ()))
+    missing = [k for k in need if k not in st]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    for k, v in st.items():
+        if k == "step":
+            if not _is_count(v):
+                return f"step is {quote(v)}, not a count"
+        elif not isinstance(v, torch.Tensor):
+            return f"{quote(k)} is a {type(v).__name__}, not a tensor"
+        elif v.shape != param.shape:
+            return f"{quote(k)} has shape {list(v.shape)} for a parameter of shape {list(param.shape)}"
+    return None

@@ -12,7 +12,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import tomllib
 import yaml
 
-from klvae.errors import KlvaeError
+from klvae.errors import KlvaeError, quote
 from klvae.images import MAX_RESOLUTION
 from klvae.model.config import PRESETS, AutoencoderKLConfig
 from klvae.training.data import CROPS
@@ -137,7 +137,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(map(str, data)) - names)
     if unknown:
-        raise KlvaeError(f"unknown config field(s) {', '.join(f'{where}{u}' for u in unknown)}")
+        raise KlvaeError(f"unknown config field(s) {_names(unknown, where)}")
     kwargs = {}
     for name, value in data.items():
         t, full = hints[name], f"{where}{name}"
@@ -147,7 +147,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
             kwargs[name] = _floats(value, len(get_args(t)), full)
         elif get_origin(t) is dict and not isinstance(value, dict):
             raise KlvaeError(f"config field {full} must be a mapping (set its keys as {full}.KEY=VALUE), "
-                             f"got {value!r}")
+                             f"got {quote(value)}")
         elif t in (int, float, str, bool):
             kwargs[name] = _coerce(t, value, full)
         else:
@@ -157,7 +157,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
 
 def _floats(value: Any, n: int, name: str) -> tuple[float, ...]:
     if not isinstance(value, list | tuple) or len(value) != n:
-        raise KlvaeError(f"config field {name} must be a list of {n} numbers, got {value!r}")
+        raise KlvaeError(f"config field {name} must be a list of {n} numbers, got {quote(value)}")
     return tuple(_coerce(float, v, name) for v in value)
 
 
@@ -168,38 +168,47 @@ def _coerce(t: Any, value: Any, name: str) -> Any:
             return None
         (t,) = (a for a in args if a is not type(None))
     if t is bool and not isinstance(value, bool):
-        raise KlvaeError(f"config field {name} must be true or false, got {value!r}")
+        raise KlvaeError(f"config field {name} must be true or false, got {quote(value)}")
     if t is not bool and isinstance(value, bool):  # bool is an int to Python, not to a person: true steps?
-        raise KlvaeError(f"config field {name} must be {t.__name__}, got {value!r}")
+        raise KlvaeError(f"config field {name} must be {t.__name__}, got {quote(value)}")
     if t is float and isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-4 as a string
         with contextlib.suppress(ValueError):
             value = float(value)
     if t is float and isinstance(value, int | float):
         if not math.isfinite(value):
-            raise KlvaeError(f"config field {name} must be a finite number, got {value!r}")
+            raise KlvaeError(f"config field {name} must be a finite number, got {quote(value)}")
         return float(value)
     if t is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if not isinstance(value, t):
-        raise KlvaeError(f"config field {name} must be {t.__name__}, got {value!r}")
+        raise KlvaeError(f"config field {name} must be {t.__name__}, got {quote(value)}")
     return value
 
 
 def apply_override(d: dict[str, Any], assignment: str) -> None:
     """Set `section.field=value` (value parsed as YAML) in a nested dict."""
     if "=" not in assignment:
-        raise KlvaeError(f"override {assignment!r} is not of the form section.field=value")
+        raise KlvaeError(f"override {quote(assignment, 200)} is not of the form section.field=value")
     key, raw = assignment.split("=", 1)
     parts = key.strip().split(".")
     node = d
     for p in parts[:-1]:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
-            raise KlvaeError(f"override {assignment!r}: {p} is not a section")
+            raise KlvaeError(f"override {quote(assignment, 200)}: {_cut(p)} is not a section")
     try:
         node[parts[-1]] = yaml.safe_load(raw)
-    except yaml.YAMLError as e:
-        raise KlvaeError(f"override {assignment!r}: cannot parse the value: {str(e).splitlines()[0]}") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as e:
+        raise KlvaeError(f"override {quote(assignment, 200)}: cannot parse the value: {_parse_problem(e)}") from None
+
+
+def _parse_problem(e: Exception) -> str:
+    """The first line of a parser's error, cut short."""
+    # Besides their own errors, the parsers raise ValueError for an int of over 4300 digits (Python's limit on
+    # int(str)) and RecursionError for lists nested a few thousand deep.
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    return _cut((str(e).splitlines() or [type(e).__name__])[0], 200)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
@@ -211,15 +220,47 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise KlvaeError(f"no such config file: {p}")
         try:
             d = tomllib.loads(p.read_text()) if p.suffix == ".toml" else (yaml.safe_load(p.read_text()) or {})
-        except (yaml.YAMLError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise KlvaeError(f"cannot parse {p}: {str(e).splitlines()[0]}") from None
+        except (yaml.YAMLError, ValueError, RecursionError) as e:  # TOMLDecodeError, UnicodeDecodeError: ValueErrors
+            raise KlvaeError(f"cannot parse {p}: {_parse_problem(e)}") from None
         if not isinstance(d, dict):
             raise KlvaeError(f"config section top level must be a mapping, got {type(d).__name__}")
     for o in overrides or []:
         apply_override(d, o)
+    _check_size(d)
     cfg = _build(TrainConfig, d, "")
     _check(cfg)
     return cfg
+
+
+# A config is a few dozen values. YAML anchors and aliases let a file of a few hundred bytes expand to billions
+# (an "alias bomb"), which any walk over or message about the value would spend memory on without end.
+MAX_CONFIG_VALUES, MAX_CONFIG_DEPTH = 10_000, 32
+
+
+def _check_size(d: dict[str, Any]) -> None:
+    """Refuse a config that expands to more than MAX_CONFIG_VALUES values or MAX_CONFIG_DEPTH levels."""
+    count, stack = 0, [(d, 0)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES or depth > MAX_CONFIG_DEPTH:
+            raise KlvaeError(f"the config expands to more than {MAX_CONFIG_VALUES} values or {MAX_CONFIG_DEPTH} "
+                             f"levels of nesting (YAML aliases?): not a training config")
+        if isinstance(node, dict):
+            stack += [(x, depth + 1) for kv in node.items() for x in kv]
+        elif isinstance(node, list | tuple):
+            stack += [(x, depth + 1) for x in node]
+
+
+def _cut(text: str, limit: int = 60) -> str:
+    """`text` cut to `limit` characters: config keys and parser messages are the user's text, of any length."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _names(names: list[str], prefix: str = "") -> str:
+    """At most five field names for a message, each cut short."""
+    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+    return ", ".join(_cut(prefix + n) for n in names[:5]) + more
 
 
 def _check(cfg: TrainConfig) -> None:
@@ -230,15 +271,41 @@ def _check(cfg: TrainConfig) -> None:
                ("data.crop", cfg.data.crop, CROPS))
     for name, value, allowed in choices:
         if value not in allowed:
-            raise KlvaeError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+            raise KlvaeError(f"{name} must be one of {', '.join(allowed)}, got {quote(value)}")
     for name, value, ok, rule in _ranges(cfg):
         if not ok:
-            raise KlvaeError(f"{name} must be {rule}, got {value!r}")
+            raise KlvaeError(f"{name} must be {rule}, got {quote(value)}")
     arch = model_config(cfg.model)
     if arch is not None and cfg.data.resolution % arch.downsample_factor:
         raise KlvaeError(f"data.resolution must be a multiple of {arch.downsample_factor} (the model's downsample "
                          f"factor), got {cfg.data.resolution}")
-    build_loss_config(cfg.loss)
+    loss = build_loss_config(cfg.loss)
+    if loss.uses_discriminator:
+        _check_critic(loss, cfg.data.resolution)
+
+
+# The PatchGAN's first-layer width. LDM uses 64; at 1024 the critic already has ~0.7 billion parameters
+# (~11 GB with gradients and AdamW moments) and the width grows its size quadratically, so a larger value is
+# a typo that would try to allocate hundreds of GB when the trainer builds it.
+MAX_DISC_NDF = 1024
+
+
+def _check_critic(loss: LossConfig, resolution: int) -> None:
+    """Refuse a discriminator that cannot run on data.resolution images, before a model is built: it would
+    otherwise fail only at loss.disc_start, possibly hours into the run."""
+    n = loss.disc_num_layers
+    if loss.disc_ndf > MAX_DISC_NDF:
+        raise KlvaeError(f"loss.disc_ndf must be at most {MAX_DISC_NDF} (LDM uses 64), got {quote(loss.disc_ndf)}")
+    if loss.disc_in_channels != 3:
+        raise KlvaeError(f"loss.disc_in_channels must be 3 (the critic sees RGB images), "
+                         f"got {quote(loss.disc_in_channels)}")
+    # Each of the n layers halves the side and the last two 4x4 convolutions take 2 off it: the critic's
+    # output is resolution / 2**n - 2 patches a side, and its last BatchNorm needs more than one value.
+    if n > MAX_RESOLUTION.bit_length() or resolution // 2**n - 2 < 1:
+        need = f"at least {3 * 2**n}" if n <= MAX_RESOLUTION.bit_length() else f"above {MAX_RESOLUTION}"
+        raise KlvaeError(f"data.resolution {resolution} is too small for loss.disc_num_layers {quote(n)}: the PatchGAN "
+                         f"critic needs data.resolution / 2**disc_num_layers - 2 >= 1, i.e. a resolution {need}; "
+                         f"lower loss.disc_num_layers, raise data.resolution, or set loss.disc_weight=0")
 
 
 def _ranges(cfg: TrainConfig) -> list[tuple[str, Any, bool, str]]:
@@ -274,17 +341,17 @@ def _ranges(cfg: TrainConfig) -> list[tuple[str, Any, bool, str]]:
 def model_config(m: ModelSection) -> AutoencoderKLConfig | None:
     """The architecture that `m` asks for; None when it is the pretrained weights' own (no overrides)."""
     if m.preset not in PRESETS:
-        raise KlvaeError(f"model.preset must be one of {', '.join(PRESETS)}, got {m.preset!r}")
+        raise KlvaeError(f"model.preset must be one of {', '.join(PRESETS)}, got {quote(m.preset)}")
     if m.pretrained and not m.overrides:
         return None
     known = [f.name for f in dataclasses.fields(AutoencoderKLConfig)]
     unknown = sorted(set(map(str, m.overrides)) - set(known))
     if unknown:
-        raise KlvaeError(f"unknown model.overrides field(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        raise KlvaeError(f"unknown model.overrides field(s) {_names(unknown)}; known: {', '.join(known)}")
     try:
         return PRESETS[m.preset].replace(**m.overrides)
     except (TypeError, ValueError) as e:
-        raise KlvaeError(f"model.overrides: {e}") from None
+        raise KlvaeError(f"model.overrides: {_cut(str(e), 300)}") from None
 
 
 def build_loss_config(d: dict[str, Any]) -> LossConfig:
@@ -292,12 +359,12 @@ def build_loss_config(d: dict[str, Any]) -> LossConfig:
     d = dict(d)
     preset = d.pop("preset", "ldm")
     if not isinstance(preset, str):
-        raise KlvaeError(f"loss.preset must be one of {', '.join(LOSS_PRESETS)}, got {preset!r}")
+        raise KlvaeError(f"loss.preset must be one of {', '.join(LOSS_PRESETS)}, got {quote(preset)}")
     base = get_loss_preset(preset)
     hints = get_type_hints(LossConfig)
     unknown = sorted(set(map(str, d)) - set(hints))
     if unknown:
-        raise KlvaeError(f"unknown loss field(s) {', '.join(f'loss.{u}' for u in unknown)}")
+        raise KlvaeError(f"unknown loss field(s) {_names(unknown, 'loss.')}")
     for name, value in d.items():
         if hints[name] not in (int, float):  # LossConfig converts and checks its numbers itself
             _coerce(hints[name], value, f"loss.{name}")

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
 
 from klvae.datasources import TableRows, expand_shards, resolve_spec
-from klvae.errors import ImageError, KlvaeError
+from klvae.errors import ImageError, KlvaeError, quote
 from klvae.images import (
     IMAGE_EXTENSIONS,
     MAX_PIXELS,
@@ -106,10 +106,10 @@ def build_transform(cfg: TransformConfig) -> ImageTransform:
     lo, hi = cfg.scale
     problems = [
         (cfg.resolution < 1, f"resolution must be at least 1, got {cfg.resolution}"),
-        (cfg.crop not in CROPS, f"crop must be one of {', '.join(CROPS)}, got {cfg.crop!r}"),
+        (cfg.crop not in CROPS, f"crop must be one of {', '.join(CROPS)}, got {quote(cfg.crop)}"),
         (not 0.0 <= cfg.flip <= 1.0, f"flip is a probability, got {cfg.flip}"),
         (not 0.0 < lo <= hi <= 1.0, f"scale must satisfy 0 < min <= max <= 1, got ({lo}, {hi})"),
-        (cfg.resample not in RESAMPLE, f"resample must be one of {', '.join(RESAMPLE)}, got {cfg.resample!r}"),
+        (cfg.resample not in RESAMPLE, f"resample must be one of {', '.join(RESAMPLE)}, got {quote(cfg.resample)}"),
     ]
     for bad, msg in problems:
         if bad:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
+from klvae.errors import KlvaeError
 from klvae.training.config import TrainConfig
 from klvae.training.data import TransformConfig, build_dataset, build_transform, collate_skip_none
 from klvae.training.distributed import DistInfo
@@ -30,23 +31,36 @@ def _transform(cfg: TrainConfig, train: bool) -> Any:
 
 
 def build_train_loader(cfg: TrainConfig, dist: DistInfo, start_batch: int = 0) -> Iterator[dict[str, Any]]:
-    """Endless batches of this rank's share, starting after `start_batch` global batches."""
+    """Endless batches of this rank's share, starting after `start_batch` global batches.
+
+    Each batch has "new_pass": True on the first batch of a pass over this rank's data (an epoch), so that the
+    loop can tell when a whole pass held no readable image."""
     d = cfg.data
     ds = build_dataset(d.train, _transform(cfg, train=True), image_column=d.image_column,
                        rank=dist.rank, world_size=dist.world, cache=d.cache_images)
     if isinstance(ds, IterableDataset):
         # Streams (tar shards) have no random access: resume skips the consumed batches by reading them.
         loader = DataLoader(ds, batch_size=d.batch_size, num_workers=d.num_workers, collate_fn=collate_skip_none)
-
-        def endless() -> Iterator[dict[str, Any]]:
-            while True:
-                yield from loader
-
-        return itertools.islice(endless(), start_batch, None)
+        return itertools.islice(_endless(loader, f"{d.train} (rank {dist.rank} of {dist.world})"), start_batch, None)
     sampler = GlobalBatchSampler(len(ds), d.batch_size, dist.rank, dist.world, cfg.train.seed, start_batch)
     loader = DataLoader(SeededItems(ds, cfg.train.seed), batch_sampler=sampler, num_workers=d.num_workers,
                         collate_fn=collate_skip_none, persistent_workers=d.num_workers > 0)
-    return iter(loader)
+    return _mark_epochs(iter(loader), start_batch, sampler.per_epoch)
+
+
+def _endless(loader: DataLoader, name: str) -> Iterator[dict[str, Any]]:
+    while True:
+        first = True
+        for batch in loader:
+            yield {**batch, "new_pass": first}
+            first = False
+        if first:  # a pass with no batch at all would make `while True` spin without end, silently
+            raise KlvaeError(f"no training samples in {name}: a whole pass over the data yielded nothing")
+
+
+def _mark_epochs(it: Iterator[dict[str, Any]], start_batch: int, per_epoch: int) -> Iterator[dict[str, Any]]:
+    for b, batch in zip(itertools.count(start_batch), it):
+        yield {**batch, "new_pass": b % per_epoch == 0}
 
 
 def build_val_batches(cfg: TrainConfig) -> list[Tensor]:

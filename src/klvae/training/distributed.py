@@ -72,6 +72,15 @@ def all_ranks(flag: bool, info: DistInfo, device: torch.device) -> bool:
     return bool(t.item() == 1.0)
 
 
+def all_ranks_each(flags: list[bool], info: DistInfo, device: torch.device) -> list[bool]:
+    """For each flag, whether it holds on every rank: all_ranks for several flags in one collective."""
+    if not info.enabled:
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return [bool(v == 1.0) for v in t.tolist()]
+
+
 def average_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:
     """Average the .grad of parameters that are not under DistributedDataParallel (critic, learned logvar)."""
     if not info.enabled:

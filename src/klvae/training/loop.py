@@ -11,9 +11,10 @@ from typing import Any
 
 import torch
 
+from klvae.errors import KlvaeError
 from klvae.progress import progress_bar
 from klvae.training.data_setup import build_train_loader, build_val_batches
-from klvae.training.distributed import DistInfo, all_ranks
+from klvae.training.distributed import DistInfo, all_ranks_each, all_sum
 from klvae.training.trainer import Trainer
 from klvae.training.validate import validate
 
@@ -51,8 +52,46 @@ class RunLog:
             self.tb.close()
 
 
-def _micro_batches(it: Iterator[dict[str, Any]], n: int, skipped: list[int], dist: DistInfo,
-                   device: torch.device) -> tuple[list[torch.Tensor], int]:
+class DroppedRun:
+    """Loader batches dropped in a row; a whole pass over the data of them stops the run.
+
+    Data with no readable image (zero-byte files, text, a table of numbers) would otherwise be read again and
+    again for ever, one warning per item and no step ever taken."""
+
+    def __init__(self, source: str, dist: DistInfo, device: torch.device) -> None:
+        self.source, self.dist, self.device = source, dist, device
+        self.starts = self.unreadable = self.readable = 0
+
+    def keep(self, batch: dict[str, Any]) -> bool:
+        """Whether every rank's share of this global batch has a readable image; raises after a dropped pass."""
+        good = int(batch["pixels"].shape[0])
+        starts = self.starts + bool(batch.get("new_pass", False))
+        # A pass that starts inside the run after one that did: every batch of the pass between was dropped.
+        # One collective for both flags, so that all ranks drop alike (one data position) and stop together.
+        keep, whole_pass = all_ranks_each([good > 0, starts >= 2], self.dist, self.device)
+        if keep:
+            self.starts = self.unreadable = self.readable = 0
+            return True
+        self.starts = starts
+        self.unreadable += int(batch.get("skipped", 0))
+        self.readable += good
+        if whole_pass:
+            self._fail()
+        return False
+
+    def _fail(self) -> None:
+        counts = all_sum(torch.tensor([self.unreadable, self.readable], device=self.device), self.dist).tolist()
+        unreadable, readable = (int(c) for c in counts)
+        if readable == 0:
+            raise KlvaeError(f"no readable training images in {self.source}: {unreadable} unreadable in a row, "
+                             f"through a whole pass over the data")
+        # Only under DDP: some rank's share (its shards) had no readable image in each of its batches.
+        raise KlvaeError(f"no usable training batch in {self.source} in a whole pass over the data: some process "
+                         f"had no readable image each time ({unreadable} unreadable, {readable} readable)")
+
+
+def _micro_batches(it: Iterator[dict[str, Any]], n: int, skipped: list[int],
+                   run: DroppedRun) -> tuple[list[torch.Tensor], int]:
     """`n` non-empty micro-batches, and how many loader batches were read for them (the resume position)."""
     out, read = [], 0
     while len(out) < n:
@@ -61,7 +100,7 @@ def _micro_batches(it: Iterator[dict[str, Any]], n: int, skipped: list[int], dis
         skipped[0] += int(batch.get("skipped", 0))
         # A batch with no readable image is dropped on every rank alike, so that all ranks read the same
         # number of batches (one data position to save) and run the same number of micro-steps.
-        if all_ranks(batch["pixels"].shape[0] > 0, dist, device):
+        if run.keep(batch):
             out.append(batch["pixels"])
     return out, read
 
@@ -74,12 +113,12 @@ def fit(tr: Trainer) -> dict[str, float]:
     val = build_val_batches(cfg) if main and cfg.data.val else None
     runlog = RunLog(tr.out, main)
     last: dict[str, float] = {}
-    skipped = [0]
+    skipped, dropped = [0], DroppedRun(cfg.data.train, tr.dist, tr.device)
     bar = progress_bar(total=cfg.train.max_steps, initial=tr.step, disable=not main, desc="train", unit="step")
     t0, n0 = time.perf_counter(), tr.step
     try:
         while tr.step < cfg.train.max_steps:
-            micro, read = _micro_batches(it, accum, skipped, tr.dist, tr.device)
+            micro, read = _micro_batches(it, accum, skipped, dropped)
             tr.batches_done += read  # batches read, not kept: a dropped empty batch is consumed data too
             last = tr.train_step(micro)
             bar.update(1)

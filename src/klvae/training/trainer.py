@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from klvae.errors import KlvaeError, WeightsError
+from klvae.errors import KlvaeError, WeightsError, quote
 from klvae.inference.precision import usable_device
 from klvae.model.autoencoder import AutoencoderKL
 from klvae.model.config import AutoencoderKLConfig
@@ -69,7 +69,8 @@ def _saved_model_section(s: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _describe(m: dict[str, Any]) -> str:
-    return ", ".join(f"model.{k} {m[k]!r}" for k in ("preset", "pretrained", "overrides") if m.get(k))
+    # A checkpoint's saved config is a file's text: cut what it holds.
+    return ", ".join(f"model.{k} {quote(m[k], 100)}" for k in ("preset", "pretrained", "overrides") if m.get(k))
 
 
 def lr_factor(step: int, warmup: int, schedule: str, max_steps: int) -> float:
@@ -178,6 +179,12 @@ class Trainer:
         check_state_dict(self.loss, s["loss"], "this config's loss (loss.* settings)", shown=1)
         if self.ema is not None and s.get("ema") is not None:
             check_state_dict(self.ema, s["ema"], "this config's EMA model", shown=1)
+        for name, opt in (("opt_ae", self.opt_ae), ("opt_d", self.opt_d)):
+            if opt is None or s.get(name) is None:
+                continue  # a critic added since the checkpoint starts afresh, as load_state_dict does
+            problem = ckpt.optimizer_state_problem(opt, s[name])
+            if problem:
+                raise KlvaeError(f"malformed optimiser state {name}: {problem}")
 
     def resume(self, path: str | Path | None = None) -> bool:
         """Load `path`, or the newest checkpoint of the run folder; False when there is none."""

@@ -73,9 +73,9 @@ class LossConfig:
     def __post_init__(self) -> None:
         _coerce_numbers(self)
         if self.pixel_loss not in ("l1", "l2"):
-            raise KlvaeError(f"loss.pixel_loss must be 'l1' or 'l2', got {self.pixel_loss!r}")
+            raise KlvaeError(f"loss.pixel_loss must be 'l1' or 'l2', got {quote(self.pixel_loss)}")
         if self.disc_loss not in D_LOSSES:
-            raise KlvaeError(f"loss.disc_loss must be one of {sorted(D_LOSSES)}, got {self.disc_loss!r}")
+            raise KlvaeError(f"loss.disc_loss must be one of {sorted(D_LOSSES)}, got {quote(self.disc_loss)}")
         for name in ("pixel_weight", "perceptual_weight", "kl_weight", "disc_weight", "disc_factor", "disc_start"):
             if getattr(self, name) < 0:
                 raise KlvaeError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
@@ -129,7 +129,7 @@ def get_loss_preset(name: str) -> LossConfig:
     try:
         return LOSS_PRESETS[name]
     except KeyError:
-        raise KlvaeError(f"unknown loss preset {name!r}; choose one of {', '.join(LOSS_PRESETS)}") from None
+        raise KlvaeError(f"unknown loss preset {quote(name)}; choose one of {', '.join(LOSS_PRESETS)}") from None
 
 
 # ---- the terms, each on its own -----------------------------------------------------------------------
