@@ -92,11 +92,7 @@ def load_latents(path: str | Path, downsample_factor: int | None = None) -> Late
     for n, it in enumerate(items):
         _check_tensor(tensors[it.key], f"{path}: item {n} ({quote(it.name)})")
     norm = _parse_norm(meta, path)
-    if norm.channels is not None:
-        for n, it in enumerate(items):
-            if tensors[it.key].shape[0] != norm.channels:
-                raise LatentsError(f"{path}: item {n} ({quote(it.name)}) has {tensors[it.key].shape[0]} channels, "
-                                   f"but latents_mean/latents_std describe {norm.channels}")
+    _check_channels(norm, items, tensors, path)
     lf = LatentsFile(latents=tensors, items=items, model=meta.get("model", ""), **asdict(norm))
     if downsample_factor is not None:
         check_sizes(lf, downsample_factor, path)
@@ -144,6 +140,15 @@ def _parse_norm(meta: dict[str, str], path: Path) -> LatentNorm:
         return LatentNorm(scaling, shift, **per_channel)
     except ValueError as e:
         raise LatentsError(f"{path} has malformed metadata: {e}") from None
+
+
+def _check_channels(norm: LatentNorm, items: list[LatentItem], tensors: dict[str, Tensor], path: Path) -> None:
+    if norm.channels is None:
+        return
+    for n, it in enumerate(items):
+        if tensors[it.key].shape[0] != norm.channels:
+            raise LatentsError(f"{path}: item {n} ({quote(it.name)}) has {tensors[it.key].shape[0]} channels, "
+                               f"but latents_mean/latents_std describe {norm.channels}")
 
 
 def _meta_number(value: object, name: str, path: Path) -> float | None:

@@ -197,6 +197,19 @@ def _split_revision(name: str, revision: str | None) -> tuple[str, str | None]:
     return base, rev
 
 
+def _local(path: Path, subfolder: str | None, revision: str | None) -> WeightsSource:
+    if revision:
+        kind = "folder" if path.is_dir() else "file"
+        raise WeightsError(f"revision {revision!r} given, but {path} is a local {kind}, not a hub repo")
+    if subfolder:
+        if not path.is_dir():
+            raise WeightsError(f"subfolder {subfolder!r} given, but {path} is a file, not a folder")
+        path = path / subfolder
+        if not path.is_dir():
+            raise WeightsError(f"no such folder: {path}")
+    return _folder(path) if path.is_dir() else WeightsSource(path)
+
+
 def locate(path_or_id: str | Path, subfolder: str | None = None, revision: str | None = None) -> WeightsSource:
     """Where the weights (and config.json) named by path_or_id are, fetching from the hub when needed; a hub id or
     preset may name a revision (branch, tag or commit) as `org/name@rev` or with `revision`."""
@@ -204,16 +217,7 @@ def locate(path_or_id: str | Path, subfolder: str | None = None, revision: str |
         _check_subfolder(subfolder)
     path = Path(path_or_id).expanduser()
     if path.exists():
-        if revision:
-            kind = "folder" if path.is_dir() else "file"
-            raise WeightsError(f"revision {revision!r} given, but {path} is a local {kind}, not a hub repo")
-        if subfolder:
-            if not path.is_dir():
-                raise WeightsError(f"subfolder {subfolder!r} given, but {path} is a file, not a folder")
-            path = path / subfolder
-            if not path.is_dir():
-                raise WeightsError(f"no such folder: {path}")
-        return _folder(path) if path.is_dir() else WeightsSource(path)
+        return _local(path, subfolder, revision)
     name, revision = _split_revision(str(path_or_id), revision)
     # '..' would lead huggingface_hub's cache lookup (refs/<revision>) out of the cache.
     if revision is not None and (not _REVISION.match(revision) or ".." in revision):
