@@ -82,6 +82,9 @@ def test_config_file_overrides_and_errors(tmp_path: Path) -> None:
         load_config(f, ["train.precision=fp8"])
     with pytest.raises(KlvaeError, match="must be int"):
         load_config(f, ["data.batch_size=two"])
+    for empty in ("=5", "train.=5", "data..train=x"):  # "=5" was "unknown config field(s) " with no name
+        with pytest.raises(KlvaeError, match="names no field before '='"):
+            load_config(f, [empty])
 
 
 def test_lr_schedule() -> None:

@@ -191,6 +191,8 @@ def apply_override(d: dict[str, Any], assignment: str) -> None:
         raise KlvaeError(f"override {quote(assignment, 200)} is not of the form section.field=value")
     key, raw = assignment.split("=", 1)
     parts = key.strip().split(".")
+    if not all(parts):  # "=5", "train.=5", "a..b=5": no field to set
+        raise KlvaeError(f"override {quote(assignment, 200)} names no field before '=' (section.field=value)")
     node = d
     for p in parts[:-1]:
         node = node.setdefault(p, {})
