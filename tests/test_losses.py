@@ -444,6 +444,37 @@ def test_patchgan_shapes_and_layout() -> None:
     assert isinstance(a.main[3], ActNorm) and a.main[2].bias is not None
 
 
+_ACTNORM_RANKS = """
+import sys, torch, torch.distributed as dist
+from klvae.training.losses import ActNorm
+dist.init_process_group("gloo")
+r = dist.get_rank()
+x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(r)) * (r + 1) + 10 * r
+norm = ActNorm(3)
+norm(x)
+torch.save({"x": x, "loc": norm.loc.detach(), "scale": norm.scale.detach()}, f"{sys.argv[1]}/rank{r}.pt")
+dist.destroy_process_group()
+"""
+
+
+def test_actnorm_under_ddp_takes_the_ranks_average(tmp_path: Path) -> None:
+    # DDP broadcasts parameters only when it wraps the model: a data-dependent init must agree across ranks.
+    import subprocess
+
+    script = tmp_path / "actnorm.py"
+    script.write_text(_ACTNORM_RANKS)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ranks = [torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1)]
+    stats = [(d["x"].transpose(0, 1).reshape(3, -1).mean(1), d["x"].transpose(0, 1).reshape(3, -1).std(1))
+             for d in ranks]
+    mean, std = (stats[0][0] + stats[1][0]) / 2, (stats[0][1] + stats[1][1]) / 2
+    for d in ranks:
+        torch.testing.assert_close(d["loc"].flatten(), -mean)
+        torch.testing.assert_close(d["scale"].flatten(), 1 / (std + 1e-6))
+
+
 def test_actnorm_data_dependent_init() -> None:
     torch.manual_seed(0)
     norm = ActNorm(4)
