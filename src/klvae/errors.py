@@ -19,10 +19,15 @@ class LatentsError(KlvaeError):
     """Latents that do not fit the model (channels) or are not finite."""
 
 
+def cut(text: str, limit: int = 60) -> str:
+    """`text` cut to `limit` characters, ending in '...' where it was cut."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def quote(value: object, limit: int = 60) -> str:
     """repr(value), cut to `limit` characters: a crafted file can put megabytes in a field an error quotes."""
     try:
         text = repr(value)
     except ValueError:  # an int past Python's 4300-digit str limit
         text = f"<{type(value).__name__} too long to show>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return cut(text, limit)

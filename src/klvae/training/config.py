@@ -12,7 +12,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import tomllib
 import yaml
 
-from klvae.errors import KlvaeError, quote
+from klvae.errors import KlvaeError, cut, quote
 from klvae.images import MAX_RESOLUTION
 from klvae.model.config import PRESETS, AutoencoderKLConfig
 from klvae.training.data import CROPS
@@ -197,7 +197,7 @@ def apply_override(d: dict[str, Any], assignment: str) -> None:
     for p in parts[:-1]:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
-            raise KlvaeError(f"override {quote(assignment, 200)}: {_cut(p)} is not a section")
+            raise KlvaeError(f"override {quote(assignment, 200)}: {cut(p)} is not a section")
     try:
         node[parts[-1]] = yaml.safe_load(raw)
     except (yaml.YAMLError, ValueError, RecursionError) as e:
@@ -210,7 +210,7 @@ def _parse_problem(e: Exception) -> str:
     # int(str)) and RecursionError for lists nested a few thousand deep.
     if isinstance(e, RecursionError):
         return "nested too deeply"
-    return _cut((str(e).splitlines() or [type(e).__name__])[0], 200)
+    return cut((str(e).splitlines() or [type(e).__name__])[0], 200)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
@@ -254,15 +254,10 @@ def _check_size(d: dict[str, Any]) -> None:
             stack += [(x, depth + 1) for x in node]
 
 
-def _cut(text: str, limit: int = 60) -> str:
-    """`text` cut to `limit` characters: config keys and parser messages are the user's text, of any length."""
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _names(names: list[str], prefix: str = "") -> str:
     """At most five field names for a message, each cut short."""
     more = f" and {len(names) - 5} more" if len(names) > 5 else ""
-    return ", ".join(_cut(prefix + n) for n in names[:5]) + more
+    return ", ".join(cut(prefix + n) for n in names[:5]) + more
 
 
 def _check(cfg: TrainConfig) -> None:
@@ -353,7 +348,7 @@ def model_config(m: ModelSection) -> AutoencoderKLConfig | None:
     try:
         return PRESETS[m.preset].replace(**m.overrides)
     except (TypeError, ValueError) as e:
-        raise KlvaeError(f"model.overrides: {_cut(str(e), 300)}") from None
+        raise KlvaeError(f"model.overrides: {cut(str(e), 300)}") from None
 
 
 def build_loss_config(d: dict[str, Any]) -> LossConfig:
