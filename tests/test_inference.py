@@ -139,13 +139,21 @@ def test_streamed_groupnorm_statistics_match_groupnorm(device: torch.device) -> 
     st = Streamer(device=device, storage=torch.device("cpu"), dtype=torch.float32, rows=2, image_height=13)
     y = st.apply_norm(x, norm, st.group_stats(x, norm), act=False)
     torch.testing.assert_close(y, norm(x), atol=1e-5, rtol=1e-5)
-    # A mean 3000 times the spread: sums accumulated in float32 would lose the variance to cancellation (off by
-    # about half); in float64 only each float32 square's rounding is left (about 1e-3).
-    far = torch.randn(1, 16, 96, 96, device=device, dtype=torch.float64) + 3000
-    mean, rstd = st.group_stats(far.float(), norm)
-    want = far.reshape(1, 4, -1).var(-1, unbiased=False)
-    torch.testing.assert_close(rstd.double(), torch.rsqrt(want + 1e-6), rtol=1e-2, atol=0)
-    torch.testing.assert_close(mean.double(), far.reshape(1, 4, -1).mean(-1), rtol=1e-6, atol=0)
+    # Means thousands of times the spread, a little different in each channel of a group, and a first strip unlike
+    # the rest: plain sums of squares would lose the variance to cancellation (float32 squares summed in float64 were
+    # off by 8e-4 at 3000 and 5 % at 30000); the shifted sums and the per-group merge keep float32's precision.
+    g = torch.Generator().manual_seed(0)
+    for level in (3000.0, 30000.0):
+        far = torch.randn(1, 16, 96, 96, generator=g, dtype=torch.float64)
+        far += level * torch.tensor([1.0, -1.0, 0.5, 2.0], dtype=torch.float64).repeat_interleave(4)[:, None, None]
+        far += torch.arange(16, dtype=torch.float64)[:, None, None] % 4  # the channels of a group differ a little
+        far[:, :, :2] += 5  # the rows of the first strip, so its means are off the map's
+        far = far.float().to(device)
+        mean, rstd = st.group_stats(far, norm)
+        exact = far.double().reshape(1, 4, -1)
+        want = torch.rsqrt(exact.var(-1, unbiased=False) + 1e-6)
+        torch.testing.assert_close(rstd.double(), want, rtol=1e-6, atol=0)
+        torch.testing.assert_close(mean.double(), exact.mean(-1), rtol=1e-6, atol=0)
 
 
 def test_memory_budget_picks_tiling_and_says_so(caplog: pytest.LogCaptureFixture, device: torch.device) -> None:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from klvae.inference.channel_sums import ChannelSums, Stats
 from klvae.model.blocks import (
     Attention,
     Downsample,
@@ -33,8 +34,6 @@ from klvae.model.blocks import (
     Upsample,
     fold_upsample_kernel,
 )
-
-Stats = tuple[Tensor, Tensor]  # per (batch, group) mean and 1/std, float32, shape [B, G]
 
 
 @dataclass
@@ -84,7 +83,7 @@ class Streamer:
     # and let the next block compute a folded upsampler's or an input conv's rows from their smaller source.
     # Worth it when maps live in host memory; on a single device it only adds arithmetic.
     recompute: bool = False
-    _sums: dict[int, tuple[weakref.ref, Tensor, Tensor]] = field(default_factory=dict, repr=False)
+    _sums: dict[int, tuple[weakref.ref, ChannelSums]] = field(default_factory=dict, repr=False)
     _live: int = field(default=0, repr=False)  # bytes of the maps now held on `device` from the pool
 
     def strip_rows(self, cin: int, cout: int, width: int, height: int, scale: int = 1) -> int:
@@ -121,10 +120,10 @@ class Streamer:
         stay on the device (recomputing a map that need not cross the bus only adds arithmetic)."""
         return self.recompute and not self.on_device(shape)
 
-    def new_map(self, b: int, c: int, h: int, w: int) -> tuple[Tensor, list[Tensor]]:
+    def new_map(self, b: int, c: int, h: int, w: int) -> tuple[Tensor, ChannelSums]:
         """An empty map (on the device while the pool has room, else on storage) and its per-channel sum buffers."""
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        return self.empty((b, c, h, w), fmt), self.new_sums(b, c)
+        return self.empty((b, c, h, w), fmt), ChannelSums.zeros(b, c, self.device)
 
     def empty(self, shape: tuple[int, ...], fmt: torch.memory_format = torch.contiguous_format) -> Tensor:
         """An uninitialised tensor on the device, taken from the pool while it has room, else on storage."""
@@ -137,11 +136,11 @@ class Streamer:
             weakref.finalize(out, self._release, self._nbytes(shape))
         return out
 
-    def write(self, out: Tensor, a: int, e: int, y: Tensor, sums: list[Tensor]) -> None:
+    def write(self, out: Tensor, a: int, e: int, y: Tensor, sums: ChannelSums) -> None:
         """Store output rows [a, e) and add the stored values to the map's per-channel sums."""
         y = y.to(self.dtype)
         self.put(out[:, :, a:e], y)
-        self.add_sums(sums, y)
+        sums.add(y)
 
     def put(self, dst: Tensor, y: Tensor) -> None:
         """Copy computed values into (part of) a map."""
@@ -155,20 +154,9 @@ class Streamer:
             torch.cuda.current_stream(self.device).synchronize()
         return t
 
-    def new_sums(self, b: int, c: int) -> list[Tensor]:
-        """Zeroed per-channel sum and sum-of-squares buffers [B, C] (float64, on the device)."""
-        return [torch.zeros(b, c, dtype=torch.float64, device=self.device) for _ in range(2)]
-
-    @staticmethod
-    def add_sums(sums: list[Tensor], t: Tensor) -> None:
-        """Add a strip's per-channel sums and sums of squares."""
-        v = t.float()
-        sums[0] += v.sum((2, 3), dtype=torch.float64)
-        sums[1] += v.square().sum((2, 3), dtype=torch.float64)
-
-    def seal(self, out: Tensor, sums: list[Tensor]) -> Tensor:
+    def seal(self, out: Tensor, sums: ChannelSums) -> Tensor:
         """Remember a finished map's sums (weakly: the entry dies with the map) and return the map."""
-        self._sums[id(out)] = (weakref.ref(out), sums[0], sums[1])
+        self._sums[id(out)] = (weakref.ref(out), sums)
         return out
 
     def place(self, t: Tensor) -> Tensor:
@@ -201,25 +189,14 @@ class Streamer:
         b, c, h, w = x.shape
         entry = self._sums.get(id(x))
         if entry is not None and entry[0]() is x:
-            return self.stats_from_sums(entry[1], entry[2], norm, h * w)
+            return entry[1].group_stats(norm, h * w)
         if isinstance(x, Tensor):  # a lazy map is computed from its small source instead
             self.stat_passes += 1
-        sums = self.new_sums(b, c)
+        sums = ChannelSums.zeros(b, c, self.device)
         step = self.strip_rows(c, 0, w, h)
         for a in range(0, h, step):
-            self.add_sums(sums, self.rows_of(x, a, min(a + step, h)).to(self.dtype))
-        return self.stats_from_sums(*sums, norm, h * w)
-
-    @staticmethod
-    def stats_from_sums(c1: Tensor, c2: Tensor, norm: nn.GroupNorm, pixels: int) -> Stats:
-        """Group mean and 1/std from per-channel sums and sums of squares [B, C] (float64) over `pixels`."""
-        b, c = c1.shape
-        g = norm.num_groups
-        s1, s2 = c1.reshape(b, g, -1).sum(-1), c2.reshape(b, g, -1).sum(-1)
-        n = (c // g) * pixels
-        mean = s1 / n
-        var = (s2 / n - mean.square()).clamp_min(0.0)
-        return mean.float(), torch.rsqrt(var + norm.eps).float()
+            sums.add(self.rows_of(x, a, min(a + step, h)).to(self.dtype))
+        return sums.group_stats(norm, h * w)
 
     @staticmethod
     def apply_norm(t: Tensor, norm: nn.GroupNorm, stats: Stats, act: bool) -> Tensor:
@@ -308,13 +285,13 @@ class Streamer:
         cout = block.conv2.out_channels
         pre1 = lambda t: self.apply_norm(t, block.norm1, s1, act=True)  # noqa: E731
         step = self.strip_rows(cin + cout, cout, w, rows)
-        h_sums = self.new_sums(b, cout)
+        h_sums = ChannelSums.zeros(b, cout, self.device)
         for a in range(0, rows, step):
             e = min(a + step, rows)
             t = pre1(self.rows_of(x, max(a - 1, 0), min(e + 1, rows)))
             h = self._valid_conv(F.pad(t, (1, 1, int(a == 0), int(e == rows))), block.conv1)
-            self.add_sums(h_sums, h.to(self.dtype))  # as a stored h would hold it
-        s2 = self.stats_from_sums(*h_sums, block.norm2, rows * w)
+            h_sums.add(h.to(self.dtype))  # as a stored h would hold it
+        s2 = h_sums.group_stats(block.norm2, rows * w)
         out, sums = self.new_map(b, cout, rows, w)
         for a in range(0, rows, step):
             e = min(a + step, rows)
