@@ -112,8 +112,10 @@ def _fmt(metric: str, stats: Any) -> str:
     if metric == "rfid":
         v = stats.get("value")
         return "—" if v is None else f"{v:.3f} <small>(n={stats['n']})</small>"
-    if stats.get("mean") is None:  # not finite: a PSNR of identical images is +inf
-        return "∞" if metric == "psnr" else "—"
+    mean = stats.get("mean")
+    # Not finite: a PSNR of identical images is +inf (None once through json_safe, inf in the run's own summary).
+    if mean is None or not math.isfinite(mean):
+        return "∞" if metric == "psnr" and (mean is None or mean > 0) else "—"
     digits = 2 if metric == "psnr" else 4
     std = "—" if stats.get("std") is None else f"{stats['std']:.{digits}f}"
     return f"{stats['mean']:.{digits}f} ± {std}"

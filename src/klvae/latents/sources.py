@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import tarfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,8 +87,9 @@ def tar_reason(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def _tar_members(t: Path, ids: dict[str, tuple[Path, str]]) -> str | None:
-    # Adds the shard's image members to `ids`; returns why the shard (or its rest) cannot be read, if so.
+def _tar_members(t: Path, ids: dict[str, tuple[Path, str]], label: str) -> str | None:
+    # Adds the shard's image members to `ids` as "label:member"; returns why the shard (or its rest) cannot be
+    # read, if so.
     n = 0
     if not t.is_file():  # a FIFO among the shards would block tarfile forever
         return "not a regular file (a FIFO, socket or device)"
@@ -95,7 +97,7 @@ def _tar_members(t: Path, ids: dict[str, tuple[Path, str]]) -> str | None:
         with tarfile.open(t) as tf:
             for m in tf:
                 if m.isfile() and Path(m.name).suffix.lower() in IMAGE_EXTENSIONS:
-                    ids[f"{t.name}:{m.name}"] = (t, m.name)
+                    ids[f"{label}:{m.name}"] = (t, m.name)
                     n += 1
     except (OSError, EOFError, tarfile.TarError) as e:
         return f"cut short after {n} image(s): {tar_reason(e)}" if n else tar_reason(e)
@@ -105,8 +107,11 @@ def _tar_members(t: Path, ids: dict[str, tuple[Path, str]]) -> str | None:
 def _tars(paths: tuple[Path, ...]) -> ItemSource:
     ids: dict[str, tuple[Path, str]] = {}
     unreadable = []
+    # Ids name a shard by its file name, unless shards in other folders share it (two img2dataset outputs both
+    # have 00000.tar, with the same member names): then by its path, or one shard's images would replace the other's.
+    names = Counter(t.name for t in paths)
     for t in paths:
-        reason = _tar_members(t, ids)
+        reason = _tar_members(t, ids, t.name if names[t.name] == 1 else str(t))
         if reason is not None:
             unreadable.append((str(t), reason))
     if len(unreadable) == len(paths) and not ids:
