@@ -132,6 +132,8 @@ def test_cache_of_no_images_is_an_error(tmp_path: Path, capsys: pytest.CaptureFi
 @pytest.mark.parametrize(("argv", "words"), [
     (["scale", "--resolution", "0"], ["--resolution"]),
     (["scale", "--resolution", "-64"], ["--resolution"]),
+    # The encoder would pad the crop, and the padding's latent cells would bias the statistics.
+    (["scale", "--resolution", "60"], ["--resolution must be a multiple", "factor 8", "got 60"]),
     (["scale", "--limit", "0"], ["--limit"]),
     (["scale", "--limit", "-3"], ["--limit"]),
     (["noise", "IMAGE", "-o", "OUT", "--num-steps", "0"], ["--num-steps", "got 0"]),

@@ -75,6 +75,15 @@ def check_resolution(resolution: int, flag: str = "--resolution") -> None:
                          f"pixels), got {resolution}")
 
 
+def check_whole_latents(vae: AutoencoderKL, resolution: int) -> None:
+    """KlvaeError unless `resolution` is a multiple of the model's downsample factor."""
+    factor = vae.config.downsample_factor
+    if resolution % factor:
+        # The encoder would pad the crop, and the latents would hold cells of the padding too.
+        raise KlvaeError(f"--resolution must be a multiple of the model's downsample factor {factor}, "
+                         f"got {resolution}")
+
+
 def model_fingerprint(vae: AutoencoderKL, with_factors: bool = True) -> str:
     """A hash of what decides the latents a model gives: its architecture (and factors) and its weights."""
     cfg = vae.config.to_dict()
@@ -335,11 +344,7 @@ def cache_rank(vae: AutoencoderKL, spec: str | ItemSource, out: str | Path, opts
     source = open_source(spec) if isinstance(spec, str) else spec
     if not source.ids:
         raise KlvaeError(f"no images in {spec if isinstance(spec, str) else 'the data'}")
-    factor = vae.config.downsample_factor
-    if opts.resolution % factor:
-        # The encoder would pad the cut, and the rows would hold latents of the padding too.
-        raise KlvaeError(f"--resolution must be a multiple of the model's downsample factor {factor}, "
-                         f"got {opts.resolution}")
+    check_whole_latents(vae, opts.resolution)
     fingerprint = fingerprint or model_fingerprint(vae, opts.store == "scaled")
     check_resume(out, opts, world, fingerprint)
     created = not out.exists()

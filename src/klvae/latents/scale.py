@@ -13,7 +13,7 @@ from klvae import inference
 from klvae.errors import KlvaeError
 from klvae.images import pil_to_tensor
 from klvae.latents.buckets import resize_crop
-from klvae.latents.cache import check_finite_moments, check_resolution
+from klvae.latents.cache import check_finite_moments, check_resolution, check_whole_latents
 from klvae.latents.sources import ItemSource, item_error, open_source
 from klvae.model.autoencoder import AutoencoderKL
 
@@ -38,6 +38,7 @@ def estimate_factors(vae: AutoencoderKL, spec: str | ItemSource, limit: int = 25
     per channel. Unreadable images are skipped with a warning and counted (`skipped`); `images` is the number used.
     """
     check_scale_options(limit, resolution)
+    check_whole_latents(vae, resolution)  # padded cells would bias the statistics
     source = open_source(spec) if isinstance(spec, str) else spec
     name = spec if isinstance(spec, str) else "the data"
     # A CPU generator on any device: DiagonalGaussian.sample draws on the generator's device and moves the noise,
