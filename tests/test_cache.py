@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -413,3 +414,44 @@ def test_rank_device_picks_the_local_ranks_gpu(monkeypatch: pytest.MonkeyPatch) 
     assert rank_device(torch.device("cuda"), two) == torch.device("cuda", 1) and chosen == [torch.device("cuda", 1)]
     assert rank_device(torch.device("cpu"), two) == torch.device("cpu")
     assert rank_device(torch.device("cuda", 1), DistInfo()) == torch.device("cuda", 1)  # one process: as asked
+
+
+class _Rows:
+    """A stand-in LatentDataset: only `items` with their buckets, which is all the sampler reads."""
+
+    def __init__(self, buckets: list[tuple[int, int]]) -> None:
+        self.items = [{"bucket": list(b)} for b in buckets]
+
+
+def test_bucket_batches_shard_over_ranks_disjoint_equal_in_number_and_covering_the_epoch() -> None:
+    rows = _Rows([(8, 8)] * 7 + [(8, 12)] * 5 + [(12, 8)] * 2)  # 14 rows; batches of 3: 3 + 2 + 1 = 6
+    ds = cast(LatentDataset, rows)
+    whole = list(BucketBatchSampler(ds, batch_size=3, seed=5))
+    assert len(whole) == 6
+    for world in (2, 4, 8):
+        shares = [BucketBatchSampler(ds, batch_size=3, seed=5, num_replicas=world, rank=r) for r in range(world)]
+        got = [list(s) for s in shares]
+        # Each rank runs as many steps as the others (a collective waits for all) and as its len says.
+        assert {len(b) for b in got} == {len(shares[0])} == {-(-6 // world)}
+        flat = [tuple(b) for share in got for b in share]
+        assert set(flat) == {tuple(b) for b in whole}  # the epoch's batches, every one
+        assert len(flat) - len(set(flat)) == len(shares[0]) * world - 6  # repeated only to even the ranks out
+        for share in got:
+            assert all(len({tuple(rows.items[i]["bucket"]) for i in b}) == 1 for b in share)
+    # set_epoch on every rank: a new order, still disjoint.
+    a, b = (BucketBatchSampler(ds, batch_size=3, seed=5, num_replicas=2, rank=r) for r in (0, 1))
+    for s in (a, b):
+        s.set_epoch(1)
+    first = list(a) + list(b)
+    assert sorted(i for batch in first for i in batch) == list(range(14)) and first != whole
+
+
+def test_bucket_batches_drop_last_keeps_full_batches_and_bad_ranks_are_refused() -> None:
+    ds = cast(LatentDataset, _Rows([(8, 8)] * 7 + [(8, 12)] * 5))
+    batches = list(BucketBatchSampler(ds, batch_size=3, drop_last=True))
+    assert len(batches) == len(BucketBatchSampler(ds, batch_size=3, drop_last=True)) == 3
+    assert all(len(b) == 3 for b in batches)
+    with pytest.raises(ValueError, match="rank must be in"):
+        BucketBatchSampler(ds, batch_size=3, num_replicas=2, rank=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        BucketBatchSampler(ds, batch_size=0)

@@ -89,27 +89,49 @@ class LatentDataset(Dataset):
 
 
 class BucketBatchSampler(Sampler[list[int]]):
-    """Batches whose rows share a bucket (one latent size), shuffled per epoch; the last partial batches kept."""
+    """Batches whose rows share a bucket (one latent size), shuffled per epoch; partial batches kept unless
+    `drop_last`. Under data parallelism each of `num_replicas` ranks takes every num_replicas-th batch of the same
+    epoch order (the default: torch.distributed's world, when it is initialised)."""
 
-    def __init__(self, dataset: LatentDataset, batch_size: int, shuffle: bool = True, seed: int = 0) -> None:
-        self.batch_size, self.shuffle, self.seed, self.epoch = batch_size, shuffle, seed, 0
+    def __init__(self, dataset: LatentDataset, batch_size: int, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = False, num_replicas: int | None = None, rank: int | None = None) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        dist = torch.distributed
+        running = dist.is_available() and dist.is_initialized()
+        self.num_replicas = num_replicas if num_replicas is not None else dist.get_world_size() if running else 1
+        self.rank = rank if rank is not None else dist.get_rank() if running else 0
+        if not 0 <= self.rank < self.num_replicas:
+            raise ValueError(f"rank must be in [0, num_replicas={self.num_replicas}), got {self.rank}")
+        self.batch_size, self.shuffle, self.seed, self.drop_last, self.epoch = batch_size, shuffle, seed, drop_last, 0
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for i, it in enumerate(dataset.items):
             groups[tuple(it["bucket"])].append(i)
         self.groups = list(groups.values())
 
     def set_epoch(self, epoch: int) -> None:
-        """Reshuffle differently for the next epoch."""
+        """Reshuffle differently for the next epoch (call it on every rank with the same epoch)."""
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def _all_batches(self) -> list[list[int]]:
+        # The whole epoch's batches, the same list on every rank (one seed), so that the ranks' shares are disjoint.
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         batches = []
         for idx in self.groups:
             order = [idx[j] for j in torch.randperm(len(idx), generator=g)] if self.shuffle else idx
-            batches += [order[k : k + self.batch_size] for k in range(0, len(order), self.batch_size)]
+            ends = range(0, len(order) - (len(order) % self.batch_size if self.drop_last else 0), self.batch_size)
+            batches += [order[k : k + self.batch_size] for k in ends]
         perm = torch.randperm(len(batches), generator=g).tolist() if self.shuffle else range(len(batches))
-        return iter([batches[j] for j in perm])
+        return [batches[j] for j in perm]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self._all_batches()
+        # Every rank must run as many steps as the others (a collective waits for all), so a short tail is
+        # topped up with the epoch's first batches, as DistributedSampler repeats its first samples.
+        padded = [batches[i % len(batches)] for i in range(len(self) * self.num_replicas)] if batches else []
+        return iter(padded[self.rank :: self.num_replicas])
 
     def __len__(self) -> int:
-        return sum((len(g) + self.batch_size - 1) // self.batch_size for g in self.groups)
+        full = sum(len(g) // self.batch_size if self.drop_last else -(-len(g) // self.batch_size)
+                   for g in self.groups)
+        return -(-full // self.num_replicas)
