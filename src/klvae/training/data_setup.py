@@ -66,7 +66,8 @@ def _mark_epochs(it: Iterator[dict[str, Any]], start_batch: int, per_epoch: int)
 def build_val_batches(cfg: TrainConfig) -> list[Tensor]:
     """The first `val_images` held-out images, centre-cropped, as a list of batches (held in memory)."""
     d = cfg.data
-    ds = build_dataset(d.val, _transform(cfg, train=False), image_column=d.image_column)
+    # Rank 0 alone validates: it reads the whole held-out set, not its rank's share of the shards.
+    ds = build_dataset(d.val, _transform(cfg, train=False), image_column=d.image_column, rank=0, world_size=1)
     items = []
     source = iter(ds) if isinstance(ds, IterableDataset) else (ds[i] for i in range(len(ds)))
     for item in source:

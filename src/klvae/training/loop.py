@@ -125,7 +125,9 @@ def fit(tr: Trainer) -> dict[str, float]:
             bar.set_postfix(loss=f"{last.get('total', float('nan')):.4g}", rec=f"{last.get('rec', float('nan')):.4g}")
             if tr.step % cfg.train.log_every == 0 or tr.step == cfg.train.max_steps:
                 rate = (tr.step - n0) / max(time.perf_counter() - t0, 1e-9)
-                runlog.write(tr.step, {**last, "steps_per_s": rate, "bad_images": float(skipped[0])}, "train")
+                # Every rank reads its own share: the count is the sum over ranks (a collective, as all log alike).
+                bad = float(all_sum(torch.tensor(skipped[0], device=tr.device), tr.dist).item())
+                runlog.write(tr.step, {**last, "steps_per_s": rate, "bad_images": bad}, "train")
             if val is not None and (tr.step % cfg.train.val_every == 0 or tr.step == cfg.train.max_steps):
                 grid = tr.out / "samples" / f"step_{tr.step:08d}.png"
                 metrics = validate(tr.exported_model(), val, tr.device, grid, tr.lpips_files())

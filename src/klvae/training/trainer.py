@@ -109,10 +109,10 @@ class Trainer:
         self.device = rank_device(device, self.dist)
         self.out = Path(cfg.train.out_dir)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-        self.vae = build_model(cfg).to(device)
+        self.vae = build_model(cfg).to(self.device)  # cuda:LOCAL_RANK under torchrun, whatever index was set
         if cfg.data.resolution % self.vae.downsample_factor:
             raise KlvaeError(f"data.resolution must be a multiple of {self.vae.downsample_factor}")
-        self.loss = AutoencoderLoss(build_loss_config(cfg.loss)).to(device)
+        self.loss = AutoencoderLoss(build_loss_config(cfg.loss)).to(self.device)
         self._build_optimisers()
         decay = cfg.train.ema_decay
         self.ema = AveragedModel(self.vae, multi_avg_fn=get_ema_multi_avg_fn(decay)) if decay > 0 else None
@@ -121,7 +121,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
         self.d_scaler = torch.amp.GradScaler(device.type, enabled=fp16)
         net = Reconstruct(self.vae, cfg.model.decoder_only)
-        ids = [device] if device.type == "cuda" else None
+        ids = [self.device] if self.device.type == "cuda" else None
         self.net = DistributedDataParallel(net, device_ids=ids) if self.dist.enabled else net
         self.step, self.batches_done, self.nonfinite_run = 0, 0, 0
 

@@ -10,11 +10,13 @@ import torch
 from torch import Tensor, nn
 
 from klvae.errors import KlvaeError
-from klvae.evaluation.metrics import psnr, ssim
+from klvae.evaluation.metrics import SSIM_RADIUS, psnr, ssim
 from klvae.images import save_image_atomic, tensor_to_pil
 from klvae.model.autoencoder import AutoencoderKL
 
 log = logging.getLogger(__name__)
+
+LPIPS_MIN_SIDE = 16
 
 
 @cache
@@ -46,14 +48,20 @@ def validate(
     `lpips_files` (VGG16, LPIPS heads) name local weights for the LPIPS metric; else the cache or a download."""
     was_training = vae.training
     vae.eval()
-    lp = _pretrained_lpips(str(device), *lpips_files)
-    sums: dict[str, float] = {"psnr": 0.0, "ssim": 0.0, **({"lpips": 0.0} if lp is not None else {})}
+    # SSIM's 11x11 window and LPIPS's VGG (four 2x poolings before its last tap) need images at least that
+    # large: smaller ones (a run at data.resolution 8) are measured by what can measure them.
+    side = min(batches[0].shape[-2:]) if batches else LPIPS_MIN_SIDE
+    with_ssim = side >= 2 * SSIM_RADIUS + 1
+    lp = _pretrained_lpips(str(device), *lpips_files) if side >= LPIPS_MIN_SIDE else None
+    sums: dict[str, float] = {"psnr": 0.0, **({"ssim": 0.0} if with_ssim else {}),
+                              **({"lpips": 0.0} if lp is not None else {})}
     n, first = 0, None
     for x in batches:
         x = x.to(device)
         y = vae(x, sample_posterior=False)[0].clamp(-1, 1)
         sums["psnr"] += psnr(x, y).sum().item()
-        sums["ssim"] += ssim(x, y).sum().item()
+        if with_ssim:
+            sums["ssim"] += ssim(x, y).sum().item()
         if lp is not None:
             sums["lpips"] += lp(x, y).sum().item()
         n += x.shape[0]
