@@ -94,6 +94,9 @@ class TrainSection:
     device: str = "auto"
     # EMA of the autoencoder weights; 0 disables.
     ema_decay: float = 0.0
+    # Decay min(ema_decay, (1 + n) / (10 + n)) at the n-th update, as LDM's LitEma and diffusers' EMAModel do,
+    # so that the early average follows the weights rather than their initialisation.
+    ema_warmup: bool = True
     log_every: int = 10
     val_every: int = 500
     ckpt_every: int = 500

@@ -13,7 +13,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from klvae.errors import KlvaeError, WeightsError, quote
 from klvae.inference.precision import usable_device
@@ -31,6 +30,7 @@ from klvae.training.distributed import (
     init_distributed,
     rank_device,
 )
+from klvae.training.ema import make_ema
 from klvae.training.losses import AutoencoderLoss
 from klvae.weights import check_state_dict
 
@@ -115,7 +115,7 @@ class Trainer:
         self.loss = AutoencoderLoss(build_loss_config(cfg.loss)).to(self.device)
         self._build_optimisers()
         decay = cfg.train.ema_decay
-        self.ema = AveragedModel(self.vae, multi_avg_fn=get_ema_multi_avg_fn(decay)) if decay > 0 else None
+        self.ema = make_ema(self.vae, decay, cfg.train.ema_warmup) if decay > 0 else None
         self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
         fp16 = cfg.train.precision == "fp16"
         self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
