@@ -328,7 +328,8 @@ def _ranges(cfg: TrainConfig) -> list[tuple[str, Any, bool, str]]:
         ("optim.grad_accum", o.grad_accum, o.grad_accum >= 1, "at least 1"),
         ("optim.grad_clip", o.grad_clip, o.grad_clip >= 0, "at least 0 (0 disables clipping)"),
         ("train.max_steps", t.max_steps, t.max_steps >= 1, "at least 1"),
-        # The posterior noise seeds torch with seed * 1_000_003 + step * 101, which must stay under 2**64.
+        # The posterior noise seeds torch with seed * 1_000_003 + step * max(101, grad_accum) + micro, which must
+        # stay under 2**64.
         ("train.seed", t.seed, 0 <= t.seed < 2**32, "in [0, 2**32)"),
         ("train.ema_decay", t.ema_decay, 0 <= t.ema_decay < 1, "in [0, 1) (0 disables the EMA)"),
         ("train.log_every", t.log_every, t.log_every >= 1, "at least 1"),

@@ -234,9 +234,16 @@ class Trainer:
             return None
         f, c = self.vae.downsample_factor, self.vae.config.latent_channels
         b = x.shape[0]
-        g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + self.step * 101 + micro)
+        g = torch.Generator().manual_seed(self.noise_seed(self.step, micro))
         full = torch.randn((b * self.dist.world, c, x.shape[2] // f, x.shape[3] // f), generator=g)
         return full[self.dist.rank * b : (self.dist.rank + 1) * b].to(self.device)
+
+    def noise_seed(self, step: int, micro: int) -> int:
+        """The seed of step `step`'s micro-batch `micro`: distinct for every (step, micro) of a run."""
+        # Steps 101 apart, as ever (the same noise as before for up to 101 micro-batches a step), or
+        # grad_accum apart where that is more, so that a step's last micro-batches never reuse the next one's.
+        stride = max(101, self.cfg.optim.grad_accum)
+        return self.cfg.train.seed * 1_000_003 + step * stride + micro
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:

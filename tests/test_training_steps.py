@@ -1,4 +1,4 @@
-"""The weights' EMA: LDM's and diffusers' decay warm-up, by hand and in the trainer."""
+"""Per-step state of training: the weights' EMA (LDM's and diffusers' decay warm-up) and the posterior noise seeds."""
 
 from pathlib import Path
 
@@ -54,3 +54,13 @@ def test_the_trainer_warms_its_ema_up(tmp_path: Path) -> None:
     for got, w1, w2, w3 in zip(tr.ema.module.parameters(), *seen, strict=True):
         want = (2 / 11 * w1 + 9 / 11 * w2) * 3 / 12 + 9 / 12 * w3
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("accum", [1, 4, 150])
+def test_posterior_noise_seeds_differ_for_every_micro_batch(tmp_path: Path, accum: int) -> None:
+    sets = ["model.preset=tiny", "data.train=x", "data.resolution=16", "loss.preset=mse", "train.device=cpu",
+            f"optim.grad_accum={accum}", f"train.out_dir={tmp_path / 'run'}"]
+    tr = Trainer(load_config(None, sets))
+    seeds = [tr.noise_seed(step, micro) for step in range(3) for micro in range(accum)]
+    assert len(set(seeds)) == len(seeds)  # grad_accum 150 reused step 1's seeds in step 0's micro-batches
+    assert tr.noise_seed(1, 0) - tr.noise_seed(0, 0) == max(101, accum)  # up to 101: the noise it always had
