@@ -205,7 +205,10 @@ def expand_shards(spec: str | Path | Sequence[str | Path]) -> list[Path]:
     specs = [spec] if isinstance(spec, str | Path) else list(spec)
     out: list[Path] = []
     for sp in specs:
-        for s in _expand_braces(str(sp)):
+        names = _expand_braces(str(sp))
+        if not names:  # a range that runs backwards, {10..1}, names nothing
+            raise KlvaeError(f"no shards at {sp}: its brace range names none")
+        for s in names:
             p = Path(s)
             if any(c in s for c in "*?["):
                 hits = [Path(h) for h in sorted(glob.glob(s))]

@@ -174,6 +174,10 @@ def _orientation(img: Image.Image) -> int:
     # size is learnt only once it is loaded.
     if img.format == "PNG" and "exif" not in img.info:
         return 1
+    # Pillow turns a TIFF by its orientation tag itself, on load, and from Pillow 11 already reports the turned
+    # size on open (its header's ImageWidth/ImageLength are the stored ones): that size needs no second turn.
+    if img.format == "TIFF" and img.size != (img.tag_v2.get(256), img.tag_v2.get(257)):
+        return 1
     try:
         return int(img.getexif().get(ExifTags.Base.Orientation, 1))
     except Exception:  # a broken EXIF block: _decode leaves such an image as it is

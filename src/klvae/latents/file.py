@@ -50,9 +50,9 @@ class LatentsFile:
 
 
 def save_latents(lf: LatentsFile, path: str | Path) -> Path:
-    """Write atomically: a temporary file in the same folder, then a rename."""
+    """Write atomically: a temporary file in the same folder, then a rename (atomic_write makes missing folders,
+    and removes them again should the write fail)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "format": FORMAT,
         "model": lf.model,
