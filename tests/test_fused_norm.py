@@ -86,6 +86,22 @@ def test_bf16_channels_last_within_one_rounding(device: torch.device) -> None:
     assert ((y.double() - ref).abs() <= ref.abs() * 2**-7 + 1e-6).all()
 
 
+def test_a_map_one_position_wide_whatever_its_width_stride(device: torch.device,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # PyTorch ignores the stride of a size-1 dim when it judges contiguity, so a [B, C, H, 1] map with any width
+    # stride is channels_last-contiguous; its positions are still C apart (the height stride), not stride(3) apart.
+    torch.manual_seed(4)
+    x = torch.randn(2, 5, 16, device=device).transpose(1, 2).unsqueeze(-1)  # [2, 16, 5, 1], strides (80, 1, 16, 1)
+    assert x.is_contiguous(memory_format=torch.channels_last) and x.stride(3) != 16
+    wt, bs = torch.randn(16, device=device), torch.randn(16, device=device)
+    launches = []
+    kernels = fused_norm._kernels
+    monkeypatch.setattr(fused_norm, "_kernels", lambda: launches.append(1) or kernels())
+    y = fused_norm.group_norm_act(x, wt, bs, 4, 1e-6, True)
+    assert launches and y.shape == x.shape
+    torch.testing.assert_close(y.double(), _reference(x, wt, bs, 4, True), atol=2e-5, rtol=1e-5)
+
+
 def test_model_with_fused_norms_decodes_as_without(device: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
     vae = perturbed_vae(device=device)
     z = torch.randn(1, vae.config.latent_channels, 8, 8, device=device)

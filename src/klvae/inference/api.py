@@ -104,7 +104,7 @@ def _check_size(size: tuple[int, int], full: tuple[int, ...]) -> tuple[int, int]
 
 
 def check_images(vae: AutoencoderKL, x: Tensor) -> None:
-    """Images must be a floating-point tensor [B, C, H, W] with the model's channel count and at least one pixel."""
+    """Images must be a finite floating-point [B, C, H, W] tensor with the model's channel count, not empty."""
     c = vae.config.in_channels
     if not isinstance(x, Tensor):
         raise ImageError(f"images must be a torch.Tensor [B, {c}, H, W] in [-1, 1], got {type(x).__name__}")
@@ -113,6 +113,11 @@ def check_images(vae: AutoencoderKL, x: Tensor) -> None:
         raise ImageError(f"images of shape {tuple(x.shape)} do not fit this model, which takes [B, {c}, H, W]{hint}")
     if not x.is_floating_point():
         raise ImageError(f"images must be floating point in [-1, 1], got {x.dtype} (uint8 pixels: x / 127.5 - 1)")
+    # Else the NaN guard would take them for a half-precision overflow and rerun the pass in fp32 for nothing. A
+    # float64 sum is non-finite exactly when a value is (images are far from its range), and unlike isfinite(x) it
+    # makes no temporary the size of a big host image.
+    if not torch.isfinite(x.sum(dtype=torch.float64)):
+        raise ImageError("images contain NaN or infinite values")
 
 
 def check_latents(vae: AutoencoderKL, z: Tensor) -> None:

@@ -71,7 +71,9 @@ def _launch(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, si
     rows = max(block, -(-b * hw // _STATS_PROGRAMS) // block * block)  # positions per stats program
     progs = -(-hw // rows)
     part = torch.empty(b, progs, 2, g_p, device=x.device, dtype=torch.float32)  # per run: mean, M2
-    sx = (x.stride(0), x.stride(1), x.stride(3))
+    # Positions of a channels_last-dense map are C apart. Not stride(3): PyTorch ignores a size-1 dim's stride when
+    # it judges contiguity, so a map one position wide may carry any width stride (y, empty_like(x), too).
+    sx = (x.stride(0), x.stride(1), c)
     k.stats_kernel[(b, progs)](x, part, hw, *sx, rows, progs,
                                G=groups, CPG=cpg, G_P=g_p, CPG_P=cpg_p, BLOCK_HW=block, num_warps=_WARPS,
                                enable_fp_fusion=_FMA)

@@ -134,9 +134,12 @@ def run_maybe_tiled(
     try:
         return plain(x, dtype)
     except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        log.warning("%s ran out of GPU memory at %dx%d; retrying tiled", op, out_shape[2], out_shape[3])
-        return deliver(vae, tiled(x, dtype), opts)
+        pass
+    # Out of the except clause: until it ends, the exception's traceback keeps the failed pass's frames, and with
+    # them its activations, alive, so neither empty_cache nor the tiled pass would get their memory back.
+    torch.cuda.empty_cache()
+    log.warning("%s ran out of GPU memory at %dx%d; retrying tiled", op, out_shape[2], out_shape[3])
+    return deliver(vae, tiled(x, dtype), opts)
 
 
 def deliver(vae: AutoencoderKL, out: Tensor, opts: TileOptions) -> Tensor:
