@@ -116,8 +116,10 @@ def fold_upsample_kernel(weight: Tensor) -> Tensor:
         a, b, c = w.unbind(dim)
         return torch.stack([c, b + c, a + b, a], dim)
 
-    # Summed in fp32 (plain adds: autocast leaves them alone) so half weights are rounded once, after the sum.
-    return fold(fold(weight.float(), 2), 3).transpose(0, 1).to(weight.dtype)
+    # Summed in fp32 or wider (plain adds: autocast leaves them alone) so half weights are rounded once, after the
+    # sum, and fp64 weights keep their precision.
+    wide = weight.to(torch.promote_types(weight.dtype, torch.float32))
+    return fold(fold(wide, 2), 3).transpose(0, 1).to(weight.dtype)
 
 
 class Upsample(nn.Module):

@@ -73,8 +73,10 @@ def drop_training_keys(sd: StateDict) -> StateDict:
 
 
 def _squeeze_linear(key: str, t: Tensor) -> Tensor:
-    # Attention projections stored as 1x1 convs ([C, C, 1, 1]) or conv1d ([C, C, 1]) become Linear [C, C].
-    if key.rsplit(".", 1)[0].endswith(_LINEAR_WEIGHTS) and key.endswith(".weight") and t.ndim > 2:
+    # Attention projections stored as 1x1 convs ([C, C, 1, 1]) or conv1d ([C, C, 1]) become Linear [C, C]; any
+    # other shape stays as it is, for strict loading to name as a shape mismatch.
+    if (key.rsplit(".", 1)[0].endswith(_LINEAR_WEIGHTS) and key.endswith(".weight") and t.ndim > 2
+            and all(s == 1 for s in t.shape[2:])):
         return t.reshape(t.shape[0], t.shape[1])
     return t
 

@@ -123,7 +123,10 @@ def infer_config(sd: dict[str, Tensor], family: str | None = None) -> Autoencode
         base, guessed = PRESETS["flux"], True
     else:
         base, guessed = AutoencoderKLConfig(scaling_factor=1.0, force_upcast=False), True
-    cfg = base.replace(**arch)
+    try:
+        cfg = base.replace(**arch)
+    except ValueError as e:  # shapes no config allows: widths beyond the parameter cap, 0 channels ...
+        raise WeightsError(f"cannot infer the config: {e}") from None
     if guessed:
         log.warning(
             "config inferred from the weights' shapes (norm_num_groups assumed %d); latent factors guessed "
