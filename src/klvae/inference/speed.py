@@ -3,7 +3,7 @@ SiLU kernels, torch.compile, cuDNN.
 
 The plain API (fp32 weights under autocast) is exact and portable but leaves speed on the table on a GPU:
 autocast runs GroupNorm in fp32, so every norm writes fp32 activations that the next convolution casts back,
-and NCHW tensors make cuDNN's tensor-core convolutions transpose. `optimize_for_inference` removes both and,
+and NCHW tensors make cuDNN's tensor-core convolutions transpose. `optimize_for_inference` removes both,
 runs each GroupNorm and the SiLU after it as Triton kernels that read NHWC maps in place, and on request compiles
 the encoder and decoder so that GroupNorm, SiLU and the residual adds fuse.
 """

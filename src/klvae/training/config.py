@@ -94,7 +94,7 @@ class TrainSection:
     device: str = "auto"
     # EMA of the autoencoder weights; 0 disables.
     ema_decay: float = 0.0
-    # Decay min(ema_decay, (1 + n) / (10 + n)) at the n-th update, as LDM's LitEma and diffusers' EMAModel do,
+    # Decay min(ema_decay, (1 + n) / (10 + n)) after n updates, as diffusers' EMAModel (and LDM's LitEma) do,
     # so that the early average follows the weights rather than their initialisation.
     ema_warmup: bool = True
     log_every: int = 10

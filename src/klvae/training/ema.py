@@ -1,4 +1,4 @@
-"""The exponential moving average of the autoencoder's weights, with LDM's and diffusers' decay warm-up."""
+"""The exponential moving average of the autoencoder's weights, with diffusers' (and LDM's) decay warm-up."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ AvgFn = Callable[[list[Tensor], list[Tensor], Tensor], None]
 
 def ema_decay_at(decay: float, updates: int, warmup: bool) -> float:
     """The decay of an EMA update after `updates` earlier ones: min(decay, (1 + n) / (10 + n)) with warm-up."""
-    # The warm-up of LDM's LitEma and diffusers' EMAModel: early on the average follows the weights instead of
+    # The warm-up of diffusers' EMAModel (LDM's LitEma applies it from its first update, where this one copies the
+    # weights, as EMAModel does): early on the average follows the weights instead of
     # staying near their random initialisation (at 0.9999, the initial weights would still hold 37 % after
     # 10,000 steps).
     return min(decay, (1 + updates) / (10 + updates)) if warmup else decay
