@@ -101,3 +101,25 @@ def test_bad_images_count_every_ranks_reads(tmp_path: Path, images: Path, monkey
     fit(tr)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["bad_images"] == 2  # seed 0 reads broken.jpg second in epoch 0: once in these 3 steps
+
+
+def test_resuming_shards_with_another_process_count_warns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture, images: Path) -> None:
+    # Shards are split among the processes, so another count reads other data from the resume on: said, once.
+    with tarfile.open(tmp_path / "train-0.tar", "w") as tf:
+        for i in range(2):
+            data = _png(i)
+            info = tarfile.TarInfo(f"{i}.png")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    for data, warns in ((f"{tmp_path}/train-0.tar", True), (str(images), False)):
+        tr = Trainer(load_config(None, _sets(tmp_path, Path(data))))
+        path = tr.save()
+        real = trainer_module.ckpt.load_training_state
+        monkeypatch.setattr(trainer_module.ckpt, "load_training_state",
+                            lambda p, real=real: {**real(p), "world": 2})  # as if saved by two processes
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert tr.resume(path)
+        assert ("saved with 2 process(es) on 1" in caplog.text) is warns, caplog.text
+        monkeypatch.undo()

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from klvae.datasources import resolve_spec
 from klvae.errors import KlvaeError, WeightsError, quote
 from klvae.inference.precision import usable_device
 from klvae.model.autoencoder import AutoencoderKL
@@ -203,7 +204,17 @@ class Trainer:
         except KlvaeError as e:
             raise type(e)(f"cannot resume from {found}: {e}") from None
         log.info("resumed from %s at step %d", found, self.step)
+        self._warn_if_streams_reshard(state.get("world"))
         return True
+
+    def _warn_if_streams_reshard(self, saved_world: object) -> None:
+        # Other sources keep one global order whatever the process count; shards are split among the processes,
+        # so with another count each reads other shards and skips its own count of consumed batches.
+        if saved_world in (None, self.dist.world) or resolve_spec(self.cfg.data.train).kind != "tar":
+            return
+        log.warning("resuming a run over .tar shards saved with %s process(es) on %d: the shards are shared out "
+                    "anew, so the data from here on is not what the interrupted run would have read",
+                    saved_world, self.dist.world)
 
     def save(self) -> Path | None:
         """Rank 0 writes a checkpoint; every rank waits for it."""
