@@ -187,3 +187,29 @@ def test_dtype_kept_and_timestep_checks() -> None:
         s.q_sample(x, torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="noise shape"):
         s.q_sample(x, _t(), noise=torch.zeros(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_add_noise_and_get_velocity_in_diffusers_argument_order(dtype: torch.dtype) -> None:
+    import diffusers
+    ref = diffusers.DDPMScheduler(num_train_timesteps=T, beta_schedule="scaled_linear", beta_start=0.00085,
+                                  beta_end=0.012)
+    s, x0, eps, t = NoiseSchedule.sd(), _x0(dtype=dtype), _x0(dtype=dtype, seed=1), _t()
+    ours, theirs = s.add_noise(x0, eps, t), ref.add_noise(x0, eps, t)
+    assert ours.dtype == theirs.dtype == dtype
+    torch.testing.assert_close(ours, s.q_sample(x0, t, eps), rtol=0, atol=0)
+    # fp16: diffusers rounds its tables to fp16 first, klvae rounds only the result
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=tol)
+    torch.testing.assert_close(s.get_velocity(x0, eps, t), ref.get_velocity(x0, eps, t), rtol=0, atol=tol)
+    # one timestep in a [1] tensor serves the whole batch, as in diffusers
+    one = torch.tensor([500])
+    torch.testing.assert_close(s.add_noise(x0, eps, one), ref.add_noise(x0, eps, one), rtol=0, atol=tol)
+
+
+def test_swapped_noise_and_timesteps_name_the_argument_order() -> None:
+    s, x0, eps, t = NoiseSchedule.sd(), _x0(dtype=torch.float32), _x0(dtype=torch.float32, seed=1), _t()
+    with pytest.raises(TypeError, match=r"argument order.*add_noise\(x0, noise, t\)"):
+        s.q_sample(x0, eps, t)  # type: ignore[arg-type]  # diffusers' habit
+    with pytest.raises(TypeError, match=r"get_v\(x0, noise, t\)"):
+        s.get_v(x0, t, eps)  # type: ignore[arg-type]

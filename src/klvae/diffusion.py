@@ -13,7 +13,12 @@ here (diffusers)    betas                                        LDM name       
 So an LDM config that says `linear` with `linear_start: 0.00085, linear_end: 0.012` is `scaled_linear` here.
 Left out, the beta range is the one each name is known by: 1e-4..0.02 for "linear" (DDPM), 0.00085..0.012 for
 "scaled_linear" (Stable Diffusion).
-All tables are float64 (as LDM's numpy tables are); results are cast to the input's dtype at the end.
+All tables are float64 (as LDM's numpy tables are); results are cast to the input's dtype at the end. So on
+fp16/bf16 inputs they are closer to the exact values than diffusers' (which casts alphas_cumprod to the input's
+dtype first) and may differ from its results by a few of those formats' rounding steps.
+
+Argument order: LDM's `q_sample(x0, t, noise)` puts t second, its `get_v(x0, noise, t)` last; diffusers'
+`add_noise(x0, noise, t)` and `get_velocity(x0, noise, t)` are here under those names, in that order.
 """
 
 from __future__ import annotations
@@ -118,9 +123,13 @@ class NoiseSchedule:
     def _check_t(self, t: Tensor | int, x: Tensor) -> Tensor:
         t = torch.as_tensor(t, device=x.device)
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise TypeError(f"timesteps must be an integer tensor, got {t.dtype}")
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
+            hint = ""
+            if t.ndim > 1:  # a sample, not timesteps: arguments swapped
+                hint = (" shaped like a sample; check the argument order: q_sample(x0, t, noise), get_v(x0, noise, t), "
+                        "diffusers' order add_noise(x0, noise, t), get_velocity(x0, noise, t)")
+            raise TypeError(f"timesteps must be an integer tensor, got {t.dtype}{hint}")
+        if t.ndim == 0 or t.shape == (1,):  # one timestep for the whole batch, as diffusers broadcasts it
+            t = t.reshape(()).expand(x.shape[0])
         if t.ndim != 1 or t.shape[0] != x.shape[0]:
             raise ValueError(f"timesteps must be [B] with B = {x.shape[0]}, got shape {tuple(t.shape)}")
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_steps):
@@ -138,6 +147,14 @@ class NoiseSchedule:
         elif noise.shape != x0.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} differs from x0 shape {tuple(x0.shape)}")
         return _combine(self.sqrt_alphas_cumprod, x0, self.sqrt_one_minus_alphas_cumprod, noise, t, sign=1.0)
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
+        """`q_sample` in diffusers' `DDPMScheduler.add_noise` argument order (noise before the timesteps)."""
+        return self.q_sample(x0, t, noise)
+
+    def get_velocity(self, x0: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
+        """`get_v` under diffusers' name (`DDPMScheduler.get_velocity`, the same order)."""
+        return self.get_v(x0, noise, t)
 
     def q_mean_variance(self, x0: Tensor, t: Tensor | int) -> tuple[Tensor, Tensor, Tensor]:
         """Mean, variance and log-variance of q(x_t | x_0); the latter two are [B, 1, ..., 1]."""

@@ -71,11 +71,12 @@ def cmd_noise(args: argparse.Namespace) -> int:
                                        beta_end=args.beta_end)
     z0 = vae.scale_latents(inference.encode(vae, x, dtype).mode())
     noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(args.seed)).to(z0.device)
-    tiles = []
-    for t in args.steps:
-        zt = schedule.q_sample(z0, t, noise=noise)
-        img = inference.decode(vae, vae.unscale_latents(zt), dtype, size=tuple(x.shape[-2:]))
-        tiles.append((t, tensor_to_pil(img[0].cpu()), float(schedule.snr(t).item())))
+    zts = torch.cat([schedule.q_sample(z0, t, noise=noise) for t in args.steps])
+    # --batch-size noised latents per decoder pass (one at a time when it is left unset)
+    images = [inference.decode(vae, vae.unscale_latents(chunk), dtype, size=tuple(x.shape[-2:])).cpu()
+              for chunk in zts.split(args.batch_size or 1)]
+    tiles = [(t, tensor_to_pil(img), float(schedule.snr(t).item()))
+             for t, img in zip(args.steps, torch.cat(images), strict=True)]
     save_image_atomic(_sheet(tiles), args.output)
     print(f"wrote {args.output}: t = {', '.join(str(t) for t in args.steps)} ({args.schedule} schedule)")
     return 0

@@ -25,6 +25,15 @@ class LatentDataset(Dataset):
     With moments stored, `mode="sample"` draws z from the posterior on every access (augmentation, as
     LDM training does) and `mode="mean"` returns its mean. With a seed, an item's noise depends only on
     (seed, epoch, index): the same in any DataLoader worker and on every run; `set_epoch` changes it.
+
+    An item is a dict: "latents" [C, h, w]; the index's own fields, plain JSON ("source": the image's id;
+    "size": the original image's [height, width]; "crop": [top, left, height, width] of the centre crop in
+    the resized, unflipped image; "bucket": the crop's [height, width] in pixels; "flip": a mirrored row);
+    and SDXL's micro-conditioning as int64 tensors [2], which the default collate stacks to [B, 2] (it would
+    turn the lists above into two [B] tensors): "original_size" (= size), "crops_coords_top_left" ((top,
+    left); for a flipped row measured in the flipped image, as diffusers' SDXL training script flips before
+    it crops), "target_size" (= bucket); and "add_time_ids" [6], their concatenation in diffusers' order.
+    `dataset.norm.unscale(latents)` (or the VAE's `unscale_latents`) undoes the scaling before decoding.
     """
 
     def __init__(self, root: str | Path, mode: str = "sample", seed: int | None = None) -> None:
@@ -81,11 +90,24 @@ class LatentDataset(Dataset):
             if self.store == "sample":
                 latents = self.norm.scale(latents)
         meta = {k: it[k] for k in ("source", "size", "crop", "flip", "bucket")}
-        return {"latents": latents, **meta}
+        return {"latents": latents, **meta, **micro_conditioning(it)}
 
     def __getstate__(self) -> dict[str, Any]:
         # DataLoader workers reopen shards themselves; open handles do not pickle.
         return {**self.__dict__, "_handles": {}}
+
+
+def micro_conditioning(item: dict[str, Any]) -> dict[str, Tensor]:
+    """SDXL's size and crop conditioning of an index row (see `LatentDataset`), as int64 tensors."""
+    (height, width), (top, left, th, tw) = item["size"], item["crop"]
+    if item["flip"]:
+        # The row is the crop of the unflipped image, mirrored: the same pixels as the crop of the mirrored image
+        # at left' = scaled_width - crop_width - left. scaled_width is `resize_crop`'s, by its own formula.
+        scale = max(th / height, tw / width)
+        left = max(tw, round(width * scale)) - tw - left
+    original, crop, target = (torch.tensor(v, dtype=torch.int64) for v in ((height, width), (top, left), (th, tw)))
+    return {"original_size": original, "crops_coords_top_left": crop, "target_size": target,
+            "add_time_ids": torch.cat([original, crop, target])}
 
 
 class BucketBatchSampler(Sampler[list[int]]):
