@@ -62,7 +62,7 @@ def _stand_in_torchvision() -> Iterator[None]:
     # lpips and torch-fidelity import torchvision, whose PyPI wheel is a CUDA build: with the CPU torch that
     # klvae's tests install its C++ ops do not load and its import fails (and an installed broken torchvision
     # breaks diffusers' import too). What these tests run of theirs needs only VGG16's layer list, so a
-    # stand-in serves while they import. Every module imported meanwhile is dropped from sys.modules again, so
+    # stand-in serves while they import. It and the peers' modules are dropped from sys.modules again, so
     # other tests see neither the stand-in nor the peers (test_losses looks for an `lpips` it may import).
     before = set(sys.modules)
     names = ["torchvision", "torchvision.models", "torchvision.datasets", "torchvision.transforms",
@@ -77,7 +77,9 @@ def _stand_in_torchvision() -> Iterator[None]:
         yield
     finally:
         for n in set(sys.modules) - before:
-            del sys.modules[n]
+            # Only theirs: a C extension imported meanwhile (numpy.fft, say) cannot be imported a second time.
+            if n.split(".")[0] in ("torchvision", "lpips", "torch_fidelity"):
+                del sys.modules[n]
 
 
 def _import_peer(name: str) -> ModuleType:
@@ -120,6 +122,23 @@ def test_lpips_equals_the_lpips_package(lpips_ref: torch.nn.Module, shape: tuple
     assert got.shape == want.shape == (shape[0], 1, 1, 1)
     assert float(want.min()) > 0
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+
+def test_lpips_as_a_loss_equals_the_lpips_package_with_its_gradient(lpips_ref: torch.nn.Module) -> None:
+    # The training path (gradients to the reconstructions only) runs its own VGG passes: value and gradient.
+    ours = LPIPS(pretrained=False)
+    ours.load_vgg(_vgg_state_dict(lpips_ref))
+    ours.load_lin({f"lin{i}.model.1.weight": getattr(lpips_ref, f"lin{i}").model[1].weight for i in range(5)})
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(2, 3, 48, 40, generator=g) * 2 - 1
+    y = (x + 0.3 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    got_y, want_y = y.clone().requires_grad_(True), y.clone().requires_grad_(True)
+    got, want = ours(x, got_y), lpips_ref(x, want_y)
+    got.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got_y.grad, want_y.grad)
 
 
 def _calibrated_inception(g: torch.Generator) -> dict[str, torch.Tensor]:

@@ -134,12 +134,17 @@ class LPIPS(FrozenNet):
         if x.shape != y.shape or x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"LPIPS needs two [B, 3, H, W] batches of one shape, got {list(x.shape)}, {list(y.shape)}")
         n = x.shape[0]
-        # One pass over both batches: half the kernel launches, same numbers.
-        feats = self.net((torch.cat([x, y]) - self.shift) / self.scale)
+        if torch.is_grad_enabled() and x.requires_grad != y.requires_grad:
+            # A loss (gradients to one side only): one pass over both batches would run the VGG's backward,
+            # and keep its activations, for the side that needs none as well.
+            pairs = list(zip(self.net((x - self.shift) / self.scale), self.net((y - self.shift) / self.scale),
+                             strict=True))
+        else:
+            # A metric: one pass over both batches, half the kernel launches, same numbers.
+            pairs = [(f[:n], f[n:]) for f in self.net((torch.cat([x, y]) - self.shift) / self.scale)]
         total = x.new_zeros((n, 1, 1, 1), dtype=torch.float32)
-        for f, head in zip(feats, self.lin.heads(), strict=True):
-            f = _unit_normalise(f)
-            diff = (f[:n] - f[n:]).pow(2)
+        for (fx, fy), head in zip(pairs, self.lin.heads(), strict=True):
+            diff = (_unit_normalise(fx) - _unit_normalise(fy)).pow(2)
             total = total + head(diff).float().mean(dim=(2, 3), keepdim=True)
         return total
 
