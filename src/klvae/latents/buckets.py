@@ -31,12 +31,18 @@ def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> t
     return min(buckets, key=lambda hw: abs(math.log(hw[1] / hw[0]) - r))
 
 
+def cover_size(height: int, width: int, size: tuple[int, int]) -> tuple[int, int]:
+    """The (height, width) an image is scaled to so that it covers `size` (height, width), aspect kept."""
+    th, tw = size
+    s = max(th / height, tw / width)
+    return max(th, round(height * s)), max(tw, round(width * s))
+
+
 def resize_crop(img: Image.Image, size: tuple[int, int]) -> tuple[Image.Image, tuple[int, int, int, int]]:
     """Scale to cover (height, width), centre-crop to it; returns the image and (top, left, height, width) of the
     crop in scaled pixels (SDXL's crop conditioning takes top and left)."""
     th, tw = size
-    s = max(th / img.height, tw / img.width)
-    nh, nw = max(th, round(img.height * s)), max(tw, round(img.width * s))
+    nh, nw = cover_size(img.height, img.width, size)
     if nh * nw > MAX_PIXELS:  # a 1x200000 strip covering 256x256 would be scaled to 256x51200000
         raise ImageError(f"a {img.width}x{img.height} image is too elongated to cover {tw}x{th}: scaled to "
                          f"{nw}x{nh} it would exceed the limit of {MAX_PIXELS:,} pixels")

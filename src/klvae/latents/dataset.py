@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from klvae.errors import LatentsError
+from klvae.latents.buckets import cover_size
 from klvae.latents.cache import INDEX_FORMAT, keyed_generator
 from klvae.model.latent_norm import LatentNorm
 from klvae.posterior import DiagonalGaussian
@@ -102,9 +103,8 @@ def micro_conditioning(item: dict[str, Any]) -> dict[str, Tensor]:
     (height, width), (top, left, th, tw) = item["size"], item["crop"]
     if item["flip"]:
         # The row is the crop of the unflipped image, mirrored: the same pixels as the crop of the mirrored image
-        # at left' = scaled_width - crop_width - left. scaled_width is `resize_crop`'s, by its own formula.
-        scale = max(th / height, tw / width)
-        left = max(tw, round(width * scale)) - tw - left
+        # at left' = scaled_width - crop_width - left.
+        left = cover_size(height, width, (th, tw))[1] - tw - left
     original, crop, target = (torch.tensor(v, dtype=torch.int64) for v in ((height, width), (top, left), (th, tw)))
     return {"original_size": original, "crops_coords_top_left": crop, "target_size": target,
             "add_time_ids": torch.cat([original, crop, target])}
