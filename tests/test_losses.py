@@ -123,6 +123,11 @@ def test_adaptive_weight_by_hand() -> None:
     # A critic whose gradient vanishes: VQGAN's clamp holds the weight at 1e4.
     tiny = (w * 1e-12).sum()
     assert adaptive_weight(nll, tiny, w).item() == 1e4
+    # Either loss outside the last layer's graph is refused, not divided by None.
+    other = torch.ones((), requires_grad=True) * 2
+    for a, b in ((nll, other), (other, g)):
+        with pytest.raises(ValueError, match="not in the graph"):
+            adaptive_weight(a, b, w)
 
 
 # ---- the combined generator loss ----------------------------------------------------------------------------

@@ -134,3 +134,19 @@ def test_lpips_runs_the_vgg_backward_over_the_reconstructions_only() -> None:
     torch.testing.assert_close(d.detach(), ref, rtol=0, atol=0)
     (grad,) = torch.autograd.grad(d.sum(), y)
     assert grad.abs().sum() > 0
+
+
+def test_adaptive_weight_under_fp16_when_the_nll_gradient_passes_fp16_range_a_thousandfold() -> None:
+    # The nll gradient ~1e8: 2**-8 is not enough to bring it under fp16's 65504; the later, smaller scales are needed.
+    conv, h, x = _fp16_pair()
+
+    def weight(dtype: torch.dtype | None) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.float16, enabled=dtype is not None):
+            rec = conv(h)
+            nll = 1000.0 * (x - rec.float()).abs().sum()
+            g = -1e5 * rec.float().mean()
+            return adaptive_weight(nll, g, conv.weight)
+
+    ref = weight(None)
+    assert 1.0 < ref.item() < 1e4
+    torch.testing.assert_close(weight(torch.float16).float(), ref, rtol=2e-2, atol=0.0)

@@ -81,3 +81,20 @@ def test_noise_decodes_batch_size_timesteps_per_pass(tmp_path: Path, monkeypatch
     assert passes == [2, 1, 1, 1, 1]  # the option is honoured, not ignored
     a, b = (np.asarray(Image.open(sheets[k]), dtype=np.int16) for k in ("2", "1"))
     assert a.shape == b.shape == (8 + 18, 16 * 3, 3) and np.abs(a - b).max() <= 1
+
+
+def test_flipped_crop_left_in_a_non_square_bucket() -> None:
+    # A wide 40x101 image in a 32x48 bucket: scaled to 32x81, centre crop at left 16; the mirrored image's crop of the
+    # same pixels starts at 81 - 48 - 16 = 17 (the crop's width, not its height; the scaled width, not the height).
+    from klvae.latents.dataset import micro_conditioning
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 101, 3), dtype=np.uint8))
+    cut, (top, left, th, tw) = resize_crop(img, (32, 48))
+    assert (top, left, th, tw) == (0, 16, 32, 48)
+    row = {"size": [40, 101], "crop": [top, left, th, tw], "bucket": [32, 48]}
+    assert micro_conditioning({**row, "flip": False})["add_time_ids"].tolist() == [40, 101, 0, 16, 32, 48]
+    mc = micro_conditioning({**row, "flip": True})
+    assert mc["add_time_ids"].tolist() == [40, 101, 0, 17, 32, 48]
+    ctop, cleft = mc["crops_coords_top_left"].tolist()
+    mirrored = ImageOps.mirror(img.resize((81, 32), Image.Resampling.LANCZOS))
+    seen = mirrored.crop((cleft, ctop, cleft + tw, ctop + th))
+    assert np.array_equal(np.asarray(seen), np.asarray(ImageOps.mirror(cut)))

@@ -64,3 +64,14 @@ def test_posterior_noise_seeds_differ_for_every_micro_batch(tmp_path: Path, accu
     seeds = [tr.noise_seed(step, micro) for step in range(3) for micro in range(accum)]
     assert len(set(seeds)) == len(seeds)  # grad_accum 150 reused step 1's seeds in step 0's micro-batches
     assert tr.noise_seed(1, 0) - tr.noise_seed(0, 0) == max(101, accum)  # up to 101: the noise it always had
+
+
+def test_posterior_noise_seeds_follow_train_seed(tmp_path: Path) -> None:
+    # Another train.seed must draw other posterior noise: the seed is part of every micro-batch's noise seed.
+    sets = ["model.preset=tiny", "data.train=x", "data.resolution=16", "loss.preset=mse", "train.device=cpu",
+            "train.seed=7", f"train.out_dir={tmp_path / 'run'}"]
+    tr = Trainer(load_config(None, sets))
+    assert tr.noise_seed(2, 3) == 7 * 1_000_003 + 2 * 101 + 3
+    mine = {tr.noise_seed(step, micro) for step in range(3) for micro in range(4)}
+    tr.cfg.train.seed = 8
+    assert mine.isdisjoint(tr.noise_seed(step, micro) for step in range(3) for micro in range(4))
