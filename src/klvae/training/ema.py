@@ -13,10 +13,9 @@ AvgFn = Callable[[list[Tensor], list[Tensor], Tensor], None]
 
 def ema_decay_at(decay: float, updates: int, warmup: bool) -> float:
     """The decay of an EMA update after `updates` earlier ones: min(decay, (1 + n) / (10 + n)) with warm-up."""
-    # The warm-up of diffusers' EMAModel (LDM's LitEma applies it from its first update, where this one copies the
-    # weights, as EMAModel does): early on the average follows the weights instead of
-    # staying near their random initialisation (at 0.9999, the initial weights would still hold 37 % after
-    # 10,000 steps).
+    # diffusers' EMAModel warm-up (LDM's LitEma applies it from its first update, where this one and EMAModel copy
+    # the weights): early on the average follows the weights instead of staying near their random initialisation
+    # (at 0.9999 without it, the initial weights would still hold 37 % after 10,000 steps).
     return min(decay, (1 + updates) / (10 + updates)) if warmup else decay
 
 
