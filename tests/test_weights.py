@@ -119,7 +119,8 @@ def test_config_inferred_from_shapes(name: str, attention: str) -> None:
     # norm_num_groups leaves no trace in the shapes: 32 is assumed whenever it divides every width.
     assert inferred.norm_num_groups == 32
     # Equally, the factors are a guess by latent channels, in both layouts.
-    assert inferred.scaling_factor == (0.18215 if cfg.latent_channels == 4 else 0.3611)
+    assert inferred.scaling_factor == {4: 0.18215, 16: 0.3611, 32: 1.0}[cfg.latent_channels]
+    assert inferred.latent_patch_size == (2 if cfg.latent_channels == 32 else 1)
     assert infer_config(to_diffusers(diffusers_to_ldm(sd))) == inferred
 
 
@@ -188,7 +189,8 @@ def test_config_json_round_trip(name: str) -> None:
     cfg = PRESETS[name]
     d = json.loads(json.dumps(config_to_diffusers(cfg)))
     assert config_from_diffusers(d) == cfg
-    assert d["_class_name"] == "AutoencoderKL" and d["down_block_types"] == ["DownEncoderBlock2D"] * len(
+    assert d["_class_name"] == ("AutoencoderKLFlux2" if cfg.latent_patch_size > 1 else "AutoencoderKL")
+    assert d["down_block_types"] == ["DownEncoderBlock2D"] * len(
         cfg.block_out_channels
     )
 

@@ -114,14 +114,19 @@ def cmd_scale(args: argparse.Namespace) -> int:
     if not source.ids:
         raise KlvaeError(f"no images in {args.data}")
     vae, _, dtype = load_model(args)
+    if args.save and not args.per_channel and vae.config.latent_patch_size > 1:
+        # Its formats (diffusers' AutoencoderKLFlux2, BFL's) hold a latent BatchNorm and no factors.
+        raise KlvaeError("a model with latent patches (FLUX.2) keeps per-channel statistics only: "
+                         "add --per-channel to --save")
     f = estimate_factors(vae, source, limit=args.limit, resolution=args.resolution, dtype=dtype)
     shards = f", {len(source.unreadable)} unreadable tar shards skipped" if source.unreadable else ""
     if args.per_channel:
         means, stds = [round(v, 6) for v in f["latents_mean"]], [_round_positive(v) for v in f["latents_std"]]
-        norm = LatentNorm(1.0, None, means, stds)
+        norm = LatentNorm(1.0, None, means, stds, vae.config.latent_patch_size)
         found = f"latents_mean {list(norm.latents_mean or ())}  latents_std {list(norm.latents_std or ())}"
     else:
-        norm = LatentNorm(_round_positive(f["scaling_factor"]), None if args.no_shift else round(f["shift_factor"], 6))
+        norm = LatentNorm(_round_positive(f["scaling_factor"]), None if args.no_shift else round(f["shift_factor"], 6),
+                          latent_patch_size=vae.config.latent_patch_size)
         found = f"scaling_factor {f['scaling_factor']:.6g}  shift_factor {norm.shift_factor}"
     old = ", ".join(f"{k} {v}" for k, v in vae.config.latent_norm.to_dict().items() if v is not None)
     print(f"{found}  (latent std {f['std']:.6g} over {int(f['images'])} images, skipped {int(f['skipped'])} "

@@ -16,8 +16,9 @@ from klvae.posterior import DiagonalGaussian
 
 
 def pad_for(vae: AutoencoderKL, x: Tensor) -> Tensor:
-    """Pad right/bottom (edge-replicated) to a multiple of the downsample factor."""
-    f = vae.downsample_factor
+    """Pad right/bottom (edge-replicated) to whole cells of the diffusion latent (config.size_multiple: the
+    downsample factor, times the latent patch for FLUX.2, so that its latents always split into patches)."""
+    f = vae.config.size_multiple
     h, w = x.shape[-2:]
     ph, pw = (-h) % f, (-w) % f
     if ph or pw:

@@ -76,12 +76,12 @@ def check_resolution(resolution: int, flag: str = "--resolution") -> None:
 
 
 def check_whole_latents(vae: AutoencoderKL, resolution: int) -> None:
-    """KlvaeError unless `resolution` is a multiple of the model's downsample factor."""
-    factor = vae.config.downsample_factor
+    """KlvaeError unless `resolution` is a multiple of the model's downsample factor (times its latent patch)."""
+    factor = vae.config.size_multiple
     if resolution % factor:
         # The encoder would pad the crop, and the latents would hold cells of the padding too.
-        raise KlvaeError(f"--resolution must be a multiple of the model's downsample factor {factor}, "
-                         f"got {resolution}")
+        what = "downsample factor" if vae.config.latent_patch_size == 1 else "downsample factor times latent patch"
+        raise KlvaeError(f"--resolution must be a multiple of the model's {what} {factor}, got {resolution}")
 
 
 def model_fingerprint(vae: AutoencoderKL, with_factors: bool = True) -> str:
@@ -93,6 +93,8 @@ def model_fingerprint(vae: AutoencoderKL, with_factors: bool = True) -> str:
     if cfg.get("latents_mean", 0) is None:
         # Absent, as they were before the field existed: the fingerprints of existing caches stay the same.
         cfg.pop("latents_mean"), cfg.pop("latents_std")
+    if cfg.get("latent_patch_size") == 1:  # likewise
+        cfg.pop("latent_patch_size")
     h = hashlib.blake2b(json.dumps(cfg, sort_keys=True).encode(), digest_size=16)
     for name, t in sorted(vae.state_dict().items()):
         # Rounded to bf16: a GPU run casts the weights to bf16 for speed, and must still match a run in fp32.

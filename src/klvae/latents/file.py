@@ -41,12 +41,14 @@ class LatentsFile:
     shift_factor: float | None = None
     latents_mean: tuple[float, ...] | None = None
     latents_std: tuple[float, ...] | None = None
+    latent_patch_size: int = 1
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def norm(self) -> LatentNorm:
         """The factors the latents were scaled with."""
-        return LatentNorm(self.scaling_factor, self.shift_factor, self.latents_mean, self.latents_std)
+        return LatentNorm(self.scaling_factor, self.shift_factor, self.latents_mean, self.latents_std,
+                          self.latent_patch_size)
 
 
 def save_latents(lf: LatentsFile, path: str | Path) -> Path:
@@ -100,9 +102,10 @@ def load_latents(path: str | Path, downsample_factor: int | None = None) -> Late
 
 
 def check_sizes(lf: LatentsFile, downsample_factor: int, where: str | Path = "latents") -> None:
-    """Each item's size must be what its latents decode to, cropped by less than one latent cell, and the
-    decoded image must stay within klvae.images.MAX_PIXELS; else a LatentsError naming the item."""
-    f = downsample_factor
+    """Each item's size must be what its latents decode to, cropped by less than one latent cell (of the diffusion
+    latent, so a patch for FLUX.2), and the decoded image must stay within klvae.images.MAX_PIXELS; else a
+    LatentsError naming the item."""
+    f = downsample_factor * lf.latent_patch_size
     for n, it in enumerate(lf.items):
         label = f"{where}: item {n} ({quote(it.name)})"
         h, w = lf.latents[it.key].shape[-2:]
@@ -134,10 +137,11 @@ def _parse_norm(meta: dict[str, str], path: Path) -> LatentNorm:
     if scaling is None or scaling == 0:
         raise LatentsError(f"{path} has malformed metadata: scaling_factor must be a non-zero number, got {scaling}")
     shift = _meta_number(_meta_json(meta, "shift_factor", path), "shift_factor", path)
-    # Files written before the per-channel statistics have no such fields.
+    # Files written before the per-channel statistics (or the patches) have no such fields.
     per_channel = {k: _meta_json(meta, k, path) if k in meta else None for k in ("latents_mean", "latents_std")}
+    patch = _meta_json(meta, "latent_patch_size", path) if "latent_patch_size" in meta else 1
     try:
-        return LatentNorm(scaling, shift, **per_channel)
+        return LatentNorm(scaling, shift, **per_channel, latent_patch_size=patch)
     except ValueError as e:
         raise LatentsError(f"{path} has malformed metadata: {e}") from None
 

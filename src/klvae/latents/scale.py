@@ -35,7 +35,8 @@ def estimate_factors(vae: AutoencoderKL, spec: str | ItemSource, limit: int = 25
     """Mean and std of z over up to `limit` images (centre crops): the factors that make z zero-mean, unit-std.
 
     `scaling_factor`, `shift_factor` and `std` are over all channels; `latents_mean` and `latents_std` (lists)
-    per channel. Unreadable images are skipped with a warning and counted (`skipped`); `images` is the number used.
+    per channel (of the diffusion latent: in FLUX.2's 2x2 patches, 4x the VAE's channels). Unreadable images are
+    skipped with a warning and counted (`skipped`); `images` is the number used.
     """
     check_scale_options(limit, resolution)
     check_whole_latents(vae, resolution)  # padded cells would bias the statistics
@@ -57,6 +58,7 @@ def estimate_factors(vae: AutoencoderKL, spec: str | ItemSource, limit: int = 25
         post = inference.encode(vae, pil_to_tensor(img)[None], dtype)
         check_finite_moments(post.parameters, [source.ids[i]])  # else every factor is NaN, found only at --save
         z = (post.sample(gen.manual_seed(seed + i)) if sample else post.mode()).double().cpu()
+        z = vae.config.latent_norm.patchify(z)  # FLUX.2's statistics are of the diffusion latent's channels
         n, used = n + z[:, 0].numel(), used + 1
         s1, s2 = s1 + z.sum(dim=(0, 2, 3)), s2 + z.square().sum(dim=(0, 2, 3))
     if used == 0:

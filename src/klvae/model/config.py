@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from klvae.model.latent_norm import LatentNorm, finite
+from klvae.model.latent_norm import NORM_FIELDS, LatentNorm, finite
 
 AttentionType = Literal["vanilla", "linear", "none"]
 
@@ -47,6 +47,9 @@ class AutoencoderKLConfig:
     # z_diffusion = (z - latents_mean[c]) * scaling_factor / latents_std[c]. See model.latent_norm.
     latents_mean: tuple[float, ...] | None = None
     latents_std: tuple[float, ...] | None = None
+    # FLUX.2's diffusion latent is z in 2x2 patches (latent_channels*4 channels at half the size), normalised per
+    # channel by its latent BatchNorm's statistics, which loading turns into latents_mean/latents_std.
+    latent_patch_size: int = 1
     # diffusers' flag that the VAE overflows in fp16 (SD 1.x, SDXL), on which its pipelines run the VAE in fp32.
     # Kept for round trips only: klvae checks every half-precision pass and reruns one that overflowed in fp32
     # whatever the flag says (inference.precision.run_guarded), so fp16 runs where it works.
@@ -71,12 +74,19 @@ class AutoencoderKLConfig:
     @property
     def latent_norm(self) -> LatentNorm:
         """The map between this VAE's latents and the diffusion model's (scale, shift or per-channel)."""
-        return LatentNorm(self.scaling_factor, self.shift_factor, self.latents_mean, self.latents_std)
+        return LatentNorm(self.scaling_factor, self.shift_factor, self.latents_mean, self.latents_std,
+                          self.latent_patch_size)
 
     @property
     def downsample_factor(self) -> int:
         """Pixels per latent cell along one side (8 for four levels)."""
         return 2 ** (len(self.block_out_channels) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Pixels per cell of the diffusion latent along one side: the downsample factor times the latent patch
+        (16 for FLUX.2), so image sides that are multiples of it give whole diffusion latents."""
+        return self.downsample_factor * self.latent_patch_size
 
     def replace(self, **changes: Any) -> AutoencoderKLConfig:
         """A copy with some fields changed."""
@@ -129,12 +139,15 @@ def _check_types(cfg: AutoencoderKLConfig) -> None:
         if not isinstance(getattr(cfg, name), bool):
             raise ValueError(f"{name} must be true or false, got {getattr(cfg, name)!r}")
     put("norm_eps", finite(cfg.norm_eps, "norm_eps", positive=True))
-    norm = LatentNorm(cfg.scaling_factor, cfg.shift_factor, cfg.latents_mean, cfg.latents_std)
-    for name in ("scaling_factor", "shift_factor", "latents_mean", "latents_std"):
+    norm = LatentNorm(cfg.scaling_factor, cfg.shift_factor, cfg.latents_mean, cfg.latents_std,
+                      cfg.latent_patch_size)
+    for name in NORM_FIELDS:
         put(name, getattr(norm, name))
-    if norm.channels not in (None, cfg.latent_channels):
-        raise ValueError(f"latents_mean/latents_std have {norm.channels} entries for {cfg.latent_channels} "
-                         "latent channels")
+    channels = cfg.latent_channels * norm.latent_patch_size**2
+    if norm.channels not in (None, channels):
+        patches = f" in {norm.latent_patch_size}x{norm.latent_patch_size} patches" if norm.latent_patch_size > 1 else ""
+        raise ValueError(f"latents_mean/latents_std have {norm.channels} entries for {channels} latent "
+                         f"channels{patches}")
 
 
 # Far beyond any released VAE (4 levels, 2 blocks, 84M parameters): more is a crafted config.json or weights
@@ -183,6 +196,9 @@ PRESETS: dict[str, AutoencoderKLConfig] = {
         sample_size=1024, scaling_factor=0.5,
         latents_mean=(-1.6574, 1.886, -1.383, 2.5155), latents_std=(8.4927, 5.9022, 6.5498, 5.2299),
     ),
+    # FLUX.2: 32 latent channels with the quant convs, normalised in 2x2 patches by statistics that come with the
+    # weights (its latent BatchNorm's), so none here: the preset alone only patchifies.
+    "flux2": _SD.replace(latent_channels=32, sample_size=1024, scaling_factor=1.0, latent_patch_size=2),
     # Small configs for tests and experiments: the full topology at a fraction of the width.
     "tiny": AutoencoderKLConfig(
         block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=64,
@@ -201,6 +217,7 @@ PRESET_HUB_IDS: dict[str, tuple[str, str | None]] = {
     "sdxl": ("stabilityai/sdxl-vae", None),
     "sd3": ("stabilityai/stable-diffusion-3-medium-diffusers", "vae"),
     "flux": ("black-forest-labs/FLUX.1-dev", "vae"),
+    "flux2": ("black-forest-labs/FLUX.2-dev", "vae"),
     "playground25": ("playgroundai/playground-v2.5-1024px-aesthetic", "vae"),
 }
 

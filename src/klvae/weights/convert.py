@@ -1,7 +1,8 @@
 """State-dict layouts of the KL autoencoder and pure conversions between them (state_dict -> state_dict).
 
 Layouts: "diffusers" (what AutoencoderKL's own keys are), "diffusers_legacy" (diffusers before 0.14: attention
-as query/key/value/proj_attn) and "ldm" (CompVis/SAI checkpoints: encoder.down.N.block.M, mid.attn_1.q ...).
+as query/key/value/proj_attn) and "ldm" (CompVis/SAI checkpoints: encoder.down.N.block.M, mid.attn_1.q ...;
+BFL's FLUX.2 ae.safetensors is LDM with its quant convs inside the encoder and decoder and a latent BatchNorm).
 Converters rename the keys they know and pass every other key through untouched, so that strict loading can name
 a stray key exactly as the checkpoint spells it.
 """
@@ -111,10 +112,12 @@ def _ldm_key(key: str, n_up: int) -> str:
         return f"{m[1]}.mid_block.attentions.0.{m[2]}.{m[3]}"
     if m := re.match(r"^(encoder|decoder)\.norm_out\.(.+)$", key):
         return f"{m[1]}.conv_norm_out.{m[2]}"
+    if m := re.match(r"^(encoder\.quant_conv|decoder\.post_quant_conv)\.(.+)$", key):  # BFL's FLUX.2 layout
+        return f"{m[1].split('.')[1]}.{m[2]}"
     return key
 
 
-def _diffusers_key(key: str, n_up: int) -> str:
+def _diffusers_key(key: str, n_up: int, bfl: bool) -> str:
     """One diffusers key in LDM naming (unknown keys unchanged)."""
     if m := re.match(r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)$", key):
         return f"encoder.down.{m[1]}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
@@ -134,6 +137,8 @@ def _diffusers_key(key: str, n_up: int) -> str:
         return f"{m[1]}.mid.attn_1.{m[2]}.{m[3]}"
     if m := re.match(r"^(encoder|decoder)\.conv_norm_out\.(.+)$", key):
         return f"{m[1]}.norm_out.{m[2]}"
+    if bfl and (m := re.match(r"^(quant_conv|post_quant_conv)\.(.+)$", key)):
+        return f"{'encoder' if m[1] == 'quant_conv' else 'decoder'}.{m[1]}.{m[2]}"
     return key
 
 
@@ -148,11 +153,13 @@ def ldm_to_diffusers(sd: StateDict) -> StateDict:
 
 
 def diffusers_to_ldm(sd: StateDict) -> StateDict:
-    """Diffusers keys -> LDM keys; attention Linear weights become 1x1-conv weights [C, C, 1, 1]."""
+    """Diffusers keys -> LDM keys; attention Linear weights become 1x1-conv weights [C, C, 1, 1]. With FLUX.2's
+    latent BatchNorm (bn.*) in `sd`, BFL's layout: the quant convs move into the encoder and the decoder."""
     n_up = count_indices(sd, r"^decoder\.up_blocks\.(\d+)\.")
+    bfl = "bn.running_mean" in sd
     out: StateDict = {}
     for k, v in sd.items():
-        new = _diffusers_key(k, n_up)
+        new = _diffusers_key(k, n_up, bfl)
         if re.search(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", new) and v.ndim == 2:
             v = v[:, :, None, None]
         out[new] = v

@@ -1,4 +1,4 @@
-"""diffusers' AutoencoderKL config.json <-> AutoencoderKLConfig."""
+"""diffusers' AutoencoderKL (and AutoencoderKLFlux2) config.json <-> AutoencoderKLConfig."""
 
 from __future__ import annotations
 
@@ -24,6 +24,14 @@ _IGNORED = {"_class_name", "_diffusers_version", "_name_or_path", "_klvae_versio
             "up_block_types", "act_fn"}
 # diffusers has no such field: its AutoencoderKL always uses this GroupNorm epsilon.
 _DIFFUSERS_NORM_EPS = 1e-6
+# FLUX.2's class: AutoencoderKL's network plus a latent BatchNorm over patches (see weights.latent_bn). Its
+# pipelines read no scaling_factor, shift_factor or latents_mean: the BatchNorm's statistics replace them.
+FLUX2_CLASS = "AutoencoderKLFlux2"
+_FLUX2_DEFAULTS: dict[str, Any] = {
+    "latent_channels": 32, "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "sample_size": 1024,
+    "batch_norm_eps": 1e-4, "batch_norm_momentum": 0.1, "patch_size": [2, 2], "decoder_block_out_channels": None,
+}
+_FLUX2_UNUSED = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
 
 
 def _check_block_types(d: dict[str, Any], levels: int) -> None:
@@ -59,17 +67,48 @@ def _widths(widths: Any) -> tuple[int, ...]:
     return tuple(_int(w, "every block_out_channels entry") for w in widths)
 
 
+def _patch_size(value: Any) -> int:
+    sizes = value if isinstance(value, list) else [value, value]
+    if len(sizes) != 2 or _int(sizes[0], "patch_size") != _int(sizes[1], "patch_size"):
+        raise WeightsError(f"config.json: patch_size {value!r} is unsupported (only square patches)")
+    return _int(sizes[0], "patch_size")
+
+
+def _flux2_fields(d: dict[str, Any]) -> dict[str, Any]:
+    """The AutoencoderKLFlux2 keys as ours: the patch size, and none of the factors its pipelines ignore."""
+    v = {**_FLUX2_DEFAULTS, **d}
+    dec = v["decoder_block_out_channels"]
+    if dec is not None and _widths(dec) != _widths(v["block_out_channels"]):
+        raise WeightsError(f"config.json: decoder_block_out_channels {dec} differ from block_out_channels "
+                           f"{v['block_out_channels']}, which klvae does not build")
+    ignored = [k for k in _FLUX2_UNUSED if d.get(k) is not None]
+    if ignored:
+        log.warning("config.json: %s ignored, as FLUX.2's pipelines do (its latent BatchNorm normalises)",
+                    ", ".join(ignored))
+    return {**{k: v[k] for k in ("latent_channels", "block_out_channels", "layers_per_block", "sample_size")},
+            "latent_patch_size": _patch_size(v["patch_size"]), "scaling_factor": 1.0}
+
+
+def batch_norm_eps(d: dict[str, Any]) -> float:
+    """The epsilon FLUX.2's pipelines add to the latent BatchNorm's variance (BFL's 1e-4 unless `d` says)."""
+    eps = d.get("batch_norm_eps", _FLUX2_DEFAULTS["batch_norm_eps"])
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0 <= eps < 1:
+        raise WeightsError(f"config.json: batch_norm_eps must be a number in [0, 1), got {eps!r}")
+    return float(eps)
+
+
 def config_from_diffusers(d: dict[str, Any]) -> AutoencoderKLConfig:
-    """Our config from a diffusers AutoencoderKL config dict; WeightsError for what the model cannot build."""
+    """Our config from a diffusers AutoencoderKL(Flux2) config dict; WeightsError for what the model cannot build."""
     cls = d.get("_class_name", "AutoencoderKL")
-    if cls != "AutoencoderKL":
+    if cls not in ("AutoencoderKL", FLUX2_CLASS):
         raise WeightsError(f"config.json describes a {cls}, not an AutoencoderKL")
     if d.get("act_fn", "silu") != "silu":
         raise WeightsError(f"config.json: act_fn {d['act_fn']!r} is unsupported (only 'silu')")
-    unknown = sorted(set(d) - set(_DIFFUSERS_DEFAULTS) - _IGNORED)
+    flux2 = _flux2_fields(d) if cls == FLUX2_CLASS else {}
+    unknown = sorted(set(d) - set(_DIFFUSERS_DEFAULTS) - _IGNORED - (set(_FLUX2_DEFAULTS) if flux2 else set()))
     if unknown:
         log.warning("config.json: ignoring unknown keys %s", ", ".join(unknown))
-    v = {k: d.get(k, default) for k, default in _DIFFUSERS_DEFAULTS.items()}
+    v = {k: d.get(k, default) for k, default in _DIFFUSERS_DEFAULTS.items()} | flux2
     widths = _widths(v["block_out_channels"])
     _check_block_types(d, len(widths))
     ints = {k: _int(v[k], k) for k in ("in_channels", "out_channels", "layers_per_block", "latent_channels",
@@ -77,6 +116,8 @@ def config_from_diffusers(d: dict[str, Any]) -> AutoencoderKLConfig:
     # The flags and factors pass as they are: AutoencoderKLConfig checks their types and ranges itself.
     same = {k: v[k] for k in ("use_quant_conv", "use_post_quant_conv", "force_upcast", "scaling_factor",
                               "shift_factor", "latents_mean", "latents_std")}
+    if flux2:
+        same.update(shift_factor=None, latents_mean=None, latents_std=None)
     if same["shift_factor"] is not None and same["latents_mean"] is not None:
         # diffusers' SDXL-family pipelines, the ones that read latents_mean, never read shift_factor.
         log.warning("config.json sets both shift_factor and latents_mean: using latents_mean/latents_std")
@@ -85,7 +126,7 @@ def config_from_diffusers(d: dict[str, Any]) -> AutoencoderKLConfig:
         return AutoencoderKLConfig(
             block_out_channels=widths, **ints, **same, norm_eps=_DIFFUSERS_NORM_EPS,
             attention="vanilla" if _bool(v["mid_block_add_attention"], "mid_block_add_attention") else "none",
-            sample_size=_sample_size(v["sample_size"]),
+            sample_size=_sample_size(v["sample_size"]), latent_patch_size=v.get("latent_patch_size", 1),
         )
     except (TypeError, ValueError) as e:
         raise WeightsError(f"config.json: {e}") from None
@@ -99,7 +140,8 @@ def _sample_size(s: Any) -> int:
 
 
 def config_to_diffusers(cfg: AutoencoderKLConfig) -> dict[str, Any]:
-    """A diffusers AutoencoderKL config dict for `cfg`; WeightsError for what diffusers cannot express."""
+    """A diffusers AutoencoderKL config dict for `cfg` (AutoencoderKLFlux2 with latent patches); WeightsError for
+    what diffusers cannot express."""
     if cfg.attention == "linear":
         raise WeightsError("attention 'linear' cannot be expressed in a diffusers config; use export_ldm instead")
     if cfg.norm_eps != _DIFFUSERS_NORM_EPS:
@@ -107,7 +149,7 @@ def config_to_diffusers(cfg: AutoencoderKLConfig) -> dict[str, Any]:
     from klvae import __version__
 
     n = len(cfg.block_out_channels)
-    return {
+    d = {
         "_class_name": "AutoencoderKL",
         "_diffusers_version": "0.30.0",  # the oldest release that reads every key below
         "_klvae_version": __version__,
@@ -127,10 +169,23 @@ def config_to_diffusers(cfg: AutoencoderKLConfig) -> dict[str, Any]:
         "use_post_quant_conv": cfg.use_post_quant_conv,
         "mid_block_add_attention": cfg.attention == "vanilla",
     }
+    p = d.pop("latent_patch_size")
+    if p == 1:
+        return d
+    # The statistics travel as the weights' bn.* buffers (weights.latent_bn), which also refuses factors.
+    for key in (*_FLUX2_UNUSED, "force_upcast"):
+        d.pop(key)
+    return d | {"_class_name": FLUX2_CLASS, "_diffusers_version": "0.36.0",  # the first release with the class
+                "batch_norm_eps": _FLUX2_DEFAULTS["batch_norm_eps"], "batch_norm_momentum": 0.1, "patch_size": [p, p]}
 
 
 def read_config_json(path: str | Path) -> AutoencoderKLConfig:
     """Our config from a diffusers config.json file."""
+    return config_from_diffusers(read_json_object(path))
+
+
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """A config.json's object; WeightsError when it is unreadable or no object."""
     path = Path(path)
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
@@ -140,4 +195,4 @@ def read_config_json(path: str | Path) -> AutoencoderKLConfig:
         raise WeightsError(f"cannot read {path}: its JSON is nested too deeply to be a config") from None
     if not isinstance(d, dict):
         raise WeightsError(f"{path} is not a JSON object")
-    return config_from_diffusers(d)
+    return d

@@ -6,7 +6,9 @@ Shapes give the architecture but not everything:
 - the latent factors are no architecture at all. 4 latent channels -> SD 1.x's (0.18215); 16 latent channels
   -> FLUX's (0.3611, shift 0.1159), since FLUX's ae.safetensors is the 16-channel VAE most often met as a lone
   file, while SD3's comes with a config.json or inside a full checkpoint whose other keys name it (see
-  `guess_family`). Any other count -> 1.0. A warning asks the user to pass config="sdxl" etc. when guessed.
+  `guess_family`). 32 latent channels -> FLUX.2's 2x2 latent patches, whose statistics come with its weights
+  (bn.*, see weights.latent_bn; a file with them names the family itself). Any other count -> 1.0. A warning
+  asks the user to pass config="sdxl" etc. when guessed.
 """
 
 from __future__ import annotations
@@ -121,6 +123,8 @@ def infer_config(sd: dict[str, Tensor], family: str | None = None) -> Autoencode
         base, guessed = PRESETS["sd15"], True
     elif arch["latent_channels"] == 16:
         base, guessed = PRESETS["flux"], True
+    elif arch["latent_channels"] == 32:  # FLUX.2's, whose statistics come with its weights (weights.latent_bn)
+        base, guessed = PRESETS["flux2"], True
     else:
         base, guessed = AutoencoderKLConfig(scaling_factor=1.0, force_upcast=False), True
     try:

@@ -18,9 +18,10 @@ from klvae.errors import WeightsError
 from klvae.inference.precision import usable_device
 from klvae.model.config import PRESET_HUB_IDS, PRESETS, AutoencoderKLConfig
 from klvae.weights.convert import VAE_PREFIXES, StateDict, to_diffusers
-from klvae.weights.diffusers_config import read_config_json
+from klvae.weights.diffusers_config import batch_norm_eps, read_config_json, read_json_object
 from klvae.weights.hub import CONFIG_NAME, fetch_diffusers_files, looks_like_repo_id
 from klvae.weights.infer import check_fits, guess_family, infer_config
+from klvae.weights.latent_bn import BFL_EPS, pop_latent_bn, with_latent_stats
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +266,11 @@ def _resolve_config(
     return infer_config(sd, family), "the config inferred from the weights"
 
 
+def _batch_norm_eps(source: WeightsSource) -> float:
+    """The latent BatchNorm's epsilon: config.json's where the weights came with one, else BFL's."""
+    return BFL_EPS if source.config_json is None else batch_norm_eps(read_json_object(source.config_json))
+
+
 def _config_from_metadata(text: str, path: Path) -> AutoencoderKLConfig:
     try:
         return AutoencoderKLConfig.from_dict(json.loads(text))
@@ -352,8 +358,14 @@ def load_source(
     """`load_pretrained` from files already located (see `locate`)."""
     _check_dtype(dtype)
     raw, all_keys, meta = _read(source.weights)
-    sd = to_diffusers(raw)
-    cfg, what = _resolve_config(config, source, sd, guess_family(all_keys), meta)
+    sd, latent_bn = pop_latent_bn(to_diffusers(raw))
+    family = "flux2" if latent_bn is not None else guess_family(all_keys)
+    cfg, what = _resolve_config(config, source, sd, family, meta)
+    if latent_bn is not None:
+        cfg = with_latent_stats(cfg, latent_bn, _batch_norm_eps(source), what)
+    elif cfg.latent_patch_size > 1 and cfg.latents_mean is None:
+        log.warning("%s has no latent statistics (FLUX.2's bn.running_mean/var): its diffusion latents will be "
+                    "patchified but not normalised", source.weights.name)
     # Built without memory or random init: every tensor is replaced by a checkpoint tensor below.
     with torch.device("meta"):
         model = cls(cfg)

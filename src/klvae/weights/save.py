@@ -15,6 +15,7 @@ from klvae.errors import WeightsError
 from klvae.model.config import AutoencoderKLConfig
 from klvae.weights.convert import diffusers_to_ldm
 from klvae.weights.diffusers_config import config_to_diffusers
+from klvae.weights.latent_bn import latent_bn_tensors
 from klvae.weights.load import CONFIG_METADATA
 
 log = logging.getLogger(__name__)
@@ -23,9 +24,12 @@ SAFE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 PICKLE_WEIGHTS = "diffusion_pytorch_model.bin"
 
 
-def _tensors(model: nn.Module) -> dict[str, Tensor]:
+def _tensors(model: nn.Module, config: AutoencoderKLConfig) -> dict[str, Tensor]:
     # safetensors wants contiguous CPU tensors that share no storage.
-    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if config.latent_patch_size > 1:  # FLUX.2's loaders read the latent statistics from these buffers
+        tensors.update(latent_bn_tensors(config))
+    return tensors
 
 
 def _safetensors_writer(tensors: dict[str, Tensor], config: AutoencoderKLConfig) -> Callable[[Path], None]:
@@ -55,7 +59,7 @@ def save_pretrained(model: nn.Module, directory: str | Path, safe_serialization:
         raise WeightsError(f"{type(model).__name__} has no config to save")
     d = config_to_diffusers(config)  # raises before anything is written when diffusers cannot express it
     directory = Path(directory)
-    tensors = _tensors(model)
+    tensors = _tensors(model, config)
     name, stale = (SAFE_WEIGHTS, PICKLE_WEIGHTS) if safe_serialization else (PICKLE_WEIGHTS, SAFE_WEIGHTS)
     write_weights = _safetensors_writer(tensors, config) if safe_serialization else _pickle_writer(tensors)
     text = json.dumps(d, indent=2, sort_keys=True) + "\n"
@@ -67,7 +71,8 @@ def save_pretrained(model: nn.Module, directory: str | Path, safe_serialization:
 
 
 def export_ldm(model: nn.Module, path: str | Path) -> Path:
-    """Write the weights in LDM layout (keys without prefix) to one .safetensors file; returns its path.
+    """Write the weights in LDM layout (keys without prefix) to one .safetensors file; returns its path. A model
+    with latent patches (FLUX.2) is written in BFL's layout, with the latent BatchNorm its AutoEncoder loads.
 
     The header also holds the config, so that klvae reloads the file as the same model (other loaders ignore it).
     """
@@ -77,7 +82,7 @@ def export_ldm(model: nn.Module, path: str | Path) -> Path:
     config = getattr(model, "config", None)
     if not isinstance(config, AutoencoderKLConfig):
         raise WeightsError(f"{type(model).__name__} has no AutoencoderKLConfig to export with")
-    tensors = diffusers_to_ldm(_tensors(model))
+    tensors = diffusers_to_ldm(_tensors(model, config))
     atomic_write(path, _safetensors_writer(tensors, config))
     log.info("exported LDM-layout weights to %s", path)
     return path
