@@ -238,8 +238,8 @@ def _unscaled(lf: LatentsFile, it: LatentItem) -> torch.Tensor:
 
 
 def _factors(norm: LatentNorm) -> str:
-    # A shift of None and of 0 scale alike.
-    d = {k: v for k, v in norm.to_dict().items() if v}
+    # A shift of None and of 0 scale alike; patches of 1 are no patches.
+    d = {k: v for k, v in norm.to_dict().items() if v and not (k == "latent_patch_size" and v == 1)}
     return ", ".join(f"{k} {v}" for k, v in d.items())
 
 
@@ -248,10 +248,16 @@ def _check_items(vae: AutoencoderKL, lf: LatentsFile, where: str) -> None:
     check_sizes(lf, vae.downsample_factor, where)
     for n, it in enumerate(lf.items):
         try:
-            inference.check_latents(vae, lf.latents[it.key][None])
+            if not torch.isfinite(lf.latents[it.key]).all():
+                raise LatentsError("latents contain NaN or infinite values")
+            try:  # the model takes them unscaled, and for FLUX.2 out of their patches
+                z = _unscaled(lf, it)
+            except ValueError as e:
+                raise LatentsError(str(e)) from None
             # As decoded: a tiny scaling_factor or a huge value overflows only after the division.
-            if not torch.isfinite(_unscaled(lf, it)).all():
+            if not torch.isfinite(z).all():
                 raise LatentsError(f"latents overflow to inf once unscaled (/ scaling_factor {lf.scaling_factor:g})")
+            inference.check_latents(vae, z)
         except LatentsError as e:
             raise LatentsError(f"{where}: item {n} ({it.name[:60]!r}): {e}") from None
 
@@ -353,4 +359,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     n = d["parameters"]
     print(f"parameters: {n['total']:,} (encoder {n['encoder']:,}, decoder {n['decoder']:,})")
     print(f"downsample factor: {d['downsample_factor']}")
+    p = vae.config.latent_patch_size
+    if p > 1:
+        print(f"diffusion latent: {p}x{p} patches, {vae.config.latent_channels * p * p} channels at "
+              f"1/{vae.config.size_multiple} of the image's size")
     return 0
