@@ -45,10 +45,12 @@ def _shape(v: object) -> str:
     return str(list(v.shape)) if isinstance(v, Tensor) else type(v).__name__
 
 
-def with_latent_stats(cfg: AutoencoderKLConfig, stats: tuple[Tensor, Tensor], eps: float,
-                      what: str) -> AutoencoderKLConfig:
+def with_latent_stats(cfg: AutoencoderKLConfig, stats: tuple[Tensor, Tensor], eps: float, what: str,
+                      exact: AutoencoderKLConfig | None = None) -> AutoencoderKLConfig:
     """`cfg` with latents_mean = running_mean and latents_std = sqrt(running_var + eps); WeightsError if they do
-    not fit its latent patches (or it has none: a config for another model)."""
+    not fit its latent patches (or it has none: a config for another model). Where `cfg` or `exact` (the config
+    klvae wrote into the file's header) hold statistics that agree with the buffers, theirs are kept: the buffers
+    are float32, the config's the float64 figures they were written from."""
     mean, var = (t.detach().to("cpu", torch.float64) for t in stats)
     p, c = cfg.latent_patch_size, cfg.latent_channels
     if p == 1:
@@ -60,9 +62,11 @@ def with_latent_stats(cfg: AutoencoderKLConfig, stats: tuple[Tensor, Tensor], ep
     if not (torch.isfinite(mean).all() and torch.isfinite(var).all() and (var + eps > 0).all()):
         raise WeightsError("the weights' latent BatchNorm statistics are not finite, or a variance is negative")
     new_mean, new_std = tuple(mean.tolist()), tuple((var + eps).sqrt().tolist())
-    if cfg.latents_mean is not None and cfg.latents_std is not None and _agree(cfg.latents_mean, new_mean) \
-            and _agree(cfg.latents_std, new_std):
-        return cfg
+    for known in (cfg, exact):
+        if known is not None and known.latents_mean is not None and known.latents_std is not None \
+                and _agree(known.latents_mean, new_mean) and _agree(known.latents_std, new_std):
+            new_mean, new_std = known.latents_mean, known.latents_std
+            break
     try:
         return cfg.replace(latents_mean=new_mean, latents_std=new_std, shift_factor=None)
     except ValueError as e:
