@@ -19,7 +19,6 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from helpers import one_error_line
 from klvae import AutoencoderKL, inference
 from klvae.cli.main import main
 from klvae.errors import WeightsError
@@ -458,17 +457,13 @@ def test_a_flux2_config_with_a_scaling_factor_cannot_be_saved_for_diffusers(tmp_
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def test_a_flux2_shift_is_refused_or_kept_when_saved_for_diffusers(tmp_path: Path) -> None:
+def test_a_flux2_shift_is_refused_when_saved_for_diffusers(tmp_path: Path) -> None:
     """FLUX.2's diffusers folder has no shift_factor: saving one must not silently lose it."""
     vae = klvae_flux2(stats=False, shift_factor=0.25)
-    try:
-        vae.save_pretrained(tmp_path)
-    except WeightsError as e:
-        assert "\n" not in str(e).strip() and "shift" in str(e)
-        return
-    theirs = diffusers.AutoencoderKLFlux2.from_pretrained(tmp_path, low_cpu_mem_usage=False).eval()
-    z = torch.randn(1, 32, 4, 6)
-    assert_rel(pipeline_scale(theirs, z), vae.scale_latents(z), "the saved folder's normalisation with a shift")
+    with pytest.raises(WeightsError) as e:
+        vae.save_pretrained(tmp_path / "out")
+    assert "shift_factor" in _one_line(e)
+    assert not (tmp_path / "out").exists()
 
 
 # ---- 6. the CLI ----
@@ -515,17 +510,12 @@ def test_cli_encode_decode_round_trip_with_patched_latents(tmp_path: Path, flux2
     assert np.abs(got - ref_u8).max() <= 1.5  # PNG quantisation only
 
 
-def test_cli_encode_of_a_size_whose_latent_grid_is_odd(tmp_path: Path, flux2_dir: Path,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    """A 40x56 image pads to 40x56 for a factor-8 encoder: 5x7 latent cells, which no 2x2 patches cover. encode
-    either pads further (to a multiple of 16) and the round trip restores the size, or refuses in one line naming
-    the patch; never an internal error."""
+def test_cli_encode_of_a_size_whose_latent_grid_is_odd(tmp_path: Path, flux2_dir: Path) -> None:
+    """A 40x56 image would be 5x7 latent cells for a factor-8 encoder, which no 2x2 patches cover: encode pads it
+    to a multiple of 16 (48x64: 3x4 patches) and decode crops back to 40x56."""
     png = _png(tmp_path / "odd.png", 40, 56)
     out = tmp_path / "z.safetensors"
-    rc = main(["encode", str(png), "-o", str(out), "--model", str(flux2_dir)])
-    if rc != 0:
-        assert "patch" in one_error_line(capsys.readouterr().err)
-        return
+    assert main(["encode", str(png), "-o", str(out), "--model", str(flux2_dir)]) == 0
     lf = load_latents(out)
     (item,) = lf.items
     c, h, w = lf.latents[item.key].shape

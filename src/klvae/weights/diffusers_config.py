@@ -9,6 +9,7 @@ from typing import Any
 
 from klvae.errors import WeightsError
 from klvae.model.config import AutoencoderKLConfig
+from klvae.weights.latent_bn import check_flux2_factors
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,8 @@ def config_to_diffusers(cfg: AutoencoderKLConfig) -> dict[str, Any]:
     p = d.pop("latent_patch_size")
     if p == 1:
         return d
-    # The statistics travel as the weights' bn.* buffers (weights.latent_bn), which also refuses factors.
+    check_flux2_factors(cfg)
+    # The statistics travel as the weights' bn.* buffers (weights.latent_bn).
     for key in (*_FLUX2_UNUSED, "force_upcast"):
         d.pop(key)
     return d | {"_class_name": FLUX2_CLASS, "_diffusers_version": "0.36.0",  # the first release with the class

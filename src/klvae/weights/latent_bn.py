@@ -78,13 +78,18 @@ def _agree(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
                                     for x, y in zip(a, b, strict=True))
 
 
+def check_flux2_factors(cfg: AutoencoderKLConfig) -> None:
+    """WeightsError unless FLUX.2's formats can hold cfg's factors: per-channel statistics, nothing else."""
+    if cfg.scaling_factor != 1.0 or cfg.shift_factor is not None:
+        raise WeightsError(f"FLUX.2's formats hold per-channel statistics only, so scaling_factor "
+                           f"{cfg.scaling_factor} and shift_factor {cfg.shift_factor} cannot be saved in them "
+                           "(fold them into latents_mean/latents_std)")
+
+
 def latent_bn_tensors(cfg: AutoencoderKLConfig, eps: float = BFL_EPS) -> dict[str, Tensor]:
     """The bn.* buffers that make FLUX.2's loaders normalise as `cfg` does; with no statistics, the identity."""
+    check_flux2_factors(cfg)
     n = cfg.latent_channels * cfg.latent_patch_size**2
-    if cfg.scaling_factor != 1.0 or cfg.shift_factor is not None:
-        raise WeightsError(f"FLUX.2's format holds per-channel statistics only, so scaling_factor "
-                           f"{cfg.scaling_factor} and shift_factor {cfg.shift_factor} cannot be saved in it "
-                           "(fold them into latents_mean/latents_std)")
     mean = torch.tensor(cfg.latents_mean or [0.0] * n, dtype=torch.float64)
     std = torch.tensor(cfg.latents_std or [1.0] * n, dtype=torch.float64)
     var = std.square() - eps
