@@ -51,7 +51,9 @@ def estimate_bytes(vae: AutoencoderKL, op: str, shape: tuple[int, ...], dtype: t
     b, _, h, w = shape
     elem = torch.finfo(dtype).bits // 8
     weights = sum(p.numel() for p in vae.parameters()) * elem
-    return int(weights + b * h * w * vae.config.block_out_channels[0] * elem * _PEAK_PER_PIXEL[op])
+    # The widest full-resolution activations: the first encoder level's, or the last decoder level's.
+    width = (vae.config.block_out_channels if op == "encode" else vae.config.decoder_widths)[0]
+    return int(weights + b * h * w * width * elem * _PEAK_PER_PIXEL[op])
 
 
 def make_streamer(

@@ -48,7 +48,7 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: AutoencoderKLConfig) -> None:
         super().__init__()
-        ch, g, eps = tuple(reversed(cfg.block_out_channels)), cfg.norm_num_groups, cfg.norm_eps
+        ch, g, eps = tuple(reversed(cfg.decoder_widths)), cfg.norm_num_groups, cfg.norm_eps
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
         self.mid_block = MidBlock(ch[0], g, eps, cfg.attention)
         self.up_blocks = nn.ModuleList(

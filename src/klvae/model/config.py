@@ -25,6 +25,9 @@ class AutoencoderKLConfig:
     out_channels: int = 3
     # One entry per resolution level; the image is downsampled len-1 times (4 levels -> factor 8).
     block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    # The decoder's widths, one per level as above, where they differ from the encoder's (FLUX.2's small decoder:
+    # 96/192/384/384, a faster drop-in for the same latents); None: the same as the encoder's.
+    decoder_block_out_channels: tuple[int, ...] | None = None
     # ResNet blocks per encoder level; the decoder uses one more per level (LDM's num_res_blocks + 1).
     layers_per_block: int = 2
     # Channels of z; the encoder emits twice this many (mean and log-variance).
@@ -59,14 +62,17 @@ class AutoencoderKLConfig:
         _check_types(self)
         if not self.block_out_channels:
             raise ValueError("block_out_channels must name at least one level")
-        for c in self.block_out_channels:
+        dec = self.decoder_block_out_channels
+        if dec is not None and len(dec) != len(self.block_out_channels):
+            raise ValueError(f"decoder_block_out_channels has {len(dec)} levels but block_out_channels "
+                             f"{len(self.block_out_channels)}: the decoder must undo every downsampling")
+        for c in (*self.block_out_channels, *self.decoder_widths):
             if c % self.norm_num_groups:
                 raise ValueError(f"channel width {c} is not divisible by norm_num_groups={self.norm_num_groups}")
-        if self.block_out_channels[0] // self.norm_num_groups < 2:
-            # GroupNorm then normalises each channel alone; before conv_out that erases every image's mean
-            # colour, and a model trained so reconstructs in grey.
-            log.warning("one channel per GroupNorm group at width %d: use norm_num_groups <= %d",
-                        self.block_out_channels[0], self.block_out_channels[0] // 2)
+        if (w := min(self.block_out_channels[0], self.decoder_widths[0])) // self.norm_num_groups < 2:
+            # GroupNorm then normalises each channel alone; before the decoder's conv_out that erases every
+            # image's mean colour, and a model trained so reconstructs in grey.
+            log.warning("one channel per GroupNorm group at width %d: use norm_num_groups <= %d", w, w // 2)
         _check_size(self)
         if self.attention not in ("vanilla", "linear", "none"):
             raise ValueError(f"attention must be 'vanilla', 'linear' or 'none', got {self.attention!r}")
@@ -76,6 +82,11 @@ class AutoencoderKLConfig:
         """The map between this VAE's latents and the diffusion model's (scale, shift or per-channel)."""
         return LatentNorm(self.scaling_factor, self.shift_factor, self.latents_mean, self.latents_std,
                           self.latent_patch_size)
+
+    @property
+    def decoder_widths(self) -> tuple[int, ...]:
+        """The decoder's widths per level, in the encoder's order (its last level is the first the decoder runs)."""
+        return self.decoder_block_out_channels or self.block_out_channels
 
     @property
     def downsample_factor(self) -> int:
@@ -96,6 +107,8 @@ class AutoencoderKLConfig:
         """Plain-JSON form of the fields."""
         d = dataclasses.asdict(self)
         d["block_out_channels"] = list(self.block_out_channels)
+        if self.decoder_block_out_channels is not None:
+            d["decoder_block_out_channels"] = list(self.decoder_block_out_channels)
         d.update(self.latent_norm.to_dict())
         return d
 
@@ -129,10 +142,15 @@ def _check_types(cfg: AutoencoderKLConfig) -> None:
     def put(name: str, value: Any) -> None:
         object.__setattr__(cfg, name, value)
 
-    widths = cfg.block_out_channels
-    if isinstance(widths, str | bytes) or not isinstance(widths, Sequence):
-        raise ValueError(f"block_out_channels must be a list of positive integers, got {widths!r}")
-    put("block_out_channels", tuple(_positive_int(c, "every block_out_channels entry") for c in widths))
+    for name in ("block_out_channels", "decoder_block_out_channels"):
+        widths = getattr(cfg, name)
+        if widths is None and name == "decoder_block_out_channels":
+            continue
+        if isinstance(widths, str | bytes) or not isinstance(widths, Sequence):
+            raise ValueError(f"{name} must be a list of positive integers, got {widths!r}")
+        put(name, tuple(_positive_int(c, f"every {name} entry") for c in widths))
+    if cfg.decoder_block_out_channels == cfg.block_out_channels:
+        put("decoder_block_out_channels", None)  # one spelling of "the same", so that equal configs compare equal
     for name in _POSITIVE_INTS:
         put(name, _positive_int(getattr(cfg, name), name))
     for name in _BOOLS:
@@ -159,10 +177,10 @@ MAX_PARAMETERS = 2**32
 
 def approx_parameters(cfg: AutoencoderKLConfig) -> int:
     """Parameters of the 3x3 convolutions (nearly all of them), counted from the config alone."""
-    widths = cfg.block_out_channels
-    # Per level: the encoder's blocks and the decoder's one more, two convs each; the mid block's four convs.
-    total = sum((2 * cfg.layers_per_block + 1) * 2 * 9 * c * c for c in widths)
-    return total + 4 * 9 * widths[-1] ** 2
+    # Per level: the encoder's blocks and the decoder's one more, two convs each; each mid block's two convs.
+    enc = sum(cfg.layers_per_block * 2 * 9 * c * c for c in cfg.block_out_channels)
+    dec = sum((cfg.layers_per_block + 1) * 2 * 9 * c * c for c in cfg.decoder_widths)
+    return enc + dec + 2 * 9 * (cfg.block_out_channels[-1] ** 2 + cfg.decoder_widths[-1] ** 2)
 
 
 def _check_size(cfg: AutoencoderKLConfig) -> None:
@@ -199,6 +217,10 @@ PRESETS: dict[str, AutoencoderKLConfig] = {
     # FLUX.2: 32 latent channels with the quant convs, normalised in 2x2 patches by statistics that come with the
     # weights (its latent BatchNorm's), so none here: the preset alone only patchifies.
     "flux2": _SD.replace(latent_channels=32, sample_size=1024, scaling_factor=1.0, latent_patch_size=2),
+    # FLUX.2's distilled small decoder (BFL's FLUX.2-small-decoder, full_encoder_small_decoder.safetensors): the
+    # same encoder and latents, a decoder of 3/4 the width.
+    "flux2-small-decoder": _SD.replace(latent_channels=32, sample_size=1024, scaling_factor=1.0, latent_patch_size=2,
+                                       decoder_block_out_channels=(96, 192, 384, 384)),
     # Small configs for tests and experiments: the full topology at a fraction of the width.
     "tiny": AutoencoderKLConfig(
         block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=64,

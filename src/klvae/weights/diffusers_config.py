@@ -62,10 +62,10 @@ def _bool(value: Any, key: str) -> bool:
     return value
 
 
-def _widths(widths: Any) -> tuple[int, ...]:
+def _widths(widths: Any, key: str = "block_out_channels") -> tuple[int, ...]:
     if not isinstance(widths, list) or not widths:
-        raise WeightsError(f"config.json: block_out_channels must be a non-empty list of integers, got {widths!r}")
-    return tuple(_int(w, "every block_out_channels entry") for w in widths)
+        raise WeightsError(f"config.json: {key} must be a non-empty list of integers, got {widths!r}")
+    return tuple(_int(w, f"every {key} entry") for w in widths)
 
 
 def _patch_size(value: Any) -> int:
@@ -76,18 +76,17 @@ def _patch_size(value: Any) -> int:
 
 
 def _flux2_fields(d: dict[str, Any]) -> dict[str, Any]:
-    """The AutoencoderKLFlux2 keys as ours: the patch size, and none of the factors its pipelines ignore."""
+    """The AutoencoderKLFlux2 keys as ours: the patch size, the decoder's own widths (its small decoder's), and
+    none of the factors its pipelines ignore."""
     v = {**_FLUX2_DEFAULTS, **d}
     dec = v["decoder_block_out_channels"]
-    if dec is not None and _widths(dec) != _widths(v["block_out_channels"]):
-        raise WeightsError(f"config.json: decoder_block_out_channels {dec} differ from block_out_channels "
-                           f"{v['block_out_channels']}, which klvae does not build")
     ignored = [k for k in _FLUX2_UNUSED if d.get(k) is not None]
     if ignored:
         log.warning("config.json: %s ignored, as FLUX.2's pipelines do (its latent BatchNorm normalises)",
                     ", ".join(ignored))
     return {**{k: v[k] for k in ("latent_channels", "block_out_channels", "layers_per_block", "sample_size")},
-            "latent_patch_size": _patch_size(v["patch_size"]), "scaling_factor": 1.0}
+            "latent_patch_size": _patch_size(v["patch_size"]), "scaling_factor": 1.0,
+            "decoder_block_out_channels": None if dec is None else _widths(dec, "decoder_block_out_channels")}
 
 
 def batch_norm_eps(d: dict[str, Any]) -> float:
@@ -126,6 +125,7 @@ def config_from_diffusers(d: dict[str, Any]) -> AutoencoderKLConfig:
     try:
         return AutoencoderKLConfig(
             block_out_channels=widths, **ints, **same, norm_eps=_DIFFUSERS_NORM_EPS,
+            decoder_block_out_channels=v.get("decoder_block_out_channels"),
             attention="vanilla" if _bool(v["mid_block_add_attention"], "mid_block_add_attention") else "none",
             sample_size=_sample_size(v["sample_size"]), latent_patch_size=v.get("latent_patch_size", 1),
         )
@@ -172,7 +172,12 @@ def config_to_diffusers(cfg: AutoencoderKLConfig) -> dict[str, Any]:
     }
     p = d.pop("latent_patch_size")
     if p == 1:
+        if cfg.decoder_block_out_channels is not None:
+            raise WeightsError("decoder_block_out_channels cannot be expressed in diffusers' AutoencoderKL config "
+                               "(only AutoencoderKLFlux2 has them); use export_ldm instead")
         return d
+    if cfg.decoder_block_out_channels is not None:
+        d["decoder_block_out_channels"] = list(cfg.decoder_block_out_channels)
     check_flux2_factors(cfg)
     # The statistics travel as the weights' bn.* buffers (weights.latent_bn).
     for key in (*_FLUX2_UNUSED, "force_upcast"):

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 # Fields that the tensor shapes determine; everything else is a convention or a statistic.
 ARCH_FIELDS = (
-    "in_channels", "out_channels", "block_out_channels", "layers_per_block", "latent_channels",
+    "in_channels", "out_channels", "block_out_channels", "decoder_block_out_channels", "layers_per_block",
+    "latent_channels",
     "use_quant_conv", "use_post_quant_conv", "attention",
 )
 
@@ -92,6 +93,12 @@ def infer_architecture(sd: dict[str, Tensor]) -> dict[str, object]:
         raise WeightsError("cannot infer the config: the weights have no encoder.down_blocks.* keys")
     widths = tuple(_shape(sd, f"encoder.down_blocks.{i}.resnets.0.conv1.weight")[0] for i in range(levels))
     layers = _count(sd, "encoder.down_blocks.0.resnets", MAX_LAYERS)
+    dec_levels = _count(sd, "decoder.up_blocks", MAX_LEVELS)
+    if dec_levels != levels:
+        raise WeightsError(f"unsupported weights: {levels} encoder levels but {dec_levels} decoder levels")
+    # up_blocks.0 is the deepest level: reversed, the widths line up with the encoder's.
+    dec_widths = tuple(_shape(sd, f"decoder.up_blocks.{i}.resnets.0.conv2.weight")[0]
+                       for i in reversed(range(levels)))
     dec_layers = _count(sd, "decoder.up_blocks.0.resnets", MAX_LAYERS + 1)
     if dec_layers != layers + 1:
         raise WeightsError(
@@ -105,12 +112,13 @@ def infer_architecture(sd: dict[str, Tensor]) -> dict[str, object]:
         "in_channels": _shape(sd, "encoder.conv_in.weight")[1],
         "out_channels": _shape(sd, "decoder.conv_out.weight")[0],
         "block_out_channels": widths,
+        "decoder_block_out_channels": None if dec_widths == widths else dec_widths,
         "layers_per_block": layers,
         "latent_channels": _shape(sd, "decoder.conv_in.weight")[1],
         "use_quant_conv": "quant_conv.weight" in sd,
         "use_post_quant_conv": "post_quant_conv.weight" in sd,
         "attention": attention,
-        "norm_num_groups": _groups(widths),
+        "norm_num_groups": _groups(widths + dec_widths),
     }
 
 
