@@ -479,6 +479,35 @@ def test_hub_revision_pins_a_commit_or_branch(offline_cache: Path, capsys: pytes
     assert "at revision nope is not in the local cache" in capsys.readouterr().err
 
 
+def test_one_file_of_a_hub_repo(offline_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """org/name/file.safetensors, or its huggingface.co address (as diffusers' from_single_file takes): the files
+    ComfyUI users know, such as stabilityai/sdxl-vae/sdxl_vae.safetensors or FLUX's ae.safetensors."""
+    from klvae.cli.main import main
+
+    model = tiny_model()
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = offline_cache / "models--org--single"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    export_ldm(model, repo / "snapshots" / commit / "vae" / "ae.safetensors")
+    for name in ("org/single/vae/ae.safetensors", f"org/single/vae/ae.safetensors@{commit}",
+                 "https://huggingface.co/org/single/blob/main/vae/ae.safetensors",
+                 f"https://huggingface.co/org/single/resolve/{commit}/vae/ae.safetensors?download=true"):
+        assert_same_weights(AutoencoderKL.from_pretrained(name), model)
+    assert main(["-q", "info", "--model", "org/single/vae/ae.safetensors"]) == 0
+    with pytest.raises(WeightsError, match=r"^no such local file org/single/vae/other\.safetensors, nor as a hub "
+                                           r"file: HF_HUB_OFFLINE is set and org/single/vae/other\.safetensors is"):
+        AutoencoderKL.from_pretrained("org/single/vae/other.safetensors")
+    with pytest.raises(WeightsError, match=r"subfolder 'vae' given, but org/single/ae\.safetensors names one file"):
+        AutoencoderKL.from_pretrained("org/single/ae.safetensors", subfolder="vae")
+    with pytest.raises(WeightsError, match="names revision 'main', but revision 'v2' is given too"):
+        AutoencoderKL.from_pretrained("https://huggingface.co/org/single/blob/main/vae/ae.safetensors",
+                                      revision="v2")
+    for not_a_weights_file in ("org/single/vae/config.json", "org/single/../x.safetensors"):
+        with pytest.raises(WeightsError, match="no such file or folder, preset or hub id"):
+            AutoencoderKL.from_pretrained(not_a_weights_file)
+
+
 @pytest.fixture
 def no_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """No HF_HUB_OFFLINE, no proxy, and a host name that does not resolve."""

@@ -33,7 +33,7 @@ def test_shapes_no_config_allows_are_a_weights_error(tmp_path: Path, width: int,
     sd = {
         "encoder.conv_in.weight": torch.zeros(width, 3, 1, 1),
         "encoder.down_blocks.0.resnets.0.conv1.weight": torch.zeros(width, 1, 1, 1),
-        "decoder.up_blocks.0.resnets.0.conv1.weight": torch.zeros(1),
+        "decoder.up_blocks.0.resnets.0.conv1.weight": torch.zeros(width, 1, 1, 1),
         "decoder.up_blocks.0.resnets.1.conv1.weight": torch.zeros(1),
         "decoder.conv_in.weight": torch.zeros(width, latent, 1, 1),
         "decoder.conv_out.weight": torch.zeros(3, width, 1, 1),

@@ -1,4 +1,5 @@
-"""Fetching a diffusers-layout VAE from the Hugging Face hub (or its local cache), with one-line errors."""
+"""Fetching a diffusers-layout VAE, or one weights file, from the Hugging Face hub (or its local cache), with
+one-line errors."""
 
 from __future__ import annotations
 
@@ -17,12 +18,37 @@ log = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# One file in a repo: org/name/path/file.ext, or the address of its page or download (diffusers' from_single_file
+# takes these): https://huggingface.co/org/name/blob|resolve/<revision>/path/file.ext.
+_HUB_FILE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)/(?P<file>(?:[\w.-]+/)*[\w.-]+\.(?P<ext>\w+))$")
+_HUB_URL = re.compile(r"^https://(?:www\.)?(?:huggingface\.co|hf\.co)/(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)/"
+                      r"(?:blob|resolve)/(?P<rev>[\w.-]+)/(?P<file>(?:[\w.-]+/)*[\w.-]+\.(?P<ext>\w+))$")
 _TRUE = {"1", "on", "yes", "true"}
 
 
 def looks_like_repo_id(s: str) -> bool:
     """Whether `s` has the form org/name of a hub repository."""
     return bool(_REPO_ID.match(s)) and ".." not in s
+
+
+def parse_hub_file(s: str, suffixes: tuple[str, ...]) -> tuple[str, str, str | None] | None:
+    """(repo id, file path, revision from a URL) when `s` names one file with one of `suffixes` in a hub repo."""
+    m = _HUB_URL.match(s.split("?", 1)[0]) or _HUB_FILE.match(s)
+    if m is None or ".." in s or f".{m['ext'].lower()}" not in suffixes:
+        return None
+    return m["repo"], m["file"], m.groupdict().get("rev")
+
+
+def fetch_hub_file(repo_id: str, filename: str, revision: str | None = None) -> Path:
+    """The local path of one file of a hub repo, downloaded or cached."""
+    from huggingface_hub.utils import EntryNotFoundError
+
+    try:
+        path = _download(repo_id, filename, None, revision)
+    except (OSError, ValueError, EntryNotFoundError) as e:
+        raise WeightsError(_describe(e, repo_id, filename, revision)) from None
+    log.info("hub %s%s: %s", repo_id, f"@{revision}" if revision else "", path)
+    return path
 
 
 def _offline() -> bool:

@@ -97,7 +97,7 @@ def infer_architecture(sd: dict[str, Tensor]) -> dict[str, object]:
     if dec_levels != levels:
         raise WeightsError(f"unsupported weights: {levels} encoder levels but {dec_levels} decoder levels")
     # up_blocks.0 is the deepest level: reversed, the widths line up with the encoder's.
-    dec_widths = tuple(_shape(sd, f"decoder.up_blocks.{i}.resnets.0.conv2.weight")[0]
+    dec_widths = tuple(_shape(sd, f"decoder.up_blocks.{i}.resnets.0.conv1.weight")[0]
                        for i in reversed(range(levels)))
     dec_layers = _count(sd, "decoder.up_blocks.0.resnets", MAX_LAYERS + 1)
     if dec_layers != layers + 1:

@@ -19,7 +19,7 @@ from klvae.inference.precision import usable_device
 from klvae.model.config import PRESET_HUB_IDS, PRESETS, AutoencoderKLConfig
 from klvae.weights.convert import VAE_PREFIXES, StateDict, to_diffusers
 from klvae.weights.diffusers_config import batch_norm_eps, read_config_json, read_json_object
-from klvae.weights.hub import CONFIG_NAME, fetch_diffusers_files, looks_like_repo_id
+from klvae.weights.hub import CONFIG_NAME, fetch_diffusers_files, fetch_hub_file, looks_like_repo_id, parse_hub_file
 from klvae.weights.infer import check_fits, guess_family, infer_config
 from klvae.weights.latent_bn import BFL_EPS, pop_latent_bn, with_latent_stats
 
@@ -237,7 +237,23 @@ def locate(path_or_id: str | Path, subfolder: str | None = None, revision: str |
         return _hub(repo_id, preset_sub, revision, preset=name)
     if looks_like_repo_id(name) and not name.lower().endswith((".safetensors", *PICKLE_SUFFIXES)):
         return _hub(name, subfolder, revision)
+    if hub_file := parse_hub_file(name, (".safetensors", *PICKLE_SUFFIXES)):
+        return _hub_file(str(path_or_id), *hub_file, subfolder, revision)
     raise WeightsError(f"no such file or folder, preset or hub id: {path_or_id}")
+
+
+def _hub_file(given: str, repo_id: str, filename: str, url_revision: str | None, subfolder: str | None,
+              revision: str | None) -> WeightsSource:
+    """One weights file of a hub repo (org/name/file.safetensors, or its huggingface.co address)."""
+    if subfolder:
+        raise WeightsError(f"subfolder {subfolder!r} given, but {given} names one file")
+    if url_revision is not None and revision is not None and revision != url_revision:
+        raise WeightsError(f"{given} names revision {url_revision!r}, but revision {revision!r} is given too")
+    try:
+        return WeightsSource(fetch_hub_file(repo_id, filename, revision or url_revision))
+    except WeightsError as e:
+        # It may as well have been a local path with a typo: say both.
+        raise WeightsError(f"no such local file {given}, nor as a hub file: {e}") from None
 
 
 def _resolve_config(
