@@ -1,6 +1,8 @@
 """`--device cuda` runs the device-aware tests (inference, speed levers) on a GPU; the default is the CPU."""
 
+import logging
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -28,3 +30,15 @@ def pytest_configure(config: pytest.Config) -> None:
 def device(request: pytest.FixtureRequest) -> torch.device:
     """The device named by --device."""
     return torch.device(request.config.getoption("--device"))
+
+
+@pytest.fixture(autouse=True)
+def _klvae_logger_as_before() -> Iterator[None]:
+    """The CLI sets the klvae logger's level (-q: WARNING) and adds a handler; undone after each test, so that a
+    later test's caplog sees klvae's INFO lines whatever ran before it."""
+    logger = logging.getLogger("klvae")
+    level, handlers = logger.level, list(logger.handlers)
+    yield
+    logger.setLevel(level)
+    for h in [h for h in logger.handlers if h not in handlers]:
+        logger.removeHandler(h)

@@ -128,7 +128,8 @@ def cmd_scale(args: argparse.Namespace) -> int:
         norm = LatentNorm(_round_positive(f["scaling_factor"]), None if args.no_shift else round(f["shift_factor"], 6),
                           latent_patch_size=vae.config.latent_patch_size)
         found = f"scaling_factor {f['scaling_factor']:.6g}  shift_factor {norm.shift_factor}"
-    old = ", ".join(f"{k} {v}" for k, v in vae.config.latent_norm.to_dict().items() if v is not None)
+    old = ", ".join(f"{k} {v}" for k, v in vae.config.latent_norm.to_dict().items()
+                    if v is not None and (k, v) != ("latent_patch_size", 1))
     print(f"{found}  (latent std {f['std']:.6g} over {int(f['images'])} images, skipped {int(f['skipped'])} "
           f"unreadable{shards}; the model's: {old})")
     if args.save:

@@ -93,8 +93,9 @@ def model_fingerprint(vae: AutoencoderKL, with_factors: bool = True) -> str:
     if cfg.get("latents_mean", 0) is None:
         # Absent, as they were before the field existed: the fingerprints of existing caches stay the same.
         cfg.pop("latents_mean"), cfg.pop("latents_std")
-    if cfg.get("latent_patch_size") == 1:  # likewise
-        cfg.pop("latent_patch_size")
+    for key, absent in (("latent_patch_size", 1), ("decoder_block_out_channels", None)):  # likewise
+        if key in cfg and cfg[key] == absent:
+            cfg.pop(key)
     h = hashlib.blake2b(json.dumps(cfg, sort_keys=True).encode(), digest_size=16)
     for name, t in sorted(vae.state_dict().items()):
         # Rounded to bf16: a GPU run casts the weights to bf16 for speed, and must still match a run in fp32.

@@ -33,7 +33,7 @@ from klvae.training.distributed import (
 )
 from klvae.training.ema import make_ema
 from klvae.training.losses import AutoencoderLoss
-from klvae.weights import check_state_dict
+from klvae.weights import check_state_dict, config_to_diffusers
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,10 @@ class Trainer:
         self.vae = build_model(cfg).to(self.device)  # cuda:LOCAL_RANK under torchrun, whatever index was set
         if cfg.data.resolution % self.vae.downsample_factor:
             raise KlvaeError(f"data.resolution must be a multiple of {self.vae.downsample_factor}")
+        try:  # what export writes at the end: refused now, not after the last step
+            config_to_diffusers(self.vae.config)
+        except WeightsError as e:
+            raise KlvaeError(f"the trained model could not be exported: {e}") from None
         self.loss = AutoencoderLoss(build_loss_config(cfg.loss)).to(self.device)
         self._build_optimisers()
         decay = cfg.train.ema_decay

@@ -9,7 +9,7 @@ from typing import Any
 
 from klvae.errors import WeightsError
 from klvae.model.config import AutoencoderKLConfig
-from klvae.weights.latent_bn import check_flux2_factors
+from klvae.weights.latent_bn import check_flux2_format
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ _DIFFUSERS_DEFAULTS: dict[str, Any] = {
 }
 # Keys diffusers writes that change nothing here.
 _IGNORED = {"_class_name", "_diffusers_version", "_name_or_path", "_klvae_version", "down_block_types",
-            "up_block_types", "act_fn"}
+            "up_block_types", "act_fn", "_klvae_latents_mean", "_klvae_latents_std"}
 # diffusers has no such field: its AutoencoderKL always uses this GroupNorm epsilon.
 _DIFFUSERS_NORM_EPS = 1e-6
 # FLUX.2's class: AutoencoderKL's network plus a latent BatchNorm over patches (see weights.latent_bn). Its
@@ -31,8 +31,12 @@ FLUX2_CLASS = "AutoencoderKLFlux2"
 _FLUX2_DEFAULTS: dict[str, Any] = {
     "latent_channels": 32, "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "sample_size": 1024,
     "batch_norm_eps": 1e-4, "batch_norm_momentum": 0.1, "patch_size": [2, 2], "decoder_block_out_channels": None,
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
 }
 _FLUX2_UNUSED = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
+# The statistics as klvae had them (float64), beside the float32 bn.* buffers that FLUX.2's loaders read: diffusers
+# ignores config keys that start with "_", and klvae keeps these where they agree with the buffers.
+_EXACT_STATS = {"_klvae_latents_mean": "latents_mean", "_klvae_latents_std": "latents_std"}
 
 
 def _check_block_types(d: dict[str, Any], levels: int) -> None:
@@ -84,7 +88,9 @@ def _flux2_fields(d: dict[str, Any]) -> dict[str, Any]:
     if ignored:
         log.warning("config.json: %s ignored, as FLUX.2's pipelines do (its latent BatchNorm normalises)",
                     ", ".join(ignored))
-    return {**{k: v[k] for k in ("latent_channels", "block_out_channels", "layers_per_block", "sample_size")},
+    return {**{k: v[k] for k in ("latent_channels", "block_out_channels", "layers_per_block", "sample_size",
+                                 "down_block_types", "up_block_types")},
+            **{ours: d.get(key) for key, ours in _EXACT_STATS.items()},
             "latent_patch_size": _patch_size(v["patch_size"]), "scaling_factor": 1.0,
             "decoder_block_out_channels": None if dec is None else _widths(dec, "decoder_block_out_channels")}
 
@@ -110,14 +116,14 @@ def config_from_diffusers(d: dict[str, Any]) -> AutoencoderKLConfig:
         log.warning("config.json: ignoring unknown keys %s", ", ".join(unknown))
     v = {k: d.get(k, default) for k, default in _DIFFUSERS_DEFAULTS.items()} | flux2
     widths = _widths(v["block_out_channels"])
-    _check_block_types(d, len(widths))
+    _check_block_types(d | {k: v[k] for k in ("down_block_types", "up_block_types") if k in v}, len(widths))
     ints = {k: _int(v[k], k) for k in ("in_channels", "out_channels", "layers_per_block", "latent_channels",
                                      "norm_num_groups")}
     # The flags and factors pass as they are: AutoencoderKLConfig checks their types and ranges itself.
     same = {k: v[k] for k in ("use_quant_conv", "use_post_quant_conv", "force_upcast", "scaling_factor",
                               "shift_factor", "latents_mean", "latents_std")}
     if flux2:
-        same.update(shift_factor=None, latents_mean=None, latents_std=None)
+        same.update(shift_factor=None, latents_mean=flux2["latents_mean"], latents_std=flux2["latents_std"])
     if same["shift_factor"] is not None and same["latents_mean"] is not None:
         # diffusers' SDXL-family pipelines, the ones that read latents_mean, never read shift_factor.
         log.warning("config.json sets both shift_factor and latents_mean: using latents_mean/latents_std")
@@ -178,10 +184,11 @@ def config_to_diffusers(cfg: AutoencoderKLConfig) -> dict[str, Any]:
         return d
     if cfg.decoder_block_out_channels is not None:
         d["decoder_block_out_channels"] = list(cfg.decoder_block_out_channels)
-    check_flux2_factors(cfg)
-    # The statistics travel as the weights' bn.* buffers (weights.latent_bn).
+    check_flux2_format(cfg)
+    # The statistics travel as the weights' bn.* buffers (weights.latent_bn), and exactly as private keys.
     for key in (*_FLUX2_UNUSED, "force_upcast"):
         d.pop(key)
+    d |= {key: list(getattr(cfg, ours)) for key, ours in _EXACT_STATS.items() if getattr(cfg, ours) is not None}
     return d | {"_class_name": FLUX2_CLASS, "_diffusers_version": "0.36.0",  # the first release with the class
                 "batch_norm_eps": _FLUX2_DEFAULTS["batch_norm_eps"], "batch_norm_momentum": 0.1, "patch_size": [p, p]}
 

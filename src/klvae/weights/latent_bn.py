@@ -9,6 +9,7 @@ command treat them like any other factors; the buffers exist only in the files.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -16,6 +17,8 @@ from torch import Tensor
 
 from klvae.errors import WeightsError
 from klvae.model.config import AutoencoderKLConfig
+
+log = logging.getLogger(__name__)
 
 MEAN, VAR, COUNT = "bn.running_mean", "bn.running_var", "bn.num_batches_tracked"
 BN_KEYS = (MEAN, VAR, COUNT)
@@ -45,12 +48,11 @@ def _shape(v: object) -> str:
     return str(list(v.shape)) if isinstance(v, Tensor) else type(v).__name__
 
 
-def with_latent_stats(cfg: AutoencoderKLConfig, stats: tuple[Tensor, Tensor], eps: float, what: str,
-                      exact: AutoencoderKLConfig | None = None) -> AutoencoderKLConfig:
+def with_latent_stats(cfg: AutoencoderKLConfig, stats: tuple[Tensor, Tensor], eps: float,
+                      what: str) -> AutoencoderKLConfig:
     """`cfg` with latents_mean = running_mean and latents_std = sqrt(running_var + eps); WeightsError if they do
-    not fit its latent patches (or it has none: a config for another model). Where `cfg` or `exact` (the config
-    klvae wrote into the file's header) hold statistics that agree with the buffers, theirs are kept: the buffers
-    are float32, the config's the float64 figures they were written from."""
+    not fit its latent patches (or it has none: a config for another model). Where `cfg` holds statistics that
+    agree with the buffers (klvae writes its float64 figures beside them), its own are kept."""
     mean, var = (t.detach().to("cpu", torch.float64) for t in stats)
     p, c = cfg.latent_patch_size, cfg.latent_channels
     if p == 1:
@@ -62,11 +64,10 @@ def with_latent_stats(cfg: AutoencoderKLConfig, stats: tuple[Tensor, Tensor], ep
     if not (torch.isfinite(mean).all() and torch.isfinite(var).all() and (var + eps > 0).all()):
         raise WeightsError("the weights' latent BatchNorm statistics are not finite, or a variance is negative")
     new_mean, new_std = tuple(mean.tolist()), tuple((var + eps).sqrt().tolist())
-    for known in (cfg, exact):
-        if known is not None and known.latents_mean is not None and known.latents_std is not None \
-                and _agree(known.latents_mean, new_mean) and _agree(known.latents_std, new_std):
-            new_mean, new_std = known.latents_mean, known.latents_std
-            break
+    if cfg.latents_mean is not None and cfg.latents_std is not None:
+        if _agree(cfg.latents_mean, new_mean) and _agree(cfg.latents_std, new_std):
+            return cfg
+        log.warning("the weights' latent BatchNorm statistics replace the latents_mean/latents_std of %s", what)
     try:
         return cfg.replace(latents_mean=new_mean, latents_std=new_std, shift_factor=None)
     except ValueError as e:
@@ -78,8 +79,12 @@ def _agree(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
                                     for x, y in zip(a, b, strict=True))
 
 
-def check_flux2_factors(cfg: AutoencoderKLConfig) -> None:
-    """WeightsError unless FLUX.2's formats can hold cfg's factors: per-channel statistics, nothing else."""
+def check_flux2_format(cfg: AutoencoderKLConfig) -> None:
+    """WeightsError unless FLUX.2's formats can hold cfg's latent normalisation: 2x2 patches (its pipelines and
+    BFL's AutoEncoder know no other) and per-channel statistics, nothing else."""
+    if cfg.latent_patch_size != 2:
+        raise WeightsError(f"FLUX.2's formats hold 2x2 latent patches only, not {cfg.latent_patch_size}x"
+                           f"{cfg.latent_patch_size}")
     if cfg.scaling_factor != 1.0 or cfg.shift_factor is not None:
         raise WeightsError(f"FLUX.2's formats hold per-channel statistics only, so scaling_factor "
                            f"{cfg.scaling_factor} and shift_factor {cfg.shift_factor} cannot be saved in them "
@@ -88,7 +93,7 @@ def check_flux2_factors(cfg: AutoencoderKLConfig) -> None:
 
 def latent_bn_tensors(cfg: AutoencoderKLConfig, eps: float = BFL_EPS) -> dict[str, Tensor]:
     """The bn.* buffers that make FLUX.2's loaders normalise as `cfg` does; with no statistics, the identity."""
-    check_flux2_factors(cfg)
+    check_flux2_format(cfg)
     n = cfg.latent_channels * cfg.latent_patch_size**2
     mean = torch.tensor(cfg.latents_mean or [0.0] * n, dtype=torch.float64)
     std = torch.tensor(cfg.latents_std or [1.0] * n, dtype=torch.float64)

@@ -287,14 +287,6 @@ def _batch_norm_eps(source: WeightsSource) -> float:
     return BFL_EPS if source.config_json is None else batch_norm_eps(read_json_object(source.config_json))
 
 
-def _header_config(meta: dict[str, str], source: WeightsSource) -> AutoencoderKLConfig | None:
-    """The config klvae wrote into the weights' header, if any and readable (beside a config.json, only a hint)."""
-    try:
-        return _config_from_metadata(meta[CONFIG_METADATA], source.weights) if CONFIG_METADATA in meta else None
-    except WeightsError:
-        return None
-
-
 def _config_from_metadata(text: str, path: Path) -> AutoencoderKLConfig:
     try:
         return AutoencoderKLConfig.from_dict(json.loads(text))
@@ -386,7 +378,7 @@ def load_source(
     family = "flux2" if latent_bn is not None else guess_family(all_keys)
     cfg, what = _resolve_config(config, source, sd, family, meta)
     if latent_bn is not None:
-        cfg = with_latent_stats(cfg, latent_bn, _batch_norm_eps(source), what, exact=_header_config(meta, source))
+        cfg = with_latent_stats(cfg, latent_bn, _batch_norm_eps(source), what)
     elif cfg.latent_patch_size > 1 and cfg.latents_mean is None:
         log.warning("%s has no latent statistics (FLUX.2's bn.running_mean/var): its diffusion latents will be "
                     "patchified but not normalised", source.weights.name)
