@@ -137,20 +137,22 @@ def _positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
+def _widths(widths: Any, name: str) -> tuple[int, ...]:
+    if isinstance(widths, str | bytes) or not isinstance(widths, Sequence):
+        raise ValueError(f"{name} must be a list of positive integers, got {widths!r}")
+    return tuple(_positive_int(c, f"every {name} entry") for c in widths)
+
+
 def _check_types(cfg: AutoencoderKLConfig) -> None:
     """ValueError for a field of the wrong type or out of range; normalises numbers to int/float/tuple."""
     def put(name: str, value: Any) -> None:
         object.__setattr__(cfg, name, value)
 
-    for name in ("block_out_channels", "decoder_block_out_channels"):
-        widths = getattr(cfg, name)
-        if widths is None and name == "decoder_block_out_channels":
-            continue
-        if isinstance(widths, str | bytes) or not isinstance(widths, Sequence):
-            raise ValueError(f"{name} must be a list of positive integers, got {widths!r}")
-        put(name, tuple(_positive_int(c, f"every {name} entry") for c in widths))
-    if cfg.decoder_block_out_channels == cfg.block_out_channels:
-        put("decoder_block_out_channels", None)  # one spelling of "the same", so that equal configs compare equal
+    put("block_out_channels", _widths(cfg.block_out_channels, "block_out_channels"))
+    dec = cfg.decoder_block_out_channels
+    dec = None if dec is None else _widths(dec, "decoder_block_out_channels")
+    # One spelling of "the same as the encoder's", so that equal configs compare equal.
+    put("decoder_block_out_channels", None if dec == cfg.block_out_channels else dec)
     for name in _POSITIVE_INTS:
         put(name, _positive_int(getattr(cfg, name), name))
     for name in _BOOLS:
