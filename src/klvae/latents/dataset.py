@@ -27,9 +27,11 @@ class LatentDataset(Dataset):
     LDM training does) and `mode="mean"` returns its mean. With a seed, an item's noise depends only on
     (seed, epoch, index): the same in any DataLoader worker and on every run; `set_epoch` changes it.
 
-    An item is a dict: "latents" [C, h, w]; the index's own fields, plain JSON ("source": the image's id;
-    "size": the original image's [height, width]; "crop": [top, left, height, width] of the centre crop in
-    the resized, unflipped image; "bucket": the crop's [height, width] in pixels; "flip": a mirrored row);
+    An item is a dict: "latents" [C, h, w] (for FLUX.2, latent_patch_size 2: 4x latent_channels patched
+    channels at half the VAE latent's size, as its pipelines take them); the index's own fields, plain JSON
+    ("source": the image's id; "size": the original image's [height, width]; "crop": [top, left, height, width]
+    of the centre crop in the resized, unflipped image; "bucket": the crop's [height, width] in pixels; "flip": a
+    mirrored row);
     and SDXL's micro-conditioning as int64 tensors [2], which the default collate stacks to [B, 2] (it would
     turn the lists above into two [B] tensors): "original_size" (= size), "crops_coords_top_left" ((top,
     left); for a flipped row measured in the flipped image, as diffusers' SDXL training script flips before
