@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image, ImageDraw
@@ -19,7 +21,12 @@ from klvae.images import (
     tensor_to_pil,
 )
 
+if TYPE_CHECKING:
+    from klvae.flow import FlowSchedule
+    from klvae.model.config import AutoencoderKLConfig
+
 _DEFAULT_STEPS = (0, 100, 250, 500, 750, 999)  # of Stable Diffusion's 1000: clean, then ever noisier, pure noise
+_DEFAULT_FLOW_STEPS = (1, 100, 250, 500, 750, 1000)  # the flow table's positions: nearly clean .. sigma = 1
 
 # Diffusion schedules in use have a thousand steps, a few thousand at most.
 MAX_NUM_STEPS = 100_000
@@ -32,9 +39,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, help="sheet to write (.png, .jpg, .webp, .bmp, .tif ...)")
     p.add_argument("--steps", type=int, nargs="+", default=None,
                    help="timesteps t to show (0 <= t < --num-steps; default 0, 100, 250, 500, 750, 999 of 1000, "
-                        "the same fractions of another --num-steps)")
-    p.add_argument("--schedule", choices=["scaled_linear", "linear", "cosine"], default="scaled_linear",
-                   help="beta schedule (scaled_linear 0.00085..0.012 is Stable Diffusion's)")
+                        "the same fractions of another --num-steps); with --schedule flow the training positions "
+                        "1 <= t <= --num-steps, at sigma = t / num-steps shifted (diffusers' timestep is "
+                        "sigma * num-steps; default 1, 100, 250, 500, 750, 1000 of 1000)")
+    p.add_argument("--schedule", choices=["scaled_linear", "linear", "cosine", "flow"], default="scaled_linear",
+                   help="beta schedule (scaled_linear 0.00085..0.012 is Stable Diffusion's), or flow: rectified "
+                        "flow, (1 - sigma) x0 + sigma noise, as SD3 and FLUX are trained")
+    p.add_argument("--shift", default=None,
+                   help="flow only: the shift of sigma towards noise, a number > 0 (default 1; SD3: 3), or auto: "
+                        "the model's own, SD3's 3 or FLUX.1's / FLUX.2's (at 50 steps) from this image's size")
     p.add_argument("--num-steps", type=int, default=1000, help="length of the schedule (Stable Diffusion: 1000)")
     p.add_argument("--beta-start", type=float, default=None,
                    help="first beta of a linear or scaled_linear schedule (default 0.00085 for scaled_linear, "
@@ -48,58 +61,141 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_noise(args: argparse.Namespace) -> int:
-    """Encode, scale, q_sample at each t with one noise draw, unscale, decode, and label the tiles."""
-    from klvae.diffusion import NoiseSchedule
-
+    """Encode, scale, noise at each t with one noise draw, unscale, decode, and label the tiles."""
     if not 1 <= args.num_steps <= MAX_NUM_STEPS:
         # The schedule holds several float64 tables of this length: a typo of a few digits must not fill memory.
         raise KlvaeError(f"--num-steps must lie in [1, {MAX_NUM_STEPS}], got {args.num_steps}")
-    if args.steps is None:
-        last = args.num_steps - 1
-        args.steps = sorted({round(f * last / 999) for f in _DEFAULT_STEPS})
-    bad = [t for t in args.steps if t < 0 or t >= args.num_steps]
-    if bad:
-        raise KlvaeError(f"--steps must lie in [0, {args.num_steps - 1}] (--num-steps {args.num_steps}), got {bad[0]}")
+    flow = args.schedule == "flow"
+    _check_steps(args, flow)
     _check_betas(args)
+    shift = _check_shift(args, flow)
     check_seed(args.seed)
     check_output_path(args.output, inputs=[args.image])  # before the work, not after it
     image_format_for(args.output)
     x = pil_to_tensor(load_image(args.image))[None]
     check_format_size(args.output, x.shape[-1] * len(args.steps), x.shape[-2] + _LABEL_HEIGHT)  # the sheet's size
     vae, _, dtype = load_model(args)
-    schedule = NoiseSchedule.from_name(args.schedule, args.num_steps, beta_start=args.beta_start,
-                                       beta_end=args.beta_end)
+    family = _flow_family(vae.config) if shift == "auto" else None  # before the work, not after it
     z0 = vae.scale_latents(inference.encode(vae, x, dtype).mode())
     noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(args.seed)).to(z0.device)
-    zts = torch.cat([schedule.q_sample(z0, t, noise=noise) for t in args.steps])
+    if flow:
+        zts, labels, what = _flow_noised(z0, noise, args, shift, family)
+    else:
+        zts, labels, what = _ddpm_noised(z0, noise, args)
     # --batch-size noised latents per decoder pass (one at a time when it is left unset)
     images = [inference.decode(vae, vae.unscale_latents(chunk), dtype, size=tuple(x.shape[-2:])).cpu()
               for chunk in zts.split(args.batch_size or 1)]
-    tiles = [(t, tensor_to_pil(img), float(schedule.snr(t).item()))
-             for t, img in zip(args.steps, torch.cat(images), strict=True)]
+    tiles = [(label, tensor_to_pil(img)) for label, img in zip(labels, torch.cat(images), strict=True)]
     save_image_atomic(_sheet(tiles), args.output)
-    print(f"wrote {args.output}: t = {', '.join(str(t) for t in args.steps)} ({args.schedule} schedule)")
+    print(f"wrote {args.output}: t = {', '.join(str(t) for t in args.steps)} ({what})")
     return 0
+
+
+def _ddpm_noised(z0: torch.Tensor, noise: torch.Tensor, args: argparse.Namespace
+                 ) -> tuple[torch.Tensor, list[str], str]:
+    from klvae.diffusion import NoiseSchedule
+
+    schedule = NoiseSchedule.from_name(args.schedule, args.num_steps, beta_start=args.beta_start,
+                                       beta_end=args.beta_end)
+    zts = torch.cat([schedule.q_sample(z0, t, noise=noise) for t in args.steps])
+    labels = [f"t={t}  SNR={float(schedule.snr(t).item()):.3g}" for t in args.steps]
+    return zts, labels, f"{args.schedule} schedule"
+
+
+def _flow_noised(z0: torch.Tensor, noise: torch.Tensor, args: argparse.Namespace, shift: float | str,
+                 family: str | None) -> tuple[torch.Tensor, list[str], str]:
+    from klvae.flow import noisy
+
+    schedule, how = _flow_schedule(z0, args.num_steps, shift, family)
+    sigmas = [float(schedule.sigma_at(t)) for t in args.steps]
+    zts = torch.cat([noisy(z0, noise, sigma) for sigma in sigmas])
+    labels = [f"t={t}  sigma={sigma:.3g}" for t, sigma in zip(args.steps, sigmas, strict=True)]
+    return zts, labels, f"flow schedule, {how}; sigma = {', '.join(f'{s:.4g}' for s in sigmas)}"
+
+
+def _flow_schedule(z0: torch.Tensor, num_steps: int, shift: float | str, family: str | None
+                   ) -> tuple[FlowSchedule, str]:
+    """The flow table for a numeric shift or the model family's rule, and how it was shifted, in words."""
+    from klvae.flow import FlowSchedule, flux2_image_seq_len, flux2_mu, flux_image_seq_len, flux_mu
+
+    if family not in ("flux", "flux2"):  # a number, or SD3's fixed shift
+        value, name = (_SD3_SHIFT, "SD3's shift") if family == "sd3" else (float(shift), "shift")
+        return FlowSchedule(num_steps, shift=value), f"{name} {value:g}"
+    try:  # the image's token count, as the family's pipeline counts it
+        tokens = flux_image_seq_len(z0) if family == "flux" else flux2_image_seq_len(z0)
+        mu = flux_mu(z0) if family == "flux" else flux2_mu(z0)
+    except ValueError as e:  # a latent too small for FLUX.1's 2x2 patches
+        raise KlvaeError(f"--shift auto: {e}") from None
+    name = "FLUX.1" if family == "flux" else "FLUX.2 (50 steps)"
+    return FlowSchedule(num_steps, mu=mu), f"{name} mu {mu:.4g} for {tokens} tokens"
+
+
+# SD3's and SD3.5's scheduler config: FlowMatchEulerDiscreteScheduler(shift=3.0), no dynamic shifting.
+_SD3_SHIFT = 3.0
+
+
+def _flow_family(cfg: AutoencoderKLConfig) -> str:
+    """sd3, flux or flux2: whose resolution rule `--shift auto` follows, told by the VAE's latent normalisation."""
+    from klvae.model.config import PRESETS
+
+    if cfg.latent_patch_size == 2:  # only FLUX.2's diffusion latent is made of 2x2 patches
+        return "flux2"
+    for name in ("sd3", "flux"):  # both have 16 channels; their scaling and shift factors differ
+        p = PRESETS[name]
+        if (cfg.latent_channels, cfg.scaling_factor, cfg.shift_factor) == (p.latent_channels, p.scaling_factor,
+                                                                            p.shift_factor):
+            return name
+    raise KlvaeError("--shift auto knows the VAEs of SD3, FLUX.1 and FLUX.2 (by their latent normalisation) and "
+                     "this model's is none of theirs; give --shift a number (SD3: 3)")
+
+
+def _check_steps(args: argparse.Namespace, flow: bool) -> None:
+    lo, hi = (1, args.num_steps) if flow else (0, args.num_steps - 1)
+    if args.steps is None:
+        # the default's fractions of Stable Diffusion's 1000 (and of a flow schedule's 1..1000)
+        ends = (_DEFAULT_FLOW_STEPS, 1000) if flow else (_DEFAULT_STEPS, 999)
+        args.steps = sorted({max(lo, round(f * hi / ends[1])) for f in ends[0]})
+    bad = [t for t in args.steps if t < lo or t > hi]
+    if bad:
+        on = " on the flow schedule" if flow else ""
+        raise KlvaeError(f"--steps must lie in [{lo}, {hi}]{on} (--num-steps {args.num_steps}), got {bad[0]}")
+
+
+def _check_shift(args: argparse.Namespace, flow: bool) -> float | str | None:
+    if args.shift is None:
+        return 1.0 if flow else None
+    if not flow:
+        raise KlvaeError(f"--shift shifts the flow schedule, not {args.schedule}; add --schedule flow")
+    if args.shift.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(args.shift)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):  # also refuses nan and inf
+        raise KlvaeError(f"--shift must be a number > 0 or auto, got {args.shift}")
+    return value
 
 
 def _check_betas(args: argparse.Namespace) -> None:
     given = {name: v for name, v in (("--beta-start", args.beta_start), ("--beta-end", args.beta_end)) if v is not None}
-    if given and args.schedule == "cosine":
+    if given and args.schedule in ("cosine", "flow"):
         verb = "sets" if len(given) == 1 else "set"
-        raise KlvaeError(f"{' and '.join(given)} {verb} the range of a linear or scaled_linear schedule, not of cosine")
+        raise KlvaeError(f"{' and '.join(given)} {verb} the range of a linear or scaled_linear schedule, "
+                         f"not of {args.schedule}")
     for name, v in given.items():
         if not 0 < v < 1:  # also refuses nan
             raise KlvaeError(f"{name} must lie strictly between 0 and 1, got {v}")
 
 
-_LABEL_HEIGHT = 18  # the strip above each picture for its t and SNR
+_LABEL_HEIGHT = 18  # the strip above each picture for its t and SNR (sigma on the flow schedule)
 
 
-def _sheet(tiles: list[tuple[int, Image.Image, float]]) -> Image.Image:
+def _sheet(tiles: list[tuple[str, Image.Image]]) -> Image.Image:
     w, h = tiles[0][1].size
     sheet = Image.new("RGB", (w * len(tiles), h + _LABEL_HEIGHT), "white")
     draw = ImageDraw.Draw(sheet)
-    for i, (t, img, snr) in enumerate(tiles):
+    for i, (label, img) in enumerate(tiles):
         sheet.paste(img, (i * w, _LABEL_HEIGHT))
-        draw.text((i * w + 4, 3), f"t={t}  SNR={snr:.3g}", fill="black")
+        draw.text((i * w + 4, 3), label, fill="black")
     return sheet
