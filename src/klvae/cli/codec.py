@@ -7,6 +7,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import math
 import os
 import re
 from collections import defaultdict
@@ -237,14 +238,47 @@ def _unscaled(lf: LatentsFile, it: LatentItem) -> torch.Tensor:
     return lf.norm.unscale(lf.latents[it.key][None].float())
 
 
-def _factors(norm: LatentNorm) -> str:
-    # A shift of None and of 0 scale alike; patches of 1 are no patches.
-    d = {k: v for k, v in norm.to_dict().items() if v and not (k == "latent_patch_size" and v == 1)}
-    return ", ".join(f"{k} {v}" for k, v in d.items())
+# Factors equal to this relative difference are one: statistics read back from float32 BatchNorm buffers differ
+# from the float64 figures they were written from by ~1e-8.
+_SAME_FACTOR = 1e-6
+
+
+def _norm_differences(file: LatentNorm, model: LatentNorm) -> list[str]:
+    """What differs between the file's and the model's latent normalisation, each in a few words."""
+    out = []
+    for name in ("latent_patch_size", "scaling_factor", "shift_factor"):
+        a, b = getattr(file, name) or 0, getattr(model, name) or 0  # a shift of None and of 0 scale alike
+        if not math.isclose(a, b, rel_tol=_SAME_FACTOR, abs_tol=_SAME_FACTOR):
+            out.append(f"{name} {a:g} (the model's {b:g})")
+    for name in ("latents_mean", "latents_std"):
+        a, b = getattr(file, name), getattr(model, name)
+        if (a is None) != (b is None) or (a is not None and b is not None and len(a) != len(b)):
+            out.append(f"{name} {'only in the file' if b is None else 'only in the model' if a is None else 'sizes'}")
+        elif a is not None and b is not None:
+            worst = max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b, strict=True))
+            if worst > _SAME_FACTOR:
+                out.append(f"{name} (largest relative difference {worst:.3g})")
+    return out
+
+
+def _latent_kind(channels: int, patch: int) -> str:
+    return f"{channels}-channel latents" + (f" in {patch}x{patch} patches" if patch > 1 else "")
+
+
+def _check_layout(vae: AutoencoderKL, lf: LatentsFile, where: str) -> None:
+    """LatentsError when the file's latents are another family's than the model's (channels, patches)."""
+    c, p = vae.config.latent_channels, vae.config.latent_patch_size
+    for n, it in enumerate(lf.items):
+        stored, fp = lf.latents[it.key].shape[0], lf.latent_patch_size
+        if stored != c * fp * fp and stored % (fp * fp) == 0:  # else no patches at all: unscaling says so
+            raise LatentsError(f"{where}: item {n} ({it.name[:60]!r}): its {_latent_kind(stored, fp)} do not fit "
+                               f"this model, whose files hold {_latent_kind(c * p * p, p)} ([B, {c}, h, w] "
+                               "unscaled): latents of another VAE?")
 
 
 def _check_items(vae: AutoencoderKL, lf: LatentsFile, where: str) -> None:
     """LatentsError naming the first item that does not fit the model, or is not finite once unscaled."""
+    _check_layout(vae, lf, where)
     check_sizes(lf, vae.downsample_factor, where)
     for n, it in enumerate(lf.items):
         try:
@@ -293,12 +327,11 @@ def cmd_decode(args: argparse.Namespace) -> int:
     _check_clashes(out, names, args.overwrite)
     tiling = tiling_from_args(args)
     vae, _, dtype = load_model(args)
-    c = vae.config
-    if _factors(lf.norm) != _factors(c.latent_norm):
-        log.warning("latents were scaled with %s, the model's factors are %s; using the file's",
-                    _factors(lf.norm), _factors(c.latent_norm))
     # A bad item (sizes, pixel limit, channels, NaN) refuses the whole file, as nothing has been written yet.
     _check_items(vae, lf, args.latents)
+    if differences := _norm_differences(lf.norm, vae.config.latent_norm):
+        log.warning("latents were scaled with other factors than the model's: %s; using the file's",
+                    "; ".join(differences))
     with progress_bar(total=len(names), desc="decoding", unit="img") as bar:
 
         def counted(write: Callable[[Path], None]) -> Callable[[Path], None]:

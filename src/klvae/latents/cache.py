@@ -59,7 +59,7 @@ class CacheOptions:
             raise KlvaeError(f"store must be moments, sample or scaled, got {self.store!r}")
         check_resolution(self.resolution)
         if self.resolution % 64 and self.buckets:
-            raise KlvaeError("with buckets, resolution must be a multiple of 64")
+            raise KlvaeError("with --buckets, --resolution must be a multiple of 64")
         for flag, value, least in (("--shard-size", self.shard_size, 1), ("--batch-size", self.batch_size, 1),
                                    ("--num-workers", self.num_workers, 0)):
             if value < least:
@@ -80,8 +80,10 @@ def check_whole_latents(vae: AutoencoderKL, resolution: int) -> None:
     factor = vae.config.size_multiple
     if resolution % factor:
         # The encoder would pad the crop, and the latents would hold cells of the padding too.
-        what = "downsample factor" if vae.config.latent_patch_size == 1 else "downsample factor times latent patch"
-        raise KlvaeError(f"--resolution must be a multiple of the model's {what} {factor}, got {resolution}")
+        p = vae.config.latent_patch_size
+        what = f"the model's downsample factor {factor}" if p == 1 else \
+            f"{factor} (the model's downsample factor {vae.config.downsample_factor} x its latent patch {p})"
+        raise KlvaeError(f"--resolution must be a multiple of {what}, got {resolution}")
 
 
 def model_fingerprint(vae: AutoencoderKL, with_factors: bool = True) -> str:

@@ -67,7 +67,8 @@ class LatentNorm:
         *lead, c, h, w = z.shape
         if h % p or w % p:
             raise ValueError(f"latents of size {h}x{w} do not split into the {p}x{p} patches that this VAE's "
-                             f"diffusion latent is made of (images a multiple of {p} latent cells)")
+                             f"diffusion latent is made of (sides a multiple of {p} latent cells; "
+                             "klvae.inference.encode pads images so)")
         n = len(lead)
         z = z.reshape(*lead, c, h // p, p, w // p, p)  # [..., c, i, pi, j, pj]
         z = z.permute(*range(n), n, n + 2, n + 4, n + 1, n + 3)  # [..., c, pi, pj, i, j]
@@ -103,6 +104,11 @@ class LatentNorm:
 
     def scale(self, z: Tensor) -> Tensor:
         """VAE latent -> the diffusion model's latent."""
+        p = self.latent_patch_size
+        if self.channels is not None and p > 1 and (z.ndim < 3 or z.shape[-3] * p * p != self.channels):
+            # Checked before patching, so that the message names the shape passed (latents scaled twice, say).
+            raise ValueError(f"latents of shape {tuple(z.shape)} are not this VAE's [B, {self.channels // (p * p)}, "
+                             f"h, w] (its diffusion latent is [B, {self.channels}, h/{p}, w/{p}])")
         z = self.patchify(z)
         shift, scale, std = self._affine(z)
         return (z - shift) * scale / std

@@ -84,6 +84,11 @@ def _flux2_fields(d: dict[str, Any]) -> dict[str, Any]:
     none of the factors its pipelines ignore."""
     v = {**_FLUX2_DEFAULTS, **d}
     dec = v["decoder_block_out_channels"]
+    patch = _patch_size(v["patch_size"])
+    exact = d.get("_klvae_latents_mean")
+    if isinstance(exact, list) and len(exact) != _int(v["latent_channels"], "latent_channels") * patch * patch:
+        raise WeightsError(f"config.json: patch_size {v['patch_size']} does not fit the {len(exact)} latent "
+                           f"statistics klvae saved for {v['latent_channels']} latent channels")
     ignored = [k for k in _FLUX2_UNUSED if d.get(k) is not None]
     if ignored:
         log.warning("config.json: %s ignored, as FLUX.2's pipelines do (its latent BatchNorm normalises)",
@@ -91,7 +96,7 @@ def _flux2_fields(d: dict[str, Any]) -> dict[str, Any]:
     return {**{k: v[k] for k in ("latent_channels", "block_out_channels", "layers_per_block", "sample_size",
                                  "down_block_types", "up_block_types")},
             **{ours: d.get(key) for key, ours in _EXACT_STATS.items()},
-            "latent_patch_size": _patch_size(v["patch_size"]), "scaling_factor": 1.0,
+            "latent_patch_size": patch, "scaling_factor": 1.0,
             "decoder_block_out_channels": None if dec is None else _widths(dec, "decoder_block_out_channels")}
 
 

@@ -57,7 +57,7 @@ def with_latent_stats(cfg: AutoencoderKLConfig, stats: tuple[Tensor, Tensor], ep
     p, c = cfg.latent_patch_size, cfg.latent_channels
     if p == 1:
         raise WeightsError(f"the weights carry FLUX.2's latent statistics ({MEAN} [{len(mean)}]) but {what} has no "
-                           "latent patches (latent_patch_size 1): load them with config='flux2'")
+                           "latent patches (latent_patch_size 1): load them with config='flux2' (--config flux2)")
     if len(mean) != c * p * p:
         raise WeightsError(f"{MEAN} has {len(mean)} entries, but {what} makes {c * p * p} "
                            f"({c} latent channels in {p}x{p} patches)")

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from klvae.errors import WeightsError
 from klvae.inference.precision import usable_device
-from klvae.model.config import PRESET_HUB_IDS, PRESETS, AutoencoderKLConfig
+from klvae.model.config import PRESET_HUB_FILES, PRESET_HUB_IDS, PRESETS, AutoencoderKLConfig
 from klvae.weights.convert import VAE_PREFIXES, StateDict, to_diffusers
 from klvae.weights.diffusers_config import batch_norm_eps, read_config_json, read_json_object
 from klvae.weights.hub import CONFIG_NAME, fetch_diffusers_files, fetch_hub_file, looks_like_repo_id, parse_hub_file
@@ -68,7 +68,8 @@ def _read_safetensors(path: Path) -> tuple[StateDict, list[str], dict[str, str]]
             prefix = next((p for p in VAE_PREFIXES if any(k.startswith(p) for k in keys)), "")
             return {k: f.get_tensor(k) for k in keys if k.startswith(prefix)}, keys, f.metadata() or {}
     except Exception as e:  # safetensors raises its own SafetensorError besides OSError
-        raise WeightsError(f"cannot read {path}: {_first_line(e)}") from None
+        hint = " (truncated: an incomplete download or copy?)" if "incomplete" in str(e).lower() else ""
+        raise WeightsError(f"cannot read {path}: {_first_line(e)}{hint}") from None
 
 
 def _torch_load(path: Path) -> Any:
@@ -230,6 +231,8 @@ def locate(path_or_id: str | Path, subfolder: str | None = None, revision: str |
         raise WeightsError(f"{given} given, but {name!r} is {what}, not a folder or hub repo")
     if name in EMBEDDED_MODELS:
         return _folder(embedded_model_dir(name))
+    if name in PRESET_HUB_FILES:
+        return WeightsSource(fetch_hub_file(*PRESET_HUB_FILES[name], revision), preset=name)
     if name in PRESETS:
         if name not in PRESET_HUB_IDS:
             raise WeightsError(f"preset {name!r} has no released weights: build it with AutoencoderKL({name!r})")
