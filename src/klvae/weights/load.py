@@ -231,18 +231,23 @@ def locate(path_or_id: str | Path, subfolder: str | None = None, revision: str |
         raise WeightsError(f"{given} given, but {name!r} is {what}, not a folder or hub repo")
     if name in EMBEDDED_MODELS:
         return _folder(embedded_model_dir(name))
-    if name in PRESET_HUB_FILES:
-        return WeightsSource(fetch_hub_file(*PRESET_HUB_FILES[name], revision), preset=name)
     if name in PRESETS:
-        if name not in PRESET_HUB_IDS:
-            raise WeightsError(f"preset {name!r} has no released weights: build it with AutoencoderKL({name!r})")
-        repo_id, preset_sub = PRESET_HUB_IDS[name]
-        return _hub(repo_id, preset_sub, revision, preset=name)
+        return _preset(name, revision)
     if looks_like_repo_id(name) and not name.lower().endswith((".safetensors", *PICKLE_SUFFIXES)):
         return _hub(name, subfolder, revision)
     if hub_file := parse_hub_file(name, (".safetensors", *PICKLE_SUFFIXES)):
         return _hub_file(str(path_or_id), *hub_file, subfolder, revision)
     raise WeightsError(f"no such file or folder, preset or hub id: {path_or_id}")
+
+
+def _preset(name: str, revision: str | None) -> WeightsSource:
+    """A preset's released weights: a diffusers folder in a hub repo, or one file (BFL's small decoder)."""
+    if name in PRESET_HUB_FILES:
+        return WeightsSource(fetch_hub_file(*PRESET_HUB_FILES[name], revision), preset=name)
+    if name not in PRESET_HUB_IDS:
+        raise WeightsError(f"preset {name!r} has no released weights: build it with AutoencoderKL({name!r})")
+    repo_id, preset_sub = PRESET_HUB_IDS[name]
+    return _hub(repo_id, preset_sub, revision, preset=name)
 
 
 def _hub_file(given: str, repo_id: str, filename: str, url_revision: str | None, subfolder: str | None,
