@@ -66,7 +66,9 @@ def shift_sigmas(sigmas: Tensor | float | Sequence[float], shift: float) -> Tens
     """The fixed shift s σ / (1 + (s - 1) σ) of diffusers' scheduler (SD3: s = 3), float64 math."""
     s = _positive(shift, "shift")
     t, out_dtype = _unit_interval(sigmas, "sigmas")
-    return (s * t / (1 + (s - 1) * t)).to(out_dtype)
+    # s t / (s t + 1 - t): the same map as s t / (1 + (s - 1) t), exact at both ends for any s (with a tiny s,
+    # s - 1 rounds to -1 and the other form divides 0 by 0 at t = 1).
+    return (s * t / (s * t + (1 - t))).to(out_dtype)
 
 
 def time_shift(mu: float, sigma: float, t: Tensor | float | Sequence[float],
@@ -78,9 +80,12 @@ def time_shift(mu: float, sigma: float, t: Tensor | float | Sequence[float],
     if kind == "linear" and mu <= 0:
         raise ValueError(f"the linear time shift needs mu > 0, got {mu}")
     t, out_dtype = _unit_interval(t, "t")
-    a = math.exp(mu) if kind == "exponential" else mu
-    # t = 0 makes 1/t inf and the result 0 (clean stays clean) without a warning, as float64 torch division does.
-    return (a / (a + (1 / t - 1) ** sigma)).to(out_dtype)
+    if kind == "linear":
+        # t = 0 makes 1/t inf and the result 0 (clean stays clean) without a warning, as float64 division does.
+        return (mu / (mu + (1 / t - 1) ** sigma)).to(out_dtype)
+    # e^mu / (e^mu + r) = sigmoid(mu - log r), r = (1/t - 1)^sigma: no overflow of e^mu for a large mu, and r = inf
+    # (t = 0) or 0 (t = 1) give exactly 0 and 1.
+    return torch.sigmoid(mu - sigma * torch.log(1 / t - 1)).to(out_dtype)
 
 
 def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
@@ -265,6 +270,11 @@ class FlowSchedule:
             raise TypeError(f"timesteps must be a number or [B], got shape {tuple(t.shape)}; check the argument "
                             f"order: {order}")
         n = self.num_train_timesteps
+        if not t.is_floating_point() and (self.shift != 1 or self.mu is not None):
+            # An integer here is most likely a table position (as NoiseSchedule's t is), which this shifted table
+            # would not noise at its own sigma: diffusers refuses such a value (not among its timesteps) too.
+            raise TypeError("integer timesteps on a shifted table: pass diffusers' timesteps (schedule.timesteps[i], "
+                            "floats), or sigma_at(position) to noisy(x0, noise, sigma)")
         t = t.to(device=sample.device, dtype=_table_dtype(sample.device))
         if t.numel() and not bool(((t >= 0) & (t <= n)).all()):  # also refuses nan
             raise ValueError(f"timesteps must lie in [0, {n}] (diffusers' timestep is sigma * {n})")
@@ -319,13 +329,14 @@ def compute_density_for_timestep_sampling(
             raise ValueError(f"logit_std must be >= 0, got {std}")
         u = torch.normal(mean=mean, std=std, size=(batch_size,), device=device, generator=generator)
         return torch.sigmoid(u)
-    u = torch.rand(size=(batch_size,), device=device, generator=generator)
-    if weighting_scheme == "mode":
+    if weighting_scheme == "mode":  # checked before the draw, so that a refusal leaves the generator as it was
         s = _finite(mode_scale, "mode_scale")
         lo, hi = MODE_SCALE_RANGE
         if not lo <= s <= hi:
             raise ValueError(f"mode_scale must lie in [{lo:g}, {hi:.4g}] (the SD3 paper's range, where its map of u "
                              f"is monotone), got {s}")
+    u = torch.rand(size=(batch_size,), device=device, generator=generator)
+    if weighting_scheme == "mode":
         return 1 - u - s * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
     return u
 

@@ -109,8 +109,17 @@ def _flow_noised(z0: torch.Tensor, noise: torch.Tensor, args: argparse.Namespace
     schedule, how = _flow_schedule(z0, args.num_steps, shift, family)
     sigmas = [float(schedule.sigma_at(t)) for t in args.steps]
     zts = torch.cat([noisy(z0, noise, sigma) for sigma in sigmas])
-    labels = [f"t={t}  sigma={sigma:.3g}" for t, sigma in zip(args.steps, sigmas, strict=True)]
-    return zts, labels, f"flow schedule, {how}; sigma = {', '.join(f'{s:.4g}' for s in sigmas)}"
+    labels = [f"t={t}  sigma={_sigma_text(sigma)}" for t, sigma in zip(args.steps, sigmas, strict=True)]
+    return zts, labels, f"flow schedule, {how}; sigma = {', '.join(_sigma_text(s, 4) for s in sigmas)}"
+
+
+def _sigma_text(sigma: float, digits: int = 3) -> str:
+    """σ to `digits` significant digits, but never "1" for a tile that still holds some of the image."""
+    text = f"{sigma:.{digits}g}"
+    while float(text) == 1.0 and sigma < 1.0 and digits < 17:
+        digits += 1
+        text = f"{sigma:.{digits}g}"
+    return text
 
 
 def _flow_schedule(z0: torch.Tensor, num_steps: int, shift: float | str, family: str | None
