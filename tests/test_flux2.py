@@ -606,3 +606,12 @@ def test_tiled_decode_of_a_small_decoder_equals_the_untiled() -> None:
     tiled = inference.decode(vae, z, tiling=inference.TileOptions(tile_size=32))
     assert whole.shape == (1, 3, 96, 80)
     torch.testing.assert_close(tiled, whole, atol=1e-4, rtol=0)
+
+
+def test_a_model_without_statistics_round_trips_without_statistics(tmp_path: Path) -> None:
+    """save_pretrained writes the identity BatchNorm (mean 0, var 1 - eps) for a config without statistics; read
+    back, that is still no statistics, not 128 zeros and ones."""
+    vae = klvae_flux2(stats=False)
+    vae.save_pretrained(tmp_path / "d")
+    back = AutoencoderKL.from_pretrained(tmp_path / "d")
+    assert back.config == vae.config and back.config.latents_mean is None

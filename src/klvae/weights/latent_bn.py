@@ -64,6 +64,9 @@ def with_latent_stats(cfg: AutoencoderKLConfig, stats: tuple[Tensor, Tensor], ep
     if not (torch.isfinite(mean).all() and torch.isfinite(var).all() and (var + eps > 0).all()):
         raise WeightsError("the weights' latent BatchNorm statistics are not finite, or a variance is negative")
     new_mean, new_std = tuple(mean.tolist()), tuple((var + eps).sqrt().tolist())
+    if cfg.latents_mean is None and not mean.any() and torch.allclose(var + eps, torch.ones_like(var), rtol=0,
+                                                                      atol=1e-7):
+        return cfg  # the identity that latent_bn_tensors writes for a config without statistics: still none
     if cfg.latents_mean is not None and cfg.latents_std is not None:
         if _agree(cfg.latents_mean, new_mean) and _agree(cfg.latents_std, new_std):
             return cfg
