@@ -3,6 +3,7 @@
 import logging
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,3 +43,13 @@ def _klvae_logger_as_before() -> Iterator[None]:
     logger.setLevel(level)
     for h in [h for h in logger.handlers if h not in handlers]:
         logger.removeHandler(h)
+
+
+@pytest.fixture
+def offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty hub cache under tmp_path, with HF_HUB_OFFLINE set: the hub answers from it alone."""
+    cache = tmp_path / "hf" / "hub"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache

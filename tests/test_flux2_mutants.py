@@ -178,15 +178,6 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-@pytest.fixture
-def offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    cache = tmp_path / "hf" / "hub"
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return cache
-
-
 def test_a_hub_files_revision_is_the_one_fetched(offline_cache: Path) -> None:
     main_vae, v2_vae, commit = _two_revisions(offline_cache, "org/single", "ae.safetensors")
     assert fetch_hub_file("org/single", "ae.safetensors", "v2").parent.name == commit

@@ -422,15 +422,6 @@ def test_unreadable_and_unknown_sources(tmp_path: Path) -> None:
 
 
 # ---- the hub, offline -------------------------------------------------------------------------------------------
-@pytest.fixture
-def offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    cache = tmp_path / "hf" / "hub"
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return cache
-
-
 def test_hub_id_from_the_offline_cache(offline_cache: Path) -> None:
     model = tiny_model()
     fake_hub_cache(offline_cache, "org/pipeline", model, "vae")

@@ -63,20 +63,20 @@ def make_betas(
     raise ValueError(f"unknown schedule {schedule!r}; expected 'linear', 'scaled_linear' or 'cosine'")
 
 
-def _table_dtype(device: torch.device) -> torch.dtype:
-    # MPS has no float64; everywhere else the tables stay float64 as in LDM.
+def table_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of noise tables on `device`: float64 as in LDM, float32 on MPS, which has no float64."""
     return torch.float32 if device.type == "mps" else torch.float64
 
 
 def _extract(table: Tensor, t: Tensor, ndim: int) -> Tensor:
     """table[t] shaped [B, 1, ..., 1] to broadcast against an [B, ...] tensor of `ndim` dims."""
-    values = table.to(device=t.device, dtype=_table_dtype(t.device))[t]
+    values = table.to(device=t.device, dtype=table_dtype(t.device))[t]
     return values.reshape(t.shape[0], *([1] * (ndim - 1)))
 
 
 def _combine(ta: Tensor, a: Tensor, tb: Tensor, b: Tensor, t: Tensor, sign: float) -> Tensor:
     """ta[t] * a + sign * tb[t] * b in the tables' precision, returned in a's dtype."""
-    wd = _table_dtype(a.device)
+    wd = table_dtype(a.device)
     out = _extract(ta, t, a.ndim) * a.to(wd) + sign * _extract(tb, t, a.ndim) * b.to(wd)
     return out.to(a.dtype)
 
@@ -159,7 +159,7 @@ class NoiseSchedule:
     def q_mean_variance(self, x0: Tensor, t: Tensor | int) -> tuple[Tensor, Tensor, Tensor]:
         """Mean, variance and log-variance of q(x_t | x_0); the latter two are [B, 1, ..., 1]."""
         t = self._check_t(t, x0)
-        mean = _extract(self.sqrt_alphas_cumprod, t, x0.ndim) * x0.to(_table_dtype(x0.device))
+        mean = _extract(self.sqrt_alphas_cumprod, t, x0.ndim) * x0.to(table_dtype(x0.device))
         var = _extract(1.0 - self.alphas_cumprod, t, x0.ndim)
         log_var = _extract(self.log_one_minus_alphas_cumprod, t, x0.ndim)
         return mean.to(x0.dtype), var.to(x0.dtype), log_var.to(x0.dtype)
@@ -183,7 +183,7 @@ class NoiseSchedule:
     def q_posterior(self, x0: Tensor, x_t: Tensor, t: Tensor | int) -> tuple[Tensor, Tensor, Tensor]:
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0); the latter two [B, 1, ..., 1]."""
         t = self._check_t(t, x_t)
-        wd = _table_dtype(x_t.device)
+        wd = table_dtype(x_t.device)
         mean = _extract(self.posterior_mean_coef1, t, x_t.ndim) * x0.to(wd)
         mean = mean + _extract(self.posterior_mean_coef2, t, x_t.ndim) * x_t.to(wd)
         var = _extract(self.posterior_variance, t, x_t.ndim)
@@ -197,5 +197,5 @@ class NoiseSchedule:
             raise TypeError(f"timesteps must be an integer tensor, got {t.dtype}")
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_steps):
             raise ValueError(f"timesteps must lie in [0, {self.num_steps - 1}]")
-        ab = self.alphas_cumprod.to(device=t.device, dtype=_table_dtype(t.device))[t.long()]
+        ab = self.alphas_cumprod.to(device=t.device, dtype=table_dtype(t.device))[t.long()]
         return ab / (1.0 - ab)

@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from klvae.diffusion import _table_dtype
+from klvae.diffusion import table_dtype
 
 # The names diffusers' SD3/FLUX training scripts accept for --weighting_scheme, which they pass both to the timestep
 # sampling (where all but logit_normal and mode draw uniformly) and to the loss weighting (where all but sigma_sqrt
@@ -56,7 +56,7 @@ def _unit_interval(t: Tensor | float | Sequence[float], name: str) -> tuple[Tens
     if t.dtype == torch.bool or t.is_complex():
         raise TypeError(f"{name} must be real numbers, got {t.dtype}")
     out_dtype = t.dtype if t.is_floating_point() else torch.float64
-    t = t.to(_table_dtype(t.device))
+    t = t.to(table_dtype(t.device))
     if t.numel() and not bool(((t >= 0) & (t <= 1)).all()):  # also refuses nan
         raise ValueError(f"{name} must lie in [0, 1]")
     return t, out_dtype
@@ -158,7 +158,7 @@ def _sigma_view(sigma: Tensor | float, x: Tensor, order: str) -> Tensor:
     if s.ndim > 1 and not batch_like and s.numel() != 1:
         raise ValueError(f"sigma must be a number, [B] or [B, 1, ..., 1] with B = {x.shape[0]}, got shape "
                          f"{tuple(s.shape)}; check the argument order: {order}")
-    s = s.to(device=x.device, dtype=_table_dtype(x.device))
+    s = s.to(device=x.device, dtype=table_dtype(x.device))
     if s.numel() and not bool(((s >= 0) & (s <= 1)).all()):  # also refuses nan
         raise ValueError("sigma must lie in [0, 1] (0 clean, 1 pure noise)")
     if s.numel() == 1:
@@ -197,7 +197,7 @@ def _interpolate(x0: Tensor, noise: Tensor, sigma: Tensor | float, order: str) -
 def get_velocity(x0: Tensor, noise: Tensor) -> Tensor:
     """The rectified-flow target v = ε - x_0 (SD3's and FLUX's), in x0's dtype; the same at every σ."""
     _same_shape(x0, noise, "x0, noise", "get_velocity(x0, noise)")
-    wd = _table_dtype(x0.device)
+    wd = table_dtype(x0.device)
     return (noise.to(wd) - x0.to(wd)).to(x0.dtype)
 
 
@@ -260,7 +260,7 @@ class FlowSchedule:
                             "for diffusers' (shifted) timesteps divide by num_train_timesteps instead")
         if t.numel() and (int(t.min()) < 1 or int(t.max()) > self.num_train_timesteps):
             raise ValueError(f"positions must lie in [1, {self.num_train_timesteps}]")
-        return self.sigmas.to(device=t.device, dtype=_table_dtype(t.device))[self.num_train_timesteps - t.long()]
+        return self.sigmas.to(device=t.device, dtype=table_dtype(t.device))[self.num_train_timesteps - t.long()]
 
     def _sigma_of_timestep(self, timestep: Tensor | float, sample: Tensor, order: str) -> Tensor:
         t = torch.as_tensor(timestep)
@@ -275,7 +275,7 @@ class FlowSchedule:
             # would not noise at its own sigma: diffusers refuses such a value (not among its timesteps) too.
             raise TypeError("integer timesteps on a shifted table: pass diffusers' timesteps (schedule.timesteps[i], "
                             "floats), or sigma_at(position) to noisy(x0, noise, sigma)")
-        t = t.to(device=sample.device, dtype=_table_dtype(sample.device))
+        t = t.to(device=sample.device, dtype=table_dtype(sample.device))
         if t.numel() and not bool(((t >= 0) & (t <= n)).all()):  # also refuses nan
             raise ValueError(f"timesteps must lie in [0, {n}] (diffusers' timestep is sigma * {n})")
         if t.ndim == 1 and t.shape[0] not in (1, sample.shape[0]):
@@ -303,7 +303,7 @@ class FlowSchedule:
         # The scripts' `(u * T).long()` indexes the descending table; u = 1 (a zero draw of the mode sampler) would
         # be one past its end, an IndexError there: the clamp keeps it on the last row.
         indices = (u * n).long().clamp(0, n - 1)
-        wd = _table_dtype(indices.device)
+        wd = table_dtype(indices.device)
         return (self.timesteps.to(device=indices.device, dtype=wd)[indices],
                 self.sigmas.to(device=indices.device, dtype=wd)[indices])
 
