@@ -96,7 +96,7 @@ def _flux2_fields(d: dict[str, Any]) -> dict[str, Any]:
     return {**{k: v[k] for k in ("latent_channels", "block_out_channels", "layers_per_block", "sample_size",
                                  "down_block_types", "up_block_types")},
             **{ours: d.get(key) for key, ours in _EXACT_STATS.items()},
-            "latent_patch_size": patch, "scaling_factor": 1.0,
+            "latent_patch_size": patch, "scaling_factor": 1.0, "shift_factor": None,
             "decoder_block_out_channels": None if dec is None else _widths(dec, "decoder_block_out_channels")}
 
 
@@ -127,8 +127,6 @@ def config_from_diffusers(d: dict[str, Any]) -> AutoencoderKLConfig:
     # The flags and factors pass as they are: AutoencoderKLConfig checks their types and ranges itself.
     same = {k: v[k] for k in ("use_quant_conv", "use_post_quant_conv", "force_upcast", "scaling_factor",
                               "shift_factor", "latents_mean", "latents_std")}
-    if flux2:
-        same.update(shift_factor=None, latents_mean=flux2["latents_mean"], latents_std=flux2["latents_std"])
     if same["shift_factor"] is not None and same["latents_mean"] is not None:
         # diffusers' SDXL-family pipelines, the ones that read latents_mean, never read shift_factor.
         log.warning("config.json sets both shift_factor and latents_mean: using latents_mean/latents_std")
@@ -195,7 +193,7 @@ def config_to_diffusers(cfg: AutoencoderKLConfig) -> dict[str, Any]:
         d.pop(key)
     d |= {key: list(getattr(cfg, ours)) for key, ours in _EXACT_STATS.items() if getattr(cfg, ours) is not None}
     return d | {"_class_name": FLUX2_CLASS, "_diffusers_version": "0.36.0",  # the first release with the class
-                "batch_norm_eps": _FLUX2_DEFAULTS["batch_norm_eps"], "batch_norm_momentum": 0.1, "patch_size": [p, p]}
+                **{k: _FLUX2_DEFAULTS[k] for k in ("batch_norm_eps", "batch_norm_momentum")}, "patch_size": [p, p]}
 
 
 def read_config_json(path: str | Path) -> AutoencoderKLConfig:
