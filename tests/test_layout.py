@@ -56,7 +56,7 @@ def test_the_model_imports_only_torch_and_itself_at_module_level(path: Path) -> 
 
 
 LIBRARY = ("model", "posterior", "inference", "weights", "nets", "evaluation", "latents", "images",
-           "datasources", "diffusion", "flow", "atomic", "errors", "progress")
+           "datasources", "diffusion", "flow", "atomic", "errors", "progress", "compat")
 
 
 @pytest.mark.parametrize("path", _modules(*LIBRARY), ids=lambda p: _module_name(p))
@@ -81,3 +81,10 @@ def test_the_rules_see_every_library_file() -> None:
     """A new top-level module or folder must be placed in the rules above, not slip past them."""
     covered = {p.resolve() for p in _modules(*LIBRARY, "training", "cli", "__init__")}
     assert {p.resolve() for p in SRC.rglob("*.py")} == covered
+
+
+@pytest.mark.parametrize("path", _modules(*LIBRARY, "training", "cli", "__init__"), ids=lambda p: _module_name(p))
+def test_diffusers_stays_a_test_only_dependency(path: Path) -> None:
+    """diffusers is the tests' oracle: no part of klvae may need it (nor transformers) to run."""
+    bad = {n for n in _imports(path, top_level_only=False) if _within(n, ("diffusers", "transformers"))}
+    assert not bad, f"{_module_name(path)} imports {sorted(bad)}"

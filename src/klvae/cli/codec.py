@@ -38,6 +38,7 @@ from klvae.images import (
     tensor_to_pil,
     write_image,
 )
+from klvae.latents.comfy import SUFFIX, is_comfy_latent
 from klvae.latents.file import LatentItem, LatentsFile, check_sizes, load_latents, save_latents
 from klvae.model.autoencoder import AutoencoderKL
 from klvae.model.latent_norm import LatentNorm
@@ -48,9 +49,12 @@ log = logging.getLogger("klvae")
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the codec subcommands."""
-    p = sub.add_parser("encode", help="images or folders -> one latents .safetensors (scaled latents + metadata)")
+    p = sub.add_parser("encode", help="images or folders -> one latents .safetensors (scaled latents + metadata), "
+                                      "or a ComfyUI .latent")
     p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
-    p.add_argument("-o", "--output", required=True, help="latents file to write (.safetensors)")
+    p.add_argument("-o", "--output", required=True,
+                   help="latents file to write: .safetensors (klvae's), or .latent (ComfyUI's LoadLatent reads it: "
+                        "one batch, so images of one size, cropped to whole latent cells as ComfyUI's VAEEncode does)")
     p.add_argument("--sample", action="store_true", help="store a posterior sample instead of its mean")
     p.add_argument("--seed", type=int, default=0, help="seed of --sample")
     add_model_args(p)
@@ -58,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("decode", help="a latents file -> PNG images")
-    p.add_argument("latents", help="latents file written by `klvae encode`")
+    p.add_argument("latents", help="latents file written by `klvae encode`, or a ComfyUI .latent (SaveLatent's)")
     p.add_argument("-o", "--output", required=True, help="folder for the PNGs")
     p.add_argument("--overwrite", action="store_true",
                    help="replace files in --output that have the PNGs' names (refused without it)")
@@ -106,8 +110,9 @@ def _loaded(paths: list[Path], bad: list[Path]) -> Iterator[tuple[Path, torch.Te
 def _check_encode_args(args: argparse.Namespace, paths: list[Path]) -> None:
     # All refused before the model loads: a wrong output must not cost an encode, nor replace an input.
     check_seed(args.seed)
-    if Path(args.output).suffix.lower() != ".safetensors":
-        raise KlvaeError(f"--output {args.output}: the latents file must end in .safetensors")
+    if Path(args.output).suffix.lower() not in (".safetensors", SUFFIX):
+        raise KlvaeError(f"--output {args.output}: the latents file must end in .safetensors (klvae's latents) "
+                         f"or {SUFFIX} (ComfyUI's)")
     check_output_path(args.output, inputs=[*paths, *args.inputs])
 
 
@@ -162,6 +167,10 @@ def cmd_encode(args: argparse.Namespace) -> int:
     by_size = _group_by_size(paths, bad)
     if not by_size:
         raise KlvaeError(f"none of the {len(paths)} images could be read")
+    if Path(args.output).suffix.lower() == SUFFIX:
+        from klvae.cli.comfy import encode_comfy  # it builds on this module's helpers
+
+        return encode_comfy(args, paths, by_size, tiling, bad)
     vae, _, dtype = load_model(args)
     encoded = _encode_groups(vae, by_size, args, dtype, tiling, bad)
     if not encoded:
@@ -318,9 +327,29 @@ def _png_writer(vae: AutoencoderKL, lf: LatentsFile, n: int, dtype: torch.dtype,
 _PLAUSIBLE_LATENT = 1e4
 
 
+def write_pngs(vae: AutoencoderKL, lf: LatentsFile, names: list[str], out: Path, dtype: torch.dtype,
+               tiling: inference.TileOptions | None, where: str) -> None:
+    """Decode every item of `lf` to out/names[n], all landing together (atomic_write_all)."""
+    with progress_bar(total=len(names), desc="decoding", unit="img") as bar:
+
+        def counted(write: Callable[[Path], None]) -> Callable[[Path], None]:
+            def run(tmp: Path) -> None:
+                write(tmp)
+                bar.update(1)
+
+            return run
+
+        atomic_write_all([(out / name, counted(_png_writer(vae, lf, n, dtype, tiling, where)))
+                          for n, name in enumerate(names)])
+
+
 def cmd_decode(args: argparse.Namespace) -> int:
-    """Decode a latents file to PNGs; every item is checked before the first is written, and the PNGs land
-    together, so a failure leaves none of them."""
+    """Decode a latents file (or a ComfyUI .latent) to PNGs; every item is checked before the first is written,
+    and the PNGs land together, so a failure leaves none of them."""
+    if is_comfy_latent(args.latents):
+        from klvae.cli.comfy import decode_comfy  # it builds on this module's helpers
+
+        return decode_comfy(args)
     lf = load_latents(args.latents)
     out = check_output_path(args.output, folder=True)
     names = unique_png_names(lf.items)
@@ -332,17 +361,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     if differences := _norm_differences(lf.norm, vae.config.latent_norm):
         log.warning("latents were scaled with other factors than the model's: %s; using the file's",
                     "; ".join(differences))
-    with progress_bar(total=len(names), desc="decoding", unit="img") as bar:
-
-        def counted(write: Callable[[Path], None]) -> Callable[[Path], None]:
-            def run(tmp: Path) -> None:
-                write(tmp)
-                bar.update(1)
-
-            return run
-
-        atomic_write_all([(out / name, counted(_png_writer(vae, lf, n, dtype, tiling, args.latents)))
-                          for n, name in enumerate(names)])
+    write_pngs(vae, lf, names, out, dtype, tiling, args.latents)
     log.info("decoded %d image(s) to %s", len(lf.items), out)
     return 0
 
