@@ -300,9 +300,26 @@ def test_resume_without_a_checkpoint_warns_and_a_finished_run_keeps_its_export(
     assert final.stat().st_mtime_ns == before
     # A recipe's stage 2 started before stage 1 exported: the message names the setting and the cause.
     missing = tmp_path / "stage1" / "final"
-    assert main(["train", *args, "--set", f"model.pretrained={missing}"]) == 2
+    elsewhere = ["--set", f"train.out_dir={tmp_path / 'b'}"]
+    assert main(["train", *args, "--set", f"model.pretrained={missing}", *elsewhere]) == 2
     err = capsys.readouterr().err
     assert f"klvae: error: model.pretrained: no such file or folder, preset or hub id: {missing} (train the run" in err
+
+
+def test_a_new_run_never_lands_in_the_folder_of_another(tmp_path: Path, photos: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --resume, an out_dir holding a run is refused before any work, and the old run stays intact."""
+    args = [a for o in _config(tmp_path, photos, "train.max_steps=1") for a in ("--set", o)]
+    assert main(["-q", "train", *args]) == 0
+    run = tmp_path / "run"
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["-q", "train", *args, "--set", "train.max_steps=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"klvae: error: train.out_dir {run} already holds a run (checkpoints, final, metrics.jsonl")
+    assert "--resume" in err and err.count("\n") == 1
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
+    assert main(["-q", "train", *args, "--set", "train.max_steps=2", "--resume"]) == 0  # continuing is allowed
 
 
 def _not_checkpoints(tmp: Path, good: Path) -> dict[str, Path]:

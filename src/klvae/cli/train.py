@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from klvae.cli.common import check_output_path
+from klvae.errors import KlvaeError
 
 log = logging.getLogger("klvae")
 
@@ -22,6 +24,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
 
+# What a run writes into train.out_dir that a second run would mix with its own.
+_RUN_FILES = ("checkpoints", "final", "metrics.jsonl", "samples")
+
+
+def check_fresh_run(out: Path) -> None:
+    """Refuse to start a new run in a folder that holds another: its checkpoints would outrank the new run's
+    (pruned as the oldest, while --resume would pick the old run's), final/ would be replaced, metrics mixed."""
+    held = [name for name in _RUN_FILES if (out / name).exists()]
+    if held:
+        raise KlvaeError(f"train.out_dir {out} already holds a run ({', '.join(held)}): add --resume to continue "
+                         "it, or choose another train.out_dir (or remove that one) to start over")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train, resuming when asked, and export the weights at the end."""
     import yaml
@@ -33,6 +48,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(cfg.resolved_dict(), sort_keys=False))
         return 0
     check_output_path(cfg.train.out_dir, "train.out_dir", folder=True)  # before minutes of model building
+    if args.resume is None:
+        check_fresh_run(Path(cfg.train.out_dir))
     from klvae.training.distributed import shutdown
     from klvae.training.loop import fit
     from klvae.training.trainer import Trainer
