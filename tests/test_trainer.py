@@ -372,3 +372,26 @@ def test_a_garbage_newest_checkpoint_is_named_with_the_one_before(tmp_path: Path
         tr.resume()
     (run / "step_00000009.pt").unlink()
     assert tr.resume() and tr.step == 0
+
+
+@pytest.mark.parametrize("export_ema", [True, False])
+def test_a_training_checkpoint_loads_as_the_model_its_run_exports(tmp_path: Path, photos: Path,
+                                                                  export_ema: bool) -> None:
+    """`--model step_*.pt`: the weights final/ holds (the EMA's when the run exports it), with the model's config."""
+    tr = _train(tmp_path, photos, "train.max_steps=2", "train.ema_decay=0.5", f"train.export_ema={export_ema}")
+    (path,) = ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")[-1:]
+    vae = klvae.AutoencoderKL.from_pretrained(path)
+    final = klvae.AutoencoderKL.from_pretrained(tmp_path / "run" / "final")
+    assert vae.config == tr.vae.config == final.config
+    for (k, a), b in zip(vae.state_dict().items(), final.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    raw = tr.vae.state_dict()
+    assert any(not torch.equal(a, raw[k]) for k, a in vae.state_dict().items()) == export_ema  # EMA != raw
+    # An older checkpoint, without the model's config: its shapes tell the network.
+    state = torch.load(path, weights_only=True)
+    del state["model_config"]
+    torch.save(state, tmp_path / "old.pt")
+    old = klvae.AutoencoderKL.from_pretrained(tmp_path / "old.pt")
+    assert old.config.block_out_channels == tr.vae.config.block_out_channels
+    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), vae.state_dict().values(), strict=True))
+    assert main(["-q", "info", "--model", str(path)]) == 0

@@ -149,6 +149,8 @@ class Trainer:
             "opt_ae": self.opt_ae.state_dict(), "opt_d": self.opt_d.state_dict() if self.opt_d else None,
             "scaler": self.scaler.state_dict(), "d_scaler": self.d_scaler.state_dict(),
             "rng": ckpt.rng_state(), "config": json.dumps(self.cfg.to_dict()), "world": self.dist.world,
+            # The model's own config, so the checkpoint loads as a model anywhere (`--model step_*.pt`).
+            "model_config": json.dumps(self.vae.config.to_dict()),
         }
 
     def load_state_dict(self, s: dict[str, Any]) -> None:

@@ -98,7 +98,7 @@ def torch_file_problem(path: Path, e: Exception) -> str:
     return f"a damaged or truncated file ({_first_line(e).split('. ')[0]})"
 
 
-def _read_pickle(path: Path) -> tuple[StateDict, list[str]]:
+def _read_pickle(path: Path) -> tuple[StateDict, list[str], dict[str, str]]:
     try:
         obj = _torch_load(path)
     except pickle.UnpicklingError as e:
@@ -113,6 +113,9 @@ def _read_pickle(path: Path) -> tuple[StateDict, list[str]]:
         raise WeightsError(f"cannot read {path}: {_first_line(e)}") from None
     except Exception as e:
         raise WeightsError(f"cannot read {path}: {torch_file_problem(path, e)}") from None
+    meta: dict[str, str] = {}
+    if isinstance(obj, dict) and _is_training_checkpoint(obj):
+        obj, meta = _training_checkpoint_weights(obj, path)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # LDM / Lightning checkpoints nest the weights
     if not isinstance(obj, dict):
@@ -121,7 +124,30 @@ def _read_pickle(path: Path) -> tuple[StateDict, list[str]]:
     prefix = next((p for p in VAE_PREFIXES if any(k.startswith(p) for k in keys)), "")
     # Copies, so that the model owns its memory rather than pages of the mapped file.
     sd = {k: obj[k].clone() for k in keys if k.startswith(prefix) and isinstance(obj[k], Tensor)}
-    return sd, keys
+    return sd, keys, meta
+
+
+def _is_training_checkpoint(obj: dict[Any, Any]) -> bool:
+    # The signature of klvae's Trainer.state_dict(): the model's weights beside the optimiser's and the step.
+    return isinstance(obj.get("vae"), dict) and isinstance(obj.get("opt_ae"), dict) and isinstance(obj.get("step"), int)
+
+
+def _training_checkpoint_weights(obj: dict[str, Any], path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """The weights that the run's final/ export would hold (the EMA's where the run exports it) and the model's
+    config (newer checkpoints carry it), from a klvae training checkpoint."""
+    try:
+        export_ema = json.loads(obj.get("config") or "{}").get("train", {}).get("export_ema", True)
+    except (json.JSONDecodeError, AttributeError):
+        export_ema = True
+    weights, which = obj["vae"], "the model's weights"
+    ema = obj.get("ema")
+    if export_ema is not False and isinstance(ema, dict):
+        # AveragedModel's state_dict: the model's keys under module., and its update count.
+        weights = {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
+        which = "the EMA weights"
+    log.info("%s is a klvae training checkpoint (step %d): loading %s", path.name, obj["step"], which)
+    config = obj.get("model_config")
+    return weights, {CONFIG_METADATA: config} if isinstance(config, str) else {}
 
 
 def _read(path: Path) -> tuple[StateDict, list[str], dict[str, str]]:
@@ -133,7 +159,7 @@ def _read(path: Path) -> tuple[StateDict, list[str], dict[str, str]]:
     if suffix == ".safetensors":
         sd, keys, meta = _read_safetensors(path)
     elif suffix in PICKLE_SUFFIXES:
-        sd, keys = _read_pickle(path)
+        sd, keys, meta = _read_pickle(path)
     else:
         raise WeightsError(f"{path}: unsupported weights file (expected .safetensors, {', '.join(PICKLE_SUFFIXES)})")
     if not sd:
