@@ -13,6 +13,7 @@ import io
 import logging
 import math
 import os
+import re
 import stat
 import tarfile
 import warnings
@@ -117,7 +118,11 @@ def _image_errors(name: str) -> Iterator[None]:
     except FileNotFoundError:
         raise ImageError(f"{name}: no such file") from None
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{name}: {e}") from None
+        # Pillow refuses beyond twice its MAX_IMAGE_PIXELS before klvae sees the size; say it in klvae's words.
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(m[1]):,} pixels" if m else "too many pixels"
+        raise ImageError(f"{name}: {size}, over Pillow's limit of {2 * Image.MAX_IMAGE_PIXELS:,} "
+                         "(its guard against decompression bombs)") from None
     except Image.UnidentifiedImageError:
         raise ImageError(f"{name}: not an image, or not one of {', '.join(_read_formats())}") from None
     except Exception as e:  # PIL's format plugins raise many types (OSError, SyntaxError, ValueError, ...)
