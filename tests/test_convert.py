@@ -92,7 +92,7 @@ def test_an_existing_output_is_replaced_only_with_overwrite(source: Path, tmp_pa
 @pytest.mark.parametrize(("argv", "words"), [
     (["-o", "SRC"], "config.json already exists; add --overwrite to replace it"),
     (["-o", "SRC", "--overwrite"], "holds the model being converted"),
-    (["-o", "OUT/x.ckpt"], "is a folder"),
+    (["-o", "OUT/x.ckpt"], "not pickles; name a .safetensors file (LDM layout) or a folder"),
     (["-o", "OUT/x.bin", "--to", "ldm"], "must end in .safetensors"),
     (["-o", "OUT/d", "--dtype", "int8"], "--dtype must be one of"),
     (["-o", "OUT/d", "--dtype", "fp16", "--model", "HUGE"], "not finite in fp16"),

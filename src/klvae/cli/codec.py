@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import itertools
 import json
@@ -28,6 +29,7 @@ from klvae.cli.common import (
 )
 from klvae.errors import ImageError, KlvaeError, LatentsError
 from klvae.images import (
+    IMAGE_EXTENSIONS,
     check_format_size,
     find_images,
     image_format_for,
@@ -107,6 +109,21 @@ def _loaded(paths: list[Path], bad: list[Path]) -> Iterator[tuple[Path, torch.Te
             bad.append(path)
 
 
+def _left_out(inputs: list[str]) -> str:
+    """What the named folders hold that a folder does not contribute, e.g. ' (they hold 3 .gif files, ...)'."""
+    counts: collections.Counter[str] = collections.Counter()
+    for given in inputs:
+        if Path(given).is_dir():
+            for p in itertools.islice(Path(given).rglob("*"), 100_000):
+                if p.suffix and not p.name.startswith(".") and p.is_file():
+                    counts[p.suffix.lower()] += 1
+    if not counts:
+        return ""
+    held = ", ".join(f"{n} {suffix}" for suffix, n in counts.most_common(3))
+    return (f" (it holds {held} files; a folder contributes {' '.join(sorted(IMAGE_EXTENSIONS))} files only: name "
+            ".gif and .ppm files on their own; `klvae cache --data` reads .tar shards)")
+
+
 def _check_encode_args(args: argparse.Namespace, paths: list[Path]) -> None:
     # All refused before the model loads: a wrong output must not cost an encode, nor replace an input.
     check_seed(args.seed)
@@ -156,9 +173,13 @@ def _encode_groups(vae: AutoencoderKL, by_size: dict[tuple[int, int], list[Path]
 
 def cmd_encode(args: argparse.Namespace) -> int:
     """Encode images to scaled latents in one safetensors file."""
+    for given in args.inputs:
+        if Path(given).suffix.lower() == ".tar" and Path(given).is_file():
+            raise KlvaeError(f"{given}: encode reads image files and folders, not .tar shards (`klvae cache --data "
+                             "shards/*.tar` encodes shards)")
     paths = find_images(args.inputs)
     if not paths:
-        raise KlvaeError(f"no images found in {' '.join(args.inputs)}")
+        raise KlvaeError(f"no images found in {' '.join(args.inputs)}{_left_out(args.inputs)}")
     _check_encode_args(args, paths)
     if len(paths) == 1 and Path(args.inputs[0]).is_file():
         load_image(paths[0])  # a single named file that cannot be read is an error, not a skip

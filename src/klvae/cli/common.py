@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from klvae.errors import KlvaeError
+from klvae.images import IMAGE_EXTENSIONS
 from klvae.inference.precision import resolve_dtype, usable_device
 from klvae.inference.speed import SpeedOptions, optimize_for_inference
 from klvae.inference.tiling import TileOptions
@@ -70,6 +71,9 @@ def check_seed(seed: int, flag: str = "--seed") -> int:
     return seed
 
 
+_FILE_SUFFIXES = frozenset({*IMAGE_EXTENSIONS, ".gif", ".safetensors", ".latent", ".ckpt", ".pt", ".pth", ".bin"})
+
+
 def check_output_path(path: str | Path, flag: str = "--output", *, folder: bool = False,
                       inputs: Iterable[str | Path] = ()) -> Path:
     """KlvaeError unless `path` can be written as a file (a folder with `folder`) and is none of `inputs`;
@@ -79,6 +83,9 @@ def check_output_path(path: str | Path, flag: str = "--output", *, folder: bool 
         raise KlvaeError(f"{flag} {p} is a folder; name a file")
     if p.exists() and not p.is_dir() and folder:
         raise KlvaeError(f"{flag} {p} is a file, not a folder")
+    if folder and not p.exists() and p.suffix.lower() in _FILE_SUFFIXES:
+        # A new folder named like a file is almost always a file meant: `decode -o out.png` wants one image.
+        raise KlvaeError(f"{flag} {p} is a folder to create, but its name ends like a file's; name a folder")
     # samefile: a symlink or hard link to an input is that input too.
     if p.is_file() and any(os.path.exists(q) and os.path.samefile(p, q) for q in inputs):
         raise KlvaeError(f"{flag} {p} is one of the inputs; it would be overwritten")

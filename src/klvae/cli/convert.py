@@ -42,7 +42,10 @@ def _target(args: argparse.Namespace) -> tuple[str, Path]:
     fmt = args.to or ("ldm" if out.suffix.lower() == ".safetensors" else "diffusers")
     if fmt == "ldm" and out.suffix.lower() != ".safetensors":
         raise KlvaeError(f"--output {out}: an LDM-layout file must end in .safetensors")
-    if fmt == "diffusers" and out.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
+    if out.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
+        raise KlvaeError(f"--output {out}: klvae writes weights as safetensors, not pickles; name a .safetensors "
+                         "file (LDM layout) or a folder (diffusers layout)")
+    if fmt == "diffusers" and out.suffix.lower() == ".safetensors":
         raise KlvaeError(f"--output {out}: the diffusers layout is a folder; name a folder, or use --to ldm")
     check_output_path(out, folder=fmt == "diffusers")
     if not args.overwrite:

@@ -164,23 +164,32 @@ def _floats(value: Any, n: int, name: str) -> tuple[float, ...]:
     return tuple(_coerce(float, v, name) for v in value)
 
 
+def _as_float(value: Any, name: str) -> float:
+    if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-4 as a string
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    if not isinstance(value, int | float):
+        raise KlvaeError(f"config field {name} must be float, got {quote(value)}")
+    if not math.isfinite(value):
+        raise KlvaeError(f"config field {name} must be a finite number, got {quote(value)}")
+    return float(value)
+
+
 def _coerce(t: Any, value: Any, name: str) -> Any:
     args = get_args(t)
     if type(None) in args:  # `X | None`: None stays, anything else must be an X
         if value is None:
             return None
         (t,) = (a for a in args if a is not type(None))
+    if t is str and value is None:  # `--set data.val=` or `val:` with nothing after it: YAML's null
+        raise KlvaeError(f"config field {name} must be str, got null (nothing after '=' or ':' is null in YAML; "
+                         f"an empty string is written \"\", as in --set '{name}=\"\"')")
     if t is bool and not isinstance(value, bool):
         raise KlvaeError(f"config field {name} must be true or false, got {quote(value)}")
     if t is not bool and isinstance(value, bool):  # bool is an int to Python, not to a person: true steps?
         raise KlvaeError(f"config field {name} must be {t.__name__}, got {quote(value)}")
-    if t is float and isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-4 as a string
-        with contextlib.suppress(ValueError):
-            value = float(value)
-    if t is float and isinstance(value, int | float):
-        if not math.isfinite(value):
-            raise KlvaeError(f"config field {name} must be a finite number, got {quote(value)}")
-        return float(value)
+    if t is float:
+        return _as_float(value, name)
     if t is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if not isinstance(value, t):

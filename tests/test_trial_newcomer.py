@@ -1,0 +1,67 @@
+"""What a newcomer's trial run (2026-12-06) tripped over: each message now says what to do instead."""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from klvae.cli.main import main
+
+
+def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_an_empty_set_value_names_yaml_null_and_how_to_write_an_empty_string(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    err = _error(capsys, ["train", "--set", "data.train=photos", "--set", "data.val=", "--print-config"])
+    assert "config field data.val must be str, got null" in err
+    assert "--set 'data.val=\"\"'" in err
+    assert main(["train", "--set", "data.train=photos", "--set", 'data.val=""', "--print-config"]) == 0
+
+
+def test_convert_to_a_pickle_name_says_safetensors_or_a_folder(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    for name in ("x.ckpt", "x.pt"):
+        err = _error(capsys, ["convert", "-m", "demo", "-o", str(tmp_path / name)])
+        assert "klvae writes weights as safetensors, not pickles" in err and "--to ldm" not in err
+    err = _error(capsys, ["convert", "-m", "demo", "-o", str(tmp_path / "x.safetensors"), "--to", "diffusers"])
+    assert "the diffusers layout is a folder; name a folder, or use --to ldm" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_encode_names_what_a_folder_or_a_shard_holds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    gifs = tmp_path / "gifs"
+    gifs.mkdir()
+    for i in range(2):
+        Image.new("RGB", (16, 16)).save(gifs / f"{i}.gif")
+    (gifs / "notes.txt").write_text("x")
+    out = tmp_path / "z.safetensors"
+    err = _error(capsys, ["encode", str(gifs), "-o", str(out)])
+    assert "no images found in" in err and "(it holds 2 .gif, 1 .txt files;" in err
+    assert "name .gif and .ppm files on their own" in err
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w") as t:
+        t.add(gifs / "0.gif", arcname="0.gif")
+    err = _error(capsys, ["encode", str(shard), "-o", str(out)])
+    assert "encode reads image files and folders, not .tar shards" in err and "klvae cache --data" in err
+    assert not out.exists()
+
+
+def test_decode_refuses_an_output_folder_named_like_an_image(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    img = tmp_path / "a.png"
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(img)
+    z = tmp_path / "z.safetensors"
+    assert main(["-q", "encode", str(img), "-o", str(z), "--device", "cpu"]) == 0
+    err = _error(capsys, ["decode", str(z), "-o", str(tmp_path / "out.png"), "--device", "cpu"])
+    assert "is a folder to create, but its name ends like a file's; name a folder" in err
+    assert not (tmp_path / "out.png").exists()
+    assert main(["-q", "decode", str(z), "-o", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    assert (tmp_path / "out" / "a.png").is_file()
