@@ -96,12 +96,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         print(f"klvae: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except Exception as e:  # a bug of ours: still one line unless --debug asks for the traceback
+    except Exception as e:  # memory running out, or a bug of ours: still one line unless --debug asks for more
+        if _out_of_memory(e) and not args.debug:
+            print(f"klvae: error: out of memory ({_one_line(e)}); {_MEMORY_ADVICE}", file=sys.stderr)
+            return 1
         if args.debug:
             raise
         print(f"klvae: internal error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for details)",
               file=sys.stderr)
         return 1
+
+
+_MEMORY_ADVICE = ("tile large images with --tile-size 512 or --max-memory 2GiB, or lower --batch-size (or "
+                  "data.batch_size when training)")
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether `e` says an allocation failed: torch's CUDA OOM, its CPU allocator's, or Python's MemoryError."""
+    return isinstance(e, _torch_oom_types()) or (
+        isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e))
+
+
+def _torch_oom_types() -> tuple[type[BaseException], ...]:
+    """MemoryError and torch.OutOfMemoryError (torch is imported by then: the command ran)."""
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    return (MemoryError, oom) if isinstance(oom, type) else (MemoryError,)
 
 
 def _reader_gone() -> int:

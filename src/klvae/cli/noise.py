@@ -13,6 +13,7 @@ from klvae import inference
 from klvae.cli.common import add_model_args, check_output_path, check_seed, load_model
 from klvae.errors import KlvaeError
 from klvae.images import (
+    MAX_PIXELS,
     check_format_size,
     image_format_for,
     load_image,
@@ -73,7 +74,11 @@ def cmd_noise(args: argparse.Namespace) -> int:
     check_output_path(args.output, inputs=[args.image])  # before the work, not after it
     image_format_for(args.output)
     x = pil_to_tensor(load_image(args.image))[None]
-    check_format_size(args.output, x.shape[-1] * len(args.steps), x.shape[-2] + _LABEL_HEIGHT)  # the sheet's size
+    width, height = x.shape[-1] * len(args.steps), x.shape[-2] + _LABEL_HEIGHT  # the sheet's size
+    check_format_size(args.output, width, height)
+    if width * height > MAX_PIXELS:  # every tile is held in memory before the sheet is written
+        raise KlvaeError(f"the sheet would be {width}x{height} = {width * height:,} pixels, over the limit of "
+                         f"{MAX_PIXELS:,}: show fewer --steps, or noise a smaller image")
     vae, _, dtype = load_model(args)
     family = _flow_family(vae.config) if shift == "auto" else None  # before the work, not after it
     z0 = vae.scale_latents(inference.encode(vae, x, dtype).mode())

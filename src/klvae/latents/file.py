@@ -88,6 +88,8 @@ def load_latents(path: str | Path, downsample_factor: int | None = None) -> Late
     if not isinstance(items_json, list):
         raise LatentsError(f"{path} has malformed metadata: items is {type(items_json).__name__}, not a list")
     items = [_parse_item(d, n, path) for n, d in enumerate(items_json)]
+    if not items:  # `klvae encode` never writes one; decoding it would do nothing and say nothing
+        raise LatentsError(f"{path} holds no latents (its items list is empty)")
     missing = [i.key for i in items if i.key not in tensors]
     if missing:
         raise LatentsError(f"{path} lists latents it does not hold: {quote(', '.join(missing[:5]))}")

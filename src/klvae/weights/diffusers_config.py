@@ -206,7 +206,7 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, bad UTF-8, an int of 5000 digits
         raise WeightsError(f"cannot read {path}: {e}") from None
     except RecursionError:
         raise WeightsError(f"cannot read {path}: its JSON is nested too deeply to be a config") from None

@@ -137,7 +137,7 @@ def _training_checkpoint_weights(obj: dict[str, Any], path: Path) -> tuple[dict[
     config (newer checkpoints carry it), from a klvae training checkpoint."""
     try:
         export_ema = json.loads(obj.get("config") or "{}").get("train", {}).get("export_ema", True)
-    except (json.JSONDecodeError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         export_ema = True
     weights, which = obj["vae"], "the model's weights"
     ema = obj.get("ema")

@@ -1,0 +1,72 @@
+"""What a bad-input audit (2026-12-06) found: each case now ends in one clear line, before any work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import klvae
+from klvae.cli.main import main
+from klvae.latents.file import LatentsFile, save_latents
+
+
+def _error(capsys: pytest.CaptureFixture[str], argv: list[str], status: int = 2) -> str:
+    assert main(argv) == status
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "internal error" not in err, err
+    return err
+
+
+def test_a_config_json_with_a_5000_digit_number_is_a_bad_file(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    model = tmp_path / "m"
+    klvae.AutoencoderKL("tiny").save_pretrained(model)
+    cfg = model / "config.json"
+    cfg.write_text(cfg.read_text().replace('"latent_channels": 4', '"latent_channels": 1' + "0" * 5000))
+    err = _error(capsys, ["info", "--model", str(model)])
+    assert f"cannot read {cfg}:" in err
+
+
+def test_a_noise_sheet_over_the_pixel_limit_is_refused_before_the_model_loads(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    img = tmp_path / "big.png"
+    Image.new("RGB", (4000, 4000), (90, 120, 60)).save(img)
+    monkeypatch.setattr("klvae.cli.noise.load_model", lambda *a: pytest.fail("the model was loaded"))
+    steps = [str(t) for t in range(0, 1000, 80)]  # 13 tiles of 4000 px: 52000 x ~4000, over 179 MP
+    err = _error(capsys, ["noise", str(img), "-o", str(tmp_path / "sheet.png"), "--steps", *steps])
+    assert "the sheet would be 52000x" in err and "over the limit of 178,956,970" in err
+    assert not (tmp_path / "sheet.png").exists()
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: you tried "
+                 "to allocate 412316860416 bytes. Error code 12 (Cannot allocate memory)"),
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 38.00 GiB"),
+    MemoryError(),
+])
+def test_running_out_of_memory_is_said_with_what_to_do(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    img = tmp_path / "a.png"
+    Image.new("RGB", (32, 32), (90, 120, 60)).save(img)
+
+    def fail(*args: object) -> torch.Tensor:
+        raise error
+
+    # Past the model's passes: a GPU pass that runs out of memory is retried tiled, and that retry succeeds here.
+    monkeypatch.setattr("klvae.cli.codec.pil_to_tensor", fail)
+    err = _error(capsys, ["-q", "reconstruct", str(img), "-o", str(tmp_path / "r.png"), "--device", "cpu"], status=1)
+    assert err.startswith("klvae: error: out of memory (") and "--tile-size" in err and "--batch-size" in err
+    assert not (tmp_path / "r.png").exists()
+
+
+def test_a_latents_file_without_items_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty.safetensors"
+    save_latents(LatentsFile(latents={"x": torch.zeros(4, 2, 2)}, items=[]), empty)
+    assert json.loads(__import__("safetensors").safe_open(str(empty), "pt").metadata()["items"]) == []
+    err = _error(capsys, ["decode", str(empty), "-o", str(tmp_path / "out")])
+    assert "holds no latents (its items list is empty)" in err
+    assert not (tmp_path / "out").exists()
