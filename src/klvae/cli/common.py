@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,6 +19,9 @@ from klvae.inference.precision import resolve_dtype, usable_device
 from klvae.inference.speed import SpeedOptions, optimize_for_inference
 from klvae.inference.tiling import TileOptions
 from klvae.model.autoencoder import AutoencoderKL
+
+if TYPE_CHECKING:
+    from klvae.weights.load import WeightsSource
 
 log = logging.getLogger("klvae")
 
@@ -98,6 +103,60 @@ def check_output_path(path: str | Path, flag: str = "--output", *, folder: bool 
     if not os.access(parent, os.W_OK | os.X_OK):
         raise KlvaeError(f"{flag} {p}: no permission to write in {parent}")
     return p
+
+
+def inside(path: Path, folder: Path) -> bool:
+    """Whether `path` is `folder` or lies below it, by its path as given or by where its links lead."""
+    places = {Path(os.path.abspath(path))}
+    with contextlib.suppress(OSError, RuntimeError):  # a symlink loop: no folder lies behind it
+        places.add(path.resolve())
+    return any(a.exists() and os.path.samefile(a, folder) for p in places for a in (p, *p.parents))
+
+
+def package_dir() -> Path:
+    """The installed klvae package, which holds its built-in models (assets/demo)."""
+    return Path(__file__).resolve().parents[1]
+
+
+def check_model_output(out: Path, flag: str, *, overwrite: bool) -> None:
+    """KlvaeError when writing a model to `out` (a file, or a folder's config.json and weights) would replace one
+    there without --overwrite, or would write into klvae's own package (its built-in models)."""
+    from klvae.weights.hub import CONFIG_NAME
+    from klvae.weights.load import FOLDER_WEIGHTS
+
+    if inside(out, package_dir()):
+        raise KlvaeError(f"{flag} {out} is inside the installed klvae package ({package_dir()}), which holds its "
+                         "built-in models; name another place")
+    if not overwrite:
+        held = [out] if out.is_file() else [out / n for n in (CONFIG_NAME, *FOLDER_WEIGHTS) if (out / n).exists()]
+        if held:
+            # As decode does: a model written over another is lost, so it takes a word from the user.
+            raise KlvaeError(f"{flag} {out}: {held[0]} already exists; add --overwrite to replace it")
+
+
+def check_not_the_model(out: Path, flag: str, source: WeightsSource, *, folder: bool, what: str) -> None:
+    """KlvaeError when writing `out` would replace, or (a `folder`) sit over, a file that the model is read from;
+    `what` names that model in the message, e.g. "the model being converted"."""
+    if not out.exists():
+        return  # nothing there yet, so no file being read is there
+    for f in source.files:
+        # samefile: a link to a read file, or a hub cache entry (a link to a blob), is that file too.
+        if os.path.samefile(out, f):
+            raise KlvaeError(f"{flag} {out} would overwrite {what} ({f}); name another place")
+        # A folder output gets its config.json and weights replaced, and whatever else is in it (a pipeline's
+        # vae/, another weights file) becomes part of the new model's folder.
+        if folder and inside(f, out):
+            raise KlvaeError(f"{flag} {out} holds {what} ({f}); name another place")
+
+
+def check_not_in_data(out: str | Path, flag: str, data: str) -> None:
+    """KlvaeError when the output folder `out` is the --data folder or lies inside it: what a command writes
+    there would become part of the data (a rerun of eval would score its own report's PNGs)."""
+    folder, out = Path(data), Path(out)
+    if not folder.is_dir() or not inside(out, folder):
+        return  # a glob, a parquet or tar file: only the files it names are read
+    where = "is" if out.exists() and os.path.samefile(out, folder) else "is inside"
+    raise KlvaeError(f"{flag} {out} {where} the input folder (--data {data}); name a folder outside it")
 
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,

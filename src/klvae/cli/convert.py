@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from klvae.cli.common import check_output_path
+from klvae.cli.common import check_model_output, check_not_the_model, check_output_path
 from klvae.errors import KlvaeError
 from klvae.inference.precision import DTYPES
-
-if TYPE_CHECKING:
-    from klvae.weights.load import WeightsSource
 
 FORMATS = ("diffusers", "ldm")
 
@@ -48,35 +43,8 @@ def _target(args: argparse.Namespace) -> tuple[str, Path]:
     if fmt == "diffusers" and out.suffix.lower() == ".safetensors":
         raise KlvaeError(f"--output {out}: the diffusers layout is a folder; name a folder, or use --to ldm")
     check_output_path(out, folder=fmt == "diffusers")
-    if not args.overwrite:
-        from klvae.weights.hub import CONFIG_NAME
-        from klvae.weights.load import FOLDER_WEIGHTS
-
-        held = [out] if out.is_file() else [out / n for n in (CONFIG_NAME, *FOLDER_WEIGHTS) if (out / n).exists()]
-        if held:
-            # As decode does: a model written over another is lost, so it takes a word from the user.
-            raise KlvaeError(f"--output {out}: {held[0]} already exists; add --overwrite to replace it")
+    check_model_output(out, "--output", overwrite=args.overwrite)
     return fmt, out
-
-
-def _inside(file: Path, folder: Path) -> bool:
-    """Whether `file` lies in `folder` or below it, by its path as given or by where its links lead."""
-    ancestors = {*Path(os.path.abspath(file)).parents, *file.resolve().parents}
-    return any(a.exists() and os.path.samefile(a, folder) for a in ancestors)
-
-
-def _check_not_the_source(out: Path, fmt: str, source: WeightsSource) -> None:
-    """KlvaeError when writing `out` would replace or sit over a file that the model is read from."""
-    if not out.exists():
-        return  # nothing there yet, so no file being read is there
-    for f in source.files:
-        # samefile: a link to a read file, or a hub cache entry (a link to a blob), is that file too.
-        if os.path.samefile(out, f):
-            raise KlvaeError(f"--output {out} would overwrite the model being converted ({f}); name another place")
-        # A folder output gets its config.json and weights replaced, and whatever else is in it (a pipeline's
-        # vae/, another weights file) becomes part of the new model's folder.
-        if fmt == "diffusers" and _inside(f, out):
-            raise KlvaeError(f"--output {out} holds the model being converted ({f}); name another place")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -90,7 +58,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise KlvaeError(f"--dtype must be one of fp32, fp16, bf16, got {args.dtype!r}")
     fmt, out = _target(args)  # all refused before the (perhaps large, perhaps downloaded) weights load
     source = locate(args.model, args.subfolder)
-    _check_not_the_source(out, fmt, source)  # the files that will be read, wherever --model found them
+    # The files that will be read, wherever --model found them.
+    check_not_the_model(out, "--output", source, folder=fmt == "diffusers", what="the model being converted")
     vae = load_source(AutoencoderKL, source, config=args.config, dtype=dtype)
     if not all(bool(torch.isfinite(p).all()) for p in vae.parameters()):
         # A written model with inf weights would decode grey or NaN pictures for whoever loads it.

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from klvae.cli.common import add_run_args, add_tiling_args, check_output_path, tiling_from_args
+from klvae.cli.common import add_run_args, add_tiling_args, check_not_in_data, check_output_path, tiling_from_args
 from klvae.errors import KlvaeError
 
 log = logging.getLogger("klvae")
@@ -81,6 +81,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     opts.check()
     check_output_path(args.output, folder=True)  # before the work, not after it
+    check_not_in_data(args.output, "--output", args.data)  # a rerun would score the report's PNGs as data
     source = open_source(args.data, image_column=args.image_column)  # bad data before any model or download
     if not args.model:
         args.model = ["demo"]

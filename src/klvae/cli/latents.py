@@ -10,7 +10,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from klvae.cli.common import add_model_args, check_output_path, check_seed, load_model
+from klvae.cli.common import (
+    add_model_args,
+    check_model_output,
+    check_not_in_data,
+    check_not_the_model,
+    check_output_path,
+    check_seed,
+    load_model,
+)
 from klvae.errors import KlvaeError
 from klvae.model.latent_norm import LatentNorm
 
@@ -42,6 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=256, help="images to sample")
     p.add_argument("--resolution", type=int, default=256, help="side of the centre crop each image is encoded at")
     p.add_argument("--save", default=None, help="write the model with these factors to this folder (diffusers layout)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="with --save: replace the config.json and weights of a model already in that folder")
     form = p.add_mutually_exclusive_group()
     form.add_argument("--no-shift", action="store_true", help="keep shift_factor unset (SD 1.x/XL style)")
     form.add_argument("--per-channel", action="store_true",
@@ -62,6 +72,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
                         shard_size=args.shard_size, batch_size=args.batch_size, num_workers=args.num_workers,
                         seed=check_seed(args.seed))
     check_output_path(args.output, folder=True)
+    check_not_in_data(args.output, "--output", args.data)  # a rerun would cache its own files as images
     source = open_source(args.data)  # bad data is reported before the model is loaded
     if not source.ids:
         raise KlvaeError(f"no images in {args.data}")
@@ -108,11 +119,15 @@ def cmd_scale(args: argparse.Namespace) -> int:
     from klvae.latents.sources import open_source
 
     check_scale_options(args.limit, args.resolution)
-    if args.save:
-        check_output_path(args.save, "--save", folder=True)  # before the work, not after it
+    if args.save:  # before the work, not after it
+        check_output_path(args.save, "--save", folder=True)
+        check_model_output(Path(args.save), "--save", overwrite=args.overwrite)
+        check_not_in_data(args.save, "--save", args.data)
     source = open_source(args.data)  # bad data is reported before the model is loaded
     if not source.ids:
         raise KlvaeError(f"no images in {args.data}")
+    if args.save:
+        _check_save_is_not_the_model(args)
     vae, _, dtype = load_model(args)
     if args.save and not args.per_channel and vae.config.latent_patch_size > 1:
         # Its formats (diffusers' AutoencoderKLFlux2, BFL's) hold a latent BatchNorm and no factors.
@@ -136,6 +151,15 @@ def cmd_scale(args: argparse.Namespace) -> int:
         vae.config = vae.config.replace(**norm.to_dict())
         print(f"saved to {vae.save_pretrained(args.save)}")
     return 1 if f["skipped"] or source.unreadable else 0  # as cache: finished, but some images were unreadable
+
+
+def _check_save_is_not_the_model(args: argparse.Namespace) -> None:
+    """KlvaeError when --save would replace, or sit over, the files the model is read from (as convert's)."""
+    from klvae.weights.load import locate
+
+    # The files load_model will read: --model's, wherever it found them (the built-in demo when none is given).
+    source = locate(args.model or "demo", args.subfolder)
+    check_not_the_model(Path(args.save), "--save", source, folder=True, what="the model being read")
 
 
 def _round_positive(factor: float) -> float:

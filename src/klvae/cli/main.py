@@ -75,12 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)  # imports torch: seconds in which a Ctrl-C may land
     except KeyboardInterrupt:
         return _interrupted()
-    # Linux file names are bytes, and an undecodable one reaches Python as lone surrogates, which a strict UTF-8
-    # stdout (that of most UTF-8 locales) refuses: a command would fail on its last line, its work done.
-    for stream in (sys.stdout, sys.stderr):
-        reconfigure = getattr(stream, "reconfigure", None)
-        if reconfigure is not None:
-            reconfigure(errors="backslashreplace")
+    _tolerant_streams()
     setup_logging(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
     try:
         status = int(args.func(args) or 0)
@@ -105,6 +100,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"klvae: internal error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for details)",
               file=sys.stderr)
         return 1
+
+
+def _tolerant_streams() -> None:
+    # Linux file names are bytes, and an undecodable one reaches Python as lone surrogates, which a strict UTF-8
+    # stdout (that of most UTF-8 locales) refuses: a command would fail on its last line, its work done.
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
 
 
 _MEMORY_ADVICE = ("tile large images with --tile-size 512 or --max-memory 2GiB, or lower --batch-size (or "
