@@ -6,7 +6,8 @@ names are deleted and only rows that no line names are encoded (per row, not per
 image's two rows may fall in different shards). A torn last line is ignored, so a kill at any instant
 leaves either a whole shard and its line, or neither counted. Every line records the options that decide
 what a row holds, and a fingerprint of the model; a resume with other values, or another model, is refused
-before anything is touched.
+before anything is touched. A resume also checks the header of each shard its lines name (latents/integrity.py):
+one damaged since it was recorded is dropped, with a warning, and its rows are encoded again.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from klvae.atomic import atomic_save_file, atomic_write_text
 from klvae.errors import KlvaeError, quote
 from klvae.images import MAX_PIXELS, MAX_RESOLUTION, pil_to_tensor
 from klvae.latents.buckets import make_buckets, nearest_bucket, resize_crop
+from klvae.latents.integrity import RowShapes, drop_damaged, row_shapes, shard_problem
 from klvae.latents.sources import ItemSource, item_error, open_source
 from klvae.model.autoencoder import AutoencoderKL
 from klvae.model.latent_norm import NORM_FIELDS
@@ -241,12 +243,13 @@ def check_resume(out: str | Path, opts: CacheOptions, world: int, fingerprint: s
     or (given this model's fingerprint) with another model."""
     out, current = Path(out), row_options(opts, world, fingerprint)
     recorded = []
-    if (out / "index.json").is_file():
-        index = _read_index(out / "index.json")
+    if (index := _read_index(out / "index.json")) is not None:
         extra = {k: index[k] for k in ("world_size", "model_fingerprint") if k in index}
         recorded.append({**index.get("options", {}), **extra})
     for p in sorted(out.glob("manifest-rank*.jsonl")):
-        recorded += [rec["options"] for rec in read_manifest(p, shards=True) if "options" in rec]  # older: none
+        # The options alone: each rank checks its own shards (_recover) before it touches anything, and another
+        # rank may be dropping a damaged one of its own meanwhile.
+        recorded += [rec["options"] for rec in read_manifest(p) if "options" in rec]  # older: none
     for old in recorded:
         for key, value in current.items():
             if key not in old or old[key] == value:
@@ -260,9 +263,14 @@ def check_resume(out: str | Path, opts: CacheOptions, world: int, fingerprint: s
                              "the same options and number of processes, or write to another folder")
 
 
-def _read_index(path: Path) -> dict[str, Any]:
+def _read_index(path: Path) -> dict[str, Any] | None:
+    # None where there is none (or no longer: a resume removes it when it drops a damaged shard).
+    if not path.is_file():
+        return None
     try:
         index = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         index = None
     if not isinstance(index, dict) or not isinstance(options := index.get("options", {}), dict):
@@ -272,17 +280,18 @@ def _read_index(path: Path) -> dict[str, Any]:
     return index
 
 
-def _recover(out: Path, rank: int) -> tuple[set[tuple[str, bool]], set[str], int]:
-    # Delete this rank's shards that no manifest line names; return the rows (source, flip) done, the ids that
-    # failed and the next shard number.
+def _recover(out: Path, rank: int, shapes: RowShapes) -> tuple[set[tuple[str, bool]], set[str], int]:
+    # Drop this rank's damaged shards and delete those that no manifest line names; return the rows (source,
+    # flip) done, the ids that failed and the next shard number.
     # Every line checked (shard names, shards present) before a file is deleted.
-    records = read_manifest(out / f"manifest-rank{rank:03d}.jsonl", shards=True)
+    manifest = out / f"manifest-rank{rank:03d}.jsonl"
+    records = drop_damaged(out, manifest, read_manifest(manifest, shards=True), shapes)
     named = {rec["shard"] for rec in records if rec.get("shard")}
     for p in out.glob(f"rank{rank:03d}-*.safetensors"):
         if p.name not in named:
             log.info("removing %s, written but not recorded before an interruption", p.name)
             p.unlink()
-    for p in out.glob(f".rank{rank:03d}-*.tmp"):
+    for p in [*out.glob(f".rank{rank:03d}-*.tmp"), *out.glob(f".{manifest.name}.*.tmp")]:
         p.unlink()
     rows = {(m["source"], m["flip"]) for rec in records for m in rec.get("rows", [])}
     failed = {i for rec in records for i in rec.get("failed", [])}
@@ -366,7 +375,7 @@ def cache_rank(vae: AutoencoderKL, spec: str | ItemSource, out: str | Path, opts
 def _cache_todo(vae: AutoencoderKL, source: ItemSource, out: Path, opts: CacheOptions, dtype: torch.dtype,
                 rank: int, world: int, fingerprint: str) -> dict[str, int]:
     mine = [i for n, i in enumerate(source.ids) if n % world == rank]
-    rows_done, failed, shard_no = _recover(out, rank)
+    rows_done, failed, shard_no = _recover(out, rank, row_shapes(vae.config, opts.store))
     todo = _todo(mine, rows_done, failed, opts.flip)
     failed_before = sum(i in failed for i in mine)  # recorded unreadable by an earlier run: not retried
     counts = {"encoded": 0, "failed": 0, "done_before": len(mine) - len(todo) - failed_before,
@@ -450,12 +459,17 @@ class _ShardWriter:
 
 def write_index(vae: AutoencoderKL, model: str, out: str | Path, opts: CacheOptions, world: int,
                 fingerprint: str | None = None) -> Path:
-    """Merge every rank's manifest into index.json (atomically); checks that no image appears twice, and that
-    there is a row at all (KlvaeError: none of the images could be read)."""
-    out = Path(out)
+    """Merge every rank's manifest into index.json (atomically); checks that every shard holds its rows (by its
+    header), that no image appears twice, and that there is a row at all (KlvaeError: none of the images could
+    be read)."""
+    out, shapes = Path(out), row_shapes(vae.config, opts.store)
     rows, failed = [], []
     for p in sorted(out.glob("manifest-rank*.jsonl")):
         for rec in read_manifest(p, shards=True):
+            # Checked by each rank's resume, but damaged since (or by a run of another version): never indexed.
+            if rec.get("shard") and (why := shard_problem(out / rec["shard"], rec["rows"], shapes)):
+                raise KlvaeError(f"{out / rec['shard']} is damaged ({why}): run the same `klvae cache` again, "
+                                 "which encodes its rows anew")
             rows += rec.get("rows", [])
             failed += rec.get("failed", [])
     seen: set[tuple[str, bool]] = set()

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
@@ -44,8 +44,11 @@ class LatentDataset(Dataset):
         path = self.root / "index.json"
         if not path.is_file():
             raise LatentsError(f"{self.root} has no index.json: run `klvae cache` to completion first")
-        index = json.loads(path.read_text())
-        if index.get("format") != INDEX_FORMAT:
+        try:
+            index = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            index = None
+        if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
             raise LatentsError(f"{path} is not a klvae latent cache index")
         if mode not in ("sample", "mean"):
             raise LatentsError(f"mode must be sample or mean, got {mode!r}")
@@ -74,10 +77,20 @@ class LatentDataset(Dataset):
 
     def _tensor(self, shard: str, key: str) -> Tensor:
         # One open handle per shard and process; safetensors maps the file, so a row read is a small copy.
-        h = self._handles.get(shard)
-        if h is None:
-            h = self._handles[shard] = safe_open(str(self.root / shard), framework="pt")
-        return h.get_tensor(key)
+        # A shard missing or damaged is a one-line error naming it, not safetensors' own.
+        path, h = self.root / shard, self._handles.get(shard)
+        try:
+            if h is None:
+                h = self._handles[shard] = safe_open(str(path), framework="pt")
+            return h.get_tensor(key)
+        except FileNotFoundError:
+            raise LatentsError(f"{path}, which {self.root / 'index.json'} names, is missing: the cache is "
+                               "damaged") from None
+        except OSError as e:  # permissions, say: the file itself may be whole
+            raise LatentsError(f"{path}: cannot read {key}: {_first_line(e)}") from None
+        except SafetensorError as e:
+            raise LatentsError(f"{path}: cannot read {key} ({_first_line(e)}): the shard is damaged; `klvae "
+                               "cache` run again on this folder encodes its rows anew") from None
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         it = self.items[i]
@@ -98,6 +111,10 @@ class LatentDataset(Dataset):
     def __getstate__(self) -> dict[str, Any]:
         # DataLoader workers reopen shards themselves; open handles do not pickle.
         return {**self.__dict__, "_handles": {}}
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def micro_conditioning(item: dict[str, Any]) -> dict[str, Tensor]:

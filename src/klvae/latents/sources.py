@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import tarfile
 from collections import Counter
@@ -99,8 +100,28 @@ def _tar_members(t: Path, ids: dict[str, tuple[Path, str]], label: str) -> str |
                 if m.isfile() and Path(m.name).suffix.lower() in IMAGE_EXTENSIONS:
                     ids[f"{label}:{m.name}"] = (t, m.name)
                     n += 1
+            ended = _end_of_members(tf)
     except (OSError, EOFError, tarfile.TarError) as e:
         return f"cut short after {n} image(s): {tar_reason(e)}" if n else tar_reason(e)
+    return None if ended is None else f"cut short after {n} image(s): {ended}"
+
+
+def _end_of_members(tf: tarfile.TarFile) -> str | None:
+    # Why the member list tarfile gave (read to its end) may be incomplete. tarfile raises for a cut inside a
+    # member's data, but quietly ends the list at a header cut short, at a file cut between two members, and at
+    # a block past the first that is no header: only a list that ends at a whole block of zeros is complete.
+    f, at, size = tf.fileobj, tf.offset, tarfile.BLOCKSIZE
+    if isinstance(f, io.BufferedReader):  # uncompressed: look at the block the list ended at
+        f.seek(at)
+        block = f.read(size)
+    else:
+        # Compressed: seeking back would decompress the shard again from its start. The read that ended the
+        # list (the position is past it) gives the block's length, which tells a cut; its bytes go unchecked.
+        block = bytes(min(f.tell() - at, size))
+    if len(block) < size:
+        return f"the archive ends at byte {at + len(block)}, inside a member's header or before its end marker"
+    if block.count(0) < size:
+        return f"no tar header at byte {at}"
     return None
 
 

@@ -1,0 +1,87 @@
+"""Whether a cache's recorded shards still hold their rows, and what a resume does with one that does not.
+
+A shard is written whole and renamed into place before its manifest line is appended, but a file can still be
+cut short or damaged later (a full disk when copying the cache, a bad sector, a stray `truncate`). A resume
+checks the header of each shard its manifest names (cheaply: the tensor data is not read); a damaged one is
+dropped and its rows are encoded again, exactly once:
+
+1. index.json is removed: it names the shard, and the cache is incomplete until the resume ends;
+2. the manifest is rewritten atomically with the shard's line kept as a line of no shard (its failures and
+   options still count): from now on no line names the shard, so its rows are to do;
+3. the file is deleted (a kill before this leaves a shard no line names, which every resume deletes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError, safe_open
+
+from klvae.atomic import atomic_write_text
+from klvae.model.config import AutoencoderKLConfig
+
+log = logging.getLogger(__name__)
+
+RowShapes = Callable[[Sequence[int]], dict[str, tuple[int, ...]]]
+
+
+def row_shapes(config: AutoencoderKLConfig, store: str) -> RowShapes:
+    """For a bucket (height, width in pixels), the tensors a row of this model and store holds, with shapes."""
+    c, p, m = config.latent_channels, config.latent_patch_size, config.size_multiple
+
+    def shapes(bucket: Sequence[int]) -> dict[str, tuple[int, ...]]:
+        h, w = (-(-side // m) * p for side in bucket)  # the encoder pads an image to whole patches
+        if store == "moments":
+            return {"mean": (c, h, w), "logvar": (c, h, w)}
+        if store == "scaled":  # scaling patchifies a FLUX.2 latent
+            return {"latent": (c * p * p, h // p, w // p)}
+        return {"latent": (c, h, w)}
+
+    return shapes
+
+
+def shard_problem(path: Path, rows: list[dict[str, Any]], shapes: RowShapes) -> str | None:
+    """Why the shard at `path` does not hold `rows` (a manifest line's) as recorded, in a few words; None when
+    it does. Reads the header alone; safetensors checks there that the file is exactly as long as it says."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = f.keys()  # safe_open is no mapping
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
+    except (SafetensorError, OSError) as e:
+        return (str(e).splitlines() or [type(e).__name__])[0]
+    for r in rows:
+        row, bucket = r.get("row"), r.get("bucket")
+        if not (isinstance(row, int) and isinstance(bucket, list) and len(bucket) == 2
+                and all(isinstance(v, int) and v > 0 for v in bucket)):
+            return f"its manifest line gives {r['source']} no row number or bucket"
+        for field, shape in shapes(bucket).items():
+            key = f"{row:06d}.{field}"
+            if key not in found:
+                return f"it has no tensor {key}"
+            if found[key] != shape:
+                return f"its {key} is {list(found[key])}, not {list(shape)}"
+    return None
+
+
+def drop_damaged(out: Path, manifest: Path, records: list[dict[str, Any]], shapes: RowShapes) -> list[dict]:
+    """`records` (the lines of `manifest`, read with their shards present) with each damaged shard dropped, as
+    the module's docstring says: a warning names it, and its rows are no longer recorded as done."""
+    bad = {}
+    for rec in records:
+        if rec.get("shard") and (why := shard_problem(out / rec["shard"], rec["rows"], shapes)):
+            bad[rec["shard"]] = why
+            log.warning("%s is damaged (%s): its %d row(s) will be encoded again", out / rec["shard"], why,
+                        len(rec["rows"]))
+    if not bad:
+        return records
+    kept = [{**rec, "shard": None, "rows": [], "dropped": rec["shard"]} if rec.get("shard") in bad else rec
+            for rec in records]
+    (out / "index.json").unlink(missing_ok=True)
+    atomic_write_text(manifest, "".join(json.dumps(rec) + "\n" for rec in kept))
+    for name in bad:
+        (out / name).unlink(missing_ok=True)
+    return kept
