@@ -182,7 +182,7 @@ def read_manifest(path: Path, shards: bool = False) -> list[dict[str, Any]]:
     for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         try:
             rec = json.loads(line)
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # ValueError: bad JSON, or an int of 5000 digits
             continue
         if not _is_record(rec) or (rec.get("shard") is not None and not shard_name.fullmatch(rec["shard"])):
             raise _damaged(f"{path} line {n} is not a cache manifest record")
@@ -271,7 +271,7 @@ def _read_index(path: Path) -> dict[str, Any] | None:
         index = json.loads(path.read_text())
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    except (OSError, ValueError, RecursionError):  # ValueError: bad JSON or UTF-8, huge ints
         index = None
     if not isinstance(index, dict) or not isinstance(options := index.get("options", {}), dict):
         raise _damaged(f"{path} is not a cache index")

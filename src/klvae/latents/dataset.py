@@ -46,7 +46,7 @@ class LatentDataset(Dataset):
             raise LatentsError(f"{self.root} has no index.json: run `klvae cache` to completion first")
         try:
             index = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        except (OSError, ValueError, RecursionError):  # ValueError: bad JSON or UTF-8, huge ints
             index = None
         if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
             raise LatentsError(f"{path} is not a klvae latent cache index")
