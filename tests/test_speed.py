@@ -117,11 +117,13 @@ def test_cli_speed_flags_reach_the_levers(monkeypatch: pytest.MonkeyPatch, tmp_p
 
     monkeypatch.setattr(common, "optimize_for_inference", record)
     monkeypatch.setattr(inference, "optimize_for_inference", record)  # eval imports it from there
-    img = tmp_path / "a.png"
+    data = tmp_path / "data"
+    data.mkdir()
+    img = data / "a.png"
     Image.new("RGB", (16, 16), (90, 140, 30)).save(img)
     for flag in ([], ["--compile"], ["--no-fused-norm"]):
         assert main(["reconstruct", str(img), "-o", str(tmp_path / "r.png"), *flag]) == 0
-        assert main(["eval", "--data", str(tmp_path), "-o", str(tmp_path / f"rep{len(seen)}"), "--resolution", "16",
+        assert main(["eval", "--data", str(data), "-o", str(tmp_path / f"rep{len(seen)}"), "--resolution", "16",
                      "--no-lpips", "--no-fid", *flag]) == 0
     assert [(o.compile, o.fused_norm) for o in seen] == [(False, None)] * 2 + [(True, None)] * 2 + [(False, False)] * 2
     assert main(["info", "--json"]) == 0  # info describes a model: it has no speed levers to take
