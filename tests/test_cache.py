@@ -11,14 +11,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 import klvae
 from klvae import inference
 from klvae.cli.main import main
+from klvae.errors import LatentsError
 from klvae.images import load_image, pil_to_tensor
 from klvae.latents.buckets import make_buckets, nearest_bucket, resize_crop
 from klvae.latents.cache import keyed_generator, read_manifest
-from klvae.latents.dataset import BucketBatchSampler, LatentDataset
+from klvae.latents.dataset import BucketBatchSampler, LatentDataset, collate_latents
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +106,17 @@ def test_bucketed_cache_batches_by_size(tmp_path: Path, model_dir: Path) -> None
         assert len({ds[i]["latents"].shape for i in batch}) == 1
         seen += batch
     assert sorted(seen) == list(range(len(ds)))  # every row once
+    # The collate stacks the tensors and keeps each item's plain fields whole; mixed sizes are named.
+    loader = DataLoader(ds, batch_sampler=BucketBatchSampler(ds, batch_size=2, shuffle=False),
+                        collate_fn=collate_latents)
+    batch, first = next(iter(loader)), next(iter(BucketBatchSampler(ds, batch_size=2, shuffle=False)))
+    assert batch["latents"].shape == (2, *ds[first[0]]["latents"].shape)
+    assert batch["add_time_ids"].shape == (2, 6) and batch["add_time_ids"].dtype == torch.int64
+    assert batch["size"] == [ds.items[i]["size"] for i in first] and batch["flip"] == [False, False]
+    assert torch.equal(batch["latents"][1], ds[first[1]]["latents"])
+    mixed = [ds[i] for i in range(len(ds))]
+    with pytest.raises(LatentsError, match=r"^latents of 3 sizes in one batch .*BucketBatchSampler"):
+        collate_latents(mixed)
 
 
 def test_kill_and_resume_encodes_every_image_exactly_once(tmp_path: Path, model_dir: Path) -> None:

@@ -70,3 +70,27 @@ def test_a_latents_file_without_items_is_refused(tmp_path: Path, capsys: pytest.
     err = _error(capsys, ["decode", str(empty), "-o", str(tmp_path / "out")])
     assert "holds no latents (its items list is empty)" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_model_name_is_not_the_current_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    klvae.AutoencoderKL("tiny").save_pretrained(tmp_path)
+    monkeypatch.chdir(tmp_path)  # a model in the current folder, which Path("") would have found
+    for name in ("", " "):
+        err = _error(capsys, ["info", "--model", name])
+        assert "the model's name is empty" in err
+
+
+@pytest.mark.parametrize("index", [
+    {},
+    {"items": [], "options": ["store"]},
+    {"items": {}, "options": {"store": "moments"}},
+])
+def test_a_cache_index_without_its_fields_is_named_not_a_key_error(tmp_path: Path, index: dict[str, object]) -> None:
+    from klvae.errors import LatentsError
+    from klvae.latents.cache import INDEX_FORMAT
+    from klvae.latents.dataset import LatentDataset
+
+    (tmp_path / "index.json").write_text(json.dumps({**index, "format": INDEX_FORMAT}))
+    with pytest.raises(LatentsError, match=r"is not a klvae latent cache index$"):
+        LatentDataset(tmp_path)

@@ -48,7 +48,9 @@ class LatentDataset(Dataset):
             index = json.loads(path.read_text())
         except (OSError, ValueError, RecursionError):  # ValueError: bad JSON or UTF-8, huge ints
             index = None
-        if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
+        options = index.get("options") if isinstance(index, dict) else None
+        if (not isinstance(index, dict) or index.get("format") != INDEX_FORMAT
+                or not isinstance(index.get("items"), list) or not isinstance(options, dict) or "store" not in options):
             raise LatentsError(f"{path} is not a klvae latent cache index")
         if mode not in ("sample", "mean"):
             raise LatentsError(f"mode must be sample or mean, got {mode!r}")
@@ -115,6 +117,18 @@ class LatentDataset(Dataset):
 
 def _first_line(e: Exception) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0]
+
+
+def collate_latents(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """A DataLoader collate_fn for LatentDataset: tensors stacked to [B, ...], the index's plain fields kept as
+    one list per field with each item's value (the default collate would split "size" into two [B] tensors)."""
+    tensors = [k for k, v in batch[0].items() if isinstance(v, Tensor)]
+    shapes = {tuple(b["latents"].shape) for b in batch}
+    if len(shapes) > 1:
+        raise LatentsError(f"latents of {len(shapes)} sizes in one batch ({', '.join(map(str, sorted(shapes)[:2]))}"
+                           "): batch with BucketBatchSampler, which keeps each batch to one size")
+    return {**{k: torch.stack([b[k] for b in batch]) for k in tensors},
+            **{k: [b[k] for b in batch] for k in batch[0] if k not in tensors}}
 
 
 def micro_conditioning(item: dict[str, Any]) -> dict[str, Tensor]:

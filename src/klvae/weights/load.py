@@ -243,6 +243,8 @@ def locate(path_or_id: str | Path, subfolder: str | None = None, revision: str |
     preset may name a revision (branch, tag or commit) as `org/name@rev` or with `revision`."""
     if subfolder:
         _check_subfolder(subfolder)
+    if not str(path_or_id).strip():  # Path("") is ".", the current folder: never what an empty option meant
+        raise WeightsError("the model's name is empty: name a folder, a weights file, a hub id or a preset")
     path = Path(path_or_id).expanduser()
     if path.exists():
         return _local(path, subfolder, revision)
