@@ -94,3 +94,28 @@ def test_a_cache_index_without_its_fields_is_named_not_a_key_error(tmp_path: Pat
     (tmp_path / "index.json").write_text(json.dumps({**index, "format": INDEX_FORMAT}))
     with pytest.raises(LatentsError, match=r"is not a klvae latent cache index$"):
         LatentDataset(tmp_path)
+
+
+def test_sigterm_during_decode_unwinds_like_ctrl_c(tmp_path: Path) -> None:
+    """kill (SIGTERM) mid-decode: one line, status 143, and neither PNGs nor the output folder left behind."""
+    import subprocess
+    import sys
+
+    img = tmp_path / "a.png"
+    Image.new("RGB", (32, 32), (90, 120, 60)).save(img)
+    z = tmp_path / "z.safetensors"
+    assert main(["-q", "encode", str(img), "-o", str(z)]) == 0
+    out = tmp_path / "out"
+    # The child sends itself SIGTERM as its first PNG is being written: no sleep raced against this machine.
+    child = ("import os, signal, sys\n"
+             "import klvae.cli.codec as codec\n"
+             "real = codec.write_image\n"
+             "def write(*a, **k):\n"
+             "    real(*a, **k)\n"
+             "    os.kill(os.getpid(), signal.SIGTERM)\n"
+             "codec.write_image = write\n"
+             "from klvae.cli.main import main\n"
+             f"sys.exit(main(['-q', 'decode', {str(z)!r}, '-o', {str(out)!r}, '--device', 'cpu']))\n")
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 143 and proc.stderr.strip() == "klvae: terminated", proc.stderr
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "z.safetensors"]

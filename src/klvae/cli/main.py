@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
 from klvae import __version__
 from klvae.errors import KlvaeError
@@ -77,6 +80,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _interrupted()
     _tolerant_streams()
     setup_logging(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
+    with _terminate_as_interrupt():
+        return _run(args)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, a scheduler's timeout, torchrun stopping its workers), raised as Ctrl-C is."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    # By default SIGTERM ends the process on the spot: no temporary file removed, no half-made output folder taken
+    # back. Raised as an interrupt, it unwinds through the same clean-up as Ctrl-C.
+    def raise_terminated(signum: int, frame: object) -> None:
+        raise _Terminated
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the command, each kind of failure as one line and its exit status."""
     try:
         status = int(args.func(args) or 0)
         sys.stdout.flush()  # here, where a closed pipe can still be caught, not at the interpreter's exit
@@ -86,6 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KlvaeError as e:
         print(f"klvae: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except _Terminated:
+        print("klvae: terminated", file=sys.stderr)
+        return 143  # 128 + SIGTERM, as a shell reports a process the signal ended
     except KeyboardInterrupt:
         return _interrupted()
     except OSError as e:
