@@ -322,3 +322,29 @@ def test_compat_imports_neither_diffusers_nor_training_nor_the_cli() -> None:
     assert "klvae.inference.tiling" in names  # the parse sees the imports
     bad = {n for n in names if _within(n, ("diffusers", "transformers", "klvae.training", "klvae.cli"))}
     assert not bad
+
+
+def test_flux2_bn_loaded_by_load_state_dict_reaches_the_model_and_save_pretrained(tmp_path: Path) -> None:
+    # A FLUX.2 state_dict loaded into the adapter: the statistics in bn.* are the model's, not dropped on saving.
+    from test_flux2 import SMALL
+
+    theirs = flux2_diffusers()
+    ours = as_diffusers(AutoencoderKL(SMALL))
+    ours.load_state_dict(theirs.state_dict())
+    assert ours.klvae_model.config.latents_mean is not None
+    ours.save_pretrained(tmp_path / "ours")
+    back = diffusers.AutoencoderKLFlux2.from_pretrained(tmp_path / "ours")
+    torch.testing.assert_close(back.bn.running_mean, theirs.bn.running_mean, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(back.bn.running_var, theirs.bn.running_var, rtol=1e-5, atol=1e-6)
+    clone = pickle.loads(pickle.dumps(ours))
+    torch.testing.assert_close(clone.bn.running_mean, theirs.bn.running_mean)
+
+
+def test_reloading_its_own_half_precision_bn_keeps_the_configs_statistics(caplog: pytest.LogCaptureFixture) -> None:
+    from test_flux2 import SMALL, random_stats
+
+    mean, std = random_stats()
+    ours = as_diffusers(AutoencoderKL(SMALL.replace(latents_mean=mean, latents_std=std))).half()
+    with caplog.at_level(logging.WARNING):
+        ours.load_state_dict(ours.state_dict())
+    assert ours.klvae_model.config.latents_mean == mean and "replace" not in caplog.text

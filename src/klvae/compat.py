@@ -41,7 +41,7 @@ from klvae.model.autoencoder import AutoencoderKL
 from klvae.model.config import AutoencoderKLConfig
 from klvae.posterior import DiagonalGaussian
 from klvae.weights.diffusers_config import config_to_diffusers
-from klvae.weights.latent_bn import BFL_EPS, latent_bn_tensors
+from klvae.weights.latent_bn import BFL_EPS, latent_bn_tensors, with_latent_stats
 
 __all__ = ["AutoencoderKLOutput", "DecoderOutput", "DiagonalGaussianDistribution", "DiffusersVAE", "FrozenConfig",
            "as_diffusers"]
@@ -145,6 +145,20 @@ def _latent_bn(cfg: AutoencoderKLConfig, eps: float) -> nn.BatchNorm2d:
     return bn.eval()
 
 
+def _adopt_bn_stats(module: DiffusersVAE, incompatible_keys: Any) -> None:
+    """After load_state_dict: statistics loaded into bn.* become the klvae model's latents_mean/latents_std, so
+    that its latent scaling and save_pretrained carry them (the buffers are only derived from the config)."""
+    vae, bn = module._klvae, module.bn
+    now = latent_bn_tensors(vae.config, bn.eps)
+    if all(torch.equal(b.cpu(), now[k].to(b.dtype)) for k, b in (("bn.running_mean", bn.running_mean),
+                                                                   ("bn.running_var", bn.running_var))):
+        return  # the config's own (in half precision too): its exact figures stay
+    cfg = with_latent_stats(vae.config, (bn.running_mean, bn.running_var), bn.eps, "the model")
+    if cfg is not vae.config:
+        vae.config = cfg
+        module.config = diffusers_config(cfg)
+
+
 def _in_dtype(out: Tensor, dtype: torch.dtype) -> Tensor:
     # diffusers returns the weights' dtype; a result that only fp32 holds (an fp32 rerun's) stays fp32.
     if out.dtype == dtype:
@@ -167,6 +181,7 @@ class DiffusersVAE(nn.Module):
         self.config = diffusers_config(vae.config)
         if self.config.get("_class_name") == "AutoencoderKLFlux2":
             self.bn = _latent_bn(vae.config, self.config.get("batch_norm_eps", BFL_EPS)).to(vae.device)
+            self.register_load_state_dict_post_hook(_adopt_bn_stats)
         self.use_tiling = False
         self.use_slicing = False
         self.tiling = TileOptions(max_memory=DEFAULT_TILE_BUDGET)
