@@ -99,7 +99,7 @@ def _group_by_size(paths: list[Path], bad: list[Path]) -> dict[tuple[int, int], 
     return by_size
 
 
-def _loaded(paths: list[Path], bad: list[Path]) -> Iterator[tuple[Path, torch.Tensor]]:
+def loaded_images(paths: list[Path], bad: list[Path]) -> Iterator[tuple[Path, torch.Tensor]]:
     """Each image that loads, as a tensor; one that does not (a truncated file) is logged and added to bad."""
     for path in paths:
         try:
@@ -133,7 +133,8 @@ def _check_encode_args(args: argparse.Namespace, paths: list[Path]) -> None:
     check_output_path(args.output, inputs=[*paths, *args.inputs])
 
 
-def _check_finite(t: torch.Tensor, what: str, where: object) -> None:
+def check_finite(t: torch.Tensor, what: str, where: object) -> None:
+    """KlvaeError unless every value of `t` is finite."""
     # Inference reruns a half-precision overflow in fp32; what is still inf/NaN comes from the weights.
     if not torch.isfinite(t).all():
         raise KlvaeError(f"the model produced non-finite {what} for {where}: inf or NaN in its weights?")
@@ -145,7 +146,7 @@ def _encode_batch(vae: AutoencoderKL, batch: list[tuple[Path, torch.Tensor]], ar
     post = inference.encode(vae, torch.stack([t for _, t in batch]), dtype, tiling)
     z = vae.scale_latents(post.sample(gen) if args.sample else post.mode()).cpu()
     first = batch[0][0]
-    _check_finite(z, "latents", first if len(batch) == 1 else f"{first} (or its batch)")
+    check_finite(z, "latents", first if len(batch) == 1 else f"{first} (or its batch)")
     return dict(zip([p for p, _ in batch], z, strict=True))
 
 
@@ -158,7 +159,7 @@ def _encode_groups(vae: AutoencoderKL, by_size: dict[tuple[int, int], list[Path]
     total, bad_before = sum(map(len, by_size.values())), len(bad)
     with progress_bar(total=total, desc="encoding", unit="img") as bar:
         for size, group in by_size.items():
-            stream = _loaded(group, bad)
+            stream = loaded_images(group, bad)
             # Batches of the images that load, as when all were loaded first: the same batches, the same latents.
             while chunk := list(itertools.islice(stream, args.batch_size)):
                 # An image its header mispredicted (a late EXIF block, a file changed meanwhile) is encoded alone.
@@ -252,7 +253,7 @@ def unique_png_names(items: list[LatentItem]) -> list[str]:
     return names
 
 
-def _check_clashes(out: Path, names: list[str], overwrite: bool) -> None:
+def check_clashes(out: Path, names: list[str], overwrite: bool) -> None:
     """KlvaeError when a PNG would replace a file in `out` (unless `overwrite`), or a folder (always)."""
     # Decoding into the folder the images were encoded from would otherwise replace the originals.
     clashes = [n for n in names if os.path.lexists(out / n)]
@@ -306,7 +307,7 @@ def _check_layout(vae: AutoencoderKL, lf: LatentsFile, where: str) -> None:
                                "unscaled): latents of another VAE?")
 
 
-def _check_items(vae: AutoencoderKL, lf: LatentsFile, where: str) -> None:
+def check_items(vae: AutoencoderKL, lf: LatentsFile, where: str) -> None:
     """LatentsError naming the first item that does not fit the model, or is not finite once unscaled."""
     _check_layout(vae, lf, where)
     check_sizes(lf, vae.downsample_factor, where)
@@ -374,11 +375,11 @@ def cmd_decode(args: argparse.Namespace) -> int:
     lf = load_latents(args.latents)
     out = check_output_path(args.output, folder=True)
     names = unique_png_names(lf.items)
-    _check_clashes(out, names, args.overwrite)
+    check_clashes(out, names, args.overwrite)
     tiling = tiling_from_args(args)
     vae, _, dtype = load_model(args)
     # A bad item (sizes, pixel limit, channels, NaN) refuses the whole file, as nothing has been written yet.
-    _check_items(vae, lf, args.latents)
+    check_items(vae, lf, args.latents)
     if differences := _norm_differences(lf.norm, vae.config.latent_norm):
         log.warning("latents were scaled with other factors than the model's: %s; using the file's",
                     "; ".join(differences))
@@ -398,9 +399,9 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     tiling = tiling_from_args(args)
     vae, _, dtype = load_model(args)
     z = inference.encode(vae, x, dtype, tiling).mode()
-    _check_finite(z, "latents", args.image)
+    check_finite(z, "latents", args.image)
     y = inference.decode(vae, z, dtype, size=tuple(x.shape[-2:]), tiling=tiling).cpu()
-    _check_finite(y, "pixels", args.image)
+    check_finite(y, "pixels", args.image)
     # Metrics on the 8-bit image that is written, as a viewer sees it; computed first, so nothing fails after.
     y8 = pil_to_tensor(tensor_to_pil(y[0]))[None]
     quality = f"PSNR {psnr(x, y8).item():.2f} dB  SSIM "

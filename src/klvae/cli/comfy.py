@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from klvae import inference
-from klvae.cli.codec import _check_clashes, _check_finite, _check_items, _loaded, unique_png_names, write_pngs
+from klvae.cli.codec import check_clashes, check_finite, check_items, loaded_images, unique_png_names, write_pngs
 from klvae.cli.common import check_output_path, load_model, tiling_from_args
 from klvae.errors import KlvaeError, LatentsError
 from klvae.latents.comfy import (
@@ -70,12 +70,12 @@ def _encode_batch(vae: AutoencoderKL, paths: list[Path], size: tuple[int, int], 
     parts: list[torch.Tensor] = []
     bad_before = len(bad)
     with progress_bar(total=len(paths), desc="encoding", unit="img") as bar:
-        stream = _loaded(paths, bad)
+        stream = loaded_images(paths, bad)
         while chunk := list(itertools.islice(stream, args.batch_size)):
             x = torch.stack([_cropped(p, t, size, f) for p, t in chunk])
             post = inference.encode(vae, x, dtype, tiling)
             z = to_comfy(post.sample(gen) if args.sample else post.mode(), norm).cpu()
-            _check_finite(z, "latents", chunk[0][0] if len(chunk) == 1 else f"{chunk[0][0]} (or its batch)")
+            check_finite(z, "latents", chunk[0][0] if len(chunk) == 1 else f"{chunk[0][0]} (or its batch)")
             parts.append(z)
             done += [p for p, _ in chunk]
             bar.update(len(done) + len(bad) - bad_before - bar.n)
@@ -116,7 +116,7 @@ def decode_comfy(args: argparse.Namespace) -> int:
     out = check_output_path(args.output, folder=True)
     item_names = comfy_item_names(args.latents, cl.samples.shape[0])
     names = unique_png_names([LatentItem(name=n, key=n, height=1, width=1) for n in item_names])
-    _check_clashes(out, names, args.overwrite)
+    check_clashes(out, names, args.overwrite)
     tiling = tiling_from_args(args)
     vae, _, dtype = load_model(args)
     _warn_without_statistics(vae)
@@ -126,7 +126,7 @@ def decode_comfy(args: argparse.Namespace) -> int:
         raise LatentsError(f"{args.latents}: its latents have {got} channels, but this model's ComfyUI latents have "
                            f"{want} (SD 1.x/2.x and SDXL 4, SD3 and FLUX.1 16, FLUX.2 128): latents of another VAE?")
     lf = comfy_latents_file(cl.samples, item_names, norm, vae.config.size_multiple, str(args.model))
-    _check_items(vae, lf, args.latents)
+    check_items(vae, lf, args.latents)
     write_pngs(vae, lf, names, out, dtype, tiling, args.latents)
     log.info("decoded %d image(s) to %s", len(names), out)
     return 0
