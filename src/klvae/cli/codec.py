@@ -40,6 +40,7 @@ from klvae.images import (
     tensor_to_pil,
     write_image,
 )
+from klvae.latents.cache import model_fingerprint
 from klvae.latents.comfy import SUFFIX, is_comfy_latent
 from klvae.latents.file import LatentItem, LatentsFile, check_sizes, load_latents, save_latents
 from klvae.model.autoencoder import AutoencoderKL
@@ -204,7 +205,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
         latents={it.key: encoded[p][0] for it, p in zip(items, ordered, strict=True)},
         items=items, model=str(args.model),
         **dataclasses.asdict(vae.config.latent_norm),
-        extra={"posterior": "sample" if args.sample else "mean"},
+        extra={"posterior": "sample" if args.sample else "mean",
+               "model_fingerprint": model_fingerprint(vae, with_factors=False)},
     )
     save_latents(lf, args.output)
     log.info("encoded %d image(s) to %s%s", len(items), args.output, f", skipped {len(bad)}" if bad else "")
@@ -365,6 +367,15 @@ def write_pngs(vae: AutoencoderKL, lf: LatentsFile, names: list[str], out: Path,
                           for n, name in enumerate(names)])
 
 
+def _warn_if_another_model(vae: AutoencoderKL, lf: LatentsFile, model: str) -> None:
+    # Latents of another VAE with the same channels decode to something, but not to the encoded images (SD 1.x
+    # latents through SDXL's VAE, say); a fine-tune of the same VAE is a fair choice, hence a warning only.
+    written = lf.extra.get("model_fingerprint")
+    if written is not None and written != model_fingerprint(vae, with_factors=False):
+        log.warning("these latents were encoded by another model (%s) than %s, whose weights differ: the images "
+                    "will be %s's reading of them", lf.model or "not named", model, model)
+
+
 def cmd_decode(args: argparse.Namespace) -> int:
     """Decode a latents file (or a ComfyUI .latent) to PNGs; every item is checked before the first is written,
     and the PNGs land together, so a failure leaves none of them."""
@@ -380,6 +391,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     vae, _, dtype = load_model(args)
     # A bad item (sizes, pixel limit, channels, NaN) refuses the whole file, as nothing has been written yet.
     check_items(vae, lf, args.latents)
+    _warn_if_another_model(vae, lf, args.model)
     if differences := _norm_differences(lf.norm, vae.config.latent_norm):
         log.warning("latents were scaled with other factors than the model's: %s; using the file's",
                     "; ".join(differences))

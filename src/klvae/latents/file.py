@@ -66,6 +66,12 @@ def save_latents(lf: LatentsFile, path: str | Path) -> Path:
     return atomic_save_file(path, tensors, meta)
 
 
+# Metadata that `klvae encode` writes beside the factors and that a reader keeps: how each latent was taken
+# (posterior mean or sample), and a hash of the encoding model (its weights and architecture, see
+# klvae.latents.cache.model_fingerprint) by which decode tells latents of another model.
+EXTRA_KEYS = ("posterior", "model_fingerprint")
+
+
 def load_latents(path: str | Path, downsample_factor: int | None = None) -> LatentsFile:
     """Read and check a latents file; anything malformed is a LatentsError naming the item and field.
 
@@ -97,7 +103,8 @@ def load_latents(path: str | Path, downsample_factor: int | None = None) -> Late
         _check_tensor(tensors[it.key], f"{path}: item {n} ({quote(it.name)})")
     norm = _parse_norm(meta, path)
     _check_channels(norm, items, tensors, path)
-    lf = LatentsFile(latents=tensors, items=items, model=meta.get("model", ""), **asdict(norm))
+    extra = {k: meta[k] for k in EXTRA_KEYS if k in meta}
+    lf = LatentsFile(latents=tensors, items=items, model=meta.get("model", ""), **asdict(norm), extra=extra)
     if downsample_factor is not None:
         check_sizes(lf, downsample_factor, path)
     return lf
