@@ -119,3 +119,11 @@ def test_sigterm_during_decode_unwinds_like_ctrl_c(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 143 and proc.stderr.strip() == "klvae: terminated", proc.stderr
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "z.safetensors"]
+
+
+def test_a_device_file_is_named_as_such_not_as_missing(capsys: pytest.CaptureFixture[str]) -> None:
+    err = _error(capsys, ["decode", "/dev/null", "-o", "/tmp/klvae-never-written"])
+    assert "/dev/null is not a regular file" in err
+    err = _error(capsys, ["info", "--model", "/dev/zero"])
+    assert "/dev/zero is not a regular file" in err
+    assert not Path("/tmp/klvae-never-written").exists()

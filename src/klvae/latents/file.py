@@ -79,7 +79,7 @@ def load_latents(path: str | Path, downsample_factor: int | None = None) -> Late
     """
     path = Path(path)
     if not path.is_file():
-        raise LatentsError(f"no such latents file: {path}")
+        raise LatentsError(f"{path} is not a regular file" if path.exists() else f"no such latents file: {path}")
     try:
         from safetensors import safe_open
 

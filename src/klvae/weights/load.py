@@ -153,7 +153,7 @@ def _training_checkpoint_weights(obj: dict[str, Any], path: Path) -> tuple[dict[
 def _read(path: Path) -> tuple[StateDict, list[str], dict[str, str]]:
     """The tensors, every key in the file, and the header's metadata (safetensors only)."""
     if not path.is_file():
-        raise WeightsError(f"no such file: {path}")
+        raise WeightsError(f"{path} is not a regular file" if path.exists() else f"no such file: {path}")
     suffix = path.suffix.lower()
     meta: dict[str, str] = {}
     if suffix == ".safetensors":
