@@ -19,6 +19,12 @@ class LatentsError(KlvaeError):
     """Latents that do not fit the model (channels) or are not finite."""
 
 
+def first_line(e: BaseException) -> str:
+    """An error's message cut to its first line (its type's name when it has none): torch's run to a dozen."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def cut(text: str, limit: int = 60) -> str:
     """`text` cut to `limit` characters, ending in '...' where it was cut."""
     return text if len(text) <= limit else text[: limit - 3] + "..."

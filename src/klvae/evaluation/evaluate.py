@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from klvae import __version__, inference
-from klvae.errors import ImageError, KlvaeError
+from klvae.errors import ImageError, KlvaeError, first_line
 from klvae.evaluation.fid import FIDReference
 from klvae.evaluation.metrics import MetricAccumulator, psnr, ssim
 from klvae.images import MAX_PIXELS, pil_to_tensor
@@ -147,11 +147,6 @@ def _load_found(loads: list[tuple[Callable[[Any], None], Callable[[], Any]]], me
         left_out[key] = f"weights unavailable: {reason}"
         return False
     return True
-
-
-def first_line(e: BaseException) -> str:
-    """An error's message cut to its first line (torch's unpickling errors run to a dozen)."""
-    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def load_named_weights(load: Callable[[Any], None], path: str | Path, flag: str) -> None:

@@ -13,7 +13,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
-from klvae.errors import LatentsError
+from klvae.errors import LatentsError, first_line
 from klvae.latents.buckets import cover_size
 from klvae.latents.cache import INDEX_FORMAT, keyed_generator
 from klvae.model.latent_norm import LatentNorm
@@ -89,9 +89,9 @@ class LatentDataset(Dataset):
             raise LatentsError(f"{path}, which {self.root / 'index.json'} names, is missing: the cache is "
                                "damaged") from None
         except OSError as e:  # permissions, say: the file itself may be whole
-            raise LatentsError(f"{path}: cannot read {key}: {_first_line(e)}") from None
+            raise LatentsError(f"{path}: cannot read {key}: {first_line(e)}") from None
         except SafetensorError as e:
-            raise LatentsError(f"{path}: cannot read {key} ({_first_line(e)}): the shard is damaged; `klvae "
+            raise LatentsError(f"{path}: cannot read {key} ({first_line(e)}): the shard is damaged; `klvae "
                                "cache` run again on this folder encodes its rows anew") from None
 
     def __getitem__(self, i: int) -> dict[str, Any]:
@@ -113,10 +113,6 @@ class LatentDataset(Dataset):
     def __getstate__(self) -> dict[str, Any]:
         # DataLoader workers reopen shards themselves; open handles do not pickle.
         return {**self.__dict__, "_handles": {}}
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def collate_latents(batch: list[dict[str, Any]]) -> dict[str, Any]:

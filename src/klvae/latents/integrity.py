@@ -22,6 +22,7 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 
 from klvae.atomic import atomic_write_text
+from klvae.errors import first_line
 from klvae.model.config import AutoencoderKLConfig
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def shard_problem(path: Path, rows: list[dict[str, Any]], shapes: RowShapes) -> 
             keys = f.keys()  # safe_open is no mapping
             found = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
     except (SafetensorError, OSError) as e:
-        return (str(e).splitlines() or [type(e).__name__])[0]
+        return first_line(e)
     for r in rows:
         row, bucket = r.get("row"), r.get("bucket")
         if not (isinstance(row, int) and isinstance(bucket, list) and len(bucket) == 2

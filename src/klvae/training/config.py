@@ -12,7 +12,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import tomllib
 import yaml
 
-from klvae.errors import KlvaeError, cut, quote
+from klvae.errors import KlvaeError, cut, first_line, quote
 from klvae.images import MAX_RESOLUTION
 from klvae.model.config import PRESETS, AutoencoderKLConfig
 from klvae.training.data import CROPS
@@ -222,7 +222,7 @@ def _parse_problem(e: Exception) -> str:
     # int(str)) and RecursionError for lists nested a few thousand deep.
     if isinstance(e, RecursionError):
         return "nested too deeply"
-    return cut((str(e).splitlines() or [type(e).__name__])[0], 200)
+    return cut(first_line(e), 200)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:

@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-from klvae.errors import WeightsError
+from klvae.errors import WeightsError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +125,7 @@ def _describe(e: Exception, repo_id: str, filename: str, revision: str | None = 
         return f"hub repository {repo_id} not found (or private: log in with hf auth login)"
     if isinstance(e, RevisionNotFoundError):
         return f"hub repository {repo_id} has no revision {revision or 'main'}"
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return f"cannot fetch {where} from the hub: {first}"
+    return f"cannot fetch {where} from the hub: {first_line(e)}"
 
 
 def fetch_diffusers_files(repo_id: str, subfolder: str | None = None, revision: str | None = None) -> tuple[Path, Path]:

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from klvae.errors import WeightsError
+from klvae.errors import WeightsError, first_line
 from klvae.inference.precision import usable_device
 from klvae.model.config import PRESET_HUB_FILES, PRESET_HUB_IDS, PRESETS, AutoencoderKLConfig
 from klvae.weights.convert import VAE_PREFIXES, StateDict, to_diffusers
@@ -53,11 +53,6 @@ class WeightsSource:
         return [self.weights] + ([self.config_json] if self.config_json is not None else [])
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def _read_safetensors(path: Path) -> tuple[StateDict, list[str], dict[str, str]]:
     from safetensors import safe_open
 
@@ -69,7 +64,7 @@ def _read_safetensors(path: Path) -> tuple[StateDict, list[str], dict[str, str]]
             return {k: f.get_tensor(k) for k in keys if k.startswith(prefix)}, keys, f.metadata() or {}
     except Exception as e:  # safetensors raises its own SafetensorError besides OSError
         hint = " (truncated: an incomplete download or copy?)" if "incomplete" in str(e).lower() else ""
-        raise WeightsError(f"cannot read {path}: {_first_line(e)}{hint}") from None
+        raise WeightsError(f"cannot read {path}: {first_line(e)}{hint}") from None
 
 
 def _torch_load(path: Path) -> Any:
@@ -95,7 +90,7 @@ def torch_file_problem(path: Path, e: Exception) -> str:
     if not head.startswith((b"PK", b"\x80")):
         return "it is not a PyTorch file (neither a zip archive nor a pickle)"
     # torch's first sentence says it; the rest of its message is advice on how checkpoints get damaged.
-    return f"a damaged or truncated file ({_first_line(e).split('. ')[0]})"
+    return f"a damaged or truncated file ({first_line(e).split('. ')[0]})"
 
 
 def _read_pickle(path: Path) -> tuple[StateDict, list[str], dict[str, str]]:
@@ -110,7 +105,7 @@ def _read_pickle(path: Path) -> tuple[StateDict, list[str], dict[str, str]]:
             "convert it to .safetensors where you trust its source"
         ) from None
     except OSError as e:
-        raise WeightsError(f"cannot read {path}: {_first_line(e)}") from None
+        raise WeightsError(f"cannot read {path}: {first_line(e)}") from None
     except Exception as e:
         raise WeightsError(f"cannot read {path}: {torch_file_problem(path, e)}") from None
     meta: dict[str, str] = {}
@@ -329,7 +324,7 @@ def _config_from_metadata(text: str, path: Path) -> AutoencoderKLConfig:
     except RecursionError:
         raise WeightsError(f"{path}: the klvae config in its header is nested too deeply to be a config") from None
     except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
-        raise WeightsError(f"{path}: the klvae config in its header is unreadable: {_first_line(e)}") from None
+        raise WeightsError(f"{path}: the klvae config in its header is unreadable: {first_line(e)}") from None
 
 
 def _names(keys: list[str], shown: int = _SHOWN) -> str:
