@@ -35,14 +35,23 @@ def device(request: pytest.FixtureRequest) -> torch.device:
 
 @pytest.fixture(autouse=True)
 def _klvae_logger_as_before() -> Iterator[None]:
-    """The CLI sets the klvae logger's level (-q: WARNING) and adds a handler; undone after each test, so that a
-    later test's caplog sees klvae's INFO lines whatever ran before it."""
-    logger = logging.getLogger("klvae")
-    level, handlers = logger.level, list(logger.handlers)
+    """The CLI sets the klvae logger's level (-q: WARNING) and adds a handler; both are reset to the session's
+    start before and after each test, so that a test's caplog sees klvae's INFO lines whatever ran before it
+    (a module-scoped fixture that runs the CLI does so before this fixture's setup)."""
+    _reset_klvae_logger()
     yield
-    logger.setLevel(level)
-    for h in [h for h in logger.handlers if h not in handlers]:
-        logger.removeHandler(h)
+    _reset_klvae_logger()
+
+
+_KLVAE_LOGGER = logging.getLogger("klvae")
+_KLVAE_LOGGER_START = (_KLVAE_LOGGER.level, list(_KLVAE_LOGGER.handlers))
+
+
+def _reset_klvae_logger() -> None:
+    level, handlers = _KLVAE_LOGGER_START
+    _KLVAE_LOGGER.setLevel(level)
+    for h in [h for h in _KLVAE_LOGGER.handlers if h not in handlers]:
+        _KLVAE_LOGGER.removeHandler(h)
 
 
 @pytest.fixture

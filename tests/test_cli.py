@@ -72,7 +72,7 @@ def test_quiet_hides_the_progress_bars_and_the_info_lines(
     err = capsys.readouterr().err
     assert "encoding" in err and "reading" in err  # the bars, on stderr
     assert main(["-q", "decode", str(out), "-o", str(tmp_path / "d"), "--model", str(model_dir)]) == 0
-    assert main(["-q", "encode", str(photos), "-o", str(out), "--model", str(model_dir)]) == 0
+    assert main(["-q", "encode", str(photos), "-o", str(out), "--model", str(model_dir), "--overwrite"]) == 0
     assert capsys.readouterr().err == ""
 
 

@@ -270,7 +270,7 @@ def test_eval_two_models_side_by_side_without_weights(data_dir: Path, models: li
     # A rerun with one model into the same folder leaves no picture of the second; the user's own files stay.
     (report / "images" / "notes.png").write_bytes(b"mine")
     assert run_cli("--model", str(models[0]), "--data", str(data_dir), "-o", str(report), "--resolution", str(RES),
-                   "--examples", "1", "--no-fid", "--no-lpips") == 1
+                   "--examples", "1", "--no-fid", "--no-lpips", "--overwrite") == 1
     page = check_html(report)
     linked = set(re.findall(r'src="(images/[^"]+)"', page))
     assert {f"images/{p.name}" for p in (report / "images").iterdir()} == linked | {"images/notes.png"}
@@ -423,7 +423,7 @@ def test_a_report_that_fails_midway_leaves_the_previous_one_whole(data_dir: Path
 
     monkeypatch.setattr(report_mod, "write_image", full_disk)  # the tables are written, then the first PNG fails
     capsys.readouterr()
-    assert run_cli(*args, "--limit", "2") == 2  # other images: other tables, were they written
+    assert run_cli(*args, "--limit", "2", "--overwrite") == 2  # other images: other tables, were they written
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert re.fullmatch(r"klvae: error: cannot write .*/images/\d{5}_original\.png: .*No space left on device",
                         err), err

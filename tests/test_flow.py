@@ -344,7 +344,7 @@ def test_noise_flow_default_steps_and_shift(tmp_path: Path, image: Path, flow_mo
     assert main(["noise", str(image), "-o", str(out), "--schedule", "flow", "--model", str(flow_models["sd"])]) == 0
     assert ("t = 1, 100, 250, 500, 750, 1000 (flow schedule, shift 1; sigma = 0.001, 0.1, 0.25, 0.5, 0.75, 1)"
             in capsys.readouterr().out)
-    assert main(["noise", str(image), "-o", str(out), "--schedule", "flow", "--num-steps", "50",
+    assert main(["noise", str(image), "-o", str(out), "--schedule", "flow", "--num-steps", "50", "--overwrite",
                  "--model", str(flow_models["sd"])]) == 0
     assert "t = 1, 5, 12, 25, 38, 50 (flow schedule, shift 1;" in capsys.readouterr().out
 

@@ -1,11 +1,13 @@
 """Outputs never replace what the user did not ask to replace: `scale --save` refuses an existing model without
 --overwrite, the model it reads (by any name), klvae's built-in model and the input folder; `eval` and `cache`
-refuse an output folder that is (or lies inside) the --data folder. Each is one line, exit 2, before any work,
-and leaves every file as it was."""
+refuse an output folder that is (or lies inside) the --data folder; encode, reconstruct and noise refuse an
+existing output file, and eval a folder holding an earlier report, without --overwrite. Each is one line, exit 2,
+before any work, and leaves every file as it was."""
 
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import tarfile
 from pathlib import Path
@@ -166,3 +168,115 @@ def test_an_output_beside_named_shards_is_still_allowed(places: Path, capsys: py
     assert (places / "shards" / "index.json").is_file()
     assert main(["-q", *CACHE, "--data", "shards/*.tar", "-o", "shards"]) == 0  # a rerun: the same two images
     assert "cached 2 rows" in capsys.readouterr().out
+
+
+# encode, reconstruct, noise and eval replace an earlier result only when asked to, as decode, convert and scale do.
+
+def _forbid_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    from klvae.model.autoencoder import AutoencoderKL
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model loaded before the output was checked")
+
+    monkeypatch.setattr(AutoencoderKL, "from_pretrained", refuse)
+
+
+@pytest.fixture
+def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading any model fails the test: a refused output must cost no load (nor a download)."""
+    _forbid_model_loads(monkeypatch)
+
+
+FILE_COMMANDS = {
+    "encode": ["encode", "data", "-m", "m", "-o", "out.safetensors"],
+    "encode .latent": ["encode", "data", "-m", "m", "-o", "out.latent"],
+    "reconstruct": ["reconstruct", "data/img0.png", "-m", "m", "-o", "out.png"],
+    "noise": ["noise", "data/img0.png", "-m", "m", "--steps", "0", "500", "-o", "out.png"],
+}
+
+
+@pytest.mark.parametrize("argv", FILE_COMMANDS.values(), ids=FILE_COMMANDS.keys())
+@pytest.mark.parametrize("kind", ["file", "dangling link"])
+def test_a_file_output_is_replaced_only_with_overwrite(
+    places: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, argv: list[str], kind: str,
+) -> None:
+    out = places / argv[-1]
+    if kind == "file":
+        out.write_bytes(b"an earlier result")
+    else:
+        out.symlink_to(places / "gone")  # the rename would replace the link, so it is there too
+    before = _tree(places)
+    with monkeypatch.context() as mp:
+        _forbid_model_loads(mp)
+        assert _refused(capsys, argv) == f"--output {argv[-1]} already exists; add --overwrite to replace it"
+    assert _tree(places) == before  # nothing written, not even a temporary file
+    assert main(["-q", *argv, "--overwrite"]) == 0
+    assert not out.is_symlink() and out.read_bytes() != b"an earlier result"
+    assert not [p for p in places.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_overwrite_never_lets_an_output_replace_its_input(places: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = _tree(places)
+    for command in ("reconstruct", "noise"):
+        line = _refused(capsys, [command, "data/img0.png", "-m", "m", "-o", "data/img0.png", "--overwrite"])
+        assert line == "--output data/img0.png is one of the inputs; it would be overwritten"
+    assert _tree(places) == before
+
+
+def test_overwrite_help_is_one_phrase_across_commands() -> None:
+    from klvae.cli.main import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for name in ("encode", "decode", "reconstruct", "noise", "eval"):
+        (action,) = [a for a in sub.choices[name]._actions if "--overwrite" in a.option_strings]
+        assert action.help.startswith("replace ") and action.help.endswith(" (refused without it)"), name
+
+
+REPORT = [*EVAL, "--data", "data", "-o", "rep"]
+
+
+@pytest.mark.parametrize("held", ["index.html", "summary.json", "metrics.csv", "images/00001_m0_recon.png"])
+def test_eval_refuses_a_folder_holding_an_earlier_report(
+    places: Path, no_work: None, no_model: None, capsys: pytest.CaptureFixture[str], held: str,
+) -> None:
+    # Any one file of a report is enough: the new report would be mixed with, or replace, the earlier one.
+    (places / "rep" / held).parent.mkdir(parents=True)
+    (places / "rep" / held).write_text("earlier")
+    before = _tree(places)
+    line = _refused(capsys, REPORT)
+    assert line == f"--output rep: rep/{held} already exists (an earlier report); add --overwrite to replace it"
+    assert _tree(places) == before
+
+
+def test_eval_refuses_a_folder_where_a_report_file_goes_even_with_overwrite(
+    places: Path, no_work: None, no_model: None, capsys: pytest.CaptureFixture[str],
+) -> None:
+    (places / "rep" / "index.html").mkdir(parents=True)
+    line = _refused(capsys, [*REPORT, "--overwrite"])
+    assert line == "--output rep: rep/index.html is a folder; the report's file of that name cannot replace it"
+    (places / "rep" / "index.html").rmdir()
+    (places / "rep" / "images").write_text("not a folder")
+    line = _refused(capsys, [*REPORT, "--overwrite"])
+    assert line == "--output rep: rep/images is not a folder; the report's example PNGs go there"
+
+
+def test_eval_writes_into_a_folder_without_a_report_and_overwrite_replaces_only_the_report(
+    places: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    (places / "rep").mkdir()
+    assert main(["-q", *REPORT]) == 0  # an empty folder is a fine place for a report
+    (places / "rep" / "notes.txt").write_text("mine")
+    (places / "rep" / "images" / "mine.png").write_bytes(b"mine")
+    mine = {k: v for k, v in _tree(places / "rep").items() if k in ("notes.txt", "images/mine.png")}
+    first = json.loads((places / "rep" / "summary.json").read_text())
+    assert main(["-q", *REPORT, "--limit", "1", "--overwrite"]) == 0
+    after = _tree(places / "rep")
+    assert {k: v for k, v in after.items() if k in mine} == mine  # the user's own files stay as they were
+    assert json.loads((places / "rep" / "summary.json").read_text())["images"]["evaluated"] == 1
+    assert first["images"]["evaluated"] == 2
+    assert not [k for k in after if k.endswith(".tmp")]
+    # A folder of other files (no report in it) takes a report without --overwrite: nothing of it is replaced.
+    (places / "mine").mkdir()
+    (places / "mine" / "notes.txt").write_text("mine")
+    assert main(["-q", *EVAL, "--data", "data", "-o", "mine"]) == 0
+    assert (places / "mine" / "notes.txt").read_text() == "mine" and (places / "mine" / "index.html").is_file()

@@ -122,7 +122,7 @@ def test_cli_speed_flags_reach_the_levers(monkeypatch: pytest.MonkeyPatch, tmp_p
     img = data / "a.png"
     Image.new("RGB", (16, 16), (90, 140, 30)).save(img)
     for flag in ([], ["--compile"], ["--no-fused-norm"]):
-        assert main(["reconstruct", str(img), "-o", str(tmp_path / "r.png"), *flag]) == 0
+        assert main(["reconstruct", str(img), "-o", str(tmp_path / f"r{len(seen)}.png"), *flag]) == 0
         assert main(["eval", "--data", str(data), "-o", str(tmp_path / f"rep{len(seen)}"), "--resolution", "16",
                      "--no-lpips", "--no-fid", *flag]) == 0
     assert [(o.compile, o.fused_norm) for o in seen] == [(False, None)] * 2 + [(True, None)] * 2 + [(False, False)] * 2

@@ -21,7 +21,9 @@ from klvae import inference
 from klvae.atomic import atomic_write_all
 from klvae.cli.common import (
     add_model_args,
+    add_overwrite_arg,
     add_tiling_args,
+    check_new_file,
     check_output_path,
     check_seed,
     load_model,
@@ -60,6 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "one batch, so images of one size, cropped to whole latent cells as ComfyUI's VAEEncode does)")
     p.add_argument("--sample", action="store_true", help="store a posterior sample instead of its mean")
     p.add_argument("--seed", type=int, default=0, help="seed of --sample")
+    add_overwrite_arg(p, "an existing --output file")
     add_model_args(p)
     add_tiling_args(p)
     p.set_defaults(func=cmd_encode)
@@ -67,8 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("decode", help="a latents file -> PNG images")
     p.add_argument("latents", help="latents file written by `klvae encode`, or a ComfyUI .latent (SaveLatent's)")
     p.add_argument("-o", "--output", required=True, help="folder for the PNGs")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace files in --output that have the PNGs' names (refused without it)")
+    add_overwrite_arg(p, "files in --output that have the PNGs' names")
     add_model_args(p)
     add_tiling_args(p)
     p.set_defaults(func=cmd_decode)
@@ -77,6 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("image", help="the image to encode and decode")
     p.add_argument("-o", "--output", required=True,
                    help="reconstruction to write (.png, or by the extension .jpg, .jpeg, .webp, .bmp, .tif, .tiff)")
+    add_overwrite_arg(p, "an existing --output file")
     add_model_args(p)
     add_tiling_args(p)
     p.set_defaults(func=cmd_reconstruct)
@@ -131,7 +134,7 @@ def _check_encode_args(args: argparse.Namespace, paths: list[Path]) -> None:
     if Path(args.output).suffix.lower() not in (".safetensors", SUFFIX):
         raise KlvaeError(f"--output {args.output}: the latents file must end in .safetensors (klvae's latents) "
                          f"or {SUFFIX} (ComfyUI's)")
-    check_output_path(args.output, inputs=[*paths, *args.inputs])
+    check_new_file(args.output, overwrite=args.overwrite, inputs=[*paths, *args.inputs])
 
 
 def check_finite(t: torch.Tensor, what: str, where: object) -> None:
@@ -404,7 +407,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     """Encode and decode one image; print PSNR and SSIM against the original."""
     from klvae.evaluation.metrics import SSIM_RADIUS, psnr, ssim
 
-    out = check_output_path(args.output, inputs=[args.image])
+    out = check_new_file(args.output, overwrite=args.overwrite, inputs=[args.image])
     image_format_for(out)
     x = pil_to_tensor(load_image(args.image))[None]
     check_format_size(out, x.shape[-1], x.shape[-2])

@@ -131,7 +131,30 @@ def check_model_output(out: Path, flag: str, *, overwrite: bool) -> None:
         held = [out] if out.is_file() else [out / n for n in (CONFIG_NAME, *FOLDER_WEIGHTS) if (out / n).exists()]
         if held:
             # As decode does: a model written over another is lost, so it takes a word from the user.
-            raise KlvaeError(f"{flag} {out}: {held[0]} already exists; add --overwrite to replace it")
+            raise exists_error(flag, out, held[0])
+
+
+def add_overwrite_arg(p: argparse.ArgumentParser, what: str) -> None:
+    """--overwrite, which lets the command replace `what` (said in its help)."""
+    p.add_argument("--overwrite", action="store_true", help=f"replace {what} (refused without it)")
+
+
+def exists_error(flag: str, out: Path, held: Path, note: str = "") -> KlvaeError:
+    """The one error of every command whose output would replace `held`: `out` itself, or a file in the folder
+    `out`; `note` (e.g. " (an earlier report)") follows the name of what is there."""
+    where = f"{flag} {out}" if held == out else f"{flag} {out}: {held}"
+    return KlvaeError(f"{where} already exists{note}; add --overwrite to replace it")
+
+
+def check_new_file(path: str | Path, flag: str = "--output", *, overwrite: bool,
+                   inputs: Iterable[str | Path] = ()) -> Path:
+    """check_output_path for a file, and KlvaeError when a file (or a link) is already there, unless `overwrite`."""
+    p = check_output_path(path, flag, inputs=inputs)
+    # An earlier result (latents of a long encode, a reconstruction kept) is lost once replaced; the rename that
+    # lands the new file would replace it silently, so it takes a word from the user. lexists: a dangling link too.
+    if not overwrite and os.path.lexists(p):
+        raise exists_error(flag, p, p)
+    return p
 
 
 def check_not_the_model(out: Path, flag: str, source: WeightsSource, *, folder: bool, what: str) -> None:

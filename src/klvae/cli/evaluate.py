@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
-from klvae.cli.common import add_run_args, add_tiling_args, check_not_in_data, check_output_path, tiling_from_args
+from klvae.cli.common import (
+    add_overwrite_arg,
+    add_run_args,
+    add_tiling_args,
+    check_not_in_data,
+    check_output_path,
+    exists_error,
+    tiling_from_args,
+)
 from klvae.errors import KlvaeError
 
 log = logging.getLogger("klvae")
@@ -28,7 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", "-d", required=True,
                    help="image folder, Hugging Face dataset folder, parquet file(s) or .tar shards")
     p.add_argument("--image-column", default="image", help="image column of a dataset or parquet table")
-    p.add_argument("-o", "--output", required=True, help="report folder (created)")
+    p.add_argument("-o", "--output", required=True,
+                   help="report folder (created; an existing one must not hold an earlier report)")
+    add_overwrite_arg(p, "an earlier report's index.html, summary.json, metrics.csv and example PNGs in --output, "
+                         "leaving other files there")
     p.add_argument("--resolution", type=int, default=256, help="side of the centre crop (default 256)")
     p.add_argument("--crop", choices=("center", "none"), default="center",
                    help="center: resize to cover and centre-crop to --resolution; none: the full image")
@@ -66,6 +78,25 @@ def _model_names(specs: list[str]) -> list[str]:
     return names
 
 
+def check_report_output(out: Path, overwrite: bool) -> None:
+    """KlvaeError when the folder `out` holds an earlier report (any of its files) and not `overwrite`, or a
+    folder where the report writes a file (always)."""
+    from klvae.evaluation.report import EXAMPLE_PNG, REPORT_FILES
+
+    if not out.is_dir():
+        return  # a new folder: nothing to replace
+    held = [out / n for n in REPORT_FILES if os.path.lexists(out / n)]
+    if (out / "images").is_dir():
+        held += sorted(p for p in (out / "images").iterdir() if EXAMPLE_PNG.fullmatch(p.name))
+    elif os.path.lexists(out / "images"):
+        raise KlvaeError(f"--output {out}: {out / 'images'} is not a folder; the report's example PNGs go there")
+    if folders := [p for p in held if p.is_dir()]:
+        raise KlvaeError(f"--output {out}: {folders[0]} is a folder; the report's file of that name cannot replace it")
+    # One report's table beside another's pictures would be read as one run: mixing them takes a word from the user.
+    if held and not overwrite:
+        raise exists_error("--output", out, held[0], " (an earlier report)")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate the models and write the report; exit 1 when some images were unreadable."""
     from klvae.evaluation.evaluate import EvalOptions, build_metric_nets, run_evaluation
@@ -81,6 +112,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     opts.check()
     check_output_path(args.output, folder=True)  # before the work, not after it
+    check_report_output(Path(args.output), args.overwrite)
     check_not_in_data(args.output, "--output", args.data)  # a rerun would score the report's PNGs as data
     source = open_source(args.data, image_column=args.image_column)  # bad data before any model or download
     if not args.model:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,8 +32,15 @@ log = logging.getLogger("klvae")
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the cache and scale subcommands."""
     p = sub.add_parser("cache", help="encode a dataset to latent shards + index (resumable; torchrun for many GPUs)")
-    p.add_argument("--data", required=True, help="image folder, datasets folder, parquet, or .tar shards (glob)")
+    p.add_argument("--data", help="image folder, datasets folder, parquet, or .tar shards (glob); required unless "
+                                   "--verify")
     p.add_argument("-o", "--output", required=True, help="cache folder (shards, manifests, index.json)")
+    p.add_argument("--verify", action="store_true",
+                   help="encode nothing: read every shard of the cache in -o and check it against the SHA-256 "
+                        "recorded when it was written (exit 1 if any is damaged, 2 if -o is no cache)")
+    p.add_argument("--repair", action="store_true",
+                   help="with --verify: drop the damaged shards, so that the next `klvae cache` run on -o encodes "
+                        "their rows again")
     p.add_argument("--resolution", type=int, default=512, help="square side, or the bucket area's side")
     p.add_argument("--buckets", action="store_true", help="aspect-ratio buckets of equal pixel count (SDXL style)")
     p.add_argument("--flip", action="store_true", help="also store horizontally flipped copies")
@@ -68,6 +76,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from klvae.latents.sources import open_source
     from klvae.training.distributed import barrier, init_distributed, rank_device, shutdown
 
+    if args.verify or args.repair:
+        return _verify_cache(args)
+    if not args.data:
+        raise KlvaeError("cache needs --data (or --verify, to check a finished cache)")
     opts = CacheOptions(resolution=args.resolution, buckets=args.buckets, flip=args.flip, store=args.store,
                         shard_size=args.shard_size, batch_size=args.batch_size, num_workers=args.num_workers,
                         seed=check_seed(args.seed))
@@ -92,6 +104,30 @@ def cmd_cache(args: argparse.Namespace) -> int:
     finally:
         shutdown(dist)
     return 1 if counts["failed"] or counts["failed_before"] or source.unreadable else 0
+
+
+def _verify_cache(args: argparse.Namespace) -> int:
+    """--verify [--repair]: the one-line summary, and how to encode the damaged shards' rows again."""
+    from klvae.latents.verify import repair_cache, verify_cache
+
+    if not args.verify:
+        raise KlvaeError("--repair goes with --verify: `klvae cache --verify --repair -o CACHE`")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would check, and repair, the same files
+        raise KlvaeError("run `klvae cache --verify` in one process, not under torchrun")
+    report = verify_cache(args.output)
+    if report.ok:
+        print(report.summary())
+        return 0
+    if args.repair:
+        repair_cache(args.output, report)
+        print(f"{report.summary()}; dropped them: run the same `klvae cache` command again to encode their rows anew")
+    elif report.source != "manifests":
+        print(f"{report.summary()}; this copy has no manifests: encode their rows again where the cache was made")
+    else:
+        # Deleting a shard by hand is no repair: a resume refuses a manifest naming a shard that is gone.
+        print(f"{report.summary()}; to encode their rows again, run `klvae cache --verify --repair -o "
+              f"{args.output}`, then the same `klvae cache` command")
+    return 1
 
 
 def _sum_over_ranks(counts: dict[str, int], dist: DistInfo, device: torch.device) -> dict[str, int]:

@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from klvae import inference
-from klvae.cli.common import add_model_args, check_output_path, check_seed, load_model
+from klvae.cli.common import add_model_args, add_overwrite_arg, check_new_file, check_seed, load_model
 from klvae.errors import KlvaeError
 from klvae.images import (
     MAX_PIXELS,
@@ -57,6 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="last beta of a linear or scaled_linear schedule (default 0.012 for scaled_linear, "
                         "0.02 for linear)")
     p.add_argument("--seed", type=int, default=0, help="seed of the one noise draw all timesteps share")
+    add_overwrite_arg(p, "an existing --output file")
     add_model_args(p)
     p.set_defaults(func=cmd_noise)
 
@@ -71,7 +72,7 @@ def cmd_noise(args: argparse.Namespace) -> int:
     _check_betas(args)
     shift = _check_shift(args, flow)
     check_seed(args.seed)
-    check_output_path(args.output, inputs=[args.image])  # before the work, not after it
+    check_new_file(args.output, overwrite=args.overwrite, inputs=[args.image])  # before the work, not after it
     image_format_for(args.output)
     x = pil_to_tensor(load_image(args.image))[None]
     width, height = x.shape[-1] * len(args.steps), x.shape[-2] + _LABEL_HEIGHT  # the sheet's size

@@ -29,6 +29,11 @@ ERROR_FULL_SCALE = 32  # mean absolute error over RGB, in 8-bit levels
 MODEL_COLOURS = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1", "#76b7b2")
 LABELS = {"psnr": "PSNR (dB) ↑", "ssim": "SSIM ↑", "lpips": "LPIPS ↓", "rfid": "rFID ↓"}
 
+# The files the report writes into its folder, and the name of an example PNG in its images/ (the CLI refuses to
+# mix a new report with an earlier one's, and a rerun removes the earlier examples it does not write again).
+REPORT_FILES = ("index.html", "summary.json", "metrics.csv")
+EXAMPLE_PNG = re.compile(r"\d{5}_(original|m\d+_(recon|error))\.png")
+
 
 def json_safe(value: Any) -> Any:
     """Non-finite floats -> None (JSON has no inf/nan), recursively."""
@@ -261,7 +266,6 @@ def write_report(out_dir: Path, res: EvalResult, summary: Mapping[str, Any],
 def _remove_stale_examples(out_dir: Path, current: set[str]) -> None:
     # A rerun into the same folder (other data, fewer models) would leave the earlier run's pictures beside the
     # new report; only names this module writes are touched, never a user's own files.
-    pattern = re.compile(r"\d{5}_(original|m\d+_(recon|error))\.png")
     for p in (out_dir / "images").glob("*.png"):
-        if pattern.fullmatch(p.name) and f"images/{p.name}" not in current:
+        if EXAMPLE_PNG.fullmatch(p.name) and f"images/{p.name}" not in current:
             p.unlink(missing_ok=True)

@@ -7,7 +7,8 @@ image's two rows may fall in different shards). A torn last line is ignored, so 
 leaves either a whole shard and its line, or neither counted. Every line records the options that decide
 what a row holds, and a fingerprint of the model; a resume with other values, or another model, is refused
 before anything is touched. A resume also checks the header of each shard its lines name (latents/integrity.py):
-one damaged since it was recorded is dropped, with a warning, and its rows are encoded again.
+one damaged since it was recorded is dropped, with a warning, and its rows are encoded again. Each line also
+records its shard's SHA-256, which `klvae cache --verify` (latents/verify.py) compares with the whole file.
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from klvae import inference
-from klvae.atomic import atomic_save_file, atomic_write_text
+from klvae.atomic import atomic_write_text
 from klvae.errors import KlvaeError, quote
 from klvae.images import MAX_PIXELS, MAX_RESOLUTION, pil_to_tensor
 from klvae.latents.buckets import make_buckets, nearest_bucket, resize_crop
-from klvae.latents.integrity import RowShapes, drop_damaged, row_shapes, shard_problem
+from klvae.latents.integrity import RowShapes, drop_damaged, row_shapes, save_shard, shard_problem
 from klvae.latents.sources import ItemSource, item_error, open_source
 from klvae.model.autoencoder import AutoencoderKL
 from klvae.model.latent_norm import NORM_FIELDS
@@ -136,14 +137,14 @@ def _collate(batch: list[Any]) -> list[Any]:
     return batch
 
 
-def _write_shard(rows: list[tuple[dict[str, Tensor], dict[str, Any]]], out: Path, name: str) -> list[dict]:
+def _write_shard(rows: list[tuple[dict[str, Tensor], dict[str, Any]]], out: Path, name: str) -> dict[str, Any]:
+    # The manifest line's shard, rows and the shard's SHA-256.
     tensors, metas = {}, []
     for r, (t, meta) in enumerate(rows):
         for field, v in t.items():
             tensors[f"{r:06d}.{field}"] = v.contiguous()
         metas.append({**meta, "shard": name, "row": r})
-    atomic_save_file(out / name, tensors, {"format": INDEX_FORMAT})
-    return metas
+    return {"shard": name, "rows": metas, "sha256": save_shard(out / name, tensors, {"format": INDEX_FORMAT})}
 
 
 def _append_line(path: Path, record: dict[str, Any]) -> None:
@@ -205,7 +206,7 @@ def _is_record(rec: Any) -> bool:
 
     return (
         isinstance(rec, dict)
-        and isinstance(shard := rec.get("shard"), str | None)
+        and isinstance(shard := rec.get("shard"), str | None) and isinstance(rec.get("sha256", ""), str)
         and isinstance(rows := rec.get("rows", []), list) and all(map(is_row, rows)) and bool(rows) == bool(shard)
         and isinstance(failed := rec.get("failed", []), list) and all(isinstance(i, str) for i in failed)
         and isinstance(options := rec.get("options", {}), dict) and _good_options(options)
@@ -451,8 +452,8 @@ class _ShardWriter:
         if not self.rows and not self.failed:
             return
         name = f"rank{self.rank:03d}-{self.no:05d}.safetensors" if self.rows else None
-        metas = _write_shard(self.rows, self.out, name) if name else []
-        _append_line(self.manifest, {"shard": name, "rows": metas, "failed": self.failed, "options": self.options})
+        written = _write_shard(self.rows, self.out, name) if name else {"shard": None, "rows": []}
+        _append_line(self.manifest, {**written, "failed": self.failed, "options": self.options})
         self.no += 1 if name else 0
         self.rows, self.failed = [], []
 
@@ -463,9 +464,11 @@ def write_index(vae: AutoencoderKL, model: str, out: str | Path, opts: CacheOpti
     header), that no image appears twice, and that there is a row at all (KlvaeError: none of the images could
     be read)."""
     out, shapes = Path(out), row_shapes(vae.config, opts.store)
-    rows, failed = [], []
+    rows, failed, shards = [], [], {}
     for p in sorted(out.glob("manifest-rank*.jsonl")):
         for rec in read_manifest(p, shards=True):
+            if rec.get("shard"):  # its entry: the SHA-256 its line records (none from an older klvae)
+                shards[rec["shard"]] = {k: rec[k] for k in ("sha256",) if k in rec}
             # Checked by each rank's resume, but damaged since (or by a run of another version): never indexed.
             if rec.get("shard") and (why := shard_problem(out / rec["shard"], rec["rows"], shapes)):
                 raise KlvaeError(f"{out / rec['shard']} is damaged ({why}): run the same `klvae cache` again, "
@@ -484,7 +487,7 @@ def write_index(vae: AutoencoderKL, model: str, out: str | Path, opts: CacheOpti
         "format": INDEX_FORMAT, "model": model, **vae.config.latent_norm.to_dict(),
         "model_fingerprint": fingerprint or model_fingerprint(vae, opts.store == "scaled"),
         "latent_channels": vae.config.latent_channels,
-        "options": asdict(opts), "world_size": world, "items": rows,
+        "options": asdict(opts), "world_size": world, "items": rows, "shards": shards,
         "failed": sorted(set(failed) - {r["source"] for r in rows}),
     }
     return atomic_write_text(out / "index.json", json.dumps(index))

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset, Sampler
 from klvae.errors import LatentsError, first_line
 from klvae.latents.buckets import cover_size
 from klvae.latents.cache import INDEX_FORMAT, keyed_generator
+from klvae.latents.verify import verify_cache
 from klvae.model.latent_norm import LatentNorm
 from klvae.posterior import DiagonalGaussian
 
@@ -37,9 +38,12 @@ class LatentDataset(Dataset):
     left); for a flipped row measured in the flipped image, as diffusers' SDXL training script flips before
     it crops), "target_size" (= bucket); and "add_time_ids" [6], their concatenation in diffusers' order.
     `dataset.norm.unscale(latents)` (or the VAE's `unscale_latents`) undoes the scaling before decoding.
+
+    `verify=True` reads every shard whole at construction (as `klvae cache --verify`) and raises LatentsError if
+    any is damaged; otherwise damage inside a shard's tensor data goes unseen.
     """
 
-    def __init__(self, root: str | Path, mode: str = "sample", seed: int | None = None) -> None:
+    def __init__(self, root: str | Path, mode: str = "sample", seed: int | None = None, verify: bool = False) -> None:
         self.root = Path(root)
         path = self.root / "index.json"
         if not path.is_file():
@@ -60,6 +64,14 @@ class LatentDataset(Dataset):
         self.mode = mode
         self.seed, self.epoch = seed, 0
         self._handles: dict[str, Any] = {}
+        if verify:
+            self._verify()
+
+    def _verify(self) -> None:
+        report = verify_cache(self.root)
+        if not report.ok:
+            raise LatentsError(f"{report.summary()}: `klvae cache --verify --repair -o {self.root}`, then the same "
+                               "`klvae cache` command, encodes their rows again")
 
     def __len__(self) -> int:
         return len(self.items)

@@ -9,10 +9,14 @@ dropped and its rows are encoded again, exactly once:
 2. the manifest is rewritten atomically with the shard's line kept as a line of no shard (its failures and
    options still count): from now on no line names the shard, so its rows are to do;
 3. the file is deleted (a kill before this leaves a shard no line names, which every resume deletes).
+
+Damage inside the tensor data keeps the header whole: each shard's SHA-256 is recorded when it is written
+(`save_shard`), and `klvae cache --verify` (latents/verify.py) reads every shard to compare it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -20,14 +24,17 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError, safe_open
+from torch import Tensor
 
-from klvae.atomic import atomic_write_text
+from klvae.atomic import atomic_save_file, atomic_write_text
 from klvae.errors import first_line
 from klvae.model.config import AutoencoderKLConfig
 
 log = logging.getLogger(__name__)
 
 RowShapes = Callable[[Sequence[int]], dict[str, tuple[int, ...]]]
+
+_CHUNK = 4 << 20  # bytes per read while hashing
 
 
 def row_shapes(config: AutoencoderKLConfig, store: str) -> RowShapes:
@@ -48,12 +55,22 @@ def row_shapes(config: AutoencoderKLConfig, store: str) -> RowShapes:
 def shard_problem(path: Path, rows: list[dict[str, Any]], shapes: RowShapes) -> str | None:
     """Why the shard at `path` does not hold `rows` (a manifest line's) as recorded, in a few words; None when
     it does. Reads the header alone; safetensors checks there that the file is exactly as long as it says."""
+    found = read_header(path)
+    return found if isinstance(found, str) else rows_problem(found, rows, shapes)
+
+
+def read_header(path: Path) -> dict[str, tuple[int, ...]] | str:
+    """The tensors a shard's header lists, with shapes; or why it cannot be read, in a few words."""
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = f.keys()  # safe_open is no mapping
-            found = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
+            return {k: tuple(f.get_slice(k).get_shape()) for k in keys}
     except (SafetensorError, OSError) as e:
         return first_line(e)
+
+
+def rows_problem(found: dict[str, tuple[int, ...]], rows: list[dict[str, Any]], shapes: RowShapes) -> str | None:
+    """Why a header's tensors (`read_header`) are not `rows` as recorded, in a few words; None when they are."""
     for r in rows:
         row, bucket = r.get("row"), r.get("bucket")
         if not (isinstance(row, int) and isinstance(bucket, list) and len(bucket) == 2
@@ -68,6 +85,26 @@ def shard_problem(path: Path, rows: list[dict[str, Any]], shapes: RowShapes) -> 
     return None
 
 
+def save_shard(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> str:
+    """safetensors' save_file, atomically; returns the SHA-256 (hex) of the file written."""
+    atomic_save_file(path, tensors, metadata)
+    # Read back at once, from the page cache, before the manifest line that records the shard (a kill in between
+    # leaves a shard no line names, which a resume deletes): serialising to memory to hash on the way would hold
+    # a second copy of the whole shard, and atomic.py writes the tensors straight to the file.
+    return file_sha256(path)
+
+
+def file_sha256(path: Path, progress: Callable[[int], object] | None = None) -> str:
+    """The SHA-256 (hex) of a file, read in chunks; `progress` is told each chunk's length."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)  # hashlib lets go of the GIL for large updates
+            if progress:
+                progress(len(chunk))
+    return h.hexdigest()
+
+
 def drop_damaged(out: Path, manifest: Path, records: list[dict[str, Any]], shapes: RowShapes) -> list[dict]:
     """`records` (the lines of `manifest`, read with their shards present) with each damaged shard dropped, as
     the module's docstring says: a warning names it, and its rows are no longer recorded as done."""
@@ -77,10 +114,15 @@ def drop_damaged(out: Path, manifest: Path, records: list[dict[str, Any]], shape
             bad[rec["shard"]] = why
             log.warning("%s is damaged (%s): its %d row(s) will be encoded again", out / rec["shard"], why,
                         len(rec["rows"]))
-    if not bad:
-        return records
-    kept = [{**rec, "shard": None, "rows": [], "dropped": rec["shard"]} if rec.get("shard") in bad else rec
-            for rec in records]
+    return drop_shards(out, manifest, records, bad) if bad else records
+
+
+def drop_shards(out: Path, manifest: Path, records: list[dict[str, Any]], bad: dict[str, str]) -> list[dict]:
+    """`records` (the lines of `manifest`) with the shards named in `bad` dropped, in the module docstring's
+    order, so that the next resume encodes their rows again; a shard already gone is no error."""
+    # The dropped line's SHA-256 goes with its shard: it would describe no file.
+    kept = [{**{k: v for k, v in rec.items() if k != "sha256"}, "shard": None, "rows": [], "dropped": rec["shard"]}
+            if rec.get("shard") in bad else rec for rec in records]
     (out / "index.json").unlink(missing_ok=True)
     atomic_write_text(manifest, "".join(json.dumps(rec) + "\n" for rec in kept))
     for name in bad:

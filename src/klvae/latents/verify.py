@@ -1,0 +1,229 @@
+"""`klvae cache --verify`: every shard of a cache read whole and compared with the SHA-256 recorded when it was
+written, and its header checked against the rows it is said to hold; `repair_cache` drops the damaged ones.
+
+A resume checks headers alone (reading every shard on every resume would be slow for a large cache), so damage
+inside the tensor data (bit rot, a bad copy that keeps the size) is found only here. A damaged shard is not
+repaired in place: `repair_cache` drops it from its manifest as a resume drops one whose header is damaged
+(latents/integrity.py), and the next `klvae cache` run encodes its rows again. Deleting the file by hand is no
+repair: a resume refuses a cache whose manifest names a shard that is gone, as a loss it did not cause.
+
+The shards and their hashes come from the manifests; without any (a copy of index.json and the shards alone),
+from index.json. Shards written by an older klvae have no recorded hash: their headers alone are checked.
+No model is needed: the shapes a row's tensors must have are those that the cache's hash-verified shards (or,
+with none, most shards) show, scaled to the row's bucket.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from klvae.errors import KlvaeError
+from klvae.latents.cache import INDEX_FORMAT, read_manifest
+from klvae.latents.integrity import RowShapes, drop_shards, file_sha256, read_header, rows_problem
+from klvae.progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+_NAMES_SHOWN = 5  # damaged shards a summary names; the log names every one
+
+Layout = tuple[tuple[str, ...], int, Fraction, Fraction]  # a row's fields, channels, bucket/latent side ratios
+
+
+@dataclass(frozen=True)
+class ShardCheck:
+    """One shard's verdict: `problem` is None for a whole shard; `hashed` says whether a recorded SHA-256 was
+    compared (False: written by an older klvae, its header alone checked)."""
+
+    name: str
+    rows: int
+    problem: str | None
+    hashed: bool
+
+
+@dataclass
+class CacheReport:
+    """What `verify_cache` found in the cache at `root`, shard by shard; `source` is where the shards and their
+    hashes were read from ("manifests" or "index.json")."""
+
+    root: Path
+    source: str
+    shards: list[ShardCheck]
+
+    @property
+    def damaged(self) -> list[ShardCheck]:
+        """The shards that are missing, cut, or hold other bytes than were written."""
+        return [c for c in self.shards if c.problem]
+
+    @property
+    def unverified(self) -> list[ShardCheck]:
+        """The whole-looking shards with no recorded hash (written by an older klvae): header checked only."""
+        return [c for c in self.shards if not c.problem and not c.hashed]
+
+    @property
+    def ok(self) -> bool:
+        """True when no shard is damaged."""
+        return not self.damaged
+
+    def summary(self) -> str:
+        """One line: how many shards are whole, unverified and damaged (naming the first few damaged)."""
+        whole = len(self.shards) - len(self.damaged) - len(self.unverified)
+        parts = [f"{self.root}: {whole} shard{'s' if whole != 1 else ''} ok"]
+        if self.unverified:
+            parts.append(f"{len(self.unverified)} unverified (written by an older klvae: header checked only)")
+        if self.damaged:
+            names = [c.name for c in self.damaged[:_NAMES_SHOWN]]
+            more = len(self.damaged) - len(names)
+            parts.append(f"{len(self.damaged)} damaged: {', '.join(names)}{f' and {more} more' if more else ''}")
+        return ", ".join(parts)
+
+
+def verify_cache(root: str | Path) -> CacheReport:
+    """Read every shard of the cache at `root` whole, compare its SHA-256 with the recorded one and check its
+    header against its rows; KlvaeError when `root` is not a klvae cache (or its records cannot be read)."""
+    root = Path(root)
+    shards, source = _recorded_shards(root)
+    sizes = {name: (root / name).stat().st_size for name in shards if (root / name).is_file()}
+    headers: dict[str, dict[str, tuple[int, ...]]] = {}  # of the shards whole so far
+    checks: dict[str, ShardCheck] = {}
+    with progress_bar(total=sum(sizes.values()), unit="B", unit_scale=True, unit_divisor=1024,
+                      desc="verify cache", disable=not sizes) as bar:
+        for name, rec in shards.items():
+            checks[name], found = _check_shard(root, name, rec, sizes.get(name), bar)
+            if found is not None:
+                headers[name] = found
+    shapes = _layout_shapes(_common_layout(shards, headers, checks))
+    for name, found in headers.items():
+        if why := rows_problem(found, shards[name]["rows"], shapes):
+            checks[name] = ShardCheck(name, checks[name].rows, why, checks[name].hashed)
+    report = CacheReport(root, source, list(checks.values()))
+    for c in report.damaged:
+        log.warning("%s is damaged (%s)", root / c.name, c.problem)
+    if report.unverified:
+        log.info("%d shard(s) have no recorded SHA-256 (written by an older klvae): their headers alone were "
+                 "checked", len(report.unverified))
+    return report
+
+
+def repair_cache(root: str | Path, report: CacheReport | None = None) -> list[str]:
+    """Drop the shards that `report` (by default a fresh `verify_cache`) found damaged from their manifests, as
+    a resume drops one whose header is damaged, so that the next `klvae cache` run on the folder encodes their
+    rows again; returns their names. Run it while no `klvae cache` writes to the folder."""
+    root = Path(root)
+    report = report or verify_cache(root)
+    if report.damaged and report.source != "manifests":
+        raise KlvaeError(f"{root} has no manifests (index.json and shards alone): a damaged shard can only be "
+                         "encoded again where the cache was made, or with its manifest-rank*.jsonl files copied too")
+    bad = {c.name: c.problem or "" for c in report.damaged}
+    for manifest in sorted(root.glob("manifest-rank*.jsonl")):
+        records = read_manifest(manifest)
+        if mine := {rec["shard"]: bad[rec["shard"]] for rec in records if rec.get("shard") in bad}:
+            drop_shards(root, manifest, records, mine)
+            for name, why in mine.items():
+                log.warning("dropped %s (%s): the next `klvae cache` run encodes its rows again", root / name, why)
+    return sorted(bad)
+
+
+def _check_shard(root: Path, name: str, rec: dict[str, Any], size: int | None,
+                 bar: Any) -> tuple[ShardCheck, dict[str, tuple[int, ...]] | None]:
+    # The shard's verdict from its header and its bytes, and its header where both are whole.
+    def verdict(problem: str | None) -> ShardCheck:
+        return ShardCheck(name, len(rec["rows"]), problem, rec["sha256"] is not None)
+
+    path = root / name
+    if size is None:
+        return verdict("it is missing"), None
+    found = read_header(path)
+    if isinstance(found, str):  # cut short, say: what safetensors says tells more than a hash that differs
+        bar.update(size)
+        return verdict(found), None
+    problem = _hash_problem(path, rec["sha256"], bar)
+    return verdict(problem), None if problem else found
+
+
+def _hash_problem(path: Path, recorded: str | None, bar: Any) -> str | None:
+    # Every byte is read, with or without a recorded hash: a read error (a bad sector) is found either way.
+    try:
+        digest = file_sha256(path, bar.update)
+    except OSError as e:
+        return f"it cannot be read: {e.strerror or e}"
+    if recorded is not None and digest != recorded.lower():
+        return f"its bytes differ from those written (SHA-256 {digest[:12]}..., recorded {recorded[:12]}...)"
+    return None
+
+
+def _recorded_shards(root: Path) -> tuple[dict[str, dict[str, Any]], str]:
+    # Each shard's rows and recorded SHA-256 (None: none recorded), and where they were read from.
+    if not root.is_dir():
+        raise KlvaeError(f"{root} is not a klvae cache: {'no such folder' if not root.exists() else 'not a folder'}")
+    shards: dict[str, dict[str, Any]] = {}
+    if manifests := sorted(root.glob("manifest-rank*.jsonl")):
+        for p in manifests:
+            for rec in read_manifest(p):
+                if rec.get("shard"):
+                    shards[rec["shard"]] = {"rows": rec["rows"], "sha256": rec.get("sha256")}
+        return shards, "manifests"
+    index = _read_index(root / "index.json")
+    entries = index.get("shards", {})
+    for item in index["items"]:
+        entry = shards.setdefault(item["shard"], {"rows": [], "sha256": None})
+        entry["rows"].append(item)
+        if isinstance(e := entries.get(item["shard"]) if isinstance(entries, dict) else None, dict):
+            entry["sha256"] = e.get("sha256") if isinstance(e.get("sha256"), str) else None
+    return shards, "index.json"
+
+
+def _read_index(path: Path) -> dict[str, Any]:
+    # index.json as LatentDataset reads it; KlvaeError when there is none or it is no cache index.
+    if not path.is_file():
+        raise KlvaeError(f"{path.parent} is not a klvae cache: it has no manifest-rank*.jsonl or index.json")
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):  # ValueError: bad JSON or UTF-8, huge ints
+        index = None
+    if (not isinstance(index, dict) or index.get("format") != INDEX_FORMAT or not isinstance(index.get("items"), list)
+            or not all(isinstance(it, dict) and isinstance(it.get("shard"), str) for it in index["items"])):
+        raise KlvaeError(f"{path} is not a klvae latent cache index")
+    return index
+
+
+def _common_layout(shards: dict[str, dict[str, Any]], headers: dict[str, dict[str, tuple[int, ...]]],
+                   checks: dict[str, ShardCheck]) -> Layout | None:
+    # The layout of the first row of each readable shard; the one most shards whose hash matched show, or with
+    # none such (an older klvae's cache), most shards: a shard cut or swapped is rarely the majority.
+    votes = {name: lay for name, found in headers.items() if (lay := _row_layout(found, shards[name]["rows"]))}
+    trusted = [lay for name, lay in votes.items() if checks[name].hashed and not checks[name].problem]
+    common = Counter(trusted or votes.values()).most_common(1)
+    return common[0][0] if common else None
+
+
+def _row_layout(found: dict[str, tuple[int, ...]], rows: Sequence[dict[str, Any]]) -> Layout | None:
+    # The fields, channels and side ratios of a shard's first row, as its header shows them.
+    row, bucket = (rows[0].get("row"), rows[0].get("bucket")) if rows else (None, None)
+    if not (isinstance(row, int) and isinstance(bucket, list) and len(bucket) == 2
+            and all(isinstance(v, int) and v > 0 for v in bucket)):
+        return None
+    prefix = f"{row:06d}."
+    fields = tuple(sorted(k[len(prefix):] for k in found if k.startswith(prefix)))
+    shape = found.get(prefix + fields[0]) if fields else None
+    if not shape or len(shape) != 3 or not all(shape):
+        return None
+    return fields, shape[0], Fraction(bucket[0], shape[1]), Fraction(bucket[1], shape[2])
+
+
+def _layout_shapes(layout: Layout | None) -> RowShapes:
+    # A bucket's side over the ratio, rounded up as the encoder pads: the same for every bucket of a cache, since
+    # every bucket side is a multiple of the model's size multiple.
+    fields, channels, rh, rw = layout or ((), 0, Fraction(1), Fraction(1))
+
+    def shapes(bucket: Sequence[int]) -> dict[str, tuple[int, ...]]:
+        return {f: (channels, math.ceil(bucket[0] / rh), math.ceil(bucket[1] / rw)) for f in fields}
+
+    return shapes
