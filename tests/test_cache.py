@@ -395,7 +395,7 @@ def test_cache_under_torchrun_loads_the_model_on_the_local_ranks_gpu(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import klvae.cli.latents as cli_latents
-    from klvae.training import distributed
+    from klvae import distributed
 
     events: list[str] = []
 
@@ -419,7 +419,7 @@ def test_cache_under_torchrun_loads_the_model_on_the_local_ranks_gpu(
 
 
 def test_rank_device_picks_the_local_ranks_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    from klvae.training.distributed import DistInfo, rank_device
+    from klvae.distributed import DistInfo, rank_device
 
     chosen: list[torch.device] = []
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)

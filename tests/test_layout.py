@@ -56,7 +56,7 @@ def test_the_model_imports_only_torch_and_itself_at_module_level(path: Path) -> 
 
 
 LIBRARY = ("model", "posterior", "inference", "weights", "nets", "evaluation", "latents", "images",
-           "datasources", "diffusion", "flow", "atomic", "errors", "progress", "compat")
+           "datasources", "diffusion", "flow", "atomic", "errors", "progress", "compat", "distributed")
 
 
 @pytest.mark.parametrize("path", _modules(*LIBRARY), ids=lambda p: _module_name(p))

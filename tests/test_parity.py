@@ -110,6 +110,37 @@ def test_bit_for_bit_at_batch_3(name: str) -> None:
         assert torch.equal(ours.decode(z), theirs.decode(z).sample)
 
 
+@pytest.fixture(scope="module", params=["tiny", "sd15", "sdxl"])
+def same_weights(request: pytest.FixtureRequest) -> tuple[AutoencoderKL, nn.Module]:
+    """klvae and diffusers models of a preset with the same random weights, built once per preset."""
+    theirs = diffusers_vae(PRESETS[request.param])
+    ours = AutoencoderKL(PRESETS[request.param]).eval()
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_bit_for_bit_whatever_the_input_layout(same_weights: tuple[AutoencoderKL, nn.Module], layout: str,
+                                               batch: int) -> None:
+    """Equal bits with channels-last images and latents too, and when decoding encode(x).mode(): at batch 2+
+    that mode is a channels-last view of the moments. The mid-block attention must normalise the [B, C, H*W] view
+    as diffusers does; its 4-D map took the CPU's channels-last GroupNorm kernel and differed by ~1e-5."""
+    ours, theirs = same_weights
+    cfg = ours.config
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    g = torch.Generator().manual_seed(2)
+    x = (torch.rand(batch, cfg.in_channels, 64, 48, generator=g) * 2 - 1).to(memory_format=fmt)
+    z = torch.randn(batch, cfg.latent_channels, 64 // cfg.downsample_factor, 48 // cfg.downsample_factor,
+                    generator=g).to(memory_format=fmt)
+    with torch.no_grad():
+        moments = ours.encode_moments(x)
+        assert torch.equal(moments, theirs.encode(x).latent_dist.parameters)
+        mode = ours.encode(x).mode()  # the user's decode(encode(x).mode()), in whatever layout encode leaves
+        assert torch.equal(ours.decode(mode), theirs.decode(mode).sample)
+        assert torch.equal(ours.decode(z), theirs.decode(z).sample)
+
+
 def test_ldm_keys_agree_with_diffusers_own_converter() -> None:
     import diffusers.loaders.single_file_utils as single_file
     theirs = diffusers_vae(SMALL_F8)

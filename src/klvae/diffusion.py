@@ -81,13 +81,29 @@ def _combine(ta: Tensor, a: Tensor, tb: Tensor, b: Tensor, t: Tensor, sign: floa
     return out.to(a.dtype)
 
 
+# `NoiseSchedule("scaled_linear")` reads like diffusers' scheduler call, but this constructor takes betas.
+_NAMED = "for a named schedule use NoiseSchedule.from_name('scaled_linear') or NoiseSchedule.sd()"
+
+
+def _betas_tensor(betas: Tensor) -> Tensor:
+    """betas as a flat float64 CPU tensor; a TypeError naming the right constructors for a name or non-numbers."""
+    if isinstance(betas, str | bytes):
+        raise TypeError(f"NoiseSchedule takes betas, not a name: use NoiseSchedule.from_name({betas!r}) (or "
+                        "NoiseSchedule.sd() for Stable Diffusion's schedule)")
+    try:
+        return torch.as_tensor(betas, dtype=torch.float64).flatten().cpu()
+    except (TypeError, ValueError, RuntimeError):
+        # torch's own message ("new(): invalid data type 'str'") names neither the argument nor the way out.
+        raise TypeError(f"betas must be numbers, got {type(betas).__name__}; {_NAMED}") from None
+
+
 class NoiseSchedule:
     """q(x_t | x_0) and q(x_{t-1} | x_t, x_0) for a beta schedule: LDM's buffer set, float64."""
 
     def __init__(self, betas: Tensor, v_posterior: float = 0.0) -> None:
-        betas = torch.as_tensor(betas, dtype=torch.float64).flatten().cpu()
+        betas = _betas_tensor(betas)
         if betas.numel() < 1 or not bool(((betas > 0) & (betas < 1)).all()):
-            raise ValueError("betas must be a non-empty 1-D tensor with every value in (0, 1)")
+            raise ValueError(f"betas must be a non-empty 1-D tensor with every value in (0, 1); {_NAMED}")
         self.betas = betas
         self.num_steps = betas.numel()
         self.v_posterior = v_posterior

@@ -17,8 +17,9 @@ shifted table for trainers that shift in training too.
 Tables are float64 (float32 on MPS) and results come back in the input's dtype, so on bf16/fp16 inputs they are
 rounded once (diffusers casts σ to the input's dtype first and may differ by a few of those formats' steps).
 Training-time sampling draws exactly what diffusers' `compute_density_for_timestep_sampling` draws, from an explicit
-generator. Argument orders follow diffusers: `scale_noise(sample, timestep, noise)`, and `add_noise(x0, noise, t)`
-as its DDPM schedulers (and klvae.diffusion) have it.
+generator, and `sample_timesteps` returns them in float32, as diffusers' scripts hold them. Argument orders follow
+diffusers: `scale_noise(sample, timestep, noise)`, and `add_noise(x0, noise, t)` as its DDPM schedulers (and
+klvae.diffusion) have it.
 """
 
 from __future__ import annotations
@@ -222,6 +223,12 @@ class FlowSchedule:
     forward process on it; `mu` instead of `shift` shifts it the FLUX way (exponentially)."""
 
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, mu: float | None = None) -> None:
+        if not isinstance(num_train_timesteps, numbers.Real):
+            # A name or a tensor of sigmas here would otherwise meet a bare "must be an integer" (or a tensor repr).
+            got = repr(num_train_timesteps) if isinstance(num_train_timesteps, str) else \
+                type(num_train_timesteps).__name__
+            raise TypeError(f"FlowSchedule takes num_train_timesteps (an integer), got {got}: for a named table use "
+                            "FlowSchedule.sd3(), FlowSchedule.flux(latent) or FlowSchedule.flux2(latent)")
         self.num_train_timesteps = _count(num_train_timesteps, "num_train_timesteps")
         self.shift = _positive(shift, "shift")
         self.mu = None if mu is None else _finite(mu, "mu")
@@ -296,16 +303,18 @@ class FlowSchedule:
     def sample_timesteps(self, batch_size: int, weighting_scheme: WeightingScheme, *, generator: torch.Generator,
                          logit_mean: float = 0.0, logit_std: float = 1.0,
                          mode_scale: float = 1.29) -> tuple[Tensor, Tensor]:
-        """(timesteps, sigmas) [B] as diffusers' SD3/FLUX training scripts draw them; float64 from the table."""
+        """(timesteps, sigmas) [B] as diffusers' SD3/FLUX training scripts draw them, float32 as they hold them."""
         u = compute_density_for_timestep_sampling(weighting_scheme, batch_size, generator=generator,
                                                   logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale)
         n = self.num_train_timesteps
         # The scripts' `(u * T).long()` indexes the descending table; u = 1 (a zero draw of the mode sampler) would
         # be one past its end, an IndexError there: the clamp keeps it on the last row.
         indices = (u * n).long().clamp(0, n - 1)
-        wd = table_dtype(indices.device)
-        return (self.timesteps.to(device=indices.device, dtype=wd)[indices],
-                self.sigmas.to(device=indices.device, dtype=wd)[indices])
+        # float32 as diffusers' table and `get_sigmas` are: float64 here would promote a script's
+        # `(1 - s) * latents + s * noise` to float64, which a float32 model then refuses. The σ is the float64 row
+        # rounded once, and the timestep σ T in float32 as diffusers computes its `timesteps`.
+        sigmas = self.sigmas[indices.cpu()].to(device=indices.device, dtype=torch.float32)
+        return sigmas * n, sigmas
 
 
 # ---- training-time sampling and loss weighting (diffusers.training_utils) -----------------------------------------

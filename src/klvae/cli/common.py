@@ -45,7 +45,9 @@ def add_model_args(p: argparse.ArgumentParser, run: bool = True) -> None:
 def add_run_args(p: argparse.ArgumentParser) -> None:
     """--device/--dtype/--batch-size/--compile/--no-fused-norm."""
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs that have it, else fp32), fp32, bf16, fp16")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bf16 on GPUs that have it, else fp32), fp32, bf16, fp16 (on most CPUs tens of times "
+                        "slower than fp32)")
     p.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the encoder and decoder (GPU speed; the first batch of each size compiles)")
@@ -205,7 +207,9 @@ def add_tiling_args(p: argparse.ArgumentParser) -> None:
                    help="tile (strip) height in image pixels; turns exact tiling on")
     p.add_argument("--max-memory", default=None,
                    help="device memory budget, e.g. 2GiB, 512M or a byte count: tiles when the untiled pass "
-                        "would not fit")
+                        "would not fit. On a GPU it bounds GPU memory; on the CPU only each strip's work, as a "
+                        "tiled pass still holds whole-image maps in RAM: about 2 KiB per output pixel for an "
+                        "SD-sized decoder in fp32 (1.5 KiB encoding, half in bf16), half what untiled takes")
 
 
 def tiling_from_args(args: argparse.Namespace) -> TileOptions | None:

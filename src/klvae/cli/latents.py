@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-import torch
 
 from klvae.cli.common import (
     add_model_args,
@@ -22,9 +18,6 @@ from klvae.cli.common import (
 )
 from klvae.errors import KlvaeError
 from klvae.model.latent_norm import LatentNorm
-
-if TYPE_CHECKING:
-    from klvae.training.distributed import DistInfo
 
 log = logging.getLogger("klvae")
 
@@ -70,11 +63,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    """Encode this process's share; with torchrun, rank 0 writes the index after every rank is done."""
+    """Check everything that needs no model, load it, then `build_cache` (under torchrun, this process's share)."""
+    from dataclasses import asdict
+
+    from klvae.distributed import init_distributed, rank_device, shutdown
     from klvae.inference.precision import usable_device
-    from klvae.latents.cache import CacheOptions, cache_rank, check_resume, model_fingerprint, write_index
+    from klvae.latents.build import build_cache
+    from klvae.latents.cache import CacheOptions, check_resume
     from klvae.latents.sources import open_source
-    from klvae.training.distributed import barrier, init_distributed, rank_device, shutdown
 
     if args.verify or args.repair:
         return _verify_cache(args)
@@ -94,16 +90,13 @@ def cmd_cache(args: argparse.Namespace) -> int:
         check_resume(args.output, opts, dist.world)  # a mismatched resume is refused before the model loads
         args.device = str(rank_device(device, dist))
         vae, _, dtype = load_model(args)
-        fingerprint = model_fingerprint(vae, opts.store == "scaled")
-        counts = _sum_over_ranks(cache_rank(vae, source, args.output, opts, dtype, dist.rank, dist.world,
-                                            fingerprint), dist, vae.device)
-        barrier(dist)
+        summary = build_cache(vae, source, args.output, **asdict(opts), dtype=dtype, model_name=str(args.model),
+                              dist=dist)
         if dist.is_main:
-            index = write_index(vae, str(args.model), args.output, opts, dist.world, fingerprint)
-            _print_cache_summary(index, counts, len(source.unreadable))
+            print(summary.summary())
     finally:
         shutdown(dist)
-    return 1 if counts["failed"] or counts["failed_before"] or source.unreadable else 0
+    return 0 if summary.ok else 1  # finished either way; 1: some images are not in the cache
 
 
 def _verify_cache(args: argparse.Namespace) -> int:
@@ -128,25 +121,6 @@ def _verify_cache(args: argparse.Namespace) -> int:
         print(f"{report.summary()}; to encode their rows again, run `klvae cache --verify --repair -o "
               f"{args.output}`, then the same `klvae cache` command")
     return 1
-
-
-def _sum_over_ranks(counts: dict[str, int], dist: DistInfo, device: torch.device) -> dict[str, int]:
-    # The summary and the exit status speak for the whole job, not for rank 0's share.
-    from klvae.training.distributed import all_sum
-
-    t = all_sum(torch.tensor(list(counts.values()), dtype=torch.int64, device=device), dist)
-    return dict(zip(counts, t.tolist(), strict=True))
-
-
-def _print_cache_summary(index: Path, counts: dict[str, int], bad_shards: int) -> None:
-    n = len(json.loads(index.read_text())["items"])
-    parts = [f"this run encoded {counts['encoded']} images and skipped {counts['failed']} unreadable",
-             f"{counts['done_before']} were done before"]
-    if counts["failed_before"]:
-        parts.append(f"{counts['failed_before']} found unreadable before were skipped again")
-    if bad_shards:
-        parts.append(f"{bad_shards} unreadable tar shard{'s' if bad_shards > 1 else ''} skipped")
-    print(f"cached {n} rows in {index.parent} ({'; '.join(parts)})")
 
 
 def cmd_scale(args: argparse.Namespace) -> int:

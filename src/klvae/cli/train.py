@@ -50,7 +50,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_output_path(cfg.train.out_dir, "train.out_dir", folder=True)  # before minutes of model building
     if args.resume is None:
         check_fresh_run(Path(cfg.train.out_dir))
-    from klvae.training.distributed import shutdown
+    from klvae.distributed import shutdown
     from klvae.training.loop import fit
     from klvae.training.trainer import Trainer
 

@@ -101,6 +101,23 @@ def compute_dtype(model: nn.Module, dtype: torch.dtype | None) -> torch.dtype:
     return dtype if dtype is not None else next(model.parameters()).dtype
 
 
+# Device types already warned about fp16 being slow there: one log line per process, not one per batch or tile.
+_slow_half_warned: set[str] = set()
+
+
+def warn_if_slow(device: torch.device, dtype: torch.dtype) -> None:
+    """Log once per process that fp16 compute on the CPU is far slower than fp32 (or native bf16) there."""
+    if dtype != torch.float16 or device.type != "cpu" or device.type in _slow_half_warned:
+        return
+    _slow_half_warned.add(device.type)
+    # PyTorch's CPU fp16 convolutions fall back to slow kernels on most CPUs (the demo model at 128x128 on an AMD
+    # EPYC with AVX-512: 50x fp32's time to encode, 110x to decode; bf16 beat fp32). fp16 still runs as asked,
+    # as someone reproducing fp16 numerics wants. bf16 is fast only where the CPU has it natively.
+    log.warning("fp16 on the CPU is usually tens of times slower than fp32 (PyTorch has fast fp16 convolutions on "
+                "few CPUs); use fp32, or bf16 on CPUs with native bf16 (AVX-512 BF16, AMX), unless you need fp16's "
+                "numerics")
+
+
 def run_guarded(
     model: nn.Module, fn: Callable[[Tensor, torch.dtype], Tensor], x: Tensor, dtype: torch.dtype, what: str
 ) -> Tensor:
@@ -113,6 +130,7 @@ def run_guarded(
             return fn(x.float(), torch.float32).float()
     if weight_dtype != torch.float32:
         dtype = weight_dtype  # a model stored in half precision computes in it; autocast would mix types
+    warn_if_slow(weight.device, dtype)
     with autocast(weight.device, dtype):  # x may wait in host memory (a big image for the tiled path)
         out = fn(x.to(weight_dtype), dtype)
     if torch.isfinite(out).all() or (dtype == torch.float32 and weight_dtype == torch.float32):

@@ -22,12 +22,22 @@ _PEAK_PER_PIXEL = {"decode": 10.0, "encode": 7.0}
 
 @dataclass
 class TileOptions:
-    """When and how to tile: a forced strip height, a device memory budget, or automatic."""
+    """When and how to tile: a forced strip height, a device memory budget, or automatic.
+
+    On a GPU `max_memory` bounds GPU memory: the whole-image maps between layers that do not fit it wait in host
+    memory. On the CPU host memory is the device, and the budget bounds only what one strip works on: a tiled pass
+    still holds whole-image maps, about (2 C + C') x element size bytes per output pixel, C and C' the widths of
+    the widest full-resolution level and of its input (`resident_map_bytes`): 2 KiB per pixel for an SD-sized
+    decoder in fp32 (8 GiB at 2048x2048), 1.5 KiB for its encoder, half that in bf16; the untiled pass holds about
+    twice as much. Tiling there lowers the peak of a large image but does not meet a smaller budget (a warning
+    says so), and for an image whose maps are small next to the budget its strips and the allocator's slack can
+    take more than an untiled pass would.
+    """
 
     # Strip height in image rows; lower levels use proportionally fewer. None: derived from max_memory.
     tile_size: int | None = None
     # Bytes the device may use; tiling is picked when the untiled estimate exceeds it. None: no limit
-    # (untiled, falling back to tiling when the GPU runs out of memory).
+    # (untiled, falling back to tiling when the GPU runs out of memory). On the CPU: see the class docstring.
     max_memory: int | None = None
     # Force tiling on (True) or off (False); None decides from max_memory and the out-of-memory fall-back.
     enabled: bool | None = None
@@ -56,11 +66,26 @@ def estimate_bytes(vae: AutoencoderKL, op: str, shape: tuple[int, ...], dtype: t
     return int(weights + b * h * w * width * elem * _PEAK_PER_PIXEL[op])
 
 
+def resident_map_bytes(vae: AutoencoderKL, op: str, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Bytes of the whole-image maps a tiled pass holds at once for this image shape [B, C, H, W], whatever the
+    budget, where they live on the device (CPU, MPS): the widest full-resolution ResNet block's input, middle and
+    output maps (within 2 % of the peaks measured on the CPU; see TileOptions)."""
+    b, _, h, w = shape
+    elem = torch.finfo(dtype).bits // 8
+    if op == "encode":  # the first level, whose input is the input conv's map of the same width
+        channels = 3 * vae.config.block_out_channels[0]
+    else:  # the last level, whose first block reads the upsampled output of the level before
+        widths = vae.config.decoder_widths
+        channels = 2 * widths[0] + widths[min(1, len(widths) - 1)]
+    return b * h * w * channels * elem
+
+
 def make_streamer(
     vae: AutoencoderKL, opts: TileOptions, dtype: torch.dtype, image_height: int
 ) -> Streamer:
     """A Streamer whose strips and device-held maps fit the budget; on a GPU the maps that do not fit live in
-    pinned host memory, in NHWC so that each strip crosses the bus in one piece."""
+    pinned host memory, in NHWC so that each strip crosses the bus in one piece. Elsewhere every map stays where
+    it is computed (host memory is the device's), so the budget sizes the strips only (see TileOptions)."""
     device = vae.device
     cuda = device.type == "cuda"
     storage = torch.device("cpu") if cuda else device
@@ -125,13 +150,15 @@ def run_maybe_tiled(
     opts = opts or TileOptions()
     if opts.enabled is False:
         return plain(x, dtype)
-    if opts.wants_tiling():
-        return deliver(vae, tiled(x, dtype), opts)
     out_shape = (x.shape[0], 3, x.shape[2] * (vae.downsample_factor if op == "decode" else 1),
                  x.shape[3] * (vae.downsample_factor if op == "decode" else 1))
+    if opts.wants_tiling():
+        warn_host_maps(vae, op, out_shape, dtype, opts)
+        return deliver(vae, tiled(x, dtype), opts)
     if opts.max_memory is not None and estimate_bytes(vae, op, out_shape, dtype) > opts.max_memory:
         log.info("%s of %dx%d exceeds the %.2f GiB budget: tiling", op, out_shape[2], out_shape[3],
                  opts.max_memory / 2**30)
+        warn_host_maps(vae, op, out_shape, dtype, opts)
         return deliver(vae, tiled(x, dtype), opts)
     try:
         return plain(x, dtype)
@@ -142,6 +169,31 @@ def run_maybe_tiled(
     torch.cuda.empty_cache()
     log.warning("%s ran out of GPU memory at %dx%d; retrying tiled", op, out_shape[2], out_shape[3])
     return deliver(vae, tiled(x, dtype), opts)
+
+
+# Device types already told that the budget does not bound their whole-image maps: once per process, not per batch.
+_host_maps_warned: set[str] = set()
+
+
+def warn_host_maps(vae: AutoencoderKL, op: str, shape: tuple[int, ...], dtype: torch.dtype, opts: TileOptions) -> None:
+    """Log once per process when, off a GPU, the maps a tiled pass must hold exceed the memory budget."""
+    kind = vae.device.type
+    if kind == "cuda" or opts.max_memory is None or kind in _host_maps_warned:
+        return
+    maps = resident_map_bytes(vae, op, shape, dtype)
+    if maps <= opts.max_memory:
+        return
+    _host_maps_warned.add(kind)
+    # Else the budget looks honoured while the process takes several times it (a user trial: 64 MiB, +400 MB).
+    # Holding these maps is what tiling off a GPU cannot avoid; it still halves the untiled pass's.
+    log.warning("on the %s, max_memory bounds each strip's work, not the whole-image maps that a tiled %s holds "
+                "in the same memory: about %s for %dx%d here, over the %s budget (untiled takes about twice that)",
+                kind.upper(), op, _mib(maps), shape[2], shape[3], _mib(opts.max_memory))
+
+
+def _mib(n: int) -> str:
+    # MiB, not GiB: budgets that a CPU is given are often well under 1 GiB, which "0.06 GiB" reads badly.
+    return f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n / 2**20:.2f} MiB"
 
 
 def deliver(vae: AutoencoderKL, out: Tensor, opts: TileOptions) -> Tensor:

@@ -1,7 +1,8 @@
 """Latents on disk: the single file of `klvae encode`, and (for diffusion training) cached shards."""
 
+from klvae.latents.build import CacheSummary, build_cache
 from klvae.latents.file import LatentItem, LatentsFile, load_latents, save_latents
 from klvae.latents.verify import CacheReport, ShardCheck, repair_cache, verify_cache
 
-__all__ = ["CacheReport", "LatentItem", "LatentsFile", "ShardCheck", "load_latents", "repair_cache", "save_latents",
-           "verify_cache"]
+__all__ = ["CacheReport", "CacheSummary", "LatentItem", "LatentsFile", "ShardCheck", "build_cache", "load_latents",
+           "repair_cache", "save_latents", "verify_cache"]

@@ -125,11 +125,11 @@ class AutoencoderKL(nn.Module):
     # ---- latent scaling ---------------------------------------------------------------------------
     def scale_latents(self, z: Tensor) -> Tensor:
         """VAE latent -> the diffusion model's latent: (z - shift) * scale, per channel where the config says."""
-        return self.config.latent_norm.scale(z)
+        return self.config.latent_norm.scale(z, self.config.latent_channels)
 
     def unscale_latents(self, z: Tensor) -> Tensor:
         """The diffusion model's latent -> VAE latent: z / scale + shift."""
-        return self.config.latent_norm.unscale(z)
+        return self.config.latent_norm.unscale(z, self.config.latent_channels)
 
     # ---- conveniences -----------------------------------------------------------------------------
     @property

@@ -22,7 +22,7 @@ class GroupNorm(nn.GroupNorm):
         self.kernel: NormKernel | None = None
 
     def forward(self, x: Tensor, silu: bool = False) -> Tensor:
-        """[B, C, H, W] -> the normalised map (then SiLU when `silu`), same shape, dtype and layout."""
+        """[B, C, H, W] (or [B, C, L]) -> the normalised map (then SiLU when `silu`), same shape, dtype and layout."""
         if self.kernel is not None and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
             return self.kernel(x, self.weight, self.bias, self.num_groups, self.eps, silu)
         y = super().forward(x)
@@ -69,7 +69,14 @@ class Attention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """[B, C, H, W] -> [B, C, H, W]: x plus attention over its H*W positions."""
         b, c, h, w = x.shape
-        t = self.group_norm(x).flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, H*W, C]
+        # Normalised on the [B, C, H*W] view, as diffusers does. That view of a channels-last map (encode's mode()
+        # at batch 2+, a channels-last latent or image) has no channels-last layout, so PyTorch's CPU GroupNorm
+        # sums it in NCHW order; the 4-D map would take its channels-last kernel and sum in another order (~1e-5
+        # at the output; on CUDA both run as NCHW). A fused kernel (klvae.inference.speed), which reads NHWC 4-D
+        # maps in place and is not bit-exact anyway, keeps the 4-D map.
+        norm = self.group_norm
+        t = norm(x.flatten(2)) if norm.kernel is None else norm(x).flatten(2)
+        t = t.transpose(1, 2)  # [B, C, H*W] -> [B, H*W, C]
         q, k, v = (proj(t).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # [B, 1, HW, C]
         a = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # [B, HW, C]
         a = self.to_out[0](a).transpose(1, 2).reshape(b, c, h, w)

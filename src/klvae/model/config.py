@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import logging
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -14,6 +16,20 @@ from klvae.model.latent_norm import NORM_FIELDS, LatentNorm, finite
 AttentionType = Literal["vanilla", "linear", "none"]
 
 log = logging.getLogger(__name__)
+
+# True while weights.infer builds a config from guessed values: advice to "use norm_num_groups <= 8" would then blame
+# the user for a value they never chose, so the guesser words its own warning instead.
+_INFERRING: contextvars.ContextVar[bool] = contextvars.ContextVar("klvae_config_inferring", default=False)
+
+
+@contextlib.contextmanager
+def inferring() -> Iterator[None]:
+    """Within it, configs skip the warnings about values a user chooses (weights.infer guessed them)."""
+    token = _INFERRING.set(True)
+    try:
+        yield
+    finally:
+        _INFERRING.reset(token)
 
 
 @dataclass(frozen=True)
@@ -69,9 +85,7 @@ class AutoencoderKLConfig:
         for c in (*self.block_out_channels, *self.decoder_widths):
             if c % self.norm_num_groups:
                 raise ValueError(f"channel width {c} is not divisible by norm_num_groups={self.norm_num_groups}")
-        if (w := min(self.block_out_channels[0], self.decoder_widths[0])) // self.norm_num_groups < 2:
-            # GroupNorm then normalises each channel alone; before the decoder's conv_out that erases every
-            # image's mean colour, and a model trained so reconstructs in grey.
+        if (w := single_channel_groups(self)) is not None and not _INFERRING.get():
             log.warning("one channel per GroupNorm group at width %d: use norm_num_groups <= %d", w, w // 2)
         _check_size(self)
         if self.attention not in ("vanilla", "linear", "none"):
@@ -122,6 +136,14 @@ class AutoencoderKLConfig:
         if unknown:
             raise ValueError(f"unknown config fields: {', '.join(unknown)}")
         return cls(**d)
+
+
+def single_channel_groups(cfg: AutoencoderKLConfig) -> int | None:
+    """The narrowest width if its GroupNorms have one channel per group there, else None."""
+    w = min(cfg.block_out_channels[0], cfg.decoder_widths[0])
+    # GroupNorm then normalises each channel alone; before the decoder's conv_out that erases every image's mean
+    # colour, and a model trained so reconstructs in grey.
+    return w if w // cfg.norm_num_groups < 2 else None
 
 
 # Typed as declared and checked here: a config comes from JSON, YAML overrides or checkpoints, where 0 groups

@@ -102,19 +102,38 @@ class LatentNorm:
         std = torch.tensor(self.latents_std, dtype=z.dtype, device=z.device).view(-1, 1, 1)
         return mean, self.scaling_factor, std
 
-    def scale(self, z: Tensor) -> Tensor:
-        """VAE latent -> the diffusion model's latent."""
-        p = self.latent_patch_size
-        if self.channels is not None and p > 1 and (z.ndim < 3 or z.shape[-3] * p * p != self.channels):
+    def _vae_channels(self, latent_channels: int | None) -> int | None:
+        """The VAE latent's channel count: the model's when given, else what the statistics imply (None: any)."""
+        if latent_channels is not None:
+            return latent_channels
+        return None if self.channels is None else self.channels // self.latent_patch_size**2
+
+    def scale(self, z: Tensor, latent_channels: int | None = None) -> Tensor:
+        """VAE latent -> the diffusion model's latent; `latent_channels` (the model's) checks z's channels."""
+        p, c = self.latent_patch_size, self._vae_channels(latent_channels)
+        if c is not None and (z.ndim < 3 or z.shape[-3] != c):
             # Checked before patching, so that the message names the shape passed (latents scaled twice, say).
-            raise ValueError(f"latents of shape {tuple(z.shape)} are not this VAE's [B, {self.channels // (p * p)}, "
-                             f"h, w] (its diffusion latent is [B, {self.channels}, h/{p}, w/{p}])")
+            if p == 1:
+                raise ValueError(f"latents of shape {tuple(z.shape)} do not have the {c} channels of this VAE's "
+                                 f"[B, {c}, h, w] latents")
+            raise ValueError(f"latents of shape {tuple(z.shape)} are not this VAE's [B, {c}, h, w] (its diffusion "
+                             f"latent is [B, {c * p * p}, h/{p}, w/{p}])")
         z = self.patchify(z)
         shift, scale, std = self._affine(z)
         return (z - shift) * scale / std
 
-    def unscale(self, z: Tensor) -> Tensor:
-        """The diffusion model's latent -> VAE latent."""
+    def unscale(self, z: Tensor, latent_channels: int | None = None) -> Tensor:
+        """The diffusion model's latent -> VAE latent; `latent_channels` (the model's) checks z's channels."""
+        p, c = self.latent_patch_size, self._vae_channels(latent_channels)
+        if c is not None and (z.ndim < 3 or z.shape[-3] != c * p * p):
+            # Without this, a VAE latent given to a patched model's unscale (channels a multiple of p*p) would be
+            # unpatchified silently into a wrong shape.
+            if p == 1:
+                raise ValueError(f"latents of shape {tuple(z.shape)} do not have the {c} channels of this VAE's "
+                                 f"[B, {c}, h, w] latents")
+            raise ValueError(f"latents of shape {tuple(z.shape)} are not this VAE's diffusion latent "
+                             f"[B, {c * p * p}, h, w] (its [B, {c}, {p}h, {p}w] latent in {p}x{p} patches, as "
+                             "scale_latents makes it)")
         shift, scale, std = self._affine(z)
         return self.unpatchify(z * std / scale + shift)
 

@@ -11,10 +11,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
+from klvae.distributed import DistInfo
 from klvae.errors import KlvaeError
 from klvae.training.config import TrainConfig
 from klvae.training.data import TransformConfig, build_dataset, build_transform, collate_skip_none
-from klvae.training.distributed import DistInfo
 from klvae.training.sampler import GlobalBatchSampler, SeededItems
 
 log = logging.getLogger(__name__)

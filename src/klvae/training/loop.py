@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
+from klvae.distributed import DistInfo, all_ranks_each, all_sum
 from klvae.errors import KlvaeError
 from klvae.progress import progress_bar
 from klvae.training.data_setup import build_train_loader, build_val_batches
-from klvae.training.distributed import DistInfo, all_ranks_each, all_sum
 from klvae.training.trainer import Trainer
 from klvae.training.validate import validate
 

@@ -15,14 +15,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from klvae.datasources import resolve_spec
-from klvae.errors import KlvaeError, WeightsError, quote
-from klvae.inference.precision import usable_device
-from klvae.model.autoencoder import AutoencoderKL
-from klvae.model.config import AutoencoderKLConfig
-from klvae.posterior import DiagonalGaussian
-from klvae.training import checkpoint as ckpt
-from klvae.training.config import TrainConfig, build_loss_config, model_config
-from klvae.training.distributed import (
+from klvae.distributed import (
     DistInfo,
     all_mean,
     all_ranks,
@@ -31,6 +24,13 @@ from klvae.training.distributed import (
     init_distributed,
     rank_device,
 )
+from klvae.errors import KlvaeError, WeightsError, quote
+from klvae.inference.precision import usable_device
+from klvae.model.autoencoder import AutoencoderKL
+from klvae.model.config import AutoencoderKLConfig
+from klvae.posterior import DiagonalGaussian
+from klvae.training import checkpoint as ckpt
+from klvae.training.config import TrainConfig, build_loss_config, model_config
 from klvae.training.ema import make_ema
 from klvae.training.losses import AutoencoderLoss
 from klvae.weights import check_state_dict, config_to_diffusers

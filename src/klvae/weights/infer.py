@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from torch import Tensor
 
 from klvae.errors import WeightsError
-from klvae.model.config import MAX_LAYERS, MAX_LEVELS, PRESETS, AutoencoderKLConfig
+from klvae.model.config import MAX_LAYERS, MAX_LEVELS, PRESETS, AutoencoderKLConfig, inferring, single_channel_groups
 from klvae.weights.convert import indices
 
 log = logging.getLogger(__name__)
@@ -136,18 +136,24 @@ def infer_config(sd: dict[str, Tensor], family: str | None = None) -> Autoencode
     else:
         base, guessed = AutoencoderKLConfig(scaling_factor=1.0, force_upcast=False), True
     try:
-        cfg = base.replace(**arch)
+        with inferring():  # norm_num_groups is a guess: the note below words its warning as one
+            cfg = base.replace(**arch)
     except ValueError as e:  # shapes no config allows: widths beyond the parameter cap, 0 channels ...
         raise WeightsError(f"cannot infer the config: {e}") from None
+    groups = f"norm_num_groups assumed {cfg.norm_num_groups}"
+    if (w := single_channel_groups(cfg)) is not None:
+        # The guess, not the user, chose a count that leaves each channel alone: say so instead of advising.
+        groups += (f", a guess that leaves one channel per GroupNorm group at width {w}: if the model was trained "
+                   "with fewer groups, pass its config")
     if guessed:
         log.warning(
-            "config inferred from the weights' shapes (norm_num_groups assumed %d); latent factors guessed "
-            "(scaling %s, shift %s): pass config='sdxl', 'sd3', 'flux' ... if the weights belong to another model",
-            cfg.norm_num_groups, cfg.scaling_factor, cfg.shift_factor,
+            "config inferred from the weights' shapes (%s); latent factors guessed (scaling %s, shift %s): pass "
+            "config='sdxl', 'sd3', 'flux' ... if the weights belong to another model",
+            groups, cfg.scaling_factor, cfg.shift_factor,
         )
     else:
-        log.info("config inferred from the weights' shapes (norm_num_groups assumed %d), factors of %s",
-                 cfg.norm_num_groups, family)
+        (log.info if w is None else log.warning)("config inferred from the weights' shapes (%s), factors of %s",
+                                                 groups, family)
     return cfg
 
 

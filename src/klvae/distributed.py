@@ -1,4 +1,4 @@
-"""Process-group set-up for `torchrun` and the few collectives the trainer needs."""
+"""Process-group set-up for `torchrun` and the few collectives the trainer and the latent cache need."""
 
 from __future__ import annotations
 
