@@ -137,3 +137,32 @@ def test_a_chosen_group_count_still_gets_the_advice(caplog: pytest.LogCaptureFix
     with caplog.at_level("WARNING"):
         AutoencoderKLConfig(block_out_channels=(16, 32), norm_num_groups=16)
     assert "use norm_num_groups <= 8" in caplog.text
+
+
+def test_flux2_statistics_added_on_load_do_not_repeat_the_advice(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A metadata-less FLUX.2 file of width 16: loading adds the bn statistics with a config.replace outside the
+    guesser's guard, which rebuilt the guessed config and told the user to "use norm_num_groups <= 8"."""
+    from klvae.weights.latent_bn import latent_bn_tensors
+
+    cfg = PRESETS["flux2"].replace(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                                   sample_size=32, latents_mean=(0.1,) * 128, latents_std=(1.5,) * 128)
+    sd = {k: v.contiguous() for k, v in klvae.AutoencoderKL(cfg).state_dict().items()}
+    path = tmp_path / "vae.safetensors"
+    save_file({**sd, **latent_bn_tensors(cfg)}, str(path))
+    with caplog.at_level("WARNING"):
+        back = klvae.AutoencoderKL.from_pretrained(path)
+        back.config.replace(scaling_factor=1.0)  # as `klvae latents` sets a file's factors on the loaded model
+    assert back.config.norm_num_groups == 16 and back.config.latents_std[0] == pytest.approx(1.5)
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert "use norm_num_groups <=" not in text, text
+    assert "guess" in text and "one channel per GroupNorm group at width 16" in text, text
+
+
+def test_replacing_the_group_count_still_gets_the_advice(caplog: pytest.LogCaptureFixture) -> None:
+    """(Not a bug) A replace that sets the widths or the group count is the user's choice: advised as before."""
+    base = AutoencoderKLConfig(block_out_channels=(16, 32), norm_num_groups=8)
+    with caplog.at_level("WARNING"):
+        base.replace(norm_num_groups=16)
+    assert "use norm_num_groups <= 8" in caplog.text

@@ -16,6 +16,7 @@ from klvae.errors import KlvaeError
 from klvae.latents import CacheSummary, build_cache
 from klvae.latents.cache import CacheOptions, cache_rank
 from klvae.latents.dataset import LatentDataset
+from klvae.latents.sources import open_source
 
 # The options of every call here, as build_cache takes them and as the CLI spells them.
 OPTIONS = {"resolution": 32, "flip": True, "shard_size": 2, "batch_size": 2, "num_workers": 0}
@@ -145,3 +146,17 @@ def test_under_torchrun_without_a_process_group_it_refuses(
     monkeypatch.setenv("WORLD_SIZE", "2")
     _refused(lambda: build_cache(vae, _images(tmp_path / "data", 1), tmp_path / "c"), "needs the process group")
     assert not (tmp_path / "c").exists()
+
+
+def test_data_as_an_item_source_and_model_name_as_a_path(
+    tmp_path: Path, model_dir: Path, vae: klvae.AutoencoderKL
+) -> None:
+    # A Path as model_name used to fail only at the end, in index.json's json.dumps, after every image was encoded.
+    source = open_source(str(_images(tmp_path / "data", 2)))
+    summary = build_cache(vae, source, tmp_path / "cache", model_name=model_dir, **OPTIONS)
+    assert (summary.encoded, summary.rows, summary.ok) == (2, 4, True)
+    assert json.loads((tmp_path / "cache" / "index.json").read_text())["model"] == str(model_dir)
+    out = tmp_path / "other"
+    _refused(lambda: build_cache(vae, [tmp_path / "data"], out), "data must be a path or an ItemSource, got list")
+    _refused(lambda: build_cache(vae, source, out, model_name=1), "model_name must be a str or a path, got int")
+    assert not out.exists()

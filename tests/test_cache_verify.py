@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -311,3 +312,94 @@ def test_repair_needs_verify_and_caching_needs_data(tmp_path: Path, finished: Pa
     assert _verify(finished, "--repair") == 2
     assert "not under torchrun" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# ---- a cache still being written or stopped, shards that are folders or unreadable, a hand-made index ----
+
+
+def test_an_unfinished_two_rank_cache_is_verified_said_unfinished_and_repaired(
+    tmp_path: Path, model: Path, data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # As torchrun leaves it before rank 0 writes index.json (or while a run goes on): two ranks' manifests.
+    vae, out = klvae.AutoencoderKL.from_pretrained(model), tmp_path / "latents"
+    opts = cache.CacheOptions(resolution=32, shard_size=3, num_workers=0)
+    for rank in (0, 1):
+        cache.cache_rank(vae, str(data), out, opts, torch.float32, rank=rank, world=2)
+    report = verify_cache(out)
+    assert report.ok and len(report.shards) == 4 and report.unfinished.startswith("no index.json yet")
+    capsys.readouterr()
+    assert _verify(out) == 0
+    said = capsys.readouterr().out
+    assert said.startswith(f"{out}: 4 shards ok; unfinished: no index.json yet (a `klvae cache` run is under way")
+    assert said.count("\n") == 1
+    _flip_a_data_byte(out / "rank001-00001.safetensors")
+    assert repair_cache(out) == ["rank001-00001.safetensors"]
+    assert [rec.get("dropped") for rec in map(json.loads, (out / "manifest-rank001.jsonl").read_text().splitlines())
+            ] == [None, "rank001-00001.safetensors"]
+    for rank in (0, 1):
+        assert cache.cache_rank(vae, str(data), out, opts, torch.float32, rank=rank, world=2)["encoded"] == rank
+    cache.write_index(vae, "tiny", out, opts, 2)
+    report = verify_cache(out)
+    assert report.ok and report.unfinished is None and len(report.shards) == 4
+    # An index.json older than the manifests (a run that grows the cache has not written its index yet).
+    index = json.loads((out / "index.json").read_text())
+    index["items"] = [it for it in index["items"] if it["shard"] != "rank000-00001.safetensors"]
+    (out / "index.json").write_text(json.dumps(index))
+    assert verify_cache(out).unfinished.startswith("index.json lists 3 of the 4 shards the manifests record")
+
+
+def test_a_shard_that_is_a_folder_is_named_so_and_repair_refuses_it(
+    tmp_path: Path, finished: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = _copy(finished, tmp_path)
+    (out / SHARDS[1]).unlink()
+    (out / SHARDS[1]).mkdir()
+    (damaged,) = verify_cache(out).damaged
+    assert (damaged.name, damaged.problem) == (SHARDS[1], "it is not a file")
+    snapshot = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    # Dropped, its line would be gone while the folder stayed, and every resume would fail to delete it.
+    assert _verify(out, "--repair") == 2
+    assert f"{out / SHARDS[1]} is not a file: move it aside, then repair again" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == snapshot
+
+
+def test_a_shard_without_read_permission_is_refused_not_dropped(
+    tmp_path: Path, model: Path, data: Path, finished: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # safetensors calls a shard it may not open "No such file or directory": verify named it damaged, and repair
+    # (or a resume) deleted a whole file, as an older klvae's 0600 shards of a shared cache are to the rest.
+    out = _copy(finished, tmp_path)
+    shard = out / SHARDS[1]
+    if os.geteuid() == 0:  # root reads anything: stand in for the permission check
+        real_open = Path.open
+
+        def locked(self: Path, *args: object, **kwargs: object) -> object:
+            if self == shard:
+                raise PermissionError(13, "Permission denied", str(self))
+            return real_open(self, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(Path, "open", locked)
+    else:
+        shard.chmod(0)
+    capsys.readouterr()
+    for args in ([], ["--repair"]):
+        assert _verify(out, *args) == 2
+        assert f"cannot read {shard}: Permission denied; fix its permissions" in capsys.readouterr().err
+    assert main(_cache_args(data, out, model)) == 2  # a resume's header check refuses it too
+    assert f"cannot read {shard}: Permission denied" in capsys.readouterr().err
+    shard.chmod(0o644)
+    monkeypatch.undo()
+    assert shard.read_bytes() == (finished / SHARDS[1]).read_bytes() and (out / "index.json").exists()
+    assert verify_cache(out).ok
+
+
+def test_an_index_row_without_a_source_is_damage_not_a_crash(tmp_path: Path, finished: Path) -> None:
+    out = _copy(finished, tmp_path)
+    (out / "manifest-rank000.jsonl").unlink()
+    index = json.loads((out / "index.json").read_text())
+    del index["items"][3]["source"], index["items"][3]["row"]
+    (out / "index.json").write_text(json.dumps(index))
+    (damaged,) = verify_cache(out).damaged
+    assert (damaged.name, damaged.problem) == (SHARDS[1], "its manifest line gives a row no row number or bucket")

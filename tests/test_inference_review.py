@@ -95,6 +95,26 @@ def test_fp16_weights_on_the_cpu_are_warned_about(stored: str, caplog: pytest.Lo
 
 
 @pytest.mark.usefixtures("fresh_fp16_warning")
+def test_fp16_weights_behind_diffusers_api_are_warned_about_with_gradients_on(caplog: pytest.LogCaptureFixture) -> None:
+    # The adapter runs a pass that records gradients without run_guarded (whose fp32 rerun a graph could not
+    # backpropagate through): it skipped the warning, though fp16 is as slow there.
+    vae = perturbed_vae("tiny").half()
+    z = torch.randn(1, 4, 4, 4, dtype=torch.float16)
+    with caplog.at_level(logging.WARNING, logger="klvae"):
+        out = as_diffusers(vae).decode(z).sample
+    assert out.requires_grad and len(_slow_fp16_warnings(caplog)) == 1
+
+
+@pytest.mark.usefixtures("fresh_fp16_warning")
+@pytest.mark.parametrize("kind", ["mps", "cuda", "xpu"])
+def test_fp16_off_the_cpu_is_not_warned_about(kind: str, caplog: pytest.LogCaptureFixture) -> None:
+    # (Not a bug) fp16 is fast on GPUs, Apple's MPS included: only the CPU is warned about.
+    with caplog.at_level(logging.WARNING, logger="klvae"):
+        precision.warn_if_slow(torch.device(kind), torch.float16)
+    assert _slow_fp16_warnings(caplog) == []
+
+
+@pytest.mark.usefixtures("fresh_fp16_warning")
 @pytest.mark.parametrize("dtype", [None, torch.float32, torch.bfloat16])
 def test_fp32_and_bf16_on_the_cpu_are_not_warned_about(dtype: torch.dtype | None,
                                                       caplog: pytest.LogCaptureFixture) -> None:

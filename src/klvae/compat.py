@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from klvae.errors import KlvaeError, WeightsError
-from klvae.inference.precision import run_guarded
+from klvae.inference.precision import run_guarded, warn_if_slow
 from klvae.inference.tiling import TileOptions, make_streamer, run_maybe_tiled, tiled_decode, tiled_encode_moments
 from klvae.model.autoencoder import AutoencoderKL
 from klvae.model.config import AutoencoderKLConfig
@@ -327,7 +327,8 @@ class DiffusersVAE(nn.Module):
         recording = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in vae.parameters()))
         if recording or x.dtype not in _HALF:
             # The rerun swaps the weights' dtype, which a recorded graph could not backpropagate through; fp32 and
-            # fp64 have nothing higher to rerun in.
+            # fp64 have nothing higher to rerun in. fp16 on the CPU is as slow here as under run_guarded.
+            warn_if_slow(x.device, x.dtype)
             return fn(x)
         return run_guarded(vae, lambda u, _: fn(u), x, x.dtype, op)
 

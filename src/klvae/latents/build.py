@@ -63,7 +63,7 @@ class CacheSummary:
 def build_cache(vae: AutoencoderKL, data: str | os.PathLike[str] | ItemSource, out: str | os.PathLike[str], *,
                 resolution: int = 512, buckets: bool = False, flip: bool = False, store: str = "moments",
                 shard_size: int = 256, batch_size: int = 4, num_workers: int = 2, seed: int = 0,
-                dtype: str | torch.dtype | None = None, model_name: str | None = None,
+                dtype: str | torch.dtype | None = None, model_name: str | os.PathLike[str] | None = None,
                 dist: DistInfo | None = None) -> CacheSummary:
     """Encode `data` into a latent cache in `out` (shards + index.json), as `klvae cache` does; rerun to finish.
 
@@ -77,9 +77,7 @@ def build_cache(vae: AutoencoderKL, data: str | os.PathLike[str] | ItemSource, o
     """
     opts = _options({"resolution": resolution, "buckets": buckets, "flip": flip, "store": store,
                      "shard_size": shard_size, "batch_size": batch_size, "num_workers": num_workers, "seed": seed})
-    if not isinstance(vae, AutoencoderKL):
-        raise KlvaeError(f"vae must be a klvae AutoencoderKL (klvae.AutoencoderKL.from_pretrained), got "
-                         f"{type(vae).__name__}")
+    _check_args(vae, data, model_name)
     compute = resolve_dtype(dtype, vae.device)
     dist = dist or _process_group()
     root = _check_out(Path(out), data)
@@ -91,7 +89,7 @@ def build_cache(vae: AutoencoderKL, data: str | os.PathLike[str] | ItemSource, o
     counts = cache.cache_rank(vae, source, root, opts, compute, dist.rank, dist.world, fingerprint)
     counts = _sum_over_ranks(counts, dist, vae.device)
     barrier(dist)  # every rank's manifest is complete before rank 0 merges them
-    index = cache.write_index(vae, model_name or "unnamed", root, opts, dist.world, fingerprint) \
+    index = cache.write_index(vae, os.fspath(model_name or "unnamed"), root, opts, dist.world, fingerprint) \
         if dist.is_main else None
     result = _summarise(root, index, counts, len(source.unreadable))
     log.debug("%s", result.summary())
@@ -107,6 +105,17 @@ def _options(values: dict[str, Any]) -> CacheOptions:
     if not 0 <= values["seed"] < 2**63:  # what torch's generators take
         raise KlvaeError(f"seed must be between 0 and {2**63 - 1}, got {values['seed']}")
     return CacheOptions(**values)
+
+
+def _check_args(vae: object, data: object, model_name: object) -> None:
+    # Checked before the work: index.json, written last, records model_name as JSON, which takes no Path as is.
+    if not isinstance(vae, AutoencoderKL):
+        raise KlvaeError(f"vae must be a klvae AutoencoderKL (klvae.AutoencoderKL.from_pretrained), got "
+                         f"{type(vae).__name__}")
+    if not isinstance(data, str | os.PathLike | ItemSource):
+        raise KlvaeError(f"data must be a path or an ItemSource, got {type(data).__name__}")
+    if not isinstance(model_name, str | os.PathLike | None):
+        raise KlvaeError(f"model_name must be a str or a path, got {type(model_name).__name__}")
 
 
 def _process_group() -> DistInfo:

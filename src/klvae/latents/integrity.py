@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from klvae.atomic import atomic_save_file, atomic_write_text
-from klvae.errors import first_line
+from klvae.errors import KlvaeError, first_line
 from klvae.model.config import AutoencoderKLConfig
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,14 @@ def shard_problem(path: Path, rows: list[dict[str, Any]], shapes: RowShapes) -> 
 
 
 def read_header(path: Path) -> dict[str, tuple[int, ...]] | str:
-    """The tensors a shard's header lists, with shapes; or why it cannot be read, in a few words."""
+    """The tensors a shard's header lists, with shapes; or why it cannot be read, in a few words. KlvaeError where
+    its permissions forbid reading it: that is no damage, and dropping the shard would delete a whole file."""
+    try:
+        path.open("rb").close()  # safetensors reports any failure to open, permissions too, as "No such file"
+    except PermissionError as e:
+        raise KlvaeError(f"cannot read {path}: {e.strerror}; fix its permissions (nothing was changed)") from None
+    except OSError as e:  # a folder, say
+        return e.strerror or first_line(e)
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = f.keys()  # safe_open is no mapping
@@ -75,7 +82,8 @@ def rows_problem(found: dict[str, tuple[int, ...]], rows: list[dict[str, Any]], 
         row, bucket = r.get("row"), r.get("bucket")
         if not (isinstance(row, int) and isinstance(bucket, list) and len(bucket) == 2
                 and all(isinstance(v, int) and v > 0 for v in bucket)):
-            return f"its manifest line gives {r['source']} no row number or bucket"
+            # .get: an index.json that `klvae cache --verify` reads alone may give a row no source either.
+            return f"its manifest line gives {r.get('source', 'a row')} no row number or bucket"
         for field, shape in shapes(bucket).items():
             key = f"{row:06d}.{field}"
             if key not in found:

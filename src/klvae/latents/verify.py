@@ -8,7 +8,9 @@ repaired in place: `repair_cache` drops it from its manifest as a resume drops o
 repair: a resume refuses a cache whose manifest names a shard that is gone, as a loss it did not cause.
 
 The shards and their hashes come from the manifests; without any (a copy of index.json and the shards alone),
-from index.json. Shards written by an older klvae have no recorded hash: their headers alone are checked.
+from index.json. Shards written by an older klvae have no recorded hash: their headers alone are checked. A cache
+whose index.json is missing, or lists fewer shards than the manifests (a run under way, or stopped), has the
+shards recorded so far verified, and its report says it is unfinished.
 No model is needed: the shapes a row's tensors must have are those that the cache's hash-verified shards (or,
 with none, most shards) show, scaled to the row's bucket.
 """
@@ -51,11 +53,13 @@ class ShardCheck:
 @dataclass
 class CacheReport:
     """What `verify_cache` found in the cache at `root`, shard by shard; `source` is where the shards and their
-    hashes were read from ("manifests" or "index.json")."""
+    hashes were read from ("manifests" or "index.json"); `unfinished` says why the manifests' shards are not all
+    in index.json yet (a `klvae cache` run under way or stopped), None when they are."""
 
     root: Path
     source: str
     shards: list[ShardCheck]
+    unfinished: str | None = None
 
     @property
     def damaged(self) -> list[ShardCheck]:
@@ -82,14 +86,16 @@ class CacheReport:
             names = [c.name for c in self.damaged[:_NAMES_SHOWN]]
             more = len(self.damaged) - len(names)
             parts.append(f"{len(self.damaged)} damaged: {', '.join(names)}{f' and {more} more' if more else ''}")
-        return ", ".join(parts)
+        return ", ".join(parts) + (f"; unfinished: {self.unfinished}" if self.unfinished else "")
 
 
 def verify_cache(root: str | Path) -> CacheReport:
     """Read every shard of the cache at `root` whole, compare its SHA-256 with the recorded one and check its
-    header against its rows; KlvaeError when `root` is not a klvae cache (or its records cannot be read)."""
+    header against its rows; KlvaeError when `root` is not a klvae cache (or its records, or a shard's
+    permissions, forbid reading them)."""
     root = Path(root)
     shards, source = _recorded_shards(root)
+    unfinished = _unfinished(root, shards) if source == "manifests" else None  # read with the manifests
     sizes = {name: (root / name).stat().st_size for name in shards if (root / name).is_file()}
     headers: dict[str, dict[str, tuple[int, ...]]] = {}  # of the shards whole so far
     checks: dict[str, ShardCheck] = {}
@@ -103,7 +109,7 @@ def verify_cache(root: str | Path) -> CacheReport:
     for name, found in headers.items():
         if why := rows_problem(found, shards[name]["rows"], shapes):
             checks[name] = ShardCheck(name, checks[name].rows, why, checks[name].hashed)
-    report = CacheReport(root, source, list(checks.values()))
+    report = CacheReport(root, source, list(checks.values()), unfinished)
     for c in report.damaged:
         log.warning("%s is damaged (%s)", root / c.name, c.problem)
     if report.unverified:
@@ -122,6 +128,9 @@ def repair_cache(root: str | Path, report: CacheReport | None = None) -> list[st
         raise KlvaeError(f"{root} has no manifests (index.json and shards alone): a damaged shard can only be "
                          "encoded again where the cache was made, or with its manifest-rank*.jsonl files copied too")
     bad = {c.name: c.problem or "" for c in report.damaged}
+    # Checked before anything is dropped: the resume after a repair would fail to delete a folder in its place.
+    if odd := next((root / n for n in bad if (root / n).exists() and not (root / n).is_file()), None):
+        raise KlvaeError(f"{odd} is not a file: move it aside, then repair again")
     for manifest in sorted(root.glob("manifest-rank*.jsonl")):
         records = read_manifest(manifest)
         if mine := {rec["shard"]: bad[rec["shard"]] for rec in records if rec.get("shard") in bad}:
@@ -139,7 +148,7 @@ def _check_shard(root: Path, name: str, rec: dict[str, Any], size: int | None,
 
     path = root / name
     if size is None:
-        return verdict("it is missing"), None
+        return verdict("it is not a file" if path.exists() else "it is missing"), None
     found = read_header(path)
     if isinstance(found, str):  # cut short, say: what safetensors says tells more than a hash that differs
         bar.update(size)
@@ -178,6 +187,23 @@ def _recorded_shards(root: Path) -> tuple[dict[str, dict[str, Any]], str]:
         if isinstance(e := entries.get(item["shard"]) if isinstance(entries, dict) else None, dict):
             entry["sha256"] = e.get("sha256") if isinstance(e.get("sha256"), str) else None
     return shards, "index.json"
+
+
+def _unfinished(root: Path, shards: dict[str, dict[str, Any]]) -> str | None:
+    # Why index.json, which LatentDataset reads, does not list every shard the manifests record; None when it does.
+    path = root / "index.json"
+    if not path.is_file():
+        why = "no index.json yet"
+    else:
+        try:
+            listed = {item["shard"] for item in _read_index(path)["items"]}
+        except KlvaeError:
+            listed = None
+        if listed is not None and set(shards) <= listed:
+            return None
+        why = "its index.json is no klvae cache index" if listed is None else \
+            f"index.json lists {len(set(shards) & listed)} of the {len(shards)} shards the manifests record"
+    return f"{why} (a `klvae cache` run is under way or was stopped: the same command finishes it)"
 
 
 def _read_index(path: Path) -> dict[str, Any]:

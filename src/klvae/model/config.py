@@ -24,7 +24,7 @@ _INFERRING: contextvars.ContextVar[bool] = contextvars.ContextVar("klvae_config_
 
 @contextlib.contextmanager
 def inferring() -> Iterator[None]:
-    """Within it, configs skip the warnings about values a user chooses (weights.infer guessed them)."""
+    """Within it, configs skip the warnings about values a user chooses (guessed by weights.infer, or warned of)."""
     token = _INFERRING.set(True)
     try:
         yield
@@ -115,6 +115,12 @@ class AutoencoderKLConfig:
 
     def replace(self, **changes: Any) -> AutoencoderKLConfig:
         """A copy with some fields changed."""
+        if _GROUP_FIELDS.isdisjoint(changes):
+            # Widths and groups stay this config's, whose warning about them was given (or, for weights.infer's
+            # guess, worded as one) when it was built: the copy (FLUX.2's statistics added on load, say) repeats
+            # none, least of all one that tells the user to change a value that the guesser chose.
+            with inferring():
+                return dataclasses.replace(self, **changes)
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -136,6 +142,10 @@ class AutoencoderKLConfig:
         if unknown:
             raise ValueError(f"unknown config fields: {', '.join(unknown)}")
         return cls(**d)
+
+
+# The fields that single_channel_groups reads.
+_GROUP_FIELDS = frozenset({"block_out_channels", "decoder_block_out_channels", "norm_num_groups"})
 
 
 def single_channel_groups(cfg: AutoencoderKLConfig) -> int | None:
