@@ -86,7 +86,7 @@ def test_decode_warns_when_the_latents_came_from_another_model(tmp_path: Path,
     assert "another model" not in capsys.readouterr().err
     assert main(["decode", str(z), "-o", str(tmp_path / "else"), "--model", str(other), "--device", "cpu"]) == 0
     err = capsys.readouterr().err
-    assert f"WARNING: these latents were encoded by another model ({mine}) than {other}, whose weights differ" in err
+    assert f"WARNING: these latents were encoded by another model ({mine}) than {other}, whose encoder differs" in err
     # A copy of the model in another folder (or another dtype on disk) is the same model.
     assert main(["convert", "-m", str(mine), "-o", str(tmp_path / "copy"), "--dtype", "bf16"]) == 0
     capsys.readouterr()

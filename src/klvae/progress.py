@@ -19,3 +19,17 @@ def progress_bar(iterable: Iterable[T] | None = None, *, disable: bool = False, 
     level = logging.getLogger("klvae").level
     quiet = level != logging.NOTSET and level > logging.INFO
     return tqdm(iterable, disable=disable or quiet, **kwargs)
+
+
+class BarAwareHandler(logging.StreamHandler):
+    """A stream handler that writes through tqdm.write: the open bars are cleared, the line printed, then redrawn."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Write the formatted record above any progress bar on the same stream."""
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)

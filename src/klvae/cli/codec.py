@@ -42,9 +42,9 @@ from klvae.images import (
     tensor_to_pil,
     write_image,
 )
-from klvae.latents.cache import model_fingerprint
 from klvae.latents.comfy import SUFFIX, is_comfy_latent
 from klvae.latents.file import LatentItem, LatentsFile, check_sizes, load_latents, save_latents
+from klvae.latents.fingerprint import encoder_fingerprint, model_fingerprint
 from klvae.model.autoencoder import AutoencoderKL
 from klvae.model.latent_norm import LatentNorm
 from klvae.progress import progress_bar
@@ -209,7 +209,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
         items=items, model=str(args.model),
         **dataclasses.asdict(vae.config.latent_norm),
         extra={"posterior": "sample" if args.sample else "mean",
-               "model_fingerprint": model_fingerprint(vae, with_factors=False)},
+               "model_fingerprint": model_fingerprint(vae, with_factors=False),
+               "encoder_fingerprint": encoder_fingerprint(vae)},
     )
     save_latents(lf, args.output)
     log.info("encoded %d image(s) to %s%s", len(items), args.output, f", skipped {len(bad)}" if bad else "")
@@ -372,10 +373,15 @@ def write_pngs(vae: AutoencoderKL, lf: LatentsFile, names: list[str], out: Path,
 
 def _warn_if_another_model(vae: AutoencoderKL, lf: LatentsFile, model: str) -> None:
     # Latents of another VAE with the same channels decode to something, but not to the encoded images (SD 1.x
-    # latents through SDXL's VAE, say); a fine-tune of the same VAE is a fair choice, hence a warning only.
-    written = lf.extra.get("model_fingerprint")
-    if written is not None and written != model_fingerprint(vae, with_factors=False):
-        log.warning("these latents were encoded by another model (%s) than %s, whose weights differ: the images "
+    # latents through SDXL's VAE, say); a fine-tune of the same VAE is a fair choice, hence a warning only. A model
+    # whose encoder is the encoding one's (a decoder-only fine-tune: sd-vae-ft-mse) is what the latents are for.
+    if (enc := lf.extra.get("encoder_fingerprint")) is not None:
+        other = enc != encoder_fingerprint(vae)
+    else:  # written before klvae recorded the encoder's own hash
+        other = (written := lf.extra.get("model_fingerprint")) is not None and written != model_fingerprint(
+            vae, with_factors=False)
+    if other:
+        log.warning("these latents were encoded by another model (%s) than %s, whose encoder differs: the images "
                     "will be %s's reading of them", lf.model or "not named", model, model)
 
 

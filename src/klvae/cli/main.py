@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 
 from klvae import __version__
 from klvae.errors import KlvaeError
+from klvae.progress import BarAwareHandler
 
 log = logging.getLogger("klvae")
 
@@ -65,7 +66,8 @@ def setup_logging(level: int) -> None:
     logger = logging.getLogger("klvae")
     for h in [h for h in logger.handlers if getattr(h, "klvae_cli", False)]:
         logger.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
+    # Through tqdm, so that a message lands on a line of its own above a progress bar, not glued to its end.
+    handler = BarAwareHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     handler.klvae_cli = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
@@ -116,15 +118,16 @@ def _run(args: argparse.Namespace) -> int:
     except KlvaeError as e:
         print(f"klvae: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except _Terminated:
-        print("klvae: terminated", file=sys.stderr)
-        return 143  # 128 + SIGTERM, as a shell reports a process the signal ended
-    except KeyboardInterrupt:
-        return _interrupted()
+    except KeyboardInterrupt as e:
+        return _stopped_by(e)
     except OSError as e:
+        if _buried_interrupt(e) is not None:
+            return _stopped_by(_buried_interrupt(e))
         print(f"klvae: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except Exception as e:  # memory running out, or a bug of ours: still one line unless --debug asks for more
+        if _buried_interrupt(e) is not None:
+            return _stopped_by(_buried_interrupt(e))
         if _out_of_memory(e) and not args.debug:
             print(f"klvae: error: out of memory ({_one_line(e)}); {_MEMORY_ADVICE}", file=sys.stderr)
             return 1
@@ -167,6 +170,27 @@ def _reader_gone() -> int:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     return 141
+
+
+def _buried_interrupt(e: BaseException) -> KeyboardInterrupt | None:
+    """The interrupt that `e` was raised while handling, if any."""
+    # A Ctrl-C inside a writer's `with` block (torch.save's zip writer) makes its __exit__ fail in turn: that
+    # error hides the interrupt, which is what the user did.
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return e
+        seen.add(id(e))
+        e = e.__context__  # type: ignore[assignment]
+    return None
+
+
+def _stopped_by(e: KeyboardInterrupt) -> int:
+    """Report Ctrl-C or SIGTERM; the exit status a shell gives a process the signal ended."""
+    if isinstance(e, _Terminated):
+        print("klvae: terminated", file=sys.stderr)
+        return 143  # 128 + SIGTERM
+    return _interrupted()
 
 
 def _interrupted() -> int:

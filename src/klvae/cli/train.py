@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from klvae.cli.common import check_output_path
-from klvae.errors import KlvaeError
+from klvae.errors import KlvaeError, quote
 
 log = logging.getLogger("klvae")
 
@@ -37,12 +37,24 @@ def check_fresh_run(out: Path) -> None:
                          "it, or choose another train.out_dir (or remove that one) to start over")
 
 
+_CONFIG_SUFFIXES = (".yaml", ".yml", ".toml")
+
+
+def check_resume_arg(resume: str | None) -> None:
+    """Refuse a config file given to --resume: `klvae train --resume ft.yaml` parses ft.yaml as the checkpoint
+    (--resume takes an optional value), leaving no config."""
+    if resume is not None and Path(resume).suffix.lower() in _CONFIG_SUFFIXES:
+        raise KlvaeError(f"--resume {quote(resume, 200)} is a config file, not a checkpoint: put the config first, "
+                         f"as in klvae train CONFIG --resume [CHECKPOINT]")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train, resuming when asked, and export the weights at the end."""
     import yaml
 
     from klvae.training.config import load_config
 
+    check_resume_arg(args.resume)
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(yaml.safe_dump(cfg.resolved_dict(), sort_keys=False))

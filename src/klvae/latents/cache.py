@@ -33,10 +33,10 @@ from klvae.atomic import atomic_write_text
 from klvae.errors import KlvaeError, quote
 from klvae.images import MAX_PIXELS, MAX_RESOLUTION, pil_to_tensor
 from klvae.latents.buckets import make_buckets, nearest_bucket, resize_crop
+from klvae.latents.fingerprint import model_fingerprint
 from klvae.latents.integrity import RowShapes, drop_damaged, row_shapes, save_shard, shard_problem
 from klvae.latents.sources import ItemSource, item_error, open_source
 from klvae.model.autoencoder import AutoencoderKL
-from klvae.model.latent_norm import NORM_FIELDS
 from klvae.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -87,27 +87,6 @@ def check_whole_latents(vae: AutoencoderKL, resolution: int) -> None:
         what = f"the model's downsample factor {factor}" if p == 1 else \
             f"{factor} (the model's downsample factor {vae.config.downsample_factor} x its latent patch {p})"
         raise KlvaeError(f"--resolution must be a multiple of {what}, got {resolution}")
-
-
-def model_fingerprint(vae: AutoencoderKL, with_factors: bool = True) -> str:
-    """A hash of what decides the latents a model gives: its architecture (and factors) and its weights."""
-    cfg = vae.config.to_dict()
-    # Fields that do not change a latent; two copies of one model may well differ in them.
-    for key in ("sample_size", "force_upcast", *(() if with_factors else NORM_FIELDS)):
-        cfg.pop(key, None)
-    if cfg.get("latents_mean", 0) is None:
-        # Absent, as they were before the field existed: the fingerprints of existing caches stay the same.
-        cfg.pop("latents_mean"), cfg.pop("latents_std")
-    for key, absent in (("latent_patch_size", 1), ("decoder_block_out_channels", None)):  # likewise
-        if key in cfg and cfg[key] == absent:
-            cfg.pop(key)
-    h = hashlib.blake2b(json.dumps(cfg, sort_keys=True).encode(), digest_size=16)
-    for name, t in sorted(vae.state_dict().items()):
-        # Rounded to bf16: a GPU run casts the weights to bf16 for speed, and must still match a run in fp32.
-        t = t.detach().to(torch.bfloat16) if t.is_floating_point() else t.detach()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
 
 
 class _Prepared(Dataset):

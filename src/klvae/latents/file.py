@@ -67,9 +67,9 @@ def save_latents(lf: LatentsFile, path: str | Path) -> Path:
 
 
 # Metadata that `klvae encode` writes beside the factors and that a reader keeps: how each latent was taken
-# (posterior mean or sample), and a hash of the encoding model (its weights and architecture, see
-# klvae.latents.cache.model_fingerprint) by which decode tells latents of another model.
-EXTRA_KEYS = ("posterior", "model_fingerprint")
+# (posterior mean or sample), and hashes of the encoding model and of its encoder alone (its weights and
+# architecture, see klvae.latents.fingerprint) by which decode tells latents of another model.
+EXTRA_KEYS = ("posterior", "model_fingerprint", "encoder_fingerprint")
 
 
 def load_latents(path: str | Path, downsample_factor: int | None = None) -> LatentsFile:

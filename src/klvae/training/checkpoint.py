@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import pickle
 import random
 import re
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +49,33 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+_HELD = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, then deliver the first one caught to the usual handler."""
+    # A Ctrl-C raised inside torch.save is buried under the RuntimeError its zip writer raises on the way out
+    # ("unexpected pos"), so the CLI reported an internal error; held, the write completes and the interrupt
+    # follows. Handlers can only be set in the main thread, and one not set from Python (None) cannot be restored.
+    if threading.current_thread() is not threading.main_thread() or None in map(signal.getsignal, _HELD):
+        yield
+        return
+    caught: list[int] = []
+
+    def hold(signum: int, frame: object) -> None:
+        caught.append(signum)
+
+    previous = {s: signal.signal(s, hold) for s in _HELD}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if caught:
+            signal.raise_signal(caught[0])  # runs the restored handler here: KeyboardInterrupt, or the default
+
+
 def save_checkpoint(state: dict[str, Any], directory: str | Path, step: int, keep: int = 2) -> Path:
     """Write step_XXXXXXXX.pt through a temporary file and a rename; prune all but the newest `keep`."""
     directory = Path(directory)
@@ -53,10 +84,12 @@ def save_checkpoint(state: dict[str, Any], directory: str | Path, step: int, kee
         with open(tmp, "wb") as f:
             torch.save(state, f)
 
-    # A kill mid-write leaves only a hidden .tmp, never a torn step_*.pt that a resume would pick.
-    final = atomic_write(directory / f"step_{step:08d}.pt", write)
-    for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
-        old.unlink(missing_ok=True)
+    # A kill mid-write leaves only a hidden .tmp, never a torn step_*.pt that a resume would pick; an interrupt
+    # waits for the write, the rename and the pruning.
+    with signals_held():
+        final = atomic_write(directory / f"step_{step:08d}.pt", write)
+        for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
+            old.unlink(missing_ok=True)
     return final
 
 

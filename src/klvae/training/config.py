@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +19,15 @@ from klvae.model.config import PRESETS, AutoencoderKLConfig
 from klvae.training.data import CROPS
 from klvae.training.losses import LOSS_PRESETS, LossConfig, get_loss_preset
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class ModelSection:
     """Which autoencoder to train and from where."""
 
-    # A preset name (sd15, tiny, ...) for the architecture when training from scratch.
+    # A preset name (sd15, tiny, ...) for the architecture when training from scratch; unused with `pretrained`,
+    # whose weights bring their own config.
     preset: str = "sd15"
     # Start from these weights instead (anything from_pretrained reads); empty: from scratch.
     pretrained: str = ""
@@ -31,7 +35,8 @@ class ModelSection:
     decoder_only: bool = False
     # Recompute block activations in backward: less memory, ~30% more compute.
     gradient_checkpointing: bool = False
-    # Architecture changes on top of the preset, e.g. {block_out_channels: [64, 128, 256, 256]}.
+    # Config changes on top of the preset (or of the pretrained weights' own config), e.g.
+    # {block_out_channels: [64, 128, 256, 256]} from scratch, {scaling_factor: 0.13} on pretrained weights.
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -108,6 +113,9 @@ class TrainSection:
     export_ema: bool = True
     # Sample z from the posterior during training (LDM) rather than using its mean.
     sample_posterior: bool = True
+    # Measure LPIPS at validation: it needs the VGG16 and LPIPS-head weights, which an offline run without
+    # loss.lpips_vgg_path/lpips_lin_path would try (and fail) to download each run; false: PSNR and SSIM only.
+    val_lpips: bool = True
 
 
 @dataclass
@@ -129,13 +137,17 @@ class TrainConfig:
         """`to_dict` with every loss field spelled out as the preset and overrides give it (what the run uses);
         loadable as a config again."""
         d = self.to_dict()
+        if self.model.pretrained:  # the weights' own config is the architecture: a preset shown would mislead
+            del d["model"]["preset"]
         d["loss"] = {"preset": self.loss.get("preset", "ldm"), **dataclasses.asdict(build_loss_config(self.loss))}
         return d
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     if not isinstance(data, dict):
-        raise KlvaeError(f"config section {where or 'top level'} must be a mapping, got {type(data).__name__}")
+        if where:
+            raise KlvaeError(_not_a_value(where.rstrip("."), data))
+        raise KlvaeError(f"config section top level must be a mapping, got {type(data).__name__}")
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(map(str, data)) - names)
@@ -206,22 +218,49 @@ def apply_override(d: dict[str, Any], assignment: str) -> None:
     if not all(parts):  # "=5", "train.=5", "a..b=5": no field to set
         raise KlvaeError(f"override {quote(assignment, 200)} names no field before '=' (section.field=value)")
     node = d
-    for p in parts[:-1]:
+    for i, p in enumerate(parts[:-1]):
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
+            if _is_section(parts[: i + 1]):  # the file (or an earlier --set) gave the section a value
+                raise KlvaeError(_not_a_value(".".join(parts[: i + 1]), node))
             raise KlvaeError(f"override {quote(assignment, 200)}: {cut(p)} is not a section")
     try:
-        node[parts[-1]] = yaml.safe_load(raw)
+        value = yaml.safe_load(raw)
     except (yaml.YAMLError, ValueError, RecursionError) as e:
         raise KlvaeError(f"override {quote(assignment, 200)}: cannot parse the value: {_parse_problem(e)}") from None
+    if _is_section(parts) and not isinstance(value, dict):
+        raise KlvaeError(f"override {quote(assignment, 200)}: {_not_a_value(key.strip(), value)}")
+    node[parts[-1]] = value
+
+
+def _is_section(path: list[str]) -> bool:
+    """Whether `path` names one of TrainConfig's sections (model, data, optim, train), not a field."""
+    t: Any = TrainConfig
+    for p in path:
+        fields = {f.name: f for f in dataclasses.fields(t)} if dataclasses.is_dataclass(t) else {}
+        if p not in fields:
+            return False
+        t = get_type_hints(t)[p]
+    return dataclasses.is_dataclass(t)
+
+
+def _not_a_value(name: str, value: Any) -> str:
+    """The message for a section given a value (`train: 5`, `--set train=5`)."""
+    return (f"{cut(name)} is a section and cannot be set to a value (got {quote(value)}): set its fields, "
+            f"as {cut(name)}.FIELD=VALUE")
 
 
 def _parse_problem(e: Exception) -> str:
-    """The first line of a parser's error, cut short."""
+    """The first line of a parser's error, cut short, with the line and column of a YAML error."""
     # Besides their own errors, the parsers raise ValueError for an int of over 4300 digits (Python's limit on
     # int(str)) and RecursionError for lists nested a few thousand deep.
     if isinstance(e, RecursionError):
         return "nested too deeply"
+    # PyYAML gives the place on later lines of its message; tomllib's first line already ends with it.
+    # Its problem, not its first line, which may be the context ("while parsing a flow node").
+    mark = getattr(e, "problem_mark", None)
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem and mark is not None:
+        return f"{cut(e.problem, 200)} (line {mark.line + 1}, column {mark.column + 1})"
     return cut(first_line(e), 200)
 
 
@@ -243,7 +282,26 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     _check_size(d)
     cfg = _build(TrainConfig, d, "")
     _check(cfg)
+    model = d.get("model")
+    if cfg.model.pretrained and isinstance(model, dict) and "preset" in model:
+        log.warning("model.preset %s is unused with model.pretrained: the weights' own config is the architecture "
+                    "(model.overrides change it)", quote(cfg.model.preset))
     return cfg
+
+
+def surprises(cfg: TrainConfig) -> list[str]:
+    """Valid settings that are almost certainly not what was meant, in words for a warning each."""
+    found = []
+    if cfg.model.decoder_only and not cfg.model.pretrained:
+        found.append("model.decoder_only without model.pretrained freezes a randomly initialised encoder: its "
+                     "latent space is noise no diffusion model was trained on, so the decoder learns nothing of use; "
+                     "set model.pretrained to the weights whose latents to keep")
+    loss = build_loss_config(cfg.loss)
+    if not loss.lpips_pretrained and loss.perceptual_weight > 0:
+        found.append(f"loss.lpips_pretrained is false with loss.perceptual_weight {loss.perceptual_weight:g}: the "
+                     "perceptual loss compares features of a random VGG, which is no LPIPS; set "
+                     "loss.lpips_pretrained=true (or loss.perceptual_weight=0)")
+    return found
 
 
 # A config is a few dozen values. YAML anchors and aliases let a file of a few hundred bytes expand to billions
@@ -349,15 +407,16 @@ def _ranges(cfg: TrainConfig) -> list[tuple[str, Any, bool, str]]:
 
 
 def model_config(m: ModelSection) -> AutoencoderKLConfig | None:
-    """The architecture that `m` asks for; None when it is the pretrained weights' own (no overrides)."""
+    """The architecture that `m` asks for from scratch; None with pretrained weights, whose own config (read when
+    they are loaded) model.overrides then changes (trainer.build_model)."""
     if m.preset not in PRESETS:
         raise KlvaeError(f"model.preset must be one of {', '.join(PRESETS)}, got {quote(m.preset)}")
-    if m.pretrained and not m.overrides:
-        return None
     known = [f.name for f in dataclasses.fields(AutoencoderKLConfig)]
     unknown = sorted(set(map(str, m.overrides)) - set(known))
     if unknown:
         raise KlvaeError(f"unknown model.overrides field(s) {_names(unknown)}; known: {', '.join(known)}")
+    if m.pretrained:
+        return None
     try:
         return PRESETS[m.preset].replace(**m.overrides)
     except (TypeError, ValueError) as e:

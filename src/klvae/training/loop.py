@@ -11,9 +11,11 @@ from typing import Any
 
 import torch
 
+from klvae.atomic import atomic_write_text
 from klvae.distributed import DistInfo, all_ranks_each, all_sum
 from klvae.errors import KlvaeError
 from klvae.progress import progress_bar
+from klvae.training.checkpoint import signals_held
 from klvae.training.data_setup import build_train_loader, build_val_batches
 from klvae.training.trainer import Trainer
 from klvae.training.validate import validate
@@ -24,15 +26,20 @@ log = logging.getLogger(__name__)
 class RunLog:
     """Scalars to TensorBoard (when installed) and to metrics.jsonl, on rank 0 only."""
 
-    def __init__(self, out: Path, enabled: bool) -> None:
+    def __init__(self, out: Path, enabled: bool, resumed_at: int = 0) -> None:
+        """`resumed_at`: the step of the checkpoint resumed from (0 for a fresh run)."""
         self.enabled, self.path, self.tb = enabled, out / "metrics.jsonl", None
         if not enabled:
             return
         out.mkdir(parents=True, exist_ok=True)
+        # The interrupted run logged past its last checkpoint: those steps are run again, and logged again.
+        if resumed_at:
+            _drop_rows_after(self.path, resumed_at)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out / "tensorboard"))
+            purge = {"purge_step": resumed_at + 1} if resumed_at else {}
+            self.tb = SummaryWriter(str(out / "tensorboard"), **purge)
         except ImportError:
             log.warning("tensorboard is not installed: scalars go to %s only", self.path)
 
@@ -50,6 +57,27 @@ class RunLog:
         """Flush and close TensorBoard."""
         if self.tb is not None:
             self.tb.close()
+
+
+def _drop_rows_after(path: Path, step: int) -> None:
+    """Rewrite metrics.jsonl without its rows for steps after `step` (and any line torn by a kill)."""
+    try:
+        lines = path.read_text().splitlines(keepends=True)
+    except FileNotFoundError:
+        return
+    kept = [line for line in lines if (n := _row_step(line)) is not None and n <= step]
+    if len(kept) < len(lines):
+        atomic_write_text(path, "".join(line if line.endswith("\n") else line + "\n" for line in kept))
+
+
+def _row_step(line: str) -> int | None:
+    """The step of one metrics.jsonl row, or None for a line that is not a row."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    step = row.get("step") if isinstance(row, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 class DroppedRun:
@@ -111,7 +139,7 @@ def fit(tr: Trainer) -> dict[str, float]:
     accum = cfg.optim.grad_accum
     it = iter(build_train_loader(cfg, tr.dist, start_batch=tr.batches_done))
     val = build_val_batches(cfg) if main and cfg.data.val else None
-    runlog = RunLog(tr.out, main)
+    runlog = RunLog(tr.out, main, resumed_at=tr.step)
     last: dict[str, float] = {}
     skipped, dropped = [0], DroppedRun(cfg.data.train, tr.dist, tr.device)
     bar = progress_bar(total=cfg.train.max_steps, initial=tr.step, disable=not main, desc="train", unit="step")
@@ -143,5 +171,7 @@ def fit(tr: Trainer) -> dict[str, float]:
         log.warning("unreadable training images were skipped %d time(s) (once per read, so once per epoch each)",
                     skipped[0])
     if main and (last or not (tr.out / "final").is_dir()):  # a finished run resumed keeps its export as it is
-        log.info("exported weights to %s", tr.export())
+        with signals_held():  # a Ctrl-C waits for the export to be whole
+            final = tr.export()
+        log.info("exported weights to %s", final)
     return last

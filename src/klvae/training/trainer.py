@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -24,13 +25,12 @@ from klvae.distributed import (
     init_distributed,
     rank_device,
 )
-from klvae.errors import KlvaeError, WeightsError, quote
+from klvae.errors import KlvaeError, WeightsError, cut, quote
 from klvae.inference.precision import usable_device
 from klvae.model.autoencoder import AutoencoderKL
-from klvae.model.config import AutoencoderKLConfig
 from klvae.posterior import DiagonalGaussian
 from klvae.training import checkpoint as ckpt
-from klvae.training.config import TrainConfig, build_loss_config, model_config
+from klvae.training.config import TrainConfig, build_loss_config, model_config, surprises
 from klvae.training.ema import make_ema
 from klvae.training.losses import AutoencoderLoss
 from klvae.weights import check_state_dict, config_to_diffusers
@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 def build_model(cfg: TrainConfig) -> AutoencoderKL:
     """The autoencoder to train: a preset from scratch, or pretrained weights."""
     m = cfg.model
-    config = model_config(m)
-    vae = _pretrained(m.pretrained, config) if m.pretrained else AutoencoderKL(config)
+    config = model_config(m)  # None with pretrained weights: theirs, changed by model.overrides below
+    vae = _with_overrides(_pretrained(m.pretrained), m.overrides) if m.pretrained else AutoencoderKL(config)
     vae.enable_gradient_checkpointing(m.gradient_checkpointing)
     if m.decoder_only:
         for mod in (vae.encoder, vae.quant_conv):
@@ -51,13 +51,36 @@ def build_model(cfg: TrainConfig) -> AutoencoderKL:
     return vae.train()
 
 
-def _pretrained(spec: str, config: AutoencoderKLConfig | None) -> AutoencoderKL:
+def _pretrained(spec: str) -> AutoencoderKL:
+    """The weights with their own config (config.json, the file's metadata, or inferred from the shapes)."""
     try:
-        return AutoencoderKL.from_pretrained(spec, config=config)
+        return AutoencoderKL.from_pretrained(spec)
     except WeightsError as e:
         # A run's export (stage 2 of a recipe) that is not there yet: the stage before has not been trained.
         hint = " (train the run that exports it first)" if Path(spec).name == "final" else ""
         raise WeightsError(f"model.pretrained: {e}{hint}") from None
+
+
+def _with_overrides(vae: AutoencoderKL, overrides: dict[str, Any]) -> AutoencoderKL:
+    """`vae` with model.overrides applied to its own config; refused when the weights no longer fit."""
+    if not overrides:
+        return vae
+    try:
+        config = vae.config.replace(**overrides)
+    except (TypeError, ValueError) as e:
+        raise KlvaeError(f"model.overrides: {cut(str(e), 300)}") from None
+    if config == vae.config:
+        return vae
+    with torch.random.fork_rng(devices=[]):  # the throwaway initialisation leaves the run's seed stream alone
+        changed = AutoencoderKL(config)
+    sd = vae.state_dict()
+    try:
+        check_state_dict(changed, sd, "the architecture that model.overrides make of them", shown=1)
+    except WeightsError as e:
+        raise KlvaeError(f"model.overrides {', '.join(map(str, overrides))} do not fit model.pretrained: "
+                         f"{cut(str(e), 400)}") from None
+    changed.load_state_dict(sd)
+    return changed
 
 
 def _saved_model_section(s: dict[str, Any]) -> dict[str, Any] | None:
@@ -72,6 +95,51 @@ def _saved_model_section(s: dict[str, Any]) -> dict[str, Any] | None:
 def _describe(m: dict[str, Any]) -> str:
     # A checkpoint's saved config is a file's text: cut what it holds.
     return ", ".join(f"model.{k} {quote(m[k], 100)}" for k in ("preset", "pretrained", "overrides") if m.get(k))
+
+
+# Fields a resume is expected to change: the run's length and cadence, where it writes, the machine it runs on,
+# and what only validation, speed or memory depend on. The training trajectory depends on none of them.
+RESUME_FREE = frozenset({
+    "train.max_steps", "train.log_every", "train.val_every", "train.ckpt_every", "train.out_dir", "train.device",
+    "train.max_nonfinite", "train.export_ema", "train.val_lpips", "data.num_workers", "data.cache_images",
+    "data.val", "data.val_images", "model.gradient_checkpointing", "loss.lpips_vgg_path", "loss.lpips_lin_path",
+})
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"section.field": value} of a config dict, model.overrides and loss kept as one value per key."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and not prefix and k != "loss":
+            out.update(_flat(v, f"{k}."))
+        elif isinstance(v, dict) and k == "loss":
+            out.update({f"loss.{lk}": lv for lk, lv in v.items()})
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _with_resolved_loss(d: dict[str, Any]) -> dict[str, Any]:
+    """`d` with its loss spelled out field by field, so a preset and its values written out compare equal."""
+    with contextlib.suppress(KlvaeError, TypeError, ValueError, AttributeError):
+        loss = d.get("loss")
+        d = {**d, "loss": {"preset": loss.get("preset", "ldm"), **dataclasses.asdict(build_loss_config(loss))}}
+    return d
+
+
+def config_changes(saved: object, cfg: TrainConfig) -> list[str]:
+    """"field old → new" for each field (outside RESUME_FREE) in which a checkpoint's stored config (its JSON
+    text) differs from `cfg`; none when it stored no readable config (older checkpoints)."""
+    try:
+        old = json.loads(saved) if isinstance(saved, str) else None
+    except ValueError:
+        return []
+    if not isinstance(old, dict):
+        return []
+    before, now = _flat(_with_resolved_loss(old)), _flat(_with_resolved_loss(cfg.to_dict()))
+    # Only fields both configs have: one added to klvae since the checkpoint was written is not a change.
+    keys = [k for k in now if k in before and k not in RESUME_FREE and before[k] != now[k]]
+    return [f"{k} {quote(before[k], 100)} → {quote(now[k], 100)}" for k in keys]
 
 
 def lr_factor(step: int, warmup: int, schedule: str, max_steps: int) -> float:
@@ -110,6 +178,9 @@ class Trainer:
         self.device = rank_device(device, self.dist)
         self.out = Path(cfg.train.out_dir)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+        if self.dist.is_main:
+            for warning in surprises(cfg):
+                log.warning("%s", warning)
         self.vae = build_model(cfg).to(self.device)  # cuda:LOCAL_RANK under torchrun, whatever index was set
         if cfg.data.resolution % self.vae.downsample_factor:
             raise KlvaeError(f"data.resolution must be a multiple of {self.vae.downsample_factor}")
@@ -211,7 +282,15 @@ class Trainer:
             raise type(e)(f"cannot resume from {found}: {e}") from None
         log.info("resumed from %s at step %d", found, self.step)
         self._warn_if_streams_reshard(state.get("world"))
+        self._warn_if_config_changed(state)
         return True
+
+    def _warn_if_config_changed(self, state: dict[str, Any]) -> None:
+        # A resumed run with another batch size, lr or resolution is a different run from step N on: allowed (a
+        # longer run, a lower lr to finish), but said, so that one edited by mistake does not pass unnoticed.
+        changes = config_changes(state.get("config"), self.cfg)
+        if changes and self.dist.is_main:
+            log.warning("resuming with a config that differs from the checkpoint's: %s", "; ".join(changes))
 
     def _warn_if_streams_reshard(self, saved_world: object) -> None:
         # Other sources keep one global order whatever the process count; shards are split among the processes,
@@ -235,8 +314,11 @@ class Trainer:
         """The weights that export writes: the EMA when kept and asked for, else the trained ones."""
         return self.ema.module if self.ema is not None and self.cfg.train.export_ema else self.vae
 
-    def lpips_files(self) -> tuple[str | None, str | None]:
-        """The VGG16 and LPIPS-head files the loss config names (also used by validation's LPIPS)."""
+    def lpips_files(self) -> tuple[str | None, str | None] | None:
+        """The VGG16 and LPIPS-head files the loss config names (also used by validation's LPIPS); None when
+        train.val_lpips turns validation's LPIPS off."""
+        if not self.cfg.train.val_lpips:
+            return None
         return self.loss.config.lpips_vgg_path, self.loss.config.lpips_lin_path
 
     def export(self) -> Path:

@@ -42,17 +42,18 @@ def make_grid(top: Tensor, bottom: Tensor, n: int = 8) -> Tensor:
 @torch.no_grad()
 def validate(
     vae: AutoencoderKL, batches: list[Tensor], device: torch.device, grid_path: Path | None,
-    lpips_files: tuple[str | None, str | None] = (None, None),
+    lpips_files: tuple[str | None, str | None] | None = (None, None),
 ) -> dict[str, float]:
     """Reconstruct the held-out batches through the posterior mean; mean metrics, and a grid image.
-    `lpips_files` (VGG16, LPIPS heads) name local weights for the LPIPS metric; else the cache or a download."""
+    `lpips_files` (VGG16, LPIPS heads) name local weights for the LPIPS metric; else the cache or a download;
+    None: no LPIPS (train.val_lpips false)."""
     was_training = vae.training
     vae.eval()
     # SSIM's 11x11 window and LPIPS's VGG (four 2x poolings before its last tap) need images at least that
     # large: smaller ones (a run at data.resolution 8) are measured by what can measure them.
     side = min(batches[0].shape[-2:]) if batches else LPIPS_MIN_SIDE
     with_ssim = side >= 2 * SSIM_RADIUS + 1
-    lp = _pretrained_lpips(str(device), *lpips_files) if side >= LPIPS_MIN_SIDE else None
+    lp = _pretrained_lpips(str(device), *lpips_files) if lpips_files is not None and side >= LPIPS_MIN_SIDE else None
     sums: dict[str, float] = {"psnr": 0.0, **({"ssim": 0.0} if with_ssim else {}),
                               **({"lpips": 0.0} if lp is not None else {})}
     n, first = 0, None

@@ -1,0 +1,50 @@
+"""Hashes of what decides a model's latents: the whole model's (caches and latents files record it), and its
+encoder's alone, by which `klvae decode` tells a fine-tune of the same VAE's decoder (sd-vae-ft-mse style: the
+same latents) from another VAE."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+
+from klvae.model.autoencoder import AutoencoderKL
+from klvae.model.latent_norm import NORM_FIELDS
+
+# The config fields that shape the encoder and its moments; the others belong to the decoder or to the scaling.
+_ENCODER_FIELDS = ("in_channels", "block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups",
+                   "norm_eps", "use_quant_conv", "attention")
+
+
+def model_fingerprint(vae: AutoencoderKL, with_factors: bool = True) -> str:
+    """A hash of what decides the latents a model gives: its architecture (and factors) and its weights."""
+    cfg = vae.config.to_dict()
+    # Fields that do not change a latent; two copies of one model may well differ in them.
+    for key in ("sample_size", "force_upcast", *(() if with_factors else NORM_FIELDS)):
+        cfg.pop(key, None)
+    if cfg.get("latents_mean", 0) is None:
+        # Absent, as they were before the field existed: the fingerprints of existing caches stay the same.
+        cfg.pop("latents_mean"), cfg.pop("latents_std")
+    for key, absent in (("latent_patch_size", 1), ("decoder_block_out_channels", None)):  # likewise
+        if key in cfg and cfg[key] == absent:
+            cfg.pop(key)
+    return _digest(cfg, vae.state_dict().items())
+
+
+def encoder_fingerprint(vae: AutoencoderKL) -> str:
+    """A hash of the encoder alone (its architecture and the weights of `encoder.*` and `quant_conv.*`): equal for
+    two models whose unscaled latents are equal, whatever their decoders."""
+    cfg = {"part": "encoder", **{k: v for k, v in vae.config.to_dict().items() if k in _ENCODER_FIELDS}}
+    return _digest(cfg, ((n, t) for n, t in vae.state_dict().items() if n.startswith(("encoder.", "quant_conv."))))
+
+
+def _digest(cfg: dict[str, Any], tensors: Any) -> str:
+    h = hashlib.blake2b(json.dumps(cfg, sort_keys=True).encode(), digest_size=16)
+    for name, t in sorted(tensors):
+        # Rounded to bf16: a GPU run casts the weights to bf16 for speed, and must still match a run in fp32.
+        t = t.detach().to(torch.bfloat16) if t.is_floating_point() else t.detach()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
