@@ -95,6 +95,31 @@ def test_an_interrupt_buried_under_a_writers_error_still_reads_as_interrupted(
     assert capsys.readouterr().err == "klvae: interrupted\n"
 
 
+@pytest.mark.parametrize("nested", [False, True])
+def test_a_second_ctrl_c_stops_a_held_write_at_once(nested: bool) -> None:
+    import contextlib
+
+    from klvae.training.checkpoint import signals_held
+
+    reached = []
+    with pytest.raises(KeyboardInterrupt), signals_held() if nested else contextlib.nullcontext(), signals_held():
+        os.kill(os.getpid(), signal.SIGINT)
+        reached.append("first held")
+        os.kill(os.getpid(), signal.SIGINT)  # the user insists: a save stuck on a network disk
+        reached.append("after the second")  # was reached, and the write went on until it ended
+    assert reached == ["first held"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_pending_interrupt_follows_an_error_in_the_held_block() -> None:
+    from klvae.training.checkpoint import signals_held
+
+    with pytest.raises(KeyboardInterrupt) as caught, signals_held():
+        os.kill(os.getpid(), signal.SIGINT)
+        raise OSError("disk full")
+    assert isinstance(caught.value.__context__, OSError)  # neither lost: the error is the interrupt's context
+
+
 # ---- 2. the logs of a run resumed from a checkpoint before its last logged step -------------------------------
 def test_a_resume_logs_each_step_once(tmp_path: Path, photos: Path) -> None:
     cfg = load_config(None, _overrides(tmp_path, photos, "train.max_steps=4", "train.ckpt_every=2"))

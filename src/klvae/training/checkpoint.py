@@ -58,22 +58,38 @@ def signals_held() -> Iterator[None]:
     # A Ctrl-C raised inside torch.save is buried under the RuntimeError its zip writer raises on the way out
     # ("unexpected pos"), so the CLI reported an internal error; held, the write completes and the interrupt
     # follows. Handlers can only be set in the main thread, and one not set from Python (None) cannot be restored.
-    if threading.current_thread() is not threading.main_thread() or None in map(signal.getsignal, _HELD):
+    # Nested, the outer block holds for both: an inner one would hand its signals to the outer's hold anyway.
+    handlers = [signal.getsignal(s) for s in _HELD] if threading.current_thread() is threading.main_thread() else [None]
+    if None in handlers or any(getattr(h, "klvae_hold", False) for h in handlers):
         yield
         return
     caught: list[int] = []
+    previous: dict[int, Any] = {}
 
     def hold(signum: int, frame: object) -> None:
+        # A second Ctrl-C is the user insisting (a save stuck on a network disk): it stops the write. SIGTERM
+        # stays held: a scheduler or torchrun follows it with SIGKILL after a grace period anyway.
+        if signum == signal.SIGINT and signal.SIGINT in caught:
+            caught.clear()  # delivered now, not again when the block ends
+            _restore(previous)
+            signal.raise_signal(signum)
+            return
         caught.append(signum)
 
-    previous = {s: signal.signal(s, hold) for s in _HELD}
+    hold.klvae_hold = True  # type: ignore[attr-defined]
+    previous.update({s: signal.signal(s, hold) for s in _HELD})
     try:
         yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        _restore(previous)
         if caught:
             signal.raise_signal(caught[0])  # runs the restored handler here: KeyboardInterrupt, or the default
+
+
+def _restore(previous: dict[int, Any]) -> None:
+    """Put back the handlers that signals_held replaced."""
+    for s, handler in previous.items():
+        signal.signal(s, handler)
 
 
 def save_checkpoint(state: dict[str, Any], directory: str | Path, step: int, keep: int = 2) -> Path:

@@ -42,6 +42,9 @@ Item = dict[str, Any] | None
 RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
             "bilinear": Image.Resampling.BILINEAR}
 CROPS = ("center", "random")
+# Whether this process has said that images smaller than the resolution are scaled up: once per process (a
+# DataLoader worker forked after the warning inherits it), as a warning per image would flood the log.
+_UPSCALE_WARNED = [False]
 
 
 def _randint(lo: int, hi: int) -> int:
@@ -88,6 +91,8 @@ class ImageTransform:
     def __call__(self, img: Image.Image) -> Tensor:
         """One image -> float32 [3, resolution, resolution] in [-1, 1]."""
         c = self.cfg
+        if min(img.size) < c.resolution and not _UPSCALE_WARNED[0]:
+            _warn_upscale(c.resolution, min(img.size))
         side = self.crop_side(img.width, img.height)
         if c.crop == "random":
             left, top = _randint(0, img.width - side), _randint(0, img.height - side)
@@ -99,6 +104,15 @@ class ImageTransform:
         else:  # crop and resample in one pass: only the box is filtered
             img = img.resize((c.resolution, c.resolution), RESAMPLE[c.resample], box=box)
         return pil_to_tensor(random_flip(img, c.flip))
+
+
+def _warn_upscale(resolution: int, side: int) -> None:
+    # Every crop of such an image is upsampled: the decoder learns blurred targets, not the data's detail.
+    _UPSCALE_WARNED[0] = True
+    log.warning("data.resolution %d is larger than the images: one of %d px on its shorter side was scaled up, as "
+                "is every image under %d px, which blurs the targets; consider a data.resolution of at most %d (a "
+                "multiple of the model's downsample factor; said once per process)", resolution, side, resolution,
+                side)
 
 
 def build_transform(cfg: TransformConfig) -> ImageTransform:

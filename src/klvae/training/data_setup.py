@@ -42,10 +42,22 @@ def build_train_loader(cfg: TrainConfig, dist: DistInfo, start_batch: int = 0) -
         # Streams (tar shards) have no random access: resume skips the consumed batches by reading them.
         loader = DataLoader(ds, batch_size=d.batch_size, num_workers=d.num_workers, collate_fn=collate_skip_none)
         return itertools.islice(_endless(loader, f"{d.train} (rank {dist.rank} of {dist.world})"), start_batch, None)
+    _check_one_global_batch(ds, d.batch_size * dist.world, d.train)
     sampler = GlobalBatchSampler(len(ds), d.batch_size, dist.rank, dist.world, cfg.train.seed, start_batch)
     loader = DataLoader(SeededItems(ds, cfg.train.seed), batch_sampler=sampler, num_workers=d.num_workers,
                         collate_fn=collate_skip_none, persistent_workers=d.num_workers > 0)
     return _mark_epochs(iter(loader), start_batch, sampler.per_epoch)
+
+
+def _check_one_global_batch(ds: Any, global_batch: int, source: str) -> None:
+    """Refuse a dataset with fewer items than one global batch, saying how many of them are unreadable."""
+    if len(ds) >= global_batch:
+        return
+    # Items are the files (or rows) found, readable or not: so few are cheap to read, and the count of the
+    # unreadable ones (each also named in a warning) tells whether the data or the batch size is at fault.
+    unreadable = sum(ds[i] is None for i in range(len(ds)))
+    raise KlvaeError(f"{source} has {len(ds)} item(s) (files or rows found; {unreadable} of them unreadable), fewer "
+                     f"than one global batch of {global_batch} (data.batch_size x processes)")
 
 
 def _endless(loader: DataLoader, name: str) -> Iterator[dict[str, Any]]:

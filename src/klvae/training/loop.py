@@ -118,14 +118,14 @@ class DroppedRun:
                          f"had no readable image each time ({unreadable} unreadable, {readable} readable)")
 
 
-def _micro_batches(it: Iterator[dict[str, Any]], n: int, skipped: list[int],
+def _micro_batches(it: Iterator[dict[str, Any]], n: int, tr: Trainer,
                    run: DroppedRun) -> tuple[list[torch.Tensor], int]:
     """`n` non-empty micro-batches, and how many loader batches were read for them (the resume position)."""
     out, read = [], 0
     while len(out) < n:
         batch = next(it)
         read += 1
-        skipped[0] += int(batch.get("skipped", 0))
+        tr.bad_images += int(batch.get("skipped", 0))  # kept in the trainer: checkpoints carry it over a resume
         # A batch with no readable image is dropped on every rank alike, so that all ranks read the same
         # number of batches (one data position to save) and run the same number of micro-steps.
         if run.keep(batch):
@@ -141,12 +141,12 @@ def fit(tr: Trainer) -> dict[str, float]:
     val = build_val_batches(cfg) if main and cfg.data.val else None
     runlog = RunLog(tr.out, main, resumed_at=tr.step)
     last: dict[str, float] = {}
-    skipped, dropped = [0], DroppedRun(cfg.data.train, tr.dist, tr.device)
+    dropped, bad = DroppedRun(cfg.data.train, tr.dist, tr.device), 0.0
     bar = progress_bar(total=cfg.train.max_steps, initial=tr.step, disable=not main, desc="train", unit="step")
     t0, n0 = time.perf_counter(), tr.step
     try:
         while tr.step < cfg.train.max_steps:
-            micro, read = _micro_batches(it, accum, skipped, dropped)
+            micro, read = _micro_batches(it, accum, tr, dropped)
             tr.batches_done += read  # batches read, not kept: a dropped empty batch is consumed data too
             last = tr.train_step(micro)
             bar.update(1)
@@ -154,7 +154,7 @@ def fit(tr: Trainer) -> dict[str, float]:
             if tr.step % cfg.train.log_every == 0 or tr.step == cfg.train.max_steps:
                 rate = (tr.step - n0) / max(time.perf_counter() - t0, 1e-9)
                 # Every rank reads its own share: the count is the sum over ranks (a collective, as all log alike).
-                bad = float(all_sum(torch.tensor(skipped[0], device=tr.device), tr.dist).item())
+                bad = float(all_sum(torch.tensor(tr.bad_images, device=tr.device), tr.dist).item())
                 runlog.write(tr.step, {**last, "steps_per_s": rate, "bad_images": bad}, "train")
             if val is not None and (tr.step % cfg.train.val_every == 0 or tr.step == cfg.train.max_steps):
                 grid = tr.out / "samples" / f"step_{tr.step:08d}.png"
@@ -166,10 +166,10 @@ def fit(tr: Trainer) -> dict[str, float]:
     finally:
         bar.close()
         runlog.close()
-    if skipped[0]:
+    if main and bad:
         # Counted per read, and every epoch reads each image again: the warnings on the way name the files.
-        log.warning("unreadable training images were skipped %d time(s) (once per read, so once per epoch each)",
-                    skipped[0])
+        log.warning("unreadable training images were skipped %d time(s) in this run, its resumed parts and all "
+                    "processes together (once per read, so once per epoch each)", bad)
     if main and (last or not (tr.out / "final").is_dir()):  # a finished run resumed keeps its export as it is
         with signals_held():  # a Ctrl-C waits for the export to be whole
             final = tr.export()

@@ -20,6 +20,7 @@ from klvae.distributed import (
     DistInfo,
     all_mean,
     all_ranks,
+    all_sum,
     average_gradients,
     barrier,
     init_distributed,
@@ -200,6 +201,10 @@ class Trainer:
         ids = [self.device] if self.device.type == "cuda" else None
         self.net = DistributedDataParallel(net, device_ids=ids) if self.dist.enabled else net
         self.step, self.batches_done, self.nonfinite_run = 0, 0, 0
+        # Unreadable reads met by this process; rank 0's also holds the all-ranks count saved before a resume,
+        # so that the logged sum over ranks goes on from where it stopped, whatever the process count.
+        self.bad_images = 0
+        self._bad_images_total: int | None = None  # the sum over ranks at the last save()
 
     def _build_optimisers(self) -> None:
         o = self.cfg.optim
@@ -215,6 +220,9 @@ class Trainer:
         """Everything an exact resume needs."""
         return {
             "step": self.step, "batches_done": self.batches_done, "nonfinite_run": self.nonfinite_run,
+            # Under DDP the sum over ranks that save() takes just before (this rank's own count outside it).
+            "bad_images": self._bad_images_total if self.dist.enabled and self._bad_images_total is not None
+            else self.bad_images,
             "vae": self.vae.state_dict(), "loss": self.loss.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "opt_ae": self.opt_ae.state_dict(), "opt_d": self.opt_d.state_dict() if self.opt_d else None,
@@ -243,6 +251,8 @@ class Trainer:
             if saved:
                 scaler.load_state_dict(saved)
         self.step, self.batches_done, self.nonfinite_run = s["step"], s["batches_done"], s["nonfinite_run"]
+        # One rank carries the saved sum (older checkpoints have none: 0); the others count afresh.
+        self.bad_images = int(s.get("bad_images") or 0) if self.dist.is_main else 0
         try:
             ckpt.set_rng_state(s["rng"])
         except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
@@ -304,6 +314,8 @@ class Trainer:
     def save(self) -> Path | None:
         """Rank 0 writes a checkpoint; every rank waits for it."""
         path = None
+        # Each rank counts its own unreadable reads: the sum is saved (a collective, so on every rank).
+        self._bad_images_total = int(all_sum(torch.tensor(self.bad_images, device=self.device), self.dist).item())
         if self.dist.is_main:
             path = ckpt.save_checkpoint(self.state_dict(), self.out / "checkpoints", self.step)
             log.info("checkpoint %s", path)

@@ -17,6 +17,7 @@ from klvae.model.autoencoder import AutoencoderKL
 log = logging.getLogger(__name__)
 
 LPIPS_MIN_SIDE = 16
+GRID_IMAGES = 8  # held-out images in the samples grid: gathered across batches, not the first batch's alone
 
 
 @cache
@@ -56,7 +57,7 @@ def validate(
     lp = _pretrained_lpips(str(device), *lpips_files) if lpips_files is not None and side >= LPIPS_MIN_SIDE else None
     sums: dict[str, float] = {"psnr": 0.0, **({"ssim": 0.0} if with_ssim else {}),
                               **({"lpips": 0.0} if lp is not None else {})}
-    n, first = 0, None
+    n, shown = 0, []
     for x in batches:
         x = x.to(device)
         y = vae(x, sample_posterior=False)[0].clamp(-1, 1)
@@ -65,11 +66,12 @@ def validate(
             sums["ssim"] += ssim(x, y).sum().item()
         if lp is not None:
             sums["lpips"] += lp(x, y).sum().item()
+        if n < GRID_IMAGES:  # only the few shown are copied to the CPU
+            shown.append((x[: GRID_IMAGES - n].cpu(), y[: GRID_IMAGES - n].cpu()))
         n += x.shape[0]
-        if first is None:
-            first = (x.cpu(), y.cpu())
     vae.train(was_training)
-    if grid_path is not None and first is not None:
+    if grid_path is not None and shown:
         grid_path.parent.mkdir(parents=True, exist_ok=True)
-        save_image_atomic(tensor_to_pil(make_grid(*first)), grid_path)
+        top, bottom = (torch.cat(parts) for parts in zip(*shown, strict=True))
+        save_image_atomic(tensor_to_pil(make_grid(top, bottom, GRID_IMAGES)), grid_path)
     return {k: v / max(n, 1) for k, v in sums.items()}

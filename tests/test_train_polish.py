@@ -1,0 +1,118 @@
+"""Findings of a user trial of `klvae train`: the unreadable-image count across a resume, the samples grid across
+validation batches, a resolution above the images' size, and the message for a dataset under one batch."""
+
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import klvae.training.data as data_module
+from klvae.distributed import DistInfo
+from klvae.errors import KlvaeError
+from klvae.training.config import load_config
+from klvae.training.data import TransformConfig, build_transform
+from klvae.training.data_setup import build_train_loader
+from klvae.training.loop import fit
+from klvae.training.trainer import Trainer
+from klvae.training.validate import validate
+
+
+def _png(i: int, size: tuple[int, int] = (24, 16)) -> bytes:
+    buf = io.BytesIO()
+    rng = np.random.default_rng(i)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    """Four small noise images and one unreadable file."""
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(4):
+        (root / f"img{i}.png").write_bytes(_png(i))
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    return root
+
+
+def _cfg(out: Path, data: Path, *overrides: str) -> object:
+    return load_config(None, [
+        "model.preset=tiny", f"data.train={data}", "data.resolution=16", "data.batch_size=1", "data.num_workers=0",
+        "train.log_every=1", "train.val_every=1000", f"train.out_dir={out}", "train.device=cpu", "loss.preset=mse",
+        *overrides])
+
+
+def _bad_counts(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["bad_images"] for r in rows if r["split"] == "train"}
+
+
+# ---- 1. bad_images goes on across a resume --------------------------------------------------------------------
+def test_bad_images_count_continues_across_a_resume(tmp_path: Path, images: Path) -> None:
+    # Five items a pass, one unreadable: ten steps read it two or three times. Was: the resumed run counted from 0
+    # again, so its rows after step 5 were lower than the uninterrupted run's.
+    fit(Trainer(_cfg(tmp_path / "a", images, "train.max_steps=10", "train.ckpt_every=5")))
+    whole = _bad_counts(tmp_path / "a")
+    fit(Trainer(_cfg(tmp_path / "b", images, "train.max_steps=5", "train.ckpt_every=5")))
+    tr = Trainer(_cfg(tmp_path / "b", images, "train.max_steps=10", "train.ckpt_every=5"))
+    assert tr.resume() and tr.step == 5 and whole[5] >= 1
+    fit(tr)
+    assert _bad_counts(tmp_path / "b") == whole
+
+
+def test_bad_images_resume_on_rank_0_only_and_old_checkpoints_start_at_0(tmp_path: Path, images: Path) -> None:
+    tr = Trainer(_cfg(tmp_path / "run", images, "train.max_steps=1"))
+    tr.bad_images = 3
+    state = tr.state_dict()
+    assert state["bad_images"] == 3
+    other = Trainer(_cfg(tmp_path / "run", images, "train.max_steps=1"))
+    other.dist = DistInfo(rank=1, world=2)  # the sum is carried by rank 0 alone, so that it counts once
+    other.load_state_dict(state)
+    assert other.bad_images == 0
+    del state["bad_images"]  # a checkpoint written before the count was saved
+    tr.load_state_dict(state)
+    assert tr.bad_images == 0
+
+
+# ---- 2. the samples grid shows up to 8 held-out images, across batches ------------------------------------------
+def test_samples_grid_gathers_images_across_validation_batches(tmp_path: Path) -> None:
+    tr = Trainer(_cfg(tmp_path / "run", tmp_path, "train.max_steps=1"))
+    batches = [torch.rand(2, 3, 16, 16) * 2 - 1 for _ in range(3)]  # 6 images, batch 2: was a grid of the first 2
+    validate(tr.vae, batches, tr.device, tmp_path / "six.png", None)
+    assert Image.open(tmp_path / "six.png").size == (6 * 16, 2 * 16)
+    validate(tr.vae, batches * 2, tr.device, tmp_path / "twelve.png", None)
+    assert Image.open(tmp_path / "twelve.png").size == (8 * 16, 2 * 16)  # at most 8
+
+
+# ---- 3. a resolution above the images' size ----------------------------------------------------------------------
+def test_upscaling_small_images_warns_once_per_process(monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(data_module, "_UPSCALE_WARNED", [False], raising=False)  # as in a fresh process
+    small = Image.fromarray(np.zeros((20, 30, 3), dtype=np.uint8))
+    with caplog.at_level(logging.WARNING, logger="klvae.training.data"):
+        build_transform(TransformConfig(resolution=16))(small)  # large enough: no warning
+        assert not caplog.records
+        for _ in range(3):
+            build_transform(TransformConfig(resolution=32, crop="random"))(small)
+            build_transform(TransformConfig(resolution=32))(small)  # another transform (validation's): not again
+    assert len(caplog.records) == 1
+    msg = caplog.records[0].getMessage()
+    assert "data.resolution 32" in msg and "20 px" in msg and "at most 20" in msg
+
+
+# ---- 4. a dataset under one global batch ------------------------------------------------------------------------
+def test_too_small_dataset_counts_items_and_unreadable_ones(tmp_path: Path) -> None:
+    root = tmp_path / "few"
+    root.mkdir()
+    (root / "a.png").write_bytes(_png(0))
+    (root / "broken.jpg").write_bytes(b"not an image")
+    cfg = _cfg(tmp_path / "run", root, "data.batch_size=4")
+    with pytest.raises(KlvaeError) as e:
+        build_train_loader(cfg, DistInfo())
+    # Was: "the dataset has 2 images, fewer than one global batch of 4".
+    assert "has 2 item(s) (files or rows found; 1 of them unreadable), fewer than one global batch of 4" in str(e.value)
