@@ -20,6 +20,7 @@ import torch
 from klvae import inference
 from klvae.atomic import atomic_write_all
 from klvae.cli.common import (
+    NO_WEIGHTS,
     add_model_args,
     add_overwrite_arg,
     add_tiling_args,
@@ -27,6 +28,8 @@ from klvae.cli.common import (
     check_output_path,
     check_seed,
     load_model,
+    preset_on_meta,
+    preset_to_describe,
     tiling_from_args,
 )
 from klvae.errors import ImageError, KlvaeError, LatentsError
@@ -80,11 +83,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True,
                    help="reconstruction to write (.png, or by the extension .jpg, .jpeg, .webp, .bmp, .tif, .tiff)")
     add_overwrite_arg(p, "an existing --output file")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (input, output, psnr, ssim, size [width, height], model)")
     add_model_args(p)
     add_tiling_args(p)
     p.set_defaults(func=cmd_reconstruct)
 
-    p = sub.add_parser("info", help="the model's config, factors and parameter counts")
+    p = sub.add_parser("info", help="the model's config, factors and parameter counts; a preset alone "
+                                    "(--config PRESET, or --model tiny) is described without weights")
     add_model_args(p, run=False)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
@@ -409,10 +415,29 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_reconstruct(args: argparse.Namespace) -> int:
-    """Encode and decode one image; print PSNR and SSIM against the original."""
+def _quality(x: torch.Tensor, y8: torch.Tensor) -> tuple[float, float | None]:
+    """PSNR and SSIM of `y8` against `x`; SSIM None where its window does not fit in the image."""
     from klvae.evaluation.metrics import SSIM_RADIUS, psnr, ssim
 
+    fits = min(x.shape[-2:]) >= 2 * SSIM_RADIUS + 1
+    return psnr(x, y8).item(), ssim(x, y8).item() if fits else None
+
+
+def _print_quality(args: argparse.Namespace, out: Path, x: torch.Tensor, scores: tuple[float, float | None]) -> None:
+    """reconstruct's result: the human line, or with --json one JSON object."""
+    from klvae.evaluation.metrics import SSIM_RADIUS
+
+    p, s = scores
+    if args.json:
+        print(json.dumps({"input": str(args.image), "output": str(out), "psnr": p, "ssim": s,
+                          "size": [x.shape[-1], x.shape[-2]], "model": str(args.model)}))
+        return
+    shown = f"{s:.4f}" if s is not None else f"n/a (under {2 * SSIM_RADIUS + 1} px a side)"
+    print(f"PSNR {p:.2f} dB  SSIM {shown}  -> {out}")
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    """Encode and decode one image; print PSNR and SSIM against the original."""
     out = check_new_file(args.output, overwrite=args.overwrite, inputs=[args.image])
     image_format_for(out)
     x = pil_to_tensor(load_image(args.image))[None]
@@ -425,13 +450,9 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     check_finite(y, "pixels", args.image)
     # Metrics on the 8-bit image that is written, as a viewer sees it; computed first, so nothing fails after.
     y8 = pil_to_tensor(tensor_to_pil(y[0]))[None]
-    quality = f"PSNR {psnr(x, y8).item():.2f} dB  SSIM "
-    if min(x.shape[-2:]) >= 2 * SSIM_RADIUS + 1:
-        quality += f"{ssim(x, y8).item():.4f}"
-    else:  # SSIM's 11x11 window does not fit in the image
-        quality += f"n/a (under {2 * SSIM_RADIUS + 1} px a side)"
+    scores = _quality(x, y8)
     save_image_atomic(tensor_to_pil(y[0]), out)
-    print(f"{quality}  -> {out}")
+    _print_quality(args, out, x, scores)
     return 0
 
 
@@ -443,12 +464,19 @@ def describe(vae: AutoencoderKL, model: str) -> dict:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Print the config and parameter counts."""
-    vae, _, _ = load_model(args)
-    d = describe(vae, str(args.model))
+    if preset := preset_to_describe(args):
+        # A preset's architecture needs no weights: built on meta, so even flux2's costs no memory or download.
+        vae = preset_on_meta(preset)
+        d = {**describe(vae, preset), "weights": NO_WEIGHTS}
+    else:
+        vae, _, _ = load_model(args)
+        d = describe(vae, str(args.model))
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
     print(f"model: {d['model']}")
+    if "weights" in d:
+        print(f"weights: {d['weights']}")
     for k, v in d["config"].items():
         print(f"  {k}: {v}")
     n = d["parameters"]

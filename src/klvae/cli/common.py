@@ -71,6 +71,28 @@ def load_model(args: argparse.Namespace) -> tuple[AutoencoderKL, torch.device, t
     return vae, device, dtype
 
 
+NO_WEIGHTS = "preset, no weights (random init)"
+
+
+def preset_to_describe(args: argparse.Namespace) -> str | None:
+    """The preset `info` describes without weights: --config alone, or --model naming one with none released."""
+    from klvae.model.config import PRESET_HUB_FILES, PRESET_HUB_IDS, PRESETS
+
+    if args.model is None:
+        return args.config if args.config in PRESETS else None
+    released = args.model in PRESET_HUB_IDS or args.model in PRESET_HUB_FILES
+    # --config naming another preset is a config for weights, which such a preset lacks: loading says so.
+    if args.model in PRESETS and not released and args.config in (None, args.model):
+        return args.model
+    return None
+
+
+def preset_on_meta(name: str) -> AutoencoderKL:
+    """The preset's model built on the meta device: its shapes and counts, no memory for its weights."""
+    with torch.device("meta"):
+        return AutoencoderKL(name)
+
+
 def check_seed(seed: int, flag: str = "--seed") -> int:
     """A seed torch's generators take: 0 to 2**63 - 1."""
     if not 0 <= seed < 2**63:

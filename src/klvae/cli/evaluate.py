@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from klvae.cli.common import (
     add_overwrite_arg,
@@ -17,6 +18,11 @@ from klvae.cli.common import (
     tiling_from_args,
 )
 from klvae.errors import KlvaeError
+
+if TYPE_CHECKING:
+    import torch
+
+    from klvae.evaluation.evaluate import EvalOptions
 
 log = logging.getLogger("klvae")
 
@@ -41,7 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="report folder (created; an existing one must not hold an earlier report)")
     add_overwrite_arg(p, "an earlier report's index.html, summary.json, metrics.csv and example PNGs in --output, "
                          "leaving other files there")
-    p.add_argument("--resolution", type=int, default=256, help="side of the centre crop (default 256)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="side of the centre crop (default 256); smaller images are enlarged to cover it")
     p.add_argument("--crop", choices=("center", "none"), default="center",
                    help="center: resize to cover and centre-crop to --resolution; none: the full image")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
@@ -97,16 +104,49 @@ def check_report_output(out: Path, overwrite: bool) -> None:
         raise exists_error("--output", out, held[0], " (an earlier report)")
 
 
+def _resolution(args: argparse.Namespace) -> int:
+    # --crop none measures full images: a --resolution there would be silently ignored, so it is refused.
+    if args.resolution is None:
+        return 256
+    if args.crop == "none":
+        raise KlvaeError("--resolution applies to --crop center only; leave it out with --crop none")
+    return args.resolution
+
+
+def _load_models(args: argparse.Namespace, device: torch.device, opts: EvalOptions) -> dict[str, Any]:
+    """Every --model loaded and made ready for inference, keyed by its report name."""
+    from klvae.inference import SpeedOptions, optimize_for_inference
+    from klvae.model.autoencoder import AutoencoderKL
+
+    subfolders = _per_model(args.subfolder, len(args.model), "--subfolder")
+    configs = _per_model(args.config, len(args.model), "--config")
+    models = {}
+    for name, spec, sub, cfg in zip(_model_names(args.model), args.model, subfolders, configs, strict=True):
+        vae = AutoencoderKL.from_pretrained(spec, subfolder=sub, config=cfg, device=device)
+        # The same levers as encode/decode/reconstruct, so that eval scores what those commands produce.
+        models[name] = optimize_for_inference(vae, opts.dtype,
+                                              SpeedOptions(compile=args.compile, fused_norm=args.fused_norm))
+        log.info("model %s on %s", spec, device)
+    return models
+
+
+def _check_named_weights(args: argparse.Namespace) -> None:
+    # A missing file named on the command line fails before the models load; its content is checked when it loads.
+    for flag, path in (("--lpips-vgg", args.lpips_vgg), ("--lpips-lin", args.lpips_lin),
+                       ("--inception-weights", args.inception_weights)):
+        if path is not None and not Path(path).expanduser().is_file():
+            raise KlvaeError(f"{flag} {Path(path).expanduser()}: no such file")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate the models and write the report; exit 1 when some images were unreadable."""
     from klvae.evaluation.evaluate import EvalOptions, build_metric_nets, run_evaluation
-    from klvae.inference import SpeedOptions, optimize_for_inference, resolve_dtype, usable_device
+    from klvae.inference import resolve_dtype, usable_device
     from klvae.latents.sources import open_source
-    from klvae.model.autoencoder import AutoencoderKL
 
     device = usable_device(args.device, "--device")
     opts = EvalOptions(
-        resolution=args.resolution, crop=args.crop, limit=args.limit, batch_size=args.batch_size,
+        resolution=_resolution(args), crop=args.crop, limit=args.limit, batch_size=args.batch_size,
         dtype=resolve_dtype(args.dtype, device), tiling=tiling_from_args(args), examples=args.examples,
         image_column=args.image_column,
     )
@@ -115,27 +155,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_report_output(Path(args.output), args.overwrite)
     check_not_in_data(args.output, "--output", args.data)  # a rerun would score the report's PNGs as data
     source = open_source(args.data, image_column=args.image_column)  # bad data before any model or download
+    if not source.ids:
+        raise KlvaeError(f"--data {args.data} holds no images")
     if not args.model:
         args.model = ["demo"]
         log.info("no --model given: evaluating klvae's built-in demo model (see docs/demo-model.md)")
-    subfolders = _per_model(args.subfolder, len(args.model), "--subfolder")
-    configs = _per_model(args.config, len(args.model), "--config")
-    # Named weight files are checked before the models load: a wrong one is an error, not a missing metric.
+    _check_named_weights(args)
+    # Models before metric nets: a mistyped --model must not cost the VGG16 and Inception downloads first.
+    models = _load_models(args, device, opts)
+    # Named weight files are checked before the work: a wrong one is an error, not a missing metric.
     nets = build_metric_nets(device, lpips=not args.no_lpips, lpips_vgg=args.lpips_vgg, lpips_lin=args.lpips_lin,
                              fid=not args.no_fid, inception_weights=args.inception_weights)
-    models = {}
-    for name, spec, sub, cfg in zip(_model_names(args.model), args.model, subfolders, configs, strict=True):
-        vae = AutoencoderKL.from_pretrained(spec, subfolder=sub, config=cfg, device=device)
-        # The same levers as encode/decode/reconstruct, so that eval scores what those commands produce.
-        models[name] = optimize_for_inference(vae, opts.dtype,
-                                              SpeedOptions(compile=args.compile, fused_norm=args.fused_norm))
-        log.info("model %s on %s", spec, device)
     summary = run_evaluation(models, args.data, args.output, opts, nets, device, source)
     _print_summary(summary, Path(args.output))
     return 1 if summary["images"]["skipped"] else 0
 
 
 def _print_summary(summary: dict, out: Path) -> None:
+    from klvae.evaluation.report import rfid_sample_note
+
     def num(v: float | None, digits: int) -> str:
         return "n/a" if v is None else f"{v:.{digits}f}"  # None: not finite in summary.json
 
@@ -144,8 +182,9 @@ def _print_summary(summary: dict, out: Path) -> None:
         if "lpips" in m:
             bits.append(f"LPIPS {num(m['lpips']['mean'], 4)}")
         if "rfid" in m and m["rfid"]["value"] is not None:
-            bits.append(f"rFID {m['rfid']['value']:.3f} (n={m['rfid']['n']})")
+            bits.append(f"rFID {m['rfid']['value']:.3f} ({rfid_sample_note(m['rfid'])})")
         print(f"{name}: {', '.join(bits)}")
     imgs = summary["images"]
     skipped = f", {imgs['skipped']} skipped" if imgs["skipped"] else ""
-    print(f"{imgs['evaluated']} images{skipped}; report: {out / 'index.html'}")
+    noun = "image" if imgs["evaluated"] == 1 else "images"
+    print(f"{imgs['evaluated']} {noun}{skipped}; report: {out / 'index.html'}")

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from klvae import __version__, inference
 from klvae.errors import ImageError, KlvaeError, first_line
-from klvae.evaluation.fid import FIDReference
+from klvae.evaluation.fid import FEATURE_DIM, FIDReference
 from klvae.evaluation.metrics import MetricAccumulator, psnr, ssim
 from klvae.images import MAX_PIXELS, pil_to_tensor
 from klvae.inference import TileOptions
@@ -87,6 +87,7 @@ class EvalResult:
     available: int = 0
     metrics: list[str] = field(default_factory=list)
     left_out: dict[str, str] = field(default_factory=dict)
+    enlarged: list[int] = field(default_factory=list)  # smallest side of each image scaled up to cover the crop
 
     def rows(self) -> Iterator[dict[str, Any]]:
         """metrics.csv rows: one per (image, model), image-major so the models of an image sit together."""
@@ -179,6 +180,21 @@ def prepare(img: Any, opts: EvalOptions) -> Tensor:
     return pil_to_tensor(img)
 
 
+def is_enlarged(img: Any, opts: EvalOptions) -> bool:
+    """Whether prepare() scales `img` up: a centre crop larger than the image's shorter side."""
+    return opts.crop == "center" and min(img.size) < opts.resolution
+
+
+def warn_enlarged(sides: list[int], total: int, resolution: int) -> None:
+    """One warning for the images scaled up to cover the crop, with a setting that avoids it."""
+    if not sides:
+        return
+    # Upsampling smooths an image, which the autoencoder reconstructs more easily: the scores come out too good.
+    log.warning("%d of %d images were enlarged to cover %dx%d (smallest side %d px), which smooths them and "
+                "inflates PSNR/SSIM; pass --resolution %d or less, or --crop none", len(sides), total, resolution,
+                resolution, min(sides), min(sides))
+
+
 def quantise(x: Tensor) -> Tensor:
     """Round [-1, 1] pixels to the 8-bit values a saved reconstruction would hold."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
@@ -193,18 +209,23 @@ def reconstruct(vae: AutoencoderKL, x: Tensor, opts: EvalOptions) -> Tensor:
 
 
 def iter_batches(
-    source: ItemSource, ids: list[str], opts: EvalOptions, skipped: list[dict[str, str]]
+    source: ItemSource, ids: list[str], opts: EvalOptions, skipped: list[dict[str, str]],
+    enlarged: list[int] | None = None,
 ) -> Iterator[tuple[list[str], Tensor]]:
-    """Batches of prepared images of one size; unreadable items are logged, appended to `skipped` and passed over."""
+    """Batches of prepared images of one size; unreadable items are logged, appended to `skipped` and passed over;
+    the smallest side of each image scaled up is appended to `enlarged`."""
     batch_ids: list[str] = []
     batch: list[Tensor] = []
     for item_id in ids:
         try:
-            t = prepare(source.load(item_id), opts)
+            img = source.load(item_id)
+            t = prepare(img, opts)
         except Exception as e:  # ImageError, or a decoder's own (PIL raises many kinds): this image, not the run
             log.warning("skipping %s", item_error(item_id, e))
             skipped.append({"id": item_id, "error": item_error(item_id, e)})
             continue
+        if enlarged is not None and is_enlarged(img, opts):
+            enlarged.append(min(img.size))
         # crop=none gives images of many sizes; a batch holds one size, so a size change flushes it.
         if batch and (t.shape != batch[0].shape or len(batch) == opts.batch_size):
             yield batch_ids, torch.stack(batch)
@@ -241,7 +262,7 @@ def evaluate(
     accs = {m: MetricAccumulator() for m in names}
     feats: dict[str, list[Tensor]] = {m: [] for m in ["", *names]}  # "" holds the originals
     with progress_bar(total=len(ids), desc="evaluating", unit="img") as bar:
-        for batch_ids, x in iter_batches(source, ids, opts, res.skipped):
+        for batch_ids, x in iter_batches(source, ids, opts, res.skipped, res.enlarged):
             for m, vae in models.items():
                 x_dev = x.to(vae.device)
                 r = reconstruct(vae, x_dev, opts)
@@ -257,6 +278,7 @@ def evaluate(
         bar.update(len(ids) - bar.n)
     if not res.ids:
         raise KlvaeError(f"none of the {len(ids)} images could be read")
+    warn_enlarged(res.enlarged, len(res.ids), opts.resolution)
     # Tar shards that could not be read (or not to their end) are skipped parts of the data, counted as such.
     res.skipped += [{"id": path, "error": f"tar shard skipped: {why}"} for path, why in source.unreadable]
     res.summaries = {m: accs[m].summary() for m in names}
@@ -274,9 +296,10 @@ def _add_rfid(res: EvalResult, feats: dict[str, list[Tensor]]) -> None:
         log.warning("rFID left out: it needs at least two images, got %d", len(res.ids))
         res.left_out["rfid"] = "needs at least two images"
         return
-    if len(res.ids) < 2048:
-        log.info("rFID from %d images: fewer than the 2048 feature dimensions, so it is noisy and biased upward; "
-                 "compare it only with rFIDs from the same images", len(res.ids))
+    if len(res.ids) < FEATURE_DIM:
+        # A rank-deficient covariance: the value says little on its own, and -q must not hide that.
+        log.warning("rFID from %d images: fewer than the %d feature dimensions, so it is unreliable (noisy and "
+                    "biased upward); compare it only with rFIDs from the same images", len(res.ids), FEATURE_DIM)
     reference = FIDReference(torch.cat(feats[""]))
     for m in res.models:
         res.rfid[m] = reference.distance(torch.cat(feats[m]))
@@ -317,13 +340,14 @@ def build_summary(res: EvalResult, data: str, opts: EvalOptions, device: torch.d
         entry: dict[str, Any] = {"n": len(res.ids)}
         entry.update({k: res.summaries[m][k] for k in res.metrics if k in res.summaries[m]})
         if "rfid" in res.metrics:
-            entry["rfid"] = {"value": res.rfid[m], "n": len(res.ids)}
+            entry["rfid"] = {"value": res.rfid[m], "n": len(res.ids), "reliable": len(res.ids) >= FEATURE_DIM}
         models[m] = entry
     return {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "data": data,
         "resolution": opts.resolution if opts.crop == "center" else None,
         "crop": opts.crop,
+        "enlarged": len(res.enlarged),
         "limit": opts.limit,
         "device": str(device),
         "dtype": str(opts.dtype).removeprefix("torch."),

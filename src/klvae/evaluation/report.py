@@ -19,6 +19,7 @@ from torch import Tensor
 
 from klvae.atomic import atomic_write_all, text_writer
 from klvae.evaluation.evaluate import EvalResult
+from klvae.evaluation.fid import FEATURE_DIM
 from klvae.images import tensor_to_pil, write_image
 
 # An inferno-like ramp: dark for no error, yellow-white at the full-scale error.
@@ -111,12 +112,20 @@ def histogram_svg(values: Mapping[str, Sequence[float]], bins: int = 24, width: 
     return "".join(parts)
 
 
+def rfid_sample_note(stats: Mapping[str, Any]) -> str:
+    """"n=N", or "n=N < 2048: unreliable" for an rFID from fewer images than Inception feature dimensions."""
+    # Summaries written before "reliable" existed count as reliable: their n is still shown.
+    if stats.get("reliable", True):
+        return f"n={stats['n']}"
+    return f"n={stats['n']} < {FEATURE_DIM}: unreliable"
+
+
 def _fmt(metric: str, stats: Any) -> str:
     if stats is None:
         return "—"
     if metric == "rfid":
         v = stats.get("value")
-        return "—" if v is None else f"{v:.3f} <small>(n={stats['n']})</small>"
+        return "—" if v is None else f"{v:.3f} <small>({html.escape(rfid_sample_note(stats))})</small>"
     mean = stats.get("mean")
     # Not finite: a PSNR of identical images is +inf (None once through json_safe, inf in the run's own summary).
     if mean is None or not math.isfinite(mean):
