@@ -243,6 +243,16 @@ def check_resume(out: str | Path, opts: CacheOptions, world: int, fingerprint: s
                              "the same options and number of processes, or write to another folder")
 
 
+def parse_index(path: Path) -> dict[str, Any] | None:
+    """index.json's content when it reads as a klvae cache index (its format and an item list), else None."""
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):  # ValueError: bad JSON or UTF-8, huge ints
+        return None
+    ok = isinstance(index, dict) and index.get("format") == INDEX_FORMAT and isinstance(index.get("items"), list)
+    return index if ok else None
+
+
 def _read_index(path: Path) -> dict[str, Any] | None:
     # None where there is none (or no longer: a resume removes it when it drops a damaged shard).
     if not path.is_file():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ from torch.utils.data import Dataset, Sampler
 
 from klvae.errors import LatentsError, first_line
 from klvae.latents.buckets import cover_size
-from klvae.latents.cache import INDEX_FORMAT, keyed_generator
+from klvae.latents.cache import keyed_generator, parse_index
 from klvae.latents.verify import verify_cache
 from klvae.model.latent_norm import LatentNorm
 from klvae.posterior import DiagonalGaussian
@@ -48,13 +47,9 @@ class LatentDataset(Dataset):
         path = self.root / "index.json"
         if not path.is_file():
             raise LatentsError(f"{self.root} has no index.json: run `klvae cache` to completion first")
-        try:
-            index = json.loads(path.read_text())
-        except (OSError, ValueError, RecursionError):  # ValueError: bad JSON or UTF-8, huge ints
-            index = None
-        options = index.get("options") if isinstance(index, dict) else None
-        if (not isinstance(index, dict) or index.get("format") != INDEX_FORMAT
-                or not isinstance(index.get("items"), list) or not isinstance(options, dict) or "store" not in options):
+        index = parse_index(path)
+        options = index.get("options") if index is not None else None
+        if index is None or not isinstance(options, dict) or "store" not in options:
             raise LatentsError(f"{path} is not a klvae latent cache index")
         if mode not in ("sample", "mean"):
             raise LatentsError(f"mode must be sample or mean, got {mode!r}")

@@ -17,7 +17,6 @@ with none, most shards) show, scaled to the row's bucket.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections import Counter
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from klvae.errors import KlvaeError
-from klvae.latents.cache import INDEX_FORMAT, read_manifest
+from klvae.latents.cache import parse_index, read_manifest
 from klvae.latents.integrity import RowShapes, drop_shards, file_sha256, read_header, rows_problem
 from klvae.progress import progress_bar
 
@@ -210,12 +209,8 @@ def _read_index(path: Path) -> dict[str, Any]:
     # index.json as LatentDataset reads it; KlvaeError when there is none or it is no cache index.
     if not path.is_file():
         raise KlvaeError(f"{path.parent} is not a klvae cache: it has no manifest-rank*.jsonl or index.json")
-    try:
-        index = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError):  # ValueError: bad JSON or UTF-8, huge ints
-        index = None
-    if (not isinstance(index, dict) or index.get("format") != INDEX_FORMAT or not isinstance(index.get("items"), list)
-            or not all(isinstance(it, dict) and isinstance(it.get("shard"), str) for it in index["items"])):
+    index = parse_index(path)
+    if index is None or not all(isinstance(it, dict) and isinstance(it.get("shard"), str) for it in index["items"]):
         raise KlvaeError(f"{path} is not a klvae latent cache index")
     return index
 
