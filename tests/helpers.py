@@ -93,3 +93,68 @@ def fifo_watchdog(path: Path, after: float = 10.0) -> Iterator[dict[str, bool]]:
     finally:
         done.set()
         thread.join()
+
+
+def block_metric_downloads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No download of LPIPS/Inception weights and no real torch hub cache; the Inception runs at its smallest
+    input to stay fast."""
+    import urllib.error
+
+    from klvae.nets import inception, lpips, pretrained
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("network disabled in tests")
+
+    monkeypatch.setattr(pretrained, "download", refuse)
+    monkeypatch.setattr(lpips, "installed_lpips_lin", lambda: None)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(inception, "INPUT_SIZE", 75)
+
+
+def noise_png(seed: int, size: tuple[int, int] = (24, 16)) -> bytes:
+    """A PNG of uniform RGB noise, `size` = (width, height)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def noise_images_and_a_broken_one(root: Path) -> Path:
+    """`root` holding four small noise images and one unreadable file (training's skip-and-count cases)."""
+    root.mkdir()
+    for i in range(4):
+        (root / f"img{i}.png").write_bytes(noise_png(i))
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    return root
+
+
+def saved_tiny_model(d: Path, **changes: object) -> Path:
+    """The `tiny` preset (with config `changes`) at seed 0, saved as a diffusers folder in `d`."""
+    torch.manual_seed(0)
+    klvae.AutoencoderKL(klvae.get_preset("tiny").replace(**changes)).save_pretrained(d)
+    return d
+
+
+CACHE_ROWS = [f"img{i}.png" for i in range(8)]
+
+
+def cache_images(root: Path) -> Path:
+    """`root` holding CACHE_ROWS: 48x40 noise images, seed 0 (the cache integrity tests' data)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in CACHE_ROWS:
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / name)
+    return root
+
+
+def cache_args(data: Path, out: Path, model: Path, *extra: str) -> list[str]:
+    """`klvae -q cache` of `data` into `out` at 32 px, shards of 3 rows, in this process on the CPU."""
+    return ["-q", "cache", "--data", str(data), "-o", str(out), "--model", str(model), "--resolution", "32",
+            "--shard-size", "3", "--num-workers", "0", "--device", "cpu", *extra]

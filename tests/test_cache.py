@@ -14,6 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import klvae
+from helpers import saved_tiny_model
 from klvae import inference
 from klvae.cli.main import main
 from klvae.errors import LatentsError
@@ -25,10 +26,7 @@ from klvae.latents.dataset import BucketBatchSampler, LatentDataset, collate_lat
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("model")
-    klvae.AutoencoderKL(klvae.get_preset("tiny").replace(scaling_factor=0.5, shift_factor=0.1)).save_pretrained(d)
-    return d
+    return saved_tiny_model(tmp_path_factory.mktemp("model"), scaling_factor=0.5, shift_factor=0.1)
 
 
 def _images(root: Path, n: int, bad: int = 0, sizes: tuple[tuple[int, int], ...] = ((48, 64), (64, 40))) -> Path:

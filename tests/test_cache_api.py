@@ -11,6 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import klvae
+from helpers import saved_tiny_model
 from klvae.cli.main import main
 from klvae.errors import KlvaeError
 from klvae.latents import CacheSummary, build_cache
@@ -26,10 +27,7 @@ FLAGS = ["--resolution", "32", "--flip", "--shard-size", "2", "--batch-size", "2
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("model")
-    klvae.AutoencoderKL(klvae.get_preset("tiny").replace(scaling_factor=0.5, shift_factor=0.1)).save_pretrained(d)
-    return d
+    return saved_tiny_model(tmp_path_factory.mktemp("model"), scaling_factor=0.5, shift_factor=0.1)
 
 
 @pytest.fixture(scope="module")

@@ -17,42 +17,31 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import klvae
+from helpers import CACHE_ROWS, cache_args, cache_images, saved_tiny_model
 from klvae.cli.main import main
 from klvae.errors import KlvaeError, LatentsError
 from klvae.latents import cache, integrity
 from klvae.latents.dataset import LatentDataset
 from klvae.latents.sources import open_source
 
-ROWS = [f"img{i}.png" for i in range(8)]
+ROWS = CACHE_ROWS
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("model")
-    klvae.AutoencoderKL(klvae.get_preset("tiny")).save_pretrained(d)
-    return d
+    return saved_tiny_model(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for name in ROWS:
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / name)
-    return root
-
-
-def _cache_args(data: Path, out: Path, model: Path, *extra: str) -> list[str]:
-    return ["-q", "cache", "--data", str(data), "-o", str(out), "--model", str(model), "--resolution", "32",
-            "--shard-size", "3", "--num-workers", "0", "--device", "cpu", *extra]
+    return cache_images(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory, model: Path, data: Path) -> Path:
     # Eight rows in shards of 3, 3 and 2; each test damages a copy.
     out = tmp_path_factory.mktemp("finished") / "latents"
-    assert main(_cache_args(data, out, model)) == 0
+    assert main(cache_args(data, out, model)) == 0
     return out
 
 
@@ -91,14 +80,14 @@ def test_a_resume_re_encodes_the_rows_of_a_damaged_shard_once(
         rows = range(3) if damage == "wrong-shape" else range(2)
         save_file({f"{r:06d}.{f}": torch.zeros(shape) for r in rows for f in ("mean", "logvar")}, str(shard))
     capsys.readouterr()
-    assert main(_cache_args(data, out, model)) == 0
+    assert main(cache_args(data, out, model)) == 0
     captured = capsys.readouterr()
     assert "encoded 3 images" in captured.out and "5 were done before" in captured.out
     assert f"{shard} is damaged" in captured.err and "its 3 row(s) will be encoded again" in captured.err
     _rows_once(out)
     dropped = [json.loads(ln) for ln in (out / "manifest-rank000.jsonl").read_text().splitlines()]
     assert [rec.get("dropped") for rec in dropped].count(shard.name) == 1
-    assert main(_cache_args(data, out, model)) == 0  # and the next resume finds all done
+    assert main(cache_args(data, out, model)) == 0  # and the next resume finds all done
     assert "8 were done before" in capsys.readouterr().out
 
 
@@ -106,11 +95,11 @@ def test_with_flip_only_the_damaged_shards_rows_are_encoded_again(
     tmp_path: Path, model: Path, data: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "latents"
-    assert main(_cache_args(data, out, model, "--flip")) == 0
+    assert main(cache_args(data, out, model, "--flip")) == 0
     # Shards of three rows: the second holds img1's flipped row and both of img2's.
     _cut(out / "rank000-00001.safetensors", 1000)
     capsys.readouterr()
-    assert main(_cache_args(data, out, model, "--flip")) == 0
+    assert main(cache_args(data, out, model, "--flip")) == 0
     assert "encoded 2 images" in capsys.readouterr().out
     _rows_once(out, (False, True))
 
@@ -130,13 +119,13 @@ def test_a_kill_while_dropping_a_damaged_shard_leaves_a_cache_a_resume_finishes(
         raise KeyboardInterrupt
 
     monkeypatch.setattr(integrity, "atomic_write_text", killed)
-    assert main(_cache_args(data, out, model)) not in (0, 1)  # "klvae: interrupted"
+    assert main(cache_args(data, out, model)) not in (0, 1)  # "klvae: interrupted"
     assert not (out / "index.json").exists()  # it named the shard: gone first, whatever comes after
     assert (out / "rank000-00001.safetensors").exists()
     named = [json.loads(ln).get("shard") for ln in (out / "manifest-rank000.jsonl").read_text().splitlines()]
     assert ("rank000-00001.safetensors" in named) == (kill == "before-the-manifest")
     monkeypatch.setattr(integrity, "atomic_write_text", real)
-    assert main(_cache_args(data, out, model)) == 0
+    assert main(cache_args(data, out, model)) == 0
     _rows_once(out)
 
 

@@ -11,42 +11,30 @@ import shutil
 import struct
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
 
 import klvae
+from helpers import CACHE_ROWS, cache_args, cache_images, saved_tiny_model
 from klvae.cli.main import main
 from klvae.errors import KlvaeError, LatentsError
 from klvae.latents import cache, integrity, repair_cache, verify_cache
 from klvae.latents.dataset import LatentDataset
 
-ROWS = [f"img{i}.png" for i in range(8)]
+ROWS = CACHE_ROWS
 SHARDS = [f"rank000-0000{n}.safetensors" for n in range(3)]
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("model")
-    klvae.AutoencoderKL(klvae.get_preset("tiny")).save_pretrained(d)
-    return d
+    return saved_tiny_model(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for name in ROWS:
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / name)
-    return root
-
-
-def _cache_args(data: Path, out: Path, model: Path, *extra: str) -> list[str]:
-    return ["-q", "cache", "--data", str(data), "-o", str(out), "--model", str(model), "--resolution", "32",
-            "--shard-size", "3", "--num-workers", "0", "--device", "cpu", *extra]
+    return cache_images(tmp_path_factory.mktemp("data"))
 
 
 def _verify(out: Path, *extra: str) -> int:
@@ -57,7 +45,7 @@ def _verify(out: Path, *extra: str) -> int:
 def finished(tmp_path_factory: pytest.TempPathFactory, model: Path, data: Path) -> Path:
     # Eight rows in shards of 3, 3 and 2; each test damages a copy.
     out = tmp_path_factory.mktemp("finished") / "latents"
-    assert main(_cache_args(data, out, model)) == 0
+    assert main(cache_args(data, out, model)) == 0
     return out
 
 
@@ -174,7 +162,7 @@ def test_repair_then_the_same_cache_command_re_encodes_exactly_the_damaged_rows(
     assert "dropped them: run the same `klvae cache` command again" in capsys.readouterr().out
     assert not (out / SHARDS[1]).exists() and not (out / "index.json").exists()
     assert [rec.get("dropped") for rec in _manifest(out)].count(SHARDS[1]) == 1
-    assert main(_cache_args(data, out, model)) == 0
+    assert main(cache_args(data, out, model)) == 0
     assert "encoded 3 images" in (said := capsys.readouterr().out) and "5 were done before" in said
     new = [rec for rec in _manifest(out) if rec.get("shard") == "rank000-00003.safetensors"]
     assert len(new) == 1 and {(m["source"], m["flip"]) for m in new[0]["rows"]} == damaged_rows
@@ -194,10 +182,10 @@ def test_deleting_a_shard_by_hand_is_refused_by_a_resume_but_repair_mends_it(
     out = _copy(finished, tmp_path)
     (out / SHARDS[0]).unlink()
     capsys.readouterr()
-    assert main(_cache_args(data, out, model)) == 2
+    assert main(cache_args(data, out, model)) == 2
     assert f"names '{SHARDS[0]}', which is missing" in capsys.readouterr().err
     assert _verify(out, "--repair") == 1
-    assert main(_cache_args(data, out, model)) == 0
+    assert main(cache_args(data, out, model)) == 0
     assert "encoded 3 images" in capsys.readouterr().out
     assert verify_cache(out).ok and len(LatentDataset(out, verify=True)) == 8
 
@@ -230,7 +218,7 @@ def test_an_old_cache_without_hashes_is_checked_by_header_and_resumes(
     # A resume across old and new lines: the cut shard is dropped and its rows written to a hashed shard.
     (out / SHARDS[1]).write_bytes((out / SHARDS[1]).read_bytes()[:100])
     assert [c.name for c in verify_cache(out).damaged] == [SHARDS[1]]
-    assert main(_cache_args(data, out, model)) == 0
+    assert main(cache_args(data, out, model)) == 0
     report = verify_cache(out)
     assert report.ok and [(c.name, c.hashed) for c in report.shards] == [
         (SHARDS[0], False), (SHARDS[2], False), ("rank000-00003.safetensors", True)]
@@ -387,7 +375,7 @@ def test_a_shard_without_read_permission_is_refused_not_dropped(
     for args in ([], ["--repair"]):
         assert _verify(out, *args) == 2
         assert f"cannot read {shard}: Permission denied; fix its permissions" in capsys.readouterr().err
-    assert main(_cache_args(data, out, model)) == 2  # a resume's header check refuses it too
+    assert main(cache_args(data, out, model)) == 2  # a resume's header check refuses it too
     assert f"cannot read {shard}: Permission denied" in capsys.readouterr().err
     shard.chmod(0o644)
     monkeypatch.undo()

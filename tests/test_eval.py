@@ -7,7 +7,6 @@ import json
 import math
 import os
 import re
-import urllib.error
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import torch
 from PIL import Image
 
 import klvae
-from helpers import counting_tiled_calls
+from helpers import block_metric_downloads, counting_tiled_calls
 from klvae.cli import main as cli_main
 from klvae.errors import KlvaeError, WeightsError
 from klvae.evaluation.fid import (
@@ -45,14 +44,7 @@ RES = 32
 @pytest.fixture(autouse=True)
 def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No test may reach the network or a real hub cache; the Inception runs at its smallest input to stay fast."""
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise urllib.error.URLError("network disabled in tests")
-
-    monkeypatch.setattr(pretrained_mod, "download", refuse)
-    monkeypatch.setattr(lpips_mod, "installed_lpips_lin", lambda: None)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.setattr(inception_mod, "INPUT_SIZE", 75)
+    block_metric_downloads(monkeypatch, tmp_path)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ the reliability of an rFID from few images, and the summary line's grammar."""
 from __future__ import annotations
 
 import json
-import urllib.error
 from pathlib import Path
 
 import pytest
@@ -12,12 +11,10 @@ import torch
 from PIL import Image
 
 import klvae
+from helpers import block_metric_downloads
 from klvae.cli import main as cli_main
 from klvae.evaluation import evaluate as evaluate_mod
 from klvae.evaluation.fid import FEATURE_DIM, InceptionV3Features
-from klvae.nets import inception as inception_mod
-from klvae.nets import lpips as lpips_mod
-from klvae.nets import pretrained as pretrained_mod
 
 FAST = ("--no-lpips", "--no-fid", "--examples", "1")
 
@@ -25,14 +22,7 @@ FAST = ("--no-lpips", "--no-fid", "--examples", "1")
 @pytest.fixture(autouse=True)
 def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No test may reach the network or a real hub cache; the Inception runs at its smallest input to stay fast."""
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise urllib.error.URLError("network disabled in tests")
-
-    monkeypatch.setattr(pretrained_mod, "download", refuse)
-    monkeypatch.setattr(lpips_mod, "installed_lpips_lin", lambda: None)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.setattr(inception_mod, "INPUT_SIZE", 75)
+    block_metric_downloads(monkeypatch, tmp_path)
 
 
 @pytest.fixture(scope="module")

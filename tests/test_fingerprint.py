@@ -29,6 +29,14 @@ def _models(tmp_path: Path) -> dict[str, Path]:
     return paths
 
 
+def _encoded(tmp_path: Path, model: Path, colour: tuple[int, int, int]) -> Path:
+    img = tmp_path / "a.png"
+    Image.new("RGB", (16, 16), colour).save(img)
+    z = tmp_path / "z.safetensors"
+    assert main(["-q", "encode", str(img), "-o", str(z), "--model", str(model), "--device", "cpu"]) == 0
+    return z
+
+
 def _decode_err(z: Path, out: Path, model: Path, capsys: pytest.CaptureFixture[str]) -> str:
     capsys.readouterr()
     assert main(["decode", str(z), "-o", str(out), "--model", str(model), "--device", "cpu"]) == 0
@@ -48,10 +56,7 @@ def test_fingerprints_follow_the_encoder_and_the_whole_model(tmp_path: Path) -> 
 def test_decode_through_a_decoder_fine_tune_is_quiet_and_another_encoder_warns(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     paths = _models(tmp_path)
-    img = tmp_path / "a.png"
-    Image.new("RGB", (16, 16), (200, 30, 30)).save(img)
-    z = tmp_path / "z.safetensors"
-    assert main(["-q", "encode", str(img), "-o", str(z), "--model", str(paths["orig"]), "--device", "cpu"]) == 0
+    z = _encoded(tmp_path, paths["orig"], (200, 30, 30))
     with safe_open(str(z), "pt") as f:
         assert f.metadata()["encoder_fingerprint"] == encoder_fingerprint(
             klvae.AutoencoderKL.from_pretrained(paths["orig"]))
@@ -63,10 +68,7 @@ def test_decode_through_a_decoder_fine_tune_is_quiet_and_another_encoder_warns(
 def test_a_file_without_the_encoder_s_hash_falls_back_to_the_whole_model(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     paths = _models(tmp_path)
-    img = tmp_path / "a.png"
-    Image.new("RGB", (16, 16), (20, 130, 30)).save(img)
-    z = tmp_path / "z.safetensors"
-    assert main(["-q", "encode", str(img), "-o", str(z), "--model", str(paths["orig"]), "--device", "cpu"]) == 0
+    z = _encoded(tmp_path, paths["orig"], (20, 130, 30))
     with safe_open(str(z), "pt") as f:
         meta = {k: v for k, v in f.metadata().items() if k != "encoder_fingerprint"}
     save_file(load_file(z), z, meta)  # as klvae wrote it before the field

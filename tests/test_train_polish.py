@@ -1,7 +1,6 @@
 """Findings of a user trial of `klvae train`: the unreadable-image count across a resume, the samples grid across
 validation batches, a resolution above the images' size, and the message for a dataset under one batch."""
 
-import io
 import json
 import logging
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 from PIL import Image
 
 import klvae.training.data as data_module
+from helpers import noise_images_and_a_broken_one, noise_png
 from klvae.distributed import DistInfo
 from klvae.errors import KlvaeError
 from klvae.training.config import load_config
@@ -22,22 +22,10 @@ from klvae.training.trainer import Trainer
 from klvae.training.validate import validate
 
 
-def _png(i: int, size: tuple[int, int] = (24, 16)) -> bytes:
-    buf = io.BytesIO()
-    rng = np.random.default_rng(i)
-    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 @pytest.fixture
 def images(tmp_path: Path) -> Path:
     """Four small noise images and one unreadable file."""
-    root = tmp_path / "images"
-    root.mkdir()
-    for i in range(4):
-        (root / f"img{i}.png").write_bytes(_png(i))
-    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    return root
+    return noise_images_and_a_broken_one(tmp_path / "images")
 
 
 def _cfg(out: Path, data: Path, *overrides: str) -> object:
@@ -109,7 +97,7 @@ def test_upscaling_small_images_warns_once_per_process(monkeypatch: pytest.Monke
 def test_too_small_dataset_counts_items_and_unreadable_ones(tmp_path: Path) -> None:
     root = tmp_path / "few"
     root.mkdir()
-    (root / "a.png").write_bytes(_png(0))
+    (root / "a.png").write_bytes(noise_png(0))
     (root / "broken.jpg").write_bytes(b"not an image")
     cfg = _cfg(tmp_path / "run", root, "data.batch_size=4")
     with pytest.raises(KlvaeError) as e:

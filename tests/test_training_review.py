@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import klvae.training.loop as loop
 import klvae.training.trainer as trainer_module
 import klvae.training.validate as validate_module
+from helpers import noise_images_and_a_broken_one, noise_png
 from klvae.nets.lpips import LPIPS
 from klvae.training.config import load_config
 from klvae.training.data_setup import build_val_batches
@@ -21,22 +21,10 @@ from klvae.training.loop import fit
 from klvae.training.trainer import Trainer
 
 
-def _png(i: int, size: tuple[int, int] = (24, 16)) -> bytes:
-    buf = io.BytesIO()
-    rng = np.random.default_rng(i)
-    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 @pytest.fixture
 def images(tmp_path: Path) -> Path:
     """Four small noise images and one unreadable file."""
-    root = tmp_path / "images"
-    root.mkdir()
-    for i in range(4):
-        (root / f"img{i}.png").write_bytes(_png(i))
-    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    return root
+    return noise_images_and_a_broken_one(tmp_path / "images")
 
 
 def _sets(tmp: Path, data: Path, *overrides: str) -> list[str]:
@@ -50,7 +38,7 @@ def test_validation_on_shards_reads_all_of_them_under_ddp(tmp_path: Path, monkey
     for s in range(2):
         with tarfile.open(tmp_path / f"val-{s}.tar", "w") as tf:
             for i in range(4):
-                data = _png(4 * s + i)
+                data = noise_png(4 * s + i)
                 info = tarfile.TarInfo(f"s{s}_{i}.png")
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
@@ -108,7 +96,7 @@ def test_resuming_shards_with_another_process_count_warns(tmp_path: Path, monkey
     # Shards are split among the processes, so another count reads other data from the resume on: said, once.
     with tarfile.open(tmp_path / "train-0.tar", "w") as tf:
         for i in range(2):
-            data = _png(i)
+            data = noise_png(i)
             info = tarfile.TarInfo(f"{i}.png")
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
