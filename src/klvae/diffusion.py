@@ -10,9 +10,14 @@ here (diffusers)    betas                                        LDM name       
 "cosine"            Nichol & Dhariwal, betas clipped to 0.999    "cosine"         improved DDPM
 ==================  ===========================================  ===============  ====================
 
+"squaredcos_cap_v2", diffusers' name for the cosine betas, is taken too.
+
 So an LDM config that says `linear` with `linear_start: 0.00085, linear_end: 0.012` is `scaled_linear` here.
 Left out, the beta range is the one each name is known by: 1e-4..0.02 for "linear" (DDPM), 0.00085..0.012 for
-"scaled_linear" (Stable Diffusion).
+"scaled_linear" (Stable Diffusion). diffusers' DDPMScheduler defaults to 1e-4..0.02 for both names, so
+`DDPMScheduler(beta_schedule="scaled_linear")` is not SD's schedule but `from_name("scaled_linear")` is.
+`rescale_betas_zero_snr=True` (diffusers' option of the same name, Lin et al. 2023) shifts and scales the
+schedule so that its last step is pure noise: alpha-bar ends at exactly 0, the SNR at 0.
 All tables are float64 (as LDM's numpy tables are); results are cast to the input's dtype at the end. So on
 fp16/bf16 inputs they are closer to the exact values than diffusers' (which casts alphas_cumprod to the input's
 dtype first) and may differ from its results by a few of those formats' rounding steps.
@@ -24,12 +29,15 @@ Argument order: LDM's `q_sample(x0, t, noise)` puts t second, its `get_v(x0, noi
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-Schedule = Literal["linear", "scaled_linear", "cosine"]
+Schedule = Literal["linear", "scaled_linear", "cosine", "squaredcos_cap_v2"]
+# diffusers' names for the schedules that klvae names otherwise.
+SCHEDULE_ALIASES: dict[str, str] = {"squaredcos_cap_v2": "cosine"}
 
 
 # The beta range each schedule is known by: pixel-space DDPM's for "linear" (diffusers' and LDM's defaults), Stable
@@ -45,11 +53,14 @@ def make_betas(
     cosine_s: float = 8e-3,
 ) -> Tensor:
     """The float64 betas [num_steps] of a named schedule (LDM's `make_beta_schedule`, diffusers' names)."""
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    default_start, default_end = DEFAULT_BETA_RANGE.get(schedule, (0.0, 0.0))
-    beta_start = default_start if beta_start is None else beta_start
-    beta_end = default_end if beta_end is None else beta_end
+    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
+        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    num_steps = int(num_steps)
+    schedule = SCHEDULE_ALIASES.get(schedule, schedule) if isinstance(schedule, str) else schedule
+    if schedule in DEFAULT_BETA_RANGE:
+        default_start, default_end = DEFAULT_BETA_RANGE[schedule]
+        beta_start = _beta("beta_start", default_start if beta_start is None else beta_start)
+        beta_end = _beta("beta_end", default_end if beta_end is None else beta_end)
     if schedule == "linear":
         return torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
     if schedule == "scaled_linear":
@@ -60,7 +71,29 @@ def make_betas(
         alphas_cumprod = alphas_cumprod / alphas_cumprod[0]
         # The clip keeps the last step from being beta = 1, where x_T would carry no signal and 1/sqrt(alpha) blows up.
         return (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(0.0, 0.999)
-    raise ValueError(f"unknown schedule {schedule!r}; expected 'linear', 'scaled_linear' or 'cosine'")
+    raise ValueError(f"unknown schedule {schedule!r}; expected 'linear', 'scaled_linear' or 'cosine' "
+                     "(diffusers' 'squaredcos_cap_v2')")
+
+
+def _beta(name: str, value: float) -> float:
+    """A beta range end: a number strictly between 0 and 1 (0 would make the first step noiseless, 0/0 later)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1:  # also refuses nan
+        raise ValueError(f"{name} must be a number strictly between 0 and 1, got {value!r}")
+    return float(value)
+
+
+def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
+    """Betas rescaled to zero terminal SNR (Lin et al. 2023, Algorithm 1; diffusers' function), float64: the
+    last ends in 1, so that x_T is pure noise."""
+    betas = _betas_tensor(betas)
+    if betas.numel() < 2:
+        raise ValueError("rescaling to zero terminal SNR needs at least 2 betas")
+    abar_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = abar_sqrt[0].clone(), abar_sqrt[-1].clone()
+    # Shift so that the last step is 0, then scale so that the first keeps its value.
+    abar_sqrt = (abar_sqrt - last) * (first / (first - last))
+    abar = abar_sqrt**2
+    return 1.0 - torch.cat([abar[:1], abar[1:] / abar[:-1]])
 
 
 def table_dtype(device: torch.device) -> torch.dtype:
@@ -100,11 +133,13 @@ def _betas_tensor(betas: Tensor) -> Tensor:
 class NoiseSchedule:
     """q(x_t | x_0) and q(x_{t-1} | x_t, x_0) for a beta schedule: LDM's buffer set, float64."""
 
-    def __init__(self, betas: Tensor, v_posterior: float = 0.0) -> None:
+    def __init__(self, betas: Tensor, v_posterior: float = 0.0, *, zero_terminal_snr: bool = False) -> None:
         betas = _betas_tensor(betas)
-        if betas.numel() < 1 or not bool(((betas > 0) & (betas < 1)).all()):
-            raise ValueError(f"betas must be a non-empty 1-D tensor with every value in (0, 1); {_NAMED}")
+        _check_betas(betas, zero_terminal_snr)
+        if isinstance(v_posterior, bool) or not isinstance(v_posterior, numbers.Real) or not 0 <= v_posterior <= 1:
+            raise ValueError(f"v_posterior must be a number in [0, 1] (0: beta-tilde, 1: beta), got {v_posterior!r}")
         self.betas = betas
+        self.zero_terminal_snr = zero_terminal_snr
         self.num_steps = betas.numel()
         self.v_posterior = v_posterior
         self.alphas = 1.0 - betas
@@ -124,9 +159,13 @@ class NoiseSchedule:
         self.posterior_mean_coef2 = (1.0 - ab_prev) * self.alphas.sqrt() / (1.0 - ab)
 
     @classmethod
-    def from_name(cls, schedule: Schedule, num_steps: int = 1000, **kwargs: float | None) -> NoiseSchedule:
-        """A schedule from `make_betas` arguments."""
-        return cls(make_betas(schedule, num_steps, **kwargs))
+    def from_name(cls, schedule: Schedule, num_steps: int = 1000, *, rescale_betas_zero_snr: bool = False,
+                  **kwargs: float | None) -> NoiseSchedule:
+        """A schedule from `make_betas` arguments; `rescale_betas_zero_snr` as diffusers' DDPMScheduler has it."""
+        betas = make_betas(schedule, num_steps, **kwargs)
+        if rescale_betas_zero_snr:
+            return cls(rescale_zero_terminal_snr(betas), zero_terminal_snr=True)
+        return cls(betas)
 
     @classmethod
     def sd(cls) -> NoiseSchedule:
@@ -134,38 +173,50 @@ class NoiseSchedule:
         return cls(make_betas("scaled_linear", 1000, beta_start=0.00085, beta_end=0.012))
 
     def __repr__(self) -> str:
-        return f"NoiseSchedule(num_steps={self.num_steps}, beta[0]={self.betas[0]:.6g}, beta[-1]={self.betas[-1]:.6g})"
+        zero = ", zero_terminal_snr=True" if self.zero_terminal_snr else ""
+        return (f"NoiseSchedule(num_steps={self.num_steps}, beta[0]={self.betas[0]:.6g}, "
+                f"beta[-1]={self.betas[-1]:.6g}{zero})")
 
-    def _check_t(self, t: Tensor | int, x: Tensor) -> Tensor:
-        t = torch.as_tensor(t, device=x.device)
+    def _timesteps(self, t: Tensor | int, device: torch.device | None = None) -> Tensor:
+        """t as a long tensor on `device`, checked to be integers in [0, num_steps - 1]."""
+        t = torch.as_tensor(t, device=device)
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             hint = ""
             if t.ndim > 1:  # a sample, not timesteps: arguments swapped
                 hint = (" shaped like a sample; check the argument order: q_sample(x0, t, noise), get_v(x0, noise, t), "
                         "diffusers' order add_noise(x0, noise, t), get_velocity(x0, noise, t)")
             raise TypeError(f"timesteps must be an integer tensor, got {t.dtype}{hint}")
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_steps):
+            raise ValueError(f"timesteps must lie in [0, {self.num_steps - 1}]")
+        return t.long()
+
+    def _check_t(self, t: Tensor | int, x: Tensor, *others: tuple[str, Tensor | None]) -> Tensor:
+        """t as [B] long timesteps for x (a floating tensor), after checking that `others` (name, tensor) are
+        shaped like x: mismatched ones would broadcast into a silently wrong result."""
+        t = self._timesteps(t, x.device if isinstance(x, Tensor) else None)
+        _check_sample(x, others)
         if t.ndim == 0 or t.shape == (1,):  # one timestep for the whole batch, as diffusers broadcasts it
             t = t.reshape(()).expand(x.shape[0])
         if t.ndim != 1 or t.shape[0] != x.shape[0]:
             raise ValueError(f"timesteps must be [B] with B = {x.shape[0]}, got shape {tuple(t.shape)}")
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_steps):
-            raise ValueError(f"timesteps must lie in [0, {self.num_steps - 1}]")
-        return t.long()
+        return t
 
     def q_sample(
         self, x0: Tensor, t: Tensor | int, noise: Tensor | None = None, generator: torch.Generator | None = None
     ) -> Tensor:
         """x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps; eps is drawn (from `generator`) when not given."""
-        t = self._check_t(t, x0)
+        t = self._check_t(t, x0, ("noise", noise))
         if noise is None:
             noise_dtype = x0.dtype if x0.dtype in (torch.float32, torch.float64) else torch.float32
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=noise_dtype)
-        elif noise.shape != x0.shape:
-            raise ValueError(f"noise shape {tuple(noise.shape)} differs from x0 shape {tuple(x0.shape)}")
         return _combine(self.sqrt_alphas_cumprod, x0, self.sqrt_one_minus_alphas_cumprod, noise, t, sign=1.0)
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
         """`q_sample` in diffusers' `DDPMScheduler.add_noise` argument order (noise before the timesteps)."""
+        if not isinstance(noise, Tensor):
+            # q_sample would draw it, and the caller, holding no noise, could not form the training target.
+            raise TypeError(f"noise must be a tensor shaped like x0, got {type(noise).__name__} (to have it drawn, "
+                            "use q_sample(x0, t, generator=g))")
         return self.q_sample(x0, t, noise)
 
     def get_velocity(self, x0: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
@@ -182,23 +233,27 @@ class NoiseSchedule:
 
     def predict_start_from_noise(self, x_t: Tensor, t: Tensor | int, noise: Tensor) -> Tensor:
         """x_0 = x_t / sqrt(ab_t) - sqrt(1/ab_t - 1) eps: the inverse of `q_sample` for a known eps."""
-        t = self._check_t(t, x_t)
+        t = self._check_t(t, x_t, ("noise", noise))
+        if self.zero_terminal_snr and bool((t == self.num_steps - 1).any()):
+            # alpha-bar is 0 there: x_t is all noise, and 1/sqrt(alpha-bar) would turn the result into inf/nan.
+            raise ValueError(f"at t = {self.num_steps - 1} of a zero-terminal-SNR schedule x_t holds nothing of x_0, "
+                             "so x_0 cannot be had from the noise; use v-prediction (predict_start_from_v)")
         return _combine(self.sqrt_recip_alphas_cumprod, x_t, self.sqrt_recipm1_alphas_cumprod, noise, t, sign=-1.0)
 
     def get_v(self, x0: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
         """The v-prediction target sqrt(ab_t) eps - sqrt(1 - ab_t) x_0 (SD 2.x's 768 models)."""
-        t = self._check_t(t, x0)
+        t = self._check_t(t, x0, ("noise", noise))
         out = _combine(self.sqrt_alphas_cumprod, noise, self.sqrt_one_minus_alphas_cumprod, x0, t, sign=-1.0)
         return out.to(x0.dtype)
 
     def predict_start_from_v(self, x_t: Tensor, t: Tensor | int, v: Tensor) -> Tensor:
         """x_0 = sqrt(ab_t) x_t - sqrt(1 - ab_t) v: the inverse of `get_v` given x_t."""
-        t = self._check_t(t, x_t)
+        t = self._check_t(t, x_t, ("v", v))
         return _combine(self.sqrt_alphas_cumprod, x_t, self.sqrt_one_minus_alphas_cumprod, v, t, sign=-1.0)
 
     def q_posterior(self, x0: Tensor, x_t: Tensor, t: Tensor | int) -> tuple[Tensor, Tensor, Tensor]:
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0); the latter two [B, 1, ..., 1]."""
-        t = self._check_t(t, x_t)
+        t = self._check_t(t, x_t, ("x0", x0))
         wd = table_dtype(x_t.device)
         mean = _extract(self.posterior_mean_coef1, t, x_t.ndim) * x0.to(wd)
         mean = mean + _extract(self.posterior_mean_coef2, t, x_t.ndim) * x_t.to(wd)
@@ -208,10 +263,37 @@ class NoiseSchedule:
 
     def snr(self, t: Tensor | int) -> Tensor:
         """Signal-to-noise ratio ab_t / (1 - ab_t) at timesteps t, float64 (float32 on MPS)."""
-        t = torch.as_tensor(t)
-        if t.is_floating_point():
-            raise TypeError(f"timesteps must be an integer tensor, got {t.dtype}")
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_steps):
-            raise ValueError(f"timesteps must lie in [0, {self.num_steps - 1}]")
-        ab = self.alphas_cumprod.to(device=t.device, dtype=table_dtype(t.device))[t.long()]
+        t = self._timesteps(t)
+        ab = self.alphas_cumprod.to(device=t.device, dtype=table_dtype(t.device))[t]
         return ab / (1.0 - ab)
+
+
+def _check_betas(betas: Tensor, zero_terminal_snr: bool) -> None:
+    """Every beta in (0, 1); with zero_terminal_snr the last one exactly 1 (x_T pure noise)."""
+    body = betas[:-1]
+    if not zero_terminal_snr and betas.numel() > 1 and betas[-1].item() == 1.0 and _open_unit(body):
+        raise ValueError("betas that end in 1 have zero terminal SNR (x_T pure noise): pass zero_terminal_snr=True")
+    if betas.numel() < 1 or not _open_unit(body if zero_terminal_snr else betas):
+        raise ValueError(f"betas must be a non-empty 1-D tensor with every value in (0, 1); {_NAMED}")
+    if zero_terminal_snr and betas[-1].item() != 1.0:
+        raise ValueError(f"zero_terminal_snr needs betas that end in 1, got {betas[-1].item():.6g}: rescale them "
+                         "with rescale_zero_terminal_snr(betas)")
+
+
+def _open_unit(b: Tensor) -> bool:
+    """Whether every value lies strictly between 0 and 1 (nan does not)."""
+    return bool(((b > 0) & (b < 1)).all())
+
+
+def _check_sample(x: Tensor, others: tuple[tuple[str, Tensor | None], ...]) -> None:
+    """x a floating-point tensor (an integer one would come back truncated), the `others` shaped like it."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        got = x.dtype if isinstance(x, Tensor) else type(x).__name__
+        raise TypeError(f"latents must be a floating-point tensor (integers would come back truncated), got {got}")
+    for name, other in others:
+        if other is None:
+            continue
+        if not isinstance(other, Tensor):
+            raise TypeError(f"{name} must be a tensor shaped like the sample, got {type(other).__name__}")
+        if other.shape != x.shape:
+            raise ValueError(f"{name} shape {tuple(other.shape)} differs from the sample's {tuple(x.shape)}")

@@ -181,6 +181,8 @@ def _same_shape(a: Tensor, b: Tensor, names: str, order: str) -> None:
                         f"argument order: {order}")
     if a.shape != b.shape:
         raise ValueError(f"{second} shape {tuple(b.shape)} differs from {first} shape {tuple(a.shape)}")
+    if not a.is_floating_point():  # the result comes back in a's dtype: integers would truncate it
+        raise TypeError(f"{first} must be a floating-point tensor, got {a.dtype}")
 
 
 def noisy(x0: Tensor, noise: Tensor, sigma: Tensor | float) -> Tensor:

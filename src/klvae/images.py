@@ -75,6 +75,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
         # NaN (a float TIFF or PFM may hold them) becomes black, not numpy's invalid-cast warning.
         a = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0)
         # 16-bit greyscale (PNG, TIFF) arrives as I;16 (surely 16-bit) or I (judged by its values).
+        if img.mode == "I" and a.max(initial=0) > 65535:
+            # No convention says what 32-bit integer values mean; scaling as 16-bit would give a white picture.
+            raise ImageError(f"32-bit integer image (values up to {int(a.max()):,}): save it as 8- or 16-bit first")
         if img.mode.startswith("I;16") or (img.mode == "I" and a.max(initial=0) > 255):
             a = a * (255.0 / 65535.0)
         elif img.mode == "F" and a.max(initial=0) <= 1.0:  # float images are mostly stored in [0, 1]
@@ -137,7 +140,10 @@ def _decode(src: str | Path | BinaryIO, name: str, max_pixels: int | None) -> Im
         except Exception as e:  # broken EXIF blocks are common; the pixels are still good
             log.debug("%s: EXIF orientation ignored: %s", name, e)
             out = img.copy()
-        return to_rgb(out)
+        try:
+            return to_rgb(out)
+        except ImageError as e:
+            raise ImageError(f"{name}: {e}") from None
 
 
 @contextlib.contextmanager

@@ -19,8 +19,8 @@ import torch
 
 from klvae import inference
 from klvae.atomic import atomic_write_all
+from klvae.cli.codec_info import cmd_info
 from klvae.cli.common import (
-    NO_WEIGHTS,
     add_model_args,
     add_overwrite_arg,
     add_tiling_args,
@@ -28,8 +28,6 @@ from klvae.cli.common import (
     check_output_path,
     check_seed,
     load_model,
-    preset_on_meta,
-    preset_to_describe,
     tiling_from_args,
 )
 from klvae.errors import ImageError, KlvaeError, LatentsError
@@ -391,6 +389,22 @@ def _warn_if_another_model(vae: AutoencoderKL, lf: LatentsFile, model: str) -> N
                     "will be %s's reading of them", lf.model or "not named", model, model)
 
 
+def _read_latents(path: str) -> LatentsFile:
+    """load_latents, naming an image given in place of latents as such (safetensors would say 'header too large')."""
+    try:
+        return load_latents(path)
+    except LatentsError:
+        try:
+            image_size(path, max_pixels=None)  # the header only: a huge image is an image too
+            is_image = True
+        except ImageError:
+            is_image = False
+        if not is_image:
+            raise  # the latents error says what is wrong with the file
+        raise LatentsError(f"{path} is an image, not a latents file: decode reads what `klvae encode` writes (or a "
+                           "ComfyUI .latent); `klvae reconstruct` encodes and decodes an image") from None
+
+
 def cmd_decode(args: argparse.Namespace) -> int:
     """Decode a latents file (or a ComfyUI .latent) to PNGs; every item is checked before the first is written,
     and the PNGs land together, so a failure leaves none of them."""
@@ -398,7 +412,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
         from klvae.cli.comfy import decode_comfy  # it builds on this module's helpers
 
         return decode_comfy(args)
-    lf = load_latents(args.latents)
+    lf = _read_latents(args.latents)
     out = check_output_path(args.output, folder=True)
     names = unique_png_names(lf.items)
     check_clashes(out, names, args.overwrite)
@@ -420,7 +434,8 @@ def _quality(x: torch.Tensor, y8: torch.Tensor) -> tuple[float, float | None]:
     from klvae.evaluation.metrics import SSIM_RADIUS, psnr, ssim
 
     fits = min(x.shape[-2:]) >= 2 * SSIM_RADIUS + 1
-    return psnr(x, y8).item(), ssim(x, y8).item() if fits else None
+    # Said outright: these are [-1, 1] images, so a bright picture (no pixel below mid-grey) draws no range warning.
+    return psnr(x, y8, data_range=2.0).item(), ssim(x, y8, data_range=2.0).item() if fits else None
 
 
 def _print_quality(args: argparse.Namespace, out: Path, x: torch.Tensor, scores: tuple[float, float | None]) -> None:
@@ -453,37 +468,4 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     scores = _quality(x, y8)
     save_image_atomic(tensor_to_pil(y[0]), out)
     _print_quality(args, out, x, scores)
-    return 0
-
-
-def describe(vae: AutoencoderKL, model: str) -> dict:
-    """The model's config, factors and parameter counts as a plain dict."""
-    return {"model": model, "config": vae.config.to_dict(), "parameters": vae.num_parameters(),
-            "downsample_factor": vae.downsample_factor}
-
-
-def cmd_info(args: argparse.Namespace) -> int:
-    """Print the config and parameter counts."""
-    if preset := preset_to_describe(args):
-        # A preset's architecture needs no weights: built on meta, so even flux2's costs no memory or download.
-        vae = preset_on_meta(preset)
-        d = {**describe(vae, preset), "weights": NO_WEIGHTS}
-    else:
-        vae, _, _ = load_model(args)
-        d = describe(vae, str(args.model))
-    if args.json:
-        print(json.dumps(d, indent=2))
-        return 0
-    print(f"model: {d['model']}")
-    if "weights" in d:
-        print(f"weights: {d['weights']}")
-    for k, v in d["config"].items():
-        print(f"  {k}: {v}")
-    n = d["parameters"]
-    print(f"parameters: {n['total']:,} (encoder {n['encoder']:,}, decoder {n['decoder']:,})")
-    print(f"downsample factor: {d['downsample_factor']}")
-    p = vae.config.latent_patch_size
-    if p > 1:
-        print(f"diffusion latent: {p}x{p} patches, {vae.config.latent_channels * p * p} channels at "
-              f"1/{vae.config.size_multiple} of the image's size")
     return 0

@@ -61,14 +61,20 @@ def load_model(args: argparse.Namespace) -> tuple[AutoencoderKL, torch.device, t
         raise KlvaeError(f"--batch-size must be at least 1, got {args.batch_size}")
     device = usable_device(args.device, "--device")
     dtype = resolve_dtype(args.dtype, device)
-    if args.model is None:
-        args.model = "demo"
-        log.info("no --model given: using klvae's built-in demo model (a small VAE trained by klvae, "
-                 "not Stable Diffusion's; see docs/demo-model.md)")
+    default_model(args)
     vae = AutoencoderKL.from_pretrained(args.model, subfolder=args.subfolder, config=args.config, device=device)
     log.info("model %s on %s, compute dtype %s", args.model, device, str(dtype).split(".")[-1])
     optimize_for_inference(vae, dtype, SpeedOptions(compile=args.compile, fused_norm=args.fused_norm))
     return vae, device, dtype
+
+
+def default_model(args: argparse.Namespace) -> str:
+    """args.model, set to the built-in demo model (with a log line saying so) when --model was not given."""
+    if args.model is None:
+        args.model = "demo"
+        log.info("no --model given: using klvae's built-in demo model (a small VAE trained by klvae, "
+                 "not Stable Diffusion's; see docs/demo-model.md)")
+    return args.model
 
 
 NO_WEIGHTS = "preset, no weights (random init)"
@@ -207,11 +213,11 @@ def check_not_in_data(out: str | Path, flag: str, data: str) -> None:
 
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
-          "g": 2**30, "gb": 2**30, "gib": 2**30}
+          "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
 
 
 def parse_bytes(text: str) -> int:
-    """'2GiB', '1.5G', '512M', '1e9' or a plain byte count -> bytes."""
+    """'2GiB', '1.5G', '512M', '1TiB', '1e9' or a plain byte count -> bytes (K, M, G, T are powers of 1024)."""
     import re
 
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
@@ -226,7 +232,9 @@ def parse_bytes(text: str) -> int:
 def add_tiling_args(p: argparse.ArgumentParser) -> None:
     """--tile-size/--max-memory: exact tiling of large images in bounded device memory."""
     p.add_argument("--tile-size", type=int, default=None,
-                   help="tile (strip) height in image pixels; turns exact tiling on")
+                   help="strip height in image pixel rows (any value from 1; exact whatever it is, as the tiling "
+                        "has no seams; small strips only run slower); turns exact tiling on, and overrides the strip "
+                        "heights that --max-memory would choose")
     p.add_argument("--max-memory", default=None,
                    help="device memory budget, e.g. 2GiB, 512M or a byte count: tiles when the untiled pass "
                         "would not fit. On a GPU it bounds GPU memory; on the CPU only each strip's work, as a "

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from klvae.cli.common import (
@@ -62,6 +64,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_scale)
 
 
+def _flags(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """`cmd` with a bad option's error (the library's OptionError, which names the Python argument) naming its flag."""
+    @functools.wraps(cmd)
+    def run(args: argparse.Namespace) -> int:
+        from klvae.latents.options import OptionError
+
+        try:
+            return cmd(args)
+        except OptionError as e:
+            raise KlvaeError(e.flags()) from None
+
+    return run
+
+
+@_flags
 def cmd_cache(args: argparse.Namespace) -> int:
     """Check everything that needs no model, load it, then `build_cache` (under torchrun, this process's share)."""
     from dataclasses import asdict
@@ -69,7 +86,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from klvae.distributed import init_distributed, rank_device, shutdown
     from klvae.inference.precision import usable_device
     from klvae.latents.build import build_cache
-    from klvae.latents.cache import CacheOptions, check_resume
+    from klvae.latents.cache import check_resume
+    from klvae.latents.options import CacheOptions
     from klvae.latents.sources import open_source
 
     if args.verify or args.repair:
@@ -111,11 +129,14 @@ def _verify_cache(args: argparse.Namespace) -> int:
     if report.ok:
         print(report.summary())
         return 0
-    if args.repair:
+    if report.source != "manifests":
+        # Nothing to drop them from (repair_cache refuses): the same line whether or not --repair was asked for.
+        cannot = ", so --repair cannot drop them" if args.repair else ""
+        print(f"{report.summary()}; this copy has no manifests{cannot}: encode their rows again where the cache was "
+              "made (or copy its manifest-rank*.jsonl files here, then --repair)")
+    elif args.repair:
         repair_cache(args.output, report)
         print(f"{report.summary()}; dropped them: run the same `klvae cache` command again to encode their rows anew")
-    elif report.source != "manifests":
-        print(f"{report.summary()}; this copy has no manifests: encode their rows again where the cache was made")
     else:
         # Deleting a shard by hand is no repair: a resume refuses a manifest naming a shard that is gone.
         print(f"{report.summary()}; to encode their rows again, run `klvae cache --verify --repair -o "
@@ -123,6 +144,7 @@ def _verify_cache(args: argparse.Namespace) -> int:
     return 1
 
 
+@_flags
 def cmd_scale(args: argparse.Namespace) -> int:
     """Print the factors; optionally save the model with them."""
     from klvae.latents.scale import check_scale_options, estimate_factors
@@ -143,7 +165,8 @@ def cmd_scale(args: argparse.Namespace) -> int:
         # Its formats (diffusers' AutoencoderKLFlux2, BFL's) hold a latent BatchNorm and no factors.
         raise KlvaeError("a model with latent patches (FLUX.2) keeps per-channel statistics only: "
                          "add --per-channel to --save")
-    f = estimate_factors(vae, source, limit=args.limit, resolution=args.resolution, dtype=dtype)
+    f = estimate_factors(vae, source, limit=args.limit, resolution=args.resolution, dtype=dtype,
+                         batch_size=args.batch_size)
     shards = f", {len(source.unreadable)} unreadable tar shards skipped" if source.unreadable else ""
     if args.per_channel:
         means, stds = [round(v, 6) for v in f["latents_mean"]], [_round_positive(v) for v in f["latents_std"]]

@@ -43,9 +43,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "the same fractions of another --num-steps); with --schedule flow the training positions "
                         "1 <= t <= --num-steps, at sigma = t / num-steps shifted (diffusers' timestep is "
                         "sigma * num-steps; default 1, 100, 250, 500, 750, 1000 of 1000)")
-    p.add_argument("--schedule", choices=["scaled_linear", "linear", "cosine", "flow"], default="scaled_linear",
-                   help="beta schedule (scaled_linear 0.00085..0.012 is Stable Diffusion's), or flow: rectified "
-                        "flow, (1 - sigma) x0 + sigma noise, as SD3 and FLUX are trained")
+    p.add_argument("--schedule", choices=["scaled_linear", "linear", "cosine", "squaredcos_cap_v2", "flow"],
+                   default="scaled_linear",
+                   help="beta schedule (scaled_linear 0.00085..0.012 is Stable Diffusion's; squaredcos_cap_v2 is "
+                        "diffusers' name for cosine), or flow: rectified flow, (1 - sigma) x0 + sigma noise, as SD3 "
+                        "and FLUX are trained")
+    p.add_argument("--zero-terminal-snr", action="store_true",
+                   help="rescale the betas to zero terminal SNR, so that the last t is pure noise (diffusers' "
+                        "rescale_betas_zero_snr, as SD 2.1-style zero-SNR models are trained)")
     p.add_argument("--shift", default=None,
                    help="flow only: the shift of sigma towards noise, a number > 0 (default 1; SD3: 3), or auto: "
                         "the model's own, SD3's 3 or FLUX.1's / FLUX.2's (at 50 steps) from this image's size")
@@ -102,10 +107,10 @@ def _ddpm_noised(z0: torch.Tensor, noise: torch.Tensor, args: argparse.Namespace
     from klvae.diffusion import NoiseSchedule
 
     schedule = NoiseSchedule.from_name(args.schedule, args.num_steps, beta_start=args.beta_start,
-                                       beta_end=args.beta_end)
+                                       beta_end=args.beta_end, rescale_betas_zero_snr=args.zero_terminal_snr)
     zts = torch.cat([schedule.q_sample(z0, t, noise=noise) for t in args.steps])
     labels = [f"t={t}  SNR={float(schedule.snr(t).item()):.3g}" for t in args.steps]
-    return zts, labels, f"{args.schedule} schedule"
+    return zts, labels, f"{args.schedule} schedule{', zero terminal SNR' if args.zero_terminal_snr else ''}"
 
 
 def _flow_noised(z0: torch.Tensor, noise: torch.Tensor, args: argparse.Namespace, shift: float | str,
@@ -194,7 +199,12 @@ def _check_shift(args: argparse.Namespace, flow: bool) -> float | str | None:
 
 def _check_betas(args: argparse.Namespace) -> None:
     given = {name: v for name, v in (("--beta-start", args.beta_start), ("--beta-end", args.beta_end)) if v is not None}
-    if given and args.schedule in ("cosine", "flow"):
+    if args.zero_terminal_snr and args.schedule == "flow":
+        raise KlvaeError("--zero-terminal-snr rescales a beta schedule; the flow schedule ends in pure noise already")
+    if args.zero_terminal_snr and args.num_steps < 2:
+        raise KlvaeError("--zero-terminal-snr needs --num-steps 2 or more: it keeps the first step and makes the "
+                         "last pure noise")
+    if given and args.schedule in ("cosine", "squaredcos_cap_v2", "flow"):
         verb = "sets" if len(given) == 1 else "set"
         raise KlvaeError(f"{' and '.join(given)} {verb} the range of a linear or scaled_linear schedule, "
                          f"not of {args.schedule}")

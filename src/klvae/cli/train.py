@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from klvae.cli.common import check_output_path
 from klvae.errors import KlvaeError, quote
+
+if TYPE_CHECKING:
+    from klvae.training.config import TrainConfig
 
 log = logging.getLogger("klvae")
 
@@ -48,6 +53,20 @@ def check_resume_arg(resume: str | None) -> None:
                          f"as in klvae train CONFIG --resume [CHECKPOINT]")
 
 
+def check_inputs(cfg: TrainConfig, resume: str | None) -> None:
+    """Refuse a device, a --resume file or data that cannot serve, before the model and LPIPS are built (or
+    downloaded): the Trainer and fit() check them again, later, for the library's users."""
+    from klvae.inference.precision import usable_device
+    from klvae.training.checkpoint import load_training_state
+    from klvae.training.data_setup import check_train_data
+
+    usable_device(cfg.train.device, "train.device")
+    if resume not in (None, "latest"):
+        load_training_state(resume)  # read again by Trainer.resume; an explicit file may be anything at all
+    # Under torchrun the process group is not up yet, but its size is in the environment.
+    check_train_data(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train, resuming when asked, and export the weights at the end."""
     import yaml
@@ -62,6 +81,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_output_path(cfg.train.out_dir, "train.out_dir", folder=True)  # before minutes of model building
     if args.resume is None:
         check_fresh_run(Path(cfg.train.out_dir))
+    check_inputs(cfg, args.resume)
     from klvae.distributed import shutdown
     from klvae.training.loop import fit
     from klvae.training.trainer import Trainer

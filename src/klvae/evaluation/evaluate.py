@@ -238,7 +238,7 @@ def iter_batches(
 
 def _per_image(nets: MetricNets, x: Tensor, r: Tensor) -> dict[str, Tensor]:
     # SSIM's luminance term is not shift-invariant: the standard value is that of [0, 1] (or 8-bit) images.
-    out = {"psnr": psnr(x, r, data_range=2.0), "ssim": ssim(x, r)}
+    out = {"psnr": psnr(x, r, data_range=2.0), "ssim": ssim(x, r, data_range=2.0)}
     if nets.lpips is not None:
         out["lpips"] = nets.lpips(x, r).flatten()
     return {k: v.detach().float().cpu() for k, v in out.items()}

@@ -1,8 +1,11 @@
 """Per-image reconstruction metrics (PSNR, SSIM) in torch, and a running mean/std for reports.
 
-Range convention: klvae images are [B, C, H, W] in [-1, 1], so `data_range` defaults to 2.0 (max - min of
-the range). Pass 1.0 for [0, 1] images and 255 for 8-bit ones. The data range sets PSNR's peak and SSIM's
-stabilising constants, so a wrong value gives wrong (not just rescaled) numbers.
+Range convention: klvae images are [B, C, H, W] in [-1, 1], so `data_range` left out means 2.0 (max - min of
+the range). Pass 1.0 for [0, 1] images (torchmetrics' and torchvision's habit) and 255 for 8-bit ones. The data
+range sets PSNR's peak and SSIM's stabilising constants, so a wrong value gives wrong (not just rescaled)
+numbers: [0, 1] images scored as [-1, 1] ones gain 6.02 dB of PSNR and a too-high SSIM. Hence, when
+`data_range` is left out, images that do not look like [-1, 1] ones (no negative value at all, or values
+beyond [-1.5, 1.5]) get a warning, once per process; passing data_range=2.0 says they are [-1, 1] and skips it.
 
 SSIM is written here (separable Gaussian conv2d) rather than taken from torchmetrics, which pulls torchvision;
 it matches `skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5,
@@ -11,6 +14,7 @@ use_sample_covariance=False, channel_axis=-1)`, see `ssim`.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -21,6 +25,13 @@ from torch import Tensor
 SSIM_SIGMA = 1.5
 SSIM_RADIUS = 5  # skimage: int(truncate * sigma + 0.5) with truncate = 3.5
 SSIM_K1, SSIM_K2 = 0.01, 0.03
+# klvae's range, assumed when data_range is left out; values this far past its ends are another range's.
+DEFAULT_DATA_RANGE = 2.0
+_PAST_THE_ENDS = 0.5
+
+log = logging.getLogger(__name__)
+# The kinds of range warning given so far: once per process each, not once per batch of an evaluation.
+_range_warned: set[str] = set()
 
 
 def _as_batches(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -36,9 +47,42 @@ def _as_batches(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return a.to(dtype), b.to(dtype)
 
 
-def psnr(a: Tensor, b: Tensor, data_range: float = 2.0) -> Tensor:
-    """Per-image PSNR [B] in dB, 10 log10(data_range² / MSE); +inf for identical images (as skimage gives)."""
+def _warn_if_not_klvae_range(what: str, a: Tensor, b: Tensor) -> None:
+    """Warn (once per process and kind) when images scored as [-1, 1] ones look like another range's."""
+    if len(_range_warned) == 2 or a.numel() == 0:
+        return
+    with torch.no_grad():  # one host sync for the four extremes
+        lo_a, lo_b, hi_a, hi_b = torch.stack([a.amin(), b.amin(), a.amax(), b.amax()]).tolist()
+    lo, hi = min(lo_a, lo_b), max(hi_a, hi_b)
+    if lo < -1 - _PAST_THE_ENDS or hi > 1 + _PAST_THE_ENDS:
+        kind, why = "outside", f"the images span [{lo:.4g}, {hi:.4g}], far outside"
+    elif lo >= 0:
+        # A [-1, 1] photograph with no pixel below mid-grey is rare; [0, 1] images always look like this.
+        kind, why = "non-negative", "neither image has a negative value, unusual for"
+    else:
+        return
+    if kind in _range_warned:
+        return
+    _range_warned.add(kind)
+    log.warning("%s: %s the [-1, 1] range that data_range's default (2.0) assumes: pass data_range=1.0 for [0, 1] "
+                "images, 255 for 8-bit ones (or data_range=2.0 to say they are [-1, 1] images)", what, why)
+
+
+def _resolve_range(what: str, a: Tensor, b: Tensor, data_range: float | None) -> float:
+    """data_range, or klvae's 2.0 after a check that the images look like [-1, 1] ones."""
+    if data_range is not None:
+        return data_range
+    _warn_if_not_klvae_range(what, a, b)
+    return DEFAULT_DATA_RANGE
+
+
+def psnr(a: Tensor, b: Tensor, data_range: float | None = None) -> Tensor:
+    """Per-image PSNR [B] in dB, 10 log10(data_range² / MSE); +inf for identical images (as skimage gives).
+
+    data_range: max - min of the images' range; left out, 2.0 (klvae's [-1, 1]), with a warning when the images
+    look like another range's (see the module docstring)."""
     a, b = _as_batches(a, b)
+    data_range = _resolve_range("psnr", a, b, data_range)
     mse = (a - b).square().flatten(1).mean(dim=1)
     # MSE = 0 gives log10(inf) = +inf, left as it is: a cap would be an arbitrary number in a report.
     return 10.0 * torch.log10(data_range**2 / mse)
@@ -59,9 +103,12 @@ def _blur_valid(x: Tensor, taps: Tensor) -> Tensor:
     return F.conv2d(x, taps.view(1, 1, k, 1).expand(c, 1, k, 1), groups=c)
 
 
-def ssim_map(a: Tensor, b: Tensor, data_range: float = 2.0, low: float | None = None) -> Tensor:
+def ssim_map(a: Tensor, b: Tensor, data_range: float | None = None, low: float | None = None) -> Tensor:
     """The SSIM map [B, C, H-10, W-10]: each channel on its own, windows wholly inside the image."""
     a, b = _as_batches(a, b)
+    if data_range is None:
+        # With `low` given, the caller has thought about the range: only the wholly default call is checked.
+        data_range = _resolve_range("ssim", a, b, None) if low is None else DEFAULT_DATA_RANGE
     # SSIM's luminance term is not shift-invariant: it is defined on images whose range starts at 0, so
     # [-1, 1] images are moved to [0, 2] first (the default `low` is -1 exactly when data_range is 2).
     low = (-1.0 if data_range == 2.0 else 0.0) if low is None else low
@@ -83,15 +130,16 @@ def ssim_map(a: Tensor, b: Tensor, data_range: float = 2.0, low: float | None = 
     return num / den
 
 
-def ssim(a: Tensor, b: Tensor, data_range: float = 2.0, low: float | None = None) -> Tensor:
+def ssim(a: Tensor, b: Tensor, data_range: float | None = None, low: float | None = None) -> Tensor:
     """Per-image SSIM [B] (Wang et al. 2004; Gaussian 11x11, sigma 1.5), per channel then averaged over RGB.
 
     Valid windows only, which is what skimage's crop of the filter radius does, so the border mode never
     matters and the result equals `structural_similarity(..., gaussian_weights=True, sigma=1.5,
     use_sample_covariance=False, data_range=data_range, channel_axis=-1)` to rounding.
-    `low` is the bottom of the range (default -1 for data_range 2, i.e. [-1, 1] images, else 0), so a
-    [-1, 1] image scores as its 8-bit version does. Computed in float32 (float64 for float64 input);
-    differentiable.
+    `data_range` left out is 2.0 (klvae's [-1, 1]), with a warning when the images look like another range's
+    (see the module docstring); pass 1.0 for [0, 1] images, 255 for 8-bit ones. `low` is the bottom of the
+    range (default -1 for data_range 2, i.e. [-1, 1] images, else 0), so a [-1, 1] image scores as its 8-bit
+    version does. Computed in float32 (float64 for float64 input); differentiable.
     """
     return ssim_map(a, b, data_range, low).flatten(1).mean(dim=1)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,7 +35,11 @@ class TileOptions:
     take more than an untiled pass would.
     """
 
-    # Strip height in image rows; lower levels use proportionally fewer. None: derived from max_memory.
+    # Strip height in rows of the full-resolution image; a level at 1/f of it uses tile_size // f rows, at least 1.
+    # Any height from 1 up gives the untiled result (each conv reads its strip's neighbour rows, and GroupNorm uses
+    # whole-map statistics), so it need not be a multiple of the downsample factor; small strips only cost more
+    # kernel calls. It overrides the heights max_memory would pick (max_memory still sizes the maps kept on a GPU
+    # and the attention chunks). None: derived from max_memory.
     tile_size: int | None = None
     # Bytes the device may use; tiling is picked when the untiled estimate exceeds it. None: no limit
     # (untiled, falling back to tiling when the GPU runs out of memory). On the CPU: see the class docstring.
@@ -46,14 +51,21 @@ class TileOptions:
         # 0 or a negative number would not fail here but deep in the strip planner, or mean "no budget".
         for name in ("tile_size", "max_memory"):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise KlvaeError(f"TileOptions.{name} must be a whole number of at least 1 (or None), got {quote(v)}")
+            if v is not None:
+                setattr(self, name, _whole_number(name, v))
         if self.enabled is not None and not isinstance(self.enabled, bool):
             raise KlvaeError(f"TileOptions.enabled must be True, False or None, got {quote(self.enabled)}")
 
     def wants_tiling(self) -> bool:
         """Whether tiling was asked for outright (a forced flag or a strip height)."""
         return bool(self.enabled) or (self.enabled is None and self.tile_size is not None)
+
+
+def _whole_number(name: str, v: object) -> int:
+    """`v` as a plain int of at least 1, else KlvaeError; numpy integers (a size computed with numpy) count."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+        raise KlvaeError(f"TileOptions.{name} must be a whole number of at least 1 (or None), got {quote(v)}")
+    return int(v)
 
 
 def estimate_bytes(vae: AutoencoderKL, op: str, shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -192,8 +204,11 @@ def warn_host_maps(vae: AutoencoderKL, op: str, shape: tuple[int, ...], dtype: t
 
 
 def _mib(n: int) -> str:
-    # MiB, not GiB: budgets that a CPU is given are often well under 1 GiB, which "0.06 GiB" reads badly.
-    return f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n / 2**20:.2f} MiB"
+    # MiB, not GiB: budgets that a CPU is given are often well under 1 GiB, which "0.06 GiB" reads badly; and
+    # a budget of a few KiB or bytes (--max-memory 1k) is not "0.00 MiB".
+    if n >= 2**20:
+        return f"{n / 2**20:,.0f} MiB"
+    return f"{n / 2**20:.2f} MiB" if n >= 0.005 * 2**20 else f"{n:,} bytes"
 
 
 def deliver(vae: AutoencoderKL, out: Tensor, opts: TileOptions) -> Tensor:

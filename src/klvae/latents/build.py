@@ -20,7 +20,7 @@ from klvae.distributed import DistInfo, all_sum, barrier
 from klvae.errors import KlvaeError, quote
 from klvae.inference.precision import resolve_dtype
 from klvae.latents import cache
-from klvae.latents.cache import CacheOptions
+from klvae.latents.options import CacheOptions
 from klvae.latents.sources import ItemSource, open_source
 from klvae.model.autoencoder import AutoencoderKL
 
@@ -70,8 +70,10 @@ def build_cache(vae: AutoencoderKL, data: str | os.PathLike[str] | ItemSource, o
     `data` is what `klvae cache --data` takes (an image folder, a `datasets` folder, parquet, .tar shards, a glob)
     or an opened `ItemSource`; the options are the CLI's flags. The model runs where it is (move it first), in
     `dtype` ("auto"/None: bf16 on GPUs that have it, else fp32). A rerun into the same `out` encodes only what is
-    not done yet and refuses (KlvaeError) other options or another model. Unreadable images are skipped and
-    counted (`CacheSummary.ok` is False), the rest finished. `model_name` is what index.json records as the model.
+    not done yet and refuses (KlvaeError) other options, another encoder or (store="scaled") other factors; a
+    fine-tune of the first model's decoder alone gives the same rows, and may finish it. Unreadable images are
+    skipped and counted (`CacheSummary.ok` is False), the rest finished. `model_name` is what index.json records
+    as the model. Bad options are an OptionError (a KlvaeError) naming the argument.
     Under torchrun, pass `dist` (klvae.distributed.init_distributed) or initialise the process group
     first: each rank encodes its share, and rank 0 writes the index.
     """
@@ -84,12 +86,12 @@ def build_cache(vae: AutoencoderKL, data: str | os.PathLike[str] | ItemSource, o
     source = data if isinstance(data, ItemSource) else open_source(os.fspath(data))
     log.info("caching %d images into %s (store %s, resolution %d%s%s)", len(source.ids), root, opts.store,
              opts.resolution, ", buckets" if opts.buckets else "", ", flip" if opts.flip else "")
-    # Computed once: hashing every weight is slow on a large model, and the ranks and the index share it.
-    fingerprint = cache.model_fingerprint(vae, opts.store == "scaled")
-    counts = cache.cache_rank(vae, source, root, opts, compute, dist.rank, dist.world, fingerprint)
+    # Computed once: hashing every weight is slow on a large model, and the ranks and the index share them.
+    fingerprints = cache.model_fingerprints(vae, opts.store)
+    counts = cache.cache_rank(vae, source, root, opts, compute, dist.rank, dist.world, fingerprints)
     counts = _sum_over_ranks(counts, dist, vae.device)
     barrier(dist)  # every rank's manifest is complete before rank 0 merges them
-    index = cache.write_index(vae, os.fspath(model_name or "unnamed"), root, opts, dist.world, fingerprint) \
+    index = cache.write_index(vae, os.fspath(model_name or "unnamed"), root, opts, dist.world, fingerprints) \
         if dist.is_main else None
     result = _summarise(root, index, counts, len(source.unreadable))
     log.debug("%s", result.summary())

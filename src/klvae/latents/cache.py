@@ -5,7 +5,9 @@ all of its rows appended (and fsynced) to this rank's manifest. On restart, shar
 names are deleted and only rows that no line names are encoded (per row, not per image: with --flip an
 image's two rows may fall in different shards). A torn last line is ignored, so a kill at any instant
 leaves either a whole shard and its line, or neither counted. Every line records the options that decide
-what a row holds, and a fingerprint of the model; a resume with other values, or another model, is refused
+what a row holds, and fingerprints of the model: of its encoder (and, for scaled rows, of its factors), which
+decide the rows, so that a fine-tune of the decoder alone may resume a cache, and of the whole model, which decided
+for lines written before the encoder's was recorded. A resume with other values, or another model, is refused
 before anything is touched. A resume also checks the header of each shard its lines name (latents/integrity.py):
 one damaged since it was recorded is dropped, with a warning, and its rows are encoded again. Each line also
 records its shard's SHA-256, which `klvae cache --verify` (latents/verify.py) compares with the whole file.
@@ -20,7 +22,7 @@ import logging
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +33,11 @@ from torch.utils.data import DataLoader, Dataset
 from klvae import inference
 from klvae.atomic import atomic_write_text
 from klvae.errors import KlvaeError, quote
-from klvae.images import MAX_PIXELS, MAX_RESOLUTION, pil_to_tensor
+from klvae.images import pil_to_tensor
 from klvae.latents.buckets import make_buckets, nearest_bucket, resize_crop
-from klvae.latents.fingerprint import model_fingerprint
-from klvae.latents.integrity import RowShapes, drop_damaged, row_shapes, save_shard, shard_problem
+from klvae.latents.fingerprint import encoder_fingerprint, factors_fingerprint, model_fingerprint
+from klvae.latents.integrity import RowShapes, drop_damaged, row_shapes, save_shard, shard_problem, stored_tensors
+from klvae.latents.options import CacheOptions, check_whole_latents
 from klvae.latents.sources import ItemSource, item_error, open_source
 from klvae.model.autoencoder import AutoencoderKL
 from klvae.progress import progress_bar
@@ -42,51 +45,6 @@ from klvae.progress import progress_bar
 log = logging.getLogger(__name__)
 
 INDEX_FORMAT = "klvae.latent-cache/1"
-
-
-@dataclass
-class CacheOptions:
-    """What to store and how to cut the images."""
-
-    resolution: int = 512  # target side; with buckets, the target area is resolution**2
-    buckets: bool = False  # aspect-ratio buckets instead of a centre square crop
-    flip: bool = False  # also store a horizontally flipped copy of every image
-    store: str = "moments"  # "moments" (mean + logvar), "sample" (one posterior sample) or "scaled" (scaled mean)
-    shard_size: int = 256  # rows per shard file
-    batch_size: int = 8
-    num_workers: int = 2
-    seed: int = 0  # for store="sample"
-
-    def __post_init__(self) -> None:
-        if self.store not in ("moments", "sample", "scaled"):
-            raise KlvaeError(f"store must be moments, sample or scaled, got {self.store!r}")
-        check_resolution(self.resolution)
-        if self.resolution % 64 and self.buckets:
-            raise KlvaeError("with --buckets, --resolution must be a multiple of 64")
-        for flag, value, least in (("--shard-size", self.shard_size, 1), ("--batch-size", self.batch_size, 1),
-                                   ("--num-workers", self.num_workers, 0)):
-            if value < least:
-                raise KlvaeError(f"{flag} must be at least {least}, got {value}")
-
-
-def check_resolution(resolution: int, flag: str = "--resolution") -> None:
-    """KlvaeError unless a square of this side is an image size klvae reads (1 .. sqrt(MAX_PIXELS))."""
-    if resolution < 1:
-        raise KlvaeError(f"{flag} must be at least 1, got {resolution}")
-    if resolution > MAX_RESOLUTION:
-        raise KlvaeError(f"{flag} must be at most {MAX_RESOLUTION} (a square of at most {MAX_PIXELS} "
-                         f"pixels), got {resolution}")
-
-
-def check_whole_latents(vae: AutoencoderKL, resolution: int) -> None:
-    """KlvaeError unless `resolution` is a multiple of the model's downsample factor (times its latent patch)."""
-    factor = vae.config.size_multiple
-    if resolution % factor:
-        # The encoder would pad the crop, and the latents would hold cells of the padding too.
-        p = vae.config.latent_patch_size
-        what = f"the model's downsample factor {factor}" if p == 1 else \
-            f"{factor} (the model's downsample factor {vae.config.downsample_factor} x its latent patch {p})"
-        raise KlvaeError(f"--resolution must be a multiple of {what}, got {resolution}")
 
 
 class _Prepared(Dataset):
@@ -194,7 +152,10 @@ def _is_record(rec: Any) -> bool:
 
 # The type each recorded option must have: a value of another type is no setting any run wrote.
 _OPTION_TYPES: dict[str, type] = {"resolution": int, "buckets": bool, "flip": bool, "store": str, "seed": int,
-                                  "world_size": int, "model_fingerprint": str}
+                                  "world_size": int, "model_fingerprint": str, "encoder_fingerprint": str,
+                                  "factors_fingerprint": str}
+# The fingerprints a record may hold, beside its options (index.json keeps them at its top level).
+_FINGERPRINTS = ("model_fingerprint", "encoder_fingerprint", "factors_fingerprint")
 
 
 def _good_options(options: dict[str, Any]) -> bool:
@@ -208,23 +169,32 @@ def _good_options(options: dict[str, Any]) -> bool:
 _ROW_OPTIONS = ("resolution", "buckets", "flip", "store")
 
 
-def row_options(opts: CacheOptions, world: int, fingerprint: str | None = None) -> dict[str, Any]:
+def model_fingerprints(vae: AutoencoderKL, store: str) -> dict[str, str]:
+    """The fingerprints a cache of `store` records of the model, and a resume compares: the encoder's and, for
+    scaled rows, the factors' (what decides the rows); and the whole model's, which decided for records written
+    before the encoder's was (a klvae of before then compares it too)."""
+    scaled = store == "scaled"
+    return {"model_fingerprint": model_fingerprint(vae, scaled), "encoder_fingerprint": encoder_fingerprint(vae),
+            **({"factors_fingerprint": factors_fingerprint(vae)} if scaled else {})}
+
+
+def row_options(opts: CacheOptions, world: int, fingerprints: dict[str, str] | None = None) -> dict[str, Any]:
     """The options a resume must share with the runs before it (seed only where it decides the rows), and the
-    model's fingerprint where known."""
+    model's fingerprints (`model_fingerprints`) where known."""
     rec = {k: getattr(opts, k) for k in _ROW_OPTIONS}
     if opts.store == "sample":
         rec["seed"] = opts.seed
-    model = {"model_fingerprint": fingerprint} if fingerprint else {}
-    return {**rec, "world_size": world, **model}
+    return {**rec, "world_size": world, **(fingerprints or {})}
 
 
-def check_resume(out: str | Path, opts: CacheOptions, world: int, fingerprint: str | None = None) -> None:
+def check_resume(out: str | Path, opts: CacheOptions, world: int, fingerprints: dict[str, str] | None = None) -> None:
     """Refuse (KlvaeError) to add to a cache that index.json or a manifest line says was made with other options,
-    or (given this model's fingerprint) with another model."""
-    out, current = Path(out), row_options(opts, world, fingerprint)
+    or (given this model's `model_fingerprints`) with another encoder or, for scaled rows, other factors. A record
+    without the encoder's fingerprint (an older klvae's) is compared by the whole model's, as it was then."""
+    out, current = Path(out), row_options(opts, world, fingerprints)
     recorded = []
     if (index := _read_index(out / "index.json")) is not None:
-        extra = {k: index[k] for k in ("world_size", "model_fingerprint") if k in index}
+        extra = {k: index[k] for k in ("world_size", *_FINGERPRINTS) if k in index}
         recorded.append({**index.get("options", {}), **extra})
     for p in sorted(out.glob("manifest-rank*.jsonl")):
         # The options alone: each rank checks its own shards (_recover) before it touches anything, and another
@@ -234,13 +204,23 @@ def check_resume(out: str | Path, opts: CacheOptions, world: int, fingerprint: s
         for key, value in current.items():
             if key not in old or old[key] == value:
                 continue
-            if key == "model_fingerprint":
-                # Paths may differ between runs (a copy, a hub cache), so the weights decide, not the --model text.
+            # Paths may differ between runs (a copy, a hub cache), so the weights decide, not the --model text.
+            if key == "model_fingerprint" and "encoder_fingerprint" not in old:
                 raise KlvaeError(f"{out} holds a cache made with another model (fingerprint {old[key][:12]}, this "
-                                 f"one's {value[:12]}): resume it with the model it was begun with, or write to "
+                                 f"one's {value[:12]}; begun before klvae recorded the encoder's fingerprint, it takes "
+                                 "the same whole model): resume it with the model it was begun with, or write to "
                                  "another folder")
-            raise KlvaeError(f"{out} holds a cache made with {key}={quote(old[key])}, not {value!r}: resume it with "
-                             "the same options and number of processes, or write to another folder")
+            if key == "encoder_fingerprint":
+                raise KlvaeError(f"{out} holds a cache made with another model, whose encoder differs (encoder "
+                                 f"fingerprint {old[key][:12]}, this one's {value[:12]}): resume it with the model it "
+                                 "was begun with (or a fine-tune of its decoder alone), or write to another folder")
+            if key == "factors_fingerprint":
+                raise KlvaeError(f"{out} holds latents scaled with another model's factors (scaling_factor, "
+                                 "shift_factor, latents_mean/std or latent patch): resume it with the factors it was "
+                                 "begun with, or write to another folder")
+            if key not in _FINGERPRINTS:  # model_fingerprint of a record with the encoder's: that one decides
+                raise KlvaeError(f"{out} holds a cache made with {key}={quote(old[key])}, not {value!r}: resume it "
+                                 "with the same options and number of processes, or write to another folder")
 
 
 def parse_index(path: Path) -> dict[str, Any] | None:
@@ -265,7 +245,7 @@ def _read_index(path: Path) -> dict[str, Any] | None:
         index = None
     if not isinstance(index, dict) or not isinstance(options := index.get("options", {}), dict):
         raise _damaged(f"{path} is not a cache index")
-    if not _good_options({**options, **{k: index[k] for k in ("world_size", "model_fingerprint") if k in index}}):
+    if not _good_options({**options, **{k: index[k] for k in ("world_size", *_FINGERPRINTS) if k in index}}):
         raise _damaged(f"{path} records options of the wrong type")
     return index
 
@@ -341,20 +321,22 @@ def keyed_generator(*key: object) -> torch.Generator:
 
 
 def cache_rank(vae: AutoencoderKL, spec: str | ItemSource, out: str | Path, opts: CacheOptions,
-               dtype: torch.dtype, rank: int = 0, world: int = 1, fingerprint: str | None = None) -> dict[str, int]:
+               dtype: torch.dtype, rank: int = 0, world: int = 1,
+               fingerprints: dict[str, str] | None = None) -> dict[str, int]:
     """Encode this rank's share of the data that is not done yet; returns image counts (encoded, failed,
-    done_before, failed_before). Everything is checked before `out` is made or touched."""
+    done_before, failed_before). Everything is checked before `out` is made or touched. `fingerprints`:
+    `model_fingerprints(vae, opts.store)`, computed here when not given."""
     out = Path(out)
     source = open_source(spec) if isinstance(spec, str) else spec
     if not source.ids:
         raise KlvaeError(f"no images in {spec if isinstance(spec, str) else 'the data'}")
     check_whole_latents(vae, opts.resolution)
-    fingerprint = fingerprint or model_fingerprint(vae, opts.store == "scaled")
-    check_resume(out, opts, world, fingerprint)
+    fingerprints = fingerprints or model_fingerprints(vae, opts.store)
+    check_resume(out, opts, world, fingerprints)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return _cache_todo(vae, source, out, opts, dtype, rank, world, fingerprint)
+        return _cache_todo(vae, source, out, opts, dtype, rank, world, fingerprints)
     except BaseException:
         if created:  # a failed start leaves no empty folder; rmdir fails, as it should, on anything in it
             with contextlib.suppress(OSError):
@@ -363,7 +345,7 @@ def cache_rank(vae: AutoencoderKL, spec: str | ItemSource, out: str | Path, opts
 
 
 def _cache_todo(vae: AutoencoderKL, source: ItemSource, out: Path, opts: CacheOptions, dtype: torch.dtype,
-                rank: int, world: int, fingerprint: str) -> dict[str, int]:
+                rank: int, world: int, fingerprints: dict[str, str]) -> dict[str, int]:
     mine = [i for n, i in enumerate(source.ids) if n % world == rank]
     rows_done, failed, shard_no = _recover(out, rank, row_shapes(vae.config, opts.store))
     todo = _todo(mine, rows_done, failed, opts.flip)
@@ -374,7 +356,7 @@ def _cache_todo(vae: AutoencoderKL, source: ItemSource, out: Path, opts: CacheOp
              counts["done_before"], failed_before, len(todo))
     loader = DataLoader(_Prepared(source, todo, opts), batch_size=opts.batch_size, num_workers=opts.num_workers,
                         collate_fn=_collate)
-    writer = _ShardWriter(out, rank, shard_no, opts.shard_size, row_options(opts, world, fingerprint))
+    writer = _ShardWriter(out, rank, shard_no, opts.shard_size, row_options(opts, world, fingerprints))
     pending: dict[tuple[int, int], list[tuple[Tensor, dict]]] = {}
 
     def encode_bucket(key: tuple[int, int]) -> None:
@@ -448,7 +430,7 @@ class _ShardWriter:
 
 
 def write_index(vae: AutoencoderKL, model: str, out: str | Path, opts: CacheOptions, world: int,
-                fingerprint: str | None = None) -> Path:
+                fingerprints: dict[str, str] | None = None) -> Path:
     """Merge every rank's manifest into index.json (atomically); checks that every shard holds its rows (by its
     header), that no image appears twice, and that there is a row at all (KlvaeError: none of the images could
     be read)."""
@@ -460,8 +442,8 @@ def write_index(vae: AutoencoderKL, model: str, out: str | Path, opts: CacheOpti
                 shards[rec["shard"]] = {k: rec[k] for k in ("sha256",) if k in rec}
             # Checked by each rank's resume, but damaged since (or by a run of another version): never indexed.
             if rec.get("shard") and (why := shard_problem(out / rec["shard"], rec["rows"], shapes)):
-                raise KlvaeError(f"{out / rec['shard']} is damaged ({why}): run the same `klvae cache` again, "
-                                 "which encodes its rows anew")
+                raise KlvaeError(f"{out / rec['shard']} is damaged ({why}): run the same `klvae cache` (or "
+                                 "build_cache call) again, which encodes its rows anew")
             rows += rec.get("rows", [])
             failed += rec.get("failed", [])
     seen: set[tuple[str, bool]] = set()
@@ -474,8 +456,9 @@ def write_index(vae: AutoencoderKL, model: str, out: str | Path, opts: CacheOpti
         raise KlvaeError(f"nothing cached in {out}: none of the {len(set(failed))} images could be read")
     index = {
         "format": INDEX_FORMAT, "model": model, **vae.config.latent_norm.to_dict(),
-        "model_fingerprint": fingerprint or model_fingerprint(vae, opts.store == "scaled"),
-        "latent_channels": vae.config.latent_channels,
+        **(fingerprints or model_fingerprints(vae, opts.store)),
+        # The VAE's latent channels; the tensors each row holds are "stored" (FLUX.2's scaled rows are patched).
+        "latent_channels": vae.config.latent_channels, "stored": stored_tensors(vae.config, opts.store),
         "options": asdict(opts), "world_size": world, "items": rows, "shards": shards,
         "failed": sorted(set(failed) - {r["source"] for r in rows}),
     }

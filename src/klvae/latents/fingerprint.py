@@ -1,6 +1,6 @@
-"""Hashes of what decides a model's latents: the whole model's (caches and latents files record it), and its
-encoder's alone, by which `klvae decode` tells a fine-tune of the same VAE's decoder (sd-vae-ft-mse style: the
-same latents) from another VAE."""
+"""Hashes of what decides a model's latents: the whole model's (caches and latents files record it), its
+encoder's alone, by which `klvae decode` and a cache's resume tell a fine-tune of the same VAE's decoder
+(sd-vae-ft-mse style: the same latents) from another VAE, and its factors', which scaled latents bake in."""
 
 from __future__ import annotations
 
@@ -38,6 +38,12 @@ def encoder_fingerprint(vae: AutoencoderKL) -> str:
     two models whose unscaled latents are equal, whatever their decoders."""
     cfg = {"part": "encoder", **{k: v for k, v in vae.config.to_dict().items() if k in _ENCODER_FIELDS}}
     return _digest(cfg, ((n, t) for n, t in vae.state_dict().items() if n.startswith(("encoder.", "quant_conv."))))
+
+
+def factors_fingerprint(vae: AutoencoderKL) -> str:
+    """A hash of the scaling a model applies to its latents (scaling_factor, shift_factor, latents_mean/std and the
+    latent patch): equal for two models whose `scale_latents` agree on equal latents."""
+    return _digest({"part": "factors", **vae.config.latent_norm.to_dict()}, ())
 
 
 def _digest(cfg: dict[str, Any], tensors: Any) -> str:

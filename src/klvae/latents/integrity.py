@@ -37,17 +37,25 @@ RowShapes = Callable[[Sequence[int]], dict[str, tuple[int, ...]]]
 _CHUNK = 4 << 20  # bytes per read while hashing
 
 
+def stored_tensors(config: AutoencoderKLConfig, store: str) -> dict[str, Any]:
+    """What each row of a cache of this model and store holds, as index.json records it ("stored"): float32
+    tensors named `tensors`, each [channels, h / downsample_factor, w / downsample_factor] for a bucket of h x w
+    pixels. Scaled rows of a model with latent patches (FLUX.2) are patched: 4x the channels at half the size."""
+    c, p = config.latent_channels, config.latent_patch_size
+    patched = store == "scaled"  # scaling patchifies the latent; the other stores keep the VAE's
+    return {"tensors": ["mean", "logvar"] if store == "moments" else ["latent"],
+            "channels": c * p * p if patched else c,
+            "downsample_factor": config.downsample_factor * (p if patched else 1)}
+
+
 def row_shapes(config: AutoencoderKLConfig, store: str) -> RowShapes:
     """For a bucket (height, width in pixels), the tensors a row of this model and store holds, with shapes."""
-    c, p, m = config.latent_channels, config.latent_patch_size, config.size_multiple
+    stored, m = stored_tensors(config, store), config.size_multiple
+    cells = m // stored["downsample_factor"]  # latent cells per padding step: the patch side, or 1 when patched
 
     def shapes(bucket: Sequence[int]) -> dict[str, tuple[int, ...]]:
-        h, w = (-(-side // m) * p for side in bucket)  # the encoder pads an image to whole patches
-        if store == "moments":
-            return {"mean": (c, h, w), "logvar": (c, h, w)}
-        if store == "scaled":  # scaling patchifies a FLUX.2 latent
-            return {"latent": (c * p * p, h // p, w // p)}
-        return {"latent": (c, h, w)}
+        h, w = (-(-side // m) * cells for side in bucket)  # the encoder pads an image to whole patches
+        return {name: (stored["channels"], h, w) for name in stored["tensors"]}
 
     return shapes
 

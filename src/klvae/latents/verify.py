@@ -11,8 +11,9 @@ The shards and their hashes come from the manifests; without any (a copy of inde
 from index.json. Shards written by an older klvae have no recorded hash: their headers alone are checked. A cache
 whose index.json is missing, or lists fewer shards than the manifests (a run under way, or stopped), has the
 shards recorded so far verified, and its report says it is unfinished.
-No model is needed: the shapes a row's tensors must have are those that the cache's hash-verified shards (or,
-with none, most shards) show, scaled to the row's bucket.
+No model is needed: the shapes a row's tensors must have are those index.json records ("stored", written from the
+model's config), or in a cache without them (unfinished, or an older klvae's) those that the cache's hash-verified
+shards (or, with none, most shards) show, scaled to the row's bucket.
 """
 
 from __future__ import annotations
@@ -93,8 +94,11 @@ def verify_cache(root: str | Path) -> CacheReport:
     header against its rows; KlvaeError when `root` is not a klvae cache (or its records, or a shard's
     permissions, forbid reading them)."""
     root = Path(root)
-    shards, source = _recorded_shards(root)
-    unfinished = _unfinished(root, shards) if source == "manifests" else None  # read with the manifests
+    if not root.is_dir():
+        raise KlvaeError(f"{root} is not a klvae cache: {'no such folder' if not root.exists() else 'not a folder'}")
+    index = _read_index(root / "index.json")
+    shards, source = _recorded_shards(root, index)
+    unfinished = _unfinished(root, shards, index) if source == "manifests" else None  # read with the manifests
     sizes = {name: (root / name).stat().st_size for name in shards if (root / name).is_file()}
     headers: dict[str, dict[str, tuple[int, ...]]] = {}  # of the shards whole so far
     checks: dict[str, ShardCheck] = {}
@@ -104,7 +108,7 @@ def verify_cache(root: str | Path) -> CacheReport:
             checks[name], found = _check_shard(root, name, rec, sizes.get(name), bar)
             if found is not None:
                 headers[name] = found
-    shapes = _layout_shapes(_common_layout(shards, headers, checks))
+    shapes = _layout_shapes(_index_layout(index) or _common_layout(shards, headers, checks))
     for name, found in headers.items():
         if why := rows_problem(found, shards[name]["rows"], shapes):
             checks[name] = ShardCheck(name, checks[name].rows, why, checks[name].hashed)
@@ -167,10 +171,8 @@ def _hash_problem(path: Path, recorded: str | None, bar: Any) -> str | None:
     return None
 
 
-def _recorded_shards(root: Path) -> tuple[dict[str, dict[str, Any]], str]:
+def _recorded_shards(root: Path, index: dict[str, Any] | None) -> tuple[dict[str, dict[str, Any]], str]:
     # Each shard's rows and recorded SHA-256 (None: none recorded), and where they were read from.
-    if not root.is_dir():
-        raise KlvaeError(f"{root} is not a klvae cache: {'no such folder' if not root.exists() else 'not a folder'}")
     shards: dict[str, dict[str, Any]] = {}
     if manifests := sorted(root.glob("manifest-rank*.jsonl")):
         for p in manifests:
@@ -178,7 +180,10 @@ def _recorded_shards(root: Path) -> tuple[dict[str, dict[str, Any]], str]:
                 if rec.get("shard"):
                     shards[rec["shard"]] = {"rows": rec["rows"], "sha256": rec.get("sha256")}
         return shards, "manifests"
-    index = _read_index(root / "index.json")
+    if index is None:
+        path = root / "index.json"
+        raise KlvaeError(f"{path} is not a klvae latent cache index" if path.is_file() else
+                         f"{root} is not a klvae cache: it has no manifest-rank*.jsonl or index.json")
     entries = index.get("shards", {})
     for item in index["items"]:
         entry = shards.setdefault(item["shard"], {"rows": [], "sha256": None})
@@ -188,31 +193,35 @@ def _recorded_shards(root: Path) -> tuple[dict[str, dict[str, Any]], str]:
     return shards, "index.json"
 
 
-def _unfinished(root: Path, shards: dict[str, dict[str, Any]]) -> str | None:
+def _unfinished(root: Path, shards: dict[str, dict[str, Any]], index: dict[str, Any] | None) -> str | None:
     # Why index.json, which LatentDataset reads, does not list every shard the manifests record; None when it does.
-    path = root / "index.json"
-    if not path.is_file():
-        why = "no index.json yet"
+    if index is None:
+        why = "its index.json is no klvae cache index" if (root / "index.json").is_file() else "no index.json yet"
     else:
-        try:
-            listed = {item["shard"] for item in _read_index(path)["items"]}
-        except KlvaeError:
-            listed = None
-        if listed is not None and set(shards) <= listed:
+        listed = {item["shard"] for item in index["items"]}
+        if set(shards) <= listed:
             return None
-        why = "its index.json is no klvae cache index" if listed is None else \
-            f"index.json lists {len(set(shards) & listed)} of the {len(shards)} shards the manifests record"
+        why = f"index.json lists {len(set(shards) & listed)} of the {len(shards)} shards the manifests record"
     return f"{why} (a `klvae cache` run is under way or was stopped: the same command finishes it)"
 
 
-def _read_index(path: Path) -> dict[str, Any]:
-    # index.json as LatentDataset reads it; KlvaeError when there is none or it is no cache index.
-    if not path.is_file():
-        raise KlvaeError(f"{path.parent} is not a klvae cache: it has no manifest-rank*.jsonl or index.json")
-    index = parse_index(path)
-    if index is None or not all(isinstance(it, dict) and isinstance(it.get("shard"), str) for it in index["items"]):
-        raise KlvaeError(f"{path} is not a klvae latent cache index")
-    return index
+def _read_index(path: Path) -> dict[str, Any] | None:
+    # index.json as LatentDataset reads it; None where there is none or it is no cache index.
+    index = parse_index(path) if path.is_file() else None
+    ok = index is not None and all(isinstance(it, dict) and isinstance(it.get("shard"), str) for it in index["items"])
+    return index if ok else None
+
+
+def _index_layout(index: dict[str, Any] | None) -> Layout | None:
+    # The row layout index.json records ("stored"); None in an index without it (an older klvae's) or none.
+    stored = index.get("stored") if index is not None else None
+    if not isinstance(stored, dict):
+        return None
+    names, channels, factor = stored.get("tensors"), stored.get("channels"), stored.get("downsample_factor")
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (channels, factor))):
+        return None
+    return tuple(sorted(names)), channels, Fraction(factor), Fraction(factor)
 
 
 def _common_layout(shards: dict[str, dict[str, Any]], headers: dict[str, dict[str, tuple[int, ...]]],

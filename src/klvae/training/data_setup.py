@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from collections.abc import Iterator
@@ -11,11 +12,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
+from klvae.datasources import resolve_spec
 from klvae.distributed import DistInfo
 from klvae.errors import KlvaeError
 from klvae.training.config import TrainConfig
 from klvae.training.data import TransformConfig, build_dataset, build_transform, collate_skip_none
-from klvae.training.sampler import GlobalBatchSampler, SeededItems
+from klvae.training.sampler import GlobalBatchSampler, SeededItems, fewer_per_process
 
 log = logging.getLogger(__name__)
 
@@ -42,22 +44,48 @@ def build_train_loader(cfg: TrainConfig, dist: DistInfo, start_batch: int = 0) -
         # Streams (tar shards) have no random access: resume skips the consumed batches by reading them.
         loader = DataLoader(ds, batch_size=d.batch_size, num_workers=d.num_workers, collate_fn=collate_skip_none)
         return itertools.islice(_endless(loader, f"{d.train} (rank {dist.rank} of {dist.world})"), start_batch, None)
-    _check_one_global_batch(ds, d.batch_size * dist.world, d.train)
+    _check_one_global_batch(ds, d.batch_size, dist.world, d.train)
     sampler = GlobalBatchSampler(len(ds), d.batch_size, dist.rank, dist.world, cfg.train.seed, start_batch)
     loader = DataLoader(SeededItems(ds, cfg.train.seed), batch_sampler=sampler, num_workers=d.num_workers,
                         collate_fn=collate_skip_none, persistent_workers=d.num_workers > 0)
     return _mark_epochs(iter(loader), start_batch, sampler.per_epoch)
 
 
-def _check_one_global_batch(ds: Any, global_batch: int, source: str) -> None:
+def check_train_data(cfg: TrainConfig, world: int) -> None:
+    """Refuse, before any model is built, missing data, or training data with fewer items than one global batch of
+    `world` processes (shards are opened per rank and are not counted)."""
+    d = cfg.data
+    if d.val:
+        with _naming("data.val"):  # a mistyped data.val would otherwise stop the run at its start, once all is built
+            resolve_spec(d.val)
+    with _naming("data.train"):
+        ds = build_dataset(d.train, image_column=d.image_column, rank=0, world_size=world)
+    if not isinstance(ds, IterableDataset):
+        _check_one_global_batch(ds, d.batch_size, world, d.train)
+
+
+@contextlib.contextmanager
+def _naming(field: str) -> Iterator[None]:
+    """Errors raised inside prefixed with the config field they come from."""
+    try:
+        yield
+    except KlvaeError as e:
+        raise type(e)(f"{field}: {e}") from None
+
+
+def _check_one_global_batch(ds: Any, batch: int, world: int, source: str) -> None:
     """Refuse a dataset with fewer items than one global batch, saying how many of them are unreadable."""
-    if len(ds) >= global_batch:
+    if len(ds) >= batch * world:
         return
     # Items are the files (or rows) found, readable or not: so few are cheap to read, and the count of the
     # unreadable ones (each also named in a warning) tells whether the data or the batch size is at fault.
     unreadable = sum(ds[i] is None for i in range(len(ds)))
+    readable = len(ds) - unreadable
+    fix = "add readable images"
+    if readable:
+        fix = f"{fewer_per_process(readable, world, 'data.batch_size')}, or add images"
     raise KlvaeError(f"{source} has {len(ds)} item(s) (files or rows found; {unreadable} of them unreadable), fewer "
-                     f"than one global batch of {global_batch} (data.batch_size x processes)")
+                     f"than one global batch of {batch * world} (data.batch_size {batch} x {world} process(es)): {fix}")
 
 
 def _endless(loader: DataLoader, name: str) -> Iterator[dict[str, Any]]:

@@ -13,6 +13,14 @@ from torch.utils.data import Dataset, Sampler
 from klvae.errors import KlvaeError
 
 
+def fewer_per_process(n: int, world: int, field: str) -> str:
+    """How to make `n` (> 0) items fill one global batch of `world` processes: a smaller `field`, or fewer
+    processes. The items left over from whole global batches are dropped from each epoch (others each time)."""
+    if n >= world:
+        return f"set {field} to {n // world} or less"
+    return f"set {field} to 1 and run at most {n} process(es)"
+
+
 class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
     """Yields this rank's slice of each global batch as (index, epoch) pairs, without end.
 
@@ -29,7 +37,9 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
         self.global_batch = local_batch * world
         self.per_epoch = n // self.global_batch
         if self.per_epoch == 0:
-            raise KlvaeError(f"the dataset has {n} images, fewer than one global batch of {self.global_batch}")
+            fix = fewer_per_process(n, world, "the batch size per process") if n else "add images"
+            raise KlvaeError(f"the dataset has {n} images, fewer than one global batch of {self.global_batch} "
+                             f"({local_batch} per process x {world} process(es)): {fix}")
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """The permutation of dataset indices used in `epoch`."""

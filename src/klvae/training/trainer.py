@@ -26,62 +26,18 @@ from klvae.distributed import (
     init_distributed,
     rank_device,
 )
-from klvae.errors import KlvaeError, WeightsError, cut, quote
+from klvae.errors import KlvaeError, WeightsError, quote
 from klvae.inference.precision import usable_device
 from klvae.model.autoencoder import AutoencoderKL
 from klvae.posterior import DiagonalGaussian
 from klvae.training import checkpoint as ckpt
-from klvae.training.config import TrainConfig, build_loss_config, model_config, surprises
+from klvae.training.config import TrainConfig, build_loss_config, surprises
 from klvae.training.ema import make_ema
 from klvae.training.losses import AutoencoderLoss
+from klvae.training.model_setup import build_model
 from klvae.weights import check_state_dict, config_to_diffusers
 
 log = logging.getLogger(__name__)
-
-
-def build_model(cfg: TrainConfig) -> AutoencoderKL:
-    """The autoencoder to train: a preset from scratch, or pretrained weights."""
-    m = cfg.model
-    config = model_config(m)  # None with pretrained weights: theirs, changed by model.overrides below
-    vae = _with_overrides(_pretrained(m.pretrained), m.overrides) if m.pretrained else AutoencoderKL(config)
-    vae.enable_gradient_checkpointing(m.gradient_checkpointing)
-    if m.decoder_only:
-        for mod in (vae.encoder, vae.quant_conv):
-            if mod is not None:
-                mod.requires_grad_(False)
-    return vae.train()
-
-
-def _pretrained(spec: str) -> AutoencoderKL:
-    """The weights with their own config (config.json, the file's metadata, or inferred from the shapes)."""
-    try:
-        return AutoencoderKL.from_pretrained(spec)
-    except WeightsError as e:
-        # A run's export (stage 2 of a recipe) that is not there yet: the stage before has not been trained.
-        hint = " (train the run that exports it first)" if Path(spec).name == "final" else ""
-        raise WeightsError(f"model.pretrained: {e}{hint}") from None
-
-
-def _with_overrides(vae: AutoencoderKL, overrides: dict[str, Any]) -> AutoencoderKL:
-    """`vae` with model.overrides applied to its own config; refused when the weights no longer fit."""
-    if not overrides:
-        return vae
-    try:
-        config = vae.config.replace(**overrides)
-    except (TypeError, ValueError) as e:
-        raise KlvaeError(f"model.overrides: {cut(str(e), 300)}") from None
-    if config == vae.config:
-        return vae
-    with torch.random.fork_rng(devices=[]):  # the throwaway initialisation leaves the run's seed stream alone
-        changed = AutoencoderKL(config)
-    sd = vae.state_dict()
-    try:
-        check_state_dict(changed, sd, "the architecture that model.overrides make of them", shown=1)
-    except WeightsError as e:
-        raise KlvaeError(f"model.overrides {', '.join(map(str, overrides))} do not fit model.pretrained: "
-                         f"{cut(str(e), 400)}") from None
-    changed.load_state_dict(sd)
-    return changed
 
 
 def _saved_model_section(s: dict[str, Any]) -> dict[str, Any] | None:
@@ -151,6 +107,15 @@ def lr_factor(step: int, warmup: int, schedule: str, max_steps: int) -> float:
         progress = (step - warmup) / max(1, max_steps - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return 1.0
+
+
+def _scaled_step(scaler: torch.amp.GradScaler, opt: torch.optim.Optimizer) -> bool:
+    """scaler.step and update; whether the optimiser stepped (on inf/NaN gradients the scaler skips the step and
+    lowers its scale, the one outward sign of it, as accelerate also reads it)."""
+    before = scaler.get_scale() if scaler.is_enabled() else None
+    scaler.step(opt)
+    scaler.update()
+    return before is None or scaler.get_scale() >= before
 
 
 class Reconstruct(nn.Module):
@@ -391,7 +356,8 @@ class Trainer:
             logs[k] += float(v) / accum
         return True
 
-    def _apply_gradients(self, disc_on: bool) -> None:
+    def _apply_gradients(self, disc_on: bool) -> bool:
+        """Step the optimisers and the EMA; False when fp16's gradient scaler skipped the autoencoder's step."""
         clip = self.cfg.optim.grad_clip
         # DDP averaged the autoencoder's gradients but not logvar's; average it too (before clipping, whose norm
         # includes it), or each rank's logvar drifts apart and only rank 0's reaches the checkpoint.
@@ -399,17 +365,18 @@ class Trainer:
         self.scaler.unscale_(self.opt_ae)
         if clip > 0:
             torch.nn.utils.clip_grad_norm_([p for g in self.opt_ae.param_groups for p in g["params"]], clip)
-        self.scaler.step(self.opt_ae)
-        self.scaler.update()
+        stepped = _scaled_step(self.scaler, self.opt_ae)
         if disc_on and self.opt_d is not None:
             average_gradients(self.disc_params, self.dist)
             self.d_scaler.unscale_(self.opt_d)
             if clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.disc_params, clip)
-            self.d_scaler.step(self.opt_d)
-            self.d_scaler.update()
-        if self.ema is not None:
+            _scaled_step(self.d_scaler, self.opt_d)
+        # The EMA follows the optimiser: a skipped step leaves the weights as they were, so averaging them again
+        # would only advance the EMA's update count (its decay warm-up) and pull it towards the current weights.
+        if self.ema is not None and stepped:
             self.ema.update_parameters(self.vae)
+        return stepped
 
     def train_step(self, micro_batches: list[Tensor]) -> dict[str, float]:
         """Accumulate over micro-batches, step both optimisers; a non-finite loss skips the whole step."""
@@ -427,9 +394,9 @@ class Trainer:
             for i, x in enumerate(micro_batches)
         )
         self.loss.discriminator_requires_grad(True)
+        stepped = finite and self._apply_gradients(disc_on)
         if finite:
-            self._apply_gradients(disc_on)
-            self.nonfinite_run = 0
+            self.nonfinite_run = 0  # an fp16 overflow that the scaler skips is routine, not a non-finite loss
         else:
             self.nonfinite_run += 1
             log.warning("step %d: non-finite loss, step skipped (%d in a row)", self.step, self.nonfinite_run)
@@ -439,5 +406,5 @@ class Trainer:
         keys = sorted(logs)
         values = all_mean(torch.tensor([logs[k] for k in keys], device=self.device), self.dist).tolist()
         out = dict(zip(keys, values, strict=True))
-        out.update(lr=self.opt_ae.param_groups[0]["lr"], skipped=float(not finite))
+        out.update(lr=self.opt_ae.param_groups[0]["lr"], skipped=float(not stepped))
         return out

@@ -61,9 +61,9 @@ def validate(
     for x in batches:
         x = x.to(device)
         y = vae(x, sample_posterior=False)[0].clamp(-1, 1)
-        sums["psnr"] += psnr(x, y).sum().item()
+        sums["psnr"] += psnr(x, y, data_range=2.0).sum().item()
         if with_ssim:
-            sums["ssim"] += ssim(x, y).sum().item()
+            sums["ssim"] += ssim(x, y, data_range=2.0).sum().item()
         if lp is not None:
             sums["lpips"] += lp(x, y).sum().item()
         if n < GRID_IMAGES:  # only the few shown are copied to the CPU
