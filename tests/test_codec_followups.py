@@ -159,7 +159,7 @@ def test_klvae_images_and_ranges_said_outright_draw_no_warning(caplog: pytest.Lo
     with caplog.at_level(logging.WARNING, logger="klvae"):
         psnr(2 * a - 1, 2 * b - 1), ssim(2 * a - 1, 2 * b - 1)
         psnr(a, b, data_range=1.0), ssim(a, b, data_range=1.0), ssim(a * 255, b * 255, data_range=255)
-        psnr(a, b, data_range=2.0), ssim(a, b, low=0.0)  # bright [-1, 1] images, said to be so
+        psnr(a, b, data_range=2.0), ssim(a, b, low=-1.0)  # bright [-1, 1] images, said to be so
     assert caplog.records == []
 
 

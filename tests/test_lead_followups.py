@@ -79,3 +79,43 @@ def test_validation_scores_bright_images_without_a_range_warning(
         out = validate(Brightening(), [x], torch.device("cpu"), None, lpips_files=None)  # type: ignore[arg-type]
     assert "ssim" in out and np.isfinite(out["psnr"])
     assert not [m for m in caplog.messages if "data_range" in m]
+
+
+def test_from_single_file_loads_an_ldm_file_as_diffusers_users_call_it(tmp_path: Path) -> None:
+    from klvae import AutoencoderKL
+    from klvae.compat import DiffusersVAE
+    from klvae.weights.save import export_ldm
+
+    vae = AutoencoderKL("tiny")
+    path = export_ldm(vae, tmp_path / "vae.safetensors")
+    for loaded in (AutoencoderKL.from_single_file(path), DiffusersVAE.from_single_file(str(path))._klvae):
+        assert loaded.config == vae.config
+        for (k, a), b in zip(vae.state_dict().items(), loaded.state_dict().values(), strict=True):
+            assert torch.equal(a, b), k
+    with pytest.raises(ValueError, match="is a folder"):
+        AutoencoderKL.from_single_file(tmp_path)
+
+
+def test_stored_dtype_of_a_torch_file_named_safetensors(tmp_path: Path) -> None:
+    from klvae import AutoencoderKL
+    from klvae.weights.stored_dtype import stored_values
+
+    vae = AutoencoderKL("tiny")
+    path = tmp_path / "vae.safetensors"  # a torch.save file under the wrong name, which loading reads by content
+    torch.save({k: v.half() for k, v in vae.state_dict().items()}, path)
+    loaded = AutoencoderKL.from_pretrained(path, config="tiny")
+    assert torch.equal(loaded.encoder.conv_in.weight, vae.encoder.conv_in.weight.half().float())
+    assert set(stored_values(path)) == {"fp16"}
+
+
+def test_decode_leaves_infinite_pixels_for_the_caller_to_see(tmp_path: Path) -> None:
+    from klvae import AutoencoderKL, inference
+
+    vae = AutoencoderKL("tiny").eval()
+    with torch.no_grad():
+        vae.decoder.conv_out.bias[0] = float("inf")  # a broken model: its red channel overflows
+        out = inference.decode(vae, torch.zeros(1, vae.config.latent_channels, 2, 2), torch.float32)
+        assert torch.isinf(out[:, 0]).all()
+        vae.decoder.conv_out.bias[0] = 100.0  # finite but out of range: clamped as before
+        out = inference.decode(vae, torch.zeros(1, vae.config.latent_channels, 2, 2), torch.float32)
+    assert out.max() == 1 and torch.isfinite(out).all()

@@ -228,6 +228,18 @@ class DiffusersVAE(nn.Module):
                                             dtype=torch_dtype, device=device, revision=revision)
         return cls(vae)
 
+    @classmethod
+    def from_single_file(
+        cls,
+        pretrained_model_link_or_path: str | Path,
+        config: AutoencoderKLConfig | str | None = None,
+        torch_dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+    ) -> DiffusersVAE:
+        """One weights file, as klvae's AutoencoderKL.from_single_file loads it, wrapped (no hub config needed)."""
+        return cls(AutoencoderKL.from_single_file(pretrained_model_link_or_path, config=config, dtype=torch_dtype,
+                                                  device=device))
+
     def save_pretrained(self, save_directory: str | Path, safe_serialization: bool = True) -> Path:
         """Write a diffusers folder (config.json + weights) that diffusers and klvae both load."""
         from klvae.weights.save import save_pretrained

@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import collections
 import json
-import math
 from pathlib import Path
 
 import torch
 
 from klvae.cli.common import NO_WEIGHTS, default_model, preset_on_meta, preset_to_describe
 from klvae.model.autoencoder import AutoencoderKL
-from klvae.weights.convert import VAE_PREFIXES
-from klvae.weights.load import WeightsSource, load_source, locate, read_state_dict
-
-# safetensors' dtype codes, and torch's, as --dtype and `convert --dtype` spell them.
-_SHORT = {"F64": "fp64", "F32": "fp32", "F16": "fp16", "BF16": "bf16",
-          torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_FLOAT_CODES = ("F", "BF")  # F8_E4M3, F16, BF16 ...: I64 (a BatchNorm's counter) is no weight's dtype
+from klvae.weights.load import WeightsSource, load_source, locate
+from klvae.weights.stored_dtype import stored_values
 
 
 def describe(vae: AutoencoderKL, model: str) -> dict:
@@ -27,37 +20,10 @@ def describe(vae: AutoencoderKL, model: str) -> dict:
             "downsample_factor": vae.downsample_factor}
 
 
-def _safetensors_values(path: Path) -> collections.Counter[str]:
-    """Values per stored dtype over the VAE's floating-point tensors, from the header alone (no tensor is read)."""
-    from safetensors import safe_open
-
-    counts: collections.Counter[str] = collections.Counter()
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        keys = list(f.keys())
-        # As loading does: a full SD checkpoint's UNet and text encoder are not the VAE.
-        prefix = next((p for p in VAE_PREFIXES if any(k.startswith(p) for k in keys)), "")
-        for k in keys:
-            if k.startswith(prefix):
-                part = f.get_slice(k)
-                if part.get_dtype().startswith(_FLOAT_CODES):
-                    counts[_SHORT.get(part.get_dtype(), part.get_dtype().lower())] += math.prod(part.get_shape())
-    return counts
-
-
-def _pickle_values(path: Path) -> collections.Counter[str]:
-    """Values per stored dtype over the VAE's floating-point tensors of a .ckpt/.pt/.bin file."""
-    # A pickle has no header to read: its tensors are read again (the VAE's only, as loading reads them).
-    counts: collections.Counter[str] = collections.Counter()
-    for t in read_state_dict(path).values():
-        if t.is_floating_point():
-            counts[_SHORT.get(t.dtype, str(t.dtype).removeprefix("torch."))] += t.numel()
-    return counts
-
-
 def stored_dtype(path: Path) -> str:
     """The dtype a weights file stores the VAE in, e.g. 'fp16'; a mix names the minority, e.g. 'fp16 (fp32 for
     0.1 % of the values)'."""
-    counts = _safetensors_values(path) if path.suffix.lower() == ".safetensors" else _pickle_values(path)
+    counts = stored_values(path)
     if not counts:
         return "none"
     (main, _), *rest = counts.most_common()

@@ -33,14 +33,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _target(args: argparse.Namespace) -> tuple[str, Path]:
+    from klvae.weights.read import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
+
     out = Path(args.output)
-    fmt = args.to or ("ldm" if out.suffix.lower() == ".safetensors" else "diffusers")
-    if fmt == "ldm" and out.suffix.lower() != ".safetensors":
+    single = out.suffix.lower() in SAFETENSORS_SUFFIXES  # .sft too, the name ComfyUI also reads
+    fmt = args.to or ("ldm" if single else "diffusers")
+    if fmt == "ldm" and not single:
         raise KlvaeError(f"--output {out}: an LDM-layout file must end in .safetensors")
-    if out.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
+    if out.suffix.lower() in PICKLE_SUFFIXES:
         raise KlvaeError(f"--output {out}: klvae writes weights as safetensors, not pickles; name a .safetensors "
                          "file (LDM layout) or a folder (diffusers layout)")
-    if fmt == "diffusers" and out.suffix.lower() == ".safetensors":
+    if fmt == "diffusers" and single:
         raise KlvaeError(f"--output {out}: the diffusers layout is a folder; name a folder, or use --to ldm")
     check_output_path(out, folder=fmt == "diffusers")
     check_model_output(out, "--output", overwrite=args.overwrite)

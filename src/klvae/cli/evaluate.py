@@ -17,7 +17,7 @@ from klvae.cli.common import (
     exists_error,
     tiling_from_args,
 )
-from klvae.errors import KlvaeError
+from klvae.errors import KlvaeError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -122,7 +122,13 @@ def _load_models(args: argparse.Namespace, device: torch.device, opts: EvalOptio
     configs = _per_model(args.config, len(args.model), "--config")
     models = {}
     for name, spec, sub, cfg in zip(_model_names(args.model), args.model, subfolders, configs, strict=True):
-        vae = AutoencoderKL.from_pretrained(spec, subfolder=sub, config=cfg, device=device)
+        try:
+            vae = AutoencoderKL.from_pretrained(spec, subfolder=sub, config=cfg, device=device)
+        except KlvaeError as e:
+            # With several models, say which one: "weights do not fit config 'sdxl'" alone does not.
+            if len(args.model) == 1 or spec in str(e):
+                raise
+            raise KlvaeError(f"--model {spec}: {first_line(e)}") from None
         # The same levers as encode/decode/reconstruct, so that eval scores what those commands produce.
         models[name] = optimize_for_inference(vae, opts.dtype,
                                               SpeedOptions(compile=args.compile, fused_norm=args.fused_norm))
@@ -139,7 +145,7 @@ def _check_named_weights(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Evaluate the models and write the report; exit 1 when some images were unreadable."""
+    """Evaluate the models and write the report; exit 1 when some images were unreadable or a model failed on some."""
     from klvae.evaluation.evaluate import EvalOptions, build_metric_nets, run_evaluation
     from klvae.inference import resolve_dtype, usable_device
     from klvae.latents.sources import open_source
@@ -168,11 +174,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
                              fid=not args.no_fid, inception_weights=args.inception_weights)
     summary = run_evaluation(models, args.data, args.output, opts, nets, device, source)
     _print_summary(summary, Path(args.output))
-    return 1 if summary["images"]["skipped"] else 0
+    failed = any(m.get("failed") for m in summary["models"].values())
+    return 1 if summary["images"]["skipped"] or failed else 0
 
 
 def _print_summary(summary: dict, out: Path) -> None:
-    from klvae.evaluation.report import rfid_sample_note
+    from klvae.evaluation.report import failure_note, rfid_sample_note
 
     def num(v: float | None, digits: int) -> str:
         return "n/a" if v is None else f"{v:.{digits}f}"  # None: not finite in summary.json
@@ -184,6 +191,8 @@ def _print_summary(summary: dict, out: Path) -> None:
         if "rfid" in m and m["rfid"]["value"] is not None:
             bits.append(f"rFID {m['rfid']['value']:.3f} ({rfid_sample_note(m['rfid'])})")
         print(f"{name}: {', '.join(bits)}")
+        if m.get("failed"):
+            print(f"  {failure_note(name, m, summary['images']['evaluated'])}")
     imgs = summary["images"]
     skipped = f", {imgs['skipped']} skipped" if imgs["skipped"] else ""
     noun = "image" if imgs["evaluated"] == 1 else "images"

@@ -50,6 +50,25 @@ class _Parser(argparse.ArgumentParser):
         """One line, as klvae's other errors are; the usage block is one `--help` away."""
         self.exit(2, f"{self.prog}: error: {_one_line(message)} (see '{self.prog} --help')\n")
 
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        """argparse's parse_args, with arguments no option takes blamed on the subcommand they were given to."""
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            # argparse reports them from the top parser ("klvae: error: ... see 'klvae --help'"), whose help does
+            # not list the subcommand's options.
+            chosen = _subcommand_parser(self, getattr(parsed, "command", None))
+            chosen.error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
+
+
+def _subcommand_parser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser:
+    """The parser of subcommand `command`, or `parser` itself."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            return action.choices[command]
+    return parser
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""

@@ -62,9 +62,12 @@ def check_inputs(cfg: TrainConfig, resume: str | None) -> None:
 
     usable_device(cfg.train.device, "train.device")
     if resume not in (None, "latest"):
-        load_training_state(resume)  # read again by Trainer.resume; an explicit file may be anything at all
-    # Under torchrun the process group is not up yet, but its size is in the environment.
-    check_train_data(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        # An explicit file may be anything at all. Mapped, not read: Trainer.resume reads it (GBs for a large
+        # model with its EMA and optimiser state), and a check that read it too would double that wait.
+        load_training_state(resume, mmap=True)
+    # Under torchrun the process group is not up yet, but its size and this process's rank are in the environment.
+    # Only rank 0 validates, so only it needs data.val (on another machine it may not be there).
+    check_train_data(cfg, int(os.environ.get("WORLD_SIZE", "1")), val=int(os.environ.get("RANK", "0")) == 0)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -88,12 +88,18 @@ class EvalResult:
     metrics: list[str] = field(default_factory=list)
     left_out: dict[str, str] = field(default_factory=dict)
     enlarged: list[int] = field(default_factory=list)  # smallest side of each image scaled up to cover the crop
+    ok: dict[str, list[bool]] = field(default_factory=dict)  # model -> per id: reconstructed (finite)?
+    failed: dict[str, list[dict[str, str]]] = field(default_factory=dict)  # model -> [{"id", "error"}]
 
     def rows(self) -> Iterator[dict[str, Any]]:
         """metrics.csv rows: one per (image, model), image-major so the models of an image sit together."""
         for i, item_id in enumerate(self.ids):
             for m in self.models:
                 yield {"id": item_id, "model": m, **{k: self.values[m][k][i] for k in self.metrics if k != "rfid"}}
+
+    def done(self, model: str) -> list[bool]:
+        """Per id, whether `model` reconstructed it (a result built by hand, without `ok`, has it everywhere)."""
+        return self.ok.get(model) or [True] * len(self.ids)
 
 
 def build_metric_nets(
@@ -201,11 +207,31 @@ def quantise(x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def reconstruct(vae: AutoencoderKL, x: Tensor, opts: EvalOptions) -> Tensor:
-    """Encode to the posterior mean and decode, at the input's size; 8-bit-rounded, fp32, on x's device."""
+def _decoded(vae: AutoencoderKL, x: Tensor, opts: EvalOptions) -> Tensor:
     post = inference.encode(vae, x, opts.dtype, opts.tiling)
     out = inference.decode(vae, post.mode(), opts.dtype, size=tuple(x.shape[-2:]), tiling=opts.tiling)
-    return quantise(out.float()).to(x.device)  # a huge tiled result may stay in host memory
+    return out.float().to(x.device)  # a huge tiled result may stay in host memory
+
+
+NON_FINITE = "the reconstruction holds NaN or infinite values"
+
+
+@torch.no_grad()
+def reconstruct_checked(vae: AutoencoderKL, x: Tensor, opts: EvalOptions) -> tuple[Tensor, list[str | None]]:
+    """Encode to the posterior mean and decode, at the input's size; 8-bit-rounded, fp32, on x's device; and per
+    image why it failed (None where it did not): a failed image comes back all NaN."""
+    try:
+        out = _decoded(vae, x, opts)
+    except KlvaeError as e:  # non-finite latents: one image of the batch may be to blame, so try each alone
+        if x.shape[0] > 1:
+            parts = [reconstruct_checked(vae, x[i : i + 1], opts) for i in range(x.shape[0])]
+            return torch.cat([r for r, _ in parts]), [why for _, w in parts for why in w]
+        return torch.full_like(x, math.nan, dtype=torch.float32), [first_line(e)]
+    # Checked before quantise, whose clamp would turn an infinity into a white or black pixel (decode leaves
+    # non-finite output unclamped).
+    finite = torch.isfinite(out).flatten(1).all(1)
+    out = quantise(out).masked_fill(~finite.view(-1, 1, 1, 1), math.nan)
+    return out, [None if f else NON_FINITE for f in finite.tolist()]
 
 
 def iter_batches(
@@ -244,6 +270,27 @@ def _per_image(nets: MetricNets, x: Tensor, r: Tensor) -> dict[str, Tensor]:
     return {k: v.detach().float().cpu() for k, v in out.items()}
 
 
+def _measure(res: EvalResult, m: str, vae: AutoencoderKL, x: Tensor, batch_ids: list[str], opts: EvalOptions,
+             nets: MetricNets, acc: MetricAccumulator, feats: list[Tensor]) -> None:
+    """One model on one batch: per-image values (NaN where it failed), its running means over the images it
+    reconstructed, and their Inception features."""
+    x_dev = x.to(vae.device)
+    r, errors = reconstruct_checked(vae, x_dev, opts)
+    ok = torch.tensor([e is None for e in errors])
+    for item_id, why in zip(batch_ids, errors, strict=True):
+        if why is not None:
+            # A model that fails on an image is the model's failure, not the run's: the others still score it.
+            log.warning("%s failed on %s: %s; left out of its means and rFID", m, item_id, why)
+            res.failed[m].append({"id": item_id, "error": why})
+    res.ok[m].extend(ok.tolist())
+    for k, v in _per_image(nets, x_dev, r).items():
+        v = v.masked_fill(~ok, math.nan)
+        res.values[m][k].extend(v.tolist())
+        acc.update(k, v[ok])
+    if nets.inception is not None and ok.any():
+        feats.append(_features(nets.inception, r[ok.to(r.device)]))
+
+
 @torch.no_grad()
 def evaluate(
     models: Mapping[str, AutoencoderKL], source: ItemSource, opts: EvalOptions, nets: MetricNets
@@ -259,20 +306,15 @@ def evaluate(
     res = EvalResult(models=names, found=len(ids), available=len(source.ids), left_out=dict(nets.left_out))
     res.metrics = ["psnr", "ssim"] + (["lpips"] if nets.lpips is not None else [])
     res.values = {m: {k: [] for k in res.metrics} for m in names}
+    res.ok, res.failed = {m: [] for m in names}, {m: [] for m in names}
     accs = {m: MetricAccumulator() for m in names}
     feats: dict[str, list[Tensor]] = {m: [] for m in ["", *names]}  # "" holds the originals
     with progress_bar(total=len(ids), desc="evaluating", unit="img") as bar:
         for batch_ids, x in iter_batches(source, ids, opts, res.skipped, res.enlarged):
+            if nets.inception is not None:
+                feats[""].append(_features(nets.inception, x))
             for m, vae in models.items():
-                x_dev = x.to(vae.device)
-                r = reconstruct(vae, x_dev, opts)
-                for k, v in _per_image(nets, x_dev, r).items():
-                    res.values[m][k].extend(v.tolist())
-                    accs[m].update(k, v)
-                if nets.inception is not None:
-                    if m == names[0]:
-                        feats[""].append(_features(nets.inception, x_dev))
-                    feats[m].append(_features(nets.inception, r))
+                _measure(res, m, vae, x, batch_ids, opts, nets, accs[m], feats[m])
             res.ids.extend(batch_ids)
             bar.update(len(res.ids) + len(res.skipped) - bar.n)  # skipped items count as done too
         bar.update(len(ids) - bar.n)
@@ -300,18 +342,26 @@ def _add_rfid(res: EvalResult, feats: dict[str, list[Tensor]]) -> None:
         # A rank-deficient covariance: the value says little on its own, and -q must not hide that.
         log.warning("rFID from %d images: fewer than the %d feature dimensions, so it is unreliable (noisy and "
                     "biased upward); compare it only with rFIDs from the same images", len(res.ids), FEATURE_DIM)
-    reference = FIDReference(torch.cat(feats[""]))
+    originals = torch.cat(feats[""])
+    reference = FIDReference(originals)
     for m in res.models:
-        res.rfid[m] = reference.distance(torch.cat(feats[m]))
+        ok = torch.tensor(res.done(m))
+        if int(ok.sum()) < 2:
+            res.rfid[m] = None  # its failures are in the summary
+        elif ok.all():
+            res.rfid[m] = reference.distance(torch.cat(feats[m]))
+        else:  # against the originals of the images it did reconstruct, or the sets would differ by more than it
+            res.rfid[m] = FIDReference(originals[ok]).distance(torch.cat(feats[m]))
     res.metrics.append("rfid")
 
 
 def select_examples(res: EvalResult, n: int) -> dict[str, dict[str, list[int]]]:
     """Per model, the indices (into res.ids) of its worst and best n images by PSNR; at most half the set each."""
-    k = min(n, max(1, len(res.ids) // 2)) if n > 0 else 0
     out = {}
     for m in res.models:
-        order = sorted(range(len(res.ids)), key=lambda i, m=m: res.values[m]["psnr"][i])
+        done = [i for i, ok in enumerate(res.done(m)) if ok]  # a failed image has no PSNR to rank by
+        k = min(n, max(1, len(done) // 2)) if n > 0 else 0
+        order = sorted(done, key=lambda i, m=m: res.values[m]["psnr"][i])
         out[m] = {"worst": order[:k], "best": order[::-1][:k]}
     return out
 
@@ -328,7 +378,11 @@ def example_images(
         except Exception as e:  # read once already, so only a changing source gets here
             log.warning("no example pictures: %s", item_error(item_id, e))
             continue
-        recs = {m: reconstruct(vae, x.to(vae.device), opts)[0].cpu() for m, vae in models.items()}
+        recs = {}
+        for m, vae in models.items():
+            r, errors = reconstruct_checked(vae, x.to(vae.device), opts)
+            if errors[0] is None:  # a model that failed on this image shows none
+                recs[m] = r[0].cpu()
         out[item_id] = (x[0], recs)
     return out
 
@@ -337,10 +391,13 @@ def build_summary(res: EvalResult, data: str, opts: EvalOptions, device: torch.d
     """The summary.json content: the run's settings, versions, counts and per-model metrics."""
     models = {}
     for m in res.models:
-        entry: dict[str, Any] = {"n": len(res.ids)}
-        entry.update({k: res.summaries[m][k] for k in res.metrics if k in res.summaries[m]})
+        n = sum(res.done(m))  # the images this model reconstructed; its means and rFID are over these
+        failed = res.failed.get(m, [])
+        entry: dict[str, Any] = {"n": n, "failed": len(failed), "failed_items": failed[:100]}
+        none = {"mean": None, "std": None, "n": 0}  # a model that failed on every image
+        entry.update({k: res.summaries[m].get(k, none) for k in res.metrics if k != "rfid"})
         if "rfid" in res.metrics:
-            entry["rfid"] = {"value": res.rfid[m], "n": len(res.ids), "reliable": len(res.ids) >= FEATURE_DIM}
+            entry["rfid"] = {"value": res.rfid[m], "n": n, "reliable": n >= FEATURE_DIM}
         models[m] = entry
     return {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -371,18 +428,25 @@ def build_summary(res: EvalResult, data: str, opts: EvalOptions, device: torch.d
 
 def run_evaluation(
     models: Mapping[str, AutoencoderKL],
-    data: str,
+    data: str | Path,
     out_dir: str | Path,
-    opts: EvalOptions,
-    nets: MetricNets,
-    device: torch.device,
+    opts: EvalOptions | None = None,
+    nets: MetricNets | None = None,
+    device: torch.device | None = None,
     source: ItemSource | None = None,
 ) -> dict[str, Any]:
     """Evaluate every model on `data` (or on `source`, opened from it already), write metrics.csv, summary.json
-    and index.html; returns the summary."""
+    and index.html; returns the summary. Left out: default options, build_metric_nets() (weights from the torch
+    hub cache or a download, else that metric left out), and the first model's device."""
     from klvae.evaluation.report import json_safe, write_report
 
+    opts = opts if opts is not None else EvalOptions()
     opts.check()
+    if not models:
+        raise KlvaeError("no model to evaluate")
+    device = device if device is not None else next(iter(models.values())).device
+    nets = nets if nets is not None else build_metric_nets(device)
+    data = str(data)
     source = source if source is not None else open_source(data, image_column=opts.image_column)
     res = evaluate(models, source, opts, nets)
     summary = build_summary(res, data, opts, device)

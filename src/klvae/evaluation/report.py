@@ -120,6 +120,14 @@ def rfid_sample_note(stats: Mapping[str, Any]) -> str:
     return f"n={stats['n']} < {FEATURE_DIM}: unreliable"
 
 
+def failure_note(model: str, stats: Mapping[str, Any], evaluated: int) -> str:
+    """One line on the images a model failed on (NaN or infinite output): how many, the first ones, and why."""
+    items = stats.get("failed_items", [])
+    shown = "; ".join(f"{it['id']}: {it['error']}" for it in items[:3]) + ("; ..." if stats["failed"] > 3 else "")
+    return (f"{model} failed on {stats['failed']} of {evaluated} images ({shown}); its scores are over the "
+            f"other {stats['n']}")
+
+
 def _fmt(metric: str, stats: Any) -> str:
     if stats is None:
         return "—"
@@ -173,6 +181,9 @@ def example_rows(res: EvalResult, ranked_by: str, indices: Sequence[int], files:
             # With several models, outline the one this section ranks by, in its histogram colour.
             outline = MODEL_COLOURS[j % len(MODEL_COLOURS)] if m == ranked_by and len(res.models) > 1 else None
             name = html.escape(m)
+            if f"recon{j}" not in f:  # this model failed on this image
+                cells.append(f"<figure><figcaption><b>{name}</b><br>failed on this image</figcaption></figure>")
+                continue
             cells.append(_figure(f[f"recon{j}"], f"<b>{name}</b><br>{_caption(res, m, i)}", f"{m} reconstruction",
                                  outline))
             cells.append(_figure(f[f"error{j}"], f"|error| · {name}", f"{m} error map"))
@@ -192,6 +203,8 @@ def example_files(res: EvalResult, examples: Mapping[str, tuple[Tensor, Mapping[
         names = {"original": f"images/{i:05d}_original.png"}
         images.append((names["original"], tensor_to_pil(original)))
         for j, m in enumerate(res.models):
+            if m not in recs:
+                continue
             names[f"recon{j}"] = f"images/{i:05d}_m{j}_recon.png"
             names[f"error{j}"] = f"images/{i:05d}_m{j}_error.png"
             images.append((names[f"recon{j}"], tensor_to_pil(recs[m])))
@@ -237,6 +250,8 @@ def render_html(summary: Mapping[str, Any], res: EvalResult, picks: Mapping[str,
         out.append(f"<p class='note'>{imgs['skipped']} unreadable image(s) skipped: "
                    + ", ".join(e(s["id"]) for s in imgs["skipped_items"][:10]) + "</p>")
     out += ["<h2>Summary</h2>", summary_table(summary)]
+    out += [f"<p class='note'>{e(failure_note(m, stats, imgs['evaluated']))}</p>"
+            for m, stats in summary["models"].items() if stats.get("failed")]
     for k, why in summary["left_out"].items():
         out.append(f"<p class='note'>{LABELS.get(k, k).split()[0]} left out: {e(why)}</p>")
     if "rfid" in summary["metrics"]:

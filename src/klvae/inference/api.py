@@ -69,7 +69,7 @@ def decode(
     tiling: TileOptions | None = None,
 ) -> Tensor:
     """Unscaled latents [B, c, h, w] -> images [B, C, H, W] in [-1, 1], cropped to `size` when given; dtype and
-    device as in encode_moments."""
+    device as in encode_moments. A model that yields inf or NaN returns them unclamped."""
     check_latents(vae, z)
     dtype = compute_dtype(vae, dtype)
     z = z.to(vae.device)
@@ -83,7 +83,11 @@ def decode(
         plain=lambda t, dt: run_guarded(vae, lambda u, _: vae.decode(u), t, dt, "decode"),
         tiled=lambda t, dt: run_guarded(vae, tiled, t, dt, "tiled decode"),
         opts=tiling,
-    ).clamp(-1, 1)
+    )
+    # Clamped, an infinite pixel (a broken model's) would pass for white or black: only a finite output is
+    # clamped, so that the caller's check (the CLI's, or isfinite) still sees the failure. See check_images.
+    if torch.isfinite(out.sum(dtype=torch.float64)):
+        out = out.clamp(-1, 1)
     if size is not None:
         h, w = _check_size(size, tuple(out.shape[-2:]))
         out = out[..., :h, :w]

@@ -255,7 +255,9 @@ def _recover(out: Path, rank: int, shapes: RowShapes) -> tuple[set[tuple[str, bo
     # flip) done, the ids that failed and the next shard number.
     # Every line checked (shard names, shards present) before a file is deleted.
     manifest = out / f"manifest-rank{rank:03d}.jsonl"
-    records = drop_damaged(out, manifest, read_manifest(manifest, shards=True), shapes)
+    records = read_manifest(manifest, shards=True)
+    _check_indexed(out, rank, {rec["shard"] for rec in records if rec.get("shard")})
+    records = drop_damaged(out, manifest, records, shapes)
     named = {rec["shard"] for rec in records if rec.get("shard")}
     for p in out.glob(f"rank{rank:03d}-*.safetensors"):
         if p.name not in named:
@@ -268,6 +270,19 @@ def _recover(out: Path, rank: int, shapes: RowShapes) -> tuple[set[tuple[str, bo
     # After the highest number recorded: numbers need not be contiguous (earlier versions skipped one).
     next_no = 1 + max((int(Path(n).stem.rsplit("-", 1)[1]) for n in named), default=-1)
     return rows, failed, next_no
+
+
+def _check_indexed(out: Path, rank: int, named: set[str]) -> None:
+    # A shard no manifest line names is one an interruption left unrecorded, and is deleted; but index.json lists
+    # only shards that had their lines, so one it lists lost its manifest (a copy made without them), not its run.
+    items = (_read_index(out / "index.json") or {}).get("items")
+    listed = {it.get("shard") for it in items if isinstance(it, dict)} if isinstance(items, list) else set()
+    lost = sorted(p.name for p in out.glob(f"rank{rank:03d}-*.safetensors") if p.name in listed - named)
+    if lost:
+        raise KlvaeError(f"{out}/index.json lists {len(lost)} shard(s), {lost[0]} among them, that no "
+                         f"manifest-rank{rank:03d}.jsonl line records (a copy of the cache without its manifests?): "
+                         "it is readable as it is; to add to it, copy its manifest-rank*.jsonl files here, or cache "
+                         "into another folder")
 
 
 def _todo(mine: list[str], rows_done: set[tuple[str, bool]], failed: set[str],

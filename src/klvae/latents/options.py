@@ -16,14 +16,20 @@ class OptionError(KlvaeError):
     (`shard_size`); `flags()` is the same message naming the command line's flags (`--shard-size`), which
     `klvae cache | scale` print instead."""
 
-    def __init__(self, message: Callable[[Callable[[str], str]], str]) -> None:
-        # `message` writes the text given how to name an option: once here, once in flags().
-        super().__init__(message(str))
-        self._message = message
+    def __init__(self, message: Callable[[Callable[[str], str]], str] | str, flags: str | None = None) -> None:
+        # `message` writes the text given how to name an option, both ways now: an exception must pickle and copy
+        # (a process pool sends it back so), and a lambda does neither.
+        text = message if isinstance(message, str) else message(str)
+        super().__init__(text)
+        self._flags = flags if flags is not None else text if isinstance(message, str) else \
+            message(lambda name: "--" + name.replace("_", "-"))
+
+    def __reduce__(self) -> tuple[type[OptionError], tuple[str, str]]:
+        return type(self), (str(self), self._flags)
 
     def flags(self) -> str:
         """The message with each option named by its flag."""
-        return self._message(lambda name: "--" + name.replace("_", "-"))
+        return self._flags
 
 
 @dataclass

@@ -178,6 +178,20 @@ class AutoencoderKL(nn.Module):
         return load_pretrained(cls, path_or_id, subfolder=subfolder, config=config, dtype=dtype, device=device,
                                revision=revision)
 
+    @classmethod
+    def from_single_file(
+        cls,
+        path: str | Path,
+        config: AutoencoderKLConfig | str | None = None,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+    ) -> AutoencoderKL:
+        """One weights file (an LDM or FLUX VAE file, a full SD checkpoint's VAE): diffusers' name for loading it."""
+        if Path(path).is_dir():
+            raise ValueError(f"{path} is a folder: from_single_file takes one weights file (from_pretrained takes "
+                             "folders)")
+        return cls.from_pretrained(path, config=config, dtype=dtype, device=device)
+
     def save_pretrained(self, directory: str | Path, **kwargs: Any) -> Path:
         """Write config.json + diffusion_pytorch_model.safetensors, loadable by diffusers too."""
         from klvae.weights.save import save_pretrained

@@ -274,11 +274,11 @@ PRESET_HUB_IDS: dict[str, tuple[str, str | None]] = {
     "sd3": ("stabilityai/stable-diffusion-3-medium-diffusers", "vae"),
     "flux": ("black-forest-labs/FLUX.1-dev", "vae"),
     "flux2": ("black-forest-labs/FLUX.2-dev", "vae"),
+    "playground25": ("playgroundai/playground-v2.5-1024px-aesthetic", "vae"),
 }
 # Presets whose released weights are one file in BFL's layout rather than a diffusers folder.
 PRESET_HUB_FILES: dict[str, tuple[str, str]] = {
     "flux2-small-decoder": ("black-forest-labs/FLUX.2-small-decoder", "full_encoder_small_decoder.safetensors"),
-    "playground25": ("playgroundai/playground-v2.5-1024px-aesthetic", "vae"),
 }
 
 

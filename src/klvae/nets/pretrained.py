@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from klvae.errors import KlvaeError, WeightsError
+from klvae.errors import KlvaeError, WeightsError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,8 @@ def fetch(url: str, file_names: tuple[str, ...], what: str, hint: str, check_has
     try:
         return download(url, file_names[0], check_hash)
     except Exception as e:  # URLError, HTTPError, OSError, hash mismatch: all mean "not available here"
-        raise KlvaeError(
-            f"{what} weights unavailable ({type(e).__name__}: {e}); {hint} "
-            f"or save {url} as {hub_checkpoint(file_names[0])}"
-        ) from None
+        why = f"{type(e).__name__}: {first_line(e)}"
+        if isinstance(e, RuntimeError) and "invalid hash value" in str(e):  # torch.hub's check_hash, nothing kept
+            why = f"the download is corrupt or not the pinned file, its SHA-256 does not match: {first_line(e)}"
+        raise KlvaeError(f"{what} weights unavailable ({why}); {hint} or save {url} as {hub_checkpoint(file_names[0])}"
+                         ) from None

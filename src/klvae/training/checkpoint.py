@@ -123,8 +123,9 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint with weights_only=True (no arbitrary objects are unpickled)."""
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """Read a checkpoint with weights_only=True (no arbitrary objects are unpickled); `mmap` maps the tensors'
+    bytes instead of reading them (a check of the file's structure, not of each byte)."""
     path = Path(path)
     try:
         f = path.open("rb")
@@ -132,7 +133,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise KlvaeError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
     with f:
         try:
-            state = torch.load(f, map_location="cpu", weights_only=True)
+            state = _torch_load(path, f, mmap)
         except pickle.UnpicklingError:
             # Not torch's zip format (a PNG, random bytes), or pickled objects that weights_only refuses.
             raise KlvaeError(f"{path} is not a klvae checkpoint: torch.load(weights_only=True) cannot read it") \
@@ -150,9 +151,20 @@ _MAPPINGS = ("vae", "loss", "opt_ae", "scaler", "d_scaler", "rng")
 _OPTIONAL_MAPPINGS = ("ema", "opt_d")
 
 
-def load_training_state(path: str | Path) -> dict[str, Any]:
-    """A checkpoint that Trainer.state_dict() wrote; KlvaeError naming what a foreign or torn file lacks."""
-    state = load_checkpoint(path)
+def _torch_load(path: Path, f: Any, mmap: bool) -> Any:
+    if mmap:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # torch's word for a file it cannot map: not a zip (a PNG, an old format)
+                raise
+    return torch.load(f, map_location="cpu", weights_only=True)
+
+
+def load_training_state(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """A checkpoint that Trainer.state_dict() wrote; KlvaeError naming what a foreign or torn file lacks (`mmap`:
+    see load_checkpoint)."""
+    state = load_checkpoint(path, mmap)
     missing = [k for k in (*_COUNTERS, *_MAPPINGS) if k not in state]
     if missing:
         shown = ", ".join(map(str, list(state)[:5])) or "nothing"

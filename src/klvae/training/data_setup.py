@@ -51,11 +51,11 @@ def build_train_loader(cfg: TrainConfig, dist: DistInfo, start_batch: int = 0) -
     return _mark_epochs(iter(loader), start_batch, sampler.per_epoch)
 
 
-def check_train_data(cfg: TrainConfig, world: int) -> None:
-    """Refuse, before any model is built, missing data, or training data with fewer items than one global batch of
-    `world` processes (shards are opened per rank and are not counted)."""
+def check_train_data(cfg: TrainConfig, world: int, val: bool = True) -> None:
+    """Refuse, before any model is built, missing data (data.val too where `val`), or training data with fewer
+    items than one global batch of `world` processes (shards are opened per rank and are not counted)."""
     d = cfg.data
-    if d.val:
+    if d.val and val:
         with _naming("data.val"):  # a mistyped data.val would otherwise stop the run at its start, once all is built
             resolve_spec(d.val)
     with _naming("data.train"):

@@ -7,7 +7,6 @@ weights the optimiser updates (train.precision only sets autocast), and what che
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +15,11 @@ import torch
 from klvae.errors import KlvaeError, WeightsError, cut
 from klvae.model.autoencoder import AutoencoderKL
 from klvae.training.config import TrainConfig, model_config
-from klvae.weights import check_state_dict, read_state_dict
+from klvae.weights import check_state_dict
 from klvae.weights.load import load_source, locate
+from klvae.weights.stored_dtype import main_dtype
 
 log = logging.getLogger(__name__)
-
-_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
 def build_model(cfg: TrainConfig) -> AutoencoderKL:
@@ -47,34 +45,15 @@ def _pretrained(spec: str, out_dir: str) -> AutoencoderKL:
         # A run's export (stage 2 of a recipe) that is not there yet: the stage before has not been trained.
         hint = " (train the run that exports it first)" if Path(spec).name == "final" else ""
         raise WeightsError(f"model.pretrained: {e}{hint}") from None
-    stored = stored_dtype(source.weights)
-    if stored in (torch.float16, torch.bfloat16):
+    name = main_dtype(source.weights)
+    if name in ("fp16", "bf16"):
         # Said, since a fine-tune of a half-precision file exports one twice its size; half precision would round
         # away part of a fine-tune's small weight changes, so the export keeps float32 and convert halves it.
-        name = "fp16" if stored == torch.float16 else "bf16"
         final = Path(out_dir) / "final"
         log.info("model.pretrained stores %s weights: the run trains float32 master weights, and its checkpoints "
                  "and final/ hold float32 (klvae convert -m %s -o %s-%s --dtype %s stores a copy at the original "
                  "size)", name, final, final, name, name)
     return vae
-
-
-def stored_dtype(path: Path) -> torch.dtype | None:
-    """The floating dtype most of a weights file's tensors are stored in; None when it cannot be told."""
-    counts: Counter[torch.dtype] = Counter()
-    try:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt", device="cpu") as f:  # the header only: no tensor is read
-                names = list(f.keys())
-                counts.update(_SAFETENSORS_DTYPES.get(f.get_slice(k).get_dtype()) for k in names)
-        else:
-            counts.update(v.dtype for v in read_state_dict(path).values() if isinstance(v, torch.Tensor))
-    except (WeightsError, OSError, ValueError, RuntimeError):
-        return None  # the weights were read just before: a file that changed since is the loader's concern
-    floating = [(n, d) for d, n in counts.items() if d is not None and d.is_floating_point]
-    return max(floating, key=lambda t: t[0])[1] if floating else None
 
 
 def _with_overrides(vae: AutoencoderKL, overrides: dict[str, Any]) -> AutoencoderKL:

@@ -109,13 +109,27 @@ def lr_factor(step: int, warmup: int, schedule: str, max_steps: int) -> float:
     return 1.0
 
 
-def _scaled_step(scaler: torch.amp.GradScaler, opt: torch.optim.Optimizer) -> bool:
+# Below float32's smallest normal number, 1 / scale (which unscales the gradients) overflows to inf.
+_MIN_SCALE = torch.finfo(torch.float32).tiny
+
+
+def _scaled_step(scaler: torch.amp.GradScaler, opt: torch.optim.Optimizer, what: str) -> bool:
     """scaler.step and update; whether the optimiser stepped (on inf/NaN gradients the scaler skips the step and
     lowers its scale, the one outward sign of it, as accelerate also reads it)."""
-    before = scaler.get_scale() if scaler.is_enabled() else None
+    if not scaler.is_enabled():
+        scaler.step(opt)
+        return True
+    before = scaler.get_scale()
+    if before < _MIN_SCALE:
+        # Reached by about 140 overflows in a row from 65536. The scaler checks the gradients for inf/NaN before
+        # it multiplies them by 1 / scale = inf: the step would write inf/NaN into the weights (and at 0 the scale
+        # never grows back). Raised before the optimiser runs, so the weights and the EMA stay whole.
+        raise KlvaeError(f"train.precision fp16: the {what}'s gradients overflowed at every loss scale the gradient "
+                         f"scaler tried, down to {before:.3g}, below which they cannot be unscaled; train in bf16 "
+                         "or fp32")
     scaler.step(opt)
     scaler.update()
-    return before is None or scaler.get_scale() >= before
+    return scaler.get_scale() >= before
 
 
 class Reconstruct(nn.Module):
@@ -365,13 +379,13 @@ class Trainer:
         self.scaler.unscale_(self.opt_ae)
         if clip > 0:
             torch.nn.utils.clip_grad_norm_([p for g in self.opt_ae.param_groups for p in g["params"]], clip)
-        stepped = _scaled_step(self.scaler, self.opt_ae)
+        stepped = _scaled_step(self.scaler, self.opt_ae, "autoencoder")
         if disc_on and self.opt_d is not None:
             average_gradients(self.disc_params, self.dist)
             self.d_scaler.unscale_(self.opt_d)
             if clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.disc_params, clip)
-            _scaled_step(self.d_scaler, self.opt_d)
+            _scaled_step(self.d_scaler, self.opt_d, "discriminator")
         # The EMA follows the optimiser: a skipped step leaves the weights as they were, so averaging them again
         # would only advance the EMA's update count (its decay warm-up) and pull it towards the current weights.
         if self.ema is not None and stepped:

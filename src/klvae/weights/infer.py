@@ -34,6 +34,7 @@ ARCH_FIELDS = (
 
 # Keys of the rest of a full checkpoint that tell which model the VAE came with (checked in this order).
 _FAMILY_HINTS = (
+    ("edm_mean", "playground25"),  # Playground v2.5: SDXL's keys, its latents normalised per channel (EDM)
     ("model.diffusion_model.joint_blocks.", "sd3"),
     ("model.diffusion_model.double_blocks.", "flux"),
     ("double_blocks.", "flux"),
@@ -50,6 +51,37 @@ def guess_family(keys: Iterable[str]) -> str | None:
         if any(k.startswith(prefix) for k in keys):
             return name
     return None
+
+
+# Words in a lone VAE file's name that tell its family where shapes cannot (SDXL's VAE is SD's network, SD3's is
+# FLUX.1's): sdxl_vae.safetensors, sd3_vae.safetensors ... Matched in the name without separators, lower case.
+_NAME_HINTS = (("playground", "playground25"), ("sdxl", "sdxl"), ("sd3", "sd3"), ("flux2", "flux2"),
+               ("flux", "flux"), ("sd2", "sd2"), ("sd1", "sd15"), ("vaeftmse", "sd15"), ("vaeftema", "sd15"))
+
+
+def family_from_name(filename: str) -> str | None:
+    """The preset a weights file's name points to (sdxl_vae.safetensors -> 'sdxl'), None when none or several."""
+    stem = re.sub(r"[^a-z0-9]", "", filename.lower().rsplit(".", 1)[0])
+    found = {family for word, family in _NAME_HINTS if word in stem}
+    if "flux2" in found:
+        found.discard("flux")
+    return found.pop() if len(found) == 1 else None
+
+
+def with_edm_stats(cfg: AutoencoderKLConfig, extras: dict[str, Tensor], name: str) -> AutoencoderKLConfig:
+    """`cfg` with the per-channel latent statistics a full Playground v2.5 checkpoint carries (edm_mean/edm_std
+    beside its VAE, as diffusers' single-file loader reads them); unchanged without them."""
+    if "edm_mean" not in extras or "edm_std" not in extras:
+        return cfg
+    mean, std = (extras[k].detach().double().flatten() for k in ("edm_mean", "edm_std"))
+    if len(mean) != cfg.latent_channels or len(std) != len(mean):
+        log.warning("%s: edm_mean/edm_std have %d/%d entries, not one per latent channel (%d): ignored", name,
+                    len(mean), len(std), cfg.latent_channels)
+        return cfg
+    try:
+        return cfg.replace(latents_mean=tuple(mean.tolist()), latents_std=tuple(std.tolist()), shift_factor=None)
+    except ValueError as e:  # not finite, a std of 0 ...
+        raise WeightsError(f"{name}: its edm_mean/edm_std are no latent statistics: {e}") from None
 
 
 def _shape(sd: dict[str, Tensor], key: str) -> tuple[int, ...]:
@@ -122,11 +154,17 @@ def infer_architecture(sd: dict[str, Tensor]) -> dict[str, object]:
     }
 
 
-def infer_config(sd: dict[str, Tensor], family: str | None = None) -> AutoencoderKLConfig:
-    """A config from the shapes of diffusers-layout weights; factors from `family` (a preset) or guessed."""
+def infer_config(sd: dict[str, Tensor], family: str | None = None,
+                 named: tuple[str, str] | None = None) -> AutoencoderKLConfig:
+    """A config from the shapes of diffusers-layout weights; factors from `family` (a preset), else from `named`
+    (the preset a file's name points to, and that name) where its latent channels fit, else guessed."""
     arch = infer_architecture(sd)
+    if named is not None and PRESETS[named[0]].latent_channels != arch["latent_channels"]:
+        named = None
     if family is not None:
         base, guessed = PRESETS[family], False
+    elif named is not None:
+        base, guessed = PRESETS[named[0]], True
     elif arch["latent_channels"] == 4:
         base, guessed = PRESETS["sd15"], True
     elif arch["latent_channels"] == 16:
@@ -146,10 +184,11 @@ def infer_config(sd: dict[str, Tensor], family: str | None = None) -> Autoencode
         groups += (f", a guess that leaves one channel per GroupNorm group at width {w}: if the model was trained "
                    "with fewer groups, pass its config")
     if guessed:
+        how = "guessed" if named is None else f"of {named[0]!r}, after the file's name {named[1]}"
         log.warning(
-            "config inferred from the weights' shapes (%s); latent factors guessed (scaling %s, shift %s): pass "
-            "config='sdxl', 'sd3', 'flux' ... if the weights belong to another model",
-            groups, cfg.scaling_factor, cfg.shift_factor,
+            "config inferred from the weights' shapes (%s); latent factors %s (scaling %s, shift %s): pass "
+            "config='sdxl', 'sd3', 'flux' ... (--config on the command line) if the weights belong to another model",
+            groups, how, cfg.scaling_factor, cfg.shift_factor,
         )
     else:
         (log.info if w is None else log.warning)("config inferred from the weights' shapes (%s), factors of %s",

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,26 +15,34 @@ from torch import Tensor, nn
 from klvae.errors import WeightsError, first_line
 from klvae.inference.precision import usable_device
 from klvae.model.config import PRESET_HUB_FILES, PRESET_HUB_IDS, PRESETS, AutoencoderKLConfig
-from klvae.weights.convert import VAE_PREFIXES, StateDict, to_diffusers
+from klvae.weights.convert import StateDict, to_diffusers
 from klvae.weights.diffusers_config import batch_norm_eps, read_config_json, read_json_object
 from klvae.weights.hub import CONFIG_NAME, fetch_diffusers_files, fetch_hub_file, looks_like_repo_id, parse_hub_file
-from klvae.weights.infer import check_fits, guess_family, infer_config
+from klvae.weights.identify import check_is_vae
+from klvae.weights.infer import check_fits, family_from_name, guess_family, infer_config, with_edm_stats
 from klvae.weights.latent_bn import BFL_EPS, pop_latent_bn, with_latent_stats
+
+# Re-exported: other modules (save, training, the CLI) have long imported them from here.
+from klvae.weights.read import (  # noqa: F401
+    CONFIG_METADATA,
+    PICKLE_SUFFIXES,
+    WEIGHTS_SUFFIXES,
+    RawWeights,
+    read_state_dict,
+    read_weights,
+    torch_file_problem,
+)
 
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=nn.Module)
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # In order of preference inside a diffusers folder; the fp16 variants only when no full-precision file is there.
 FOLDER_WEIGHTS = (
     "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
     "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin",
 )
 _SHOWN = 5  # keys named per kind of mismatch in an error line
-# The .safetensors header key under which klvae stores the model's config (JSON of AutoencoderKLConfig.to_dict):
-# a lone LDM-layout file then reloads as the same model, where shapes alone cannot tell e.g. norm_num_groups.
-CONFIG_METADATA = "klvae_config"
 
 
 @dataclass(frozen=True)
@@ -51,120 +57,6 @@ class WeightsSource:
     def files(self) -> list[Path]:
         """Every file that loading reads."""
         return [self.weights] + ([self.config_json] if self.config_json is not None else [])
-
-
-def _read_safetensors(path: Path) -> tuple[StateDict, list[str], dict[str, str]]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            keys = list(f.keys())
-            # A full SD checkpoint is gigabytes: read only the VAE's tensors when they sit under a prefix.
-            prefix = next((p for p in VAE_PREFIXES if any(k.startswith(p) for k in keys)), "")
-            return {k: f.get_tensor(k) for k in keys if k.startswith(prefix)}, keys, f.metadata() or {}
-    except Exception as e:  # safetensors raises its own SafetensorError besides OSError
-        hint = " (truncated: an incomplete download or copy?)" if "incomplete" in str(e).lower() else ""
-        raise WeightsError(f"cannot read {path}: {first_line(e)}{hint}") from None
-
-
-def _torch_load(path: Path) -> Any:
-    with warnings.catch_warnings():
-        # torch warns (two lines) about a raw protocol-4 pickle just before weights_only refuses it anyway.
-        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-        try:
-            # mmap keeps a multi-GB full checkpoint out of RAM; files older than torch's zip format cannot be mapped.
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def torch_file_problem(path: Path, e: Exception) -> str:
-    """Why torch.load failed on a file, for a person (torch itself says e.g. `101` or `EOFError`)."""
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if not head:
-        return "it is empty (0 bytes)"
-    # torch.save writes a zip archive (PK..) or, before torch 1.6, a pickle (protocol 2+ starts with 0x80).
-    if not head.startswith((b"PK", b"\x80")):
-        return "it is not a PyTorch file (neither a zip archive nor a pickle)"
-    # torch's first sentence says it; the rest of its message is advice on how checkpoints get damaged.
-    return f"a damaged or truncated file ({first_line(e).split('. ')[0]})"
-
-
-def _read_pickle(path: Path) -> tuple[StateDict, list[str], dict[str, str]]:
-    try:
-        obj = _torch_load(path)
-    except pickle.UnpicklingError as e:
-        problem = torch_file_problem(path, e)
-        if problem.startswith("it is not a PyTorch file"):  # random bytes fail as unpickling too
-            raise WeightsError(f"cannot read {path}: {problem}") from None
-        raise WeightsError(
-            f"refusing to unpickle {path}: it holds objects other than tensors (torch.load weights_only=True); "
-            "convert it to .safetensors where you trust its source"
-        ) from None
-    except OSError as e:
-        raise WeightsError(f"cannot read {path}: {first_line(e)}") from None
-    except Exception as e:
-        raise WeightsError(f"cannot read {path}: {torch_file_problem(path, e)}") from None
-    meta: dict[str, str] = {}
-    if isinstance(obj, dict) and _is_training_checkpoint(obj):
-        obj, meta = _training_checkpoint_weights(obj, path)
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]  # LDM / Lightning checkpoints nest the weights
-    if not isinstance(obj, dict):
-        raise WeightsError(f"{path} holds a {type(obj).__name__}, not a state dict")
-    keys = [k for k in obj if isinstance(k, str)]
-    prefix = next((p for p in VAE_PREFIXES if any(k.startswith(p) for k in keys)), "")
-    # Copies, so that the model owns its memory rather than pages of the mapped file.
-    sd = {k: obj[k].clone() for k in keys if k.startswith(prefix) and isinstance(obj[k], Tensor)}
-    return sd, keys, meta
-
-
-def _is_training_checkpoint(obj: dict[Any, Any]) -> bool:
-    # The signature of klvae's Trainer.state_dict(): the model's weights beside the optimiser's and the step.
-    return isinstance(obj.get("vae"), dict) and isinstance(obj.get("opt_ae"), dict) and isinstance(obj.get("step"), int)
-
-
-def _training_checkpoint_weights(obj: dict[str, Any], path: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    """The weights that the run's final/ export would hold (the EMA's where the run exports it) and the model's
-    config (newer checkpoints carry it), from a klvae training checkpoint."""
-    try:
-        export_ema = json.loads(obj.get("config") or "{}").get("train", {}).get("export_ema", True)
-    except (ValueError, AttributeError, RecursionError):
-        export_ema = True
-    weights, which = obj["vae"], "the model's weights"
-    ema = obj.get("ema")
-    if export_ema is not False and isinstance(ema, dict):
-        # AveragedModel's state_dict: the model's keys under module., and its update count.
-        weights = {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
-        which = "the EMA weights"
-    log.info("%s is a klvae training checkpoint (step %d): loading %s", path.name, obj["step"], which)
-    config = obj.get("model_config")
-    return weights, {CONFIG_METADATA: config} if isinstance(config, str) else {}
-
-
-def _read(path: Path) -> tuple[StateDict, list[str], dict[str, str]]:
-    """The tensors, every key in the file, and the header's metadata (safetensors only)."""
-    if not path.is_file():
-        raise WeightsError(f"{path} is not a regular file" if path.exists() else f"no such file: {path}")
-    suffix = path.suffix.lower()
-    meta: dict[str, str] = {}
-    if suffix == ".safetensors":
-        sd, keys, meta = _read_safetensors(path)
-    elif suffix in PICKLE_SUFFIXES:
-        sd, keys, meta = _read_pickle(path)
-    else:
-        raise WeightsError(f"{path}: unsupported weights file (expected .safetensors, {', '.join(PICKLE_SUFFIXES)})")
-    if not sd:
-        raise WeightsError(f"{path} holds no tensors")
-    return sd, keys, meta
-
-
-def read_state_dict(path: str | Path) -> StateDict:
-    """The tensors of one weights file (.safetensors, or a pickle read with weights_only), keys as stored."""
-    return _read(Path(path))[0]
 
 
 def _folder(d: Path) -> WeightsSource:
@@ -256,9 +148,9 @@ def locate(path_or_id: str | Path, subfolder: str | None = None, revision: str |
         return _folder(embedded_model_dir(name))
     if name in PRESETS:
         return _preset(name, revision)
-    if looks_like_repo_id(name) and not name.lower().endswith((".safetensors", *PICKLE_SUFFIXES)):
+    if looks_like_repo_id(name) and not name.lower().endswith(WEIGHTS_SUFFIXES):
         return _hub(name, subfolder, revision)
-    if hub_file := parse_hub_file(name, (".safetensors", *PICKLE_SUFFIXES)):
+    if hub_file := parse_hub_file(name, WEIGHTS_SUFFIXES):
         return _hub_file(str(path_or_id), *hub_file, subfolder, revision)
     raise WeightsError(f"no such file or folder, preset or hub id: {path_or_id}")
 
@@ -289,7 +181,7 @@ def _hub_file(given: str, repo_id: str, filename: str, url_revision: str | None,
 
 def _resolve_config(
     config: AutoencoderKLConfig | str | None, source: WeightsSource, sd: StateDict, family: str | None,
-    meta: dict[str, str],
+    raw: RawWeights,
 ) -> tuple[AutoencoderKLConfig, str]:
     """The config to build and how to name it in errors: explicit > preset name > config.json > the config klvae
     wrote into a .safetensors header > shapes."""
@@ -306,11 +198,13 @@ def _resolve_config(
         cfg = read_config_json(source.config_json)
         check_fits(sd, cfg, str(source.config_json))
         return cfg, str(source.config_json)
-    if CONFIG_METADATA in meta:
-        cfg = _config_from_metadata(meta[CONFIG_METADATA], source.weights)
+    if CONFIG_METADATA in raw.metadata:
+        cfg = _config_from_metadata(raw.metadata[CONFIG_METADATA], source.weights)
         check_fits(sd, cfg, f"the config in {source.weights.name}'s header")
         return cfg, f"the config in {source.weights.name}'s header"
-    return infer_config(sd, family), "the config inferred from the weights"
+    named = family_from_name(source.weights.name) if family is None else None
+    cfg = infer_config(sd, family, named=named and (named, source.weights.name))
+    return with_edm_stats(cfg, raw.extras, source.weights.name), "the config inferred from the weights"
 
 
 def _batch_norm_eps(source: WeightsSource) -> float:
@@ -404,10 +298,11 @@ def load_source(
 ) -> M:
     """`load_pretrained` from files already located (see `locate`)."""
     _check_dtype(dtype)
-    raw, all_keys, meta = _read(source.weights)
-    sd, latent_bn = pop_latent_bn(to_diffusers(raw))
-    family = "flux2" if latent_bn is not None else guess_family(all_keys)
-    cfg, what = _resolve_config(config, source, sd, family, meta)
+    raw = read_weights(source.weights)
+    check_is_vae(source.weights, raw.tensors, raw.keys)
+    sd, latent_bn = pop_latent_bn(to_diffusers(raw.tensors))
+    family = "flux2" if latent_bn is not None else guess_family(raw.keys)
+    cfg, what = _resolve_config(config, source, sd, family, raw)
     if latent_bn is not None:
         cfg = with_latent_stats(cfg, latent_bn, _batch_norm_eps(source), what)
     elif cfg.latent_patch_size > 1 and cfg.latents_mean is None:

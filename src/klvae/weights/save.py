@@ -16,7 +16,7 @@ from klvae.model.config import AutoencoderKLConfig
 from klvae.weights.convert import diffusers_to_ldm
 from klvae.weights.diffusers_config import config_to_diffusers
 from klvae.weights.latent_bn import latent_bn_tensors
-from klvae.weights.load import CONFIG_METADATA
+from klvae.weights.read import CONFIG_METADATA, SAFETENSORS_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def export_ldm(model: nn.Module, path: str | Path) -> Path:
     The header also holds the config, so that klvae reloads the file as the same model (other loaders ignore it).
     """
     path = Path(path)
-    if path.suffix.lower() != ".safetensors":
+    if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
         raise WeightsError(f"export_ldm writes .safetensors, not {path.name}")
     config = getattr(model, "config", None)
     if not isinstance(config, AutoencoderKLConfig):

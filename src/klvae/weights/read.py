@@ -1,0 +1,229 @@
+"""Reading one weights file: safetensors (by content, whatever its name: `.sft` too) or a PyTorch pickle (`.ckpt`,
+`.pt`, `.pth`, `.bin`) unpickled with weights_only, and the VAE's tensors out of a full checkpoint."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import pickle
+import struct
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from klvae.errors import WeightsError, first_line
+from klvae.weights.convert import VAE_PREFIXES, StateDict
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")  # .sft: BFL's first name for FLUX.1's ae, which ComfyUI reads
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+WEIGHTS_SUFFIXES = (*SAFETENSORS_SUFFIXES, *PICKLE_SUFFIXES)
+# The .safetensors header key under which klvae stores the model's config (JSON of AutoencoderKLConfig.to_dict):
+# a lone LDM-layout file then reloads as the same model, where shapes alone cannot tell e.g. norm_num_groups.
+CONFIG_METADATA = "klvae_config"
+# Top-level tensors of a full checkpoint that say something about its VAE's latents: Playground v2.5's (diffusers'
+# single-file loader reads them as the VAE's latents_mean/latents_std).
+EXTRA_KEYS = ("edm_mean", "edm_std")
+
+
+@dataclass
+class RawWeights:
+    """What a weights file holds: the VAE's tensors as stored (prefix and all), every key name, the safetensors
+    header's metadata and the EXTRA_KEYS found beside the VAE."""
+
+    tensors: StateDict
+    keys: list[str]
+    metadata: dict[str, str] = field(default_factory=dict)
+    extras: StateDict = field(default_factory=dict)
+
+
+def sniff_format(path: Path) -> str | None:
+    """'safetensors' or 'torch' by the file's first bytes, None when it is neither (or too short to tell)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    # safetensors: a little-endian u64 header length, then its JSON. First, as that length may begin with the
+    # bytes of a torch file's signature (a header of 384 bytes starts 0x80).
+    if len(head) == 9 and head[8:9] == b"{" and 0 < struct.unpack("<Q", head[:8])[0] <= path.stat().st_size - 8:
+        return "safetensors"
+    if head.startswith((b"PK", b"\x80")):  # torch.save's zip archive, or a pre-1.6 pickle
+        return "torch"
+    return None
+
+
+def _safetensors_problem(path: Path, e: Exception) -> str:
+    text = first_line(e)
+    if "incomplete" in text.lower():
+        return f"{text} (truncated: an incomplete download or copy?)"
+    if path.stat().st_size == 0:
+        return "it is empty (0 bytes)"
+    if "header" in text.lower():  # "header too large/too small", "invalid header": the first bytes are no header
+        return f"it is not a safetensors file ({text})"
+    return text
+
+
+def _read_safetensors(path: Path) -> RawWeights:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            keys = list(f.keys())
+            # A full SD checkpoint is gigabytes: read only the VAE's tensors when they sit under a prefix.
+            prefix = next((p for p in VAE_PREFIXES if any(k.startswith(p) for k in keys)), "")
+            tensors = {k: f.get_tensor(k) for k in keys if k.startswith(prefix)}
+            extras = {k: f.get_tensor(k) for k in EXTRA_KEYS if prefix and k in keys}
+            return RawWeights(tensors, keys, f.metadata() or {}, extras)
+    except Exception as e:  # safetensors raises its own SafetensorError besides OSError
+        raise WeightsError(f"cannot read {path}: {_safetensors_problem(path, e)}") from None
+
+
+class _Inert:
+    """Stands in for the classes and functions of training metadata in LDM-era checkpoints (Lightning's
+    ModelCheckpoint callback, numpy scalars): built from whatever the pickle gives, it holds and runs nothing."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def __setstate__(self, state: object) -> None:
+        pass
+
+
+# The globals that real SD .ckpt files hold besides tensors (ComfyUI and A1111 allow the same), mapped to _Inert:
+# weights_only still refuses every other class or function, so nothing of the file's choosing runs.
+_INERT_GLOBALS = (
+    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+    "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
+    "numpy.dtype", "numpy.dtypes.Float64DType", "_codecs.encode",
+)
+
+
+@contextlib.contextmanager
+def _inert_training_metadata() -> Iterator[None]:
+    with torch.serialization.safe_globals([(_Inert, name) for name in _INERT_GLOBALS]):
+        yield
+
+
+def _torch_load(path: Path) -> Any:
+    with warnings.catch_warnings(), _inert_training_metadata():
+        # torch warns (two lines) about a raw protocol-4 pickle just before weights_only refuses it anyway.
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        if str(path).endswith(".safetensors"):
+            # torch.load hands a path of that name to safetensors whatever it holds: a file object it reads itself.
+            with open(path, "rb") as f:
+                return torch.load(f, map_location="cpu", weights_only=True)
+        try:
+            # mmap keeps a multi-GB full checkpoint out of RAM; files older than torch's zip format cannot be mapped.
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def torch_file_problem(path: Path, e: Exception) -> str:
+    """Why torch.load failed on a file, for a person (torch itself says e.g. `101` or `EOFError`)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return "it is empty (0 bytes)"
+    # torch.save writes a zip archive (PK..) or, before torch 1.6, a pickle (protocol 2+ starts with 0x80).
+    if not head.startswith((b"PK", b"\x80")):
+        return "it is not a PyTorch file (neither a zip archive nor a pickle)"
+    # torch's first sentence says it; the rest of its message is advice on how checkpoints get damaged.
+    return f"a damaged or truncated file ({first_line(e).split('. ')[0]})"
+
+
+def _unsafe_globals(path: Path) -> str:
+    """The classes and functions a zip checkpoint would make the unpickler run, read without running them."""
+    try:
+        names = [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(path) if n not in _INERT_GLOBALS]
+    except Exception:  # a pre-1.6 pickle, or one too damaged to list: the refusal alone then
+        return ""
+    return f": {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}" if names else ""
+
+
+def _load_pickle(path: Path) -> Any:
+    try:
+        return _torch_load(path)
+    except pickle.UnpicklingError as e:
+        problem = torch_file_problem(path, e)
+        if problem.startswith("it is not a PyTorch file"):  # random bytes fail as unpickling too
+            raise WeightsError(f"cannot read {path}: {problem}") from None
+        raise WeightsError(
+            f"refusing to unpickle {path}: it holds objects other than tensors{_unsafe_globals(path)} "
+            "(torch.load weights_only=True); convert it to .safetensors where you trust its source"
+        ) from None
+    except OSError as e:
+        raise WeightsError(f"cannot read {path}: {first_line(e)}") from None
+    except Exception as e:
+        raise WeightsError(f"cannot read {path}: {torch_file_problem(path, e)}") from None
+
+
+def _read_pickle(path: Path) -> RawWeights:
+    obj = _load_pickle(path)
+    meta: dict[str, str] = {}
+    if isinstance(obj, dict) and _is_training_checkpoint(obj):
+        obj, meta = _training_checkpoint_weights(obj, path)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]  # LDM / Lightning checkpoints nest the weights
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    keys = [k for k in obj if isinstance(k, str)]
+    prefix = next((p for p in VAE_PREFIXES if any(k.startswith(p) for k in keys)), "")
+    # Copies, so that the model owns its memory rather than pages of the mapped file.
+    sd = {k: obj[k].clone() for k in keys if k.startswith(prefix) and isinstance(obj[k], Tensor)}
+    extras = {k: obj[k].clone() for k in EXTRA_KEYS if prefix and isinstance(obj.get(k), Tensor)}
+    return RawWeights(sd, keys, meta, extras)
+
+
+def _is_training_checkpoint(obj: dict[Any, Any]) -> bool:
+    # The signature of klvae's Trainer.state_dict(): the model's weights beside the optimiser's and the step.
+    return isinstance(obj.get("vae"), dict) and isinstance(obj.get("opt_ae"), dict) and isinstance(obj.get("step"), int)
+
+
+def _training_checkpoint_weights(obj: dict[str, Any], path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """The weights that the run's final/ export would hold (the EMA's where the run exports it) and the model's
+    config (newer checkpoints carry it), from a klvae training checkpoint."""
+    try:
+        export_ema = json.loads(obj.get("config") or "{}").get("train", {}).get("export_ema", True)
+    except (ValueError, AttributeError, RecursionError):
+        export_ema = True
+    weights, which = obj["vae"], "the model's weights"
+    ema = obj.get("ema")
+    if export_ema is not False and isinstance(ema, dict):
+        # AveragedModel's state_dict: the model's keys under module., and its update count.
+        weights = {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
+        which = "the EMA weights"
+    log.info("%s is a klvae training checkpoint (step %d): loading %s", path.name, obj["step"], which)
+    config = obj.get("model_config")
+    return weights, {CONFIG_METADATA: config} if isinstance(config, str) else {}
+
+
+def read_weights(path: Path) -> RawWeights:
+    """The tensors, key names, header metadata and extras of one weights file, read by its content (a file named
+    .ckpt that holds safetensors is read as such), else by its suffix."""
+    if not path.is_file():
+        raise WeightsError(f"{path} is not a regular file" if path.exists() else f"no such file: {path}")
+    kind = sniff_format(path)
+    suffix = path.suffix.lower()
+    if kind == "safetensors" or (kind is None and suffix in SAFETENSORS_SUFFIXES):
+        raw = _read_safetensors(path)
+    elif kind == "torch" or suffix in PICKLE_SUFFIXES:
+        raw = _read_pickle(path)
+    else:
+        raise WeightsError(f"{path}: unsupported weights file (expected safetensors, or a PyTorch "
+                           f"{', '.join(PICKLE_SUFFIXES)} file)")
+    if not raw.tensors:
+        raise WeightsError(f"{path} holds no tensors")
+    return raw
+
+
+def read_state_dict(path: str | Path) -> StateDict:
+    """The tensors of one weights file (.safetensors, or a pickle read with weights_only), keys as stored."""
+    return read_weights(Path(path)).tensors
