@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import re
+from collections.abc import Callable
+from typing import Any
+
 
 class KlvaeError(Exception):
     """Bad input or an unusable resource, described in one line for a person."""
@@ -37,3 +43,61 @@ def quote(value: object, limit: int = 60) -> str:
     except ValueError:  # an int past Python's 4300-digit str limit
         text = f"<{type(value).__name__} too long to show>"
     return cut(text, limit)
+
+
+# How an error names an option (and, given one, its value): as a Python keyword argument, or as a command-line
+# flag. The library words its errors with `keyword`; a command words them with `flag` (or its own variant).
+Namer = Callable[..., str]
+_NO_VALUE = object()
+_PLAIN = re.compile(r"[\w./~<>+:-]{1,60}")  # shown bare after a flag; anything else is quoted
+
+
+def keyword(name: str, value: object = _NO_VALUE) -> str:
+    """`name`, or `name=value` as a Python call would pass it (a path as a string, in full)."""
+    if value is _NO_VALUE:
+        return name
+    return f"{name}={os.fspath(value)!r}" if isinstance(value, os.PathLike) else f"{name}={quote(value)}"
+
+
+def flag(name: str, value: object = _NO_VALUE) -> str:
+    """`--name`, or the flags that give it `value`: `--name value`, `--name` for True, `no --name` for False."""
+    text = "--" + name.replace("_", "-")
+    if value is _NO_VALUE or value is True:
+        return text
+    if value is False:
+        return f"no {text}"
+    if isinstance(value, os.PathLike):  # the user's own path, in full
+        return f"{text} {os.fspath(value)}"
+    shown = str(value)
+    return f"{text} {shown if _PLAIN.fullmatch(shown) else quote(shown)}"
+
+
+class OptionError(KlvaeError):
+    """A bad value of an option. Its message names the option as the Python API does (`shard_size`); `flags()`
+    is the same message naming the command line's flags (`--shard-size`), which the CLI prints instead."""
+
+    def __init__(self, message: Callable[[Namer], str] | str, flags: str | None = None) -> None:
+        # `message` writes the text given a Namer, both ways now: an exception must pickle and copy (a process
+        # pool sends it back so), and a lambda does neither.
+        text = message if isinstance(message, str) else message(keyword)
+        super().__init__(text)
+        self._flags = flags if flags is not None else text if isinstance(message, str) else message(flag)
+
+    def __reduce__(self) -> tuple[type[OptionError], tuple[str, str]]:
+        return type(self), (str(self), self._flags)
+
+    def flags(self) -> str:
+        """The message with each option named by its flag."""
+        return self._flags
+
+
+def flag_errors(cmd: Callable[[Any], int]) -> Callable[[Any], int]:
+    """A CLI command whose OptionErrors (worded for Python callers) are raised as KlvaeErrors naming flags."""
+    @functools.wraps(cmd)
+    def run(args: Any) -> int:
+        try:
+            return cmd(args)
+        except OptionError as e:
+            raise KlvaeError(e.flags()) from None
+
+    return run

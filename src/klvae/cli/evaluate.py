@@ -17,7 +17,7 @@ from klvae.cli.common import (
     exists_error,
     tiling_from_args,
 )
-from klvae.errors import KlvaeError, first_line
+from klvae.errors import KlvaeError, first_line, flag, flag_errors
 
 if TYPE_CHECKING:
     import torch
@@ -138,12 +138,20 @@ def _load_models(args: argparse.Namespace, device: torch.device, opts: EvalOptio
 
 def _check_named_weights(args: argparse.Namespace) -> None:
     # A missing file named on the command line fails before the models load; its content is checked when it loads.
-    for flag, path in (("--lpips-vgg", args.lpips_vgg), ("--lpips-lin", args.lpips_lin),
-                       ("--inception-weights", args.inception_weights)):
+    for option, path in (("--lpips-vgg", args.lpips_vgg), ("--lpips-lin", args.lpips_lin),
+                         ("--inception-weights", args.inception_weights)):
         if path is not None and not Path(path).expanduser().is_file():
-            raise KlvaeError(f"{flag} {Path(path).expanduser()}: no such file")
+            raise KlvaeError(f"{option} {Path(path).expanduser()}: no such file")
 
 
+def _flag(name: str, *value: object) -> str:
+    """An option of build_metric_nets named as the flag that sets it (--no-lpips and --no-fid turn metrics off)."""
+    if value == (False,) and name in ("lpips", "fid"):
+        return f"--no-{name}"
+    return flag(name, *value)
+
+
+@flag_errors  # EvalOptions' checks name its fields
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate the models and write the report; exit 1 when some images were unreadable or a model failed on some."""
     from klvae.evaluation.evaluate import EvalOptions, build_metric_nets, run_evaluation
@@ -171,7 +179,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     models = _load_models(args, device, opts)
     # Named weight files are checked before the work: a wrong one is an error, not a missing metric.
     nets = build_metric_nets(device, lpips=not args.no_lpips, lpips_vgg=args.lpips_vgg, lpips_lin=args.lpips_lin,
-                             fid=not args.no_fid, inception_weights=args.inception_weights)
+                             fid=not args.no_fid, inception_weights=args.inception_weights, names=_flag)
     summary = run_evaluation(models, args.data, args.output, opts, nets, device, source)
     _print_summary(summary, Path(args.output))
     failed = any(m.get("failed") for m in summary["models"].values())

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 from klvae.cli.common import (
@@ -18,7 +16,7 @@ from klvae.cli.common import (
     check_seed,
     load_model,
 )
-from klvae.errors import KlvaeError
+from klvae.errors import KlvaeError, flag_errors
 from klvae.model.latent_norm import LatentNorm
 
 log = logging.getLogger("klvae")
@@ -64,21 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_scale)
 
 
-def _flags(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """`cmd` with a bad option's error (the library's OptionError, which names the Python argument) naming its flag."""
-    @functools.wraps(cmd)
-    def run(args: argparse.Namespace) -> int:
-        from klvae.latents.options import OptionError
-
-        try:
-            return cmd(args)
-        except OptionError as e:
-            raise KlvaeError(e.flags()) from None
-
-    return run
-
-
-@_flags
+@flag_errors
 def cmd_cache(args: argparse.Namespace) -> int:
     """Check everything that needs no model, load it, then `build_cache` (under torchrun, this process's share)."""
     from dataclasses import asdict
@@ -144,7 +128,7 @@ def _verify_cache(args: argparse.Namespace) -> int:
     return 1
 
 
-@_flags
+@flag_errors
 def cmd_scale(args: argparse.Namespace) -> int:
     """Print the factors; optionally save the model with them."""
     from klvae.latents.scale import check_scale_options, estimate_factors

@@ -16,12 +16,13 @@ import torch
 from torch import Tensor, nn
 
 from klvae import __version__, inference
-from klvae.errors import ImageError, KlvaeError, first_line
+from klvae.errors import ImageError, KlvaeError, Namer, OptionError, first_line, keyword
 from klvae.evaluation.fid import FEATURE_DIM, FIDReference
 from klvae.evaluation.metrics import MetricAccumulator, psnr, ssim
 from klvae.images import MAX_PIXELS, pil_to_tensor
 from klvae.inference import TileOptions
 from klvae.latents.buckets import resize_crop
+from klvae.latents.options import check_at_least
 from klvae.latents.sources import ItemSource, item_error, open_source
 from klvae.model.autoencoder import AutoencoderKL
 from klvae.nets.inception import InceptionV3Features, resolve_inception_weights
@@ -48,20 +49,18 @@ class EvalOptions:
     image_column: str = "image"
 
     def check(self) -> None:
-        """Raise KlvaeError on values no run can use."""
+        """Raise OptionError (naming the fields; `flags()`: klvae eval's flags) on values no run can use."""
         if self.crop not in CROPS:
-            raise KlvaeError(f"--crop must be one of {', '.join(CROPS)}, got {self.crop!r}")
-        if self.resolution < MIN_SIDE:
-            raise KlvaeError(f"--resolution must be at least {MIN_SIDE}, got {self.resolution}")
+            raise OptionError(lambda n: f"{n('crop')} must be one of {', '.join(CROPS)}, got {self.crop!r}")
+        check_at_least("resolution", self.resolution, MIN_SIDE)
         if self.resolution > math.isqrt(MAX_PIXELS):
-            raise KlvaeError(f"--resolution must be at most {math.isqrt(MAX_PIXELS)} (a square of at most "
-                             f"{MAX_PIXELS} pixels), got {self.resolution}")
-        if self.limit is not None and self.limit < 1:
-            raise KlvaeError(f"--limit must be at least 1, got {self.limit}")
-        if self.batch_size < 1:
-            raise KlvaeError(f"--batch-size must be at least 1, got {self.batch_size}")
+            raise OptionError(lambda n: f"{n('resolution')} must be at most {math.isqrt(MAX_PIXELS)} (a square of at "
+                                        f"most {MAX_PIXELS} pixels), got {self.resolution}")
+        if self.limit is not None:
+            check_at_least("limit", self.limit, 1)
+        check_at_least("batch_size", self.batch_size, 1)
         if self.examples < 0:
-            raise KlvaeError(f"--examples must be 0 or more, got {self.examples}")
+            raise OptionError(lambda n: f"{n('examples')} must be 0 or more, got {self.examples}")
 
 
 @dataclass
@@ -109,34 +108,38 @@ def build_metric_nets(
     lpips_lin: str | Path | None = None,
     fid: bool = True,
     inception_weights: str | Path | None = None,
+    *,
+    names: Namer = keyword,
 ) -> MetricNets:
     """LPIPS and the FID Inception with pretrained weights. A weights file named here must load, else a one-line
-    KlvaeError; weights looked for automatically (hub cache, download) are left out with a warning if missing."""
+    KlvaeError; weights looked for automatically (hub cache, download) are left out with a warning if missing.
+    Messages name these arguments as `names` does: as keywords (klvae.errors.keyword), or `klvae eval`'s flags."""
     from klvae.nets.lpips import LPIPS, resolve_lin_weights, resolve_vgg_weights
 
     nets = MetricNets()
     if not lpips:
-        nets.left_out["lpips"] = "disabled (--no-lpips)"
+        nets.left_out["lpips"] = f"disabled ({names('lpips', False)})"
     else:
         net = LPIPS(pretrained=False)
+        files = (("lpips_vgg", net.load_vgg, resolve_vgg_weights, lpips_vgg),
+                 ("lpips_lin", net.load_lin, resolve_lin_weights, lpips_lin))
         # The named files first: a wrong one fails at once, before any download is tried.
-        for load, path, flag in ((net.load_vgg, lpips_vgg, "--lpips-vgg"), (net.load_lin, lpips_lin, "--lpips-lin")):
+        for option, load, _, path in files:
             if path is not None:
-                load_named_weights(load, path, flag)
-        found = [(load, functools.partial(resolve, hint=f"pass {flag} <file>"))
-                 for load, resolve, path, flag in ((net.load_vgg, resolve_vgg_weights, lpips_vgg, "--lpips-vgg"),
-                                                   (net.load_lin, resolve_lin_weights, lpips_lin, "--lpips-lin"))
-                 if path is None]
+                load_named_weights(load, path, option, names)
+        found = [(load, functools.partial(resolve, hint=f"pass {names(option, '<file>')}"))
+                 for option, load, resolve, path in files if path is None]
         if _load_found(found, "LPIPS", nets.left_out, "lpips"):
             nets.lpips = net.to(device)
     if not fid:
-        nets.left_out["rfid"] = "disabled (--no-fid)"
+        nets.left_out["rfid"] = f"disabled ({names('fid', False)})"
     else:
         inception = InceptionV3Features(pretrained=False)
         if inception_weights is not None:
-            load_named_weights(inception.load, inception_weights, "--inception-weights")
-        found = [(inception.load, resolve_inception_weights)] if inception_weights is None else []
-        if _load_found(found, "rFID", nets.left_out, "rfid"):
+            load_named_weights(inception.load, inception_weights, "inception_weights", names)
+        resolve = functools.partial(resolve_inception_weights, hint=f"pass {names('inception_weights', '<file>')}")
+        if _load_found([(inception.load, resolve)] if inception_weights is None else [], "rFID", nets.left_out,
+                       "rfid"):
             nets.inception = inception.to(device)
     return nets
 
@@ -156,25 +159,27 @@ def _load_found(loads: list[tuple[Callable[[Any], None], Callable[[], Any]]], me
     return True
 
 
-def load_named_weights(load: Callable[[Any], None], path: str | Path, flag: str) -> None:
-    """Load a weights file the user named with `load`; any failure is a one-line KlvaeError naming the option."""
+def load_named_weights(load: Callable[[Any], None], path: str | Path, option: str, names: Namer = keyword) -> None:
+    """Load a weights file the user named with `load`; any failure is a one-line KlvaeError naming the option (and
+    the file) as `names` does."""
     p = Path(path).expanduser()
+    named = names(option, p)
     if not p.is_file():
-        raise KlvaeError(f"{flag} {p}: no such file")
+        raise KlvaeError(f"{named}: no such file")
     if p.stat().st_size == 0:
-        raise KlvaeError(f"{flag} {p} is empty")
+        raise KlvaeError(f"{named} is empty")
     try:
         sd = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling and zip errors have many types; all mean "not a weights file"
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         detail = type(e).__name__ + (f": {msg}" if msg and len(msg) <= 100 else "")  # torch's run to a dozen lines
-        raise KlvaeError(f"{flag} {p} is not a PyTorch weights file ({detail})") from None
+        raise KlvaeError(f"{named} is not a PyTorch weights file ({detail})") from None
     if not isinstance(sd, Mapping):
-        raise KlvaeError(f"{flag} {p} holds a {type(sd).__name__}, not a state dict")
+        raise KlvaeError(f"{named} holds a {type(sd).__name__}, not a state dict")
     try:
         load(dict(sd))
     except KlvaeError as e:  # WeightsError: missing, unexpected or mis-shaped keys
-        raise KlvaeError(f"{flag} {p}: {first_line(e)}") from None
+        raise KlvaeError(f"{named}: {first_line(e)}") from None
 
 
 def prepare(img: Any, opts: EvalOptions) -> Tensor:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from klvae.distributed import DistInfo, all_sum, barrier
-from klvae.errors import KlvaeError, quote
+from klvae.errors import KlvaeError, OptionError, quote
 from klvae.inference.precision import resolve_dtype
 from klvae.latents import cache
 from klvae.latents.options import CacheOptions
@@ -73,7 +73,7 @@ def build_cache(vae: AutoencoderKL, data: str | os.PathLike[str] | ItemSource, o
     not done yet and refuses (KlvaeError) other options, another encoder or (store="scaled") other factors; a
     fine-tune of the first model's decoder alone gives the same rows, and may finish it. Unreadable images are
     skipped and counted (`CacheSummary.ok` is False), the rest finished. `model_name` is what index.json records
-    as the model. Bad options are an OptionError (a KlvaeError) naming the argument.
+    as the model. Bad options, and a resume with other ones, are an OptionError (a KlvaeError) naming the argument.
     Under torchrun, pass `dist` (klvae.distributed.init_distributed) or initialise the process group
     first: each rank encodes its share, and rank 0 writes the index.
     """
@@ -103,9 +103,9 @@ def _options(values: dict[str, Any]) -> CacheOptions:
     for name, value in values.items():
         want = bool if name in ("buckets", "flip") else str if name == "store" else int
         if not isinstance(value, want) or (want is int and isinstance(value, bool)):
-            raise KlvaeError(f"{name} must be a{'n' if want is int else ''} {want.__name__}, got {quote(value)}")
+            raise OptionError(f"{name} must be a{'n' if want is int else ''} {want.__name__}, got {quote(value)}")
     if not 0 <= values["seed"] < 2**63:  # what torch's generators take
-        raise KlvaeError(f"seed must be between 0 and {2**63 - 1}, got {values['seed']}")
+        raise OptionError(lambda n: f"{n('seed')} must be between 0 and {2**63 - 1}, got {values['seed']}")
     return CacheOptions(**values)
 
 

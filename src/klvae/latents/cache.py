@@ -38,6 +38,7 @@ from klvae.latents.buckets import make_buckets, nearest_bucket, resize_crop
 from klvae.latents.fingerprint import encoder_fingerprint, factors_fingerprint, model_fingerprint
 from klvae.latents.integrity import RowShapes, drop_damaged, row_shapes, save_shard, shard_problem, stored_tensors
 from klvae.latents.options import CacheOptions, check_whole_latents
+from klvae.latents.resume import refusal
 from klvae.latents.sources import ItemSource, item_error, open_source
 from klvae.model.autoencoder import AutoencoderKL
 from klvae.progress import progress_bar
@@ -188,9 +189,10 @@ def row_options(opts: CacheOptions, world: int, fingerprints: dict[str, str] | N
 
 
 def check_resume(out: str | Path, opts: CacheOptions, world: int, fingerprints: dict[str, str] | None = None) -> None:
-    """Refuse (KlvaeError) to add to a cache that index.json or a manifest line says was made with other options,
-    or (given this model's `model_fingerprints`) with another encoder or, for scaled rows, other factors. A record
-    without the encoder's fingerprint (an older klvae's) is compared by the whole model's, as it was then."""
+    """Refuse to add to a cache that index.json or a manifest line says was made with other options (OptionError,
+    naming them as build_cache's keywords; `flags()` as klvae cache's), or (given this model's `model_fingerprints`)
+    with another encoder or, for scaled rows, other factors (KlvaeError). A record without the encoder's
+    fingerprint (an older klvae's) is compared by the whole model's, as it was then."""
     out, current = Path(out), row_options(opts, world, fingerprints)
     recorded = []
     if (index := _read_index(out / "index.json")) is not None:
@@ -202,25 +204,8 @@ def check_resume(out: str | Path, opts: CacheOptions, world: int, fingerprints: 
         recorded += [rec["options"] for rec in read_manifest(p) if "options" in rec]  # older: none
     for old in recorded:
         for key, value in current.items():
-            if key not in old or old[key] == value:
-                continue
-            # Paths may differ between runs (a copy, a hub cache), so the weights decide, not the --model text.
-            if key == "model_fingerprint" and "encoder_fingerprint" not in old:
-                raise KlvaeError(f"{out} holds a cache made with another model (fingerprint {old[key][:12]}, this "
-                                 f"one's {value[:12]}; begun before klvae recorded the encoder's fingerprint, it takes "
-                                 "the same whole model): resume it with the model it was begun with, or write to "
-                                 "another folder")
-            if key == "encoder_fingerprint":
-                raise KlvaeError(f"{out} holds a cache made with another model, whose encoder differs (encoder "
-                                 f"fingerprint {old[key][:12]}, this one's {value[:12]}): resume it with the model it "
-                                 "was begun with (or a fine-tune of its decoder alone), or write to another folder")
-            if key == "factors_fingerprint":
-                raise KlvaeError(f"{out} holds latents scaled with another model's factors (scaling_factor, "
-                                 "shift_factor, latents_mean/std or latent patch): resume it with the factors it was "
-                                 "begun with, or write to another folder")
-            if key not in _FINGERPRINTS:  # model_fingerprint of a record with the encoder's: that one decides
-                raise KlvaeError(f"{out} holds a cache made with {key}={quote(old[key])}, not {value!r}: resume it "
-                                 "with the same options and number of processes, or write to another folder")
+            if key in old and old[key] != value and (error := refusal(out, key, old, value)) is not None:
+                raise error
 
 
 def parse_index(path: Path) -> dict[str, Any] | None:

@@ -1,35 +1,15 @@
-"""The options of the cache and scale jobs, and their checks: errors that name an option as the Python API does,
-and as the command line's flags do."""
+"""The options of the cache and scale jobs, and their checks: OptionErrors (klvae.errors), which name an option as
+the Python API does, and as the command line's flags do."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
-from klvae.errors import KlvaeError
+from klvae.errors import OptionError
 from klvae.images import MAX_PIXELS, MAX_RESOLUTION
 from klvae.model.autoencoder import AutoencoderKL
 
-
-class OptionError(KlvaeError):
-    """A bad value of an option of the cache or scale jobs. Its message names the option as the Python API does
-    (`shard_size`); `flags()` is the same message naming the command line's flags (`--shard-size`), which
-    `klvae cache | scale` print instead."""
-
-    def __init__(self, message: Callable[[Callable[[str], str]], str] | str, flags: str | None = None) -> None:
-        # `message` writes the text given how to name an option, both ways now: an exception must pickle and copy
-        # (a process pool sends it back so), and a lambda does neither.
-        text = message if isinstance(message, str) else message(str)
-        super().__init__(text)
-        self._flags = flags if flags is not None else text if isinstance(message, str) else \
-            message(lambda name: "--" + name.replace("_", "-"))
-
-    def __reduce__(self) -> tuple[type[OptionError], tuple[str, str]]:
-        return type(self), (str(self), self._flags)
-
-    def flags(self) -> str:
-        """The message with each option named by its flag."""
-        return self._flags
+__all__ = ["CacheOptions", "OptionError", "check_at_least", "check_resolution", "check_whole_latents"]
 
 
 @dataclass

@@ -29,14 +29,17 @@ log = logging.getLogger(__name__)
 
 
 class _TarReader:
-    """Reads tar members at the offsets listed when the shard was opened, through one open shard per process.
+    """Reads tar members at the offsets listed when the shard was opened, through one open shard per process
+    and thread.
 
     Finding a member by walking the headers from the start made each read cost the members before it: 0.35 s
     for the last of a 5,000-image shard, and in a .tar.gz the decompression of everything before it.
     """
 
     def __init__(self) -> None:
-        self._open: tuple[tuple[int, int], Path, tarfile.TarFile] | None = None  # (process, thread), shard, file
+        # Thread-local: threads sharing one slot could take each other's file between the check and its use
+        # (seek and read interleaved: another member's bytes), or close it under the other's read.
+        self._local = threading.local()
 
     def read(self, tar_path: Path, member: str, offset: int, item_id: str) -> bytes:
         """The bytes of `member`, whose header starts at `offset`; ImageError when it is not there (any more)."""
@@ -47,7 +50,7 @@ class _TarReader:
         except (OSError, EOFError, tarfile.TarError) as e:
             self.close()
             raise ImageError(f"{item_id}: cannot read from {tar_path}: {tar_reason(e)}") from None
-        if info.name != member or not info.isfile():  # the shard was replaced since it was listed
+        if info.name != member or not _is_image_member(info):  # the shard was replaced since it was listed
             raise ImageError(f"{item_id}: no longer in {tar_path}")
         try:
             return read_tar_member(tf, info, item_id)
@@ -56,23 +59,29 @@ class _TarReader:
             raise ImageError(f"{item_id}: cannot read from {tar_path}: {tar_reason(e)}") from None
 
     def _shard(self, tar_path: Path) -> tarfile.TarFile:
-        # One file per process and thread: a handle inherited through fork shares its position with the parent.
-        me = (os.getpid(), threading.get_ident())
-        if self._open is not None and self._open[:2] == (me, tar_path):
-            return self._open[2]
+        # Per process too: a handle inherited through fork shares its position with the parent.
+        held = getattr(self._local, "open", None)
+        if held is not None and held[:2] == (os.getpid(), tar_path):
+            return held[2]
         self.close()
+        if not tar_path.is_file():  # replaced by a FIFO since it was listed: tarfile would block on it forever
+            raise OSError(f"{tar_path.name} is no longer a regular file")
         tf = tarfile.open(tar_path)  # noqa: SIM115 (held open for the next reads; close() closes it)
-        self._open = (me, tar_path, tf)
+        self._local.open = (os.getpid(), tar_path, tf)
         return tf
 
     def close(self) -> None:
-        """Close this process's open shard, if any (one inherited from another process is left to it)."""
-        if self._open is not None and self._open[0] == (os.getpid(), threading.get_ident()):
-            self._open[2].close()
-        self._open = None
+        """Close this thread's open shard, if any (one inherited from another process is left to it)."""
+        held = getattr(self._local, "open", None)
+        if held is not None and held[0] == os.getpid():
+            held[2].close()
+        self._local.open = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"_open": None}  # a spawned DataLoader worker opens its own
+        return {}  # a spawned DataLoader worker opens its own
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._local = threading.local()
 
 
 @dataclass
@@ -133,13 +142,19 @@ def _tar_members(t: Path, ids: dict[str, tuple[Path, str, int]], label: str) -> 
     try:
         with tarfile.open(t) as tf:
             for m in tf:
-                if m.isfile() and Path(m.name).suffix.lower() in IMAGE_EXTENSIONS:
+                if _is_image_member(m):
                     ids[f"{label}:{m.name}"] = (t, m.name, m.offset)
                     n += 1
             ended = _end_of_members(tf)
     except (OSError, EOFError, tarfile.TarError) as e:
         return f"cut short after {n} image(s): {tar_reason(e)}" if n else tar_reason(e)
     return None if ended is None else f"cut short after {n} image(s): {ended}"
+
+
+def _is_image_member(m: tarfile.TarInfo) -> bool:
+    # A regular file, not a GNU sparse one: a few bytes of sparse map declare up to MAX_ENCODED_BYTES of zeros,
+    # which tarfile writes out (piece by piece, each piece copying all before it) for every read of the member.
+    return m.isfile() and not m.issparse() and Path(m.name).suffix.lower() in IMAGE_EXTENSIONS
 
 
 def _end_of_members(tf: tarfile.TarFile) -> str | None:

@@ -226,10 +226,13 @@ class InceptionV3Features(FrozenNet):
         return x.mean(dim=(2, 3))
 
 
-def resolve_inception_weights() -> dict[str, Any]:
-    """The converted TF Inception state dict: the torch hub cache (either package's file name), else a download."""
+def resolve_inception_weights(
+    hint: str = "pass InceptionV3Features(weights=<file>) (klvae eval: --inception-weights <file>)",
+) -> dict[str, Any]:
+    """The converted TF Inception state dict: the torch hub cache (either package's file name), else a download;
+    `hint` says how to name a file instead, in the caller's terms."""
     # The name's label is the file's SHA-256 prefix (6726825d0af5f729..., 95,628,359 bytes, for both packages'
     # copies), so a download is checked as torch.hub's check_hash does: a file damaged in its data, or another
     # release, still loads (right keys and shapes) and gives plausible but wrong rFIDs. Both packages skip it.
-    return fetch(INCEPTION_URL, (INCEPTION_FILE, PYTORCH_FID_FILE), "FID Inception",
-                 "pass --inception-weights <file>", check_hash=True)
+    return fetch(INCEPTION_URL, (INCEPTION_FILE, PYTORCH_FID_FILE), "FID Inception", hint,
+                 check_hash=True)

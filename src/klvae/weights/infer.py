@@ -54,15 +54,20 @@ def guess_family(keys: Iterable[str]) -> str | None:
 
 
 # Words in a lone VAE file's name that tell its family where shapes cannot (SDXL's VAE is SD's network, SD3's is
-# FLUX.1's): sdxl_vae.safetensors, sd3_vae.safetensors ... Matched in the name without separators, lower case.
-_NAME_HINTS = (("playground", "playground25"), ("sdxl", "sdxl"), ("sd3", "sd3"), ("flux2", "flux2"),
-               ("flux", "flux"), ("sd2", "sd2"), ("sd1", "sd15"), ("vaeftmse", "sd15"), ("vaeftema", "sd15"))
+# FLUX.1's): sdxl_vae.safetensors, sd3_vae.safetensors ... Each starts a word (not "ssd1b", SSD-1B's SDXL VAE, as
+# sd1; nor "influx"), separators inside it optional (sd_xl, sd-1.5); Playground v2 (SDXL's factors) is no v2.5.
+_SEP = r"[-_. ]?"
+_NAME_HINTS = tuple((re.compile(rf"(?<![a-z]){word}"), family) for word, family in (
+    (rf"playground{_SEP}v?2{_SEP}5", "playground25"), (rf"sd{_SEP}xl", "sdxl"), (rf"sd{_SEP}3", "sd3"),
+    (rf"flux{_SEP}2", "flux2"), ("flux", "flux"), (rf"sd{_SEP}2", "sd2"), (rf"sd{_SEP}1", "sd15"),
+    (rf"vae{_SEP}ft{_SEP}(?:mse|ema)", "sd15"),
+))
 
 
 def family_from_name(filename: str) -> str | None:
     """The preset a weights file's name points to (sdxl_vae.safetensors -> 'sdxl'), None when none or several."""
-    stem = re.sub(r"[^a-z0-9]", "", filename.lower().rsplit(".", 1)[0])
-    found = {family for word, family in _NAME_HINTS if word in stem}
+    stem = filename.lower().rsplit(".", 1)[0]
+    found = {family for word, family in _NAME_HINTS if word.search(stem)}
     if "flux2" in found:
         found.discard("flux")
     return found.pop() if len(found) == 1 else None

@@ -166,20 +166,47 @@ def _load_pickle(path: Path) -> Any:
 
 
 def _read_pickle(path: Path) -> RawWeights:
-    obj = _load_pickle(path)
+    obj = _plain_dict(_load_pickle(path))
     meta: dict[str, str] = {}
     if isinstance(obj, dict) and _is_training_checkpoint(obj):
         obj, meta = _training_checkpoint_weights(obj, path)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]  # LDM / Lightning checkpoints nest the weights
+        obj = _plain_dict(obj["state_dict"])  # LDM / Lightning checkpoints nest the weights
     if not isinstance(obj, dict):
         raise WeightsError(f"{path} holds a {type(obj).__name__}, not a state dict")
     keys = [k for k in obj if isinstance(k, str)]
     prefix = next((p for p in VAE_PREFIXES if any(k.startswith(p) for k in keys)), "")
-    # Copies, so that the model owns its memory rather than pages of the mapped file.
-    sd = {k: obj[k].clone() for k in keys if k.startswith(prefix) and isinstance(obj[k], Tensor)}
-    extras = {k: obj[k].clone() for k in EXTRA_KEYS if prefix and isinstance(obj.get(k), Tensor)}
-    return RawWeights(sd, keys, meta, extras)
+    vae = [k for k in keys if k.startswith(prefix) and isinstance(obj[k], Tensor)]
+    extra = [k for k in EXTRA_KEYS if prefix and isinstance(obj.get(k), Tensor)]
+    copies = _copies({k: obj[k] for k in vae + extra}, path)
+    return RawWeights({k: copies[k] for k in vae}, keys, meta, {k: copies[k] for k in extra})
+
+
+def _copies(tensors: dict[str, Tensor], path: Path) -> StateDict:
+    """Plain copies of the tensors a pickle gave, so that the model owns its memory rather than mapped pages;
+    WeightsError where they would hold more bytes than the file does."""
+    budget = path.stat().st_size
+    out: StateDict = {}
+    for k, v in tensors.items():
+        # Tensor's own methods, not the object's: weights_only still lets a pickle set attributes on a tensor
+        # (_rebuild_from_type_v2's state), so v.clone could be any allowed callable, and its result no tensor.
+        t = Tensor.detach(v)
+        # A view's elements may outnumber its storage's (stride 0, keys sharing one storage): a file of a few KB
+        # could declare terabytes, which clone() would allocate. Real weights are each stored in the file.
+        budget -= t.numel() * t.element_size()
+        if budget < 0:
+            raise WeightsError(f"{path}: its tensors ({k} and before) declare more data than the file's "
+                               f"{path.stat().st_size} bytes (expanded or shared storages): a damaged or crafted file")
+        if type(t) is not Tensor:  # weights_only builds no other kind; a subclass's methods are its own
+            raise WeightsError(f"{path}: {k} is a {type(t).__name__}, not a plain tensor")
+        out[k] = t.clone()
+    return out
+
+
+def _plain_dict(obj: Any) -> Any:
+    # A dict of the pickle's making as a plain one: BUILD may give an OrderedDict attributes (weights_only allows
+    # it), which would shadow its methods (.get, .items) with callables of the file's choosing.
+    return dict(obj) if isinstance(obj, dict) else obj
 
 
 def _is_training_checkpoint(obj: dict[Any, Any]) -> bool:
@@ -194,11 +221,12 @@ def _training_checkpoint_weights(obj: dict[str, Any], path: Path) -> tuple[dict[
         export_ema = json.loads(obj.get("config") or "{}").get("train", {}).get("export_ema", True)
     except (ValueError, AttributeError, RecursionError):
         export_ema = True
-    weights, which = obj["vae"], "the model's weights"
-    ema = obj.get("ema")
+    weights, which = _plain_dict(obj["vae"]), "the model's weights"
+    ema = _plain_dict(obj.get("ema"))
     if export_ema is not False and isinstance(ema, dict):
         # AveragedModel's state_dict: the model's keys under module., and its update count.
-        weights = {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
+        weights = {k.removeprefix("module."): v for k, v in ema.items()
+                   if isinstance(k, str) and k.startswith("module.")}
         which = "the EMA weights"
     log.info("%s is a klvae training checkpoint (step %d): loading %s", path.name, obj["step"], which)
     config = obj.get("model_config")
