@@ -158,3 +158,18 @@ def cache_args(data: Path, out: Path, model: Path, *extra: str) -> list[str]:
     """`klvae -q cache` of `data` into `out` at 32 px, shards of 3 rows, in this process on the CPU."""
     return ["-q", "cache", "--data", str(data), "-o", str(out), "--model", str(model), "--resolution", "32",
             "--shard-size", "3", "--num-workers", "0", "--device", "cpu", *extra]
+
+
+# A pickle payload for the weights_only tests: unpickling it would call _record, an arbitrary function call.
+RAN: list[str] = []
+
+
+def _record(what: str) -> None:
+    RAN.append(what)
+
+
+class Payload:
+    """Unpickling this calls _record (it appends to RAN), which weights_only must refuse."""
+
+    def __reduce__(self) -> tuple:
+        return (_record, ("payload ran",))

@@ -14,22 +14,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import klvae
-from helpers import fake_hub_cache, one_error_line, perturbed_vae
+from helpers import RAN, Payload, fake_hub_cache, one_error_line, perturbed_vae
 from klvae.cli.main import main
 from klvae.errors import WeightsError
 from klvae.model.config import PRESETS
 from klvae.weights import diffusers_to_ldm, read_state_dict
-
-RAN: list[str] = []
-
-
-def _record(what: str) -> None:
-    RAN.append(what)
-
-
-class _Payload:
-    def __reduce__(self) -> tuple:
-        return (_record, ("payload ran",))
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +64,7 @@ def test_lightning_era_ckpt_loads_and_a_payload_beside_it_is_still_refused(
     _lightning_ckpt(tmp_path / "v1-5.ckpt", full, monkeypatch)
     back = klvae.AutoencoderKL.from_pretrained(tmp_path / "v1-5.ckpt", config="tiny")
     assert _equal_weights(back, vae)
-    _lightning_ckpt(tmp_path / "evil.ckpt", full, monkeypatch, payload=_Payload())
+    _lightning_ckpt(tmp_path / "evil.ckpt", full, monkeypatch, payload=Payload())
     with pytest.raises(WeightsError, match=r"refusing to unpickle .*evil\.ckpt: it holds objects other than "
                                            r"tensors: .*_record"):
         klvae.AutoencoderKL.from_pretrained(tmp_path / "evil.ckpt", config="tiny")

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import fake_hub_cache
+from helpers import RAN, Payload, fake_hub_cache
 from klvae import AutoencoderKL, WeightsError
 from klvae.model.config import PRESET_HUB_IDS, PRESETS, AutoencoderKLConfig
 from klvae.weights import (
@@ -363,23 +363,11 @@ def test_bin_files_load(tmp_path: Path) -> None:
     assert_same_weights(AutoencoderKL.from_pretrained(tmp_path / "single.bin", config="tiny"), model)
 
 
-RAN: list[str] = []
-
-
-def _record(what: str) -> None:
-    RAN.append(what)
-
-
-class _Payload:
-    """Unpickling this calls _record: an arbitrary function call, which weights_only must refuse."""
-
-    def __reduce__(self) -> tuple:
-        return (_record, ("payload ran",))
 
 
 def test_pickled_objects_are_refused(tmp_path: Path) -> None:
     sd = tiny_model().state_dict()
-    torch.save({"state_dict": sd, "callback": _Payload()}, tmp_path / "evil.ckpt")
+    torch.save({"state_dict": sd, "callback": Payload()}, tmp_path / "evil.ckpt")
     with pytest.raises(WeightsError, match="refusing to unpickle"):
         AutoencoderKL.from_pretrained(tmp_path / "evil.ckpt", config="tiny")
     assert RAN == []
