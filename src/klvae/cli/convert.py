@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True,
                    help="a folder (diffusers layout) or a .safetensors file (LDM layout)")
     p.add_argument("--to", choices=FORMATS, default=None,
-                   help="the format; by default ldm when --output ends in .safetensors, else diffusers")
+                   help="the format; by default ldm when --output ends in .safetensors or .sft, else diffusers")
     p.add_argument("--dtype", default="fp32", help="storage dtype: fp32 (default), fp16 or bf16 (half the size)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output file, or the config.json and weights of an existing folder")
