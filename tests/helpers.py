@@ -4,6 +4,7 @@ CLI's one-line errors."""
 import contextlib
 import os
 import re
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 import klvae
+from klvae.cli.main import main
 
 
 def perturbed_vae(preset: str = "tiny", seed: int = 0, device: torch.device | str | None = None,
@@ -173,3 +175,17 @@ class Payload:
 
     def __reduce__(self) -> tuple:
         return (_record, ("payload ran",))
+
+
+def finished_cache(factory: pytest.TempPathFactory, model: Path, data: Path) -> Path:
+    """A finished cache of the CACHE_ROWS images: eight rows in shards of 3, 3 and 2 (tests damage copies)."""
+    out = factory.mktemp("finished") / "latents"
+    assert main(cache_args(data, out, model)) == 0
+    return out
+
+
+def copy_cache(finished: Path, tmp_path: Path) -> Path:
+    """A copy of a cache to damage, in tmp_path/latents."""
+    out = tmp_path / "latents"
+    shutil.copytree(finished, out)
+    return out

@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import shutil
 import tarfile
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import klvae
-from helpers import CACHE_ROWS, cache_args, cache_images, saved_tiny_model
+from helpers import CACHE_ROWS, cache_args, cache_images, copy_cache, finished_cache, saved_tiny_model
 from klvae.cli.main import main
 from klvae.errors import KlvaeError, LatentsError
 from klvae.latents import cache, integrity
@@ -39,16 +38,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory, model: Path, data: Path) -> Path:
-    # Eight rows in shards of 3, 3 and 2; each test damages a copy.
-    out = tmp_path_factory.mktemp("finished") / "latents"
-    assert main(cache_args(data, out, model)) == 0
-    return out
-
-
-def _copy(finished: Path, tmp_path: Path) -> Path:
-    out = tmp_path / "latents"
-    shutil.copytree(finished, out)
-    return out
+    return finished_cache(tmp_path_factory, model, data)
 
 
 def _cut(path: Path, size: int) -> None:
@@ -71,7 +61,7 @@ def _rows_once(out: Path, flips: tuple[bool, ...] = (False,)) -> None:
 def test_a_resume_re_encodes_the_rows_of_a_damaged_shard_once(
     tmp_path: Path, model: Path, data: Path, finished: Path, capsys: pytest.CaptureFixture[str], damage: str
 ) -> None:
-    out = _copy(finished, tmp_path)
+    out = copy_cache(finished, tmp_path)
     shard = out / "rank000-00001.safetensors"
     if damage in ("truncated", "empty"):
         _cut(shard, 100 if damage == "truncated" else 0)
@@ -108,7 +98,7 @@ def test_with_flip_only_the_damaged_shards_rows_are_encoded_again(
 def test_a_kill_while_dropping_a_damaged_shard_leaves_a_cache_a_resume_finishes(
     tmp_path: Path, model: Path, data: Path, finished: Path, monkeypatch: pytest.MonkeyPatch, kill: str
 ) -> None:
-    out = _copy(finished, tmp_path)
+    out = copy_cache(finished, tmp_path)
     _cut(out / "rank000-00001.safetensors", 100)
     real = integrity.atomic_write_text
 
@@ -133,7 +123,7 @@ def test_the_index_is_never_written_over_a_damaged_shard(
     tmp_path: Path, model: Path, data: Path, finished: Path
 ) -> None:
     # Damaged after this rank's resume checked it (or by another rank): write_index refuses, naming it.
-    out = _copy(finished, tmp_path)
+    out = copy_cache(finished, tmp_path)
     (out / "index.json").unlink()
     _cut(out / "rank000-00002.safetensors", 300)
     vae = klvae.AutoencoderKL.from_pretrained(model)
@@ -159,7 +149,7 @@ def test_the_shard_check_accepts_every_store_and_bucket_it_writes(tmp_path: Path
 
 
 def test_the_reader_names_a_damaged_or_missing_shard_in_one_line(tmp_path: Path, finished: Path) -> None:
-    out = _copy(finished, tmp_path)
+    out = copy_cache(finished, tmp_path)
     ds = LatentDataset(out)
     rows = {it["shard"]: i for i, it in enumerate(ds.items)}
     _cut(out / "rank000-00001.safetensors", 100)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import struct
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import klvae
-from helpers import CACHE_ROWS, cache_args, cache_images, saved_tiny_model
+from helpers import CACHE_ROWS, cache_args, cache_images, copy_cache, finished_cache, saved_tiny_model
 from klvae.cli.main import main
 from klvae.errors import KlvaeError, LatentsError
 from klvae.latents import cache, integrity, repair_cache, verify_cache
@@ -43,16 +42,7 @@ def _verify(out: Path, *extra: str) -> int:
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory, model: Path, data: Path) -> Path:
-    # Eight rows in shards of 3, 3 and 2; each test damages a copy.
-    out = tmp_path_factory.mktemp("finished") / "latents"
-    assert main(cache_args(data, out, model)) == 0
-    return out
-
-
-def _copy(finished: Path, tmp_path: Path) -> Path:
-    out = tmp_path / "latents"
-    shutil.copytree(finished, out)
-    return out
+    return finished_cache(tmp_path_factory, model, data)
 
 
 def _flip_a_data_byte(path: Path) -> None:
@@ -112,7 +102,7 @@ def test_a_whole_cache_verifies(finished: Path, capsys: pytest.CaptureFixture[st
 def test_one_flipped_byte_in_the_tensor_data_is_found(
     tmp_path: Path, finished: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out = _copy(finished, tmp_path)
+    out = copy_cache(finished, tmp_path)
     shard = out / SHARDS[1]
     _flip_a_data_byte(shard)
     rows = next(rec["rows"] for rec in _manifest(out) if rec.get("shard") == SHARDS[1])
@@ -134,7 +124,7 @@ def test_one_flipped_byte_in_the_tensor_data_is_found(
 
 @pytest.mark.parametrize("damage", ["truncated", "missing", "wrong-shape"])
 def test_a_cut_missing_or_swapped_shard_is_damaged(tmp_path: Path, finished: Path, damage: str) -> None:
-    out = _copy(finished, tmp_path)
+    out = copy_cache(finished, tmp_path)
     shard = out / SHARDS[2]
     if damage == "truncated":
         shard.write_bytes(shard.read_bytes()[:300])
@@ -152,7 +142,7 @@ def test_a_cut_missing_or_swapped_shard_is_damaged(tmp_path: Path, finished: Pat
 def test_repair_then_the_same_cache_command_re_encodes_exactly_the_damaged_rows(
     tmp_path: Path, model: Path, data: Path, finished: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out = _copy(finished, tmp_path)
+    out = copy_cache(finished, tmp_path)
     before = _latents_by_row(finished)
     damaged_rows = {(m["source"], m["flip"]) for rec in _manifest(out) if rec.get("shard") == SHARDS[1]
                     for m in rec["rows"]}
@@ -179,7 +169,7 @@ def test_deleting_a_shard_by_hand_is_refused_by_a_resume_but_repair_mends_it(
 ) -> None:
     # Why --repair exists: a resume takes a shard its manifest names but that is gone for a loss it did not
     # cause, and refuses to touch the folder.
-    out = _copy(finished, tmp_path)
+    out = copy_cache(finished, tmp_path)
     (out / SHARDS[0]).unlink()
     capsys.readouterr()
     assert main(cache_args(data, out, model)) == 2
@@ -191,7 +181,7 @@ def test_deleting_a_shard_by_hand_is_refused_by_a_resume_but_repair_mends_it(
 
 
 def test_repair_with_nothing_damaged_changes_nothing(finished: Path, tmp_path: Path) -> None:
-    out = _copy(finished, tmp_path)
+    out = copy_cache(finished, tmp_path)
     snapshot = {p.name: p.read_bytes() for p in out.iterdir()}
     assert repair_cache(out) == []
     assert _verify(out, "--repair") == 0
@@ -204,7 +194,7 @@ def test_repair_with_nothing_damaged_changes_nothing(finished: Path, tmp_path: P
 def test_an_old_cache_without_hashes_is_checked_by_header_and_resumes(
     tmp_path: Path, model: Path, data: Path, finished: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out = _copy(finished, tmp_path)
+    out = copy_cache(finished, tmp_path)
     _make_old(out)
     report = verify_cache(out)
     assert report.ok and len(report.unverified) == 3
@@ -226,7 +216,7 @@ def test_an_old_cache_without_hashes_is_checked_by_header_and_resumes(
 
 
 def test_an_old_shard_of_the_wrong_shape_is_found_by_its_header(tmp_path: Path, finished: Path) -> None:
-    out = _copy(finished, tmp_path)
+    out = copy_cache(finished, tmp_path)
     _make_old(out)
     save_file({f"{r:06d}.{f}": torch.zeros(4, 8, 8) for r in range(3) for f in ("mean", "logvar")},
               str(out / SHARDS[1]))
@@ -255,7 +245,7 @@ def test_the_inferred_shapes_fit_every_store_bucket_and_latent_patch(tmp_path: P
 
 def test_a_copy_without_manifests_is_verified_from_the_index(tmp_path: Path, finished: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
-    out = _copy(finished, tmp_path)
+    out = copy_cache(finished, tmp_path)
     (out / "manifest-rank000.jsonl").unlink()
     assert verify_cache(out).source == "index.json" and verify_cache(out).ok
     _flip_a_data_byte(out / SHARDS[2])
@@ -339,7 +329,7 @@ def test_an_unfinished_two_rank_cache_is_verified_said_unfinished_and_repaired(
 def test_a_shard_that_is_a_folder_is_named_so_and_repair_refuses_it(
     tmp_path: Path, finished: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out = _copy(finished, tmp_path)
+    out = copy_cache(finished, tmp_path)
     (out / SHARDS[1]).unlink()
     (out / SHARDS[1]).mkdir()
     (damaged,) = verify_cache(out).damaged
@@ -358,7 +348,7 @@ def test_a_shard_without_read_permission_is_refused_not_dropped(
 ) -> None:
     # safetensors calls a shard it may not open "No such file or directory": verify named it damaged, and repair
     # (or a resume) deleted a whole file, as an older klvae's 0600 shards of a shared cache are to the rest.
-    out = _copy(finished, tmp_path)
+    out = copy_cache(finished, tmp_path)
     shard = out / SHARDS[1]
     if os.geteuid() == 0:  # root reads anything: stand in for the permission check
         real_open = Path.open
@@ -384,7 +374,7 @@ def test_a_shard_without_read_permission_is_refused_not_dropped(
 
 
 def test_an_index_row_without_a_source_is_damage_not_a_crash(tmp_path: Path, finished: Path) -> None:
-    out = _copy(finished, tmp_path)
+    out = copy_cache(finished, tmp_path)
     (out / "manifest-rank000.jsonl").unlink()
     index = json.loads((out / "index.json").read_text())
     del index["items"][3]["source"], index["items"][3]["row"]
