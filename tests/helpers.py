@@ -145,15 +145,22 @@ def saved_tiny_model(d: Path, **changes: object) -> Path:
 CACHE_ROWS = [f"img{i}.png" for i in range(8)]
 
 
-def cache_images(root: Path) -> Path:
-    """`root` holding CACHE_ROWS: 48x40 noise images, seed 0 (the cache integrity tests' data)."""
+def noise_folder(root: Path, n: int, hw: tuple[int, int] = (40, 48), pattern: str = "img{i}.png") -> Path:
+    """`root` (made if missing) holding n RGB noise PNGs of `hw` pixels, named by `pattern`; seed 0, so the first
+    k images are the same whatever n."""
     import numpy as np
     from PIL import Image
 
+    root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    for name in CACHE_ROWS:
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / name)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (*hw, 3), dtype=np.uint8)).save(root / pattern.format(i=i))
     return root
+
+
+def cache_images(root: Path) -> Path:
+    """`root` holding CACHE_ROWS: 48x40 noise images, seed 0 (the cache integrity tests' data)."""
+    return noise_folder(root, len(CACHE_ROWS))
 
 
 def cache_args(data: Path, out: Path, model: Path, *extra: str) -> list[str]:

@@ -4,12 +4,11 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import klvae
+from helpers import noise_folder
 from klvae.cli.main import main
 
 RES = ["--resolution", "32", "--num-workers", "0", "--device", "cpu"]
@@ -34,11 +33,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / f"img{i:03d}.png")
-    return root
+    return noise_folder(tmp_path_factory.mktemp("data"), 3, pattern="img{i:03d}.png")
 
 
 @pytest.fixture(scope="module")

@@ -9,15 +9,13 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import klvae
-from helpers import perturbed_vae
+from helpers import noise_folder, perturbed_vae
 from klvae.cli.main import main
 from klvae.errors import KlvaeError
 from klvae.latents import build_cache, cache, verify_cache
@@ -58,11 +56,7 @@ def _load(path: Path) -> klvae.AutoencoderKL:
 
 
 def _images(root: Path, n: int = 4) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / f"img{i}.png")
-    return root
+    return noise_folder(root, n)
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,11 @@
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import klvae
-from helpers import block_metric_downloads, one_error_line, saved_tiny_model
+from helpers import block_metric_downloads, noise_folder, one_error_line, saved_tiny_model
 from klvae.cli.main import main
 from klvae.errors import KlvaeError
 from klvae.evaluation import EvalOptions, build_metric_nets, run_evaluation
@@ -26,11 +24,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / f"img{i}.png")
-    return root
+    return noise_folder(tmp_path_factory.mktemp("data"), 2)
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,11 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import klvae
+from helpers import noise_folder
 from klvae.cli.main import main
 from klvae.errors import KlvaeError
 from klvae.training import validate as validate_mod
@@ -25,11 +24,7 @@ SDXL_SCALE = 0.13025
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Four small random images as an image folder."""
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / f"img{i}.png")
-    return root
+    return noise_folder(tmp_path_factory.mktemp("images"), 4, hw=(40, 40))
 
 
 @pytest.fixture(scope="module")
