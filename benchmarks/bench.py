@@ -3,7 +3,7 @@
 Times are medians of CUDA-event (GPU) or perf_counter (CPU) timings after warm-ups, the variants taking
 turns; peak memory (GPU only) is torch.cuda.max_memory_allocated during the timed calls above what was
 resident, plus the variant's own weights and input. Accuracy columns compare each output with klvae's fp32
-untiled output (equal to diffusers' in fp32: see tests/test_parity.py), as PSNR in dB over [-1, 1] and max
+untiled output (equal to diffusers' in fp32: see tests/weights/test_parity.py), as PSNR in dB over [-1, 1] and max
 abs difference; above 2048² on a GPU, where untiled fp32 does not fit, with klvae's exact strips in fp32
 (row key "reference").
 Variants: klvae (fp32 weights under autocast), klvae-fast (optimize_for_inference: folded upsampling; on
@@ -160,7 +160,7 @@ def run_case(case: str, ours: klvae.AutoencoderKL, models: dict[str, torch.nn.Mo
     with _true_fp32():
         if size <= 2048 or device.type == "cpu":
             ref, ref_kind = _run_ours(ours, op, x, torch.float32, TileOptions(enabled=False)), "fp32 untiled"
-        else:  # untiled fp32 needs ~76 GiB at 4096²; exact strips in fp32 match it to ~120 dB (tests/test_inference.py)
+        else:  # untiled fp32 needs ~76 GiB at 4096²; exact strips in fp32 match it to ~120 dB (tests/inference)
             big = TileOptions(enabled=True, max_memory=32 * 2**30)
             ref, ref_kind = _run_ours(ours, op, x, torch.float32, big), "fp32 exact-tiled"
     fns: dict[str, Callable[[], torch.Tensor]] = {}

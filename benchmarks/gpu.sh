@@ -40,8 +40,7 @@ step() {
 }
 case "$part" in
     check)
-        python3 -m pytest -p no:cacheprovider --device cuda tests/test_inference.py tests/test_speed.py tests/test_posterior.py \
-            tests/test_fused_norm.py 2>&1 \
+        python3 -m pytest -p no:cacheprovider --device cuda tests/inference tests/model/test_posterior.py 2>&1 \
             | tee -a "$out/gpu-$part.log" ;;
     eager)
         bench --variants klvae klvae-fast klvae-unfused klvae-unfolded klvae-nchw diffusers \
@@ -63,7 +62,7 @@ case "$part" in
             --cases decode:512:8 decode:1024:1 encode:512:8 encode:1024:1 --json "$out/benchmarks-h100-short.json"
         step 120 "${b[@]}" --variants klvae-fast diffusers --warmup 1 --iters 3 \
             --cases decode:4096:1:tiled encode:4096:1:tiled --json "$out/benchmarks-h100-short-tiled.json"
-        step 120 -m pytest -p no:cacheprovider -x --device cuda tests/test_inference.py tests/test_fused_norm.py
+        step 120 -m pytest -p no:cacheprovider -x --device cuda tests/inference/test_inference.py tests/inference/test_fused_norm.py
         step 120 "${b[@]}" --variants klvae-compiled diffusers-compiled \
             --cases decode:512:8 --json "$out/benchmarks-h100-short-compiled.json" ;;
     *) echo "unknown part $part: wheels|check|eager|compiled|compiled-encode|tiled|short" >&2; exit 2 ;;

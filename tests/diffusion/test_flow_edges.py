@@ -17,7 +17,7 @@ from klvae import flow
 from klvae.cli.main import main
 from klvae.flow import FlowSchedule
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def _x(shape: tuple[int, ...] = (4, 4, 6, 6), seed: int = 0) -> torch.Tensor:

@@ -25,9 +25,7 @@ from klvae.errors import KlvaeError
 from klvae.inference import estimate_bytes
 from klvae.model.config import PRESETS, AutoencoderKLConfig
 from klvae.weights import config_to_diffusers
-from test_flux2 import flux2_diffusers
-from test_layout import _imports, _within
-from test_parity import TOL, diffusers_vae, randomize
+from oracles import SMALL, TOL, diffusers_vae, flux2_diffusers, randomize
 
 TINY = PRESETS["tiny"]  # factor 2: small images still give latents of some size
 
@@ -316,17 +314,8 @@ def test_configs_diffusers_cannot_express_keep_klvae_names() -> None:
         assert max_diff(ours(x).sample, ours.klvae_model(x, sample_posterior=False)[0]) == 0
 
 
-def test_compat_imports_neither_diffusers_nor_training_nor_the_cli() -> None:
-    # diffusers is a test-only dependency; the library below training and the CLI never imports them.
-    names = _imports(Path(klvae.compat.__file__), top_level_only=False)
-    assert "klvae.inference.tiling" in names  # the parse sees the imports
-    bad = {n for n in names if _within(n, ("diffusers", "transformers", "klvae.training", "klvae.cli"))}
-    assert not bad
-
-
 def test_flux2_bn_loaded_by_load_state_dict_reaches_the_model_and_save_pretrained(tmp_path: Path) -> None:
     # A FLUX.2 state_dict loaded into the adapter: the statistics in bn.* are the model's, not dropped on saving.
-    from test_flux2 import SMALL
 
     theirs = flux2_diffusers()
     ours = as_diffusers(AutoencoderKL(SMALL))

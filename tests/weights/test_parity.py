@@ -3,7 +3,6 @@ full SD checkpoints, legacy attention names and Lightning .ckpt files. Run with 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import diffusers
@@ -13,65 +12,9 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from klvae import AutoencoderKL
-from klvae.model.config import PRESETS, AutoencoderKLConfig
+from klvae.model.config import PRESETS
 from klvae.weights import config_to_diffusers, diffusers_to_ldm, export_ldm
-
-TOL = 1e-5
-# Full-width 4-level topology at small width, groups 32 so that shapes alone determine it (see weights.infer).
-SMALL_F8 = AutoencoderKLConfig(
-    block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=32, sample_size=64, force_upcast=False
-)
-
-
-def randomize(module: nn.Module, seed: int = 0) -> None:
-    """Nonzero random values everywhere at a scale that keeps activations O(1) through the whole network."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim > 1:
-                p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=g)
-            elif "norm" in name and name.endswith("weight"):
-                p.normal_(1.0, 0.1, generator=g)
-            else:
-                p.normal_(0.0, 0.05, generator=g)
-
-
-def diffusers_vae(cfg: AutoencoderKLConfig, seed: int = 0) -> nn.Module:
-    """diffusers.AutoencoderKL with cfg's architecture and random weights, built without its slow default init."""
-    with torch.device("meta"):
-        model = diffusers.AutoencoderKL.from_config(config_to_diffusers(cfg))
-    model = model.to_empty(device="cpu")
-    randomize(model, seed)
-    return model.eval()
-
-
-def inputs(cfg: AutoencoderKLConfig, h: int = 40, w: int = 56) -> tuple[Tensor, Tensor]:
-    """A non-square image in [-1, 1] and a latent of the matching size."""
-    g = torch.Generator().manual_seed(1)
-    f = cfg.downsample_factor
-    x = torch.rand(1, cfg.in_channels, h, w, generator=g) * 2 - 1
-    return x, torch.randn(1, cfg.latent_channels, h // f, w // f, generator=g)
-
-
-@torch.no_grad()
-def outputs(model: nn.Module, cfg: AutoencoderKLConfig) -> tuple[Tensor, Tensor]:
-    """Encoder moments and decoder output of a klvae or a diffusers model, fp32."""
-    x, z = inputs(cfg)
-    if isinstance(model, AutoencoderKL):
-        return model.encode_moments(x), model.decode(z)
-    return model.encode(x).latent_dist.parameters, model.decode(z).sample
-
-
-def assert_parity(ours: AutoencoderKL | tuple[Tensor, Tensor], theirs: nn.Module, cfg: AutoencoderKLConfig,
-                  label: str) -> tuple[Tensor, Tensor]:
-    """Max abs diffs of encoder moments and decoder outputs within TOL; returns our outputs for reuse."""
-    mine = ours if isinstance(ours, tuple) else outputs(ours, cfg)
-    other = outputs(theirs, cfg)
-    enc, dec = ((a - b).abs().max().item() for a, b in zip(mine, other, strict=True))
-    print(f"\nparity {label}: encoder max abs diff {enc:.3g}, decoder max abs diff {dec:.3g} "
-          f"(output scale {other[0].abs().max().item():.3g}, {other[1].abs().max().item():.3g})")
-    assert enc <= TOL and dec <= TOL, f"{label}: encoder {enc}, decoder {dec}"
-    return mine
+from oracles import SMALL_F8, assert_parity, diffusers_vae, randomize
 
 
 @pytest.mark.slow

@@ -139,7 +139,7 @@ def test_kernels_compile_for_an_h100() -> None:
     # The interpreter runs Python, not the GPU compiler: this catches what only fails when Triton compiles
     # (types, constants Triton substitutes for arguments equal to 1) before a GPU session does.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = Path(__file__).with_name("triton_aot.py")
+    script = Path(__file__).resolve().parents[1] / "triton_aot.py"
     r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(r.stdout.splitlines()) == 9 and all("bytes of cubin" in line for line in r.stdout.splitlines())

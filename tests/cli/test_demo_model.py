@@ -11,9 +11,9 @@ from klvae.evaluation.metrics import psnr
 from klvae.images import load_image, pil_to_tensor
 from klvae.weights.load import embedded_model_dir
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "images" / "fallen-leaf.png"
+EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "images" / "fallen-leaf.png"
 # docs/demo-model.md gives the measured figure; the floor sits 1 dB under it.
-PSNR_FLOOR = float((Path(__file__).resolve().parents[1] / "tests" / "demo_psnr_floor.txt").read_text())
+PSNR_FLOOR = float((Path(__file__).resolve().parents[2] / "tests" / "demo_psnr_floor.txt").read_text())
 
 
 def test_demo_loads_by_name_with_its_config() -> None:
@@ -43,7 +43,7 @@ def test_prepare_data_without_apt_get_uses_the_scikit_image_samples(tmp_path: Pa
     import subprocess
     import sys
 
-    script = Path(__file__).resolve().parents[1] / "recipes" / "demo" / "prepare_data.py"
+    script = Path(__file__).resolve().parents[2] / "recipes" / "demo" / "prepare_data.py"
     env = {**os.environ, "PATH": str(tmp_path)}  # no apt-get: not Debian, or a machine without it
     r = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "d"), "--max-side", "48"], env=env,
                        capture_output=True, text=True, timeout=300)

@@ -252,7 +252,7 @@ def test_train_command_bad_config_is_one_line(tmp_path: Path, capsys: pytest.Cap
     assert len(err) == 1 and "no such config file" in err[0]
 
 
-@pytest.mark.parametrize("recipe", sorted((Path(__file__).parents[1] / "recipes").rglob("*.yaml")),
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).parents[2] / "recipes").rglob("*.yaml")),
                          ids=lambda p: p.name)
 def test_shipped_recipes_are_valid_configs(recipe: Path) -> None:
     from klvae.training.config import load_config

@@ -27,15 +27,7 @@ from klvae.latents.file import load_latents
 from klvae.model.config import PRESET_HUB_IDS, PRESETS, AutoencoderKLConfig
 from klvae.model.latent_norm import LatentNorm
 from klvae.weights import diffusers_to_ldm, export_ldm
-from test_parity import TOL, assert_parity, randomize
-
-# SD's 4-level topology at a small width (factor 8), FLUX.2's 32 latent channels -> 128 patched channels.
-SMALL = PRESETS["flux2"].replace(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=32,
-                                 sample_size=64)
-PATCHED = SMALL.latent_channels * 4
-BN_EPS = 1e-4  # FLUX.2's (BFL's AutoEncoder.bn_eps and diffusers' default batch_norm_eps)
-REL = 1e-6
-
+from oracles import BN_EPS, PATCHED, REL, SMALL, TOL, assert_parity, flux2_diffusers, klvae_flux2, random_stats
 
 # ---- the references: diffusers' model and its pipeline's latent handling ----
 
@@ -73,46 +65,6 @@ def pipeline_unscale(theirs: torch.nn.Module, z: Tensor) -> Tensor:
     """The end of Flux2Pipeline.__call__ before vae.decode: z * bn std + bn mean, then unpatchify."""
     mean, std = bn_stats(theirs)
     return unpatchify_latents(z * std + mean)
-
-
-def flux2_diffusers(cfg: AutoencoderKLConfig = SMALL, seed: int = 0, eps: float = BN_EPS) -> torch.nn.Module:
-    """diffusers.AutoencoderKLFlux2 with cfg's architecture, random weights and random BatchNorm statistics."""
-    with torch.device("meta"):
-        model = diffusers.AutoencoderKLFlux2(
-            in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-            down_block_types=("DownEncoderBlock2D",) * len(cfg.block_out_channels),
-            up_block_types=("UpDecoderBlock2D",) * len(cfg.block_out_channels),
-            block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
-            latent_channels=cfg.latent_channels, norm_num_groups=cfg.norm_num_groups, sample_size=cfg.sample_size,
-            use_quant_conv=cfg.use_quant_conv, use_post_quant_conv=cfg.use_post_quant_conv,
-            batch_norm_eps=eps, patch_size=(2, 2), decoder_block_out_channels=cfg.decoder_block_out_channels,
-        )
-    model = model.to_empty(device="cpu")
-    randomize(model, seed)
-    g = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        model.bn.running_mean.copy_(torch.randn(PATCHED, generator=g) * 0.7)
-        model.bn.running_var.copy_(torch.rand(PATCHED, generator=g) * 3 + 0.05)
-        model.bn.num_batches_tracked.fill_(1234)
-    return model.eval()
-
-
-def random_stats(seed: int = 3) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """128 per-channel statistics, deliberately not float32-representable (a round trip must keep them)."""
-    g = torch.Generator().manual_seed(seed)
-    mean = torch.randn(PATCHED, generator=g, dtype=torch.float64) * 0.6
-    std = torch.rand(PATCHED, generator=g, dtype=torch.float64) * 2 + 0.3
-    return tuple(mean.tolist()), tuple(std.tolist())
-
-
-def klvae_flux2(stats: bool = True, seed: int = 0, **changes: object) -> AutoencoderKL:
-    cfg = SMALL
-    if stats:
-        mean, std = random_stats()
-        cfg = cfg.replace(latents_mean=mean, latents_std=std)
-    vae = AutoencoderKL(cfg.replace(**changes)).eval()
-    randomize(vae, seed)
-    return vae
 
 
 def assert_rel(a: Tensor, b: Tensor, what: str, rel: float = REL) -> None:

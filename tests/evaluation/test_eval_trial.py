@@ -125,7 +125,7 @@ def test_one_image_is_singular(model: Path, tmp_path: Path, capsys: pytest.Captu
 
 @pytest.fixture(scope="module")
 def inception_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Random FID Inception weights in the real layout (as tests/test_eval.py makes them)."""
+    """Random FID Inception weights in the real layout (as tests/evaluation/test_eval.py makes them)."""
     path = tmp_path_factory.mktemp("weights") / "inception.pth"
     torch.manual_seed(0)
     sd = InceptionV3Features(pretrained=False).state_dict()

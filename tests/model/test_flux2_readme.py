@@ -15,7 +15,7 @@ from helpers import one_error_line, perturbed_vae
 from klvae import AutoencoderKL
 from klvae.cli.main import main
 from klvae.weights import export_ldm
-from test_flux2 import flux2_diffusers, klvae_flux2
+from oracles import flux2_diffusers, klvae_flux2
 
 
 def _png(path: Path, h: int = 64, w: int = 64) -> Path:
