@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -171,10 +172,14 @@ def test_inception_features_load_from_file_and_fail_offline(weights: dict[str, P
         InceptionV3Features(weights=bad)
 
 
-def test_inception_weights_found_in_the_torch_hub_cache(weights: dict[str, Path]) -> None:
+def test_inception_weights_found_in_the_torch_hub_cache(weights: dict[str, Path],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     cached = pretrained_mod.hub_checkpoint(inception_mod.PYTORCH_FID_FILE)
     cached.parent.mkdir(parents=True)
     cached.write_bytes(weights["inception"].read_bytes())
+    with pytest.raises(WeightsError, match="expected 6726825d0af5f729"):  # a cache hit must be the pinned file
+        InceptionV3Features(pretrained=True)
+    monkeypatch.setattr(inception_mod, "INCEPTION_SHA256", hashlib.sha256(cached.read_bytes()).hexdigest())
     InceptionV3Features(pretrained=True)
 
 
@@ -342,11 +347,15 @@ def test_named_metric_weights_must_load_before_the_work(
 
 
 def test_weights_found_automatically_but_unreadable_are_left_out_in_one_line(
-    data_dir: Path, models: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    data_dir: Path, models: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    junk = np.random.default_rng(0).integers(0, 255, 1000, dtype=np.uint8).tobytes()  # not a pickle
+    # Under a name whose hash prefix it has, so that it passes the SHA-256 check and reaches torch.load.
+    monkeypatch.setattr(lpips_mod, "VGG16_FILE", f"vgg16-{hashlib.sha256(junk).hexdigest()[:8]}.pth")
     cached = pretrained_mod.hub_checkpoint(lpips_mod.VGG16_FILE)
     cached.parent.mkdir(parents=True)
-    cached.write_bytes(np.random.default_rng(0).integers(0, 255, 1000, dtype=np.uint8).tobytes())  # not a pickle
+    cached.write_bytes(junk)
     capsys.readouterr()
     rc = run_cli("--model", str(models[0]), "--data", str(data_dir), "-o", str(tmp_path / "r"), "--no-fid",
                  "--resolution", str(RES))

@@ -94,7 +94,7 @@ def test_the_inception_download_is_checked_against_the_sha256_prefix_in_its_name
     assert not cache.exists() or not any(cache.iterdir())  # nothing kept
     # The same file under a name that carries its own hash is the pinned file: downloaded and read.
     digest = hashlib.sha256(served.read_bytes()).hexdigest()
-    monkeypatch.setattr(inception_mod, "INCEPTION_FILE", f"weights-inception-2015-12-05-{digest[:8]}.pth")
+    monkeypatch.setattr(inception_mod, "INCEPTION_SHA256", digest)
     assert list(inception_mod.resolve_inception_weights()) == ["Conv2d_1a_3x3.conv.weight"]
 
 

@@ -384,9 +384,15 @@ def test_lpips_offline_without_weights_raises_one_line() -> None:
 def test_lpips_pretrained_from_hub_cache_and_installed_package(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import hashlib
+
+    fake = tmp_path / "vgg16.pth"
+    torch.save(torchvision_vgg_state(), fake)
+    # Found automatically, a file must be the pinned one: these fakes are, under names and pins of their own.
+    monkeypatch.setattr(lpips_mod, "VGG16_FILE", f"vgg16-{hashlib.sha256(fake.read_bytes()).hexdigest()[:8]}.pth")
     cached = pretrained_mod.hub_checkpoint(lpips_mod.VGG16_FILE)
     cached.parent.mkdir(parents=True)
-    torch.save(torchvision_vgg_state(), cached)
+    fake.rename(cached)
     with pytest.raises(KlvaeError, match="lin_path"):  # VGG found in the cache, heads not anywhere
         LPIPS(pretrained=True)
     # A stand-in `lpips` package whose import would fail: the heads must be found without importing it.
@@ -395,6 +401,8 @@ def test_lpips_pretrained_from_hub_cache_and_installed_package(
     (pkg / "__init__.py").write_text("raise ImportError('lpips must not be imported')\n")
     lin = lin_state()
     torch.save(lin, pkg / "weights" / "v0.1" / "vgg.pth")
+    monkeypatch.setattr(lpips_mod, "LIN_SHA256", hashlib.sha256((pkg / "weights" / "v0.1" / "vgg.pth").read_bytes()
+                                                                ).hexdigest())
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.setattr(lpips_mod, "installed_lpips_lin", _real_installed_lpips_lin)
     m = LPIPS(pretrained=True)
@@ -411,12 +419,12 @@ def test_a_download_lands_whole_in_the_hub_cache_checked_and_silent(
     torch.save(lin_state(), src)
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
     url = src.as_uri()  # urllib serves file:// as it would https://
-    good, bad = f"lin-{digest[:8]}.pth", f"lin-{'0' * 8}.pth"
-    sd = _real_download(url, good, check_hash=True)
+    good, bad = "lin-good.pth", "lin-bad.pth"
+    sd = _real_download(url, good, sha256=digest)
     assert torch.equal(sd["lin0.model.1.weight"], torch.load(src)["lin0.model.1.weight"])
     assert pretrained_mod.hub_checkpoint(good).is_file()
-    with pytest.raises(RuntimeError, match=r"(?i)hash"):
-        _real_download(url, bad, check_hash=True)
+    with pytest.raises(WeightsError, match="SHA-256"):
+        _real_download(url, bad, sha256="0" * 64)
     assert sorted(p.name for p in pretrained_mod.hub_checkpoint(good).parent.iterdir()) == [good]  # no partial file
     out = capfd.readouterr()
     assert out.out == "" and out.err == ""  # torch.hub's "Downloading: ..." line is not printed

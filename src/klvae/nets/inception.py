@@ -24,6 +24,8 @@ INCEPTION_URL = (
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 # pytorch-fid caches the same converted checkpoint (same hash) under this name; reuse it when present.
 PYTORCH_FID_FILE = "pt_inception-2015-12-05-6726825d.pth"
+# Both files' full SHA-256 (95,628,359 bytes); the names carry its first 8 digits.
+INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
 
@@ -231,8 +233,6 @@ def resolve_inception_weights(
 ) -> dict[str, Any]:
     """The converted TF Inception state dict: the torch hub cache (either package's file name), else a download;
     `hint` says how to name a file instead, in the caller's terms."""
-    # The name's label is the file's SHA-256 prefix (6726825d0af5f729..., 95,628,359 bytes, for both packages'
-    # copies), so a download is checked as torch.hub's check_hash does: a file damaged in its data, or another
+    # The download and any cached copy are checked against the full hash: a file damaged in its data, or another
     # release, still loads (right keys and shapes) and gives plausible but wrong rFIDs. Both packages skip it.
-    return fetch(INCEPTION_URL, (INCEPTION_FILE, PYTORCH_FID_FILE), "FID Inception", hint,
-                 check_hash=True)
+    return fetch(INCEPTION_URL, (INCEPTION_FILE, PYTORCH_FID_FILE), "FID Inception", hint, sha256=INCEPTION_SHA256)

@@ -3,6 +3,7 @@
 The VGG16 `features` stack mirrors torchvision's layer indexing, so torchvision's ImageNet checkpoint
 (vgg16-397923af.pth) loads unchanged; the five 1x1 linear layers use the `lpips` package's v0.1 key layout
 (lin{0..4}.model.1.weight). Inputs are images in [-1, 1]; the distance is per sample, shaped [B, 1, 1, 1].
+Weights found automatically are checked against their SHA-256 (see klvae.nets.pretrained.fetch).
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from klvae.nets.pretrained import FrozenNet, fetch, load_strict, read_weights
+from klvae.nets.pretrained import FrozenNet, check_sha256, fetch, hash_prefix, load_strict, read_weights
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 VGG16_FILE = "vgg16-397923af.pth"
 LIN_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
 # A distinct cache name: a bare "vgg.pth" in the shared hub cache could be anybody's file.
 LIN_FILE = "lpips-v0.1-vgg.pth"
+# The heads' SHA-256 (7,289 bytes): the file at LIN_URL's path, lpips/weights/v0.1/vgg.pth, as the lpips 0.1.4
+# wheel ships it (its RECORD lists the same hash). LIN_URL follows a branch, so a change there is refused too.
+LIN_SHA256 = "a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868"
 
 # torchvision's VGG16 "D" configuration up to relu5_3 (the final max-pool is never tapped, so it is left out).
 _VGG16_CFG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
@@ -165,12 +169,16 @@ def installed_lpips_lin() -> Path | None:
 def resolve_vgg_weights(hint: str = "set loss.lpips_vgg_path (LPIPS(vgg_path=...))") -> dict[str, Any]:
     """torchvision's VGG16 ImageNet state dict: the torch hub cache, else a download; `hint` says how to name a
     file instead, in the caller's terms."""
-    return fetch(VGG16_URL, (VGG16_FILE,), "VGG16 ImageNet", hint, check_hash=True)
+    # As torch.hub's check_hash: the hash prefix in torchvision's file name.
+    return fetch(VGG16_URL, (VGG16_FILE,), "VGG16 ImageNet", hint, sha256=hash_prefix(VGG16_FILE))
 
 
 def resolve_lin_weights(hint: str = "set loss.lpips_lin_path (LPIPS(lin_path=...))") -> dict[str, Any]:
-    """The LPIPS v0.1 VGG heads: an installed lpips package, the torch hub cache, else a download."""
+    """The LPIPS v0.1 VGG heads: an installed lpips package, the torch hub cache, else a download; each checked
+    against LIN_SHA256."""
     local = installed_lpips_lin()
     if local is not None:
+        check_sha256(local, LIN_SHA256, f"LPIPS v0.1 linear file {local} of the installed lpips package",
+                     f"reinstall lpips, or {hint}")
         return read_weights(local, "LPIPS linear")
-    return fetch(LIN_URL, (LIN_FILE,), "LPIPS v0.1 linear", hint, check_hash=False)
+    return fetch(LIN_URL, (LIN_FILE,), "LPIPS v0.1 linear", hint, sha256=LIN_SHA256)
