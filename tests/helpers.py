@@ -42,6 +42,13 @@ def fake_hub_cache(
     return model.save_pretrained(snap / subfolder if subfolder else snap, safe_serialization=not bin_only)
 
 
+def one_line(e: pytest.ExceptionInfo[BaseException]) -> str:
+    """The message of a raised error, asserting that it is one line."""
+    text = str(e.value)
+    assert "\n" not in text.strip(), text
+    return text
+
+
 def one_error_line(err: str) -> str:
     """The CLI's error from its stderr, asserting that besides log lines (INFO/WARNING/DEBUG: ...) and progress
     bars it is all there is: one `klvae: error:` line, no traceback, no second message."""

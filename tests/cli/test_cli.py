@@ -288,7 +288,6 @@ def test_noise_sheet(tmp_path: Path, photos: Path, model_dir: Path) -> None:
     assert 2 * np.mean((t0 - expected) ** 2) < np.mean((t999 - expected) ** 2)
 
 
-
 @pytest.mark.parametrize(("num_steps", "shown"),
                          [("1000", "0, 100, 250, 500, 750, 999"), ("50", "0, 5, 12, 25, 37, 49"), ("2", "0, 1")])
 def test_noise_default_steps_follow_num_steps(num_steps: str, shown: str, tmp_path: Path, photos: Path,
@@ -331,3 +330,22 @@ def test_ctrl_c_while_torch_imports_is_one_line() -> None:
     proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip() == "klvae: interrupted", err
+
+
+# argparse's errors: one line, blamed on the subcommand, pointing at its --help
+@pytest.mark.parametrize("argv", [["encode", "x.png", "-o", "y.safetensors", "--tile-size", "abc"], ["bogus"],
+                                  ["encode"]])
+def test_argument_errors_are_one_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error:" in err and "--help" in err, err
+
+
+def test_an_unknown_option_points_at_the_subcommands_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["encode", "x.png", "-o", "y.safetensors", "--tile-szie", "64"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == ("klvae encode: error: unrecognized arguments: --tile-szie 64 "
+                                       "(see 'klvae encode --help')\n")

@@ -2,6 +2,8 @@
 outside --output, nothing half-written, nothing overwritten that the command did not make."""
 
 import json
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 import klvae
-from helpers import fifo_watchdog, one_error_line
+from helpers import fifo_watchdog, noise_png, one_error_line, saved_tiny_model
 from klvae.cli import common
 from klvae.cli.codec import unique_png_names
 from klvae.cli.main import main
@@ -382,6 +384,11 @@ def test_memory_sizes_take_plain_and_scientific_numbers(text: str, size: int) ->
     assert common.parse_bytes(text) == size
 
 
+@pytest.mark.parametrize(("text", "size"), [("1T", 2**40), ("2TiB", 2**41), ("0.5tb", 2**39)])
+def test_memory_sizes_take_terabytes(text: str, size: int) -> None:
+    assert common.parse_bytes(text) == size  # a budget written as on a large host's spec sheet
+
+
 def test_an_error_with_several_lines_is_printed_as_one(monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     def fail(_args: object) -> int:
@@ -438,3 +445,62 @@ def test_encode_skips_a_fifo_in_a_folder_and_refuses_one_named(tmp_path: Path,
         assert main(["encode", str(tmp_path / "in" / "fifo.png"), "-o", str(tmp_path / "y.safetensors")]) == 2
         assert "fifo.png: not a regular file" in _err_line(capsys)
     assert not watchdog["fired"], "encode blocked on the FIFO"
+
+
+# 12. odd but readable images, unreadable ones among them, and an image given to decode
+
+
+def _bomb_png(path: Path) -> Path:
+    """A PNG whose header claims 100000 x 100000 pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b""))
+    return path
+
+
+def _odd_images(folder: Path) -> dict[str, tuple[int, int]]:
+    """Odd but readable images in `folder`, by name, with their (height, width)."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (9, 7, 3), dtype=np.uint8)
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(folder / "one pixel.png")
+    Image.fromarray(rgb).save(folder / "seven by nine.png")
+    Image.fromarray(rng.integers(0, 256, (21, 29, 3), dtype=np.uint8)).convert("L").save(folder / "grey.png")
+    Image.fromarray(rng.integers(0, 256, (12, 20, 3), dtype=np.uint8)).convert("LA").save(folder / "la.png")
+    Image.fromarray(rng.integers(0, 256, (12, 20, 3), dtype=np.uint8)).convert("P").save(folder / "palette.png")
+    Image.fromarray(rng.integers(0, 256, (12, 20, 3), dtype=np.uint8)).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(rng.integers(0, 65536, (12, 20), dtype=np.uint16)).save(folder / "sixteen bit.png")
+    return {"one pixel": (1, 1), "seven by nine": (9, 7), "grey": (21, 29), "la": (12, 20), "palette": (12, 20),
+            "cmyk": (12, 20), "sixteen bit": (12, 20)}
+
+
+def test_odd_images_encode_and_decode_and_bad_ones_are_skipped_and_counted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = str(saved_tiny_model(tmp_path / "m"))
+    sizes = _odd_images(tmp_path / "my photos")
+    (tmp_path / "my photos" / "notes.png").write_text("not an image")
+    _bomb_png(tmp_path / "my photos" / "bomb.png")
+    lat = tmp_path / "lat ents.safetensors"
+    args = ["--model", model, "--tile-size", "7", "--max-memory", "1MiB"]
+    assert main(["encode", str(tmp_path / "my photos"), "-o", str(lat), *args]) == 1  # 1: some were skipped
+    err = capsys.readouterr().err
+    assert "skipping" in err and "notes.png" in err and "decompression bombs" in err and "skipped 2" in err
+    assert "Traceback" not in err
+    assert main(["decode", str(lat), "-o", str(tmp_path / "out dir"), *args]) == 0
+    got = {p.stem: Image.open(p).size[::-1] for p in (tmp_path / "out dir").iterdir()}
+    assert got == sizes  # each at its own size, not the padded one
+    # One image alone: a bad one is one error line and status 2.
+    for bad, words in [("notes.png", "not an image"), ("bomb.png", "over Pillow's limit")]:
+        assert main(["reconstruct", str(tmp_path / "my photos" / bad), "-o", str(tmp_path / "r.png"), *args]) == 2
+        assert words in one_error_line(capsys.readouterr().err)
+
+
+def test_decode_given_an_image_says_it_is_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "photo.png").write_bytes(noise_png(0))
+    assert main(["decode", str(tmp_path / "photo.png"), "-o", str(tmp_path / "out")]) == 2
+    line = one_error_line(capsys.readouterr().err)  # was: "... is not a readable safetensors file: header too large"
+    assert "photo.png is an image, not a latents file" in line and "klvae reconstruct" in line
+    assert not (tmp_path / "out").exists()

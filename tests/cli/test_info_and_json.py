@@ -1,5 +1,7 @@
-"""User-trial findings: `info` describes a preset without weights; `reconstruct --json`."""
+"""`klvae info`: a preset described without weights, and the dtype the weights are stored in (every weights format,
+mixed dtypes, a full checkpoint's VAE); `klvae reconstruct --json`."""
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -8,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
-from helpers import one_error_line
+from helpers import one_error_line, perturbed_vae
 from klvae.cli.main import main
 from klvae.model.autoencoder import AutoencoderKL
+from klvae.weights.save import export_ldm
 
 NO_WEIGHTS = "preset, no weights (random init)"
 
@@ -57,6 +61,53 @@ def test_info_model_with_released_weights_still_loads_them(
 ) -> None:
     assert main(["info", "--model", "sdxl"]) != 0
     assert "HF_HUB_OFFLINE" in one_error_line(capsys.readouterr().err)
+
+
+def _info(capsys: pytest.CaptureFixture[str], *args: str) -> dict:
+    assert main(["-q", "info", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _full_checkpoint(vae: torch.nn.Module, path: Path, tmp_path: Path) -> Path:
+    """A full SD checkpoint: the VAE in fp16 under first_stage_model., beside a UNet tensor in fp32."""
+    export_ldm(copy.deepcopy(vae).half(), tmp_path / "vae_ldm.safetensors")
+    sd = {f"first_stage_model.{k}": v for k, v in load_file(tmp_path / "vae_ldm.safetensors").items()}
+    sd["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(320, 4, 3, 3)
+    save_file(sd, path)
+    return path
+
+
+def test_info_names_the_stored_dtype_of_every_weights_format(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    vae = perturbed_vae("tiny")
+    copy.deepcopy(vae).half().save_pretrained(tmp_path / "fp16")  # a diffusers folder saved in fp16
+    copy.deepcopy(vae).save_pretrained(tmp_path / "bin", safe_serialization=False)
+    export_ldm(copy.deepcopy(vae).to(torch.bfloat16), tmp_path / "bf16.safetensors")
+    torch.save({"state_dict": {k: v.half() for k, v in vae.state_dict().items()}}, tmp_path / "fp16.ckpt")
+    full = _full_checkpoint(vae, tmp_path / "sd.safetensors", tmp_path)
+    cases = [(tmp_path / "fp16", "fp16"), (tmp_path / "bin", "fp32"), (tmp_path / "bf16.safetensors", "bf16"),
+             (tmp_path / "fp16.ckpt", "fp16"), (full, "fp16")]  # full: the VAE's dtype, not the UNet's
+    for model, want in cases:
+        d = _info(capsys, "--model", str(model), "--config", "tiny")
+        assert d["stored_dtype"] == want, model
+        assert Path(d["weights"]).is_file()
+    # Text: one line, beside the file it comes from.
+    assert main(["-q", "info", "--model", str(tmp_path / "fp16")]) == 0
+    out = capsys.readouterr().out
+    assert "stored dtype: fp16\n" in out and "diffusion_pytorch_model.safetensors" in out
+
+
+def test_info_names_a_mix_of_dtypes_and_none_for_a_preset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = copy.deepcopy(perturbed_vae("tiny")).half().save_pretrained(tmp_path / "mixed")
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    sd = load_file(weights)
+    sd["encoder.conv_in.weight"] = sd["encoder.conv_in.weight"].float()  # one tensor kept in fp32
+    save_file(sd, weights, metadata={"format": "pt"})
+    share = 100 * sd["encoder.conv_in.weight"].numel() / sum(t.numel() for t in sd.values())
+    assert _info(capsys, "--model", str(folder))["stored_dtype"] == f"fp16 (fp32 for {share:.2g} % of the values)"
+    assert _info(capsys, "--model", "tiny")["stored_dtype"] is None
+    assert main(["-q", "info", "--config", "sdxl"]) == 0
+    assert "stored dtype: none (no weights)" in capsys.readouterr().out
 
 
 def _image(path: Path, w: int, h: int) -> Path:

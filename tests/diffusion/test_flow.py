@@ -17,11 +17,13 @@ from diffusers.training_utils import compute_density_for_timestep_sampling as th
 from diffusers.training_utils import compute_loss_weighting_for_sd3 as their_weighting
 from PIL import Image
 
+import klvae
 from helpers import one_error_line, perturbed_vae
 from klvae import flow, inference
 from klvae.cli.main import main
 from klvae.flow import FlowSchedule
 from klvae.images import load_image, pil_to_tensor, tensor_to_uint8
+from klvae.model.config import PRESETS
 
 T = 1000
 
@@ -187,6 +189,33 @@ def test_loss_weighting_matches_diffusers() -> None:
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
     w = flow.compute_loss_weighting_for_sd3("cosmap", torch.tensor([0.5], dtype=torch.float64))
     assert w.item() == pytest.approx(4 / math.pi, abs=1e-15)  # cosmap peaks at sigma = 1/2
+
+
+@pytest.mark.parametrize("schedule", [FlowSchedule(), FlowSchedule.sd3()], ids=["shift1", "sd3"])
+def test_sampled_sigmas_keep_fp32_latents_fp32(schedule: FlowSchedule) -> None:
+    """The float64 sigmas of sample_timesteps promoted a script's `(1 - s) z + s n` to float64, which the float32
+    model refused; diffusers' scripts hold timesteps and sigmas in float32 (the scheduler's table and get_sigmas)."""
+    t, sig = schedule.sample_timesteps(4, "logit_normal", generator=torch.Generator().manual_seed(0))
+    assert t.dtype == sig.dtype == torch.float32
+    vae = klvae.AutoencoderKL(PRESETS["tiny"]).eval()
+    z, n = torch.randn(4, 4, 4, 4), torch.randn(4, 4, 4, 4)
+    s = sig.view(-1, 1, 1, 1)
+    noisy = (1 - s) * z + s * n
+    assert noisy.dtype == torch.float32
+    with torch.no_grad():
+        assert vae.decode(noisy).shape == (4, 3, 8, 8)
+
+
+def test_sampled_timesteps_are_diffusers_values() -> None:
+    """Same rows as diffusers' table after `(u * T).long()`: the unshifted table bit for bit, SD3's within a few
+    float32 steps (klvae rounds the float64 value once; diffusers computes the shift in float32)."""
+    u = torch.sigmoid(torch.normal(0.0, 1.0, (64,), generator=torch.Generator().manual_seed(1)))
+    idx = (u * 1000).long()
+    for ours, shift in ((FlowSchedule(), 1.0), (FlowSchedule.sd3(), 3.0)):
+        ref = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+        t, sig = ours.sample_timesteps(64, "logit_normal", generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(sig, ref.sigmas[idx], rtol=0, atol=0 if shift == 1 else 2e-7)
+        torch.testing.assert_close(t, ref.timesteps[idx], rtol=0, atol=0 if shift == 1 else 2e-4)
 
 
 # ---- velocity, its inverses, dtypes ----

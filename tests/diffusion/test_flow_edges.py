@@ -1,5 +1,7 @@
-"""Review of klvae.flow and `klvae noise --schedule flow`: each test here fails because of a bug found in review
-(see the docstrings for the cause)."""
+"""Edge cases of klvae.flow and `klvae noise --schedule flow`: tiny and huge shifts keep sigmas in range and finite,
+integer timesteps off the shifted table are not silently unshifted, a refused mode scale leaves the generator
+untouched, the sheet's labels do not round a noisy tile to pure noise, and the README names the table diffusers'
+FLUX scripts train on (the unshifted one)."""
 
 from __future__ import annotations
 

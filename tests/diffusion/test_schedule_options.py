@@ -1,10 +1,12 @@
-"""Follow-ups to the DDPM / rectified-flow checks against diffusers 0.42: diffusers' schedule name for the cosine
-betas, its zero-terminal-SNR rescaling, and the arguments that used to broadcast, truncate or be ignored silently."""
+"""DDPM and rectified-flow schedules against diffusers 0.42: diffusers' schedule name for the cosine betas and its
+zero-terminal-SNR rescaling; arguments refused rather than broadcast, truncated or ignored, and a schedule's name
+given to the constructor that takes numbers; timesteps of any integer dtype; `klvae noise`'s schedule options."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import diffusers
 import pytest
@@ -13,10 +15,11 @@ from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr as di
 from diffusers.training_utils import compute_snr
 from PIL import Image
 
-from helpers import one_error_line
+from helpers import one_error_line, one_line
 from klvae import diffusion, flow
 from klvae.cli.main import main
 from klvae.diffusion import NoiseSchedule, make_betas
+from klvae.flow import FlowSchedule
 
 T = 1000
 SD = {"beta_start": 0.00085, "beta_end": 0.012}
@@ -139,6 +142,28 @@ def test_make_betas_names_the_bad_argument(kwargs: dict[str, float], match: str)
 def test_v_posterior_outside_the_blend_is_refused(v: float) -> None:
     with pytest.raises(ValueError, match="v_posterior"):
         NoiseSchedule(make_betas("linear", 10), v_posterior=v)
+
+
+# ---- a schedule's name given to the constructor that takes numbers ----
+
+@pytest.mark.parametrize("betas", ["scaled_linear", ["a", "b"], None])
+def test_noise_schedule_given_a_name_names_the_right_constructors(betas: Any) -> None:
+    """`NoiseSchedule("scaled_linear")` read as diffusers' call, but raised torch's `new(): invalid data type
+    'str'` from torch.as_tensor: name from_name / sd() instead."""
+    with pytest.raises((TypeError, ValueError)) as e:
+        NoiseSchedule(betas)
+    text = one_line(e)
+    assert "NoiseSchedule.from_name(" in text and "NoiseSchedule.sd()" in text, text
+
+
+@pytest.mark.parametrize("arg", ["sd3", torch.full((1000,), 0.5)])
+def test_flow_schedule_given_a_name_or_sigmas_names_the_right_constructors(arg: Any) -> None:
+    """FlowSchedule's first argument is num_train_timesteps: a name (or a table) said only "must be an integer"
+    (a tensor's repr, many lines, for a table)."""
+    with pytest.raises((TypeError, ValueError)) as e:
+        FlowSchedule(arg)
+    text = one_line(e)
+    assert "FlowSchedule.sd3()" in text and "FlowSchedule.flux(" in text, text
 
 
 # ---- parity kept: timesteps of any integer dtype, half-precision latents ----

@@ -1,5 +1,6 @@
-"""Review r2c of `klvae eval`: the pinned-hash check of the Inception download, a model that fails on some images
-(or on all) in a side-by-side run, the --model a load error names, and the Python evaluation API of the README."""
+"""`klvae eval` when something fails: the Inception download checked against the SHA-256 prefix in its name, a model
+failing on some images (or on all) in a side-by-side run, the --model a load error names; and the README's Python
+evaluation snippet, run offline."""
 
 from __future__ import annotations
 

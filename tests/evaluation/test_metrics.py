@@ -1,6 +1,10 @@
-"""PSNR, SSIM (against scikit-image) and the running mean/std of reports."""
+"""PSNR, SSIM (against scikit-image), the running mean/std of reports (an infinite mean PSNR shown as such), and the
+warning for images scored with the default [-1, 1] range that they do not have (which klvae's own callers, eval and
+validation, never draw)."""
 
+import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,8 +12,14 @@ import skimage.data as skimage_data
 import skimage.filters as skimage_filters
 import skimage.metrics as skimage_metrics
 import torch
+from PIL import Image
 
+import klvae
+from klvae.evaluation import evaluate as evaluate_mod
+from klvae.evaluation import metrics
+from klvae.evaluation.evaluate import _per_image
 from klvae.evaluation.metrics import MetricAccumulator, psnr, ssim, ssim_map
+from klvae.training.validate import validate
 
 SK_SSIM = {"gaussian_weights": True, "sigma": 1.5, "use_sample_covariance": False, "channel_axis": -1}
 
@@ -134,3 +144,108 @@ def test_accumulator_single_value_and_inf() -> None:
     acc.update("p", torch.tensor([29.0]))
     p = acc.summary()["p"]
     assert p["mean"] == math.inf and math.isnan(p["std"]) and p["n"] == 4
+
+
+def test_report_shows_an_infinite_mean_psnr_as_infinity(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A lossless reconstruction has PSNR +inf; the summary table is meant to say ∞, not "inf ± nan".
+    data = tmp_path / "data"
+    data.mkdir()
+    for k in range(2):
+        Image.new("RGB", (16, 16), (40 * k, 90, 200)).save(data / f"{k}.png")
+    monkeypatch.setattr(evaluate_mod, "_decoded", lambda vae, x, opts: x.clone())  # lossless
+    torch.manual_seed(0)
+    vae = klvae.AutoencoderKL("tiny").eval()
+    nets = evaluate_mod.MetricNets(left_out={"lpips": "disabled", "rfid": "disabled"})
+    opts = evaluate_mod.EvalOptions(resolution=16, examples=1)
+    summary = evaluate_mod.run_evaluation({"m": vae}, str(data), tmp_path / "report", opts, nets,
+                                          torch.device("cpu"))
+    assert summary["models"]["m"]["psnr"]["mean"] is None  # summary.json: JSON has no inf
+    page = (tmp_path / "report" / "index.html").read_text()
+    table = page.split('<table class="summary">')[1].split("</table>")[0]
+    assert "<td>∞</td>" in table and "nan" not in table and "inf" not in table, table
+
+
+# ---- the value range: images not in [-1, 1] scored with the default range are warned about ----
+
+
+@pytest.fixture
+def fresh_range_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As in a new process: no range warning given yet."""
+    monkeypatch.setattr(metrics, "_range_warned", set(), raising=False)
+
+
+def _pair(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two [0, 1] images, the second a noisy copy of the first."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.rand(2, 3, 24, 24, generator=g)
+    return a, (a + 0.05 * torch.randn(a.shape, generator=g)).clamp(0, 1)
+
+
+@pytest.mark.usefixtures("fresh_range_warnings")
+def test_zero_one_images_scored_with_the_default_range_are_warned_about_once(caplog: pytest.LogCaptureFixture) -> None:
+    a, b = _pair()
+    with caplog.at_level(logging.WARNING, logger="klvae"):
+        p, s = psnr(a, b), ssim(a, b)
+        psnr(a, b)
+    (record,) = caplog.records  # once per process, not once per call or batch
+    assert "neither image has a negative value" in record.getMessage() and "data_range=1.0" in record.getMessage()
+    # The default's numbers are unchanged (those of data_range=2.0): 6.02 dB over the right ones.
+    assert torch.equal(p, psnr(a, b, data_range=2.0)) and torch.equal(s, ssim(a, b, data_range=2.0))
+    torch.testing.assert_close(p - psnr(a, b, data_range=1.0), torch.full((2,), 20 * math.log10(2)))
+    # The remedy scores [0, 1] images as klvae scores the same images in [-1, 1].
+    torch.testing.assert_close(psnr(a, b, data_range=1.0), psnr(2 * a - 1, 2 * b - 1))
+    torch.testing.assert_close(ssim(a, b, data_range=1.0), ssim(2 * a - 1, 2 * b - 1))
+
+
+@pytest.mark.usefixtures("fresh_range_warnings")
+def test_eight_bit_values_scored_with_the_default_range_are_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    a, b = _pair()
+    with caplog.at_level(logging.WARNING, logger="klvae"):
+        ssim(a * 255, b * 255)
+    (record,) = caplog.records
+    assert "far outside the [-1, 1] range" in record.getMessage() and "255 for 8-bit" in record.getMessage()
+
+
+@pytest.mark.usefixtures("fresh_range_warnings")
+def test_klvae_images_and_ranges_said_outright_draw_no_warning(caplog: pytest.LogCaptureFixture) -> None:
+    a, b = _pair()
+    with caplog.at_level(logging.WARNING, logger="klvae"):
+        psnr(2 * a - 1, 2 * b - 1), ssim(2 * a - 1, 2 * b - 1)
+        psnr(a, b, data_range=1.0), ssim(a, b, data_range=1.0), ssim(a * 255, b * 255, data_range=255)
+        psnr(a, b, data_range=2.0), ssim(a, b, low=-1.0)  # bright [-1, 1] images, said to be so
+    assert caplog.records == []
+
+
+def _bright_pair() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 16, 16, generator=g) * 0.5 + 0.5  # a light picture: no pixel below mid-grey
+    return x, (x + 0.01).clamp(-1, 1)
+
+
+def test_eval_scores_bright_images_without_a_range_warning(
+    fresh_range_warnings: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    class NoNets:
+        lpips = None
+
+    x, r = _bright_pair()
+    with caplog.at_level(logging.WARNING, logger="klvae"):
+        out = _per_image(NoNets(), x, r)  # type: ignore[arg-type]
+    assert out["ssim"].shape == (2,)
+    assert not [m for m in caplog.messages if "data_range" in m]
+
+
+def test_validation_scores_bright_images_without_a_range_warning(
+    fresh_range_warnings: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Brightening(torch.nn.Module):
+        """A stand-in model whose reconstructions stay as bright as the inputs (a random one's would not)."""
+
+        def forward(self, x: torch.Tensor, sample_posterior: bool = False) -> tuple[torch.Tensor]:
+            return ((x + 0.01).clamp(-1, 1),)
+
+    x, _ = _bright_pair()
+    with caplog.at_level(logging.WARNING, logger="klvae"):
+        out = validate(Brightening(), [x], torch.device("cpu"), None, lpips_files=None)  # type: ignore[arg-type]
+    assert "ssim" in out and np.isfinite(out["psnr"])
+    assert not [m for m in caplog.messages if "data_range" in m]

@@ -1,8 +1,10 @@
-"""Inference review: the out-of-memory fall-back frees the failed pass first; non-finite images are refused; fp16 on
-the CPU, and a CPU memory budget below the maps a tiled pass holds, are warned about once."""
+"""Guards around inference: the out-of-memory fall-back runs after the failed pass is freed; non-finite images are
+refused before any pass, while a decode's own infinite pixels are left for the caller to see; fp16 on the CPU, and
+a CPU memory budget below the maps a tiled pass holds, are warned about once."""
 
 import logging
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,3 +174,16 @@ def test_a_cpu_budget_below_the_maps_of_a_tiled_pass_is_warned_about_once(caplog
     (record,) = caplog.records
     assert record.levelno == logging.WARNING and "whole-image maps" in record.getMessage()
     assert f"{maps / 2**20:.2f} MiB" in record.getMessage()
+
+
+def test_decode_leaves_infinite_pixels_for_the_caller_to_see(tmp_path: Path) -> None:
+    from klvae import AutoencoderKL, inference
+
+    vae = AutoencoderKL("tiny").eval()
+    with torch.no_grad():
+        vae.decoder.conv_out.bias[0] = float("inf")  # a broken model: its red channel overflows
+        out = inference.decode(vae, torch.zeros(1, vae.config.latent_channels, 2, 2), torch.float32)
+        assert torch.isinf(out[:, 0]).all()
+        vae.decoder.conv_out.bias[0] = 100.0  # finite but out of range: clamped as before
+        out = inference.decode(vae, torch.zeros(1, vae.config.latent_channels, 2, 2), torch.float32)
+    assert out.max() == 1 and torch.isfinite(out).all()

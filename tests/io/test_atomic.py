@@ -2,13 +2,14 @@
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
 
 from klvae import AutoencoderKL
 from klvae.atomic import atomic_write, atomic_write_all, atomic_write_text
-from klvae.latents.file import LatentsFile, save_latents
+from klvae.latents.file import LatentItem, LatentsFile, save_latents
 from klvae.weights.save import PICKLE_WEIGHTS, SAFE_WEIGHTS
 
 
@@ -24,6 +25,20 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
         atomic_write(target, broken)
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+
+
+def test_a_failed_latents_write_leaves_no_folder_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # atomic_write removes the folders it made when the write fails; save_latents made them itself, first.
+    import klvae.atomic
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(klvae.atomic, "save_file", full_disk)
+    lf = LatentsFile(latents={"k": torch.zeros(4, 2, 2)}, items=[LatentItem("a.png", "k", 16, 16)])
+    with pytest.raises(OSError, match="No space left"):
+        save_latents(lf, tmp_path / "new" / "deeper" / "l.safetensors")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_files_get_the_umask_mode_not_0600(tmp_path):

@@ -21,6 +21,7 @@ from klvae.images import (
     crop_to_size,
     find_images,
     image_from_cell,
+    image_size,
     load_image,
     open_image_bytes,
     pad_to_multiple,
@@ -135,6 +136,18 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     assert out[:8, :, 0].mean() > 200 and out[12:, :, 0].mean() < 60  # red is now on top
 
 
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_image_size_of_an_oriented_tiff_is_the_loaded_size(tmp_path: Path, orientation: int) -> None:
+    # Pillow turns a TIFF by its orientation tag itself (and, from Pillow 11, reports the turned size on open):
+    # image_size turned it a second time, so encode batched such TIFFs under the wrong size.
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    p = tmp_path / "r.tif"
+    Image.new("RGB", (24, 8), (10, 20, 30)).save(p, exif=exif)
+    w, h = load_image(p).size
+    assert image_size(p) == (h, w)
+
+
 def test_alpha_and_odd_modes_become_rgb(tmp_path: Path) -> None:
     rgba = np.zeros((4, 4, 4), np.uint8)
     rgba[..., 2] = 255
@@ -160,6 +173,19 @@ def test_alpha_and_odd_modes_become_rgb(tmp_path: Path) -> None:
     assert px.tolist() == [[128, 255], [0, 0]]
     Image.fromarray(np.array([[100.0, 300.0]], np.float32), "F").save(tmp_path / "f255.tif")
     assert np.asarray(load_image(tmp_path / "f255.tif"))[..., 0].tolist() == [[100, 255]]  # already 0..255
+
+
+def test_32_bit_integer_image_is_refused_by_name(tmp_path: Path) -> None:
+    p = tmp_path / "deep.tif"
+    Image.fromarray(np.full((8, 8), 1_000_000, np.int32), "I").save(p)
+    with pytest.raises(ImageError, match=r"deep\.tif: 32-bit integer image"):
+        load_image(p)
+
+
+def test_16_bit_values_in_mode_i_still_scale(tmp_path: Path) -> None:
+    p = tmp_path / "sixteen.tif"
+    Image.fromarray(np.full((8, 8), 32768, np.int32), "I").save(p)
+    assert np.asarray(load_image(p))[0, 0, 0] == 128
 
 
 def test_find_images_mixes_files_and_folders(photos: Path, tmp_path: Path) -> None:

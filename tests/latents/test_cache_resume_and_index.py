@@ -1,11 +1,14 @@
-"""Follow-ups on the latent cache and `klvae scale`: a resume compares what decides the rows (the encoder, and the
-factors of scaled rows), not the whole model; the library's errors name its arguments and the CLI's its flags;
-`--verify --repair` of a copy without manifests ends in its summary line; index.json describes the tensors each
-row holds (FLUX.2's patched scaled rows too), and verify reads it; `scale` encodes its crops in batches."""
+"""The latent cache and `klvae scale`: a resume compares what decides the rows (the encoder, and the factors of
+scaled rows), not the whole model; the library's errors name its arguments and the CLI's its flags (both kept by an
+OptionError through pickling and copies); a copy without its manifests is refused by a rerun with its shards kept,
+and `--verify --repair` of it ends in its summary line; index.json describes the tensors each row holds (FLUX.2's
+patched scaled rows too), and verify reads it; `scale` encodes its crops in batches."""
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -15,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import klvae
-from helpers import noise_folder, perturbed_vae
+from helpers import cache_images, noise_folder, perturbed_vae
 from klvae.cli.main import main
 from klvae.errors import KlvaeError
 from klvae.latents import build_cache, cache, verify_cache
@@ -260,7 +263,16 @@ def test_the_cli_names_its_flags(
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"klvae: error: {message}"
 
 
-# ---- 3. --verify --repair of a copy without manifests ----
+def test_option_error_pickles_and_copies_with_both_namings() -> None:
+    with pytest.raises(OptionError) as caught:
+        CacheOptions(shard_size=0)
+    for again in (pickle.loads(pickle.dumps(caught.value)), copy.copy(caught.value), copy.deepcopy(caught.value)):
+        assert type(again) is OptionError
+        assert (str(again), again.flags()) == ("shard_size must be at least 1, got 0",
+                                               "--shard-size must be at least 1, got 0")
+
+
+# ---- 3. a copy without manifests: --verify --repair, and a rerun that refuses it ----
 
 def test_repair_of_a_copy_without_manifests_ends_in_its_summary_line(
     tmp_path: Path, models: dict[str, Path], data: Path, capsys: pytest.CaptureFixture[str]
@@ -290,6 +302,21 @@ def test_repair_of_a_copy_without_manifests_ends_in_its_summary_line(
     assert main(["-q", "cache", "--verify", "--repair", "-o", str(tmp_path / "empty")]) == 2
     assert capsys.readouterr().err.strip() == (f"klvae: error: {tmp_path / 'empty'} is not a klvae cache: it has no "
                                                "manifest-rank*.jsonl or index.json")
+
+
+def test_a_cache_copied_without_its_manifests_is_refused_with_its_shards_kept(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    data = cache_images(tmp_path / "data")
+    vae, out = perturbed_vae("tiny"), tmp_path / "cache"
+    options = {"resolution": 32, "shard_size": 3, "batch_size": 4, "num_workers": 0}
+    build_cache(vae, data, out, **options)
+    for manifest in out.glob("manifest-rank*.jsonl"):  # copied elsewhere as index.json and shards alone
+        manifest.unlink()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(KlvaeError, match=r"index\.json lists 3 shard\(s\).*no manifest-rank000\.jsonl line records"):
+        build_cache(vae, data, out, **options)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # before: every shard deleted, all encoded
+    assert len(LatentDataset(out)) == 8
 
 
 # ---- 4. index.json describes the rows' tensors ----

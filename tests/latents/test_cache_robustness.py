@@ -1,4 +1,5 @@
-"""`klvae cache | scale` on damaged caches and broken models: one-line errors, raised before anything is deleted."""
+"""`klvae cache | scale` on damaged caches and broken models: one-line errors, raised before anything is deleted;
+a cache index without its fields is named as such."""
 
 import json
 import shutil
@@ -124,6 +125,21 @@ def test_recorded_options_of_the_wrong_type_are_a_damaged_cache(
     assert main(_args(data, out, models["good"])) == 2
     _one_line_error(capsys, where, "the cache is damaged")
     assert _snapshot(out) == before
+
+
+@pytest.mark.parametrize("index", [
+    {},
+    {"items": [], "options": ["store"]},
+    {"items": {}, "options": {"store": "moments"}},
+])
+def test_a_cache_index_without_its_fields_is_named_not_a_key_error(tmp_path: Path, index: dict[str, object]) -> None:
+    from klvae.errors import LatentsError
+    from klvae.latents.cache import INDEX_FORMAT
+    from klvae.latents.dataset import LatentDataset
+
+    (tmp_path / "index.json").write_text(json.dumps({**index, "format": INDEX_FORMAT}))
+    with pytest.raises(LatentsError, match=r"is not a klvae latent cache index$"):
+        LatentDataset(tmp_path)
 
 
 def test_a_model_with_non_finite_latents_is_a_one_line_cache_error(

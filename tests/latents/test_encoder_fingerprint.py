@@ -1,5 +1,6 @@
 """The encoder's own fingerprint: `klvae decode` of latents through a decoder-only fine-tune of the encoding model
-(sd-vae-ft-mse style) says nothing, while another encoder, or a file written before the field, still warns."""
+(sd-vae-ft-mse style), or through a copy of it in another folder or dtype, says nothing, while another encoder, or a
+file written before the field, still warns."""
 
 from __future__ import annotations
 
@@ -63,6 +64,33 @@ def test_decode_through_a_decoder_fine_tune_is_quiet_and_another_encoder_warns(
     assert "another model" not in _decode_err(z, tmp_path / "ft-out", paths["ft"], capsys)
     err = _decode_err(z, tmp_path / "enc-out", paths["enc"], capsys)
     assert f"encoded by another model ({paths['orig']}) than {paths['enc']}, whose encoder differs" in err
+
+
+def test_decode_warns_when_the_latents_came_from_another_model(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Same channels and factors, other weights: decoded without a word before; now a warning names both."""
+    import klvae
+
+    img = tmp_path / "a.png"
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(img)
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    for seed, folder in ((0, mine), (1, other)):
+        torch.manual_seed(seed)
+        klvae.AutoencoderKL("tiny").save_pretrained(folder)
+    z = tmp_path / "z.safetensors"
+    assert main(["-q", "encode", str(img), "-o", str(z), "--model", str(mine), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["decode", str(z), "-o", str(tmp_path / "same"), "--model", str(mine), "--device", "cpu"]) == 0
+    assert "another model" not in capsys.readouterr().err
+    assert main(["decode", str(z), "-o", str(tmp_path / "else"), "--model", str(other), "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert f"WARNING: these latents were encoded by another model ({mine}) than {other}, whose encoder differs" in err
+    # A copy of the model in another folder (or another dtype on disk) is the same model.
+    assert main(["convert", "-m", str(mine), "-o", str(tmp_path / "copy"), "--dtype", "bf16"]) == 0
+    capsys.readouterr()
+    assert main(["decode", str(z), "-o", str(tmp_path / "copy-out"), "--model", str(tmp_path / "copy"),
+                 "--device", "cpu"]) == 0
+    assert "another model" not in capsys.readouterr().err
 
 
 def test_a_file_without_the_encoder_s_hash_falls_back_to_the_whole_model(

@@ -337,3 +337,18 @@ def test_reloading_its_own_half_precision_bn_keeps_the_configs_statistics(caplog
     with caplog.at_level(logging.WARNING):
         ours.load_state_dict(ours.state_dict())
     assert ours.klvae_model.config.latents_mean == mean and "replace" not in caplog.text
+
+
+def test_from_single_file_loads_an_ldm_file_as_diffusers_users_call_it(tmp_path: Path) -> None:
+    from klvae import AutoencoderKL
+    from klvae.compat import DiffusersVAE
+    from klvae.weights.save import export_ldm
+
+    vae = AutoencoderKL("tiny")
+    path = export_ldm(vae, tmp_path / "vae.safetensors")
+    for loaded in (AutoencoderKL.from_single_file(path), DiffusersVAE.from_single_file(str(path))._klvae):
+        assert loaded.config == vae.config
+        for (k, a), b in zip(vae.state_dict().items(), loaded.state_dict().values(), strict=True):
+            assert torch.equal(a, b), k
+    with pytest.raises(ValueError, match="is a folder"):
+        AutoencoderKL.from_single_file(tmp_path)

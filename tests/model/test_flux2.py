@@ -19,6 +19,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+import klvae
+from helpers import one_line
 from klvae import AutoencoderKL, inference
 from klvae.cli.main import main
 from klvae.errors import WeightsError
@@ -336,12 +338,6 @@ def test_vae_scale_latents_uses_the_configs_patch() -> None:
 
 # ---- 5. wrong combinations ----
 
-def _one_line(e: pytest.ExceptionInfo[BaseException]) -> str:
-    text = str(e.value)
-    assert "\n" not in text.strip(), text
-    return text
-
-
 def test_batchnorm_statistics_with_a_config_without_patches_are_refused(tmp_path: Path) -> None:
     theirs = flux2_diffusers()
     path = tmp_path / "ae.safetensors"
@@ -350,7 +346,7 @@ def test_batchnorm_statistics_with_a_config_without_patches_are_refused(tmp_path
     cfg = SMALL.replace(latent_patch_size=1)
     with pytest.raises(WeightsError) as e:
         AutoencoderKL.from_pretrained(path, config=cfg)
-    text = _one_line(e).lower()
+    text = one_line(e).lower()
     assert "patch" in text or "statistic" in text or "bn." in text, text
 
 
@@ -366,7 +362,7 @@ def test_flux2_weights_with_preset_sdxl_are_refused_naming_the_statistics(tmp_pa
     save_file(diffusers_to_ldm(sd), str(path))
     with pytest.raises(WeightsError) as e:
         AutoencoderKL.from_pretrained(path, config="sdxl")
-    text = _one_line(e).lower()
+    text = one_line(e).lower()
     assert "patch" in text or "statistic" in text or "bn." in text, text
 
 
@@ -387,7 +383,7 @@ def test_a_diffusers_folder_whose_batchnorm_has_the_wrong_size_is_a_weights_erro
     save_file(sd, str(f))
     with pytest.raises(WeightsError) as e:
         AutoencoderKL.from_pretrained(tmp_path)
-    _one_line(e)
+    one_line(e)
 
 
 @pytest.mark.parametrize("bad", [-1.0, float("inf"), float("nan")])
@@ -398,14 +394,14 @@ def test_a_batchnorm_variance_that_gives_no_positive_std_is_a_weights_error(bad:
     theirs.save_pretrained(tmp_path)
     with pytest.raises(WeightsError) as e:
         AutoencoderKL.from_pretrained(tmp_path)
-    _one_line(e)
+    one_line(e)
 
 
 def test_a_flux2_config_with_a_scaling_factor_cannot_be_saved_for_diffusers(tmp_path: Path) -> None:
     vae = klvae_flux2(scaling_factor=0.5)
     with pytest.raises(WeightsError) as e:
         vae.save_pretrained(tmp_path / "out")
-    assert "scaling_factor" in _one_line(e)
+    assert "scaling_factor" in one_line(e)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
@@ -414,8 +410,35 @@ def test_a_flux2_shift_is_refused_when_saved_for_diffusers(tmp_path: Path) -> No
     vae = klvae_flux2(stats=False, shift_factor=0.25)
     with pytest.raises(WeightsError) as e:
         vae.save_pretrained(tmp_path / "out")
-    assert "shift_factor" in _one_line(e)
+    assert "shift_factor" in one_line(e)
     assert not (tmp_path / "out").exists()
+
+
+def _flux2_without_statistics() -> klvae.AutoencoderKL:
+    with torch.device("meta"):  # scaling uses no weight: the full preset without allocating or initialising it
+        return klvae.AutoencoderKL("flux2")
+
+
+def test_flux2_unscale_of_a_vae_latent_is_an_error_naming_the_expected_shape() -> None:
+    """unscale_latents of a [1, 32, 4, 4] VAE latent returned [1, 8, 8, 8] when the model had no statistics
+    (with them it raised): the channel check ran only against latents_mean."""
+    vae = _flux2_without_statistics()
+    assert vae.config.latents_mean is None
+    with pytest.raises(ValueError) as e:
+        vae.unscale_latents(torch.randn(1, 32, 4, 4))
+    text = one_line(e)
+    assert "(1, 32, 4, 4)" in text and "[B, 128, h, w]" in text, text
+    assert vae.unscale_latents(torch.randn(1, 128, 4, 4)).shape == (1, 32, 8, 8)
+
+
+def test_flux2_scale_of_an_already_scaled_latent_is_an_error() -> None:
+    """scale_latents of a [1, 128, 8, 8] (scaled twice) made a [1, 512, 4, 4] without statistics."""
+    vae = _flux2_without_statistics()
+    with pytest.raises(ValueError) as e:
+        vae.scale_latents(torch.randn(1, 128, 8, 8))
+    text = one_line(e)
+    assert "(1, 128, 8, 8)" in text and "[B, 32, h, w]" in text, text
+    assert vae.scale_latents(torch.randn(1, 32, 8, 8)).shape == (1, 128, 4, 4)
 
 
 # ---- 6. the CLI ----

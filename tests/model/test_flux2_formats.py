@@ -1,4 +1,6 @@
-"""Review of the FLUX.2 change (3731453..HEAD): each test here fails because of a bug found in it."""
+"""FLUX.2 in diffusers' and klvae's formats: a minimal AutoencoderKLFlux2 config.json takes diffusers' defaults, a
+folder saved as .bin reloads its statistics exactly, a patch other than 2 is refused by FLUX.2's formats, and a
+training config whose patched model cannot be exported is refused before training."""
 
 from __future__ import annotations
 

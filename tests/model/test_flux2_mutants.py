@@ -1,5 +1,7 @@
-"""FLUX.2 support: tests that pin behaviours a mutation audit found unchecked (each one failed on a plausible
-wrong version of the code). Pure functions and tiny configs only, so the file stays fast."""
+"""FLUX.2 support at its boundaries: the largest latent patch, patch sizes given as zero or null, a config's
+statistics against the BatchNorm's (kept, replaced, of other lengths), batch_norm_eps, config.json patches and
+factors, the parameter cap, hub file suffixes and revisions, headerless BFL files of any latent width, and a patched
+model without statistics. Pure functions and tiny configs only, so the file stays fast."""
 
 from __future__ import annotations
 

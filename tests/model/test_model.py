@@ -1,10 +1,17 @@
-"""The network itself: every preset builds and runs, sizes, scaling helpers, attention variants, checkpointing."""
+"""The network itself: every preset builds and runs, sizes, scaling helpers (and the latent shapes they refuse),
+attention variants, checkpointing, the config's checks, and its advice on norm_num_groups (for the user's own
+choice, not for a count inferred from the weights)."""
+
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import klvae
+from helpers import one_line
 from klvae.model.config import PRESETS, AutoencoderKLConfig
+from klvae.weights.convert import diffusers_to_ldm
 
 # Published parameter counts of the released VAEs (diffusers' AutoencoderKL with these configs).
 EXPECTED_PARAMS = {"sd15": 83_653_863, "sd2": 83_653_863, "sdxl": 83_653_863, "sd3": 83_819_683, "flux": 83_819_683}
@@ -41,6 +48,16 @@ def test_scale_and_unscale_are_inverse_and_match_the_formula() -> None:
     s = vae.scale_latents(z)
     torch.testing.assert_close(s, (z - 0.1159) * 0.3611)
     torch.testing.assert_close(vae.unscale_latents(s), z)
+
+
+@pytest.mark.parametrize("method", ["scale_latents", "unscale_latents"])
+def test_scaling_latents_of_the_wrong_channel_count_is_an_error(method: str) -> None:
+    """An SD-style model (4 channels, one scale) scaled a 16-channel FLUX latent elementwise without a word."""
+    vae = klvae.AutoencoderKL(PRESETS["tiny"])
+    with pytest.raises(ValueError) as e:
+        getattr(vae, method)(torch.randn(1, 16, 8, 8))
+    text = one_line(e)
+    assert "(1, 16, 8, 8)" in text and "[B, 4, h, w]" in text, text
 
 
 @pytest.mark.parametrize("attention", ["vanilla", "linear", "none"])
@@ -151,3 +168,56 @@ def test_config_normalises_integral_numbers() -> None:
 
     cfg = PRESETS["tiny"].replace(block_out_channels=[np.int64(32), 64], latent_channels=np.int64(8))
     assert cfg.block_out_channels == (32, 64) and type(cfg.latent_channels) is int
+
+
+def test_inferred_group_count_warning_does_not_blame_the_user(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A metadata-less LDM file of width 16: norm_num_groups 16 is guessed, and the config's warning told the
+    user to "use norm_num_groups <= 8", a value they never set."""
+    cfg = AutoencoderKLConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=32)
+    model = klvae.AutoencoderKL(cfg)
+    path = tmp_path / "vae.safetensors"
+    save_file(diffusers_to_ldm({k: v.contiguous() for k, v in model.state_dict().items()}), str(path))
+    with caplog.at_level("WARNING"):
+        back = klvae.AutoencoderKL.from_pretrained(path)
+    assert back.config.norm_num_groups == 16
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert "use norm_num_groups <=" not in text, text
+    assert "guess" in text and "one channel per GroupNorm group at width 16" in text, text
+
+
+def test_a_chosen_group_count_still_gets_the_advice(caplog: pytest.LogCaptureFixture) -> None:
+    """(Not a bug) The user's own norm_num_groups 16 at width 16 still gets the advice."""
+    with caplog.at_level("WARNING"):
+        AutoencoderKLConfig(block_out_channels=(16, 32), norm_num_groups=16)
+    assert "use norm_num_groups <= 8" in caplog.text
+
+
+def test_flux2_statistics_added_on_load_do_not_repeat_the_advice(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A metadata-less FLUX.2 file of width 16: loading adds the bn statistics with a config.replace outside the
+    guesser's guard, which rebuilt the guessed config and told the user to "use norm_num_groups <= 8"."""
+    from klvae.weights.latent_bn import latent_bn_tensors
+
+    cfg = PRESETS["flux2"].replace(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                                   sample_size=32, latents_mean=(0.1,) * 128, latents_std=(1.5,) * 128)
+    sd = {k: v.contiguous() for k, v in klvae.AutoencoderKL(cfg).state_dict().items()}
+    path = tmp_path / "vae.safetensors"
+    save_file({**sd, **latent_bn_tensors(cfg)}, str(path))
+    with caplog.at_level("WARNING"):
+        back = klvae.AutoencoderKL.from_pretrained(path)
+        back.config.replace(scaling_factor=1.0)  # as `klvae latents` sets a file's factors on the loaded model
+    assert back.config.norm_num_groups == 16 and back.config.latents_std[0] == pytest.approx(1.5)
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert "use norm_num_groups <=" not in text, text
+    assert "guess" in text and "one channel per GroupNorm group at width 16" in text, text
+
+
+def test_replacing_the_group_count_still_gets_the_advice(caplog: pytest.LogCaptureFixture) -> None:
+    """(Not a bug) A replace that sets the widths or the group count is the user's choice: advised as before."""
+    base = AutoencoderKLConfig(block_out_channels=(16, 32), norm_num_groups=8)
+    with caplog.at_level("WARNING"):
+        base.replace(norm_num_groups=16)
+    assert "use norm_num_groups <= 8" in caplog.text

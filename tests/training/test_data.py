@@ -17,6 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 
 import klvae.images
+import klvae.training.data as data_module
 from klvae.errors import ImageError, KlvaeError
 from klvae.latents.sources import open_source
 from klvae.training.data import (
@@ -145,6 +146,21 @@ def test_flips_are_mirror_images_and_random_draws_follow_the_seed() -> None:
 def test_bad_transform_settings_are_named(field: str, value: object, match: str) -> None:
     with pytest.raises(KlvaeError, match=match):
         build_transform(TransformConfig(**{field: value}))
+
+
+def test_upscaling_small_images_warns_once_per_process(monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(data_module, "_UPSCALE_WARNED", [False], raising=False)  # as in a fresh process
+    small = Image.fromarray(np.zeros((20, 30, 3), dtype=np.uint8))
+    with caplog.at_level(logging.WARNING, logger="klvae.training.data"):
+        build_transform(TransformConfig(resolution=16))(small)  # large enough: no warning
+        assert not caplog.records
+        for _ in range(3):
+            build_transform(TransformConfig(resolution=32, crop="random"))(small)
+            build_transform(TransformConfig(resolution=32))(small)  # another transform (validation's): not again
+    assert len(caplog.records) == 1
+    msg = caplog.records[0].getMessage()
+    assert "data.resolution 32" in msg and "20 px" in msg and "at most 20" in msg
 
 
 @pytest.mark.parametrize("workers", [0, 2])

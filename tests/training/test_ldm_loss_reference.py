@@ -1,5 +1,6 @@
-"""Review of the LDM loss: the adaptive GAN weight under fp16, and the generator and critic losses against a
-transcription of LDM's `LPIPSWithDiscriminator.forward` (ldm/modules/losses/contperceptual.py)."""
+"""The LDM loss against a transcription of LDM's `LPIPSWithDiscriminator.forward`
+(ldm/modules/losses/contperceptual.py): the generator and critic losses, the adaptive GAN weight under fp16, and
+LPIPS' VGG backward over the reconstructions only."""
 
 from __future__ import annotations
 

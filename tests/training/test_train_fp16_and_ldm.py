@@ -1,6 +1,7 @@
-"""Training follow-ups: the dtype a fine-tune trains and exports in, the EMA on fp16 overflow steps, the refusal of
-a dataset under one global batch, and a newcomer's full-LDM run (LPIPS from files, the critic from disc_start,
-resume, export, then encode and reconstruct with the export)."""
+"""Training in and from half precision: the dtype a fine-tune of fp16/bf16 weights trains and exports in (and the note
+saying so, which counts a full checkpoint's VAE only and is given once for a training checkpoint), the EMA on fp16
+overflow steps, a loss scale past float32's range; and a full-LDM run offline (LPIPS from files, the critic from
+disc_start, resume, export, then encode and reconstruct with the export)."""
 
 from __future__ import annotations
 
@@ -13,18 +14,19 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import klvae
-from helpers import block_metric_downloads, one_error_line
+from helpers import block_metric_downloads, perturbed_vae
 from klvae.cli.main import main
 from klvae.errors import KlvaeError
-from klvae.training import trainer as trainer_module
 from klvae.training.checkpoint import latest_checkpoint, load_training_state
 from klvae.training.config import load_config
 from klvae.training.loop import fit
-from klvae.training.sampler import GlobalBatchSampler
+from klvae.training.model_setup import build_model
 from klvae.training.trainer import Trainer
 from klvae.weights import read_state_dict
+from klvae.weights.save import export_ldm
 
 
 def _noise_images(root: Path, n: int, size: int = 24) -> Path:
@@ -39,6 +41,13 @@ def _sets(run: Path, data: Path | str, *extra: str) -> list[str]:
     return ["model.preset=tiny", f"data.train={data}", "data.resolution=16", "data.batch_size=2",
             "data.num_workers=0", "loss.preset=mse", "train.device=cpu", "train.val_lpips=false",
             f"train.out_dir={run}", *extra]
+
+
+def _sets_in(tmp_path: Path, *extra: str) -> list[str]:
+    """A tiny run's overrides: one image a batch from tmp_path/data, written to tmp_path/run."""
+    return ["model.preset=tiny", f"data.train={tmp_path / 'data'}", "data.resolution=16", "data.batch_size=1",
+            "data.num_workers=0", "loss.preset=mse", "train.device=cpu", "train.val_lpips=false",
+            f"train.out_dir={tmp_path / 'run'}", *extra]
 
 
 # ---- 1. a fine-tune of half-precision weights ---------------------------------------------------------------------
@@ -67,7 +76,48 @@ def test_a_fine_tune_trains_and_exports_float32_and_says_so(tmp_path: Path, capl
         assert len(notes) == 1 and f"stores {name} weights" in notes[0] and f"--dtype {name}" in notes[0]
 
 
-# ---- 2. the EMA follows the optimiser through fp16 overflow -------------------------------------------------------
+# ---- 2. the stored dtype: the VAE's tensors, read without a second note -------------------------------------------
+def test_a_fine_tune_note_counts_the_vae_of_a_full_checkpoint_not_its_unet(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A full SD checkpoint whose VAE is fp32 beside a (here larger) fp16 UNet: the VAE is what the run trains.
+    export_ldm(perturbed_vae("tiny"), tmp_path / "vae.safetensors")
+    sd = {f"first_stage_model.{k}": v for k, v in load_file(tmp_path / "vae.safetensors").items()}
+    sd |= {f"model.diffusion_model.block{i}.weight": torch.zeros(4, dtype=torch.float16) for i in range(len(sd) + 1)}
+    save_file(sd, tmp_path / "sd.safetensors")
+    cfg = load_config(None, _sets_in(tmp_path, f"model.pretrained={tmp_path / 'sd.safetensors'}"))
+    with caplog.at_level(logging.INFO, logger="klvae"):
+        build_model(cfg)
+    assert not [r for r in caplog.records if "master weights" in r.getMessage()]
+
+
+def _training_checkpoint(path: Path) -> Path:
+    """What Trainer.state_dict() holds, as far as loading it as a model reads."""
+    vae = perturbed_vae("tiny")
+    torch.save({"step": 3, "batches_done": 3, "nonfinite_run": 0, "vae": vae.state_dict(), "opt_ae": {},
+                "model_config": json.dumps(vae.config.to_dict())}, path)
+    return path
+
+
+def test_a_training_checkpoint_is_noted_once_by_info_and_by_a_fine_tune(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt = _training_checkpoint(tmp_path / "step_00000003.pt")
+
+    def notes() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "is a klvae training checkpoint" in r.getMessage()]
+
+    with caplog.at_level(logging.INFO, logger="klvae"):
+        assert main(["info", "--model", str(ckpt), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["stored_dtype"] == "fp32"
+    assert len(notes()) == 1  # the dtype is counted on a second read, which said it again
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="klvae"):
+        vae = build_model(load_config(None, _sets_in(tmp_path, f"model.pretrained={ckpt}")))
+    assert len(notes()) == 1 and isinstance(vae, klvae.AutoencoderKL)
+
+
+# ---- 3. the EMA follows the optimiser through fp16 overflow -------------------------------------------------------
 def _set_scale(scaler: torch.amp.GradScaler, value: float) -> None:
     state = scaler.state_dict()
     state["scale"] = value
@@ -98,43 +148,25 @@ def test_an_fp16_overflow_skips_the_ema_update_with_the_optimiser_step(tmp_path:
     assert tr.train_step([x])["skipped"] == 0.0 and int(tr.ema.n_averaged) == 3
 
 
-# ---- 3. too few images for one global batch ------------------------------------------------------------------------
-@pytest.mark.parametrize(("n", "local", "world", "fix"), [
-    (3, 2, 2, "set the batch size per process to 1 or less"),
-    (5, 8, 1, "set the batch size per process to 5 or less"),
-    (1, 1, 2, "set the batch size per process to 1 and run at most 1 process(es)"),
-    (0, 1, 1, "add images"),
-])
-def test_the_sampler_says_what_would_fit(n: int, local: int, world: int, fix: str) -> None:
-    with pytest.raises(KlvaeError) as e:
-        GlobalBatchSampler(n, local, rank=0, world=world)
-    assert str(e.value).endswith(f"({local} per process x {world} process(es)): {fix}")
-
-
-@pytest.mark.parametrize(("world", "extra", "expected"), [
-    ("1", [], "has 3 item(s) (files or rows found; 0 of them unreadable), fewer than one global batch of 4 "
-              "(data.batch_size 4 x 1 process(es)): set data.batch_size to 3 or less, or add images"),
-    ("2", ["--set", "data.batch_size=2"], "fewer than one global batch of 4 (data.batch_size 2 x 2 process(es)): "
-                                          "set data.batch_size to 1 or less, or add images"),
-    ("1", ["--set", "data.val=nowhere"], "klvae: error: data.val: no such data: nowhere"),
-    ("1", ["--resume", "few/0.png"], "few/0.png is not a klvae checkpoint"),
-])
-def test_train_refuses_bad_inputs_before_building_the_model(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], world: str,
-    extra: list[str], expected: str,
+# ---- 4. fp16: a loss scale past float32's range -------------------------------------------------------------------
+@pytest.mark.parametrize("scale", [2.0**-130, 0.0])  # ~140 and ~165 halvings from 65536 (a checkpoint may hold them)
+def test_an_fp16_scale_past_float32s_range_stops_the_run_before_it_corrupts_the_weights(
+    tmp_path: Path, scale: float
 ) -> None:
-    def built_first(*args: object, **kwargs: object) -> None:
-        raise AssertionError("the model (and LPIPS, and the process group) were built before the inputs were checked")
+    tr = Trainer(load_config(None, _sets_in(tmp_path, "train.precision=fp16", "train.ema_decay=0.9")))
+    state = tr.scaler.state_dict()
+    state["scale"] = scale
+    tr.scaler.load_state_dict(state)
+    weights = [p.detach().clone() for p in tr.vae.parameters()]
+    with pytest.raises(KlvaeError, match=r"overflowed at every loss scale .* cannot be unscaled; train in bf16"):
+        tr.train_step([torch.rand(1, 3, 16, 16) * 2 - 1])
+    # The scaler found no inf in the scaled gradients, then unscaled them by 1 / scale = inf: the old code stepped
+    # with those, writing inf/nan into the weights (and at 0 it logged skipped 0 and advanced the EMA).
+    assert int(tr.ema.n_averaged) == 0
+    assert all(torch.equal(a, b) for a, b in zip(weights, tr.vae.parameters(), strict=True))
 
-    monkeypatch.setattr(trainer_module.Trainer, "__init__", built_first)
-    monkeypatch.setenv("WORLD_SIZE", world)  # what torchrun sets: the process group itself is not up yet
-    monkeypatch.chdir(tmp_path)
-    sets = _sets(tmp_path / "run", _noise_images(tmp_path / "few", 3), "data.batch_size=4")
-    assert main(["train", *(a for s in sets for a in ("--set", s)), *extra]) == 2
-    assert expected in one_error_line(capsys.readouterr().err)
 
-
-# ---- 4. a newcomer's full-LDM run, offline ----------------------------------------------------------------------
+# ---- 5. a newcomer's full-LDM run, offline ------------------------------------------------------------------------
 def _skimage_pngs(root: Path, names: list[str]) -> Path:
     import skimage.data
 

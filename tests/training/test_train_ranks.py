@@ -1,5 +1,6 @@
-"""Trainer fixes found in review: what rank 0 validates on under DDP, where the model lives, validation at
-resolutions below SSIM's window, and the unreadable-image count summed over ranks."""
+"""The trainer across ranks: what rank 0 validates on under DDP, where the model and loss live, validation at
+resolutions below SSIM's window, the unreadable-image count summed over ranks, and resuming shards with another
+process count."""
 
 import io
 import json

@@ -1,6 +1,7 @@
 """The weight files a ComfyUI / A1111 user has on disk, made from random-init models in the real key layouts:
-Lightning-era .ckpt files, Playground v2.5 full checkpoints, lone VAE files named after their family, `.sft`,
-misnamed files, and the files that are no whole KL autoencoder (UNet only, TAESD, a lone decoder)."""
+Lightning-era .ckpt files, Playground v2.5 full checkpoints, lone VAE files named after their family (a family
+named by whole words only), `.sft`, misnamed files (read, and their stored dtype counted, by content), and the files
+that are no whole KL autoencoder (UNet only, TAESD, a lone decoder)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from klvae.cli.main import main
 from klvae.errors import WeightsError
 from klvae.model.config import PRESETS
 from klvae.weights import diffusers_to_ldm, read_state_dict
+from klvae.weights.infer import family_from_name
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +121,20 @@ def test_a_lone_vae_files_name_gives_the_family_its_shapes_cannot(
     assert "--config" in caplog.text  # still a guess: the warning says how to overrule it
 
 
+@pytest.mark.parametrize(("name", "family"), [
+    ("ssd1b_vae.safetensors", None),  # SSD-1B's VAE is SDXL's: "sd1" inside "ssd1b" is no SD 1.x
+    ("SSD-1B.safetensors", None),
+    ("playground-v2-1024px-aesthetic.fp16.safetensors", None),  # SDXL's factors, not v2.5's EDM statistics
+    ("influx_vae.safetensors", None),
+    ("playground-v2.5-1024px-aesthetic.fp16.safetensors", "playground25"),
+    ("sd_xl_base_1.0.safetensors", "sdxl"), ("my_sdxl_vae.safetensors", "sdxl"), ("sd3.5_large.safetensors", "sd3"),
+    ("FLUX.2-dev.safetensors", "flux2"), ("flux1-dev.sft", "flux"), ("vae-ft-mse-840000-ema-pruned.ckpt", "sd15"),
+    ("sd_1.5.pt", "sd15"), ("sd21_vae.bin", "sd2"), ("sd3_to_sdxl.safetensors", None),
+])
+def test_a_family_is_named_by_whole_words_only(name: str, family: str | None) -> None:
+    assert family_from_name(name) == family
+
+
 def test_misnamed_and_sft_files_are_read_by_their_content(vae: klvae.AutoencoderKL, ldm: dict[str, torch.Tensor],
                                                           tmp_path: Path) -> None:
     """FLUX.1's ae.sft (ComfyUI reads .sft), safetensors saved as .ckpt and a torch file saved as .safetensors."""
@@ -137,6 +153,18 @@ def test_misnamed_and_sft_files_are_read_by_their_content(vae: klvae.Autoencoder
     else:
         pytest.fail("no padding gave a header length starting 0x80")
     assert torch.equal(read_state_dict(tmp_path / "p.ckpt")["encoder.conv_in.weight"], one["encoder.conv_in.weight"])
+
+
+def test_stored_dtype_of_a_torch_file_named_safetensors(tmp_path: Path) -> None:
+    from klvae import AutoencoderKL
+    from klvae.weights.stored_dtype import stored_values
+
+    vae = AutoencoderKL("tiny")
+    path = tmp_path / "vae.safetensors"  # a torch.save file under the wrong name, which loading reads by content
+    torch.save({k: v.half() for k, v in vae.state_dict().items()}, path)
+    loaded = AutoencoderKL.from_pretrained(path, config="tiny")
+    assert torch.equal(loaded.encoder.conv_in.weight, vae.encoder.conv_in.weight.half().float())
+    assert set(stored_values(path)) == {"fp16"}
 
 
 def test_convert_writes_an_sft_file_comfyui_reads(vae: klvae.AutoencoderKL, tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Review findings: malformed weight shapes are WeightsErrors, and folded upsampling keeps fp64 precision."""
+"""Malformed weight shapes are WeightsErrors (a shape mismatch, not a crash), and folded upsampling keeps float64
+precision."""
 
 from __future__ import annotations
 

@@ -1,21 +1,18 @@
-"""Findings of a user trial of `klvae train`: the unreadable-image count across a resume, the samples grid across
-validation batches, a resolution above the images' size, and the message for a dataset under one batch."""
+"""What a training run counts and shows: the unreadable-image count across a resume (carried by rank 0 alone, 0 for
+older checkpoints), the samples grid gathered across validation batches, and the message for a dataset under one
+batch, which counts its items and the unreadable ones."""
 
 import json
-import logging
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import klvae.training.data as data_module
 from helpers import noise_images_and_a_broken_one, noise_png
 from klvae.distributed import DistInfo
 from klvae.errors import KlvaeError
 from klvae.training.config import load_config
-from klvae.training.data import TransformConfig, build_transform
 from klvae.training.data_setup import build_train_loader
 from klvae.training.loop import fit
 from klvae.training.trainer import Trainer
@@ -77,23 +74,7 @@ def test_samples_grid_gathers_images_across_validation_batches(tmp_path: Path) -
     assert Image.open(tmp_path / "twelve.png").size == (8 * 16, 2 * 16)  # at most 8
 
 
-# ---- 3. a resolution above the images' size ----------------------------------------------------------------------
-def test_upscaling_small_images_warns_once_per_process(monkeypatch: pytest.MonkeyPatch,
-                                                       caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr(data_module, "_UPSCALE_WARNED", [False], raising=False)  # as in a fresh process
-    small = Image.fromarray(np.zeros((20, 30, 3), dtype=np.uint8))
-    with caplog.at_level(logging.WARNING, logger="klvae.training.data"):
-        build_transform(TransformConfig(resolution=16))(small)  # large enough: no warning
-        assert not caplog.records
-        for _ in range(3):
-            build_transform(TransformConfig(resolution=32, crop="random"))(small)
-            build_transform(TransformConfig(resolution=32))(small)  # another transform (validation's): not again
-    assert len(caplog.records) == 1
-    msg = caplog.records[0].getMessage()
-    assert "data.resolution 32" in msg and "20 px" in msg and "at most 20" in msg
-
-
-# ---- 4. a dataset under one global batch ------------------------------------------------------------------------
+# ---- 3. a dataset under one global batch ------------------------------------------------------------------------
 def test_too_small_dataset_counts_items_and_unreadable_ones(tmp_path: Path) -> None:
     root = tmp_path / "few"
     root.mkdir()

@@ -1,4 +1,6 @@
-"""A newcomer's trial of the README's FLUX.2 promises: one failing test per bug found (tiny models, CPU, fast)."""
+"""What FLUX.2's warnings and errors say, through the CLI and the Python API as the README describes them: the small
+decoder preset given as --model, decode's factor-mismatch warning (one readable line, none for float32 rounding),
+scale_latents' shape error, a latents file of the other family, a missing or wrong patch size (tiny models, CPU)."""
 
 from __future__ import annotations
 

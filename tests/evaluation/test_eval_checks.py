@@ -1,5 +1,6 @@
-"""`klvae eval` findings of a user trial: errors before downloads, enlarged images, --resolution with --crop none,
-the reliability of an rFID from few images, and the summary line's grammar."""
+"""`klvae eval`'s checks and what it says: a bad model spec or an empty data folder fails before any download or
+model load, enlarged images are counted and warned about once, --resolution with --crop none is refused, an rFID
+from few images is flagged unreliable, and the summary line's grammar."""
 
 from __future__ import annotations
 

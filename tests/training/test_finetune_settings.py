@@ -1,6 +1,6 @@
-"""A user trial of decoder-only fine-tuning with `klvae train`: overrides on pretrained weights, --resume's argument,
-parse errors with their place, sections set to values, surprising settings, validation LPIPS off, and resuming
-with a changed config."""
+"""Settings of a fine-tune with `klvae train` (decoder-only, from pretrained weights): model.overrides applied to the
+weights' own config, a config file given after --resume, YAML parse errors with their place, a section set to a
+value, surprising settings said, validation without LPIPS, and a resume with a changed config."""
 
 import json
 import logging
