@@ -53,9 +53,10 @@ def detect_layout(sd: StateDict) -> Layout:
 
 def strip_prefix(sd: StateDict) -> StateDict:
     """The VAE part of `sd` without its prefix: first_stage_model./vae. (other keys dropped), module., _orig_mod."""
-    for prefix in WRAPPER_PREFIXES:
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    # Until none is left, in either order: torch.compile(DDP(model)) saves _orig_mod.module.*, DDP(compile(...))
+    # module._orig_mod.*.
+    while sd and (wrapper := next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in sd)), None)):
+        sd = {k[len(wrapper):]: v for k, v in sd.items()}
     for prefix in VAE_PREFIXES:
         if any(k.startswith(prefix) for k in sd):
             out = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
