@@ -22,7 +22,9 @@ from klvae.images import check_regular_file, find_images
 log = logging.getLogger(__name__)
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+# What datasets.load_from_disk looks for: a Dataset's info and state (both), or a DatasetDict's index.
+DATASET_FILES = ("dataset_info.json", "state.json")
+DATASET_DICT_FILE = "dataset_dict.json"
 
 
 @dataclass(frozen=True)
@@ -121,8 +123,9 @@ def parquet_files(path: Path, split: str | None) -> list[Path]:
 
 
 def is_disk(p: Path) -> bool:
-    """Whether p is a `datasets.save_to_disk` folder."""
-    return p.is_dir() and any((p / m).exists() for m in DISK_MARKERS)
+    """Whether p is a `datasets.save_to_disk` folder, judged as datasets.load_from_disk judges it."""
+    # One of a Dataset's two files alone is some other tool's (a labelling tool's state.json in an image folder).
+    return p.is_dir() and (all((p / f).is_file() for f in DATASET_FILES) or (p / DATASET_DICT_FILE).is_file())
 
 
 def load_from_disk(path: Path, column: str, split: str | None) -> Any:

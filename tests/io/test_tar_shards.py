@@ -187,3 +187,16 @@ def test_tar_shards_of_one_name_in_two_folders_keep_every_image(tmp_path: Path) 
     assert open_source(f"{tmp_path}/one/00001.tar").ids == ["00001.tar:000000000.png"]
     assert open_source(f"{tmp_path}/{{laion/00000,one/00001}}.tar").ids == [
         "00000.tar:000000000.png", "00001.tar:000000000.png"]
+
+
+def test_hidden_tar_members_are_not_listed_as_images(tmp_path: Path) -> None:
+    # A shard packed on macOS carries ._name.png resource forks (AppleDouble, not images); a folder walk and the
+    # training reader skip hidden names, and so must the cache's and eval's reader, or each is a skipped "image".
+    png = noise_png(2)
+    with tarfile.open(tmp_path / "mac.tar", "w") as tf:
+        for name, data in (("pics/._a.png", b"\x00\x05\x16\x07" + bytes(60)), ("pics/a.png", png),
+                           ("pics/.hidden.png", png)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    assert open_source(str(tmp_path / "mac.tar")).ids == ["mac.tar:pics/a.png"]

@@ -390,6 +390,7 @@ def test_save_to_disk_folders(tmp_path: Path) -> None:
 
 def test_missing_datasets_package_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "state.json").write_text("{}")
+    (tmp_path / "dataset_info.json").write_text("{}")
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(KlvaeError, match="pip install datasets"):
         build_dataset(tmp_path)

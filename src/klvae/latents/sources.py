@@ -154,7 +154,10 @@ def _tar_members(t: Path, ids: dict[str, tuple[Path, str, int]], label: str) -> 
 def _is_image_member(m: tarfile.TarInfo) -> bool:
     # A regular file, not a GNU sparse one: a few bytes of sparse map declare up to MAX_ENCODED_BYTES of zeros,
     # which tarfile writes out (piece by piece, each piece copying all before it) for every read of the member.
-    return m.isfile() and not m.issparse() and Path(m.name).suffix.lower() in IMAGE_EXTENSIONS
+    # Hidden names (macOS's ._x.png resource forks) are skipped, as folder walks and training shards skip them.
+    name = m.name.rpartition("/")[2]
+    visible = not name.startswith(".")
+    return m.isfile() and not m.issparse() and visible and Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
 def _end_of_members(tf: tarfile.TarFile) -> str | None:
