@@ -184,7 +184,7 @@ def _read_pickle(path: Path) -> RawWeights:
 
 def _copies(tensors: dict[str, Tensor], path: Path) -> StateDict:
     """Plain copies of the tensors a pickle gave, so that the model owns its memory rather than mapped pages;
-    WeightsError where they would hold more bytes than the file does."""
+    WeightsError where they would hold more bytes than the file does, or are no dense tensors with values."""
     budget = path.stat().st_size
     out: StateDict = {}
     for k, v in tensors.items():
@@ -199,6 +199,13 @@ def _copies(tensors: dict[str, Tensor], path: Path) -> StateDict:
                                f"{path.stat().st_size} bytes (expanded or shared storages): a damaged or crafted file")
         if type(t) is not Tensor:  # weights_only builds no other kind; a subclass's methods are its own
             raise WeightsError(f"{path}: {k} is a {type(t).__name__}, not a plain tensor")
+        # weights_only also rebuilds meta tensors (shapes without values: CPU kernels then read uninitialised memory,
+        # a silently wrong decode) and sparse ones (no convolution takes them): neither is a stored weight.
+        if t.is_meta or t.layout != torch.strided:
+            layout = str(t.layout).removeprefix("torch.")
+            what = "a meta tensor (a shape without values)" if t.is_meta else f"a {layout} tensor"
+            raise WeightsError(f"{path}: {k} is {what}, not a stored weight: a file saved from a model without "
+                               "its weights, or a damaged one")
         out[k] = t.clone()
     return out
 
