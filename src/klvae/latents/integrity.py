@@ -16,7 +16,6 @@ Damage inside the tensor data keeps the header whole: each shard's SHA-256 is re
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -27,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from klvae.atomic import atomic_save_file, atomic_write_text
+from klvae.checksum import file_sha256
 from klvae.errors import KlvaeError, first_line
 from klvae.model.config import AutoencoderKLConfig
 
@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 
 RowShapes = Callable[[Sequence[int]], dict[str, tuple[int, ...]]]
 
-_CHUNK = 4 << 20  # bytes per read while hashing
 
 
 def stored_tensors(config: AutoencoderKLConfig, store: str) -> dict[str, Any]:
@@ -108,17 +107,6 @@ def save_shard(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str])
     # leaves a shard no line names, which a resume deletes): serialising to memory to hash on the way would hold
     # a second copy of the whole shard, and atomic.py writes the tensors straight to the file.
     return file_sha256(path)
-
-
-def file_sha256(path: Path, progress: Callable[[int], object] | None = None) -> str:
-    """The SHA-256 (hex) of a file, read in chunks; `progress` is told each chunk's length."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)  # hashlib lets go of the GIL for large updates
-            if progress:
-                progress(len(chunk))
-    return h.hexdigest()
 
 
 def drop_damaged(out: Path, manifest: Path, records: list[dict[str, Any]], shapes: RowShapes) -> list[dict]:

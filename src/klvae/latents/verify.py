@@ -27,9 +27,10 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from klvae.checksum import file_sha256
 from klvae.errors import KlvaeError
 from klvae.latents.cache import parse_index, read_manifest
-from klvae.latents.integrity import RowShapes, drop_shards, file_sha256, read_header, rows_problem
+from klvae.latents.integrity import RowShapes, drop_shards, read_header, rows_problem
 from klvae.progress import progress_bar
 
 log = logging.getLogger(__name__)

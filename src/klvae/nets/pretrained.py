@@ -7,7 +7,6 @@ automatically (torch hub cache, download) must also have its pinned SHA-256; a f
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from klvae.checksum import file_sha256
 from klvae.errors import KlvaeError, WeightsError, first_line, quote
 
 log = logging.getLogger(__name__)
@@ -86,15 +86,6 @@ def hash_prefix(file_name: str) -> str:
     if m is None:
         raise ValueError(f"{file_name} carries no SHA-256 prefix")
     return m[1]
-
-
-def file_sha256(path: Path) -> str:
-    """The SHA-256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_sha256(path: Path, sha256: str, label: str, fix: str) -> None:
