@@ -309,3 +309,48 @@ def test_dtype_and_device_resolution() -> None:
     assert inference.resolve_device("auto").type in ("cpu", "cuda")
     with pytest.raises(klvae.KlvaeError):
         inference.resolve_device("nonsense")
+
+
+
+class _StripHeights(Streamer):
+    """Records what each strip of a stride-2 downsampler reads and writes, with the level's height."""
+
+    def __init__(self, **kw: object) -> None:
+        super().__init__(**kw)
+        self.down: list[tuple[int, int, int]] = []  # (level height, input rows read, bytes of the strip)
+        self.pads: dict[tuple[int, int], int] = {}  # (level height, rows read) -> bytes of a padding row and column
+
+    def _conv_input(self, x: torch.Tensor, a: int, e: int, k: int, mode: str, pre: object) -> torch.Tensor:
+        t = super()._conv_input(x, a, e, k, mode, pre)
+        if mode == "down":
+            # Input in the compute dtype and fp32 temporaries, output twice in each (as strip_rows counts them).
+            elem = torch.finfo(self.dtype).bits // 8
+            out = (e - a) * (x.shape[3] // 2) * x.shape[1] * (2 * elem + 8)
+            self.down.append((x.shape[2], t.shape[2], t[0].numel() * (elem + 8) + out))
+            self.pads[x.shape[2], t.shape[2]] = (t[0, :, 0].numel() + t[0, :, :, 0].numel()) * (elem + 8)
+        return t
+
+
+def test_downsampler_strips_keep_the_levels_height(device: torch.device) -> None:
+    # A strip of `rows` image rows is rows // f rows at a level 1/f of the image: a downsampler reading that level
+    # reads that many (plus its one padding row), not twice as many.
+    vae = perturbed_vae("tiny-f8", device=device)
+    x = (torch.rand(1, 3, 64, 40) * 2 - 1).to(device)
+    st = _StripHeights(device=device, storage=device, dtype=torch.float32, rows=16, image_height=64)
+    m = tiling.tiled_encode_moments(vae, x, st)
+    assert (m - inference.encode_moments(vae, x)).abs().max() < 1e-4
+    assert {h for h, _, _ in st.down} == {64, 32, 16}
+    for h, read, _ in st.down:
+        assert read <= 16 * h // 64 + 1, (h, read)
+
+
+def test_downsampler_strips_fit_the_budget(device: torch.device) -> None:
+    vae = perturbed_vae("tiny-f8", device=device)
+    x = (torch.rand(1, 3, 64, 48) * 2 - 1).to(device)
+    budget = 200_000
+    st = _StripHeights(device=device, storage=device, dtype=torch.float32, budget=budget)
+    m = tiling.tiled_encode_moments(vae, x, st)
+    assert (m - inference.encode_moments(vae, x)).abs().max() < 1e-4
+    # Each strip fits, but for the odd input row and column (the asymmetric padding) a stride-2 conv reads.
+    assert all(nbytes - st.pads[h, read] <= budget for h, read, nbytes in st.down)
+    assert min(read for _, read, _ in st.down) >= 9  # several rows per strip, so the count per row matters

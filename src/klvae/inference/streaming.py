@@ -224,7 +224,10 @@ class Streamer:
         ho, wo = {"same": (h, w), "down": (h // 2, w // 2), "up": (2 * h, 2 * w)}[mode]
         scale = 2 if mode == "up" else 1
         out, sums = self.new_map(b, conv.out_channels, ho, wo)
-        step = self.strip_rows(cin, conv.out_channels, w, h, scale)
+        if mode == "down":  # each output row reads two input rows, twice its width: count them at the output's size
+            step = self.strip_rows(4 * cin, conv.out_channels, wo, ho)
+        else:
+            step = self.strip_rows(cin, conv.out_channels, w, h, scale)
         for a in range(0, ho, step):
             e = min(a + step, ho)
             y = self._valid_conv(self._conv_input(x, a, e, k, mode, pre), conv)
