@@ -20,7 +20,8 @@ _SMUGGLED_BYTE = re.compile("[\udc80-\udcff]")
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Run write(tmp) on a temporary name beside `path`, flush it to disk, then rename it onto `path`; a failed
+    """Run write(tmp) on a temporary name beside `path`, flush it to disk, then rename it onto `path` (and flush the
+    folder, so the rename survives a power cut); a failed
     write (OSError, or safetensors' own error) is an OSError that names `path`."""
     atomic_write_all([(path, write)])
     return Path(path)
@@ -51,6 +52,24 @@ def atomic_write_all(files: Sequence[tuple[str | Path, Callable[[Path], None]]])
             except OSError:
                 break
         raise
+    for folder in dict.fromkeys(path.parent for _, path in done):
+        _fsync_folder(folder)
+
+
+def _fsync_folder(folder: Path) -> None:
+    # A rename lives in the folder's entry, not the file: until the folder reaches the disk, a power cut can bring
+    # back the old file (or none) even though the new data was flushed. Best effort: some filesystems (and Windows)
+    # cannot open or sync a folder, and the file is in place either way.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _write_flushed(path: Path, tmp: Path, write: Callable[[Path], None]) -> None:

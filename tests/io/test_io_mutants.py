@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 import klvae.atomic
 import klvae.datasources
 from helpers import noise_png
-from klvae.atomic import atomic_save_file, atomic_write, atomic_write_text
+from klvae.atomic import atomic_save_file, atomic_write, atomic_write_all, atomic_write_text, text_writer
 from klvae.datasources import expand_shards, is_disk, parquet_files, resolve_spec
 from klvae.errors import ImageError, KlvaeError
 from klvae.images import (
@@ -315,7 +315,22 @@ def test_data_reaches_the_disk_before_the_rename(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(os, "replace", replace)
     seen: list[Path] = []
     atomic_write(tmp_path / "x.bin", _recording(seen))
-    assert events == [("fsync", seen[0].name), ("replace", seen[0].name)]
+    # The folder last: the rename is only durable once its entry reaches the disk.
+    assert events == [("fsync", seen[0].name), ("replace", seen[0].name), ("fsync", tmp_path.name)]
+
+
+def test_each_folder_is_flushed_once_after_every_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[-1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(b))), real_replace(a, b))[-1])
+    sub = tmp_path / "sub"
+    atomic_write_all([(tmp_path / "a", text_writer("1")), (sub / "b", text_writer("2")),
+                      (tmp_path / "c", text_writer("3"))])
+    after = events[[kind for kind, _ in events].index("replace"):]
+    assert after == [("replace", str(tmp_path / "a")), ("replace", str(sub / "b")), ("replace", str(tmp_path / "c")),
+                     ("fsync", str(tmp_path)), ("fsync", str(sub))]
 
 
 @pytest.mark.parametrize(("umask", "mode"), [(0o027, 0o640), (0o002, 0o664), (0o077, 0o600)])
