@@ -95,7 +95,7 @@ def test_an_existing_output_is_replaced_only_with_overwrite(source: Path, tmp_pa
     (["-o", "OUT/x.ckpt"], "not pickles; name a .safetensors file (LDM layout) or a folder"),
     (["-o", "OUT/x.bin", "--to", "ldm"], "must end in .safetensors"),
     (["-o", "OUT/d", "--dtype", "int8"], "--dtype must be one of"),
-    (["-o", "OUT/d", "--dtype", "fp16", "--model", "HUGE"], "not finite in fp16"),
+    (["-o", "OUT/d", "--dtype", "fp16", "--model", "HUGE"], "beyond the range of float16, whose largest value is"),
 ])
 def test_bad_conversions_are_one_line_and_write_nothing(
     source: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], words: str

@@ -244,3 +244,34 @@ def test_convert_to_ldm_loads_in_diffusers_from_single_file_offline_with_config(
     ours, got = v.state_dict(), theirs.state_dict()
     assert got.keys() == ours.keys() and all(torch.equal(got[k], ours[k]) for k in ours)
     assert (theirs.config.scaling_factor, theirs.config.shift_factor) == (0.3611, 0.1159)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_weights_holding_nan_or_inf_are_refused_naming_them(bad: float, ldm: dict[str, torch.Tensor], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: they loaded, and every decode was NaN (a black image) with no hint why."""
+    sd = dict(ldm)
+    sd["decoder.conv_out.bias"] = sd["decoder.conv_out.bias"].clone()
+    sd["decoder.conv_out.bias"][1] = bad
+    path = tmp_path / "vae.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(WeightsError, match=r"vae\.safetensors holds NaN or infinite values in 1 weights "
+                                           r"\(decoder\.conv_out\.bias\): the file is damaged"):
+        klvae.AutoencoderKL.from_pretrained(path)
+    assert main(["-q", "info", "--model", str(path)]) == 2
+    assert "decoder.conv_out.bias" in one_error_line(capsys.readouterr().err)
+
+
+def test_weights_beyond_float16s_range_are_refused_in_float16_only(ldm: dict[str, torch.Tensor],
+                                                                   tmp_path: Path) -> None:
+    sd = dict(ldm)
+    sd["encoder.conv_in.bias"] = sd["encoder.conv_in.bias"].clone()
+    sd["encoder.conv_in.bias"][0] = 70000.0  # finite in float32 and bfloat16, inf in float16
+    path = tmp_path / "vae.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(WeightsError, match=r"vae\.safetensors has weights beyond the range of float16, whose largest "
+                                           r"value is 65504 \(encoder\.conv_in\.bias\): use float32 or bfloat16"):
+        klvae.AutoencoderKL.from_pretrained(path, dtype=torch.float16)
+    for dtype in (torch.float32, torch.bfloat16):
+        vae = klvae.AutoencoderKL.from_pretrained(path, dtype=dtype)
+        assert vae.encoder.conv_in.bias[0].item() == pytest.approx(70000.0, rel=1e-2)

@@ -273,6 +273,21 @@ def _check_dtype(dtype: torch.dtype | None) -> None:
                        "torch.bfloat16")
 
 
+def _check_finite(raw: StateDict, cast: StateDict, name: str, dtype: torch.dtype) -> None:
+    # A NaN or inf weight makes every output NaN (black images, NaN latents) with no hint why; so does a finite
+    # weight beyond the range of the dtype asked for (float16 ends at 65504).
+    bad = [k for k, v in cast.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if not bad:
+        return
+    stored = [k for k in bad if not bool(torch.isfinite(raw[k]).all())]
+    if stored:
+        raise WeightsError(f"{name} holds NaN or infinite values in {len(stored)} weights ({_names(stored)}): "
+                           "the file is damaged or comes from a training run that diverged")
+    limit = f", whose largest value is {torch.finfo(dtype).max:.0f}" if dtype == torch.float16 else ""
+    raise WeightsError(f"{name} has weights beyond the range of {str(dtype).removeprefix('torch.')}{limit} "
+                       f"({_names(bad)}): use float32 or bfloat16")
+
+
 def load_pretrained(
     cls: type[M],
     path_or_id: str | Path,
@@ -312,7 +327,9 @@ def load_source(
     with torch.device("meta"):
         model = cls(cfg)
     target = dtype or torch.float32
-    sd = {k: v.to(dtype=target) if v.is_floating_point() else v for k, v in sd.items()}
+    cast = {k: v.to(dtype=target) if v.is_floating_point() else v for k, v in sd.items()}
+    _check_finite(sd, cast, source.weights.name, target)
+    sd = cast
     load_state_dict_strict(model, sd, f"{what} ({source.weights.name})", assign=True)
     if device is not None:
         model.to(device=device)
