@@ -180,9 +180,19 @@ def test_user_named_files_need_not_be_the_pinned_ones_but_must_fit_in_one_line(k
     with pytest.raises(WeightsError) as err:
         LPIPS(pretrained=False, lin_path=bad)
     msg = str(err.value)
-    assert msg.startswith("LPIPS linear weights do not fit: missing: lin0.model.1.weight") and "unexpected: " in msg
+    assert msg.startswith(f"LPIPS linear weights in {bad} do not fit: missing: lin0.model.1.weight"), msg
+    assert "unexpected: " in msg
     assert "\n" not in msg and len(msg) < 400, msg
     with pytest.raises(KlvaeError) as err:  # klvae eval --lpips-lin: the file and the flag named
         load_named_weights(m.load_lin, bad, "lpips_lin")
     assert str(err.value).startswith(f"lpips_lin={str(bad)!r}: LPIPS linear weights do not fit")
     assert "\n" not in str(err.value) and len(str(err.value)) < 500
+
+
+@pytest.mark.parametrize(("arg", "what"), [("vgg_path", "VGG16 weights in"), ("lin_path", "LPIPS linear weights in")])
+def test_lpips_names_the_file_that_does_not_fit(arg: str, what: str, tmp_path: Path) -> None:
+    """Before: "VGG16 weights do not fit: ..." from a training config with several paths, none named."""
+    path = tmp_path / "mine.pth"
+    torch.save({"a": torch.zeros(1)}, path)
+    with pytest.raises(WeightsError, match=rf"^{what} {path} do not fit: missing: .*; unexpected: a$"):
+        LPIPS(pretrained=False, **{arg: path})

@@ -118,20 +118,25 @@ class LPIPS(FrozenNet):
         for head in self.lin.heads():
             conv = head.model[1]
             nn.init.uniform_(conv.weight, 0.0, 1.0 / conv.in_channels)
-        if vgg_path is not None or pretrained:
-            self.load_vgg(read_weights(vgg_path, "VGG16") if vgg_path is not None else resolve_vgg_weights())
-        if lin_path is not None or pretrained:
-            self.load_lin(read_weights(lin_path, "LPIPS linear") if lin_path is not None else resolve_lin_weights())
+        # A file named here may be any file, so its errors name it; the ones found for us are hash-checked.
+        if vgg_path is not None:
+            self.load_vgg(read_weights(vgg_path, "VGG16"), f"VGG16 weights in {vgg_path}")
+        elif pretrained:
+            self.load_vgg(resolve_vgg_weights())
+        if lin_path is not None:
+            self.load_lin(read_weights(lin_path, "LPIPS linear"), f"LPIPS linear weights in {lin_path}")
+        elif pretrained:
+            self.load_lin(resolve_lin_weights())
         self.freeze()
 
-    def load_vgg(self, state_dict: Mapping[str, Any]) -> None:
+    def load_vgg(self, state_dict: Mapping[str, Any], what: str = "VGG16 weights") -> None:
         """Load a torchvision-layout VGG16 state dict (classifier.* ignored), checking keys and shapes."""
         features = {k: v for k, v in state_dict.items() if not k.startswith("classifier.")}
-        load_strict(self.net, features, "VGG16 weights")
+        load_strict(self.net, features, what)
 
-    def load_lin(self, state_dict: Mapping[str, Any]) -> None:
+    def load_lin(self, state_dict: Mapping[str, Any], what: str = "LPIPS linear weights") -> None:
         """Load an lpips-layout head state dict (lin{0..4}.model.1.weight), checking keys and shapes."""
-        load_strict(self.lin, state_dict, "LPIPS linear weights")
+        load_strict(self.lin, state_dict, what)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         """LPIPS(x, y) per sample, [B, 1, 1, 1]; x and y are [B, 3, H, W] in [-1, 1]."""
