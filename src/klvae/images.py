@@ -248,7 +248,9 @@ def _walk(root: Path, recursive: bool) -> list[Path]:
             continue
         seen.add(real)
         # Hidden entries are tool debris (.ipynb_checkpoints, macOS ._ resource forks), never training data.
-        dirnames[:] = [] if not recursive else [d for d in dirnames if not d.startswith(".")]
+        # Sorted: the walk is depth-first in this order, so when two symlinks reach one folder, the name its
+        # images are found under (their item ids, output names) is the same on every filesystem.
+        dirnames[:] = [] if not recursive else sorted(d for d in dirnames if not d.startswith("."))
         out.extend(Path(dirpath) / f for f in filenames
                    if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS)
     return out

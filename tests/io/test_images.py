@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import warnings
 import zlib
@@ -245,6 +246,47 @@ def test_symlink_loops_end(photos: Path, tmp_path: Path) -> None:
     (tmp_path / "a" / "x.png").write_bytes((photos / "astronaut.png").read_bytes())
     (tmp_path / "a" / "loop").symlink_to(tmp_path / "a")
     assert [p.name for p in find_images([tmp_path])] == ["x.png"]
+
+
+
+class _Listing:
+    """os.scandir's iterator, in an order of our choosing (filesystems list folders in any order)."""
+
+    def __init__(self, entries: list[object]) -> None:
+        self.entries = iter(entries)
+
+    def __enter__(self) -> _Listing:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def __iter__(self) -> _Listing:
+        return self
+
+    def __next__(self) -> object:
+        return next(self.entries)
+
+
+@pytest.mark.parametrize("backwards", [False, True])
+def test_two_symlinks_to_one_folder_give_one_name_on_every_filesystem(
+    backwards: bool, photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = tmp_path / "store" / "real"
+    real.mkdir(parents=True)
+    (real / "x.png").write_bytes((photos / "astronaut.png").read_bytes())
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("b_link", "a_link", "c_link"):
+        (data / name).symlink_to(real, target_is_directory=True)
+    scandir = os.scandir
+
+    def listing(path: object) -> _Listing:
+        with scandir(path) as it:
+            return _Listing(sorted(it, key=lambda e: e.name, reverse=backwards))
+
+    monkeypatch.setattr(os, "scandir", listing)
+    assert find_images([data]) == [data / "a_link" / "x.png"]
 
 
 def test_pil_tensor_round_trip_is_exact() -> None:
