@@ -60,6 +60,11 @@ def test_the_pins_are_the_files_the_code_names() -> None:
     assert REAL_LIN is not None and REAL_LIN.stat().st_size == 7289
     assert sha(REAL_LIN) == lpips_mod.LIN_SHA256
     assert lpips_mod.LIN_URL.endswith("/lpips/weights/v0.1/vgg.pth")  # the same file of the lpips repository
+    # ... at a commit, whose file is the wheel's (as git hashes a blob), not at a branch that may move.
+    commit = lpips_mod.LIN_URL.split("/raw/")[1].split("/")[0]
+    assert len(commit) == 40 and int(commit, 16) >= 0
+    data = REAL_LIN.read_bytes()
+    assert hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest() == "47e943cfacabf7040b4af8cf4084ab91177f1b88"
     for name in (inception_mod.INCEPTION_FILE, inception_mod.PYTORCH_FID_FILE):
         assert inception_mod.INCEPTION_SHA256.startswith(pretrained_mod.hash_prefix(name))
     assert pretrained_mod.hash_prefix(lpips_mod.VGG16_FILE) == "397923af"

@@ -20,11 +20,13 @@ from klvae.nets.pretrained import FrozenNet, check_sha256, fetch, hash_prefix, l
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 VGG16_FILE = "vgg16-397923af.pth"
-LIN_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
+# At the commit that last changed the file (its git blob 47e943cf is the wheel's file): a branch could move.
+LIN_URL = ("https://github.com/richzhang/PerceptualSimilarity/raw/c33f89e9f46522a584cf41d8880eb0afa982708b/"
+           "lpips/weights/v0.1/vgg.pth")
 # A distinct cache name: a bare "vgg.pth" in the shared hub cache could be anybody's file.
 LIN_FILE = "lpips-v0.1-vgg.pth"
 # The heads' SHA-256 (7,289 bytes): the file at LIN_URL's path, lpips/weights/v0.1/vgg.pth, as the lpips 0.1.4
-# wheel ships it (its RECORD lists the same hash). LIN_URL follows a branch, so a change there is refused too.
+# wheel ships it (its RECORD lists the same hash).
 LIN_SHA256 = "a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868"
 
 # torchvision's VGG16 "D" configuration up to relu5_3 (the final max-pool is never tapped, so it is left out).
