@@ -2,6 +2,7 @@
 a cache index without its fields is named as such."""
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -16,11 +17,15 @@ RES = ["--resolution", "32", "--num-workers", "0", "--device", "cpu"]
 
 
 def _model(root: Path, weight_scale: float) -> Path:
-    # The tiny preset with its encoder's last conv scaled: inf gives NaN latents, 1e12 huge but finite ones.
+    # The tiny preset with its encoder's last conv scaled by 1e12: huge but finite latents; or filled with 3e38,
+    # finite weights (a file's must be) whose sums overflow float32: non-finite latents.
     torch.manual_seed(0)
     vae = klvae.AutoencoderKL(klvae.get_preset("tiny"))
     with torch.no_grad():
-        vae.encoder.conv_out.weight.mul_(weight_scale)
+        if math.isinf(weight_scale):
+            vae.encoder.conv_out.weight.fill_(3e38)
+        else:
+            vae.encoder.conv_out.weight.mul_(weight_scale)
     vae.save_pretrained(root)
     return root
 
@@ -147,7 +152,7 @@ def test_a_model_with_non_finite_latents_is_a_one_line_cache_error(
 ) -> None:
     out = tmp_path / "cache"
     assert main(_args(data, out, models["nan"])) == 2
-    _one_line_error(capsys, "non-finite latents for img000.png", "inf or NaN in the model's weights?")
+    _one_line_error(capsys, "non-finite latents for img000.png", "huge, inf or NaN weights?")
     assert not out.exists()  # nothing written: not even the folder it made
 
 
@@ -188,7 +193,7 @@ def test_scale_of_a_model_with_non_finite_latents_is_a_one_line_error_before_sav
     saved = tmp_path / "saved"
     args = ["scale", "--data", str(data), "--model", str(models["nan"]), "--resolution", "32", "--device", "cpu"]
     assert main([*args, "--save", str(saved)]) == 2
-    _one_line_error(capsys, "non-finite latents for img00", "inf or NaN in the model's weights?")
+    _one_line_error(capsys, "non-finite latents for img00", "huge, inf or NaN weights?")
     assert not saved.exists()
     assert main(args) == 2  # printing NaN factors is no answer either
     _one_line_error(capsys, "non-finite latents")

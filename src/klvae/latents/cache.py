@@ -304,8 +304,10 @@ def check_finite_moments(moments: Tensor, names: list[str]) -> None:
     # and stored (or averaged into factors) it would only turn up later, as a grey picture or a NaN loss.
     bad = (~torch.isfinite(moments.flatten(1))).any(1).nonzero()
     if len(bad):
-        raise KlvaeError(f"the model produced non-finite latents for {names[int(bad[0])]}: inf or NaN in the "
-                         "model's weights?")
+        # Weights loaded from files are finite (the loader refuses others): overflow from huge ones, or a model
+        # changed in memory.
+        raise KlvaeError(f"the model produced non-finite latents for {names[int(bad[0])]}: huge, inf or NaN "
+                         "weights?")
 
 
 def _row_generator(seed: int, meta: dict) -> torch.Generator:
