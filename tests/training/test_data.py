@@ -415,3 +415,62 @@ def test_distributed_loaders_split_and_reshuffle_per_epoch() -> None:
     assert [k for b in loaders[0] for k in b["keys"]] != epoch0[0]
     plain = build_dataloader(_Numbers(), 5, shuffle=False)
     assert [k for b in plain for k in b["keys"]] == [str(i) for i in range(20)]
+
+
+def _augmenting_stream(tmp_path: Path, workers: int = 0) -> tuple[object, Path]:
+    from klvae.training.config import load_config
+
+    shard = tmp_path / "images-0.tar"
+    tmp_path.mkdir(exist_ok=True)
+    with tarfile.open(shard, "w") as tf:
+        for i in range(6):
+            data = _encoded(np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+            info = tarfile.TarInfo(f"img{i}.png")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return load_config(None, [
+        "model.preset=tiny", f"data.train={shard}", "data.resolution=16", "data.batch_size=2",
+        f"data.num_workers={workers}", "data.crop=random", "data.flip=0.5", "data.scale_min=0.5",
+        "train.device=cpu", f"train.out_dir={tmp_path / 'run'}", "loss.preset=mse", "train.seed=3"]), shard
+
+
+def test_a_resumed_stream_of_tar_shards_crops_and_flips_as_the_uninterrupted_one(tmp_path: Path) -> None:
+    """Before: augmentations came from the global generator, which re-reading the consumed batches on resume moved
+    on, so every crop and flip after a resume differed from the uninterrupted run's."""
+    from klvae.distributed import DistInfo
+    from klvae.training.data_setup import build_train_loader
+
+    cfg, _ = _augmenting_stream(tmp_path)
+    torch.manual_seed(0)
+    whole = build_train_loader(cfg, DistInfo())
+    batches = [next(whole) for _ in range(6)]  # two passes over the six images
+    torch.manual_seed(0)  # the generator's state at the checkpoint is restored, then the skip reads 2 batches
+    resumed = build_train_loader(cfg, DistInfo(), start_batch=4)
+    for b in batches[4:]:
+        again = next(resumed)
+        assert again["keys"] == b["keys"] and torch.equal(again["pixels"], b["pixels"])
+    # The same images get other crops in the second pass (the pass is part of their seeds).
+    assert batches[0]["keys"] == batches[3]["keys"] == ["images-0.tar:img0", "images-0.tar:img1"]
+    assert not torch.equal(batches[0]["pixels"], batches[3]["pixels"])
+    # Reading within a pass leaves the caller's generator where it was (a pass's start draws the loader's seed).
+    fresh = build_train_loader(cfg, DistInfo())
+    next(fresh)
+    state = torch.get_rng_state()
+    assert torch.equal(next(fresh)["pixels"], batches[1]["pixels"])
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_tar_samples_crop_does_not_depend_on_the_number_of_workers(tmp_path: Path) -> None:
+    from klvae.distributed import DistInfo
+    from klvae.training.data_setup import build_train_loader
+
+    crops: list[dict[str, torch.Tensor]] = []
+    for workers in (0, 2):
+        cfg, _ = _augmenting_stream(tmp_path / str(workers), workers)
+        loader = build_train_loader(cfg, DistInfo())
+        seen: dict[str, torch.Tensor] = {}
+        while len(seen) < 6:
+            b = next(loader)
+            seen.update(zip([k.split(":")[1] for k in b["keys"]], b["pixels"], strict=True))
+        crops.append(seen)
+    assert crops[0].keys() == crops[1].keys() and all(torch.equal(crops[0][k], crops[1][k]) for k in crops[0])

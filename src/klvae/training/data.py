@@ -4,11 +4,14 @@ Unreadable items are never fatal: a dataset logs a warning naming the item and y
 `collate_skip_none` drops the Nones and puts their number in the batch ("skipped"), because counters kept in
 DataLoader worker processes never reach the main process. Random choices (crop position, scale, flip) come
 from torch's global generator, so a wrapper that seeds it per item (training.sampler.SeededItems) makes
-them reproducible, and DataLoader workers get distinct streams.
+them reproducible, and DataLoader workers get distinct streams. Tar shards, read as streams, seed each sample
+themselves once given a seed (`WebDatasetShards.seed`).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
@@ -33,6 +36,7 @@ from klvae.images import (
     pil_to_tensor,
     read_tar_member,
 )
+from klvae.training.sampler import seeded
 
 log = logging.getLogger(__name__)
 
@@ -221,9 +225,9 @@ def _split_name(name: str) -> tuple[str, str]:
 
 
 def _tar_groups(tf: tarfile.TarFile, wanted: Callable[[int], bool],
-                is_image: Callable[[str], bool]) -> Iterator[tuple[str, dict[str, bytes | ImageError]]]:
-    """(key, {extension: bytes, or the error of a member too big to read}) per run of members sharing a key;
-    bytes read only for wanted images."""
+                is_image: Callable[[str], bool]) -> Iterator[tuple[int, str, dict[str, bytes | ImageError]]]:
+    """(sample number, key, {extension: bytes, or the error of a member too big to read}) per run of members
+    sharing a key; bytes read only for wanted images."""
     key, idx, group = None, -1, {}
     for m in tf:  # a stream: a member's bytes can only be read while it is the current one
         if not m.isfile() or m.name.rpartition("/")[2].startswith("."):
@@ -231,7 +235,7 @@ def _tar_groups(tf: tarfile.TarFile, wanted: Callable[[int], bool],
         k, ext = _split_name(m.name)
         if k != key:
             if key is not None and wanted(idx):
-                yield key, group
+                yield idx, key, group
             key, idx, group = k, idx + 1, {}
         if wanted(idx) and is_image(ext):
             try:
@@ -239,7 +243,7 @@ def _tar_groups(tf: tarfile.TarFile, wanted: Callable[[int], bool],
             except ImageError as e:  # the sample is skipped and counted; the stream goes on past the member
                 group[ext] = e
     if key is not None and wanted(idx):
-        yield key, group
+        yield idx, key, group
 
 
 class WebDatasetShards(IterableDataset):
@@ -254,6 +258,14 @@ class WebDatasetShards(IterableDataset):
         # Resolved here, in the main process: worker processes do not share its torch.distributed state.
         self.rank, self.world_size = resolve_rank(rank, world_size)
         self.skipped = 0  # in this process only; batches carry the count across workers
+        # Training sets a seed: each sample's crop and flip then come from (seed, pass, shard, sample), not from
+        # the global generator, which a resume (reading the consumed batches again) would leave elsewhere.
+        self.seed: int | None = None
+        self.epoch = 0  # the pass over the shards, set by the loader before each (workers get a copy)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Number the coming pass over the shards (it seeds the samples' augmentations with `seed`)."""
+        self.epoch = epoch
 
     def _is_image(self, ext: str) -> bool:
         return ext in self.image_keys or ext.rpartition(".")[2] in self.image_keys
@@ -276,11 +288,17 @@ class WebDatasetShards(IterableDataset):
             return None
         return _item(name, lambda: open_image_bytes(data, name, self.max_pixels), self.transform)
 
-    def _read(self, shard: Path, stride: int, offset: int) -> Iterator[Item]:
+    def _sample_seed(self, shard: int, sample: int) -> int:
+        text = f"{self.seed},{self.epoch},{shard},{sample}".encode()
+        return int.from_bytes(hashlib.blake2b(text, digest_size=4).digest(), "little") % 2**31
+
+    def _read(self, s: int, stride: int, offset: int) -> Iterator[Item]:
+        shard = self.shards[s]
         try:
             with tarfile.open(shard, "r|*") as tf:
-                for key, group in _tar_groups(tf, lambda i: i % stride == offset, self._is_image):
-                    yield self._sample(f"{shard.name}:{key}", self._pick(group))
+                for i, key, group in _tar_groups(tf, lambda i: i % stride == offset, self._is_image):
+                    make = functools.partial(self._sample, f"{shard.name}:{key}", self._pick(group))
+                    yield make() if self.seed is None else seeded(self._sample_seed(s, i), make)
                 end = tf.offset
         except (OSError, EOFError, tarfile.TarError) as e:  # a torn shard: keep what was read, go on
             log.warning("skipping the rest of shard %s: %s", shard, e)
@@ -293,7 +311,7 @@ class WebDatasetShards(IterableDataset):
 
     def __iter__(self) -> Iterator[Item]:
         for s, stride, offset in self.plan():
-            for item in self._read(self.shards[s], stride, offset):
+            for item in self._read(s, stride, offset):
                 self.skipped += item is None
                 yield item
 

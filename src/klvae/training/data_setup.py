@@ -16,7 +16,13 @@ from klvae.datasources import resolve_spec
 from klvae.distributed import DistInfo
 from klvae.errors import KlvaeError
 from klvae.training.config import TrainConfig
-from klvae.training.data import TransformConfig, build_dataset, build_transform, collate_skip_none
+from klvae.training.data import (
+    TransformConfig,
+    WebDatasetShards,
+    build_dataset,
+    build_transform,
+    collate_skip_none,
+)
 from klvae.training.sampler import GlobalBatchSampler, SeededItems, fewer_per_process
 
 log = logging.getLogger(__name__)
@@ -41,7 +47,11 @@ def build_train_loader(cfg: TrainConfig, dist: DistInfo, start_batch: int = 0) -
     ds = build_dataset(d.train, _transform(cfg, train=True), image_column=d.image_column,
                        rank=dist.rank, world_size=dist.world, cache=d.cache_images)
     if isinstance(ds, IterableDataset):
-        # Streams (tar shards) have no random access: resume skips the consumed batches by reading them.
+        # Streams (tar shards) have no random access: resume skips the consumed batches by reading them, and
+        # each sample's augmentation is seeded by its place (see WebDatasetShards.seed), so the reading draws
+        # nothing that the batches after it would miss.
+        if isinstance(ds, WebDatasetShards):
+            ds.seed = cfg.train.seed
         loader = DataLoader(ds, batch_size=d.batch_size, num_workers=d.num_workers, collate_fn=collate_skip_none)
         return itertools.islice(_endless(loader, f"{d.train} (rank {dist.rank} of {dist.world})"), start_batch, None)
     _check_one_global_batch(ds, d.batch_size, dist.world, d.train)
@@ -89,7 +99,9 @@ def _check_one_global_batch(ds: Any, batch: int, world: int, source: str) -> Non
 
 
 def _endless(loader: DataLoader, name: str) -> Iterator[dict[str, Any]]:
-    while True:
+    for epoch in itertools.count():
+        if isinstance(loader.dataset, WebDatasetShards):
+            loader.dataset.set_epoch(epoch)  # before the pass starts its workers, which copy the dataset
         first = True
         for batch in loader:
             yield {**batch, "new_pass": first}

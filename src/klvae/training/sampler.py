@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from klvae.errors import KlvaeError
+
+T = TypeVar("T")
 
 
 def fewer_per_process(n: int, world: int, field: str) -> str:
@@ -76,14 +78,18 @@ class SeededItems(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         index, epoch = key
-        s = (self.seed * 1_000_003 + epoch * 7_919 + index) % 2**31
-        py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(s)
-            random.seed(s)
-            np.random.seed(s)
-            try:
-                return self.dataset[index]
-            finally:
-                random.setstate(py_state)
-                np.random.set_state(np_state)
+        return seeded((self.seed * 1_000_003 + epoch * 7_919 + index) % 2**31, lambda: self.dataset[index])
+
+
+def seeded(seed: int, fn: Callable[[], T]) -> T:
+    """fn() with torch's, Python's and NumPy's global generators seeded by `seed`; their states are put back."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            return fn()
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
