@@ -21,6 +21,10 @@ class ImageError(KlvaeError):
     """An image that cannot be read, is truncated, or is absurdly large."""
 
 
+class ImageTooLarge(ImageError):
+    """An image refused for its pixel count alone (a decompression-bomb guard): an image all the same."""
+
+
 class LatentsError(KlvaeError):
     """Latents that do not fit the model (channels) or are not finite."""
 

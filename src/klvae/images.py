@@ -28,7 +28,7 @@ from PIL import ExifTags, Image, ImageOps
 from torch import Tensor
 
 from klvae.atomic import atomic_write
-from klvae.errors import ImageError, KlvaeError
+from klvae.errors import ImageError, ImageTooLarge, KlvaeError
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def _check_size(img: Image.Image, name: str, max_pixels: int | None) -> None:
     if w < 1 or h < 1:
         raise ImageError(f"{name}: empty image ({w}x{h})")
     if max_pixels is not None and w * h > max_pixels:
-        raise ImageError(f"{name}: {w}x{h} is {w * h:,} pixels, over the limit of {max_pixels:,} "
+        raise ImageTooLarge(f"{name}: {w}x{h} is {w * h:,} pixels, over the limit of {max_pixels:,} "
                          "(a decompression bomb, or raise max_pixels)")
 
 
@@ -124,7 +124,7 @@ def _image_errors(name: str) -> Iterator[None]:
         # Pillow refuses beyond twice its MAX_IMAGE_PIXELS before klvae sees the size; say it in klvae's words.
         m = re.search(r"\((\d+) pixels\)", str(e))
         size = f"{int(m[1]):,} pixels" if m else "too many pixels"
-        raise ImageError(f"{name}: {size}, over Pillow's limit of {2 * Image.MAX_IMAGE_PIXELS:,} "
+        raise ImageTooLarge(f"{name}: {size}, over Pillow's limit of {2 * Image.MAX_IMAGE_PIXELS:,} "
                          "(its guard against decompression bombs)") from None
     except Image.UnidentifiedImageError:
         raise ImageError(f"{name}: not an image, or not one of {', '.join(_read_formats())}") from None

@@ -30,7 +30,7 @@ from klvae.cli.common import (
     load_model,
     tiling_from_args,
 )
-from klvae.errors import ImageError, KlvaeError, LatentsError
+from klvae.errors import ImageError, ImageTooLarge, KlvaeError, LatentsError
 from klvae.images import (
     IMAGE_EXTENSIONS,
     check_format_size,
@@ -389,17 +389,25 @@ def _warn_if_another_model(vae: AutoencoderKL, lf: LatentsFile, model: str) -> N
                     "will be %s's reading of them", lf.model or "not named", model, model)
 
 
+def _is_image(path: str) -> bool:
+    """Whether `path` is an image in a format klvae reads, however many pixels it has (its header only)."""
+    try:
+        image_size(path, max_pixels=None)
+    except ImageTooLarge:
+        # Pillow itself refuses a header past its decompression-bomb limit, whatever max_pixels says: such a
+        # file is an image all the same, not latents "with a header too large".
+        return True
+    except ImageError:
+        return False
+    return True
+
+
 def _read_latents(path: str) -> LatentsFile:
     """load_latents, naming an image given in place of latents as such (safetensors would say 'header too large')."""
     try:
         return load_latents(path)
     except LatentsError:
-        try:
-            image_size(path, max_pixels=None)  # the header only: a huge image is an image too
-            is_image = True
-        except ImageError:
-            is_image = False
-        if not is_image:
+        if not _is_image(path):
             raise  # the latents error says what is wrong with the file
         raise LatentsError(f"{path} is an image, not a latents file: decode reads what `klvae encode` writes (or a "
                            "ComfyUI .latent); `klvae reconstruct` encodes and decodes an image") from None
