@@ -304,6 +304,9 @@ def test_dtype_and_device_resolution() -> None:
     cpu = torch.device("cpu")
     assert inference.resolve_dtype("auto", cpu) == torch.float32
     assert inference.resolve_dtype("bf16", cpu) == torch.bfloat16
+    # Any case, as `klvae convert --dtype` always took it.
+    assert inference.resolve_dtype("FP16", cpu) == inference.resolve_dtype("Float16", cpu) == torch.float16
+    assert inference.resolve_dtype("AUTO", cpu) == torch.float32
     with pytest.raises(klvae.KlvaeError, match="unknown dtype"):
         inference.resolve_dtype("fp8", cpu)
     assert inference.resolve_device("auto").type in ("cpu", "cuda")

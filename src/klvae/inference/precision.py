@@ -65,6 +65,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     """`None`/"auto" -> bf16 on GPUs that support it, fp32 elsewhere; names as in DTYPES."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if isinstance(dtype, str):
+        dtype = dtype.lower()  # FP16 and BF16 as they are often written (convert --dtype took them already)
     if dtype is None or dtype == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
