@@ -133,6 +133,13 @@ def noise_png(seed: int, size: tuple[int, int] = (24, 16)) -> bytes:
     return buf.getvalue()
 
 
+def rgb_image(path: Path, w: int = 16, h: int = 16, seed: int = 0) -> Path:
+    """A w x h PNG of uniform noise (noise_png's) at `path`, its folders made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(noise_png(seed, (w, h)))
+    return path
+
+
 def noise_images_and_a_broken_one(root: Path) -> Path:
     """`root` holding four small noise images and one unreadable file (training's skip-and-count cases)."""
     root.mkdir()

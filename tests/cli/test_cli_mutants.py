@@ -26,19 +26,13 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import klvae
-from helpers import counting_tiled_calls, noise_png, one_error_line, saved_tiny_model
+from helpers import counting_tiled_calls, noise_png, one_error_line, rgb_image, saved_tiny_model
 from klvae.cli import common
 from klvae.cli.codec import unique_png_names
 from klvae.cli.main import build_parser, main
 from klvae.latents.file import LatentItem, load_latents, save_latents
 
 # Every command runs the built-in demo model (x8, loads in a fraction of a second) unless it names another.
-
-
-def _image(path: Path, w: int = 16, h: int = 16, seed: int = 0) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
-    return path
 
 
 def _err(capsys: pytest.CaptureFixture[str]) -> str:
@@ -59,7 +53,7 @@ def _err(capsys: pytest.CaptureFixture[str]) -> str:
 def test_the_first_value_past_each_bound_is_refused(tmp_path: Path, options: list[str], message: str,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     z = tmp_path / "z.safetensors"
-    assert main(["encode", str(_image(tmp_path / "a.png")), "-o", str(z), *options]) == 2
+    assert main(["encode", str(rgb_image(tmp_path / "a.png")), "-o", str(z), *options]) == 2
     assert message in _err(capsys)
     assert not z.exists()
 
@@ -129,7 +123,7 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def test_subfolder_and_config_reach_the_loader(tiny_weights: tuple[Path, Path], tmp_path: Path) -> None:
     pipe, bare = tiny_weights
-    img = str(_image(tmp_path / "a.png"))
+    img = str(rgb_image(tmp_path / "a.png"))
     runs = {"folder": ["--model", str(pipe), "--subfolder", "mine"],
             "file": ["--model", str(bare), "--config", "tiny"], "guessed": ["--model", str(bare)]}
     z = {}
@@ -159,7 +153,7 @@ def test_info_shows_the_diffusion_latent_of_a_patched_model_only(capsys: pytest.
 
 def test_tile_size_reaches_reconstruct_and_comfy_decode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = counting_tiled_calls(monkeypatch)
-    img = str(_image(tmp_path / "a.png", w=16, h=32))
+    img = str(rgb_image(tmp_path / "a.png", w=16, h=32))
     assert main(["-q", "reconstruct", img, "-o", str(tmp_path / "r.png"), "--tile-size", "16"]) == 0
     assert calls == {"encode": 1, "decode": 1}
     assert main(["-q", "encode", img, "-o", str(tmp_path / "z.latent")]) == 0  # ComfyUI's: decoded tiled as well
@@ -168,7 +162,7 @@ def test_tile_size_reaches_reconstruct_and_comfy_decode(tmp_path: Path, monkeypa
 
 
 def test_sample_and_seed_reach_the_posterior(tmp_path: Path) -> None:
-    img = str(_image(tmp_path / "a.png"))
+    img = str(rgb_image(tmp_path / "a.png"))
     runs = {"mean": [], "s1": ["--sample", "--seed", "1"], "s2": ["--sample", "--seed", "2"]}
     files = {}
     for name, extra in runs.items():
@@ -181,7 +175,7 @@ def test_sample_and_seed_reach_the_posterior(tmp_path: Path) -> None:
 
 def test_reconstruct_measures_ssim_from_an_11_pixel_side(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """SSIM's 11x11 window fits an image 11 pixels high: the score is a number there, n/a only below."""
-    img = _image(tmp_path / "a.png", w=16, h=11)
+    img = rgb_image(tmp_path / "a.png", w=16, h=11)
     assert main(["-q", "reconstruct", str(img), "-o", str(tmp_path / "r.png"), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["size"] == [16, 11] and isinstance(d["ssim"], float) and 0 < d["ssim"] < 1
@@ -243,7 +237,7 @@ def test_a_folder_of_images_that_all_fail_to_decode_is_an_error(tmp_path: Path,
 def test_encode_keeps_the_input_order_and_numbers_the_keys(tmp_path: Path) -> None:
     folder = tmp_path / "in"
     for i, (name, w) in enumerate([("a.png", 16), ("b.png", 24), ("c.png", 16)]):
-        _image(folder / name, w=w, seed=i)
+        rgb_image(folder / name, w=w, seed=i)
     z = tmp_path / "z.safetensors"
     assert main(["-q", "encode", str(folder), "-o", str(z), "--batch-size", "2"]) == 0
     lf = load_latents(z)
@@ -286,7 +280,7 @@ def test_scale_counts_an_unreadable_image_and_exits_1(tmp_path: Path, monkeypatc
     monkeypatch.setattr(scale, "estimate_factors", estimate)
     data = tmp_path / "data"
     for i in range(2):
-        _image(data / f"a{i}.png", seed=i)
+        rgb_image(data / f"a{i}.png", seed=i)
     (data / "broken.png").write_bytes(b"not an image")
     argv = ["-q", "scale", "--data", str(data), "--resolution", "16", "--no-shift", "--batch-size", "3"]
     assert main(argv) == 1
@@ -311,7 +305,7 @@ def test_eval_options_reach_the_evaluation(tmp_path: Path, monkeypatch: pytest.M
 
     monkeypatch.setattr(evaluate, "build_metric_nets", record_nets)
     monkeypatch.setattr(evaluate, "run_evaluation", record_run)
-    _image(tmp_path / "data" / "a.png")
+    rgb_image(tmp_path / "data" / "a.png")
     base = ["-q", "eval", "--data", str(tmp_path / "data"), "-o"]
     assert main([*base, str(tmp_path / "r1")]) == 0
     assert capsys.readouterr().out == f"1 image; report: {tmp_path / 'r1' / 'index.html'}\n"
@@ -335,13 +329,13 @@ def test_a_new_training_run_is_refused_in_a_folder_holding_another(tmp_path: Pat
 
 def test_noise_flow_default_steps_start_at_1_on_a_short_schedule(tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    img = str(_image(tmp_path / "a.png"))
+    img = str(rgb_image(tmp_path / "a.png"))
     assert main(["-q", "noise", img, "-o", str(tmp_path / "s.png"), "--schedule", "flow", "--num-steps", "50"]) == 0
     assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 's.png'}: t = 1, 5, 12, 25, 38, 50 (")
 
 
 def test_noise_seed_draws_the_noise(tmp_path: Path) -> None:
-    img = str(_image(tmp_path / "a.png"))
+    img = str(rgb_image(tmp_path / "a.png"))
     for seed in ("1", "2"):
         assert main(["-q", "noise", img, "-o", str(tmp_path / f"{seed}.png"), "--steps", "500", "--seed", seed]) == 0
     a, b = (np.asarray(Image.open(tmp_path / f"{seed}.png")) for seed in ("1", "2"))
@@ -349,7 +343,7 @@ def test_noise_seed_draws_the_noise(tmp_path: Path) -> None:
 
 
 def test_noise_refuses_a_beta_of_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    img = str(_image(tmp_path / "a.png"))
+    img = str(rgb_image(tmp_path / "a.png"))
     assert main(["noise", img, "-o", str(tmp_path / "s.png"), "--beta-start", "0"]) == 2
     assert "--beta-start must lie strictly between 0 and 1, got 0.0" in _err(capsys)
 
@@ -359,7 +353,7 @@ def test_a_comfy_latent_skips_and_counts_an_image_and_says_how_it_encoded(tmp_pa
 
     folder = tmp_path / "in"
     for i in range(2):
-        _image(folder / f"a{i}.png", seed=i)
+        rgb_image(folder / f"a{i}.png", seed=i)
     (folder / "cut.png").write_bytes(noise_png(0, size=(16, 16))[:200])  # a whole header, of the same size
     for extra, posterior in (([], "mean"), (["--sample"], "sample")):
         out = tmp_path / f"{posterior}.latent"
@@ -374,8 +368,8 @@ def test_a_comfy_latent_skips_and_counts_an_image_and_says_how_it_encoded(tmp_pa
 
 def test_decode_keeps_a_long_name_whole_up_to_200_bytes(tmp_path: Path) -> None:
     long_name = "x" * 150
-    _image(tmp_path / "in" / f"{long_name}.png")
-    _image(tmp_path / "in" / f"{'y' * 240}.png", seed=1)
+    rgb_image(tmp_path / "in" / f"{long_name}.png")
+    rgb_image(tmp_path / "in" / f"{'y' * 240}.png", seed=1)
     z = tmp_path / "z.safetensors"
     assert main(["-q", "encode", str(tmp_path / "in"), "-o", str(z)]) == 0
     assert main(["-q", "decode", str(z), "-o", str(tmp_path / "out")]) == 0
@@ -393,7 +387,7 @@ def normed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     model = saved_tiny_model(root / "m", scaling_factor=0.5, latents_mean=(0.1, 0.2, 0.3, 0.4),
                              latents_std=(1.0, 1.0, 1.0, 1.0))
     z = root / "z.safetensors"
-    assert main(["-q", "encode", str(_image(root / "a.png")), "-o", str(z), "--model", str(model)]) == 0
+    assert main(["-q", "encode", str(rgb_image(root / "a.png")), "-o", str(z), "--model", str(model)]) == 0
     return model, z
 
 

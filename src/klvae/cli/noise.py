@@ -93,7 +93,7 @@ def cmd_noise(args: argparse.Namespace) -> int:
         zts, labels, what = _flow_noised(z0, noise, args, shift, family)
     else:
         zts, labels, what = _ddpm_noised(z0, noise, args)
-    # --batch-size noised latents per decoder pass (one at a time when it is left unset)
+    # --batch-size noised latents per decoder pass
     images = [inference.decode(vae, vae.unscale_latents(chunk), dtype, size=tuple(x.shape[-2:])).cpu()
               for chunk in zts.split(args.batch_size or 1)]
     tiles = [(label, tensor_to_pil(img)) for label, img in zip(labels, torch.cat(images), strict=True)]
