@@ -20,9 +20,9 @@ _SMUGGLED_BYTE = re.compile("[\udc80-\udcff]")
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Run write(tmp) on a temporary name beside `path`, flush it to disk, then rename it onto `path` (and flush the
-    folder, so the rename survives a power cut); a failed
-    write (OSError, or safetensors' own error) is an OSError that names `path`."""
+    """Run write(tmp) on a temporary name beside `path`, flush it to disk, then rename it onto `path` and flush the
+    folder (so the rename survives a power cut); a failed write (OSError, or safetensors' own error) is an OSError
+    that names `path`."""
     atomic_write_all([(path, write)])
     return Path(path)
 

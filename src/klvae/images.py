@@ -66,7 +66,7 @@ def _check_size(img: Image.Image, name: str, max_pixels: int | None) -> None:
         raise ImageError(f"{name}: empty image ({w}x{h})")
     if max_pixels is not None and w * h > max_pixels:
         raise ImageTooLarge(f"{name}: {w}x{h} is {w * h:,} pixels, over the limit of {max_pixels:,} "
-                         "(a decompression bomb, or raise max_pixels)")
+                            "(a decompression bomb, or raise max_pixels)")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -125,7 +125,7 @@ def _image_errors(name: str) -> Iterator[None]:
         m = re.search(r"\((\d+) pixels\)", str(e))
         size = f"{int(m[1]):,} pixels" if m else "too many pixels"
         raise ImageTooLarge(f"{name}: {size}, over Pillow's limit of {2 * Image.MAX_IMAGE_PIXELS:,} "
-                         "(its guard against decompression bombs)") from None
+                            "(its guard against decompression bombs)") from None
     except Image.UnidentifiedImageError:
         raise ImageError(f"{name}: not an image, or not one of {', '.join(_read_formats())}") from None
     except Exception as e:  # PIL's format plugins raise many types (OSError, SyntaxError, ValueError, ...)

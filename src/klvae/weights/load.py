@@ -283,9 +283,8 @@ def _check_finite(raw: StateDict, cast: StateDict, name: str, dtype: torch.dtype
     if stored:
         raise WeightsError(f"{name} holds NaN or infinite values in {len(stored)} weights ({_names(stored)}): "
                            "the file is damaged or comes from a training run that diverged")
-    limit = f", whose largest value is {torch.finfo(dtype).max:.0f}" if dtype == torch.float16 else ""
-    raise WeightsError(f"{name} has weights beyond the range of {str(dtype).removeprefix('torch.')}{limit} "
-                       f"({_names(bad)}): use float32 or bfloat16")
+    raise WeightsError(f"{name} has weights beyond the range of {str(dtype).removeprefix('torch.')}, whose largest "
+                       f"value is {torch.finfo(dtype).max:g} ({_names(bad)}): use float32 or bfloat16")
 
 
 def load_pretrained(
