@@ -52,11 +52,17 @@ FLUX2_DEFAULT_STEPS = 50
 # ---- shifts and FLUX's mu --------------------------------------------------------------------------------------
 
 def _unit_interval(t: Tensor | float | Sequence[float], name: str) -> tuple[Tensor, torch.dtype]:
-    """t as a float64 tensor (float32 on MPS), checked to lie in [0, 1], and the dtype to return results in."""
-    t = torch.as_tensor(t)
+    """t as a float64 tensor (float32 on MPS), checked to lie in [0, 1], and the dtype to return results in: a
+    tensor's (or NumPy array's) own floating dtype, else float64: Python floats are doubles, which torch would
+    round to float32 in a list."""
+    given = t
+    t = torch.as_tensor(given)
     if t.dtype == torch.bool or t.is_complex():
         raise TypeError(f"{name} must be real numbers, got {t.dtype}")
-    out_dtype = t.dtype if t.is_floating_point() else torch.float64
+    typed = isinstance(given, Tensor) or hasattr(given, "dtype")
+    out_dtype = t.dtype if typed and t.is_floating_point() else torch.float64
+    if not isinstance(given, Tensor):
+        t = torch.as_tensor(given, dtype=torch.float64)
     t = t.to(table_dtype(t.device))
     if t.numel() and not bool(((t >= 0) & (t <= 1)).all()):  # also refuses nan
         raise ValueError(f"{name} must lie in [0, 1]")

@@ -74,6 +74,21 @@ def test_time_shift_of_a_large_mu_stays_finite_and_in_range() -> None:
 
 # ---- the forward process: what an integer timestep means ----
 
+def test_python_floats_are_shifted_in_double_precision() -> None:
+    """A list of Python floats used to go through float32 (torch.as_tensor's default) and came back rounded."""
+    ts = [0.1, 1 / 3, 0.7]
+    got = flow.shift_sigmas(ts, 3.0)
+    assert got.dtype == torch.float64
+    assert got.tolist() == [3 * t / (3 * t + (1 - t)) for t in ts]
+    mu = 0.8
+    got = flow.time_shift(mu, 1.0, ts)
+    assert got.dtype == torch.float64
+    assert got.tolist() == pytest.approx([math.exp(mu) / (math.exp(mu) + (1 / t - 1)) for t in ts], rel=1e-15)
+    assert flow.time_shift(mu, 1.0, 1 / 3).dtype == torch.float64
+    # A typed array keeps its dtype, as a tensor does.
+    assert flow.shift_sigmas(np.array(ts, dtype=np.float32), 3.0).dtype == torch.float32
+
+
 def test_integer_timesteps_off_the_shifted_table_are_not_silently_unshifted() -> None:
     """On a shifted table an integer t means two things in klvae: sigma_at(501) is position 501 shifted (0.7507 on
     SD3's table, and NoiseSchedule.add_noise(x0, noise, t) reads an integer t as a table row too), while
