@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 import klvae
+import klvae.cli.comfy
 from helpers import one_error_line
 from klvae import inference
 from klvae.cli.common import load_model
@@ -236,6 +238,28 @@ def test_encode_crops_as_vaeencode_and_sample_is_not_the_mode(tmp_path: Path, sd
                  *CPU]) == 0
     sampled = comfy_load_latent(tmp_path / "s.latent")["samples"]
     assert sampled.shape == samples.shape and not torch.allclose(sampled, samples)
+
+
+def test_encode_skips_and_counts_an_image_that_changed_size_since_its_header_was_read(
+        tmp_path: Path, sd_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    imgs = [png(tmp_path / "a.png", 32, 48, 0), png(tmp_path / "b.png", 32, 48, 1), png(tmp_path / "c.png", 32, 48, 2)]
+    real = klvae.cli.comfy.loaded_images
+
+    def replaced_after_the_scan(paths: list[Path], bad: list[Path]):  # another program rewrites b.png meanwhile
+        png(imgs[1], 64, 64, 5)
+        yield from real(paths, bad)
+
+    monkeypatch.setattr(klvae.cli.comfy, "loaded_images", replaced_after_the_scan)
+    with caplog.at_level(logging.WARNING, logger="klvae"):
+        code = main(["encode", *map(str, imgs), "-o", str(tmp_path / "x.latent"), "--model", str(sd_dir),
+                     "--batch-size", "2", *CPU])
+    assert code == 1  # the others are encoded; the skipped one is counted in the exit status
+    assert any("b.png: it loaded as 64x64, not the size its header gave" in r.getMessage() for r in caplog.records)
+    with safe_open(str(tmp_path / "x.latent"), framework="pt") as f:
+        assert json.loads(f.metadata()["klvae.images"]) == ["a.png", "c.png"]
+    samples = comfy_load_latent(tmp_path / "x.latent")["samples"]
+    mode = inference.encode(cli_model(sd_dir), torch.stack([pil_to_tensor(load_image(p)) for p in imgs[::2]])).mode()
+    torch.testing.assert_close(samples, mode, rtol=1e-5, atol=1e-6)
 
 
 def test_flux2_encode_writes_comfyuis_patched_batchnormed_latents(tmp_path: Path, flux2_dir: Path) -> None:

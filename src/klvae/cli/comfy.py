@@ -52,12 +52,21 @@ def _batch_size_of(by_size: dict[tuple[int, int], list[Path]], multiple: int, ou
     return size
 
 
-def _cropped(path: Path, x: torch.Tensor, size: tuple[int, int], multiple: int) -> torch.Tensor:
-    top, left, h, w = comfy_crop(x.shape[-2], x.shape[-1], multiple)
-    if (h, w) != size:  # the header told another size than the pixels (a late EXIF block, a file changed since)
-        raise KlvaeError(f"{path} loaded as {x.shape[-2]}x{x.shape[-1]}, not the size its header gave; "
-                         f"it cannot join the batch of {size[0]}x{size[1]} images")
-    return x[:, top:top + h, left:left + w]
+def _cropped(chunk: list[tuple[Path, torch.Tensor]], size: tuple[int, int], multiple: int, bad: list[Path]
+             ) -> list[tuple[Path, torch.Tensor]]:
+    """Each image cropped as ComfyUI's VAEEncode does; one whose pixels differ from the size its header gave (a
+    file changed since the sizes were read) cannot join the batch, and is skipped and counted like an unreadable
+    one."""
+    kept = []
+    for path, x in chunk:
+        top, left, h, w = comfy_crop(x.shape[-2], x.shape[-1], multiple)
+        if (h, w) != size:
+            log.warning("skipping %s: it loaded as %dx%d, not the size its header gave; it cannot join the batch of "
+                        "%dx%d images", path, x.shape[-2], x.shape[-1], *size)
+            bad.append(path)
+            continue
+        kept.append((path, x[:, top:top + h, left:left + w]))
+    return kept
 
 
 def _encode_batch(vae: AutoencoderKL, paths: list[Path], size: tuple[int, int], args: argparse.Namespace,
@@ -72,12 +81,12 @@ def _encode_batch(vae: AutoencoderKL, paths: list[Path], size: tuple[int, int], 
     with progress_bar(total=len(paths), desc="encoding", unit="img") as bar:
         stream = loaded_images(paths, bad)
         while chunk := list(itertools.islice(stream, args.batch_size)):
-            x = torch.stack([_cropped(p, t, size, f) for p, t in chunk])
-            post = inference.encode(vae, x, dtype, tiling)
-            z = to_comfy(post.sample(gen) if args.sample else post.mode(), norm).cpu()
-            check_finite(z, "latents", chunk[0][0] if len(chunk) == 1 else f"{chunk[0][0]} (or its batch)")
-            parts.append(z)
-            done += [p for p, _ in chunk]
+            if kept := _cropped(chunk, size, f, bad):
+                post = inference.encode(vae, torch.stack([t for _, t in kept]), dtype, tiling)
+                z = to_comfy(post.sample(gen) if args.sample else post.mode(), norm).cpu()
+                check_finite(z, "latents", kept[0][0] if len(kept) == 1 else f"{kept[0][0]} (or its batch)")
+                parts.append(z)
+                done += [p for p, _ in kept]
             bar.update(len(done) + len(bad) - bad_before - bar.n)
     return done, torch.cat(parts) if parts else None
 
