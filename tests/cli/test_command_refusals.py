@@ -65,13 +65,31 @@ def test_noise_shift_auto_follows_an_sd3_vae_whatever_its_case(tmp_path: Path,
     assert "(flow schedule, SD3's shift 3; sigma = 0.75)" in capsys.readouterr().out
 
 
+def test_noise_sheet_labels_wrap_on_narrow_tiles_and_never_cover_a_neighbours() -> None:
+    """A label wider than its tile (images under ~100 pixels) used to run on over the next tile's label."""
+    from klvae.cli import noise as noise_cli
+
+    tile = Image.new("RGB", (32, 16), "grey")
+    long, short = "t=999  SNR=4.04e-05", "t=0  SNR=1.4e+04"
+    spilled = np.asarray(noise_cli._sheet([(long, tile), (short, tile)]))
+    alone = np.asarray(noise_cli._sheet([("t=0", tile), (short, tile)]))
+    assert spilled.shape == alone.shape
+    assert np.array_equal(spilled[:, 32:], alone[:, 32:])  # the second label's cell holds its label alone
+    strip = spilled[: spilled.shape[0] - 16, :32].min(axis=(1, 2)) < 128  # rows of the first cell with ink
+    bands = np.flatnonzero(np.diff(strip.astype(int)) == 1)
+    assert len(bands) == 2  # "t=999" and "SNR=4.04e-05" on lines of their own
+    wide = np.asarray(noise_cli._sheet([(long, Image.new("RGB", (200, 16), "grey"))]))
+    assert wide.shape[0] == 16 + 18  # wide enough: one line in the 18-pixel strip, as before
+
+
 def test_noise_sheet_puts_each_tile_under_its_white_label_strip(tmp_path: Path) -> None:
     img = str(rgb_image(tmp_path / "a.png"))
     assert main(["-q", "noise", img, "-o", str(tmp_path / "s.png"), "--steps", "0", "999"]) == 0
     sheet = np.asarray(Image.open(tmp_path / "s.png").convert("RGB"))
-    assert sheet.shape == (16 + 18, 32, 3)
+    top = sheet.shape[0] - 16
+    assert sheet.shape[1:] == (32, 3) and top >= 18
     assert (sheet[0] == 255).all()  # the label strip is white above its text
-    first, second = sheet[18:, :16], sheet[18:, 16:]
+    first, second = sheet[top:, :16], sheet[top:, 16:]
     assert not (second == 255).all() and not np.array_equal(first, second)
 
 

@@ -213,14 +213,26 @@ def _check_betas(args: argparse.Namespace) -> None:
             raise KlvaeError(f"{name} must lie strictly between 0 and 1, got {v}")
 
 
-_LABEL_HEIGHT = 18  # the strip above each picture for its t and SNR (sigma on the flow schedule)
+_LABEL_HEIGHT = 18  # the least strip above each picture for its t and SNR (sigma on the flow schedule)
+_MARGIN = 4
+
+
+def _label_text(draw: ImageDraw.ImageDraw, label: str, width: int) -> str:
+    """The label on one line, or one part a line where the tile is narrower than the label (small images)."""
+    return label if draw.textlength(label) <= width - 2 * _MARGIN else label.replace("  ", "\n")
 
 
 def _sheet(tiles: list[tuple[str, Image.Image]]) -> Image.Image:
     w, h = tiles[0][1].size
-    sheet = Image.new("RGB", (w * len(tiles), h + _LABEL_HEIGHT), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, (label, img) in enumerate(tiles):
-        sheet.paste(img, (i * w, _LABEL_HEIGHT))
-        draw.text((i * w + 4, 3), label, fill="black")
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    texts = [_label_text(probe, label, w) for label, _ in tiles]
+    top = max(_LABEL_HEIGHT, *(probe.multiline_textbbox((0, 3), t)[3] + _MARGIN for t in texts))
+    sheet = Image.new("RGB", (w * len(tiles), h + top), "white")
+    for i, (text, (_, img)) in enumerate(zip(texts, tiles, strict=True)):
+        # Each label is drawn in its own tile-wide cell, so a long one is cut at its tile's edge rather than
+        # written over its neighbour's.
+        cell = Image.new("RGB", (w, top), "white")
+        ImageDraw.Draw(cell).multiline_text((_MARGIN, 3), text, fill="black")
+        sheet.paste(cell, (i * w, 0))
+        sheet.paste(img, (i * w, top))
     return sheet
