@@ -1,6 +1,7 @@
 """Error messages that say what to do instead: an empty --set value (YAML null, and how to write an empty string),
 convert to a pickle's name or a diffusers folder named like a file, encode of a folder or shard holding no image it
-reads, and decode to an output folder named like an image."""
+reads, decode to an output folder named like an image, and the logging options after a command's name as before
+it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from helpers import saved_tiny_model
 from klvae.cli.main import main
 
 
@@ -67,3 +69,27 @@ def test_decode_refuses_an_output_folder_named_like_an_image(tmp_path: Path,
     assert not (tmp_path / "out.png").exists()
     assert main(["-q", "decode", str(z), "-o", str(tmp_path / "out"), "--device", "cpu"]) == 0
     assert (tmp_path / "out" / "a.png").is_file()
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_logging_options_work_before_or_after_the_command(where: str, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    model = saved_tiny_model(tmp_path / "model")
+    Image.new("RGB", (16, 16), "teal").save(tmp_path / "a.png")
+    run = ["reconstruct", str(tmp_path / "a.png"), "-o", str(tmp_path / "r.png"), "--model", str(model), "--overwrite"]
+
+    def argv(flag: str) -> list[str]:
+        return [flag, *run] if where == "before" else [*run, flag]
+
+    assert main(argv("-v")) == 0
+    assert "DEBUG: " in capsys.readouterr().err  # the --verbose level
+    assert main(run) == 0
+    assert "INFO: " in capsys.readouterr().err
+    assert main(argv("-q")) == 0
+    assert "INFO: " not in capsys.readouterr().err
+    monkeypatch.setattr("klvae.cli.codec.cmd_reconstruct", lambda _args: 1 / 0)  # bound when main builds the parser
+    assert main(run) == 1
+    assert "internal error: ZeroDivisionError" in capsys.readouterr().err
+    with pytest.raises(ZeroDivisionError):
+        main(argv("--debug"))

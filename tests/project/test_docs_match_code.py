@@ -317,7 +317,12 @@ def test_readme_option_summaries_match_the_parsers() -> None:
         assert {c for c in runners if f not in flags[c]} == set(), f
     for f in FLAG.findall(common.group(3)):
         assert {c for c in re.findall(r"`(\w+)`", common.group(2)) if f not in flags[c]} == set(), f
-    assert set(FLAG.findall(info.group(1))) == {f for f in flags["info"] if f.startswith("--") and f != "--help"}
+    logging_flags = {"--verbose", "--quiet", "--debug"}  # every command's, in the README's "Logging options"
+    assert set(FLAG.findall(info.group(1))) == {f for f in flags["info"] if f.startswith("--")} - {"--help",
+                                                                                                   *logging_flags}
+    logging_text = re.search(r"\*\*Logging options\*\* of every command(.*?) prints the version", text)
+    assert logging_text and set(FLAG.findall(logging_text.group(1))) >= logging_flags
+    assert all(logging_flags <= flags[c] for c in subs)
 
 
 def test_command_check_detects_drift() -> None:

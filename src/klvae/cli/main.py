@@ -76,13 +76,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="klvae", description="The KL autoencoder of latent diffusion.")
     parser.add_argument("--version", action="version", version=f"klvae {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of unexpected errors")
+    _add_global_options(parser, default=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    for command in sub.choices.values():
+        # Also after the command (`klvae encode ... -q`), as users type them; SUPPRESS leaves the value given
+        # before the command (or False) in place when the flag is not repeated after it.
+        _add_global_options(command, default=argparse.SUPPRESS)
     return parser
+
+
+def _add_global_options(parser: argparse.ArgumentParser, default: object) -> None:
+    group = parser.add_argument_group("logging")
+    group.add_argument("-v", "--verbose", action="store_true", default=default, help="log debug messages")
+    group.add_argument("-q", "--quiet", action="store_true", default=default, help="log warnings and errors only")
+    group.add_argument("--debug", action="store_true", default=default,
+                       help="show the traceback of unexpected errors")
 
 
 def setup_logging(level: int) -> None:
