@@ -1,8 +1,10 @@
 """What a training run counts and shows: the unreadable-image count across a resume (carried by rank 0 alone, 0 for
 older checkpoints), the samples grid gathered across validation batches, and the message for a dataset under one
-batch, which counts its items and the unreadable ones."""
+batch, which counts its items and the unreadable ones; the line a run starts with, and the one its export ends
+with."""
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,21 @@ def _cfg(out: Path, data: Path, *overrides: str) -> object:
 def _bad_counts(run: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["bad_images"] for r in rows if r["split"] == "train"}
+
+
+def test_a_run_says_what_it_trains_before_its_first_step_and_its_export_once(
+        tmp_path: Path, images: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = _cfg(tmp_path / "run", images, "train.max_steps=2", "data.batch_size=2", "optim.grad_accum=3")
+    tr = Trainer(cfg)
+    with caplog.at_level(logging.DEBUG, logger="klvae"):
+        fit(tr)
+    info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    total = tr.vae.num_parameters()["total"]
+    assert info[0] == (f"training an autoencoder of {total:,} parameters on cpu (fp32), steps 0 to 2, 6 images of "
+                       f"16x16 pixels a step (1 process(es) x data.batch_size 2 x optim.grad_accum 3); writing to "
+                       f"{tmp_path / 'run'}")
+    final = tmp_path / "run" / "final"
+    assert [m for m in info if str(final) in m] == [f"exported weights to {final}"]  # once, not "saved" as well
 
 
 # ---- 1. bad_images goes on across a resume --------------------------------------------------------------------

@@ -142,6 +142,12 @@ def fit(tr: Trainer) -> dict[str, float]:
     runlog = RunLog(tr.out, main, resumed_at=tr.step)
     last: dict[str, float] = {}
     dropped, bad = DroppedRun(cfg.data.train, tr.dist, tr.device), 0.0
+    if main:
+        log.info("training an autoencoder of %s parameters on %s (%s), steps %d to %d, %d images of %dx%d pixels a "
+                 "step (%d process(es) x data.batch_size %d x optim.grad_accum %d); writing to %s",
+                 f"{tr.vae.num_parameters()['total']:,}", tr.device, cfg.train.precision, tr.step, cfg.train.max_steps,
+                 cfg.data.batch_size * accum * tr.dist.world, cfg.data.resolution, cfg.data.resolution,
+                 tr.dist.world, cfg.data.batch_size, accum, tr.out)
     bar = progress_bar(total=cfg.train.max_steps, initial=tr.step, disable=not main, desc="train", unit="step")
     t0, n0 = time.perf_counter(), tr.step
     try:

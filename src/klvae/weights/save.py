@@ -66,7 +66,7 @@ def save_pretrained(model: nn.Module, directory: str | Path, safe_serialization:
     atomic_write_all([(directory / name, write_weights),
                       (directory / "config.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))])
     (directory / stale).unlink(missing_ok=True)
-    log.info("saved %s", directory)
+    log.debug("saved %s", directory)
     return directory
 
 
@@ -84,5 +84,5 @@ def export_ldm(model: nn.Module, path: str | Path) -> Path:
         raise WeightsError(f"{type(model).__name__} has no AutoencoderKLConfig to export with")
     tensors = diffusers_to_ldm(_tensors(model, config))
     atomic_write(path, _safetensors_writer(tensors, config))
-    log.info("exported LDM-layout weights to %s", path)
+    log.debug("exported LDM-layout weights to %s", path)
     return path
