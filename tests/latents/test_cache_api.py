@@ -158,3 +158,24 @@ def test_data_as_an_item_source_and_model_name_as_a_path(
     _refused(lambda: build_cache(vae, [tmp_path / "data"], out), "data must be a path or an ItemSource, got list")
     _refused(lambda: build_cache(vae, source, out, model_name=1), "model_name must be a str or a path, got int")
     assert not out.exists()
+
+
+def test_images_smaller_than_their_crop_are_counted_and_warned_of(tmp_path: Path, vae: klvae.AutoencoderKL,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """As training and evaluation do: an image scaled up to cover its crop is said, not enlarged silently."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for name, (h, w) in {"small": (24, 40), "tall": (64, 24), "big": (48, 64), "exact": (32, 32)}.items():
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(data / f"{name}.png")
+    with caplog.at_level(logging.WARNING, logger="klvae"):
+        summary = build_cache(vae, data, tmp_path / "out", **OPTIONS)
+    assert (summary.encoded, summary.enlarged) == (4, 2)  # small and tall have a side under 32; exact does not
+    warned = [r.getMessage() for r in caplog.records if "enlarged" in r.getMessage()]
+    assert warned == ["2 of the 4 images encoded were smaller than their crop (resolution 32) and were enlarged to "
+                      "cover it, which blurs them; a resolution at most the images' shorter side avoids that"]
+    assert "; 2 of those were smaller than their crop, so enlarged;" in summary.summary()
+    caplog.clear()
+    again = build_cache(vae, data, tmp_path / "out", **OPTIONS)  # nothing left to encode: nothing enlarged now
+    assert (again.encoded, again.enlarged) == (0, 0) and "enlarged" not in caplog.text
+    assert "enlarged" not in again.summary()

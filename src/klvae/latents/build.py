@@ -26,7 +26,7 @@ from klvae.model.autoencoder import AutoencoderKL
 
 log = logging.getLogger(__name__)
 
-_COUNTS = ("encoded", "failed", "done_before", "failed_before")  # the image counts cache_rank returns
+_COUNTS = ("encoded", "failed", "done_before", "failed_before", "enlarged")  # the image counts cache_rank returns
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ class CacheSummary:
     done_before: int  # images an earlier, interrupted run had encoded already
     failed_before: int  # images an earlier run found unreadable, skipped again
     unreadable_shards: int  # tar shards of the data that could not be read (wholly or from some point on)
+    enlarged: int = 0  # images this call encoded that were smaller than their crop, so scaled up to cover it
 
     @property
     def ok(self) -> bool:
@@ -52,6 +53,8 @@ class CacheSummary:
         """One line: the rows cached, and what this run encoded, found done and skipped."""
         parts = [f"this run encoded {self.encoded} images and skipped {self.failed} unreadable",
                  f"{self.done_before} were done before"]
+        if self.enlarged:
+            parts.insert(1, f"{self.enlarged} of those were smaller than their crop, so enlarged")
         if self.failed_before:
             parts.append(f"{self.failed_before} found unreadable before were skipped again")
         if self.unreadable_shards:
@@ -94,6 +97,11 @@ def build_cache(vae: AutoencoderKL, data: str | os.PathLike[str] | ItemSource, o
     index = cache.write_index(vae, os.fspath(model_name or "unnamed"), root, opts, dist.world, fingerprints) \
         if dist.is_main else None
     result = _summarise(root, index, counts, len(source.unreadable))
+    if dist.is_main and result.enlarged:
+        # As training's and evaluation's crops: a scaled-up image has no detail at the latents' scale to learn.
+        log.warning("%d of the %d images encoded were smaller than their crop (resolution %d%s) and were enlarged "
+                    "to cover it, which blurs them; a resolution at most the images' shorter side avoids that",
+                    result.enlarged, result.encoded, opts.resolution, ", or its bucket" if opts.buckets else "")
     log.debug("%s", result.summary())
     return result
 

@@ -353,7 +353,7 @@ def _cache_todo(vae: AutoencoderKL, source: ItemSource, out: Path, opts: CacheOp
     todo = _todo(mine, rows_done, failed, opts.flip)
     failed_before = sum(i in failed for i in mine)  # recorded unreadable by an earlier run: not retried
     counts = {"encoded": 0, "failed": 0, "done_before": len(mine) - len(todo) - failed_before,
-              "failed_before": failed_before}
+              "failed_before": failed_before, "enlarged": 0}
     log.info("rank %d: %d images, %d done before, %d unreadable before, %d to encode", rank, len(mine),
              counts["done_before"], failed_before, len(todo))
     loader = DataLoader(_Prepared(source, todo, opts), batch_size=opts.batch_size, num_workers=opts.num_workers,
@@ -376,6 +376,8 @@ def _cache_todo(vae: AutoencoderKL, source: ItemSource, out: Path, opts: CacheOp
                 counts["failed"] += 1
                 continue
             counts["encoded"] += 1
+            (h, w), (bh, bw) = rows[0][1]["size"], rows[0][1]["bucket"]
+            counts["enlarged"] += bh > h or bw > w  # scaled up to cover its crop
             for x, meta in rows:
                 key = tuple(meta["bucket"])
                 pending.setdefault(key, []).append((x, meta))
