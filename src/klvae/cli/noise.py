@@ -54,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shift", default=None,
                    help="flow only: the shift of sigma towards noise, a number > 0 (default 1; SD3: 3), or auto: "
                         "the model's own, SD3's 3 or FLUX.1's / FLUX.2's (at 50 steps) from this image's size")
-    p.add_argument("--num-steps", type=int, default=1000, help="length of the schedule (Stable Diffusion: 1000)")
+    p.add_argument("--num-steps", type=int, default=1000, help="length of the schedule, as Stable Diffusion's")
     p.add_argument("--beta-start", type=float, default=None,
                    help="first beta of a linear or scaled_linear schedule (default 0.00085 for scaled_linear, "
                         "1e-4 for linear)")
