@@ -105,3 +105,8 @@ def flag_errors(cmd: Callable[[Any], int]) -> Callable[[Any], int]:
             raise KlvaeError(e.flags()) from None
 
     return run
+
+
+def none_read(count: int) -> str:
+    """"none of the N images could be read", or for one image "the only image could not be read"."""
+    return "the only image could not be read" if count == 1 else f"none of the {count} images could be read"

@@ -219,7 +219,18 @@ def test_cache_of_only_unreadable_images_is_an_error(tmp_path: Path, capsys: pyt
     rc, _, err = _run(capsys, "cache", "--data", str(data), "-o", str(tmp_path / "c"), "--num-workers", "0")
     assert rc == 2 and err[-1] == f"klvae: error: nothing cached in {tmp_path / 'c'}: none of the 2 images could be " \
         "read"
-    assert not (tmp_path / "c" / "index.json").exists()
+    assert not (tmp_path / "c").exists()  # no trace: its manifest would mark both images as failed for good
+    for i in range(2):  # mended under the same names, the images are encoded by the same command
+        (data / f"bad{i}.png").write_bytes(_png(i))
+    rc, out, _ = _run(capsys, "cache", "--data", str(data), "-o", str(tmp_path / "c"), "--num-workers", "0")
+    assert rc == 0 and "encoded 2 images and skipped 0 unreadable" in out
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "notes.txt").write_text("the user's")
+    (data / "bad0.png").write_bytes(b"broken again")
+    (data / "bad1.png").unlink()
+    rc, _, err = _run(capsys, "cache", "--data", str(data), "-o", str(tmp_path / "d"), "--num-workers", "0")
+    assert rc == 2 and err[-1].endswith("the only image could not be read")
+    assert [p.name for p in (tmp_path / "d").iterdir()] == ["notes.txt"]  # a folder with other files stays
 
 
 # ---- 3. corrupt tar shards and parquet files ----------------------------------------------------------------

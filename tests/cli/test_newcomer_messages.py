@@ -93,3 +93,36 @@ def test_logging_options_work_before_or_after_the_command(where: str, tmp_path: 
     assert "internal error: ZeroDivisionError" in capsys.readouterr().err
     with pytest.raises(ZeroDivisionError):
         main(argv("--debug"))
+
+
+def test_mistakes_a_newcomer_makes_are_answered_with_what_to_do(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Each message found unclear by a newcomer's walk through the README, now saying what was meant."""
+    import safetensors.torch
+    import torch
+
+    (tmp_path / "photos").mkdir()
+    safetensors.torch.save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    assert _error(capsys, ["decode", str(tmp_path / "photos"), "-o", str(tmp_path / "d")]) == (
+        f"klvae: error: {tmp_path / 'photos'} is a folder; a latents file is one .safetensors file, as `klvae "
+        "encode` writes\n")
+    assert _error(capsys, ["decode", str(tmp_path / "other.safetensors"), "-o", str(tmp_path / "d")]) == (
+        f"klvae: error: {tmp_path / 'other.safetensors'} is not a klvae latents file (no klvae format in its "
+        "metadata)\n")
+    assert "(did you mean 'sd15'? the built-in names: demo, sd15, sd2, sdxl," in _error(capsys, ["info", "-m", "sd-15"])
+    assert "did you mean" not in _error(capsys, ["info", "-m", str(tmp_path / "sd-15")])
+    Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
+    assert main(["-q", "encode", str(tmp_path / "a.png"), "-o", str(tmp_path / "z.safetensors")]) == 0
+    assert "`klvae info --model tiny` to describe it" in _error(
+        capsys, ["decode", str(tmp_path / "z.safetensors"), "-o", str(tmp_path / "d"), "--model", "tiny"])
+    (tmp_path / "notimg").mkdir()
+    (tmp_path / "notimg" / "x.png").write_bytes(b"not a png")
+    assert main(["encode", str(tmp_path / "notimg"), "-o", str(tmp_path / "y.safetensors")]) == 2
+    assert capsys.readouterr().err.endswith("x.png: not an image, or not one of PNG, JPEG, WEBP, BMP, TIFF, GIF, PPM"
+                                            "\nklvae: error: the only image could not be read\n")
+    assert _error(capsys, ["train"]).startswith("klvae: error: no config given: `klvae train CONFIG.yaml`")
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "c.yaml", "--set", "train.max_steps", "10"])
+    assert stop.value.code == 2 and capsys.readouterr().err == (
+        "klvae train: error: unrecognized arguments: 10; --set takes SECTION.FIELD=VALUE as one word, e.g. --set "
+        "train.max_steps=10 (see 'klvae train --help')\n")

@@ -300,7 +300,7 @@ def test_eval_bad_input_is_a_one_line_error(data_dir: Path, models: list[Path], 
     bad.mkdir()
     (bad / "a.png").write_bytes(b"not an image")
     assert run_cli("--model", str(models[0]), "--data", str(bad), "-o", str(tmp_path / "r"), "--no-fid") == 2
-    assert "none of the 1 images" in capsys.readouterr().err
+    assert "the only image could not be read" in capsys.readouterr().err
     assert run_cli("--model", str(models[0]), "--data", str(tmp_path / "nope"), "-o", str(tmp_path / "r")) == 2
     assert run_cli("--model", str(models[0]), "--model", str(models[1]), "--subfolder", "a", "--subfolder", "b",
                    "--subfolder", "c", "--data", str(data_dir), "-o", str(tmp_path / "r")) == 2

@@ -176,9 +176,9 @@ def test_the_host_maps_warning_starts_just_over_the_budget(caplog: pytest.LogCap
     maps = tiling.resident_map_bytes(vae, "decode", shape, torch.float32)
     with caplog.at_level(logging.WARNING, logger="klvae"):
         tiling.warn_host_maps(vae, "decode", shape, torch.float32, TileOptions(max_memory=maps))
-        assert "max_memory bounds each strip" not in caplog.text
+        assert "memory budget (max_memory, --max-memory) bounds each strip" not in caplog.text
         tiling.warn_host_maps(vae, "decode", shape, torch.float32, TileOptions(max_memory=maps - 1))
-    assert "max_memory bounds each strip" in caplog.text
+    assert "memory budget (max_memory, --max-memory) bounds each strip" in caplog.text
 
 
 # ---- the NaN guard -------------------------------------------------------------------------------------------

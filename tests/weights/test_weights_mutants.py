@@ -346,7 +346,7 @@ def test_a_config_in_the_header_that_does_not_fit_names_the_field(ldm: StateDict
     save_file(ldm, str(tmp_path / "w.safetensors"), metadata={CONFIG_METADATA: json.dumps(wrong.to_dict())})
     with pytest.raises(WeightsError) as e:
         klvae.AutoencoderKL.from_pretrained(tmp_path / "w.safetensors")
-    assert str(e.value) == ("the weights do not fit config the config in w.safetensors's header: block_out_channels "
+    assert str(e.value) == ("the weights do not fit config stored in w.safetensors: block_out_channels "
                             "[32, 64] in the weights vs [32, 32] in the config")
 
 

@@ -13,7 +13,7 @@ import torch
 from klvae import inference
 from klvae.cli.codec import check_clashes, check_finite, check_items, loaded_images, unique_png_names, write_pngs
 from klvae.cli.common import check_output_path, load_model, tiling_from_args
-from klvae.errors import KlvaeError, LatentsError
+from klvae.errors import KlvaeError, LatentsError, none_read
 from klvae.latents.comfy import (
     comfy_channels,
     comfy_crop,
@@ -107,7 +107,7 @@ def encode_comfy(args: argparse.Namespace, paths: list[Path], by_size: dict[tupl
     readable = {p for group in by_size.values() for p in group}
     done, z = _encode_batch(vae, [p for p in paths if p in readable], size, args, dtype, tiling, bad)
     if z is None:
-        raise KlvaeError(f"none of the {len(paths)} images could be read")
+        raise KlvaeError(f"{none_read(len(paths))}")
     meta = {"klvae.model": str(args.model), "klvae.posterior": "sample" if args.sample else "mean",
             "klvae.images": json.dumps([p.name for p in done])}
     save_comfy_latent(args.output, z, meta)

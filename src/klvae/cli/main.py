@@ -58,7 +58,10 @@ class _Parser(argparse.ArgumentParser):
             # argparse reports them from the top parser ("klvae: error: ... see 'klvae --help'"), whose help does
             # not list the subcommand's options.
             chosen = _subcommand_parser(self, getattr(parsed, "command", None))
-            chosen.error(f"unrecognized arguments: {' '.join(extra)}")
+            hint = ""
+            if any("=" not in o for o in getattr(parsed, "overrides", None) or []):  # `--set train.max_steps 10`
+                hint = "; --set takes SECTION.FIELD=VALUE as one word, e.g. --set train.max_steps=10"
+            chosen.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
         return parsed
 
 

@@ -77,6 +77,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from klvae.training.config import load_config
 
     check_resume_arg(args.resume)
+    if args.config is None and not any(o.strip().startswith("data.train=") for o in args.overrides):
+        raise KlvaeError("no config given: `klvae train CONFIG.yaml` (recipes/demo/train.yaml is one to copy), or "
+                         "the fields on their own, at least --set data.train=IMAGES")
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(yaml.safe_dump(cfg.resolved_dict(), sort_keys=False))

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from klvae import __version__, inference
-from klvae.errors import ImageError, KlvaeError, Namer, OptionError, first_line, keyword
+from klvae.errors import ImageError, KlvaeError, Namer, OptionError, first_line, keyword, none_read
 from klvae.evaluation.fid import FEATURE_DIM, FIDReference
 from klvae.evaluation.metrics import MetricAccumulator, psnr, ssim
 from klvae.images import MAX_PIXELS, pil_to_tensor
@@ -324,7 +324,7 @@ def evaluate(
             bar.update(len(res.ids) + len(res.skipped) - bar.n)  # skipped items count as done too
         bar.update(len(ids) - bar.n)
     if not res.ids:
-        raise KlvaeError(f"none of the {len(ids)} images could be read")
+        raise KlvaeError(f"{none_read(len(ids))}")
     warn_enlarged(res.enlarged, len(res.ids), opts.resolution)
     # Tar shards that could not be read (or not to their end) are skipped parts of the data, counted as such.
     res.skipped += [{"id": path, "error": f"tar shard skipped: {why}"} for path, why in source.unreadable]

@@ -168,8 +168,8 @@ def run_maybe_tiled(
         warn_host_maps(vae, op, out_shape, dtype, opts)
         return deliver(vae, tiled(x, dtype), opts)
     if opts.max_memory is not None and estimate_bytes(vae, op, out_shape, dtype) > opts.max_memory:
-        log.info("%s of %dx%d exceeds the %.2f GiB budget: tiling", op, out_shape[2], out_shape[3],
-                 opts.max_memory / 2**30)
+        log.info("%s of %dx%d exceeds the %s memory budget: tiling", op, out_shape[2], out_shape[3],
+                 _mib(opts.max_memory))
         warn_host_maps(vae, op, out_shape, dtype, opts)
         return deliver(vae, tiled(x, dtype), opts)
     try:
@@ -198,9 +198,10 @@ def warn_host_maps(vae: AutoencoderKL, op: str, shape: tuple[int, ...], dtype: t
     _host_maps_warned.add(kind)
     # Else the budget looks honoured while the process takes several times it (a user trial: 64 MiB, +400 MB).
     # Holding these maps is what tiling off a GPU cannot avoid; it still halves the untiled pass's.
-    log.warning("on the %s, max_memory bounds each strip's work, not the whole-image maps that a tiled %s holds "
-                "in the same memory: about %s for %dx%d here, over the %s budget (untiled takes about twice that)",
-                kind.upper(), op, _mib(maps), shape[2], shape[3], _mib(opts.max_memory))
+    log.warning("on the %s, the memory budget (max_memory, --max-memory) bounds each strip's work, not the "
+                "whole-image maps that a tiled %s holds in the same memory: about %s for %dx%d here, over the %s "
+                "budget (untiled takes about twice that)", kind.upper(), op, _mib(maps), shape[2], shape[3],
+                _mib(opts.max_memory))
 
 
 def _mib(n: int) -> str:

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from klvae import inference
 from klvae.atomic import atomic_write_text
-from klvae.errors import KlvaeError, quote
+from klvae.errors import KlvaeError, none_read, quote
 from klvae.images import pil_to_tensor
 from klvae.latents.buckets import make_buckets, nearest_bucket, resize_crop
 from klvae.latents.fingerprint import encoder_fingerprint, factors_fingerprint, model_fingerprint
@@ -457,7 +457,8 @@ def write_index(vae: AutoencoderKL, model: str, out: str | Path, opts: CacheOpti
             raise KlvaeError(f"{r['source']} appears twice in the cache manifests")
         seen.add(key)
     if not rows:
-        raise KlvaeError(f"nothing cached in {out}: none of the {len(set(failed))} images could be read")
+        _clear_failed_run(out)
+        raise KlvaeError(f"nothing cached in {out}: {none_read(len(set(failed)))}")
     index = {
         "format": INDEX_FORMAT, "model": model, **vae.config.latent_norm.to_dict(),
         **(fingerprints or model_fingerprints(vae, opts.store)),
@@ -467,6 +468,15 @@ def write_index(vae: AutoencoderKL, model: str, out: str | Path, opts: CacheOpti
         "failed": sorted(set(failed) - {r["source"] for r in rows}),
     }
     return atomic_write_text(out / "index.json", json.dumps(index))
+
+
+def _clear_failed_run(out: Path) -> None:
+    # No rank cached a row: the manifests record failures alone, which a rerun would take as done and never retry
+    # once the images are mended, and the folder would hold nothing else. So no trace is left.
+    for p in out.glob("manifest-rank*.jsonl"):
+        p.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # not empty: the user's files, or the data of another run
+        out.rmdir()
 
 
 def iter_rows(index_path: str | Path) -> Iterator[dict[str, Any]]:

@@ -78,6 +78,8 @@ def load_latents(path: str | Path, downsample_factor: int | None = None) -> Late
     With `downsample_factor` the items' sizes are also checked against their latents (see check_sizes).
     """
     path = Path(path)
+    if path.is_dir():
+        raise LatentsError(f"{path} is a folder; a latents file is one .safetensors file, as `klvae encode` writes")
     if not path.is_file():
         raise LatentsError(f"{path} is not a regular file" if path.exists() else f"no such latents file: {path}")
     try:
@@ -89,7 +91,8 @@ def load_latents(path: str | Path, downsample_factor: int | None = None) -> Late
     except (SafetensorError, OSError, ValueError) as e:
         raise LatentsError(f"{path} is not a readable safetensors file: {e}") from None
     if meta.get("format") != FORMAT:
-        raise LatentsError(f"{path} is not a klvae latents file (format {quote(meta.get('format'))})")
+        why = f"format {quote(meta['format'])}" if "format" in meta else "no klvae format in its metadata"
+        raise LatentsError(f"{path} is not a klvae latents file ({why})")
     items_json = _meta_json(meta, "items", path)
     if not isinstance(items_json, list):
         raise LatentsError(f"{path} has malformed metadata: items is {type(items_json).__name__}, not a list")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import re
@@ -152,7 +153,16 @@ def locate(path_or_id: str | Path, subfolder: str | None = None, revision: str |
         return _hub(name, subfolder, revision)
     if hub_file := parse_hub_file(name, WEIGHTS_SUFFIXES):
         return _hub_file(str(path_or_id), *hub_file, subfolder, revision)
-    raise WeightsError(f"no such file or folder, preset or hub id: {path_or_id}")
+    raise WeightsError(f"no such file or folder, preset or hub id: {path_or_id}{_preset_hint(name)}")
+
+
+def _preset_hint(name: str) -> str:
+    """For a name that could only have meant a preset (no folder, no suffix): the presets, and a near one."""
+    if "/" in name or "\\" in name or Path(name).suffix:
+        return ""
+    known = [*EMBEDDED_MODELS, *PRESETS]
+    near = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.6)
+    return f" ({f'did you mean {near[0]!r}? ' if near else ''}the built-in names: {', '.join(known)})"
 
 
 def _preset(name: str, revision: str | None) -> WeightsSource:
@@ -160,7 +170,9 @@ def _preset(name: str, revision: str | None) -> WeightsSource:
     if name in PRESET_HUB_FILES:
         return WeightsSource(fetch_hub_file(*PRESET_HUB_FILES[name], revision), preset=name)
     if name not in PRESET_HUB_IDS:
-        raise WeightsError(f"preset {name!r} has no released weights: build it with AutoencoderKL({name!r})")
+        raise WeightsError(f"preset {name!r} has no released weights: it is an architecture to build with random "
+                           f"weights (AutoencoderKL({name!r}) in Python, or `klvae info --model {name}` to describe "
+                           "it)")
     repo_id, preset_sub = PRESET_HUB_IDS[name]
     return _hub(repo_id, preset_sub, revision, preset=name)
 
@@ -200,8 +212,8 @@ def _resolve_config(
         return cfg, str(source.config_json)
     if CONFIG_METADATA in raw.metadata:
         cfg = _config_from_metadata(raw.metadata[CONFIG_METADATA], source.weights)
-        check_fits(sd, cfg, f"the config in {source.weights.name}'s header")
-        return cfg, f"the config in {source.weights.name}'s header"
+        check_fits(sd, cfg, f"stored in {source.weights.name}")
+        return cfg, f"the config stored in {source.weights.name}"
     named = family_from_name(source.weights.name) if family is None else None
     cfg = infer_config(sd, family, named=named and (named, source.weights.name))
     return with_edm_stats(cfg, raw.extras, source.weights.name), "the config inferred from the weights"
