@@ -35,6 +35,15 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def load_failure(e: BaseException) -> str:
+    """`Type: first line` of a torch.load failure, one short line: its weights_only refusal runs to a dozen lines,
+    in bold."""
+    return f"{type(e).__name__}: {cut(_ANSI.sub('', first_line(e)), 100)}"
+
+
 def cut(text: str, limit: int = 60) -> str:
     """`text` cut to `limit` characters, ending in '...' where it was cut."""
     return text if len(text) <= limit else text[: limit - 3] + "..."

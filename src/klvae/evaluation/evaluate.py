@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from klvae import __version__, inference
-from klvae.errors import ImageError, KlvaeError, Namer, OptionError, first_line, keyword, none_read
+from klvae.errors import ImageError, KlvaeError, Namer, OptionError, first_line, keyword, load_failure, none_read
 from klvae.evaluation.fid import FEATURE_DIM, FIDReference
 from klvae.evaluation.metrics import MetricAccumulator, psnr, ssim
 from klvae.images import MAX_PIXELS, pil_to_tensor
@@ -171,9 +171,7 @@ def load_named_weights(load: Callable[[Any], None], path: str | Path, option: st
     try:
         sd = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling and zip errors have many types; all mean "not a weights file"
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        detail = type(e).__name__ + (f": {msg}" if msg and len(msg) <= 100 else "")  # torch's run to a dozen lines
-        raise KlvaeError(f"{named} is not a PyTorch weights file ({detail})") from None
+        raise KlvaeError(f"{named} is not a PyTorch weights file ({load_failure(e)})") from None
     if not isinstance(sd, Mapping):
         raise KlvaeError(f"{named} holds a {type(sd).__name__}, not a state dict")
     try:

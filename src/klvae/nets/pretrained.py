@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from klvae.checksum import file_sha256
-from klvae.errors import KlvaeError, WeightsError, first_line, quote
+from klvae.errors import KlvaeError, WeightsError, first_line, load_failure, quote
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def read_weights(path: str | Path, what: str) -> dict[str, Any]:
     try:
         sd = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling and zip errors have many types; all mean "not a weights file"
-        raise WeightsError(f"{what} file {p} cannot be read: {type(e).__name__}: {e}") from None
+        raise WeightsError(f"{what} file {p} cannot be read: {load_failure(e)}") from None
     if not isinstance(sd, Mapping):
         raise WeightsError(f"{what} file {p} holds a {type(sd).__name__}, not a state dict")
     return dict(sd)
