@@ -196,7 +196,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     bad: list[Path] = []
     by_size = _group_by_size(paths, bad)
     if not by_size:
-        raise KlvaeError(f"{none_read(len(paths))}")
+        raise KlvaeError(none_read(len(paths)))
     if Path(args.output).suffix.lower() == SUFFIX:
         from klvae.cli.comfy import encode_comfy  # it builds on this module's helpers
 
@@ -204,7 +204,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     vae, _, dtype = load_model(args)
     encoded = _encode_groups(vae, by_size, args, dtype, tiling, bad)
     if not encoded:
-        raise KlvaeError(f"{none_read(len(paths))}")
+        raise KlvaeError(none_read(len(paths)))
     ordered = [p for p in paths if p in encoded]
     items = [LatentItem(name=p.name, key=f"{n:06d}", height=encoded[p][1][0], width=encoded[p][1][1])
              for n, p in enumerate(ordered)]

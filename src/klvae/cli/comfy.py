@@ -107,7 +107,7 @@ def encode_comfy(args: argparse.Namespace, paths: list[Path], by_size: dict[tupl
     readable = {p for group in by_size.values() for p in group}
     done, z = _encode_batch(vae, [p for p in paths if p in readable], size, args, dtype, tiling, bad)
     if z is None:
-        raise KlvaeError(f"{none_read(len(paths))}")
+        raise KlvaeError(none_read(len(paths)))
     meta = {"klvae.model": str(args.model), "klvae.posterior": "sample" if args.sample else "mean",
             "klvae.images": json.dumps([p.name for p in done])}
     save_comfy_latent(args.output, z, meta)

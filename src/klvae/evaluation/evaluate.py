@@ -322,7 +322,7 @@ def evaluate(
             bar.update(len(res.ids) + len(res.skipped) - bar.n)  # skipped items count as done too
         bar.update(len(ids) - bar.n)
     if not res.ids:
-        raise KlvaeError(f"{none_read(len(ids))}")
+        raise KlvaeError(none_read(len(ids)))
     warn_enlarged(res.enlarged, len(res.ids), opts.resolution)
     # Tar shards that could not be read (or not to their end) are skipped parts of the data, counted as such.
     res.skipped += [{"id": path, "error": f"tar shard skipped: {why}"} for path, why in source.unreadable]
