@@ -19,7 +19,7 @@ from torch import Tensor
 _SMUGGLED_BYTE = re.compile("[\udc80-\udcff]")
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Run write(tmp) on a temporary name beside `path`, flush it to disk, then rename it onto `path` and flush the
     folder (so the rename survives a power cut); a failed write (OSError, or safetensors' own error) is an OSError
     that names `path`."""
@@ -27,7 +27,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return Path(path)
 
 
-def atomic_write_all(files: Sequence[tuple[str | Path, Callable[[Path], None]]]) -> None:
+def atomic_write_all(files: Sequence[tuple[str | Path, Callable[[Path], object]]]) -> None:
     """Several files that belong together (weights and their config.json): every one is written and flushed
     under its temporary name before the first rename, so a failure in any leaves all the old files in place
     (and removes the folders it made for them, when still empty)."""
@@ -72,7 +72,7 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def _write_flushed(path: Path, tmp: Path, write: Callable[[Path], None]) -> None:
+def _write_flushed(path: Path, tmp: Path, write: Callable[[Path], object]) -> None:
     try:
         write(tmp)
         # The mode a plain open() would give: some writers (safetensors, mkstemp) create 0600 files, and a

@@ -29,7 +29,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast, overload
 
 import torch
 from torch import Tensor, nn
@@ -74,11 +74,11 @@ class _Output:
 
     def to_tuple(self) -> tuple[Any, ...]:
         """The fields that are not None, in order."""
-        return tuple(v for f in dataclasses.fields(self) if (v := getattr(self, f.name)) is not None)
+        return tuple(v for f in dataclasses.fields(cast(Any, self)) if (v := getattr(self, f.name)) is not None)
 
     def __getitem__(self, key: int | slice | str) -> Any:
         if isinstance(key, str):
-            if key not in {f.name for f in dataclasses.fields(self)} or getattr(self, key) is None:
+            if key not in {f.name for f in dataclasses.fields(cast(Any, self))} or getattr(self, key) is None:
                 raise KeyError(key)
             return getattr(self, key)
         return self.to_tuple()[key]
@@ -112,7 +112,7 @@ class FrozenConfig(dict):
         # Pipelines read the config; a write would change no computation here, so it is refused, not ignored.
         raise TypeError("the config is read-only; change the klvae model's config and call as_diffusers again")
 
-    __setattr__ = __setitem__ = __delattr__ = __delitem__ = _read_only  # type: ignore[assignment]
+    __setattr__ = __setitem__ = __delattr__ = __delitem__ = _read_only
     clear = pop = popitem = setdefault = update = _read_only  # type: ignore[assignment]
 
     def __reduce__(self) -> tuple[type, tuple[dict[str, Any]]]:
@@ -139,21 +139,30 @@ def _latent_bn(cfg: AutoencoderKLConfig, eps: float) -> nn.BatchNorm2d:
     with torch.device("cpu"):  # figures from the config, even while a model is built on the meta device
         stats = latent_bn_tensors(cfg, eps)
         bn = nn.BatchNorm2d(len(stats["bn.running_mean"]), eps=eps, affine=False, track_running_stats=True)
+        mean, var = _running_stats(bn)
         with torch.no_grad():
-            bn.running_mean.copy_(stats["bn.running_mean"])
-            bn.running_var.copy_(stats["bn.running_var"])
+            mean.copy_(stats["bn.running_mean"])
+            var.copy_(stats["bn.running_var"])
     return bn.eval()
 
 
-def _adopt_bn_stats(module: DiffusersVAE, incompatible_keys: Any) -> None:
+def _running_stats(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """A BatchNorm's running mean and variance (there: it tracks running statistics)."""
+    mean, var = bn.running_mean, bn.running_var
+    assert mean is not None and var is not None
+    return mean, var
+
+
+def _adopt_bn_stats(
+module: DiffusersVAE, incompatible_keys: Any) -> None:
     """After load_state_dict: statistics loaded into bn.* become the klvae model's latents_mean/latents_std, so
     that its latent scaling and save_pretrained carry them (the buffers are only derived from the config)."""
     vae, bn = module._klvae, module.bn
     now = latent_bn_tensors(vae.config, bn.eps)
-    if all(torch.equal(b.cpu(), now[k].to(b.dtype)) for k, b in (("bn.running_mean", bn.running_mean),
-                                                                   ("bn.running_var", bn.running_var))):
+    mean, var = _running_stats(bn)
+    if all(torch.equal(b.cpu(), now[k].to(b.dtype)) for k, b in (("bn.running_mean", mean), ("bn.running_var", var))):
         return  # the config's own (in half precision too): its exact figures stay
-    cfg = with_latent_stats(vae.config, (bn.running_mean, bn.running_var), bn.eps, "the model")
+    cfg = with_latent_stats(vae.config, (mean, var), bn.eps, "the model")
     if cfg is not vae.config:
         vae.config = cfg
         module.config = diffusers_config(cfg)
@@ -274,11 +283,29 @@ class DiffusersVAE(nn.Module):
         self._klvae.enable_gradient_checkpointing(False)
 
     # ---- diffusers' inference API ------------------------------------------------------------------------
+    # Overloads: a checker then knows that encode(x).latent_dist and decode(z).sample exist, as pipelines use them.
+    @overload
+    def encode(self, x: Tensor, return_dict: Literal[True] = True) -> AutoencoderKLOutput: ...
+    @overload
+    def encode(self, x: Tensor, return_dict: Literal[False]) -> tuple[DiagonalGaussianDistribution]: ...
+    @overload
+    def encode(self, x: Tensor, return_dict: bool) -> AutoencoderKLOutput | tuple[DiagonalGaussianDistribution]: ...
+
     def encode(self, x: Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple[DiagonalGaussianDistribution]:
         """Images [B, C, H, W] in [-1, 1] -> the posterior, as `.latent_dist` (or a 1-tuple)."""
         self._offload_hook()
         posterior = DiagonalGaussianDistribution(self._run("encode", x))
         return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
+
+    @overload
+    def decode(self, z: Tensor, return_dict: Literal[True] = True,
+               generator: torch.Generator | None = None) -> DecoderOutput: ...
+    @overload
+    def decode(self, z: Tensor, return_dict: Literal[False],
+               generator: torch.Generator | None = None) -> tuple[Tensor]: ...
+    @overload
+    def decode(self, z: Tensor, return_dict: bool,
+               generator: torch.Generator | None = None) -> DecoderOutput | tuple[Tensor]: ...
 
     def decode(
         self, z: Tensor, return_dict: bool = True, generator: torch.Generator | None = None

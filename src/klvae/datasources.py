@@ -154,14 +154,13 @@ class TableRows:
     def __init__(self, path: str | Path | Sequence[str | Path], column: str = "image",
                  split: str | None = None) -> None:
         self.column = column
-        one = isinstance(path, str | Path)
-        self.disk = one and is_disk(Path(path))
-        if self.disk:
-            self.path, self.rows = Path(path), load_from_disk(Path(path), column, split)
+        if isinstance(path, str | Path):
+            self.path, self.disk = Path(path), is_disk(Path(path))
+            files = [] if self.disk else parquet_files(self.path, split)
         else:
-            files = parquet_files(Path(path), split) if one else [Path(p) for p in path]
-            self.path = Path(path) if one else files[0].parent
-            self.rows = ParquetRows(files, column)
+            files, self.disk = [Path(p) for p in path], False
+            self.path = files[0].parent
+        self.rows = load_from_disk(self.path, column, split) if self.disk else ParquetRows(files, column)
 
     @classmethod
     def from_spec(cls, found: DataSpec, column: str = "image", split: str | None = None) -> TableRows:

@@ -29,11 +29,12 @@ Argument order: LDM's `q_sample(x0, t, noise)` puts t second, its `get_v(x0, noi
 from __future__ import annotations
 
 import math
-import numbers
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
+
+from klvae.checks import is_integer, is_real
 
 Schedule = Literal["linear", "scaled_linear", "cosine", "squaredcos_cap_v2"]
 # diffusers' names for the schedules that klvae names otherwise.
@@ -53,19 +54,18 @@ def make_betas(
     cosine_s: float = 8e-3,
 ) -> Tensor:
     """The float64 betas [num_steps] of a named schedule (LDM's `make_beta_schedule`, diffusers' names)."""
-    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
+    if not is_integer(num_steps) or num_steps < 1:
         raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
     num_steps = int(num_steps)
-    schedule = SCHEDULE_ALIASES.get(schedule, schedule) if isinstance(schedule, str) else schedule
-    if schedule in DEFAULT_BETA_RANGE:
-        default_start, default_end = DEFAULT_BETA_RANGE[schedule]
-        beta_start = _beta("beta_start", default_start if beta_start is None else beta_start)
-        beta_end = _beta("beta_end", default_end if beta_end is None else beta_end)
-    if schedule == "linear":
-        return torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
-    if schedule == "scaled_linear":
-        return torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float64) ** 2
-    if schedule == "cosine":
+    name = SCHEDULE_ALIASES.get(schedule, schedule) if isinstance(schedule, str) else ""
+    if name in DEFAULT_BETA_RANGE:
+        default_start, default_end = DEFAULT_BETA_RANGE[name]
+        start = _beta("beta_start", default_start if beta_start is None else beta_start)
+        end = _beta("beta_end", default_end if beta_end is None else beta_end)
+        if name == "linear":
+            return torch.linspace(start, end, num_steps, dtype=torch.float64)
+        return torch.linspace(start**0.5, end**0.5, num_steps, dtype=torch.float64) ** 2  # scaled_linear
+    if name == "cosine":
         t = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps + cosine_s
         alphas_cumprod = torch.cos(t / (1 + cosine_s) * math.pi / 2) ** 2
         alphas_cumprod = alphas_cumprod / alphas_cumprod[0]
@@ -75,9 +75,9 @@ def make_betas(
                      "(diffusers' 'squaredcos_cap_v2')")
 
 
-def _beta(name: str, value: float) -> float:
+def _beta(name: str, value: object) -> float:
     """A beta range end: a number strictly between 0 and 1 (0 would make the first step noiseless, 0/0 later)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1:  # also refuses nan
+    if not is_real(value) or not 0 < value < 1:  # also refuses nan
         raise ValueError(f"{name} must be a number strictly between 0 and 1, got {value!r}")
     return float(value)
 
@@ -118,7 +118,7 @@ def _combine(ta: Tensor, a: Tensor, tb: Tensor, b: Tensor, t: Tensor, sign: floa
 _NAMED = "for a named schedule use NoiseSchedule.from_name('scaled_linear') or NoiseSchedule.sd()"
 
 
-def _betas_tensor(betas: Tensor) -> Tensor:
+def _betas_tensor(betas: object) -> Tensor:
     """betas as a flat float64 CPU tensor; a TypeError naming the right constructors for a name or non-numbers."""
     if isinstance(betas, str | bytes):
         raise TypeError(f"NoiseSchedule takes betas, not a name: use NoiseSchedule.from_name({betas!r}) (or "
@@ -136,7 +136,7 @@ class NoiseSchedule:
     def __init__(self, betas: Tensor, v_posterior: float = 0.0, *, zero_terminal_snr: bool = False) -> None:
         betas = _betas_tensor(betas)
         _check_betas(betas, zero_terminal_snr)
-        if isinstance(v_posterior, bool) or not isinstance(v_posterior, numbers.Real) or not 0 <= v_posterior <= 1:
+        if not is_real(v_posterior) or not 0 <= v_posterior <= 1:
             raise ValueError(f"v_posterior must be a number in [0, 1] (0: beta-tilde, 1: beta), got {v_posterior!r}")
         self.betas = betas
         self.zero_terminal_snr = zero_terminal_snr
@@ -160,7 +160,7 @@ class NoiseSchedule:
 
     @classmethod
     def from_name(cls, schedule: Schedule, num_steps: int = 1000, *, rescale_betas_zero_snr: bool = False,
-                  **kwargs: float | None) -> NoiseSchedule:
+                  **kwargs: Any) -> NoiseSchedule:
         """A schedule from `make_betas` arguments; `rescale_betas_zero_snr` as diffusers' DDPMScheduler has it."""
         betas = make_betas(schedule, num_steps, **kwargs)
         if rescale_betas_zero_snr:

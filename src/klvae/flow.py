@@ -25,13 +25,13 @@ klvae.diffusion) have it.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from klvae.checks import is_integer, is_real
 from klvae.diffusion import table_dtype
 
 # The names diffusers' SD3/FLUX training scripts accept for --weighting_scheme, which they pass both to the timestep
@@ -231,13 +231,7 @@ class FlowSchedule:
     forward process on it; `mu` instead of `shift` shifts it the FLUX way (exponentially)."""
 
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, mu: float | None = None) -> None:
-        if not isinstance(num_train_timesteps, numbers.Real):
-            # A name or a tensor of sigmas here would otherwise meet a bare "must be an integer" (or a tensor repr).
-            got = repr(num_train_timesteps) if isinstance(num_train_timesteps, str) else \
-                type(num_train_timesteps).__name__
-            raise TypeError(f"FlowSchedule takes num_train_timesteps (an integer), got {got}: for a named table use "
-                            "FlowSchedule.sd3(), FlowSchedule.flux(latent) or FlowSchedule.flux2(latent)")
-        self.num_train_timesteps = _count(num_train_timesteps, "num_train_timesteps")
+        self.num_train_timesteps = _table_size(num_train_timesteps)
         self.shift = _positive(shift, "shift")
         self.mu = None if mu is None else _finite(mu, "mu")
         if self.mu is not None and self.shift != 1.0:
@@ -245,7 +239,7 @@ class FlowSchedule:
             raise ValueError("give shift or mu, not both: mu is FLUX's exponential shift (shift = e^mu)")
         n = self.num_train_timesteps
         positions = torch.arange(n, 0, -1, dtype=torch.float64) / n  # diffusers' linspace(1, T, T)[::-1] / T
-        self.sigmas = shift_sigmas(positions, self.shift) if mu is None else time_shift(self.mu, 1.0, positions)
+        self.sigmas = shift_sigmas(positions, self.shift) if self.mu is None else time_shift(self.mu, 1.0, positions)
         self.timesteps = self.sigmas * n
 
     @classmethod
@@ -381,8 +375,17 @@ def _check_scheme(weighting_scheme: str) -> None:
                          f"{', '.join(WEIGHTING_SCHEMES)}")
 
 
-def _finite(v: float, name: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+def _table_size(v: object) -> int:
+    if not is_real(v) and not isinstance(v, bool):
+        # A name or a tensor of sigmas here would otherwise meet a bare "must be an integer" (or a tensor repr).
+        got = repr(v) if isinstance(v, str) else type(v).__name__
+        raise TypeError(f"FlowSchedule takes num_train_timesteps (an integer), got {got}: for a named table use "
+                        "FlowSchedule.sd3(), FlowSchedule.flux(latent) or FlowSchedule.flux2(latent)")
+    return _count(v, "num_train_timesteps")
+
+
+def _finite(v: object, name: str) -> float:
+    if not is_real(v) or not math.isfinite(v):
         raise ValueError(f"{name} must be a finite number, got {v!r}")
     return float(v)
 
@@ -394,7 +397,7 @@ def _positive(v: float, name: str) -> float:
     return v
 
 
-def _count(v: int, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+def _count(v: object, name: str) -> int:
+    if not is_integer(v) or v < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     return int(v)

@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import ExifTags, Image, ImageOps
+from PIL import ExifTags, Image, ImageOps, TiffImagePlugin
 from torch import Tensor
 
 from klvae.atomic import atomic_write
@@ -124,6 +124,7 @@ def _image_errors(name: str) -> Iterator[None]:
         # Pillow refuses beyond twice its MAX_IMAGE_PIXELS before klvae sees the size; say it in klvae's words.
         m = re.search(r"\((\d+) pixels\)", str(e))
         size = f"{int(m[1]):,} pixels" if m else "too many pixels"
+        assert Image.MAX_IMAGE_PIXELS is not None  # Pillow raises this error only under a limit
         raise ImageTooLarge(f"{name}: {size}, over Pillow's limit of {2 * Image.MAX_IMAGE_PIXELS:,} "
                             "(its guard against decompression bombs)") from None
     except Image.UnidentifiedImageError:
@@ -187,7 +188,7 @@ def _orientation(img: Image.Image) -> int:
         return 1
     # Pillow turns a TIFF by its orientation tag itself, on load, and from Pillow 11 already reports the turned
     # size on open (its header's ImageWidth/ImageLength are the stored ones): that size needs no second turn.
-    if img.format == "TIFF" and img.size != (img.tag_v2.get(256), img.tag_v2.get(257)):
+    if isinstance(img, TiffImagePlugin.TiffImageFile) and img.size != (img.tag_v2.get(256), img.tag_v2.get(257)):
         return 1
     try:
         return int(img.getexif().get(ExifTags.Base.Orientation, 1))

@@ -48,7 +48,7 @@ def _within(name: str, prefixes: tuple[str, ...]) -> bool:
 
 @pytest.mark.parametrize("path", _modules("model", "posterior"), ids=lambda p: p.name)
 def test_the_model_imports_only_torch_and_itself_at_module_level(path: Path) -> None:
-    allowed = ("torch", "klvae.model", "klvae.posterior", "klvae.errors", "__future__")
+    allowed = ("torch", "klvae.model", "klvae.posterior", "klvae.errors", "klvae.checks", "__future__")
     stdlib = sys.stdlib_module_names
     bad = {n for n in _imports(path, top_level_only=True)
            if not _within(n, allowed) and n.partition(".")[0] not in stdlib}
@@ -56,7 +56,8 @@ def test_the_model_imports_only_torch_and_itself_at_module_level(path: Path) -> 
 
 
 LIBRARY = ("model", "posterior", "inference", "weights", "nets", "evaluation", "latents", "images",
-           "datasources", "diffusion", "flow", "atomic", "checksum", "errors", "progress", "compat", "distributed")
+           "datasources", "diffusion", "flow", "atomic", "checks", "checksum", "errors", "progress", "compat",
+           "distributed")
 
 
 @pytest.mark.parametrize("path", _modules(*LIBRARY), ids=lambda p: _module_name(p))

@@ -175,7 +175,7 @@ def _encode_groups(vae: AutoencoderKL, by_size: dict[tuple[int, int], list[Path]
                 for batch in [fit, *([c] for c in chunk if c[1].shape[-2:] != size)]:
                     if batch:
                         z = _encode_batch(vae, batch, args, gen, dtype, tiling)
-                        out.update((p, (z[p], tuple(t.shape[-2:]))) for p, t in batch)
+                        out.update((p, (z[p], (t.shape[-2], t.shape[-1]))) for p, t in batch)
                 bar.update(len(out) + len(bad) - bad_before - bar.n)
     return out
 

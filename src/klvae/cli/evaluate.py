@@ -68,10 +68,10 @@ def _per_model(values: list[str] | None, n: int, flag: str) -> list[str | None]:
     if not values:
         return [None] * n
     if len(values) == 1:
-        return values * n
+        return [values[0]] * n
     if len(values) != n:
         raise KlvaeError(f"{flag} given {len(values)} times for {n} models; give it once, or once per --model")
-    return list(values)
+    return [*values]
 
 
 def _model_names(specs: list[str]) -> list[str]:

@@ -153,7 +153,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
                          batch_size=args.batch_size)
     shards = f", {len(source.unreadable)} unreadable tar shards skipped" if source.unreadable else ""
     if args.per_channel:
-        means, stds = [round(v, 6) for v in f["latents_mean"]], [_round_positive(v) for v in f["latents_std"]]
+        means, stds = tuple(round(v, 6) for v in f["latents_mean"]), tuple(_round_positive(v) for v in f["latents_std"])
         norm = LatentNorm(1.0, None, means, stds, vae.config.latent_patch_size)
         found = f"latents_mean {list(norm.latents_mean or ())}  latents_std {list(norm.latents_std or ())}"
     else:

@@ -158,13 +158,13 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt as e:
         return _stopped_by(e)
     except OSError as e:
-        if _buried_interrupt(e) is not None:
-            return _stopped_by(_buried_interrupt(e))
+        if (buried := _buried_interrupt(e)) is not None:
+            return _stopped_by(buried)
         print(f"klvae: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except Exception as e:  # memory running out, or a bug of ours: still one line unless --debug asks for more
-        if _buried_interrupt(e) is not None:
-            return _stopped_by(_buried_interrupt(e))
+        if (buried := _buried_interrupt(e)) is not None:
+            return _stopped_by(buried)
         if _out_of_memory(e) and not args.debug:
             print(f"klvae: error: out of memory ({_one_line(e)}); {_MEMORY_ADVICE}", file=sys.stderr)
             return 1
@@ -235,7 +235,7 @@ def _interrupted() -> int:
     return 130
 
 
-def _one_line(e: BaseException) -> str:
+def _one_line(e: BaseException | str) -> str:
     # Messages quoted from torch, safetensors or a file can hold newlines; the error stays one line.
     return " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
 

@@ -90,6 +90,7 @@ def cmd_noise(args: argparse.Namespace) -> int:
     z0 = vae.scale_latents(inference.encode(vae, x, dtype).mode())
     noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(args.seed)).to(z0.device)
     if flow:
+        assert shift is not None  # _check_shift gives a flow schedule its shift
         zts, labels, what = _flow_noised(z0, noise, args, shift, family)
     else:
         zts, labels, what = _ddpm_noised(z0, noise, args)
@@ -226,7 +227,8 @@ def _sheet(tiles: list[tuple[str, Image.Image]]) -> Image.Image:
     w, h = tiles[0][1].size
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     texts = [_label_text(probe, label, w) for label, _ in tiles]
-    top = max(_LABEL_HEIGHT, *(probe.multiline_textbbox((0, 3), t)[3] + _MARGIN for t in texts))
+    # ceil: the bounding box is whole pixels with Pillow's fonts, but typed (and maybe one day given) as floats.
+    top = max(_LABEL_HEIGHT, *(math.ceil(probe.multiline_textbbox((0, 3), t)[3]) + _MARGIN for t in texts))
     sheet = Image.new("RGB", (w * len(tiles), h + top), "white")
     for i, (text, (_, img)) in enumerate(zip(texts, tiles, strict=True)):
         # Each label is drawn in its own tile-wide cell, so a long one is cut at its tile's edge rather than

@@ -7,7 +7,7 @@ import functools
 import logging
 import math
 import platform
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,7 +144,7 @@ def build_metric_nets(
     return nets
 
 
-def _load_found(loads: list[tuple[Callable[[Any], None], Callable[[], Any]]], metric: str,
+def _load_found(loads: Sequence[tuple[Callable[[Any], None], Callable[[], Any]]], metric: str,
                 left_out: dict[str, str], key: str) -> bool:
     # Weights nobody named may be missing here (offline, no cache): the metric is left out, with one line that
     # names the option for a local file (each resolver's message carries it).
@@ -364,7 +364,7 @@ def select_examples(res: EvalResult, n: int) -> dict[str, dict[str, list[int]]]:
     for m in res.models:
         done = [i for i, ok in enumerate(res.done(m)) if ok]  # a failed image has no PSNR to rank by
         k = min(n, max(1, len(done) // 2)) if n > 0 else 0
-        order = sorted(done, key=lambda i, m=m: res.values[m]["psnr"][i])
+        order = sorted(done, key=res.values[m]["psnr"].__getitem__)
         out[m] = {"worst": order[:k], "best": order[::-1][:k]}
     return out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +66,7 @@ def decode(
     vae: AutoencoderKL,
     z: Tensor,
     dtype: torch.dtype | None = None,
-    size: tuple[int, int] | None = None,
+    size: Sequence[int] | None = None,
     tiling: TileOptions | None = None,
 ) -> Tensor:
     """Unscaled latents [B, c, h, w] -> images [B, C, H, W] in [-1, 1], cropped to `size` when given; dtype and
@@ -94,7 +95,7 @@ def decode(
     return out
 
 
-def _check_size(size: tuple[int, int], full: tuple[int, ...]) -> tuple[int, int]:
+def _check_size(size: Sequence[int], full: tuple[int, ...]) -> tuple[int, int]:
     """`size` as two ints, each within the decoded image's side (numpy integers are taken too)."""
     # A crop larger than the decoded image would silently return the whole image; negative sizes would slice
     # from the end.

@@ -64,7 +64,7 @@ def optimize_for_inference(
         vae.to(dtype)
     channels_last = _on(opts.channels_last, cuda)
     if channels_last:
-        vae.to(memory_format=torch.channels_last)
+        vae.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # Module.to takes it; its stub not
     fused = _fused_norm(opts, cuda)
     for m in vae.modules():
         if isinstance(m, Upsample):

@@ -18,6 +18,7 @@ import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +47,7 @@ class LazyConv:
     conv: nn.Conv2d  # a 3x3 "same" conv, or the conv of a folded upsampler
     up: bool  # nearest x2 first (folded into a stride-2 transposed conv)
     weight: Tensor  # in the compute dtype; for `up` the folded [C, Cout, 4, 4] kernel
-    bias: Tensor
+    bias: Tensor | None
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -57,6 +58,20 @@ class LazyConv:
 
 
 Map = Tensor | LazyConv
+
+
+def _params(layer: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """A conv's or linear layer's weight and bias in `dtype`."""
+    assert isinstance(layer, nn.Conv2d | nn.Linear)
+    bias = layer.bias
+    return layer.weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def _resnets(block: nn.Module) -> list[ResnetBlock]:
+    """A level's (or the mid block's) ResNet blocks."""
+    resnets = block.resnets
+    assert isinstance(resnets, nn.ModuleList)
+    return cast(list[ResnetBlock], list(resnets))
 
 
 @dataclass
@@ -238,8 +253,7 @@ class Streamer:
 
     def _valid_conv(self, t: Tensor, conv: nn.Conv2d) -> Tensor:
         # Padding is already in t (only where the strip meets the map's edge).
-        return F.conv2d(t.to(self.dtype), conv.weight.to(self.dtype), conv.bias.to(self.dtype),
-                        stride=conv.stride, padding=0)
+        return F.conv2d(t.to(self.dtype), *_params(conv, self.dtype), stride=conv.stride, padding=0)
 
     def _conv_input(
         self, x: Tensor, a: int, e: int, k: int, mode: str, pre: Callable[[Tensor], Tensor] | None
@@ -272,13 +286,13 @@ class Streamer:
         b, _, h, w = x.shape
         if isinstance(x, LazyConv) or self.recomputes((b, block.conv1.out_channels, h, w)):
             return self._resnet_recomputed(x, block, s1)
-        h = self.conv(x, block.conv1, pre=lambda t: self.apply_norm(t, block.norm1, s1, act=True))
-        s2 = self.group_stats(h, block.norm2)
+        y = self.conv(x, block.conv1, pre=lambda t: self.apply_norm(t, block.norm1, s1, act=True))
+        s2 = self.group_stats(y, block.norm2)
 
         def shortcut(a: int, e: int) -> Tensor:
             return self._shortcut(self.to_dev(x[:, :, a:e]), block)
 
-        return self.conv(h, block.conv2, pre=lambda t: self.apply_norm(t, block.norm2, s2, act=True),
+        return self.conv(y, block.conv2, pre=lambda t: self.apply_norm(t, block.norm2, s2, act=True),
                          residual=shortcut)
 
     def _resnet_recomputed(self, x: Map, block: ResnetBlock, s1: Stats) -> Tensor:
@@ -312,7 +326,7 @@ class Streamer:
         # The block's input rows, projected by its 1x1 conv when the widths differ.
         t = t.to(self.dtype)
         sc = block.conv_shortcut
-        return t if sc is None else F.conv2d(t, sc.weight.to(self.dtype), sc.bias.to(self.dtype))
+        return t if sc is None else F.conv2d(t, *_params(sc, self.dtype))
 
     def attention(self, x: Map, attn: nn.Module, rows: int | None = None, key_chunk: int | None = None) -> Tensor:
         """Whole-map attention at latent resolution, in bounded memory: K and V are computed strip by strip into
@@ -326,7 +340,7 @@ class Streamer:
         b, c, h, w = x.shape
         stats = self.group_stats(x, attn.group_norm)
         projections = (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0])
-        lin = [(m.weight.to(self.dtype), m.bias.to(self.dtype)) for m in projections]
+        lin = [_params(m, self.dtype) for m in projections]
 
         def tokens(a: int, e: int) -> Tensor:  # normalised rows [a, e) as tokens [B, (e - a) * W, C]
             y = self.apply_norm(self.rows_of(x, a, e), attn.group_norm, stats, act=False).to(self.dtype)
@@ -411,20 +425,21 @@ class Streamer:
 
     def mid(self, x: Map, block: MidBlock) -> Tensor:
         """ResNet -> attention -> ResNet."""
-        x = self.resnet(x, block.resnets[0])
+        first, second = _resnets(block)
+        x = self.resnet(x, first)
         for attn in block.attentions:
             x = self.attention(x, attn)
-        return self.resnet(x, block.resnets[1])
+        return self.resnet(x, second)
 
     def level(self, x: Map, block: nn.Module) -> Map:
         """A down or up level: its ResNet blocks, then its resampler."""
-        for r in block.resnets:
+        for r in _resnets(block):
             x = self.resnet(x, r)
         samplers = getattr(block, "downsamplers", None) or getattr(block, "upsamplers", None)
         for s in samplers or ():
             assert isinstance(s, Downsample | Upsample)
             if isinstance(s, Upsample) and s.fold:  # with recompute the next ResNet block reads it row by row
-                up = self.lazy(x, s.conv, up=True)
+                up = self.lazy(self.materialize(x), s.conv, up=True)  # x: the last ResNet's output, in memory
                 x = up if self.recomputes(up.shape) else self.materialize(up)
             else:
                 x = self.conv(x, s.conv, mode="down" if isinstance(s, Downsample) else "up")
@@ -438,7 +453,7 @@ class Streamer:
     def lazy(self, x: Tensor, conv: nn.Conv2d, up: bool = False) -> LazyConv:
         """conv(x), or nearest x2 + conv as the folded transposed conv (`Upsample.fold`), not yet computed."""
         weight = fold_upsample_kernel(conv.weight) if up else conv.weight
-        return LazyConv(x, conv, up, weight.to(self.dtype), conv.bias.to(self.dtype))
+        return LazyConv(x, conv, up, weight.to(self.dtype), _params(conv, self.dtype)[1])
 
     def materialize(self, x: Map) -> Tensor:
         """A map in memory (storage or device), with its sums."""
@@ -466,7 +481,7 @@ class Streamer:
         y = F.conv_transpose2d(t, x.weight, x.bias, stride=2, padding=1)  # rows 2*lo .. 2*hi of the output
         return y[:, :, a - 2 * lo : e - 2 * lo]
 
-    def head(self, x: Tensor, norm: nn.GroupNorm, conv: nn.Conv2d) -> Tensor:
+    def head(self, x: Map, norm: nn.GroupNorm, conv: nn.Conv2d) -> Tensor:
         """GroupNorm -> SiLU -> conv_out."""
         s = self.group_stats(x, norm)
         return self.conv(x, conv, pre=lambda t: self.apply_norm(t, norm, s, act=True))

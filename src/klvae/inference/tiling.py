@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import logging
-import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
 
+from klvae.checks import is_integer
 from klvae.errors import KlvaeError, quote
-from klvae.inference.streaming import Streamer
+from klvae.inference.streaming import Map, Streamer
 from klvae.model.autoencoder import AutoencoderKL
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class TileOptions:
 
 def _whole_number(name: str, v: object) -> int:
     """`v` as a plain int of at least 1, else KlvaeError; numpy integers (a size computed with numpy) count."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+    if not is_integer(v) or v < 1:
         raise KlvaeError(f"TileOptions.{name} must be a whole number of at least 1 (or None), got {quote(v)}")
     return int(v)
 
@@ -125,24 +126,24 @@ def tiled_encode_moments(vae: AutoencoderKL, x: Tensor, st: Streamer) -> Tensor:
     enc = vae.encoder
     # Each stage's map is popped straight into the next call, so no local here keeps it alive while later stages
     # run: its device memory goes back to the streamer's pool as soon as the stage that reads it is done.
-    box = [st.input_conv(st.place(x), enc.conv_in)]
+    box: list[Map] = [st.input_conv(st.place(x), enc.conv_in)]
     for block in enc.down_blocks:
         box.append(st.level(box.pop(), block))
     box.append(st.mid(box.pop(), enc.mid_block))
     box.append(st.head(box.pop(), enc.conv_norm_out, enc.conv_out))
     if vae.quant_conv is not None:
         box.append(st.conv(box.pop(), vae.quant_conv))
-    return st.finish(box.pop()).float()
+    return st.finish(cast(Tensor, box.pop())).float()  # head's or quant_conv's output: a map in memory
 
 
 @torch.no_grad()
 def tiled_decode(vae: AutoencoderKL, z: Tensor, st: Streamer) -> Tensor:
     """Decoder output of unscaled latents z, layer by layer over strips."""
     dec = vae.decoder
-    box = [st.place(z)]  # popped into each stage, as in tiled_encode_moments
+    box: list[Map] = [st.place(z)]  # popped into each stage, as in tiled_encode_moments
     if vae.post_quant_conv is not None:
         box.append(st.conv(box.pop(), vae.post_quant_conv))
-    box.append(st.input_conv(box.pop(), dec.conv_in))
+    box.append(st.input_conv(cast(Tensor, box.pop()), dec.conv_in))  # the latents, or post_quant_conv's output
     box.append(st.mid(box.pop(), dec.mid_block))
     for block in dec.up_blocks:
         box.append(st.level(box.pop(), block))

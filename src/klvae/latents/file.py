@@ -6,6 +6,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -150,8 +151,10 @@ def _parse_norm(meta: dict[str, str], path: Path) -> LatentNorm:
         raise LatentsError(f"{path} has malformed metadata: scaling_factor must be a non-zero number, got {scaling}")
     shift = _meta_number(_meta_json(meta, "shift_factor", path), "shift_factor", path)
     # Files written before the per-channel statistics (or the patches) have no such fields.
-    per_channel = {k: _meta_json(meta, k, path) if k in meta else None for k in ("latents_mean", "latents_std")}
-    patch = _meta_json(meta, "latent_patch_size", path) if "latent_patch_size" in meta else 1
+    # Any: values as the file gives them, which LatentNorm checks (its message is then the file's problem).
+    per_channel: dict[str, Any] = {k: _meta_json(meta, k, path) if k in meta else None
+                                   for k in ("latents_mean", "latents_std")}
+    patch: Any = _meta_json(meta, "latent_patch_size", path) if "latent_patch_size" in meta else 1
     try:
         return LatentNorm(scaling, shift, **per_channel, latent_patch_size=patch)
     except ValueError as e:

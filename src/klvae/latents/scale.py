@@ -55,7 +55,8 @@ def estimate_factors(vae: AutoencoderKL, spec: str | ItemSource, limit: int = 25
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(source.ids), generator=gen).tolist()[:limit]
     # Per-channel sums in float64: n, sum z and sum z^2 over every position of every image.
-    n, s1, s2, used, skipped = 0, torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64), 0, []
+    n, s1, s2, used = 0, torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64), 0
+    skipped: list[str] = []
     crops = _readable_crops(source, order, resolution, skipped)
     while batch := list(itertools.islice(crops, batch_size)):
         # One forward pass a batch: a stack is NCHW-contiguous, as the batches of encode and cache are.

@@ -104,7 +104,8 @@ class ItemSource:
         if self.kind == "folder":
             return load_image(self._paths[item_id])
         if self.kind == "tar":
-            return open_image_bytes(self._tars.read(*self._paths[item_id], item_id), item_id)
+            tar_path, member, offset = self._paths[item_id]
+            return open_image_bytes(self._tars.read(tar_path, member, offset, item_id), item_id)
         assert self._table is not None
         return image_from_cell(self._table.cell(int(item_id.removeprefix("row"))), item_id)
 

@@ -27,6 +27,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from klvae.checks import is_integer
 from klvae.checksum import file_sha256
 from klvae.errors import KlvaeError
 from klvae.latents.cache import parse_index, read_manifest
@@ -220,7 +221,7 @@ def _index_layout(index: dict[str, Any] | None) -> Layout | None:
         return None
     names, channels, factor = stored.get("tensors"), stored.get("channels"), stored.get("downsample_factor")
     if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)
-            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (channels, factor))):
+            and is_integer(channels) and channels > 0 and is_integer(factor) and factor > 0):
         return None
     return tuple(sorted(names)), channels, Fraction(factor), Fraction(factor)
 

@@ -143,8 +143,8 @@ class Upsample(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """[B, C, H, W] -> [B, C, 2H, 2W]."""
         if self.fold:
-            w = fold_upsample_kernel(self.conv.weight)
-            return F.conv_transpose2d(x, w.to(x.dtype), self.conv.bias.to(x.dtype), stride=2, padding=1)
+            w, b = fold_upsample_kernel(self.conv.weight), self.conv.bias
+            return F.conv_transpose2d(x, w.to(x.dtype), None if b is None else b.to(x.dtype), stride=2, padding=1)
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 

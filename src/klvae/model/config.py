@@ -6,11 +6,11 @@ import contextlib
 import contextvars
 import dataclasses
 import logging
-import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from klvae.checks import is_integer
 from klvae.model.latent_norm import NORM_FIELDS, LatentNorm, finite
 
 AttentionType = Literal["vanilla", "linear", "none"]
@@ -164,7 +164,7 @@ _BOOLS = ("use_quant_conv", "use_post_quant_conv", "force_upcast")
 
 
 def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    if not is_integer(value) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 

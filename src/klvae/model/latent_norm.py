@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from klvae.checks import is_integer, is_real
 
 NORM_FIELDS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std", "latent_patch_size")
 
@@ -39,7 +40,7 @@ class LatentNorm:
         put(self, "latents_mean", _floats(self.latents_mean, "latents_mean"))
         put(self, "latents_std", _floats(self.latents_std, "latents_std", positive=True))
         p = self.latent_patch_size
-        if isinstance(p, bool) or not isinstance(p, numbers.Integral) or not 1 <= p <= _MAX_PATCH:
+        if not is_integer(p) or not 1 <= p <= _MAX_PATCH:
             raise ValueError(f"latent_patch_size must be an integer from 1 to {_MAX_PATCH}, got {p!r}")
         put(self, "latent_patch_size", int(p))
         mean, std = self.latents_mean, self.latents_std
@@ -157,7 +158,7 @@ _MAX_PATCH = 8
 
 def finite(value: Any, name: str, positive: bool = False) -> float:
     """`value` as a float; ValueError if it is no finite (positive) real number."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+    if not is_real(value) or not math.isfinite(value) \
             or (positive and value <= 0):
         raise ValueError(f"{name} must be a finite{' positive' if positive else ''} number, got {value!r}")
     return float(value)

@@ -106,6 +106,9 @@ class LPIPS(FrozenNet):
     The whole module is frozen and stays in eval mode, but gradients flow to its inputs.
     """
 
+    shift: Tensor  # buffers: ImageNet's normalisation, in the [-1, 1] scale of the inputs
+    scale: Tensor
+
     def __init__(
         self,
         pretrained: bool = True,
@@ -119,6 +122,7 @@ class LPIPS(FrozenNet):
         self.lin = LinLayers()
         for head in self.lin.heads():
             conv = head.model[1]
+            assert isinstance(conv, nn.Conv2d)
             nn.init.uniform_(conv.weight, 0.0, 1.0 / conv.in_channels)
         # A file named here may be any file, so its errors name it; the ones found for us are hash-checked.
         if vgg_path is not None:

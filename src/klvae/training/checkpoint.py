@@ -28,7 +28,8 @@ _NAME = re.compile(r"^step_(\d{8})\.pt$")
 
 def rng_state() -> dict[str, Any]:
     """Every RNG the run touches, in a form torch.load(weights_only=True) accepts."""
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # ("MT19937", keys, pos, has_gauss, gauss): the legacy form is a tuple
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),

@@ -6,12 +6,17 @@ import contextlib
 import dataclasses
 import logging
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-import tomllib
 import yaml
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, as a package (a dependency there)
+    import tomli as tomllib
 
 from klvae.errors import KlvaeError, cut, first_line, quote
 from klvae.images import MAX_RESOLUTION
@@ -143,7 +148,7 @@ class TrainConfig:
         return d
 
 
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+def _build(cls: type, data: object, where: str) -> Any:
     if not isinstance(data, dict):
         if where:
             raise KlvaeError(_not_a_value(where.rstrip("."), data))
@@ -156,7 +161,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     kwargs = {}
     for name, value in data.items():
         t, full = hints[name], f"{where}{name}"
-        if dataclasses.is_dataclass(t):
+        if isinstance(t, type) and dataclasses.is_dataclass(t):
             kwargs[name] = _build(t, value, f"{full}.")
         elif get_origin(t) is tuple:
             kwargs[name] = _floats(value, len(get_args(t)), full)
@@ -309,7 +314,7 @@ def surprises(cfg: TrainConfig) -> list[str]:
 MAX_CONFIG_VALUES, MAX_CONFIG_DEPTH = 10_000, 32
 
 
-def _check_size(d: dict[str, Any]) -> None:
+def _check_size(d: object) -> None:
     """Refuse a config that expands to more than MAX_CONFIG_VALUES values or MAX_CONFIG_DEPTH levels."""
     count, stack = 0, [(d, 0)]
     while stack:

@@ -228,7 +228,8 @@ def _tar_groups(tf: tarfile.TarFile, wanted: Callable[[int], bool],
                 is_image: Callable[[str], bool]) -> Iterator[tuple[int, str, dict[str, bytes | ImageError]]]:
     """(sample number, key, {extension: bytes, or the error of a member too big to read}) per run of members
     sharing a key; bytes read only for wanted images."""
-    key, idx, group = None, -1, {}
+    key, idx = None, -1
+    group: dict[str, bytes | ImageError] = {}
     for m in tf:  # a stream: a member's bytes can only be read while it is the current one
         if not m.isfile() or m.name.rpartition("/")[2].startswith("."):
             continue
@@ -318,7 +319,8 @@ class WebDatasetShards(IterableDataset):
 
 def build_dataset(spec: str | Path, transform: Transform | None = None, image_column: str = "image",
                   rank: int | None = None, world_size: int | None = None, recursive: bool = True,
-                  split: str | None = None, cache: bool = False) -> Dataset | IterableDataset:
+                  split: str | None = None, cache: bool = False
+                  ) -> ImageFolderDataset | HFDiskDataset | WebDatasetShards:
     """The dataset a path names: image folder or file, save_to_disk folder, parquet, or tar shards (glob/braces).
 
     `cache` keeps an image folder's decoded images in memory (small datasets seen many times)."""
@@ -347,7 +349,7 @@ def build_dataloader(dataset: Dataset | IterableDataset, batch_size: int, num_wo
                      shuffle: bool = True, seed: int = 0, drop_last: bool = False, distributed: bool = False,
                      rank: int | None = None, world_size: int | None = None) -> DataLoader:
     """A DataLoader with collate_skip_none; a DistributedSampler for map-style data when distributed."""
-    sampler = None
+    sampler: DistributedSampler | None = None
     if isinstance(dataset, IterableDataset):
         shuffle = False  # streams split themselves by rank and worker; order is the shards'
     elif distributed:

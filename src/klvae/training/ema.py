@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
-AvgFn = Callable[[list[Tensor], list[Tensor], Tensor], None]
+Tensors = tuple[Tensor, ...] | list[Tensor]
+AvgFn = Callable[[Tensors, Tensors, Tensor | int], None]
 
 
 def ema_decay_at(decay: float, updates: int, warmup: bool) -> float:
@@ -21,7 +22,7 @@ def ema_decay_at(decay: float, updates: int, warmup: bool) -> float:
 
 def _ema_update(decay: float, warmup: bool) -> AvgFn:
     @torch.no_grad()
-    def update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
+    def update(averaged: Tensors, current: Tensors, num_averaged: Tensor | int) -> None:
         # Parameters only (AveragedModel copies the buffers), all floating point: ema += (1 - d) * (w - ema).
         torch._foreach_lerp_(averaged, current, 1.0 - ema_decay_at(decay, int(num_averaged), warmup))
 

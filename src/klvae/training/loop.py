@@ -121,7 +121,8 @@ class DroppedRun:
 def _micro_batches(it: Iterator[dict[str, Any]], n: int, tr: Trainer,
                    run: DroppedRun) -> tuple[list[torch.Tensor], int]:
     """`n` non-empty micro-batches, and how many loader batches were read for them (the resume position)."""
-    out, read = [], 0
+    out: list[torch.Tensor] = []
+    read = 0
     while len(out) < n:
         batch = next(it)
         read += 1

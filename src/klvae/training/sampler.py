@@ -50,7 +50,8 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
         return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        b, order, order_epoch = self.start, None, -1
+        b, order_epoch = self.start, -1
+        order = torch.empty(0, dtype=torch.long)  # replaced before first use: order_epoch -1 is no epoch
         while True:
             epoch, k = divmod(b, self.per_epoch)
             if epoch != order_epoch:

@@ -9,7 +9,7 @@ import logging
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -79,7 +79,7 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _with_resolved_loss(d: dict[str, Any]) -> dict[str, Any]:
     """`d` with its loss spelled out field by field, so a preset and its values written out compare equal."""
     with contextlib.suppress(KlvaeError, TypeError, ValueError, AttributeError):
-        loss = d.get("loss")
+        loss: Any = d.get("loss")  # anything: what is not a mapping of loss fields is left as it is
         d = {**d, "loss": {"preset": loss.get("preset", "ldm"), **dataclasses.asdict(build_loss_config(loss))}}
     return d
 
@@ -178,7 +178,8 @@ class Trainer:
         self.d_scaler = torch.amp.GradScaler(device.type, enabled=fp16)
         net = Reconstruct(self.vae, cfg.model.decoder_only)
         ids = [self.device] if self.device.type == "cuda" else None
-        self.net = DistributedDataParallel(net, device_ids=ids) if self.dist.enabled else net
+        self.net: DistributedDataParallel | Reconstruct = (
+            DistributedDataParallel(net, device_ids=ids) if self.dist.enabled else net)
         self.step, self.batches_done, self.nonfinite_run = 0, 0, 0
         # Unreadable reads met by this process; rank 0's also holds the all-ranks count saved before a resume,
         # so that the logged sum over ranks goes on from where it stopped, whatever the process count.
@@ -303,7 +304,7 @@ class Trainer:
 
     def exported_model(self) -> AutoencoderKL:
         """The weights that export writes: the EMA when kept and asked for, else the trained ones."""
-        return self.ema.module if self.ema is not None and self.cfg.train.export_ema else self.vae
+        return cast(AutoencoderKL, self.ema.module) if self.ema is not None and self.cfg.train.export_ema else self.vae
 
     def lpips_files(self) -> tuple[str | None, str | None] | None:
         """The VGG16 and LPIPS-head files the loss config names (also used by validation's LPIPS); None when
@@ -346,7 +347,8 @@ class Trainer:
 
     def _micro_step(self, x: Tensor, i: int, accum: int, disc_on: bool, logs: dict[str, float]) -> bool:
         last = i == accum - 1
-        sync = self.net.no_sync() if self.dist.enabled and not last else contextlib.nullcontext()
+        sync = self.net.no_sync() if isinstance(self.net, DistributedDataParallel) and not last \
+            else contextlib.nullcontext()
         with sync:
             self.loss.discriminator_requires_grad(False)  # the generator pass must not train the critic
             with self._autocast():

@@ -122,10 +122,11 @@ def config_from_diffusers(d: dict[str, Any]) -> AutoencoderKLConfig:
     v = {k: d.get(k, default) for k, default in _DIFFUSERS_DEFAULTS.items()} | flux2
     widths = _widths(v["block_out_channels"])
     _check_block_types(d | {k: v[k] for k in ("down_block_types", "up_block_types") if k in v}, len(widths))
-    ints = {k: _int(v[k], k) for k in ("in_channels", "out_channels", "layers_per_block", "latent_channels",
-                                     "norm_num_groups")}
+    ints: dict[str, Any] = {k: _int(v[k], k) for k in ("in_channels", "out_channels", "layers_per_block",
+                                                       "latent_channels", "norm_num_groups")}
     # The flags and factors pass as they are: AutoencoderKLConfig checks their types and ranges itself.
-    same = {k: v[k] for k in ("use_quant_conv", "use_post_quant_conv", "force_upcast", "scaling_factor",
+    same: dict[str, Any] = {k: v[k] for k in
+ ("use_quant_conv", "use_post_quant_conv", "force_upcast", "scaling_factor",
                               "shift_factor", "latents_mean", "latents_std")}
     if same["shift_factor"] is not None and same["latents_mean"] is not None:
         # diffusers' SDXL-family pipelines, the ones that read latents_mean, never read shift_factor.

@@ -215,7 +215,7 @@ def _resolve_config(
         check_fits(sd, cfg, f"stored in {source.weights.name}")
         return cfg, f"the config stored in {source.weights.name}"
     named = family_from_name(source.weights.name) if family is None else None
-    cfg = infer_config(sd, family, named=named and (named, source.weights.name))
+    cfg = infer_config(sd, family, named=(named, source.weights.name) if named else None)
     return with_edm_stats(cfg, raw.extras, source.weights.name), "the config inferred from the weights"
 
 

@@ -14,6 +14,8 @@ from torch import Tensor, nn
 class ActNorm(nn.Module):
     """Per-channel affine y = scale * (x + loc), initialised from the first training batch to zero mean, unit std."""
 
+    initialized: Tensor  # a registered buffer: 0 until the first training batch has set loc and scale
+
     def __init__(self, num_features: int) -> None:
         super().__init__()
         self.loc = nn.Parameter(torch.zeros(1, num_features, 1, 1))

@@ -175,7 +175,7 @@ def _last_layer_grad_norm(loss: Tensor, last_layer: Tensor) -> Tensor | None:
     )
     scale, norm = 1.0, None
     for _ in range(4 if fp16 else 1):
-        grad = torch.autograd.grad(
+        grad: Tensor | None = torch.autograd.grad(
             loss if scale == 1.0 else loss * scale, last_layer, retain_graph=True, allow_unused=True
         )[0]
         if grad is None:
