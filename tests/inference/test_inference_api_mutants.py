@@ -89,6 +89,15 @@ def test_a_crop_may_take_a_whole_side() -> None:
     torch.testing.assert_close(inference.decode(vae, z, size=(20, 1)), full[..., :1], rtol=0, atol=0)
 
 
+def test_double_precision_images_and_latents_are_taken_in_the_models_dtype() -> None:
+    # run_guarded hands the model its own dtype: a float64 tensor would meet fp32 weights in the first conv.
+    vae = perturbed_vae("tiny-f8")
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    torch.testing.assert_close(inference.encode_moments(vae, x.double()), inference.encode_moments(vae, x))
+    z = torch.randn(1, 4, 2, 2)
+    torch.testing.assert_close(inference.decode(vae, z.double()), inference.decode(vae, z))
+
+
 def test_encode_passes_its_dtype_and_tiling_on(monkeypatch: pytest.MonkeyPatch) -> None:
     vae = perturbed_vae("tiny")
     x = torch.rand(1, 3, 8, 8) * 2 - 1
@@ -283,6 +292,9 @@ def test_resident_map_bytes_count_the_batch_and_widths() -> None:
     w = vae.config.decoder_widths
     assert tiling.resident_map_bytes(vae, "encode", (2, 3, 4, 5), torch.float32) == 2 * 20 * 3 * 32 * 4
     assert tiling.resident_map_bytes(vae, "decode", (2, 3, 4, 5), torch.float32) == 2 * 20 * (2 * w[0] + w[1]) * 4
+    # Four levels: the last (full-resolution) one reads the upsampled map of the level before it, not the deepest.
+    deep = perturbed_vae("tiny-f8", decoder_block_out_channels=(16, 24, 40, 56))
+    assert tiling.resident_map_bytes(deep, "decode", (1, 3, 8, 8), torch.bfloat16) == 64 * (2 * 16 + 24) * 2
 
 
 def test_budgets_split_the_memory_and_default_to_two_gib() -> None:
