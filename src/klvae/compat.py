@@ -153,8 +153,7 @@ def _running_stats(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
-def _adopt_bn_stats(
-module: DiffusersVAE, incompatible_keys: Any) -> None:
+def _adopt_bn_stats(module: DiffusersVAE, incompatible_keys: Any) -> None:
     """After load_state_dict: statistics loaded into bn.* become the klvae model's latents_mean/latents_std, so
     that its latent scaling and save_pretrained carry them (the buffers are only derived from the config)."""
     vae, bn = module._klvae, module.bn

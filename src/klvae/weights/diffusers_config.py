@@ -125,9 +125,8 @@ def config_from_diffusers(d: dict[str, Any]) -> AutoencoderKLConfig:
     ints: dict[str, Any] = {k: _int(v[k], k) for k in ("in_channels", "out_channels", "layers_per_block",
                                                        "latent_channels", "norm_num_groups")}
     # The flags and factors pass as they are: AutoencoderKLConfig checks their types and ranges itself.
-    same: dict[str, Any] = {k: v[k] for k in
- ("use_quant_conv", "use_post_quant_conv", "force_upcast", "scaling_factor",
-                              "shift_factor", "latents_mean", "latents_std")}
+    same: dict[str, Any] = {k: v[k] for k in ("use_quant_conv", "use_post_quant_conv", "force_upcast",
+                                              "scaling_factor", "shift_factor", "latents_mean", "latents_std")}
     if same["shift_factor"] is not None and same["latents_mean"] is not None:
         # diffusers' SDXL-family pipelines, the ones that read latents_mean, never read shift_factor.
         log.warning("config.json sets both shift_factor and latents_mean: using latents_mean/latents_std")
