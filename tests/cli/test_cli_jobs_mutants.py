@@ -273,6 +273,11 @@ def test_a_load_error_of_one_of_several_models_names_it_once(
     assert _err(capsys) == "klvae: error: gone: no such model"
 
 
+def _eval_cpu(tmp_path: Path, out: str, *extra: str) -> list[str]:
+    """`klvae -q eval` of tmp_path/data on the CPU into tmp_path/out, with `extra` options."""
+    return ["-q", "eval", "--data", str(tmp_path / "data"), "-o", str(tmp_path / out), "--device", "cpu", *extra]
+
+
 def test_the_speed_levers_reach_each_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import klvae.inference
 
@@ -284,42 +289,8 @@ def test_the_speed_levers_reach_each_model(tmp_path: Path, monkeypatch: pytest.M
         lambda vae, dtype, speed: levers.append((speed.compile, speed.fused_norm)) or vae,
     )
     rgb_image(tmp_path / "data" / "a.png")
-    assert (
-        main(
-            [
-                "-q",
-                "eval",
-                "--data",
-                str(tmp_path / "data"),
-                "-o",
-                str(tmp_path / "r"),
-                "--device",
-                "cpu",
-                "--compile",
-                "--no-lpips",
-                "--no-fid",
-            ]
-        )
-        == 0
-    )
-    assert (
-        main(
-            [
-                "-q",
-                "eval",
-                "--data",
-                str(tmp_path / "data"),
-                "-o",
-                str(tmp_path / "r2"),
-                "--device",
-                "cpu",
-                "--no-fused-norm",
-                "--no-lpips",
-                "--no-fid",
-            ]
-        )
-        == 0
-    )
+    assert main(_eval_cpu(tmp_path, "r", "--compile", "--no-lpips", "--no-fid")) == 0
+    assert main(_eval_cpu(tmp_path, "r2", "--no-fused-norm", "--no-lpips", "--no-fid")) == 0
     assert levers == [(True, None), (False, False)]
 
 
@@ -328,24 +299,7 @@ def test_a_named_weights_file_under_home_is_found(tmp_path: Path, monkeypatch: p
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "vgg.pth").write_bytes(b"x")
     rgb_image(tmp_path / "data" / "a.png")
-    assert (
-        main(
-            [
-                "-q",
-                "eval",
-                "--data",
-                str(tmp_path / "data"),
-                "-o",
-                str(tmp_path / "r"),
-                "--device",
-                "cpu",
-                "--lpips-vgg",
-                "~/vgg.pth",
-                "--no-fid",
-            ]
-        )
-        == 0
-    )
+    assert main(_eval_cpu(tmp_path, "r", "--lpips-vgg", "~/vgg.pth", "--no-fid")) == 0
     assert seen[0]["lpips_vgg"] == "~/vgg.pth"
 
 
