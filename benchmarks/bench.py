@@ -32,6 +32,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the diffusers import can hang looking for the hub
 
@@ -41,6 +42,10 @@ import klvae
 from klvae import inference
 from klvae.inference import SpeedOptions, TileOptions, optimize_for_inference
 
+# A model a variant runs: a klvae.AutoencoderKL, or a diffusers one (untyped: its tiling switches and sizes are
+# plain attributes that torch's Module stub cannot see).
+Model = Any
+
 GPU_CASES = [
     "decode:512:1", "decode:512:8", "encode:512:1", "encode:512:8", "decode:1024:1", "encode:1024:1",
     "decode:2048:1:tiled", "encode:2048:1:tiled", "decode:4096:1:tiled", "encode:4096:1:tiled",
@@ -48,7 +53,7 @@ GPU_CASES = [
 CPU_CASES = ["decode:256:1", "encode:256:1", "decode:256:1:tiled", "encode:256:1:tiled"]
 
 
-def make_pair(preset: str, device: torch.device, seed: int = 0) -> tuple[klvae.AutoencoderKL, torch.nn.Module]:
+def make_pair(preset: str, device: torch.device, seed: int = 0) -> tuple[klvae.AutoencoderKL, Model]:
     """A klvae model with random weights and a diffusers model holding the same tensors."""
     from diffusers import AutoencoderKL as DiffusersVAE
 
@@ -59,13 +64,14 @@ def make_pair(preset: str, device: torch.device, seed: int = 0) -> tuple[klvae.A
             p.add_(torch.randn_like(p) * 0.02)
     c = ours.config
     n = len(c.block_out_channels)
-    theirs = DiffusersVAE(
+    theirs: Model = DiffusersVAE(
         in_channels=c.in_channels, out_channels=c.out_channels, block_out_channels=list(c.block_out_channels),
         down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
         layers_per_block=c.layers_per_block, latent_channels=c.latent_channels, norm_num_groups=c.norm_num_groups,
         use_quant_conv=c.use_quant_conv, use_post_quant_conv=c.use_post_quant_conv,
         sample_size=c.sample_size, scaling_factor=c.scaling_factor,
-    ).eval()
+    )
+    theirs.eval()
     theirs.load_state_dict(ours.state_dict(), strict=True)  # klvae's keys are diffusers' layout
     return ours.to(device), theirs.to(device)
 
@@ -120,11 +126,11 @@ OURS = ("klvae", "klvae-fast", "klvae-unfused", "klvae-unfolded", "klvae-nchw", 
 THEIRS = ("diffusers", "diffusers-compiled")
 
 
-def make_variants(ours: klvae.AutoencoderKL, theirs: torch.nn.Module, dtype: torch.dtype,
-                  names: list[str]) -> dict[str, torch.nn.Module]:
+def make_variants(ours: klvae.AutoencoderKL, theirs: Model, dtype: torch.dtype,
+                  names: list[str]) -> dict[str, Model]:
     """The models each variant runs: klvae as loaded (fp32 weights under autocast), klvae with the inference
     levers, klvae compiled; diffusers with weights in the compute dtype, eager and compiled + channels_last."""
-    out: dict[str, torch.nn.Module] = {}
+    out: dict[str, Model] = {}
     for name in names:
         if name == "klvae":
             out[name] = ours
@@ -145,12 +151,12 @@ def make_variants(ours: klvae.AutoencoderKL, theirs: torch.nn.Module, dtype: tor
     return out
 
 
-def run_case(case: str, ours: klvae.AutoencoderKL, models: dict[str, torch.nn.Module], dtype: torch.dtype,
+def run_case(case: str, ours: klvae.AutoencoderKL, models: dict[str, Model], dtype: torch.dtype,
              device: torch.device, warmup: int, iters: int, tile_size: int | None = None) -> list[dict]:
     """Every variant on one case ("op:size:batch[:tiled]"); rows with ms, images/s, GiB and accuracy.
     `ours` is the fp32 klvae model that gives the reference output."""
-    op, size, batch, *rest = case.split(":")
-    size, batch, tiled = int(size), int(batch), bool(rest)
+    op, size_text, batch_text, *rest = case.split(":")
+    size, batch, tiled = int(size_text), int(batch_text), bool(rest)
     f, c = ours.downsample_factor, ours.config.latent_channels
     g = torch.Generator().manual_seed(1)
     x = (torch.rand(batch, 3, size, size, generator=g) * 2 - 1) if op == "encode" else \
@@ -208,7 +214,7 @@ def _run_ours(m: klvae.AutoencoderKL, op: str, x: torch.Tensor, dt: torch.dtype,
     return inference.decode(m, x, dt, tiling=t)
 
 
-def _theirs_fn(m: torch.nn.Module, op: str, x: torch.Tensor, dtype: torch.dtype, tiled: bool, size: int,
+def _theirs_fn(m: Model, op: str, x: torch.Tensor, dtype: torch.dtype, tiled: bool, size: int,
                f: int) -> Callable[[], torch.Tensor]:
     if tiled:
         m.enable_tiling()

@@ -24,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import klvae
 from klvae.inference import TileOptions, tiling
 from klvae.inference.streaming import Streamer
+from klvae.model.blocks import Upsample
 
 
 class LiveBytes(TorchDispatchMode):
@@ -61,6 +62,8 @@ class CountingStreamer(Streamer):
     up: int = 0
     down: int = 0
     live: LiveBytes | None = None
+    peak: int = 0  # set by count(): the most bytes held on the GPU at once, weights included
+    flops: int = 0  # set by count(): the arithmetic the job did
 
     @property
     def separate_storage(self) -> bool:
@@ -71,7 +74,7 @@ class CountingStreamer(Streamer):
         if self.live is not None:
             self.live.host = host
         out = super().empty(shape, fmt)
-        out.on_host = host
+        out.on_host = host  # type: ignore[attr-defined]  # a mark to_dev and put read back off the storage's base
         return out
 
     def to_dev(self, t: torch.Tensor) -> torch.Tensor:
@@ -131,7 +134,7 @@ def meta_model(preset: str) -> klvae.AutoencoderKL:
     with torch.device("meta"):
         vae = klvae.AutoencoderKL(preset).eval().to(torch.bfloat16)
     for m in vae.modules():
-        if hasattr(m, "fold"):
+        if isinstance(m, Upsample):
             m.fold = True
     return vae
 
