@@ -19,6 +19,11 @@ from torch import Tensor
 _SMUGGLED_BYTE = re.compile("[\udc80-\udcff]")
 
 
+def temp_path(path: Path) -> Path:
+    """The hidden temporary name beside `path` that a write goes to before its rename (unique per process and call)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Run write(tmp) on a temporary name beside `path`, flush it to disk, then rename it onto `path` and flush the
     folder (so the rename survives a power cut); a failed write (OSError, or safetensors' own error) is an OSError
@@ -37,7 +42,7 @@ def atomic_write_all(files: Sequence[tuple[str | Path, Callable[[Path], object]]
         for path, write in files:
             path = Path(path)
             made += _make_folders(path.parent)
-            tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+            tmp = temp_path(path)
             done.append((tmp, path))
             _write_flushed(path, tmp, write)
         for tmp, path in done:

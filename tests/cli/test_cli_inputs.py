@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 import klvae
 from helpers import fifo_watchdog, noise_png, one_error_line, saved_tiny_model
+from klvae.atomic import temp_path
 from klvae.cli import common
 from klvae.cli.codec import unique_png_names
 from klvae.cli.main import main
@@ -137,6 +138,49 @@ def test_encode_refuses_an_unwritable_folder_before_any_work(tmp_path: Path, mon
     monkeypatch.setattr(common.os, "access", lambda p, mode: Path(p) != tmp_path / "ro")
     assert main(["encode", str(img), "-o", str(tmp_path / "ro" / "x" / "z.safetensors")]) == 2
     assert "no permission to write in" in _err_line(capsys)
+
+
+@pytest.mark.parametrize(
+    ("command", "output", "message"),
+    [
+        # each was a raw OSError ("[Errno 36] File name too long", "[Errno 17] File exists") from the write
+        ("encode", "n" * 300 + ".safetensors", "the file name nnnnnnnnnnnnnnnnnnnn....safetensors is too long"),
+        ("encode", "n" * 240 + ".safetensors", "first writes it under a temporary name"),
+        ("encode", "d" * 300 + "/z.safetensors", "the folder name dddddddddddddddddddd...dddddddddddd is too long"),
+        ("reconstruct", "d" * 300 + "/sub", "the folder name dddddddddddddddddddd...dddddddddddd is too long"),
+        ("encode", "dangling/z.safetensors", "dangling is a link to"),
+        ("reconstruct", "dangling/out.png", "dangling is a link to"),
+        ("reconstruct", "dangling/deeper/out", "dangling is a link to"),
+    ],
+)
+def test_an_output_the_file_system_cannot_take_is_refused_before_any_work(
+        tmp_path: Path, command: str, output: str, message: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    img = _image(tmp_path / "a.png")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+
+    def no_model(_args: object) -> None:
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr("klvae.cli.codec.load_model", no_model)
+    capsys.readouterr()
+    assert main([command, str(img), "-o", str(tmp_path / output)]) == 2
+    line = _err_line(capsys)
+    assert message in line and "Errno" not in line, line
+    assert "takes names of up to 255 bytes" in line or "which does not exist" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "dangling"]
+
+
+def test_a_name_at_the_limit_still_passes_and_the_limit_is_the_file_systems(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_name_extra = len(temp_path(tmp_path / "x").name) - 1
+    assert common.check_output_path(tmp_path / ("n" * (255 - tmp_name_extra))).name == "n" * (255 - tmp_name_extra)
+    with pytest.raises(KlvaeError, match="temporary name"):
+        common.check_output_path(tmp_path / ("n" * (256 - tmp_name_extra)))
+    assert common.check_output_path(tmp_path / ("d" * 255), folder=True).name == "d" * 255
+    monkeypatch.setattr(common.os, "pathconf", lambda path, name: 143)  # eCryptfs-like: a shorter limit
+    with pytest.raises(KlvaeError, match="up to 143 bytes"):
+        common.check_output_path(tmp_path / ("d" * 144), folder=True)
 
 
 def test_reconstruct_refuses_to_overwrite_its_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from klvae.atomic import temp_path
 from klvae.errors import KlvaeError
 from klvae.images import IMAGE_EXTENSIONS
 from klvae.inference.precision import resolve_dtype, usable_device
@@ -114,6 +115,10 @@ def check_output_path(path: str | Path, flag: str = "--output", *, folder: bool 
     """KlvaeError unless `path` can be written as a file (a folder with `folder`) and is none of `inputs`;
     creates nothing, so a bad output is refused before any work."""
     p = Path(path)
+    # The nearest folder that exists is where the write (or the first mkdir) happens. Names are measured before
+    # anything stats `p`: a name over the file system's limit makes every stat below it raise.
+    parent = _nearest_existing(p if folder else p.parent, p, flag)
+    _check_name_lengths(p, parent, flag, folder)
     if p.is_dir() and not folder:
         raise KlvaeError(f"{flag} {p} is a folder; name a file")
     if p.exists() and not p.is_dir() and folder:
@@ -124,15 +129,45 @@ def check_output_path(path: str | Path, flag: str = "--output", *, folder: bool 
     # samefile: a symlink or hard link to an input is that input too.
     if p.is_file() and any(os.path.exists(q) and os.path.samefile(p, q) for q in inputs):
         raise KlvaeError(f"{flag} {p} is one of the inputs; it would be overwritten")
-    # The nearest folder that exists is where the write (or the first mkdir) happens.
-    parent = p if folder else p.parent
-    while not parent.exists() and parent.parent != parent:
-        parent = parent.parent
     if not parent.is_dir():
         raise KlvaeError(f"{flag} {p}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise KlvaeError(f"{flag} {p}: no permission to write in {parent}")
     return p
+
+
+def _nearest_existing(start: Path, p: Path, flag: str) -> Path:
+    """`start` or its nearest ancestor that exists; KlvaeError for a link on the way that leads nowhere (mkdir
+    would meet it as "File exists", after the work)."""
+    while not os.path.exists(start) and start.parent != start:  # False, not an error, for names too long
+        if os.path.islink(start):
+            raise KlvaeError(f"{flag} {p}: {start} is a link to {os.readlink(start)}, which does not exist")
+        start = start.parent
+    return start
+
+
+def _check_name_lengths(p: Path, parent: Path, flag: str, folder: bool) -> None:
+    """KlvaeError when a folder still to be made below `parent`, or the file's temporary name (which is longer
+    than its own), is longer than the file system's limit on one name; found before the work, not after it."""
+    try:
+        limit = os.pathconf(parent, "PC_NAME_MAX") if parent.is_dir() else 255
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows), or no limit it can tell
+        limit = 255
+    new = p.relative_to(parent).parts if p.is_relative_to(parent) else ()
+    for name in new if folder else new[:-1]:
+        if len(os.fsencode(name)) > limit:
+            raise KlvaeError(f"{flag}: the folder name {_short(name)} is too long for this file system, which takes "
+                             f"names of up to {limit} bytes")
+    if not folder:
+        own, written = len(os.fsencode(p.name)), len(os.fsencode(temp_path(p).name))
+        if written > limit:
+            how = "" if own > limit else f" (klvae first writes it under a temporary name {written - own} bytes longer)"
+            raise KlvaeError(f"{flag}: the file name {_short(p.name)} is too long for this file system{how}; it "
+                             f"takes names of up to {limit} bytes")
+
+
+def _short(name: str) -> str:
+    return name if len(name) <= 40 else f"{name[:20]}...{name[-12:]}"
 
 
 def inside(path: Path, folder: Path) -> bool:
