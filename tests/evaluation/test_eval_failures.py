@@ -132,6 +132,11 @@ def test_a_model_failing_on_one_image_is_reported_and_the_others_are_scored(
     assert bad["rfid"]["value"] == pytest.approx(expected_bad, rel=1e-12) and bad["rfid"]["n"] == 4
     page = (tmp_path / "report" / "index.html").read_text()
     assert "bad failed on 1 of 5 images (black.png: " in page and "broken failed on 5 of 5 images" in page
+    # broken scored no image: its summary cells are blanks, never a PSNR of ∞ (which reads as a perfect score).
+    table = page[page.index('<table class="summary">'):page.index("</table>")]
+    cells = {row.split("</th>")[0]: row.split("<td>")[1:] for row in table.split("<tr><th>")[1:]}
+    assert [c.removesuffix("</tr>").removesuffix("</td>") for c in cells["PSNR (dB) ↑"]][2] == "—", cells
+    assert [c.removesuffix("</tr>").removesuffix("</td>") for c in cells["SSIM ↑"]][2] == "—", cells
     assert json.loads((tmp_path / "report" / "summary.json").read_text())["models"]["bad"]["failed"] == 1
 
 

@@ -135,6 +135,8 @@ def _fmt(metric: str, stats: Any) -> str:
         v = stats.get("value")
         return "—" if v is None else f"{v:.3f} <small>({html.escape(rfid_sample_note(stats))})</small>"
     mean = stats.get("mean")
+    if stats.get("n") == 0:  # a model that failed on every image scored nothing (its mean is None too)
+        return "—"
     # Not finite: a PSNR of identical images is +inf (None once through json_safe, inf in the run's own summary).
     if mean is None or not math.isfinite(mean):
         return "∞" if metric == "psnr" and (mean is None or mean > 0) else "—"
