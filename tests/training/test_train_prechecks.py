@@ -14,6 +14,7 @@ from helpers import one_error_line
 from klvae.cli.main import main
 from klvae.cli.train import check_inputs
 from klvae.errors import KlvaeError
+from klvae.training import data_setup
 from klvae.training import trainer as trainer_module
 from klvae.training.config import load_config
 from klvae.training.sampler import GlobalBatchSampler
@@ -119,3 +120,14 @@ def test_train_refuses_bad_inputs_before_building_the_model(
     sets = _sets_at(tmp_path / "run", _images(tmp_path / "few", 3), "data.batch_size=4")
     assert main(["train", *(a for s in sets for a in ("--set", s)), *extra]) == 2
     assert expected in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(("world", "fix"), [(1, "set data.batch_size to 3 or less"),
+                                            (2, "set data.batch_size to 1 or less")])
+def test_the_batch_size_advice_counts_only_the_readable_items(world: int, fix: str) -> None:
+    # Five files found, two unreadable: a batch of 4 or 5 would still come up short of images.
+    items = [object(), None, object(), None, object()]
+    with pytest.raises(KlvaeError) as e:
+        data_setup._check_one_global_batch(items, 8, world, "imgs")
+    assert str(e.value) == (f"imgs has 5 item(s) (files or rows found; 2 of them unreadable), fewer than one global "
+                            f"batch of {8 * world} (data.batch_size 8 x {world} process(es)): {fix}, or add images")
