@@ -307,6 +307,17 @@ def _model(psnr: float | None, **extra: object) -> dict:
     return {"psnr": {"mean": psnr}, "ssim": {"mean": 0.87654321}, **extra}
 
 
+def test_eval_summary_line_of_identical_reconstructions_reads_inf(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    # summary.json holds PSNR +inf as null: over scored images that is inf, over none (every image failed) n/a.
+    summary = {"models": {"same": {"psnr": {"mean": None, "n": 3}, "ssim": {"mean": 1.0, "n": 3}},
+                          "broken": {"psnr": {"mean": None, "n": 0}, "ssim": {"mean": None, "n": 0}}},
+               "images": {"evaluated": 3, "skipped": 0}}
+    eval_cli._print_summary(summary, tmp_path)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == ["same: PSNR inf dB, SSIM 1.0000", "broken: PSNR n/a dB, SSIM n/a"]
+
+
 def test_eval_summary_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     summary = {
         "models": {

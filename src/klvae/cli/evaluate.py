@@ -189,13 +189,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _print_summary(summary: dict, out: Path) -> None:
     from klvae.evaluation.report import failure_note, rfid_sample_note
 
-    def num(v: float | None, digits: int) -> str:
-        return "n/a" if v is None else f"{v:.{digits}f}"  # None: not finite in summary.json
+    def num(stats: dict, digits: int, psnr: bool = False) -> str:
+        if stats["mean"] is not None:
+            return f"{stats['mean']:.{digits}f}"
+        # None: not finite in summary.json; a PSNR over scored images is +inf there (identical reconstructions).
+        return "inf" if psnr and stats.get("n") else "n/a"
 
     for name, m in summary["models"].items():
-        bits = [f"PSNR {num(m['psnr']['mean'], 2)} dB", f"SSIM {num(m['ssim']['mean'], 4)}"]
+        bits = [f"PSNR {num(m['psnr'], 2, psnr=True)} dB", f"SSIM {num(m['ssim'], 4)}"]
         if "lpips" in m:
-            bits.append(f"LPIPS {num(m['lpips']['mean'], 4)}")
+            bits.append(f"LPIPS {num(m['lpips'], 4)}")
         if "rfid" in m and m["rfid"]["value"] is not None:
             bits.append(f"rFID {m['rfid']['value']:.3f} ({rfid_sample_note(m['rfid'])})")
         print(f"{name}: {', '.join(bits)}")
