@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from klvae.atomic import temp_path
 from klvae.checksum import file_sha256
 from klvae.errors import KlvaeError, WeightsError, first_line, load_failure, quote
 
@@ -112,7 +112,7 @@ def download(url: str, file_name: str, sha256: str) -> dict[str, Any]:
     """
     dst = hub_checkpoint(file_name)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(dst)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         torch.hub.download_url_to_file(url, str(tmp), progress=False)
         check_sha256(tmp, sha256, f"the download from {url}", "nothing was kept")
