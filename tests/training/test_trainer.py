@@ -76,6 +76,8 @@ def test_config_file_overrides_and_errors(tmp_path: Path) -> None:
     toml = tmp_path / "c.toml"
     toml.write_text('[data]\ntrain = "x"\n[train]\nprecision = "bf16"\n')
     assert load_config(toml).train.precision == "bf16"
+    shouted = toml.rename(tmp_path / "C.TOML")  # read as TOML whatever its case, as --resume tells config files
+    assert load_config(shouted).train.precision == "bf16"
     with pytest.raises(KlvaeError, match="unknown config field"):
         load_config(f, ["train.max_step=7"])
     with pytest.raises(KlvaeError, match="precision"):

@@ -277,7 +277,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not p.is_file():
             raise KlvaeError(f"no such config file: {p}")
         try:
-            d = tomllib.loads(p.read_text()) if p.suffix == ".toml" else (yaml.safe_load(p.read_text()) or {})
+            d = tomllib.loads(p.read_text()) if p.suffix.lower() == ".toml" else (yaml.safe_load(p.read_text()) or {})
         except (yaml.YAMLError, ValueError, RecursionError) as e:  # TOMLDecodeError, UnicodeDecodeError: ValueErrors
             raise KlvaeError(f"cannot parse {p}: {_parse_problem(e)}") from None
         if not isinstance(d, dict):
