@@ -22,6 +22,12 @@ from klvae.images import check_regular_file, find_images
 log = logging.getLogger(__name__)
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+def is_tar_name(name: str) -> bool:
+    """Whether a file name ends like a tar shard's, in any case (as image names are matched)."""
+    return name.lower().endswith(TAR_SUFFIXES)
+
 # What datasets.load_from_disk looks for: a Dataset's info and state (both), or a DatasetDict's index.
 DATASET_FILES = ("dataset_info.json", "state.json")
 DATASET_DICT_FILE = "dataset_dict.json"
@@ -40,17 +46,17 @@ def resolve_spec(spec: str | Path, recursive: bool = True) -> DataSpec:
     s = str(spec)
     if not Path(s).exists() and any(c in s for c in "{*?["):
         files = expand_shards(s)
-        return DataSpec("table" if all(f.suffix == ".parquet" for f in files) else "tar", tuple(files))
+        return DataSpec("table" if all(f.suffix.lower() == ".parquet" for f in files) else "tar", tuple(files))
     p = Path(s)
     if not p.exists():
         raise KlvaeError(f"no such data: {s}")
     if not p.is_dir():
         check_regular_file(p)  # a FIFO named as the data would block its reader forever
-    if p.name.endswith(TAR_SUFFIXES):
+    if is_tar_name(p.name):
         return DataSpec("tar", (p,))
-    if p.suffix == ".parquet" or is_disk(p) or any(p.glob("*.parquet")) or any(p.glob("data/*.parquet")):
+    if p.suffix.lower() == ".parquet" or is_disk(p) or any(p.glob("*.parquet")) or any(p.glob("data/*.parquet")):
         return DataSpec("table", (p,))
-    if p.is_dir() and any(q.name.endswith(TAR_SUFFIXES) for q in p.iterdir()) and not find_images([p], recursive):
+    if p.is_dir() and any(is_tar_name(q.name) for q in p.iterdir()) and not find_images([p], recursive):
         return DataSpec("tar", tuple(expand_shards(p)))
     return DataSpec("folder", (p,))
 
@@ -215,7 +221,7 @@ def expand_shards(spec: str | Path | Sequence[str | Path]) -> list[Path]:
             if any(c in s for c in "*?["):
                 hits = [Path(h) for h in sorted(glob.glob(s))]
             elif p.is_dir():
-                hits = sorted(q for q in p.iterdir() if q.name.endswith(TAR_SUFFIXES))
+                hits = sorted(q for q in p.iterdir() if is_tar_name(q.name))
             else:
                 hits = [p] if p.is_file() else []
             if not hits:

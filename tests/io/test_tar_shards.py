@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from helpers import noise_png
+from klvae.datasources import DataSpec, resolve_spec
 from klvae.errors import ImageError
 from klvae.latents.sources import open_source
 
@@ -200,3 +201,15 @@ def test_hidden_tar_members_are_not_listed_as_images(tmp_path: Path) -> None:
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
     assert open_source(str(tmp_path / "mac.tar")).ids == ["mac.tar:pics/a.png"]
+
+
+def test_tar_shards_are_known_by_their_suffix_in_any_case(tmp_path: Path) -> None:
+    # As image names are: a shard named S.TAR was taken for a lone non-image file ("no readable images").
+    _tar_with_one_png(tmp_path / "one" / "S.TAR", (255, 0, 0))
+    _tar_with_one_png(tmp_path / "two" / "a.Tar", (0, 255, 0))
+    _tar_with_one_png(tmp_path / "two" / "b.TGZ", (0, 0, 255))
+    assert resolve_spec(tmp_path / "one" / "S.TAR").kind == "tar"
+    assert open_source(str(tmp_path / "one" / "S.TAR")).ids == ["S.TAR:000000000.png"]
+    assert resolve_spec(tmp_path / "two") == DataSpec("tar", (tmp_path / "two" / "a.Tar", tmp_path / "two" / "b.TGZ"))
+    source = open_source(str(tmp_path / "two"))
+    assert [source.load(i).getpixel((0, 0)) for i in source.ids] == [(0, 255, 0), (0, 0, 255)]

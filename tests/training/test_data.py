@@ -253,9 +253,10 @@ def test_an_oversized_tar_member_is_skipped_unread(tmp_path: Path, monkeypatch: 
     assert source.load(source.ids[1]).size == (4, 4)
 
 
+@pytest.mark.parametrize("name", ["torn.tar", "TORN.TAR"])
 @pytest.mark.parametrize("cut", [5120, 1000])  # at a block boundary, and inside a member
-def test_a_torn_shard_yields_what_it_can(shards: list[Path], tmp_path: Path, cut: int) -> None:
-    torn = tmp_path / "torn.tar"
+def test_a_torn_shard_yields_what_it_can(shards: list[Path], tmp_path: Path, cut: int, name: str) -> None:
+    torn = tmp_path / name
     torn.write_bytes(shards[0].read_bytes()[:cut])
     items = list(WebDatasetShards([torn, shards[1]]))
     assert items.count(None) == 1 and len(items) - 1 - 4 == (3 if cut == 5120 else 0)

@@ -306,7 +306,7 @@ class WebDatasetShards(IterableDataset):
             yield None
             return
         # tarfile takes a file cut at a block boundary for a clean end; a whole one ends in zero blocks.
-        if shard.suffix == ".tar" and shard.stat().st_size - end < 512:
+        if shard.suffix.lower() == ".tar" and shard.stat().st_size - end < 512:
             log.warning("shard %s has no end-of-archive marker: torn, samples may be missing", shard)
             yield None
 
