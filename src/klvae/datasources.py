@@ -22,15 +22,14 @@ from klvae.images import check_regular_file, find_images
 log = logging.getLogger(__name__)
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+# What datasets.load_from_disk looks for: a Dataset's info and state (both), or a DatasetDict's index.
+DATASET_FILES = ("dataset_info.json", "state.json")
+DATASET_DICT_FILE = "dataset_dict.json"
 
 
 def is_tar_name(name: str) -> bool:
     """Whether a file name ends like a tar shard's, in any case (as image names are matched)."""
     return name.lower().endswith(TAR_SUFFIXES)
-
-# What datasets.load_from_disk looks for: a Dataset's info and state (both), or a DatasetDict's index.
-DATASET_FILES = ("dataset_info.json", "state.json")
-DATASET_DICT_FILE = "dataset_dict.json"
 
 
 @dataclass(frozen=True)

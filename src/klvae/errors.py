@@ -44,9 +44,11 @@ def load_failure(e: BaseException) -> str:
     return f"{type(e).__name__}: {cut(_ANSI.sub('', first_line(e)), 100)}"
 
 
-def cut(text: str, limit: int = 60) -> str:
-    """`text` cut to `limit` characters, ending in '...' where it was cut."""
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def cut(text: str, limit: int = 60, tail: int = 0) -> str:
+    """`text` cut to `limit` characters, '...' where it was cut, keeping its last `tail` (a file name's suffix)."""
+    if len(text) <= limit:
+        return text
+    return text[: limit - 3 - tail] + "..." + (text[-tail:] if tail else "")
 
 
 def quote(value: object, limit: int = 60) -> str:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from klvae.atomic import temp_path
-from klvae.errors import KlvaeError
+from klvae.errors import KlvaeError, cut
 from klvae.images import IMAGE_EXTENSIONS
 from klvae.inference.precision import resolve_dtype, usable_device
 from klvae.inference.speed import SpeedOptions, optimize_for_inference
@@ -156,18 +156,14 @@ def _check_name_lengths(p: Path, parent: Path, flag: str, folder: bool) -> None:
     new = p.relative_to(parent).parts if p.is_relative_to(parent) else ()
     for name in new if folder else new[:-1]:
         if len(os.fsencode(name)) > limit:
-            raise KlvaeError(f"{flag}: the folder name {_short(name)} is too long for this file system, which takes "
-                             f"names of up to {limit} bytes")
+            raise KlvaeError(f"{flag}: the folder name {cut(name, 35, tail=12)} is too long for this file system, "
+                             f"which takes names of up to {limit} bytes")
     if not folder:
         own, written = len(os.fsencode(p.name)), len(os.fsencode(temp_path(p).name))
         if written > limit:
             how = "" if own > limit else f" (klvae first writes it under a temporary name {written - own} bytes longer)"
-            raise KlvaeError(f"{flag}: the file name {_short(p.name)} is too long for this file system{how}; it "
-                             f"takes names of up to {limit} bytes")
-
-
-def _short(name: str) -> str:
-    return name if len(name) <= 40 else f"{name[:20]}...{name[-12:]}"
+            raise KlvaeError(f"{flag}: the file name {cut(p.name, 35, tail=12)} is too long for this file "
+                             f"system{how}; it takes names of up to {limit} bytes")
 
 
 def inside(path: Path, folder: Path) -> bool:
