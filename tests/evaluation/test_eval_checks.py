@@ -92,6 +92,19 @@ def test_enlarged_images_are_counted_and_warned_about_once(
     assert json.loads((report / "summary.json").read_text())["enlarged"] == 2
 
 
+def test_the_enlarged_warning_never_advises_a_resolution_below_the_smallest_measurable_side(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = make_images(tmp_path / "imgs", [(5, 24), (40, 40)])
+    assert run_cli("-m", str(model), "--data", str(data), "-o", str(tmp_path / "r"), "--resolution", "32", *FAST) == 0
+    warning = next(ln for ln in capsys.readouterr().err.splitlines() if "enlarged" in ln)
+    assert "smallest side 5 px" in warning and "--resolution 5" not in warning and "--crop none" not in warning
+    assert "images under 16 px a side are measured only enlarged; --resolution 16 enlarges them least" in warning
+    # The advice given is one the command takes.
+    assert run_cli("-m", str(model), "--data", str(data), "-o", str(tmp_path / "r2"), "--resolution", "16",
+                   *FAST) == 0
+
+
 def test_no_enlarged_warning_when_every_image_covers_the_crop(
     model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

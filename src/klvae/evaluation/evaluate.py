@@ -199,9 +199,13 @@ def warn_enlarged(sides: list[int], total: int, resolution: int) -> None:
     if not sides:
         return
     # Upsampling smooths an image, which the autoencoder reconstructs more easily: the scores come out too good.
+    smallest = min(sides)
+    # Below MIN_SIDE neither a smaller --resolution (refused) nor --crop none (too small to measure) helps.
+    advice = (f"pass --resolution {smallest} or less, or --crop none" if smallest >= MIN_SIDE else
+              f"images under {MIN_SIDE} px a side are measured only enlarged; --resolution {MIN_SIDE} enlarges "
+              f"them least")
     log.warning("%d of %d images were enlarged to cover %dx%d (smallest side %d px), which smooths them and "
-                "inflates PSNR/SSIM; pass --resolution %d or less, or --crop none", len(sides), total, resolution,
-                resolution, min(sides), min(sides))
+                "inflates PSNR/SSIM; %s", len(sides), total, resolution, resolution, smallest, advice)
 
 
 def quantise(x: Tensor) -> Tensor:
