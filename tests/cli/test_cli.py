@@ -205,7 +205,7 @@ def test_encode_an_image_whose_header_misled_is_encoded_alone(tmp_path: Path, mo
         (lambda d: ["reconstruct", str(d / "bad.png"), "-o", str(d / "r.png")], "bad.png"),
         (lambda d: ["decode", str(d / "wrong.safetensors"), "-o", str(d / "out")], "do not fit"),
         (lambda d: ["decode", str(d / "nan.safetensors"), "-o", str(d / "out")], "NaN"),
-        (lambda d: ["decode", str(d / "plain.safetensors"), "-o", str(d / "out")], "not a klvae latents file"),
+        (lambda d: ["decode", str(d / "plain.safetensors"), "-o", str(d / "out")], "latents of shape [1]; expected"),
         (lambda d: ["encode", str(d / "photos"), "-o", str(d / "z.safetensors"), "--dtype", "fp8"], "dtype"),
     ],
 )

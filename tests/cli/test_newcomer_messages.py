@@ -107,8 +107,8 @@ def test_mistakes_a_newcomer_makes_are_answered_with_what_to_do(tmp_path: Path,
         f"klvae: error: {tmp_path / 'photos'} is a folder; a latents file is one .safetensors file, as `klvae "
         "encode` writes\n")
     assert _error(capsys, ["decode", str(tmp_path / "other.safetensors"), "-o", str(tmp_path / "d")]) == (
-        f"klvae: error: {tmp_path / 'other.safetensors'} is not a klvae latents file (no klvae format in its "
-        "metadata)\n")
+        f"klvae: error: {tmp_path / 'other.safetensors'}: latents of shape [1]; expected [batch, channels, height, "
+        "width] or [channels, height, width]\n")
     assert "(did you mean 'sd15'? the built-in names: demo, sd15, sd2, sdxl," in _error(capsys, ["info", "-m", "sd-15"])
     assert "did you mean" not in _error(capsys, ["info", "-m", str(tmp_path / "sd-15")])
     Image.new("RGB", (16, 16)).save(tmp_path / "a.png")

@@ -46,6 +46,7 @@ from klvae.images import (
 from klvae.latents.comfy import SUFFIX, is_comfy_latent
 from klvae.latents.file import LatentItem, LatentsFile, check_sizes, load_latents, save_latents
 from klvae.latents.fingerprint import encoder_fingerprint, model_fingerprint
+from klvae.latents.plain import plain_kind
 from klvae.model.autoencoder import AutoencoderKL
 from klvae.model.latent_norm import LatentNorm
 from klvae.progress import progress_bar
@@ -69,8 +70,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("decode", help="a latents file -> PNG images")
-    p.add_argument("latents", help="latents file written by `klvae encode`, or a ComfyUI .latent (SaveLatent's)")
+    p.add_argument("latents", help="latents file written by `klvae encode`, a ComfyUI .latent (SaveLatent's), or "
+                                   "a plain [B, C, h, w] tensor (safetensors, torch.save or numpy.save)")
     p.add_argument("-o", "--output", required=True, help="folder for the PNGs")
+    p.add_argument("--unscaled", action="store_true",
+                   help="a plain tensor holds the VAE's own latents (vae.encode's), not the diffusion model's "
+                        "scaled ones (a pipeline's output_type='latent')")
     add_overwrite_arg(p, "files in --output that have the PNGs' names")
     add_model_args(p)
     add_tiling_args(p)
@@ -410,13 +415,22 @@ def _read_latents(path: str) -> LatentsFile:
         if not _is_image(path):
             raise  # the latents error says what is wrong with the file
         raise LatentsError(f"{path} is an image, not a latents file: decode reads what `klvae encode` writes (or a "
-                           "ComfyUI .latent); `klvae reconstruct` encodes and decodes an image") from None
+                           "ComfyUI .latent, or a plain tensor); `klvae reconstruct` encodes and decodes an image"
+                           ) from None
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
     """Decode a latents file (or a ComfyUI .latent) to PNGs; every item is checked before the first is written,
     and the PNGs land together, so a failure leaves none of them."""
-    if is_comfy_latent(args.latents):
+    comfy = is_comfy_latent(args.latents)
+    if not comfy and plain_kind(args.latents) is not None:
+        from klvae.cli.plain import decode_plain  # it builds on this module's helpers
+
+        return decode_plain(args)
+    if args.unscaled:
+        raise KlvaeError(f"--unscaled is for plain tensor files, which do not record their scaling; "
+                         f"{args.latents} does")
+    if comfy:
         from klvae.cli.comfy import decode_comfy  # it builds on this module's helpers
 
         return decode_comfy(args)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from klvae.atomic import atomic_save_file
 from klvae.errors import LatentsError, quote
-from klvae.latents.file import LATENT_DTYPES, LatentItem, LatentsFile
+from klvae.latents.file import LATENT_DTYPES, LatentsFile, batch_item_names, batch_latents_file
 from klvae.model.latent_norm import LatentNorm
 
 LATENT_KEY = "latent_tensor"
@@ -130,21 +130,11 @@ def save_comfy_latent(path: str | Path, samples: Tensor, metadata: dict[str, str
 def comfy_item_names(path: str | Path, count: int) -> list[str]:
     """Image names for a file's latents: its name's stem and the index, `x_00.png`, `x_01.png`... (two digits
     at least)."""
-    stem = Path(path).stem or Path(path).name
-    digits = max(2, len(str(count - 1)))
-    return [f"{stem}_{n:0{digits}d}.png" for n in range(count)]
+    return batch_item_names(path, count)
 
 
 def comfy_latents_file(samples: Tensor, names: list[str], norm: LatentNorm, cell: int,
                        model: str = "") -> LatentsFile:
     """A `.latent` batch as a klvae LatentsFile (one item per latent, decoded whole: `cell` pixels per stored
     cell), its factors comfy_norm(norm), so that the latents file's checks and decoding apply."""
-    if len(names) != samples.shape[0]:
-        raise ValueError(f"{len(names)} names for a batch of {samples.shape[0]} latents")
-    h, w = samples.shape[-2:]
-    items = [LatentItem(name=n, key=f"{i:06d}", height=h * cell, width=w * cell) for i, n in enumerate(names)]
-    cn = comfy_norm(norm)
-    return LatentsFile(latents={it.key: samples[i] for i, it in enumerate(items)}, items=items, model=model,
-                       scaling_factor=cn.scaling_factor, shift_factor=cn.shift_factor,
-                       latents_mean=cn.latents_mean, latents_std=cn.latents_std,
-                       latent_patch_size=cn.latent_patch_size)
+    return batch_latents_file(samples, names, comfy_norm(norm), cell, model)

@@ -133,6 +133,25 @@ def check_sizes(lf: LatentsFile, downsample_factor: int, where: str | Path = "la
                                f"pixels, over the limit of {MAX_PIXELS:,}")
 
 
+def batch_item_names(path: str | Path, count: int) -> list[str]:
+    """Image names for the latents of a file that holds one batch and no names: its name's stem and the index,
+    `x_00.png`, `x_01.png`... (two digits at least)."""
+    stem = Path(path).stem or Path(path).name
+    digits = max(2, len(str(count - 1)))
+    return [f"{stem}_{n:0{digits}d}.png" for n in range(count)]
+
+
+def batch_latents_file(samples: Tensor, names: list[str], norm: LatentNorm, cell: int, model: str = "") -> LatentsFile:
+    """One [B, C, h, w] batch, scaled by `norm`, as a LatentsFile of one item per latent, each decoded whole
+    (`cell` pixels per stored cell), so that the latents file's checks and decoding apply."""
+    if len(names) != samples.shape[0]:
+        raise ValueError(f"{len(names)} names for a batch of {samples.shape[0]} latents")
+    h, w = samples.shape[-2:]
+    items = [LatentItem(name=n, key=f"{i:06d}", height=h * cell, width=w * cell) for i, n in enumerate(names)]
+    return LatentsFile(latents={it.key: samples[i] for i, it in enumerate(items)}, items=items, model=model,
+                       **asdict(norm))
+
+
 _ITEM_FIELDS = ("name", "key", "height", "width")
 
 

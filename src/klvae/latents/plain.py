@@ -1,0 +1,122 @@
+"""Plain tensor files of latents, as diffusers users keep them: one [B, C, h, w] tensor written by
+safetensors' `save_file`, `torch.save` or `numpy.save`, with no record of how it was scaled.
+
+A diffusers pipeline run with `output_type="latent"` returns the diffusion model's latents (the VAE's scaled by
+scaling_factor and shift_factor); `vae.encode(x).latent_dist` gives the VAE's own. The file cannot tell which it
+holds, so the reader takes a tensor only; whoever decodes it says how it was scaled.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from torch import Tensor
+
+from klvae.errors import LatentsError, cut, load_failure, quote
+from klvae.latents.file import FORMAT, LATENT_DTYPES
+
+_NUMPY_MAGIC = b"\x93NUMPY"
+
+
+def plain_kind(path: str | Path) -> str | None:
+    """'safetensors', 'torch' or 'numpy' when `path` is a plain tensor file in that format; None for anything else
+    (klvae's own latents files, images, missing files), which the latents file reader then names."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    try:
+        with p.open("rb") as f:
+            head = f.read(len(_NUMPY_MAGIC))
+        if head == _NUMPY_MAGIC:
+            return "numpy"
+        if zipfile.is_zipfile(p):  # torch.save's container (and numpy.savez's)
+            return "numpy" if _is_npz(p) else "torch"
+        with safe_open(str(p), framework="pt") as st:
+            fmt = (st.metadata() or {}).get("format", "")
+    except (SafetensorError, OSError, ValueError):
+        return None
+    # safetensors' save_file writes no format, diffusers' and transformers' "pt"; klvae's own say "klvae.*".
+    return None if fmt == FORMAT or fmt.startswith("klvae") else "safetensors"
+
+
+def _is_npz(path: Path) -> bool:
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    return bool(names) and all(n.endswith(".npy") for n in names)
+
+
+def _tensors(path: Path, kind: str) -> dict[str, Any]:
+    """Every tensor (or array) the file holds, by name; reading failures as one-line LatentsErrors."""
+    try:
+        if kind == "safetensors":
+            return dict(load_file(str(path), device="cpu"))
+        if kind == "numpy":
+            loaded = np.load(path, allow_pickle=False)  # no pickled objects: arrays only
+            return {"array": loaded} if isinstance(loaded, np.ndarray) else {k: loaded[k] for k in loaded.files}
+        with path.open("rb") as f:  # a handle: torch.load would judge a path by its suffix, not its content
+            obj = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling, zip and numpy errors have many types; all mean "not a tensor file"
+        raise LatentsError(f"{path} cannot be read as a {kind} file: {load_failure(e)}") from None
+    if isinstance(obj, Tensor):
+        return {"tensor": obj}
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    raise LatentsError(f"{path} holds an object of type {type(obj).__name__}, not a tensor of latents")
+
+
+def load_plain_latents(path: str | Path) -> Tensor:
+    """The one latents tensor of a plain file, [B, C, h, w] or [C, h, w] (see plain_batch), in its dtype; anything
+    else is a one-line LatentsError."""
+    p = Path(path)
+    kind = plain_kind(p)
+    if kind is None:
+        raise LatentsError(f"{p} is not a safetensors, torch or numpy file of latents")
+    held = _tensors(p, kind)
+    if len(held) != 1:
+        names = ", ".join(sorted(map(str, held))[:5]) + (", ..." if len(held) > 5 else "")
+        why = f"{len(held)} tensors ({cut(names, 80)})" if held else "no tensor"
+        hint = ": model weights? those go to --model" if len(held) > 1 else ""
+        raise LatentsError(f"{p} holds {why}; a plain latents file holds one [B, C, h, w] tensor{hint}")
+    ((name, t),) = held.items()
+    if isinstance(t, np.ndarray):
+        t = _from_numpy(t, p)
+    if not isinstance(t, Tensor):
+        raise LatentsError(f"{p}: {quote(name)} is an object of type {type(t).__name__}, not a tensor of latents")
+    return _checked(t, p)
+
+
+def _from_numpy(a: np.ndarray, path: Path) -> Tensor:
+    if a.dtype not in (np.float16, np.float32, np.float64):
+        raise LatentsError(f"{path}: latents of dtype {a.dtype}; expected float16, float32 or float64")
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def _checked(t: Tensor, path: Path) -> Tensor:
+    if t.ndim not in (3, 4):
+        raise LatentsError(f"{path}: latents of shape {list(t.shape)}; expected [batch, channels, height, width] or "
+                           "[channels, height, width]")
+    if 0 in t.shape:
+        raise LatentsError(f"{path}: empty latents of shape {list(t.shape)}")
+    if t.dtype not in LATENT_DTYPES:
+        raise LatentsError(f"{path}: latents of dtype {str(t.dtype).removeprefix('torch.')}; "
+                           "expected float32, float16, bfloat16 or float64")
+    return t
+
+
+def plain_batch(t: Tensor, channels: int, path: str | Path) -> Tensor:
+    """A plain file's tensor as [B, C, h, w] for a model whose latents have `channels`: a [C, h, w] one gains its
+    batch; a 3-D one with other channels is most likely a pipeline's packed token sequence, and refused so."""
+    if t.ndim == 4:
+        return t
+    if t.shape[0] != channels:
+        raise LatentsError(f"{path}: latents of shape {list(t.shape)} are not [channels, height, width] with this "
+                           f"model's {channels} channels; a pipeline's packed [batch, tokens, features] sequence? "
+                           "unpack it to [batch, channels, height, width] first")
+    return t[None]
