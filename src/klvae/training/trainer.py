@@ -249,7 +249,7 @@ class Trainer:
             check_state_dict(self.ema, s["ema"], "this config's EMA model", shown=1)
         for name, opt in (("opt_ae", self.opt_ae), ("opt_d", self.opt_d)):
             if opt is None or s.get(name) is None:
-                continue  # a critic added since the checkpoint starts afresh, as load_state_dict does
+                continue  # no critic (one added or dropped since is refused above, by the loss's state dict)
             problem = ckpt.optimizer_state_problem(opt, s[name])
             if problem:
                 raise KlvaeError(f"malformed optimiser state {name}: {problem}")
