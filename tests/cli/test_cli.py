@@ -159,8 +159,9 @@ def test_encode_loads_a_batch_at_a_time_with_the_batches_of_a_whole_load(
     lf = load_latents(out)
     names = [it.name for it in lf.items]
     assert names == ["i0.png", "i2.png", "i3.png", "i4.png", "i5.png", "r.jpg"]
-    # the same batches as when every image was read first: i0+i2, i3+i4, i5+r.jpg
-    vae = klvae.AutoencoderKL.from_pretrained(model_dir)
+    # the same batches as when every image was read first: i0+i2, i3+i4, i5+r.jpg (the CLI's levers, whose
+    # channels_last convolutions round by the batch)
+    vae = inference.optimize_for_inference(klvae.AutoencoderKL.from_pretrained(model_dir), torch.float32)
     x = torch.stack([pil_to_tensor(load_image(root / n)) for n in names])
     assert all(torch.equal(b, x[2 * k : 2 * k + 2]) for k, (_, b) in enumerate(batches))
     for k in range(3):
@@ -193,7 +194,7 @@ def test_encode_an_image_whose_header_misled_is_encoded_alone(tmp_path: Path, mo
     lf = load_latents(out)
     assert [(it.name, it.height, it.width) for it in lf.items] == [
         ("i0.png", 16, 24), ("i1.png", 16, 24), ("i2.png", 16, 24), ("late.png", 24, 16)]
-    vae = klvae.AutoencoderKL.from_pretrained(model_dir)
+    vae = inference.optimize_for_inference(klvae.AutoencoderKL.from_pretrained(model_dir), torch.float32)
     z = vae.scale_latents(inference.encode(vae, pil_to_tensor(load_image(root / "late.png"))[None]).mode())
     assert torch.equal(lf.latents[lf.items[-1].key], z[0])
 

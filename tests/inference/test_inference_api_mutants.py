@@ -216,13 +216,18 @@ def test_optimize_switches_to_eval_and_casts_fp16_weights_when_asked() -> None:
     assert {p.dtype for p in vae.parameters()} == {torch.float16}
 
 
-def test_cpu_defaults_leave_layout_weights_and_cudnn_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cpu_defaults_are_channels_last_and_leave_weights_and_cudnn_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     vae = perturbed_vae("tiny")
     optimize_for_inference(vae, torch.bfloat16)
     assert {p.dtype for p in vae.parameters()} == {torch.float32}
-    assert vae.encoder.conv_in.weight.is_contiguous()
+    assert vae.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)  # oneDNN's own layout
     assert torch.backends.cudnn.benchmark is False
+    nchw = optimize_for_inference(perturbed_vae("tiny"), torch.float32, SpeedOptions(channels_last=False))
+    assert nchw.encoder.conv_in.weight.is_contiguous()
+    with torch.device("meta"):  # other backends keep NCHW unless asked
+        other = optimize_for_inference(klvae.AutoencoderKL("tiny"), torch.float32)
+    assert other.encoder.conv_in.weight.is_contiguous()
     assert all(m.kernel is None for m in vae.modules() if isinstance(m, GroupNorm))
     optimize_for_inference(vae, torch.float32, SpeedOptions(cudnn_benchmark=True, channels_last=True))
     assert torch.backends.cudnn.benchmark is True

@@ -28,12 +28,13 @@ def _codec(vae: klvae.AutoencoderKL, x: torch.Tensor, dtype: torch.dtype,
     return m, inference.decode(vae, m[:, : vae.config.latent_channels], dtype, tiling=tiling)
 
 
-def test_cpu_defaults_keep_the_weights_and_fold_the_upsamplers() -> None:
+def test_cpu_defaults_keep_the_weights_in_channels_last_and_fold_the_upsamplers() -> None:
     vae = perturbed_vae()
     before = {k: v.clone() for k, v in vae.state_dict().items()}
     optimize_for_inference(vae, torch.float32)
     after = vae.state_dict()
-    assert all(torch.equal(before[k], after[k]) and after[k].is_contiguous() for k in before)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(v.is_contiguous(memory_format=torch.channels_last) for v in after.values() if v.dim() == 4)
     ups = [m for m in vae.modules() if isinstance(m, Upsample)]
     assert ups and all(m.fold for m in ups)
     optimize_for_inference(vae, torch.float32, SpeedOptions(fold_upsample=False))
@@ -76,6 +77,23 @@ def test_channels_last_is_exact(device: torch.device) -> None:
     for tiling in (None, TileOptions(tile_size=8)):
         m, d = _codec(fast, x, torch.float32, tiling)
         assert (m - m_ref).abs().max() < 1e-4 and (d - d_ref).abs().max() < 1e-4
+
+
+def test_tiled_maps_on_the_cpu_follow_the_weights_layout() -> None:
+    """A channels_last model (the commands' CPU default) streams channels_last maps, so that no strip is
+    converted; an NCHW one keeps NCHW maps."""
+    from klvae.inference.tiling import make_streamer
+
+    opts = TileOptions(tile_size=8)
+    nchw = optimize_for_inference(perturbed_vae(), torch.float32, SpeedOptions(channels_last=False))
+    nhwc = optimize_for_inference(perturbed_vae(), torch.float32)
+    assert not make_streamer(nchw, opts, torch.float32, 32).channels_last
+    st = make_streamer(nhwc, opts, torch.float32, 32)
+    assert st.channels_last and st.new_map(1, 4, 6, 5)[0].is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(1, 3, 40, 24) * 2 - 1
+    m_ref, d_ref = _codec(nchw, x, torch.float32)
+    m, d = _codec(nhwc, x, torch.float32, opts)
+    assert (m - m_ref).abs().max() < 1e-4 and (d - d_ref).abs().max() < 1e-4
 
 
 def test_half_weights_stay_within_bf16_noise_and_keep_their_keys(device: torch.device) -> None:

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import klvae
 from helpers import saved_tiny_model
+from klvae import inference
 from klvae.cli.main import main
 from klvae.errors import KlvaeError
 from klvae.latents import CacheSummary, build_cache
@@ -51,10 +52,12 @@ def _shards(out: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def test_build_cache_writes_what_the_cli_writes_and_the_reader_reads_it(
-    tmp_path: Path, model_dir: Path, vae: klvae.AutoencoderKL, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path, model_dir: Path, capsys: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture
 ) -> None:
     data = _images(tmp_path / "data", 4, bad=1)
+    # The CLI's levers (channels_last on the CPU), so that the rows round alike.
+    vae = inference.optimize_for_inference(klvae.AutoencoderKL.from_pretrained(model_dir), torch.float32)
     with caplog.at_level(logging.INFO, logger="klvae"):
         summary = build_cache(vae, str(data), tmp_path / "py", model_name=str(model_dir), **OPTIONS)
     assert isinstance(summary, CacheSummary) and summary.index == tmp_path / "py" / "index.json"

@@ -159,7 +159,9 @@ def test_repair_then_the_same_cache_command_re_encodes_exactly_the_damaged_rows(
     after = _latents_by_row(out)
     assert after.keys() == before.keys()
     for key in before:
-        torch.testing.assert_close(after[key], before[key], rtol=0, atol=0)  # the same rows, bit for bit
+        # The same rows, to rounding: the repair encodes them in other batches, and channels_last convolutions
+        # (the CLI's on the CPU, as on a GPU) round by the batch.
+        torch.testing.assert_close(after[key], before[key], rtol=0, atol=1e-6)
     report = verify_cache(out)
     assert report.ok and sorted(c.name for c in report.shards) == [SHARDS[0], SHARDS[2], "rank000-00003.safetensors"]
 

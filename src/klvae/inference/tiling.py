@@ -103,8 +103,11 @@ def make_streamer(
     cuda = device.type == "cuda"
     storage = torch.device("cpu") if cuda else device
     budget, pool = budgets(opts, weight_bytes(vae))
+    # NHWC maps on a GPU (one transfer per strip), and wherever the weights are NHWC (optimize_for_inference on
+    # the CPU): convolutions then read and write their own layout instead of converting every strip.
+    nhwc = cuda or vae.decoder.conv_out.weight.is_contiguous(memory_format=torch.channels_last)
     return Streamer(device=device, storage=storage, dtype=dtype, budget=budget, rows=opts.tile_size,
-                    image_height=image_height, channels_last=cuda, pool=pool if cuda else 0, recompute=cuda)
+                    image_height=image_height, channels_last=nhwc, pool=pool if cuda else 0, recompute=cuda)
 
 
 def weight_bytes(vae: AutoencoderKL) -> int:
