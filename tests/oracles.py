@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from klvae import AutoencoderKL
 from klvae.model.config import PRESETS, AutoencoderKLConfig
-from klvae.weights import config_to_diffusers
+from klvae.weights import config_to_diffusers, diffusers_to_ldm
 
 TOL = 1e-5
 # Full-width 4-level topology at small width, groups 32 so that shapes alone determine it (see weights.infer).
@@ -117,3 +117,15 @@ def klvae_flux2(stats: bool = True, seed: int = 0, **changes: object) -> Autoenc
     vae = AutoencoderKL(cfg.replace(**changes)).eval()
     randomize(vae, seed)
     return vae
+
+
+def bfl_state_dict(theirs: torch.nn.Module) -> dict[str, Tensor]:
+    """BFL's ae.safetensors layout from a diffusers model: LDM keys, quant convs inside encoder/decoder, bn.*."""
+    out: dict[str, Tensor] = {}
+    for k, v in diffusers_to_ldm({k: v.clone() for k, v in theirs.state_dict().items()}).items():
+        if k.startswith("quant_conv."):
+            k = "encoder." + k
+        elif k.startswith("post_quant_conv."):
+            k = "decoder." + k
+        out[k] = v.contiguous()
+    return out
