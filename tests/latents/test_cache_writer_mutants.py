@@ -10,7 +10,6 @@ returns each row's bucket; the bucket sampler shuffles within a bucket."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,7 +17,7 @@ import pytest
 import torch
 
 import klvae
-from helpers import noise_folder, perturbed_vae
+from helpers import copy_cache, noise_folder, perturbed_vae
 from klvae import inference
 from klvae.errors import KlvaeError, LatentsError
 from klvae.latents import build_cache, cache
@@ -41,10 +40,6 @@ def finished(tmp_path_factory: pytest.TempPathFactory, vae: klvae.AutoencoderKL)
     root = tmp_path_factory.mktemp("finished")
     build_cache(vae, noise_folder(root / "data", 2, hw=(32, 32)), root / "out", **OPTIONS)
     return root / "out"
-
-
-def _copy(finished: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(finished, tmp_path / "out"))
 
 
 def _index(out: Path) -> dict:
@@ -164,7 +159,7 @@ def _strip_manifest_options(out: Path) -> None:
 def test_the_index_records_the_world_size_and_a_resume_checks_it(finished: Path, tmp_path: Path,
                                                                  vae: klvae.AutoencoderKL) -> None:
     assert _index(finished)["world_size"] == 1
-    out = _copy(finished, tmp_path)
+    out = copy_cache(finished, tmp_path)
     _strip_manifest_options(out)
     data = finished.parent / "data"
     with pytest.raises(KlvaeError, match="holds a cache made by 1 processes, not 2"):
@@ -173,7 +168,7 @@ def test_the_index_records_the_world_size_and_a_resume_checks_it(finished: Path,
 
 def test_a_resume_of_manifests_without_options_is_checked_against_the_index_encoder(
         finished: Path, tmp_path: Path) -> None:
-    out = _copy(finished, tmp_path)
+    out = copy_cache(finished, tmp_path)
     _strip_manifest_options(out)
     before = sorted(p.name for p in out.iterdir())
     other = perturbed_vae("tiny", seed=1, scaling_factor=0.5, shift_factor=0.1)
@@ -186,7 +181,7 @@ def test_a_resume_of_manifests_without_options_is_checked_against_the_index_enco
 
 
 def test_the_reader_refuses_an_index_of_another_format(finished: Path, tmp_path: Path) -> None:
-    out = _copy(finished, tmp_path)
+    out = copy_cache(finished, tmp_path)
     index = _index(out)
     (out / "index.json").write_text(json.dumps({**index, "format": "someone-else/1"}))
     with pytest.raises(LatentsError, match=r"index\.json is not a klvae latent cache index"):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import klvae
-from helpers import noise_folder, perturbed_vae
+from helpers import copy_cache, noise_folder, perturbed_vae
 from klvae import inference
 from klvae.errors import KlvaeError
 from klvae.images import pil_to_tensor
@@ -43,10 +43,6 @@ def finished(tmp_path_factory: pytest.TempPathFactory, vae: klvae.AutoencoderKL)
     root = tmp_path_factory.mktemp("finished")
     build_cache(vae, noise_folder(root / "data", 4, hw=(32, 32)), root / "out", **OPTIONS)
     return root / "out"
-
-
-def _copy(finished: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(finished, tmp_path / "out"))
 
 
 def _index(out: Path) -> dict:
@@ -174,7 +170,7 @@ def test_scale_factors_are_the_statistics_of_each_sampled_images_own_draw(tmp_pa
 
 
 def test_a_recorded_hash_in_capitals_is_the_same_hash(finished: Path, tmp_path: Path) -> None:
-    out = _copy(finished, tmp_path)
+    out = copy_cache(finished, tmp_path)
     manifest = out / "manifest-rank000.jsonl"
     lines = [{**rec, "sha256": rec["sha256"].upper()} if rec.get("shard") else rec for rec in read_manifest(manifest)]
     manifest.write_text("".join(json.dumps(rec) + "\n" for rec in lines))
@@ -188,7 +184,7 @@ def test_a_recorded_hash_in_capitals_is_the_same_hash(finished: Path, tmp_path: 
 
 def test_an_image_in_two_manifests_is_never_indexed(finished: Path, tmp_path: Path, vae: klvae.AutoencoderKL) -> None:
     # Rank 1's manifest (copied in from another run) records rank 0's first two rows again, in a shard of its own.
-    out, opts = _copy(finished, tmp_path), cache.CacheOptions(**OPTIONS)
+    out, opts = copy_cache(finished, tmp_path), cache.CacheOptions(**OPTIONS)
     first = _lines(out)[0]
     shutil.copy(out / first["shard"], out / "rank001-00000.safetensors")
     rows = [{**r, "shard": "rank001-00000.safetensors"} for r in first["rows"]]

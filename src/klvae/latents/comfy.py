@@ -24,7 +24,7 @@ from torch import Tensor
 
 from klvae.atomic import atomic_save_file
 from klvae.errors import LatentsError, quote
-from klvae.latents.file import LATENT_DTYPES, LatentsFile, batch_item_names, batch_latents_file
+from klvae.latents.file import LatentsFile, batch_item_names, batch_latents_file, check_filled_float
 from klvae.model.latent_norm import LatentNorm
 
 LATENT_KEY = "latent_tensor"
@@ -104,11 +104,7 @@ def load_comfy_latent(path: str | Path) -> ComfyLatent:
     if t.ndim != 4:
         raise LatentsError(f"{path}: {LATENT_KEY} of shape {list(t.shape)}; ComfyUI's image latents are "
                            "[batch, channels, height, width]")
-    if 0 in t.shape:
-        raise LatentsError(f"{path}: empty {LATENT_KEY} of shape {list(t.shape)}")
-    if t.dtype not in LATENT_DTYPES:
-        raise LatentsError(f"{path}: {LATENT_KEY} of dtype {str(t.dtype).removeprefix('torch.')}; "
-                           "expected float32, float16, bfloat16 or float64")
+    check_filled_float(t, str(path), LATENT_KEY)
     old = VERSION_MARKER not in tensors
     # LoadLatent's own lines: the multiplier as a Python float, applied to the float32 tensor.
     multiplier = 1.0 / OLD_FORMAT_SCALE if old else 1.0

@@ -229,12 +229,17 @@ def _parse_item(d: object, n: int, path: Path) -> LatentItem:
 LATENT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def check_filled_float(t: Tensor, label: str, what: str = "latents") -> None:
+    """LatentsError, `label: ...`, unless `t` holds values in one of LATENT_DTYPES."""
+    if 0 in t.shape:
+        raise LatentsError(f"{label}: empty {what} of shape {list(t.shape)}")
+    if t.dtype not in LATENT_DTYPES:  # float8 too: torch cannot even check it for NaN
+        raise LatentsError(f"{label}: {what} of dtype {str(t.dtype).removeprefix('torch.')}; "
+                           "expected float32, float16, bfloat16 or float64")
+
+
 def _check_tensor(t: Tensor, label: str) -> None:
     if t.ndim != 3:
         raise LatentsError(f"{label}: latents of shape {list(t.shape)}; each item holds one image's "
                            "[channels, height, width]")
-    if 0 in t.shape:
-        raise LatentsError(f"{label}: empty latents of shape {list(t.shape)}")
-    if t.dtype not in LATENT_DTYPES:  # float8 too: torch cannot even check it for NaN
-        raise LatentsError(f"{label}: latents of dtype {str(t.dtype).removeprefix('torch.')}; "
-                           "expected float32, float16, bfloat16 or float64")
+    check_filled_float(t, label)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from klvae.errors import LatentsError, cut, load_failure, quote
-from klvae.latents.file import FORMAT, LATENT_DTYPES
+from klvae.latents.file import FORMAT, check_filled_float
 
 _NUMPY_MAGIC = b"\x93NUMPY"
 
@@ -102,11 +102,7 @@ def _checked(t: Tensor, path: Path) -> Tensor:
     if t.ndim not in (3, 4):
         raise LatentsError(f"{path}: latents of shape {list(t.shape)}; expected [batch, channels, height, width] or "
                            "[channels, height, width]")
-    if 0 in t.shape:
-        raise LatentsError(f"{path}: empty latents of shape {list(t.shape)}")
-    if t.dtype not in LATENT_DTYPES:
-        raise LatentsError(f"{path}: latents of dtype {str(t.dtype).removeprefix('torch.')}; "
-                           "expected float32, float16, bfloat16 or float64")
+    check_filled_float(t, str(path))
     return t
 
 
