@@ -59,7 +59,10 @@ def _tensors(path: Path, kind: str) -> dict[str, Any]:
             return dict(load_file(str(path), device="cpu"))
         if kind == "numpy":
             loaded = np.load(path, allow_pickle=False)  # no pickled objects: arrays only
-            return {"array": loaded} if isinstance(loaded, np.ndarray) else {k: loaded[k] for k in loaded.files}
+            if isinstance(loaded, np.ndarray):
+                return {"array": loaded}
+            with loaded:  # an .npz archive, open until closed
+                return {k: loaded[k] for k in loaded.files}
         with path.open("rb") as f:  # a handle: torch.load would judge a path by its suffix, not its content
             obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling, zip and numpy errors have many types; all mean "not a tensor file"
