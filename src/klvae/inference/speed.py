@@ -63,7 +63,7 @@ def optimize_for_inference(
     vae.eval()
     if _on(opts.cast_weights, cuda) and dtype in (torch.bfloat16, torch.float16):
         vae.to(dtype)
-    # NHWC convolutions are faster on the CPU too (oneDNN's native layout: 7-14 % on SD's VAE, docs/benchmarks.md);
+    # NHWC convolutions are faster on the CPU too (oneDNN's native layout: 7-16 % on SD's VAE, docs/benchmarks.md);
     # other backends keep NCHW unless asked.
     channels_last = _on(opts.channels_last, vae.device.type in ("cuda", "cpu"))
     if channels_last:
