@@ -1,6 +1,8 @@
 """Shared by the tests: tiny models whose weights all differ from their (near-trivial) initialisation, and the
 CLI's one-line errors."""
 
+from __future__ import annotations
+
 import contextlib
 import os
 import re
@@ -9,12 +11,16 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 
 import klvae
 from klvae.cli.main import main
+
+if TYPE_CHECKING:
+    from klvae.training.config import TrainConfig
 
 
 def perturbed_vae(preset: str = "tiny", seed: int = 0, device: torch.device | str | None = None,
@@ -210,3 +216,23 @@ def copy_cache(finished: Path, tmp_path: Path) -> Path:
     out = tmp_path / "latents"
     shutil.copytree(finished, out)
     return out
+
+
+# A PatchGAN that runs at 16 px (16 / 2**2 - 2 = 2 patches a side), narrow to stay fast.
+CRITIC = ("loss.preset=ldm", "loss.perceptual_weight=0", "loss.disc_num_layers=2", "loss.disc_ndf=8",
+          "loss.disc_weight=0.5")
+
+
+def tiny_train_config(tmp: Path, *sets: str) -> TrainConfig:
+    """A `tiny` MSE run on tmp/images at 16 px, batches of 2, in this process on the CPU; `sets` override it."""
+    from klvae.training.config import load_config
+
+    return load_config(None, [
+        "model.preset=tiny", f"data.train={tmp / 'images'}", "data.resolution=16", "data.batch_size=2",
+        "data.num_workers=0", "train.device=cpu", f"train.out_dir={tmp / 'run'}", "loss.preset=mse",
+        "optim.grad_clip=0", "train.sample_posterior=false", "optim.lr=1e-3", *sets])
+
+
+def tiny_batch(seed: int = 0) -> torch.Tensor:
+    """Two 16 px images in [-1, 1], as tiny_train_config's loader gives them."""
+    return torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(seed)) * 2 - 1

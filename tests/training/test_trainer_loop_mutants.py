@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import torch
 
-from helpers import noise_folder, noise_images_and_a_broken_one, one_line
+from helpers import CRITIC, noise_folder, noise_images_and_a_broken_one, one_line, tiny_batch, tiny_train_config
 from klvae.distributed import DistInfo
 from klvae.errors import KlvaeError
 from klvae.training import loop as loop_module
@@ -32,21 +32,9 @@ from klvae.training.config import TrainConfig, load_config
 from klvae.training.loop import RunLog, fit
 from klvae.training.trainer import Trainer, config_changes
 
-# A PatchGAN that runs at 16 px, narrow to stay fast (as in test_training_mutants).
-CRITIC = ("loss.preset=ldm", "loss.perceptual_weight=0", "loss.disc_num_layers=2", "loss.disc_ndf=8",
-          "loss.disc_weight=0.5")
-
 
 def _cfg(tmp: Path, *sets: str) -> TrainConfig:
-    return load_config(None, [
-        "model.preset=tiny", f"data.train={tmp / 'images'}", "data.resolution=16", "data.batch_size=2",
-        "data.num_workers=0", "train.device=cpu", f"train.out_dir={tmp / 'run'}", "loss.preset=mse",
-        "optim.grad_clip=0", "train.sample_posterior=false", "optim.lr=1e-3", "train.log_every=1",
-        "train.val_every=1000", "train.ckpt_every=1000", *sets])
-
-
-def _x(seed: int = 0) -> torch.Tensor:
-    return torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    return tiny_train_config(tmp, "train.log_every=1", "train.val_every=1000", "train.ckpt_every=1000", *sets)
 
 
 def _rows(run: Path, split: str = "train") -> list[dict[str, Any]]:
@@ -72,7 +60,7 @@ def test_the_generator_pass_leaves_the_critic_without_gradients(tmp_path: Path,
         return d_loss * 0, logs
 
     monkeypatch.setattr(tr.loss, "discriminator_loss", no_critic_loss)
-    logs = tr.train_step([_x()])
+    logs = tr.train_step([tiny_batch()])
     assert logs["g_loss"] != 0 and logs["d_weight"] > 0  # the GAN term was in the generator's loss
     grads = [p.grad for p in tr.disc_params]
     assert all(g is not None for g in grads)  # the critic's step ran
@@ -90,7 +78,7 @@ def test_a_non_finite_critic_loss_skips_the_whole_step(tmp_path: Path, monkeypat
 
     monkeypatch.setattr(tr.loss, "discriminator_loss", nan_critic_loss)
     before = [p.detach().clone() for p in [*tr.vae.parameters(), *tr.disc_params]]
-    logs = tr.train_step([_x()])
+    logs = tr.train_step([tiny_batch()])
     assert logs["skipped"] == 1.0 and tr.nonfinite_run == 1 and tr.step == 1
     after = [*tr.vae.parameters(), *tr.disc_params]
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))  # no NaN reached any weight
@@ -102,10 +90,10 @@ def test_the_critics_gradients_are_averaged_over_ranks_once_it_trains(tmp_path: 
     averaged: list[list[torch.nn.Parameter]] = []
     monkeypatch.setattr(trainer_module, "average_gradients", lambda params, dist: averaged.append(list(params)))
     tr = Trainer(_cfg(tmp_path, *CRITIC, "loss.disc_start=1"))
-    tr.train_step([_x()])
+    tr.train_step([tiny_batch()])
     assert all(p not in tr.disc_params for params in averaged for p in params)  # the critic is off at step 0
     averaged.clear()
-    tr.train_step([_x(1)])
+    tr.train_step([tiny_batch(1)])
     critic = [params for params in averaged if params and params[0] is tr.disc_params[0]]
     assert len(critic) == 1 and len(critic[0]) == len(tr.disc_params)
 
@@ -121,7 +109,7 @@ def test_the_adaptive_weight_is_taken_at_the_decoders_last_layer(tmp_path: Path,
         return real(*args, **kwargs)
 
     monkeypatch.setattr(tr.loss, "generator_loss", recording)
-    tr.train_step([_x()])
+    tr.train_step([tiny_batch()])
     assert len(seen) == 1 and seen[0] is tr.vae.decoder.conv_out.weight
 
 
@@ -137,7 +125,7 @@ def test_the_forward_runs_in_the_precision_asked_for(tmp_path: Path, monkeypatch
         return real(inputs, rec, *args, **kwargs)
 
     monkeypatch.setattr(tr.loss, "generator_loss", recording)
-    tr.train_step([_x()])
+    tr.train_step([tiny_batch()])
     assert seen == [dtype]
     assert not tr.scaler.is_enabled() and not tr.d_scaler.is_enabled()  # only fp16 scales its losses
 
@@ -169,14 +157,14 @@ def test_under_ddp_only_the_last_micro_batch_syncs_gradients(tmp_path: Path, mon
     tr = Trainer(_cfg(tmp_path, "optim.grad_accum=3"))
     net = _FakeDDP(tr.net)
     monkeypatch.setattr(tr, "net", net)
-    tr.train_step([_x(0), _x(1), _x(2)])
+    tr.train_step([tiny_batch(0), tiny_batch(1), tiny_batch(2)])
     assert net.unsynced == [True, True, False]  # the all-reduce runs once, in the last micro-batch's backward
 
 
 def test_clipping_counts_the_learned_logvar_in_the_global_norm(tmp_path: Path) -> None:
     tr = Trainer(_cfg(tmp_path, "loss.preset=mse", "loss.learn_logvar=true", "optim.grad_clip=1e-4"))
     assert tr.loss_ae_params
-    tr.train_step([_x()])
+    tr.train_step([tiny_batch()])
     params = [*tr.vae.parameters(), *tr.loss_ae_params]
     norm = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in params if p.grad is not None))
     assert norm == pytest.approx(1e-4, rel=1e-3)

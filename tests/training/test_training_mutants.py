@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 import klvae
-from helpers import noise_folder, noise_png, perturbed_vae
+from helpers import CRITIC, noise_folder, noise_png, perturbed_vae, tiny_batch, tiny_train_config
 from klvae.distributed import DistInfo
 from klvae.errors import KlvaeError
 from klvae.evaluation.metrics import psnr
@@ -27,28 +27,13 @@ from klvae.posterior import DiagonalGaussian
 from klvae.training import checkpoint as ckpt
 from klvae.training import data as data_module
 from klvae.training import loop as loop_module
-from klvae.training.config import TrainConfig, load_config
+from klvae.training.config import TrainConfig
 from klvae.training.data import ImageTransform, TransformConfig
 from klvae.training.data_setup import build_train_loader, build_val_batches
 from klvae.training.loop import DroppedRun, fit
 from klvae.training.sampler import GlobalBatchSampler, SeededItems
 from klvae.training.trainer import Reconstruct, Trainer, lr_factor
 from klvae.training.validate import validate
-
-# A PatchGAN that runs at 16 px (16 / 2**2 - 2 = 2 patches a side), narrow to stay fast.
-CRITIC = ("loss.preset=ldm", "loss.perceptual_weight=0", "loss.disc_num_layers=2", "loss.disc_ndf=8",
-          "loss.disc_weight=0.5")
-
-
-def _cfg(tmp: Path, *sets: str) -> TrainConfig:
-    return load_config(None, [
-        "model.preset=tiny", f"data.train={tmp / 'images'}", "data.resolution=16", "data.batch_size=2",
-        "data.num_workers=0", "train.device=cpu", f"train.out_dir={tmp / 'run'}", "loss.preset=mse",
-        "optim.grad_clip=0", "train.sample_posterior=false", "optim.lr=1e-3", *sets])
-
-
-def _x(seed: int = 0) -> torch.Tensor:
-    return torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
 def _norm(params: list[torch.nn.Parameter]) -> float:
@@ -57,13 +42,14 @@ def _norm(params: list[torch.nn.Parameter]) -> float:
 
 # ---- one optimiser step ----------------------------------------------------------------------------------------
 def test_warm_up_lr_critic_start_and_clipping_step_by_step(tmp_path: Path) -> None:
-    tr = Trainer(_cfg(tmp_path, *CRITIC, "loss.disc_start=1", "optim.disc_lr=3e-4", "optim.warmup_steps=4",
-                      "optim.schedule=cosine", "train.max_steps=8", "optim.grad_clip=1e-4"))
+    tr = Trainer(tiny_train_config(tmp_path, *CRITIC, "loss.disc_start=1", "optim.disc_lr=3e-4",
+                                   "optim.warmup_steps=4", "optim.schedule=cosine", "train.max_steps=8",
+                                   "optim.grad_clip=1e-4"))
     assert tr.opt_d is not None
     ae = [p for g in tr.opt_ae.param_groups for p in g["params"]]
     for step in range(3):
         critic = [p.detach().clone() for p in tr.disc_params]
-        logs = tr.train_step([_x(step)])
+        logs = tr.train_step([tiny_batch(step)])
         factor = lr_factor(step, 4, "cosine", 8)
         assert factor == pytest.approx((step + 1) / 4)  # the step's own lr: 1/4 of it at step 0, not 2/4
         assert logs["lr"] == pytest.approx(1e-3 * factor)
@@ -79,8 +65,9 @@ def test_warm_up_lr_critic_start_and_clipping_step_by_step(tmp_path: Path) -> No
 def test_accumulated_micro_batches_average_gradients_and_logs(tmp_path: Path) -> None:
     # Two micro-batches of the same images must give one micro-batch's gradients and logs (means, not sums).
     sets = (*CRITIC, "loss.disc_start=0")
-    two, one = Trainer(_cfg(tmp_path, *sets, "optim.grad_accum=2")), Trainer(_cfg(tmp_path, *sets))
-    x = _x()
+    two = Trainer(tiny_train_config(tmp_path, *sets, "optim.grad_accum=2"))
+    one = Trainer(tiny_train_config(tmp_path, *sets))
+    x = tiny_batch()
     logs_two, logs_one = two.train_step([x, x]), one.train_step([x])
     assert logs_two.keys() == logs_one.keys() and "d_loss" in logs_two
     for k in logs_one:
@@ -94,7 +81,7 @@ def test_accumulated_micro_batches_average_gradients_and_logs(tmp_path: Path) ->
 
 
 def test_a_finite_step_ends_a_non_finite_streak(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    tr = Trainer(_cfg(tmp_path, "train.max_nonfinite=2"))
+    tr = Trainer(tiny_train_config(tmp_path, "train.max_nonfinite=2"))
     real = tr.loss.generator_loss
 
     def every_other_nan(*args: object, **kwargs: object) -> tuple[torch.Tensor, dict]:
@@ -102,20 +89,20 @@ def test_a_finite_step_ends_a_non_finite_streak(tmp_path: Path, monkeypatch: pyt
         return (loss * float("nan") if tr.step % 2 == 0 else loss), logs
 
     monkeypatch.setattr(tr.loss, "generator_loss", every_other_nan)
-    skipped = [tr.train_step([_x(i)])["skipped"] for i in range(5)]  # 3 non-finite, never 2 in a row
+    skipped = [tr.train_step([tiny_batch(i)])["skipped"] for i in range(5)]  # 3 non-finite, never 2 in a row
     assert skipped == [1.0, 0.0, 1.0, 0.0, 1.0] and tr.nonfinite_run == 1
 
 
 def test_the_training_forward_decodes_mean_plus_std_times_noise(tmp_path: Path) -> None:
     # train.sample_posterior: the step's noise from its own seed; false: none (the posterior mean is decoded).
-    tr = Trainer(_cfg(tmp_path, "train.sample_posterior=true"))
+    tr = Trainer(tiny_train_config(tmp_path, "train.sample_posterior=true"))
     shape = (2, tr.vae.config.latent_channels, 16 // tr.vae.downsample_factor, 16 // tr.vae.downsample_factor)
     want = torch.randn(shape, generator=torch.Generator().manual_seed(tr.noise_seed(0, 1)))
-    assert torch.equal(tr._noise(_x(), 1), want)
-    assert Trainer(_cfg(tmp_path))._noise(_x(), 1) is None
+    assert torch.equal(tr._noise(tiny_batch(), 1), want)
+    assert Trainer(tiny_train_config(tmp_path))._noise(tiny_batch(), 1) is None
     vae = perturbed_vae()
     side = 16 // vae.downsample_factor
-    x = _x()
+    x = tiny_batch()
     noise = torch.randn(2, vae.config.latent_channels, side, side, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         rec, moments = Reconstruct(vae, decoder_only=False)(x, noise)
@@ -131,7 +118,7 @@ def _draws() -> tuple[float, float, torch.Tensor]:
 
 
 def test_a_checkpoint_restores_counters_loss_scales_and_random_streams(tmp_path: Path) -> None:
-    cfg = _cfg(tmp_path, *CRITIC, "train.precision=fp16")
+    cfg = tiny_train_config(tmp_path, *CRITIC, "train.precision=fp16")
     tr = Trainer(cfg)
     for scaler, scale in ((tr.scaler, 512.0), (tr.d_scaler, 256.0)):
         scaler.scale(torch.ones(()))  # creates the scale, which update() then sets
@@ -161,8 +148,8 @@ def test_a_saved_optimiser_state_with_a_beta_of_1_is_refused() -> None:
 def test_logs_validation_and_checkpoints_follow_their_cadence_and_the_last_step(tmp_path: Path) -> None:
     noise_folder(tmp_path / "images", 4, hw=(20, 20))
     noise_folder(tmp_path / "val", 3, hw=(20, 20))
-    tr = Trainer(_cfg(tmp_path, "train.max_steps=5", "train.log_every=2", "train.val_every=2", "train.ckpt_every=2",
-                      f"data.val={tmp_path / 'val'}", "train.val_lpips=false"))
+    tr = Trainer(tiny_train_config(tmp_path, "train.max_steps=5", "train.log_every=2", "train.val_every=2",
+                                   "train.ckpt_every=2", f"data.val={tmp_path / 'val'}", "train.val_lpips=false"))
     fit(tr)
     run = tmp_path / "run"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -177,7 +164,7 @@ def test_a_run_at_max_steps_without_an_export_exports_and_only_rank_0_reads_vali
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # As on resuming a run killed after its last checkpoint but before final/ was written.
     noise_folder(tmp_path / "images", 4, hw=(20, 20))
-    cfg = _cfg(tmp_path, "train.max_steps=2", f"data.val={tmp_path / 'images'}", "train.val_lpips=false")
+    cfg = tiny_train_config(tmp_path, "train.max_steps=2", f"data.val={tmp_path / 'images'}", "train.val_lpips=false")
     reads: list[TrainConfig] = []
     monkeypatch.setattr(loop_module, "build_val_batches", lambda c: reads.append(c) or [])
     other = Trainer(cfg)
@@ -210,7 +197,7 @@ def test_validation_averages_per_image_over_clamped_mean_reconstructions(tmp_pat
     vae = perturbed_vae().train()
     with torch.no_grad():
         vae.decoder.conv_out.bias.add_(0.8)  # pushes part of the output past 1, which validation clamps
-    batches = [_x(1), _x(2)[:1]]  # 3 images in batches of 2 and 1: a mean per image, not per batch
+    batches = [tiny_batch(1), tiny_batch(2)[:1]]  # 3 images in batches of 2 and 1: a mean per image, not per batch
     got = validate(vae, batches, torch.device("cpu"), None, None)
     assert vae.training  # validation hands the model back in training mode
     with torch.no_grad():
@@ -222,8 +209,8 @@ def test_validation_averages_per_image_over_clamped_mean_reconstructions(tmp_pat
 
 def test_validation_images_are_centre_crops_whatever_the_training_augmentation(tmp_path: Path) -> None:
     noise_folder(tmp_path / "val", 4, hw=(20, 28))
-    cfg = _cfg(tmp_path, f"data.val={tmp_path / 'val'}", "data.crop=random", "data.flip=1.0", "data.scale_min=0.5",
-               "data.val_images=3")
+    cfg = tiny_train_config(tmp_path, f"data.val={tmp_path / 'val'}", "data.crop=random", "data.flip=1.0",
+                            "data.scale_min=0.5", "data.val_images=3")
     batches = build_val_batches(cfg)
     assert [b.shape[0] for b in batches] == [2, 1]  # the first data.val_images of 4, in batches of data.batch_size
     centre = ImageTransform(TransformConfig(resolution=16, crop="center"))
@@ -270,7 +257,7 @@ def test_a_resumed_stream_of_tar_shards_goes_on_after_the_consumed_batches(tmp_p
             info = tarfile.TarInfo(f"img{i}.png")
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
-    cfg = _cfg(tmp_path, f"data.train={shard}", "data.batch_size=1")
+    cfg = tiny_train_config(tmp_path, f"data.train={shard}", "data.batch_size=1")
     fresh = build_train_loader(cfg, DistInfo())
     keys = [next(fresh)["keys"] for _ in range(4)]
     resumed = build_train_loader(cfg, DistInfo(), start_batch=2)
@@ -303,11 +290,11 @@ def test_crop_sides_stay_in_the_scale_range_and_exact_sizes_are_not_upscaling(
 ])
 def test_out_of_range_settings_are_refused(tmp_path: Path, sets: list[str], message: str) -> None:
     with pytest.raises(KlvaeError, match=message):
-        _cfg(tmp_path, *sets)
+        tiny_train_config(tmp_path, *sets)
 
 
 def test_an_override_value_may_hold_an_equals_sign(tmp_path: Path) -> None:
-    assert _cfg(tmp_path, "data.train=a=b", "train.seed=4294967295").data.train == "a=b"
+    assert tiny_train_config(tmp_path, "data.train=a=b", "train.seed=4294967295").data.train == "a=b"
 
 
 # ---- collectives across two processes ----------------------------------------------------------------------------
