@@ -35,6 +35,14 @@ def perturbed_vae(preset: str = "tiny", seed: int = 0, device: torch.device | st
     return vae
 
 
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """The same keys and the same values (compared in fp32, so a half-precision copy of fp16-exact weights passes)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k].float(), sb[k].float()), k
+
 def fake_hub_cache(
     root: Path, repo_id: str, model: klvae.AutoencoderKL, subfolder: str | None, bin_only: bool = False
 ) -> Path:
@@ -144,6 +152,27 @@ def rgb_image(path: Path, w: int = 16, h: int = 16, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(noise_png(seed, (w, h)))
     return path
+
+
+def handmade_latents(path: Path, items: object, tensors: dict | None = None, meta: dict | None = None) -> Path:
+    """A klvae latents file written by hand (the demo model's factors), so that its metadata can be anything."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from klvae.latents.file import FORMAT
+
+    if tensors is None:
+        tensors = {d["key"]: torch.zeros(4, 2, 2) for d in items if isinstance(d, dict) and isinstance(d["key"], str)}
+    fields = {"format": FORMAT, "model": "demo", "scaling_factor": "0.18215", "shift_factor": "null",
+              "items": json.dumps(items), **(meta or {})}
+    save_file(tensors or {"unused": torch.zeros(4, 2, 2)}, str(path), metadata=fields)
+    return path
+
+
+def files_under(root: Path) -> list[str]:
+    """Every file below root, as sorted relative POSIX paths: what a command left behind."""
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 
 
 def noise_images_and_a_broken_one(root: Path) -> Path:

@@ -5,20 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from helpers import one_error_line
+from helpers import one_error_line, rgb_image
 from klvae.cli.main import main
 from klvae.datasources import expand_shards
 from klvae.errors import KlvaeError
-
-
-def _image(path: Path, w: int = 16, h: int = 16) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
-    return path
 
 
 def test_an_empty_brace_range_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -34,7 +26,7 @@ def test_a_path_that_is_not_utf8_is_printed_not_an_internal_error(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # Linux file names are bytes; Python hands undecodable ones over as lone surrogates, which a strict UTF-8
     # stdout (any UTF-8 locale but C.UTF-8) cannot print: the reconstruction was written, then exit 1.
-    img = _image(tmp_path / "a.png")
+    img = rgb_image(tmp_path / "a.png")
     out = tmp_path / "r\udcff.png"
     try:
         out.touch()
