@@ -1,7 +1,7 @@
 """FLUX.2's VAE: the latent patchified 2x2 and normalised by the VAE's latent BatchNorm. Parity with diffusers'
 AutoencoderKLFlux2 and its pipeline's latent handling, both ways through diffusers folders; BFL's single-file
 layout (quant convs nested in encoder/decoder, bn.* statistics); the patched latent shapes; the combinations
-that must be refused; and the CLI's encode/decode round trip."""
+that must be refused (the CLI's encode/decode round trip: test_flux2_cli.py)."""
 
 from __future__ import annotations
 
@@ -12,20 +12,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import diffusers
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 import klvae
 from helpers import one_line
-from klvae import AutoencoderKL, inference
-from klvae.cli.main import main
+from klvae import AutoencoderKL
 from klvae.errors import WeightsError
-from klvae.images import load_image, pil_to_tensor
-from klvae.latents.file import load_latents
 from klvae.model.config import PRESET_HUB_IDS, PRESETS, AutoencoderKLConfig
 from klvae.model.latent_norm import LatentNorm
 from klvae.weights import diffusers_to_ldm, export_ldm
@@ -440,65 +435,7 @@ def test_flux2_scale_of_an_already_scaled_latent_is_an_error() -> None:
     assert vae.scale_latents(torch.randn(1, 32, 8, 8)).shape == (1, 128, 4, 4)
 
 
-# ---- 6. the CLI ----
-
-@pytest.fixture(scope="module")
-def flux2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("flux2-model")
-    klvae_flux2().save_pretrained(d)
-    return d
-
-
-def _png(path: Path, h: int, w: int) -> Path:
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:h, 0:w]
-    smooth = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (h + w)], -1)
-    noisy = smooth + rng.normal(0, 20, smooth.shape)
-    Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(path)
-    return path
-
-
-def test_cli_encode_decode_round_trip_with_patched_latents(tmp_path: Path, flux2_dir: Path) -> None:
-    png = _png(tmp_path / "pic.png", 64, 64)
-    out = tmp_path / "z.safetensors"
-    assert main(["encode", str(png), "-o", str(out), "--model", str(flux2_dir)]) == 0
-    lf = load_latents(out)
-    (item,) = lf.items
-    f = SMALL.downsample_factor
-    assert lf.latents[item.key].shape == (PATCHED, 64 // f // 2, 64 // f // 2)
-    assert (item.height, item.width) == (64, 64)
-    assert lf.norm.latent_patch_size == 2
-    vae = AutoencoderKL.from_pretrained(flux2_dir)
-    x = pil_to_tensor(load_image(png))[None]
-    expected = vae.scale_latents(inference.encode(vae, x).mode())[0]
-    torch.testing.assert_close(lf.latents[item.key], expected, atol=1e-5, rtol=1e-5)
-
-    dec = tmp_path / "dec"
-    assert main(["decode", str(out), "-o", str(dec), "--model", str(flux2_dir)]) == 0
-    (decoded,) = list(dec.iterdir())
-    got = np.asarray(Image.open(decoded).convert("RGB"), dtype=np.float64)
-    assert got.shape == (64, 64, 3)
-    with torch.no_grad():
-        ref = inference.decode(vae, vae.unscale_latents(expected[None]), size=(64, 64))[0]
-    ref_u8 = ((ref.clamp(-1, 1) + 1) * 127.5).permute(1, 2, 0).numpy()
-    assert np.abs(got - ref_u8).max() <= 1.5  # PNG quantisation only
-
-
-def test_cli_encode_of_a_size_whose_latent_grid_is_odd(tmp_path: Path, flux2_dir: Path) -> None:
-    """A 40x56 image would be 5x7 latent cells for a factor-8 encoder, which no 2x2 patches cover: encode pads it
-    to a multiple of 16 (48x64: 3x4 patches) and decode crops back to 40x56."""
-    png = _png(tmp_path / "odd.png", 40, 56)
-    out = tmp_path / "z.safetensors"
-    assert main(["encode", str(png), "-o", str(out), "--model", str(flux2_dir)]) == 0
-    lf = load_latents(out)
-    (item,) = lf.items
-    c, h, w = lf.latents[item.key].shape
-    assert c == PATCHED and (h, w) == (3, 4)
-    dec = tmp_path / "dec"
-    assert main(["decode", str(out), "-o", str(dec), "--model", str(flux2_dir)]) == 0
-    (decoded,) = list(dec.iterdir())
-    assert Image.open(decoded).size == (56, 40)
-
+# ---- 6. sizes ----
 
 def test_math_of_the_patched_latent_size() -> None:
     # FLUX.2's full-size VAE: factor 8, so a 1024px image is a 128-cell latent and a 64x64 diffusion latent.
