@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import pickle
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import klvae
-from helpers import noise_folder, one_line, perturbed_vae
+from helpers import copy_cache, noise_folder, one_line, perturbed_vae
 from klvae.errors import KlvaeError, LatentsError, OptionError
 from klvae.latents import build_cache, integrity, repair_cache, verify_cache
 from klvae.latents import dataset as dataset_mod
@@ -50,10 +49,6 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
         num_workers=0,
     )
     return root / "out"
-
-
-def _copy(finished: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(finished, tmp_path / "out"))
 
 
 def _manifest_path(out: Path) -> Path:
@@ -138,7 +133,7 @@ def test_a_whole_cache_logs_nothing_and_is_all_hashed(finished: Path, caplog: py
     ],
 )
 def test_an_unfinished_cache_says_why(finished: Path, tmp_path: Path, index: str | None, why: str) -> None:
-    out = _copy(finished, tmp_path)
+    out = copy_cache(finished, tmp_path)
     full = _index(out)
     if index is None:
         (out / "index.json").unlink()
@@ -160,7 +155,7 @@ def test_an_unfinished_cache_says_why(finished: Path, tmp_path: Path, index: str
 def test_a_shard_of_the_wrong_shape_with_a_matching_hash_is_found_by_its_header(
     finished: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    out = _copy(finished, tmp_path)
+    out = copy_cache(finished, tmp_path)
     _reshape_shard(out, SHARDS[1], rehash=True)
     with caplog.at_level(logging.WARNING, logger="klvae"):
         report = verify_cache(out)
@@ -172,7 +167,7 @@ def test_a_shard_of_the_wrong_shape_with_a_matching_hash_is_found_by_its_header(
 def test_an_old_shard_of_the_wrong_shape_stays_unhashed_and_old_ones_are_logged(
     finished: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    out = _copy(finished, tmp_path)
+    out = copy_cache(finished, tmp_path)
     _drop_hashes(out, SHARDS[1:])
     _reshape_shard(out, SHARDS[1], rehash=False)
     with caplog.at_level(logging.INFO, logger="klvae"):
@@ -187,7 +182,7 @@ def test_an_old_shard_of_the_wrong_shape_stays_unhashed_and_old_ones_are_logged(
 
 
 def test_a_hash_mismatch_is_reported_over_the_header_it_also_breaks(finished: Path, tmp_path: Path) -> None:
-    out = _copy(finished, tmp_path)
+    out = copy_cache(finished, tmp_path)
     recorded = next(r["sha256"] for r in read_manifest(_manifest_path(out)) if r.get("shard") == SHARDS[0])
     _reshape_shard(out, SHARDS[0], rehash=False)
     (bad,) = verify_cache(out).damaged
@@ -209,7 +204,7 @@ def test_a_shard_that_cannot_be_read_is_damaged(
 
 
 def test_a_repaired_cache_verifies_and_repair_returns_every_name_sorted(finished: Path, tmp_path: Path) -> None:
-    out = _copy(finished, tmp_path)
+    out = copy_cache(finished, tmp_path)
     for name in (SHARDS[2], SHARDS[0]):
         _reshape_shard(out, name, rehash=False)
     assert repair_cache(out) == [SHARDS[0], SHARDS[2]]
@@ -220,7 +215,7 @@ def test_a_repaired_cache_verifies_and_repair_returns_every_name_sorted(finished
 
 
 def test_a_whole_copy_without_manifests_is_repaired_with_nothing_to_do(finished: Path, tmp_path: Path) -> None:
-    out = _copy(finished, tmp_path)
+    out = copy_cache(finished, tmp_path)
     _manifest_path(out).unlink()
     report = verify_cache(out)
     assert report.source == "index.json" and report.ok and all(c.hashed for c in report.shards)
@@ -228,7 +223,7 @@ def test_a_whole_copy_without_manifests_is_repaired_with_nothing_to_do(finished:
 
 
 def test_a_copy_without_manifests_ignores_a_recorded_hash_that_is_no_string(finished: Path, tmp_path: Path) -> None:
-    out = _copy(finished, tmp_path)
+    out = copy_cache(finished, tmp_path)
     _manifest_path(out).unlink()
     index = _index(out)
     index["shards"][SHARDS[1]]["sha256"] = 5
@@ -238,7 +233,7 @@ def test_a_copy_without_manifests_ignores_a_recorded_hash_that_is_no_string(fini
 
 
 def test_a_copy_without_manifests_and_with_a_bad_index_is_named_so(finished: Path, tmp_path: Path) -> None:
-    out = _copy(finished, tmp_path)
+    out = copy_cache(finished, tmp_path)
     _manifest_path(out).unlink()
     (out / "index.json").write_text("[]")
     with pytest.raises(KlvaeError, match=r"index\.json is not a klvae latent cache index$"):
@@ -249,7 +244,7 @@ def test_a_copy_without_manifests_and_with_a_bad_index_is_named_so(finished: Pat
     "stored", [{"channels": True}, {"channels": 0}, {"downsample_factor": False}, {"downsample_factor": 0}]
 )
 def test_an_index_layout_of_bools_or_zeros_is_no_layout(finished: Path, tmp_path: Path, stored: dict) -> None:
-    out = _copy(finished, tmp_path)
+    out = copy_cache(finished, tmp_path)
     index = _index(out)
     index["stored"].update(stored)
     _write_index(out, index)
@@ -257,7 +252,7 @@ def test_an_index_layout_of_bools_or_zeros_is_no_layout(finished: Path, tmp_path
 
 
 def test_an_index_layout_without_tensors_leaves_the_shards_majority_to_decide(finished: Path, tmp_path: Path) -> None:
-    out = _copy(finished, tmp_path)
+    out = copy_cache(finished, tmp_path)
     index = _index(out)
     index["stored"]["tensors"] = []
     _write_index(out, index)
@@ -266,7 +261,7 @@ def test_an_index_layout_without_tensors_leaves_the_shards_majority_to_decide(fi
 
 
 def test_without_an_index_layout_the_hashed_shards_outvote_the_unhashed(finished: Path, tmp_path: Path) -> None:
-    out = _copy(finished, tmp_path)
+    out = copy_cache(finished, tmp_path)
     index = _index(out)
     del index["stored"]
     _write_index(out, index)
@@ -277,7 +272,7 @@ def test_without_an_index_layout_the_hashed_shards_outvote_the_unhashed(finished
 
 
 def test_a_first_row_with_a_bucket_of_strings_gets_no_vote(finished: Path, tmp_path: Path) -> None:
-    out = _copy(finished, tmp_path)
+    out = copy_cache(finished, tmp_path)
     index = _index(out)
     del index["stored"]
     _write_index(out, index)
@@ -360,7 +355,7 @@ def test_save_shard_returns_the_files_lowercase_sha256(tmp_path: Path) -> None:
 def test_drop_damaged_warns_drops_the_hash_names_the_shard_and_deletes_it(
     finished: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    out = _copy(finished, tmp_path)
+    out = copy_cache(finished, tmp_path)
     _reshape_shard(out, SHARDS[1], rehash=False)
     records = read_manifest(_manifest_path(out))
     cfg = klvae.get_preset("tiny")
@@ -413,7 +408,7 @@ def test_an_options_refusal_is_an_option_error_naming_both_values(tmp_path: Path
 def test_the_reader_refuses_a_missing_or_optionless_index_and_a_bad_mode(finished: Path, tmp_path: Path) -> None:
     with pytest.raises(LatentsError, match=r"has no index\.json: run `klvae cache` to completion first"):
         LatentDataset(tmp_path)
-    out = _copy(finished, tmp_path)
+    out = copy_cache(finished, tmp_path)
     index = _index(out)
     with pytest.raises(LatentsError, match="mode must be sample or mean, got 'x'"):
         LatentDataset(out, mode="x")
@@ -425,7 +420,7 @@ def test_the_reader_refuses_a_missing_or_optionless_index_and_a_bad_mode(finishe
 
 def test_verify_true_refuses_a_damaged_cache_naming_it(finished: Path, tmp_path: Path) -> None:
     assert LatentDataset(finished, verify=True).mode == "sample"  # whole: no error; sampling by default
-    out = _copy(finished, tmp_path)
+    out = copy_cache(finished, tmp_path)
     _reshape_shard(out, SHARDS[1], rehash=False)
     LatentDataset(out)  # without verify, nothing is read
     with pytest.raises(LatentsError) as e:

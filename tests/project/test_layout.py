@@ -98,3 +98,12 @@ def test_compat_imports_neither_diffusers_nor_training_nor_the_cli() -> None:
     assert "klvae.inference.tiling" in names  # the parse sees the imports
     bad = {n for n in names if _within(n, ("diffusers", "transformers", "klvae.training", "klvae.cli"))}
     assert not bad
+
+
+def test_every_python_file_stays_under_500_lines() -> None:
+    """The guide's file size: a file past it is split by concern (helpers shared through tests/helpers.py)."""
+    root = SRC.parents[1]
+    files = [p for part in ("src", "tests", "benchmarks") for p in (root / part).rglob("*.py")]
+    assert len(files) > 100  # the walk sees the project
+    lines = {p.relative_to(root).as_posix(): len(p.read_text(encoding="utf-8").splitlines()) for p in files}
+    assert not {name: n for name, n in lines.items() if n > 500}
