@@ -201,3 +201,28 @@ def test_lpips_names_the_file_that_does_not_fit(arg: str, what: str, tmp_path: P
     torch.save({"a": torch.zeros(1)}, path)
     with pytest.raises(WeightsError, match=rf"^{what} {path} do not fit: missing: .*; unexpected: a$"):
         LPIPS(pretrained=False, **{arg: path})
+
+
+@pytest.mark.parametrize(("content", "failure", "reason"), [
+    (b"", None, "is empty"),
+    (b"not a checkpoint", None, "is not a PyTorch weights file (UnpicklingError: "),
+    (b"PK", PermissionError(13, "Permission denied"), "cannot be read: PermissionError: "),
+])
+def test_a_weights_file_that_yields_no_state_dict_says_why_the_same_way_everywhere(
+    content: bytes, failure: OSError | None, reason: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An empty file used to be "cannot be read: EOFError" for LPIPS, and a disk's refusal "is not a PyTorch weights
+    # file" for `klvae eval`: one reader (nets.pretrained.torch_state_dict) now words both for every caller.
+    path = tmp_path / "w.pth"
+    path.write_bytes(content)
+    if failure is not None:
+        def refuse(*args: object, **kwargs: object) -> None:
+            raise failure
+
+        monkeypatch.setattr(torch, "load", refuse)
+    with pytest.raises(WeightsError) as lpips_err:
+        LPIPS(pretrained=False, lin_path=path)
+    assert str(lpips_err.value).startswith(f"LPIPS linear file {path} {reason}"), str(lpips_err.value)
+    with pytest.raises(KlvaeError) as eval_err:
+        load_named_weights(lambda sd: None, path, "lpips_lin")
+    assert str(eval_err.value).startswith(f"lpips_lin={str(path)!r} {reason}"), str(eval_err.value)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from klvae import __version__, inference
-from klvae.errors import ImageError, KlvaeError, Namer, OptionError, first_line, keyword, load_failure, none_read
+from klvae.errors import ImageError, KlvaeError, Namer, OptionError, first_line, keyword, none_read
 from klvae.evaluation.fid import FEATURE_DIM, FIDReference
 from klvae.evaluation.metrics import MetricAccumulator, psnr, ssim
 from klvae.images import MAX_PIXELS, pil_to_tensor
@@ -26,6 +26,7 @@ from klvae.latents.options import check_at_least
 from klvae.latents.sources import ItemSource, item_error, open_source
 from klvae.model.autoencoder import AutoencoderKL
 from klvae.nets.inception import InceptionV3Features, resolve_inception_weights
+from klvae.nets.pretrained import torch_state_dict
 from klvae.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -166,16 +167,12 @@ def load_named_weights(load: Callable[[Any], None], path: str | Path, option: st
     named = names(option, p)
     if not p.is_file():
         raise KlvaeError(f"{named}: no such file")
-    if p.stat().st_size == 0:
-        raise KlvaeError(f"{named} is empty")
     try:
-        sd = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling and zip errors have many types; all mean "not a weights file"
-        raise KlvaeError(f"{named} is not a PyTorch weights file ({load_failure(e)})") from None
-    if not isinstance(sd, Mapping):
-        raise KlvaeError(f"{named} holds a {type(sd).__name__}, not a state dict")
+        sd = torch_state_dict(p)
+    except ValueError as e:
+        raise KlvaeError(f"{named} {e}") from None
     try:
-        load(dict(sd))
+        load(sd)
     except KlvaeError as e:  # WeightsError: missing, unexpected or mis-shaped keys
         raise KlvaeError(f"{named}: {first_line(e)}") from None
 

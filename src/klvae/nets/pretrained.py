@@ -67,11 +67,25 @@ def read_weights(path: str | Path, what: str) -> dict[str, Any]:
     if not p.is_file():
         raise WeightsError(f"{what} file not found: {p}")
     try:
-        sd = torch.load(p, map_location="cpu", weights_only=True)
+        return torch_state_dict(p)
+    except ValueError as e:
+        raise WeightsError(f"{what} file {p} {e}") from None
+
+
+def torch_state_dict(path: Path) -> dict[str, Any]:
+    """The state dict in the PyTorch file `path` (torch.load, weights_only, on CPU); else a ValueError whose one
+    line ends a sentence about the file: "is empty", "cannot be read: ...", "is not a PyTorch weights file (...)"
+    or "holds a list, not a state dict"."""
+    if path.stat().st_size == 0:
+        raise ValueError("is empty")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:  # the disk's failure (permissions, I/O), not the file's content
+        raise ValueError(f"cannot be read: {load_failure(e)}") from None
     except Exception as e:  # unpickling and zip errors have many types; all mean "not a weights file"
-        raise WeightsError(f"{what} file {p} cannot be read: {load_failure(e)}") from None
+        raise ValueError(f"is not a PyTorch weights file ({load_failure(e)})") from None
     if not isinstance(sd, Mapping):
-        raise WeightsError(f"{what} file {p} holds a {type(sd).__name__}, not a state dict")
+        raise ValueError(f"holds a {type(sd).__name__}, not a state dict")
     return dict(sd)
 
 
