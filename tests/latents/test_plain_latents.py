@@ -67,9 +67,18 @@ def _save_npz(t: Tensor, path: Path) -> None:
     np.savez(path, z=t.numpy())
 
 
+def _save_sparse(t: Tensor, path: Path) -> None:
+    torch.save(t.to_sparse(), path)  # once an internal error: read densely now
+
+
+def _save_big_endian(t: Tensor, path: Path) -> None:
+    np.save(path, t.numpy().astype(">f4"))  # float32 all the same: once refused as "dtype >f4"
+
+
 WRITERS: dict[str, tuple[str, Callable[[Tensor, Path], None]]] = {
     "safetensors": ("z.safetensors", _save_safetensors), "torch": ("z.pt", _save_torch),
     "torch-dict": ("z.pth", _save_torch_dict), "numpy": ("z.npy", _save_numpy), "npz": ("z.npz", _save_npz),
+    "sparse": ("z.pt", _save_sparse), "numpy-big-endian": ("z.npy", _save_big_endian),
 }
 
 
@@ -155,6 +164,9 @@ class _Foreign:
     (lambda p: torch.save(torch.zeros(1, 16, 2, 2), p / "z.safetensors"),
      "its 16-channel latents do not fit this model"),
     (_class_instance_file, "cannot be read as a torch file: UnpicklingError"),
+    (lambda p: torch.save(torch.empty(1, 4, 2, 2, device="meta"), p / "z.pt"),
+     "z.pt: a tensor with no values (device meta), not latents"),
+    (lambda p: np.savez(p / "z.npz"), "z.npz holds no tensor; a plain latents file holds one"),
 ])
 def test_unusable_plain_files_are_one_line_and_write_nothing(make: Callable[[Path], None], message: str,
                                                              model: Path, tmp_path: Path,

@@ -47,9 +47,9 @@ def plain_kind(path: str | Path) -> str | None:
 
 
 def _is_npz(path: Path) -> bool:
+    # An empty zip too: numpy.savez() of nothing writes one, and it is then refused as holding no tensor.
     with zipfile.ZipFile(path) as z:
-        names = z.namelist()
-    return bool(names) and all(n.endswith(".npy") for n in names)
+        return all(n.endswith(".npy") for n in z.namelist())
 
 
 def _tensors(path: Path, kind: str) -> dict[str, Any]:
@@ -96,12 +96,18 @@ def load_plain_latents(path: str | Path) -> Tensor:
 
 
 def _from_numpy(a: np.ndarray, path: Path) -> Tensor:
-    if a.dtype not in (np.float16, np.float32, np.float64):
+    # Compared in native byte order: a big-endian float32 (">f4", numpy.save on such a machine) is still float32.
+    native = a.dtype.newbyteorder("=")
+    if native not in (np.float16, np.float32, np.float64):
         raise LatentsError(f"{path}: latents of dtype {a.dtype}; expected float16, float32 or float64")
-    return torch.from_numpy(np.ascontiguousarray(a))
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=native))
 
 
 def _checked(t: Tensor, path: Path) -> Tensor:
+    if t.is_meta:  # torch.save of a meta tensor stores a shape and no values
+        raise LatentsError(f"{path}: a tensor with no values (device meta), not latents")
+    if t.layout != torch.strided:  # sparse latents are rare but valid: their values, densely
+        t = t.to_dense()
     if t.ndim not in (3, 4):
         raise LatentsError(f"{path}: latents of shape {list(t.shape)}; expected [batch, channels, height, width] or "
                            "[channels, height, width]")
