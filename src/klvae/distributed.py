@@ -1,12 +1,20 @@
-"""Process-group set-up for `torchrun` and the few collectives the trainer and the latent cache need."""
+"""Process-group set-up for `torchrun`, the few collectives the trainer and the latent cache need, and how many
+data-loading worker processes this machine can take."""
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+# Data workers per CPU beyond which more only fill memory: image decoding is CPU-bound, and a few per CPU are
+# enough to hide the waits of a slow disk or network.
+WORKERS_PER_CPU = 4
 
 
 @dataclass(frozen=True)
@@ -107,3 +115,22 @@ def shutdown(info: DistInfo) -> None:
     """Leave the process group."""
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on: its affinity where the OS tells it (containers, taskset), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
+
+
+def usable_workers(requested: int) -> int:
+    """`requested` DataLoader workers, cut with a warning to WORKERS_PER_CPU per CPU: each worker is a process with
+    a copy of the dataset, so thousands of them (a typo) fill the memory until the OOM killer ends the job."""
+    most = WORKERS_PER_CPU * cpu_count()
+    if requested <= most:
+        return requested
+    log.warning("%d data-loading workers asked for, more than this machine's %d CPUs can use: running %d",
+                requested, cpu_count(), most)
+    return most

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from klvae import inference
 from klvae.atomic import atomic_write_text
+from klvae.distributed import usable_workers
 from klvae.errors import KlvaeError, none_read, quote
 from klvae.images import pil_to_tensor
 from klvae.latents.buckets import make_buckets, nearest_bucket, resize_crop
@@ -356,7 +357,8 @@ def _cache_todo(vae: AutoencoderKL, source: ItemSource, out: Path, opts: CacheOp
               "failed_before": failed_before, "enlarged": 0}
     log.info("rank %d: %d images, %d done before, %d unreadable before, %d to encode", rank, len(mine),
              counts["done_before"], failed_before, len(todo))
-    loader = DataLoader(_Prepared(source, todo, opts), batch_size=opts.batch_size, num_workers=opts.num_workers,
+    loader = DataLoader(_Prepared(source, todo, opts), batch_size=opts.batch_size,
+                        num_workers=usable_workers(opts.num_workers),
                         collate_fn=_collate)
     writer = _ShardWriter(out, rank, shard_no, opts.shard_size, row_options(opts, world, fingerprints))
     pending: dict[tuple[int, int], list[tuple[Tensor, dict]]] = {}

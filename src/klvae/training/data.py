@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
 
 from klvae.datasources import TableRows, expand_shards, resolve_spec
+from klvae.distributed import usable_workers
 from klvae.errors import ImageError, KlvaeError, quote
 from klvae.images import (
     IMAGE_EXTENSIONS,
@@ -357,6 +358,7 @@ def build_dataloader(dataset: Dataset | IterableDataset, batch_size: int, num_wo
         sampler = DistributedSampler(dataset, num_replicas=w, rank=r, shuffle=shuffle, seed=seed,
                                      drop_last=drop_last)
         shuffle = False
+    num_workers = usable_workers(num_workers)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=num_workers,
                       collate_fn=collate_skip_none, drop_last=drop_last, persistent_workers=num_workers > 0,
                       generator=torch.Generator().manual_seed(seed))

@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from klvae.datasources import resolve_spec
-from klvae.distributed import DistInfo
+from klvae.distributed import DistInfo, usable_workers
 from klvae.errors import KlvaeError
 from klvae.training.config import TrainConfig
 from klvae.training.data import (
@@ -44,6 +44,7 @@ def build_train_loader(cfg: TrainConfig, dist: DistInfo, start_batch: int = 0) -
     Each batch has "new_pass": True on the first batch of a pass over this rank's data (an epoch), so that the
     loop can tell when a whole pass held no readable image."""
     d = cfg.data
+    workers = usable_workers(d.num_workers)
     ds = build_dataset(d.train, _transform(cfg, train=True), image_column=d.image_column,
                        rank=dist.rank, world_size=dist.world, cache=d.cache_images)
     if isinstance(ds, IterableDataset):
@@ -52,12 +53,12 @@ def build_train_loader(cfg: TrainConfig, dist: DistInfo, start_batch: int = 0) -
         # nothing that the batches after it would miss.
         if isinstance(ds, WebDatasetShards):
             ds.seed = cfg.train.seed
-        loader = DataLoader(ds, batch_size=d.batch_size, num_workers=d.num_workers, collate_fn=collate_skip_none)
+        loader = DataLoader(ds, batch_size=d.batch_size, num_workers=workers, collate_fn=collate_skip_none)
         return itertools.islice(_endless(loader, f"{d.train} (rank {dist.rank} of {dist.world})"), start_batch, None)
     _check_one_global_batch(ds, d.batch_size, dist.world, d.train)
     sampler = GlobalBatchSampler(len(ds), d.batch_size, dist.rank, dist.world, cfg.train.seed, start_batch)
-    loader = DataLoader(SeededItems(ds, cfg.train.seed), batch_sampler=sampler, num_workers=d.num_workers,
-                        collate_fn=collate_skip_none, persistent_workers=d.num_workers > 0)
+    loader = DataLoader(SeededItems(ds, cfg.train.seed), batch_sampler=sampler, num_workers=workers,
+                        collate_fn=collate_skip_none, persistent_workers=workers > 0)
     return _mark_epochs(iter(loader), start_batch, sampler.per_epoch)
 
 
