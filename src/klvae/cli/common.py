@@ -7,6 +7,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -60,6 +61,9 @@ def load_model(args: argparse.Namespace) -> tuple[AutoencoderKL, torch.device, t
     """The model named by --model on --device, with the compute dtype from --dtype."""
     if args.batch_size is not None and args.batch_size < 1:
         raise KlvaeError(f"--batch-size must be at least 1, got {args.batch_size}")
+    # The batching (itertools.islice) takes no more; a batch past the image count is all of them anyway.
+    if args.batch_size is not None and args.batch_size > sys.maxsize:
+        raise KlvaeError(f"--batch-size must be at most {sys.maxsize}, got {args.batch_size}")
     device = usable_device(args.device, "--device")
     dtype = resolve_dtype(args.dtype, device)
     default_model(args)

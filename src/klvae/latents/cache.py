@@ -113,6 +113,8 @@ def read_manifest(path: Path, shards: bool = False) -> list[dict[str, Any]]:
     KlvaeError). With `shards`, each shard a line names must also be a file beside it, named by one line only."""
     if not path.exists():
         return []
+    if not path.is_file():  # a FIFO would block the read for good; a folder, a device: not ours either
+        raise _damaged(f"{path} is not a regular file")
     if not (name := _MANIFEST_NAME.fullmatch(path.name)):
         raise _damaged(f"{path} is not named like a cache manifest (manifest-rankNNN.jsonl)")
     # A resume takes the next number from these names and deletes every shard of this rank that none names: a
@@ -211,6 +213,8 @@ def check_resume(out: str | Path, opts: CacheOptions, world: int, fingerprints: 
 
 def parse_index(path: Path) -> dict[str, Any] | None:
     """index.json's content when it reads as a klvae cache index (its format and an item list), else None."""
+    if not path.is_file():  # absent, or a FIFO (whose read would block) or a folder
+        return None
     try:
         index = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError):  # ValueError: bad JSON or UTF-8, huge ints

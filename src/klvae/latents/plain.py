@@ -106,6 +106,9 @@ def _from_numpy(a: np.ndarray, path: Path) -> Tensor:
 def _checked(t: Tensor, path: Path) -> Tensor:
     if t.is_meta:  # torch.save of a meta tensor stores a shape and no values
         raise LatentsError(f"{path}: a tensor with no values (device meta), not latents")
+    if t.is_nested:
+        raise LatentsError(f"{path}: a nested tensor (tensors of several sizes), not one [B, C, h, w] tensor of "
+                           "latents")
     if t.layout != torch.strided:  # sparse latents are rare but valid: their values, densely
         t = t.to_dense()
     if t.ndim not in (3, 4):

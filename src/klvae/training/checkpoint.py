@@ -162,6 +162,12 @@ def _torch_load(path: Path, f: Any, mmap: bool) -> Any:
     return torch.load(f, map_location="cpu", weights_only=True)
 
 
+def _is_counter(value: Any) -> bool:
+    """A run's counter: an int in [0, 2**63)."""
+    # int64's range too: the step goes into tensors and TensorBoard's purge_step, which refuse larger ones.
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
+
+
 def load_training_state(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     """A checkpoint that Trainer.state_dict() wrote; KlvaeError naming what a foreign or torn file lacks (`mmap`:
     see load_checkpoint)."""
@@ -171,7 +177,8 @@ def load_training_state(path: str | Path, mmap: bool = False) -> dict[str, Any]:
         shown = ", ".join(map(str, list(state)[:5])) or "nothing"
         raise KlvaeError(f"{path} is not a klvae training checkpoint: it has no {', '.join(missing)} "
                          f"(it holds {shown}{', ...' if len(state) > 5 else ''})")
-    bad = [k for k in _COUNTERS if isinstance(state[k], bool) or not isinstance(state[k], int) or state[k] < 0]
+    bad = [k for k in _COUNTERS if not _is_counter(state[k])]
+    bad += [k for k in ("bad_images",) if state.get(k) is not None and not _is_counter(state[k])]  # older: none
     bad += [k for k in _MAPPINGS if not isinstance(state[k], dict)]
     bad += [k for k in _OPTIONAL_MAPPINGS if state.get(k) is not None and not isinstance(state[k], dict)]
     bad += [k for k in ("vae", "loss", "ema") if isinstance(state.get(k), dict)

@@ -175,6 +175,9 @@ def _build(cls: type, data: object, where: str) -> Any:
     return cls(**kwargs)
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
+
+
 def _floats(value: Any, n: int, name: str) -> tuple[float, ...]:
     if not isinstance(value, list | tuple) or len(value) != n:
         raise KlvaeError(f"config field {name} must be a list of {n} numbers, got {quote(value)}")
@@ -189,6 +192,9 @@ def _as_float(value: Any, name: str) -> float:
         raise KlvaeError(f"config field {name} must be float, got {quote(value)}")
     if not math.isfinite(value):
         raise KlvaeError(f"config field {name} must be a finite number, got {quote(value)}")
+    # Every number here ends up in float32 (tensors, the optimisers' steps), where larger ones are inf.
+    if abs(value) > FLOAT32_MAX:
+        raise KlvaeError(f"config field {name} must lie within float32's range (±3.4e38), got {quote(value)}")
     return float(value)
 
 

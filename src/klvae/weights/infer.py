@@ -17,6 +17,7 @@ import logging
 import re
 from collections.abc import Iterable
 
+import torch
 from torch import Tensor
 
 from klvae.errors import WeightsError
@@ -78,6 +79,9 @@ def with_edm_stats(cfg: AutoencoderKLConfig, extras: dict[str, Tensor], name: st
     beside its VAE, as diffusers' single-file loader reads them); unchanged without them."""
     if "edm_mean" not in extras or "edm_std" not in extras:
         return cfg
+    if not all(_plain_float(extras[k]) for k in ("edm_mean", "edm_std")):
+        log.warning("%s: edm_mean/edm_std are not plain float tensors: ignored", name)
+        return cfg
     mean, std = (extras[k].detach().double().flatten() for k in ("edm_mean", "edm_std"))
     if len(mean) != cfg.latent_channels or len(std) != len(mean):
         log.warning("%s: edm_mean/edm_std have %d/%d entries, not one per latent channel (%d): ignored", name,
@@ -89,10 +93,21 @@ def with_edm_stats(cfg: AutoencoderKLConfig, extras: dict[str, Tensor], name: st
         raise WeightsError(f"{name}: its edm_mean/edm_std are no latent statistics: {e}") from None
 
 
+def _plain_float(t: Tensor) -> bool:
+    """A dense floating-point tensor with values: not quantized, nested, sparse, meta, integer or complex."""
+    return (t.is_floating_point() and not (t.is_quantized or t.is_nested or t.is_meta)
+            and t.layout == torch.strided)
+
+
 def _shape(sd: dict[str, Tensor], key: str) -> tuple[int, ...]:
+    """The shape of the convolution weight `key`: [out, in, kh, kw]."""
     if key not in sd:
         raise WeightsError(f"cannot infer the config: the weights have no {key}")
-    return tuple(sd[key].shape)
+    shape = tuple(sd[key].shape)
+    if len(shape) != 4:
+        raise WeightsError(f"cannot infer the config: {key} has shape {list(shape)}, not a convolution's "
+                           "[out, in, height, width]")
+    return shape
 
 
 def _attention(sd: dict[str, Tensor], side: str) -> str:

@@ -191,6 +191,14 @@ def _copies(tensors: dict[str, Tensor], path: Path) -> StateDict:
         # Tensor's own methods, not the object's: weights_only still lets a pickle set attributes on a tensor
         # (_rebuild_from_type_v2's state), so v.clone could be any allowed callable, and its result no tensor.
         t = Tensor.detach(v)
+        # weights_only also rebuilds meta tensors (shapes without values: CPU kernels then read uninitialised memory,
+        # a silently wrong decode), sparse ones (no convolution takes them) and nested ones (no size to check, a
+        # list of tensors): none is a stored weight.
+        if t.is_meta or t.is_nested or t.layout != torch.strided:
+            layout = "nested" if t.is_nested else str(t.layout).removeprefix("torch.")
+            what = "a meta tensor (a shape without values)" if t.is_meta else f"a {layout} tensor"
+            raise WeightsError(f"{path}: {k} is {what}, not a stored weight: a file saved from a model without "
+                               "its weights, or a damaged one")
         # A view's elements may outnumber its storage's (stride 0, keys sharing one storage): a file of a few KB
         # could declare terabytes, which clone() would allocate. Real weights are each stored in the file.
         budget -= t.numel() * t.element_size()
@@ -199,13 +207,6 @@ def _copies(tensors: dict[str, Tensor], path: Path) -> StateDict:
                                f"{path.stat().st_size} bytes (expanded or shared storages): a damaged or crafted file")
         if type(t) is not Tensor:  # weights_only builds no other kind; a subclass's methods are its own
             raise WeightsError(f"{path}: {k} is a {type(t).__name__}, not a plain tensor")
-        # weights_only also rebuilds meta tensors (shapes without values: CPU kernels then read uninitialised memory,
-        # a silently wrong decode) and sparse ones (no convolution takes them): neither is a stored weight.
-        if t.is_meta or t.layout != torch.strided:
-            layout = str(t.layout).removeprefix("torch.")
-            what = "a meta tensor (a shape without values)" if t.is_meta else f"a {layout} tensor"
-            raise WeightsError(f"{path}: {k} is {what}, not a stored weight: a file saved from a model without "
-                               "its weights, or a damaged one")
         out[k] = t.clone()
     return out
 
@@ -226,7 +227,7 @@ def _training_checkpoint_weights(obj: dict[str, Any], path: Path) -> tuple[dict[
     config (newer checkpoints carry it), from a klvae training checkpoint."""
     try:
         export_ema = json.loads(obj.get("config") or "{}").get("train", {}).get("export_ema", True)
-    except (ValueError, AttributeError, RecursionError):
+    except (ValueError, TypeError, AttributeError, RecursionError):  # a config that is no JSON text of a dict
         export_ema = True
     weights, which = _plain_dict(obj["vae"]), "the model's weights"
     ema = _plain_dict(obj.get("ema"))
