@@ -243,6 +243,20 @@ def test_the_train_command_refuses_a_bad_optimiser_state_in_one_line(
     assert main(["-q", "train", *sets, "--resume", str(good)]) == 0  # the untouched one resumes
 
 
+@pytest.mark.parametrize(("part", "key"), [("vae", "encoder.conv_in.weight"), ("loss", "logvar")])
+def test_resume_refuses_a_checkpoint_whose_weights_hold_nan(part: str, key: str, step1: tuple[list[str], Path],
+                                                            tmp_path: Path) -> None:
+    # A run skips its non-finite steps, so only damage saves these; resumed, a short run exported NaN weights.
+    cfg, good = step1
+    state = torch.load(good, weights_only=True)
+    state[part][key] = torch.full_like(state[part][key], float("nan"))
+    bad = tmp_path / "step_00000001.pt"
+    torch.save(state, bad)
+    with pytest.raises(KlvaeError, match=rf"cannot resume from .*step_00000001\.pt: its {part} tensors hold NaN or "
+                                         rf"inf \('{key}'\): a damaged checkpoint; resume from an earlier one$"):
+        Trainer(load_config(None, cfg)).resume(bad)
+
+
 # ---- 4. config values too large to quote -----------------------------------------------------------------
 def _alias_bomb(levels: int) -> str:
     """A few hundred bytes of YAML that expand to 9**levels strings when read."""

@@ -188,6 +188,12 @@ def load_training_state(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     return state
 
 
+def non_finite_tensor(state: dict[str, Any]) -> str | None:
+    """The name of the first floating-point tensor of `state` that holds NaN or inf, or None."""
+    return next((k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+                 and not bool(torch.isfinite(v).all())), None)
+
+
 # ---- optimiser state: torch's load_state_dict checks only the number of parameters per group, so a moment of
 # the wrong shape or a one-element betas would load, and fail in the first step after the resume.
 _MOMENTS = ("exp_avg", "exp_avg_sq")

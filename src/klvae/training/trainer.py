@@ -247,6 +247,12 @@ class Trainer:
         check_state_dict(self.loss, s["loss"], "this config's loss (loss.* settings)", shown=1)
         if self.ema is not None and s.get("ema") is not None:
             check_state_dict(self.ema, s["ema"], "this config's EMA model", shown=1)
+        for part in ("vae", "loss", "ema"):
+            # Training skips non-finite steps, so a whole run never saves these: a damaged file would train on
+            # NaN (every step skipped) or, in a short run, export weights that no loader takes.
+            if isinstance(s.get(part), dict) and (key := ckpt.non_finite_tensor(s[part])) is not None:
+                raise KlvaeError(f"its {part} tensors hold NaN or inf ({quote(key)}): a damaged checkpoint; resume "
+                                 "from an earlier one")
         for name, opt in (("opt_ae", self.opt_ae), ("opt_d", self.opt_d)):
             if opt is None or s.get(name) is None:
                 continue  # no critic (one added or dropped since is refused above, by the loss's state dict)
