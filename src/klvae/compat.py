@@ -34,7 +34,7 @@ from typing import Any, Literal, cast, overload
 import torch
 from torch import Tensor, nn
 
-from klvae.errors import KlvaeError, WeightsError
+from klvae.errors import ImageError, KlvaeError, LatentsError, WeightsError
 from klvae.inference.precision import run_guarded, warn_if_slow
 from klvae.inference.tiling import TileOptions, make_streamer, run_maybe_tiled, tiled_decode, tiled_encode_moments
 from klvae.model.autoencoder import AutoencoderKL
@@ -258,7 +258,8 @@ class DiffusersVAE(nn.Module):
     def enable_tiling(self, tile_size: int | None = None, max_memory: int | None = None) -> None:
         """klvae's exact tiling: when a pass would exceed `max_memory` bytes (default 2 GiB) or runs out of GPU
         memory; `tile_size` (strip height in pixels) tiles every pass."""
-        self.tiling = TileOptions(tile_size=tile_size, max_memory=max_memory or DEFAULT_TILE_BUDGET)
+        self.tiling = TileOptions(tile_size=tile_size,
+                                  max_memory=DEFAULT_TILE_BUDGET if max_memory is None else max_memory)
         self.use_tiling = True
 
     def disable_tiling(self) -> None:
@@ -344,10 +345,14 @@ class DiffusersVAE(nn.Module):
     def _run_batch(self, op: str, x: Tensor) -> Tensor:
         vae = self._klvae
         dtype = vae.dtype
+        if not x.is_floating_point():  # cast, 0..255 would be encoded as if in [-1, 1]; diffusers fails on it
+            what = "images must be floating point in [-1, 1]" if op == "encode" else "latents must be floating point"
+            raise (ImageError if op == "encode" else LatentsError)(
+                f"{what}, got {x.dtype}" + (" (uint8 pixels: x / 127.5 - 1)" if op == "encode" else ""))
         # An input of another dtype or device is taken as diffusers' pipelines mean it (they cast it to vae.dtype
         # themselves); diffusers would fail on it.
         x = x.to(vae.device, dtype)
-        if not self.use_tiling:
+        if not self.use_tiling or x.shape[0] == 0:  # an empty batch has no strips: the plain pass gives its shape
             return _in_dtype(self._plain(op, x), dtype)
         if x.requires_grad and torch.is_grad_enabled():
             raise KlvaeError("klvae's tiled passes record no gradients: disable_tiling() to backpropagate through "

@@ -66,6 +66,9 @@ def make_betas(
             return torch.linspace(start, end, num_steps, dtype=torch.float64)
         return torch.linspace(start**0.5, end**0.5, num_steps, dtype=torch.float64) ** 2  # scaled_linear
     if name == "cosine":
+        # The offset keeps the first steps' betas from vanishing; below 0 the table turns NaN or all zeros.
+        if not is_real(cosine_s) or not 0 <= cosine_s < math.inf:  # also refuses nan
+            raise ValueError(f"cosine_s must be a finite number >= 0 (8e-3 in Nichol & Dhariwal), got {cosine_s!r}")
         t = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps + cosine_s
         alphas_cumprod = torch.cos(t / (1 + cosine_s) * math.pi / 2) ** 2
         alphas_cumprod = alphas_cumprod / alphas_cumprod[0]
@@ -94,6 +97,20 @@ def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
     abar_sqrt = (abar_sqrt - last) * (first / (first - last))
     abar = abar_sqrt**2
     return 1.0 - torch.cat([abar[:1], abar[1:] / abar[:-1]])
+
+
+def number_tensor(value: object, name: str, device: torch.device | None = None) -> Tensor:
+    """`value` (a number, a sequence of them, a NumPy array or a tensor) as a tensor on `device`, unsigned integers
+    as int64 (torch reduces no uint16/32/64: NumPy's uint32 timesteps failed the range check); TypeError naming
+    `name` for anything else (None, a string)."""
+    if value is None or isinstance(value, str | bytes):
+        raise TypeError(f"{name} must be a number, a sequence of numbers or a tensor, got {value!r}")
+    try:
+        t = torch.as_tensor(value, device=device)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a number, a sequence of numbers or a tensor, got a "
+                        f"{type(value).__name__}") from None
+    return t.long() if t.dtype in (torch.uint16, torch.uint32, torch.uint64) else t
 
 
 def table_dtype(device: torch.device) -> torch.dtype:
@@ -179,7 +196,7 @@ class NoiseSchedule:
 
     def _timesteps(self, t: Tensor | int, device: torch.device | None = None) -> Tensor:
         """t as a long tensor on `device`, checked to be integers in [0, num_steps - 1]."""
-        t = torch.as_tensor(t, device=device)
+        t = number_tensor(t, "timesteps", device)
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             hint = ""
             if t.ndim > 1:  # a sample, not timesteps: arguments swapped

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from klvae.checks import is_integer, is_real
-from klvae.diffusion import table_dtype
+from klvae.diffusion import number_tensor, table_dtype
 
 # The names diffusers' SD3/FLUX training scripts accept for --weighting_scheme, which they pass both to the timestep
 # sampling (where all but logit_normal and mode draw uniformly) and to the loss weighting (where all but sigma_sqrt
@@ -56,7 +56,7 @@ def _unit_interval(t: Tensor | float | Sequence[float], name: str) -> tuple[Tens
     tensor's (or NumPy array's) own floating dtype, else float64: Python floats are doubles, which torch would
     round to float32 in a list."""
     given = t
-    t = torch.as_tensor(given)
+    t = number_tensor(given, name)
     if t.dtype == torch.bool or t.is_complex():
         raise TypeError(f"{name} must be real numbers, got {t.dtype}")
     typed = isinstance(given, Tensor) or hasattr(given, "dtype")
@@ -158,7 +158,7 @@ def flux2_mu(latent: Tensor | Sequence[int], num_inference_steps: int = FLUX2_DE
 
 def _sigma_view(sigma: Tensor | float, x: Tensor, order: str) -> Tensor:
     """σ as a scalar or [B, 1, ..., 1] in the working precision, checked to lie in [0, 1]."""
-    s = torch.as_tensor(sigma)
+    s = number_tensor(sigma, "sigma")
     if s.dtype == torch.bool or s.is_complex():
         raise TypeError(f"sigma must be real numbers, got {s.dtype}")
     batch_like = s.ndim == x.ndim and s.shape[0] == x.shape[0] and all(d == 1 for d in s.shape[1:])
@@ -263,7 +263,7 @@ class FlowSchedule:
 
     def sigma_at(self, t: Tensor | int) -> Tensor:
         """σ at integer training position t in [1, T]: t / T shifted (so t = T is pure noise); float64."""
-        t = torch.as_tensor(t)
+        t = number_tensor(t, "positions")
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise TypeError(f"positions must be integers in [1, {self.num_train_timesteps}], got {t.dtype}; "
                             "for diffusers' (shifted) timesteps divide by num_train_timesteps instead")
@@ -272,7 +272,7 @@ class FlowSchedule:
         return self.sigmas.to(device=t.device, dtype=table_dtype(t.device))[self.num_train_timesteps - t.long()]
 
     def _sigma_of_timestep(self, timestep: Tensor | float, sample: Tensor, order: str) -> Tensor:
-        t = torch.as_tensor(timestep)
+        t = number_tensor(timestep, "timesteps")
         if t.dtype == torch.bool or t.is_complex():
             raise TypeError(f"timesteps must be real numbers, got {t.dtype}")
         if t.ndim > 1:  # a sample, not timesteps: arguments swapped

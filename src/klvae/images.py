@@ -288,6 +288,8 @@ def tensor_to_uint8(t: Tensor) -> np.ndarray:
     """[3, H, W] (or [B, 3, H, W]) in [-1, 1] -> uint8 [H, W, 3] (or [B, H, W, 3]); clamped and rounded."""
     if t.ndim not in (3, 4) or t.shape[-3] != 3:
         raise ValueError(f"expected [3, H, W] or [B, 3, H, W], got {tuple(t.shape)}")
+    if not t.is_floating_point():  # torchvision's read_image gives uint8 0..255, which [-1, 1] would show white
+        raise ValueError(f"expected floating-point pixels in [-1, 1], got {t.dtype} (uint8 pixels: x / 127.5 - 1)")
     x = torch.nan_to_num(t.detach().to("cpu", torch.float32), nan=0.0)  # NaN shows as mid-grey, not garbage
     x = ((x + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
     return x.movedim(-3, -1).contiguous().numpy()

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from klvae.checks import is_real
+
 # Wang et al. 2004: an 11-tap Gaussian window of sigma 1.5, K1 = 0.01, K2 = 0.03.
 SSIM_SIGMA = 1.5
 SSIM_RADIUS = 5  # skimage: int(truncate * sigma + 0.5) with truncate = 3.5
@@ -71,9 +73,16 @@ def _warn_if_not_klvae_range(what: str, a: Tensor, b: Tensor) -> None:
 def _resolve_range(what: str, a: Tensor, b: Tensor, data_range: float | None) -> float:
     """data_range, or klvae's 2.0 after a check that the images look like [-1, 1] ones."""
     if data_range is not None:
-        return data_range
+        return _checked_range(data_range)
     _warn_if_not_klvae_range(what, a, b)
     return DEFAULT_DATA_RANGE
+
+
+def _checked_range(data_range: float) -> float:
+    # 0 gave -inf PSNR and an SSIM without its constants; a negative one the figure of its absolute value.
+    if not (is_real(data_range) and 0 < data_range < math.inf):  # also refuses nan
+        raise ValueError(f"data_range must be a finite number > 0 (max - min of the pixel range), got {data_range!r}")
+    return data_range
 
 
 def psnr(a: Tensor, b: Tensor, data_range: float | None = None) -> Tensor:
@@ -109,6 +118,7 @@ def ssim_map(a: Tensor, b: Tensor, data_range: float | None = None, low: float |
     if data_range is None:
         # With `low` given, the caller has thought about the range: only the wholly default call is checked.
         data_range = _resolve_range("ssim", a, b, None) if low is None else DEFAULT_DATA_RANGE
+    data_range = _checked_range(data_range)
     # SSIM's luminance term is not shift-invariant: it is defined on images whose range starts at 0, so
     # [-1, 1] images are moved to [0, 2] first (the default `low` is -1 exactly when data_range is 2).
     low = (-1.0 if data_range == 2.0 else 0.0) if low is None else low

@@ -37,6 +37,7 @@ def encode_moments(
     fp32. The moments are on the model's device, unless a tiled result alone would exceed the memory budget:
     then it stays in host memory (`tiling.deliver`).
     """
+    check_arguments(vae, tiling)
     check_images(vae, x)
     dtype = compute_dtype(vae, dtype)
     # The image stays where it is until a path takes it: the tiled one reads it strip by strip, so a big image
@@ -71,6 +72,7 @@ def decode(
 ) -> Tensor:
     """Unscaled latents [B, c, h, w] -> images [B, C, H, W] in [-1, 1], cropped to `size` when given; dtype and
     device as in encode_moments. A model that yields inf or NaN returns them unclamped."""
+    check_arguments(vae, tiling)
     check_latents(vae, z)
     dtype = compute_dtype(vae, dtype)
     z = z.to(vae.device)
@@ -107,6 +109,16 @@ def _check_size(size: Sequence[int], full: tuple[int, ...]) -> tuple[int, int]:
         raise KlvaeError(f"size must be (height, width) with each between 1 and the decoded {full[0]}x{full[1]}, "
                          f"got {quote(size)}")
     return h, w
+
+
+def check_arguments(vae: object, tiling: object) -> None:
+    """TypeError unless `vae` is klvae's model and `tiling` None or a TileOptions."""
+    if not isinstance(vae, AutoencoderKL):
+        hint = " (as_diffusers' wrapper: pass its .klvae_model)" if hasattr(vae, "klvae_model") else ""
+        raise TypeError(f"the model must be a klvae.AutoencoderKL, got a {type(vae).__name__}{hint}")
+    if tiling is not None and not isinstance(tiling, TileOptions):
+        raise TypeError(f"tiling must be None or a TileOptions (TileOptions(max_memory=2 * 2**30), say), got "
+                        f"{quote(tiling)}")
 
 
 def check_images(vae: AutoencoderKL, x: Tensor) -> None:

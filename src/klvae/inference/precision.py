@@ -100,7 +100,14 @@ def _fp32_weights(model: nn.Module) -> Iterator[None]:
 
 def compute_dtype(model: nn.Module, dtype: torch.dtype | None) -> torch.dtype:
     """The dtype a pass computes in: the one asked for, else the dtype the model's weights are stored in."""
-    return dtype if dtype is not None else next(model.parameters()).dtype
+    stored = next(model.parameters()).dtype
+    if dtype is None or dtype == stored:
+        return stored
+    # autocast runs only these; any other dtype (an integer one, float64, "bf16") would be taken in silence as fp32.
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16 (or the weights' own "
+                        f"{stored}), got {dtype!r}")
+    return dtype
 
 
 # Device types already warned about fp16 being slow there: one log line per process, not one per batch or tile.

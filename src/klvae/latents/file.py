@@ -56,6 +56,12 @@ def save_latents(lf: LatentsFile, path: str | Path) -> Path:
     """Write atomically: a temporary file in the same folder, then a rename (atomic_write makes missing folders,
     and removes them again should the write fail)."""
     path = Path(path)
+    # Items that load_latents would refuse are refused here, before a file is written that could not be read back.
+    missing = [i.key for i in lf.items if i.key not in lf.latents]
+    if missing:
+        raise LatentsError(f"{path}: items name latents the file would not hold: {quote(', '.join(missing[:5]))}")
+    for n, it in enumerate(lf.items):
+        _check_tensor(lf.latents[it.key], f"{path}: item {n} ({quote(it.name)})")
     meta = {
         "format": FORMAT,
         "model": lf.model,

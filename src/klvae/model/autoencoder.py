@@ -81,12 +81,17 @@ def _run(stage: nn.Module, h: Tensor, checkpoint: bool) -> Tensor:
 class AutoencoderKL(nn.Module):
     """The KL-regularised autoencoder of latent diffusion, numerically the same network as diffusers'."""
 
-    def __init__(self, config: AutoencoderKLConfig | str | None = None) -> None:
+    def __init__(self, config: AutoencoderKLConfig | str | dict[str, Any] | None = None) -> None:
         super().__init__()
         if config is None:
             config = AutoencoderKLConfig()
         elif isinstance(config, str):
             config = get_preset(config)
+        elif isinstance(config, dict):  # AutoencoderKLConfig.to_dict()'s form (diffusers' is config_from_diffusers's)
+            config = AutoencoderKLConfig.from_dict(config)
+        elif not isinstance(config, AutoencoderKLConfig):
+            raise TypeError(f"config must be an AutoencoderKLConfig, a preset name or a dict of its fields, got a "
+                            f"{type(config).__name__}")
         self.config = config
         c = config.latent_channels
         self.encoder = Encoder(config)
