@@ -6,6 +6,7 @@ here, so a reader or a resumed job never sees half a file, and a kill leaves at 
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import uuid
@@ -36,6 +37,9 @@ def atomic_write_all(files: Sequence[tuple[str | Path, Callable[[Path], object]]
     """Several files that belong together (weights and their config.json): every one is written and flushed
     under its temporary name before the first rename, so a failure in any leaves all the old files in place
     (and removes the folders it made for them, when still empty)."""
+    for path, _ in files:
+        if Path(path).is_dir():  # else the rename's own error names the temporary file, not this one
+            raise IsADirectoryError(errno.EISDIR, "a folder is there, not a file", str(path))
     done: list[tuple[Path, Path]] = []
     made: list[Path] = []
     try:

@@ -141,10 +141,13 @@ def _betas_tensor(betas: object) -> Tensor:
         raise TypeError(f"NoiseSchedule takes betas, not a name: use NoiseSchedule.from_name({betas!r}) (or "
                         "NoiseSchedule.sd() for Stable Diffusion's schedule)")
     try:
-        return torch.as_tensor(betas, dtype=torch.float64).flatten().cpu()
+        t = torch.as_tensor(betas, dtype=torch.float64).cpu()
     except (TypeError, ValueError, RuntimeError):
         # torch's own message ("new(): invalid data type 'str'") names neither the argument nor the way out.
         raise TypeError(f"betas must be numbers, got {type(betas).__name__}; {_NAMED}") from None
+    if t.ndim > 1:  # flattened, a [2, T] table would pass for 2T steps
+        raise ValueError(f"betas must be 1-D, one per step, got shape {tuple(t.shape)}")
+    return t.flatten()
 
 
 class NoiseSchedule:

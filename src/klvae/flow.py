@@ -99,6 +99,10 @@ def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: in
                     base_shift: float = 0.5, max_shift: float = 1.15) -> float:
     """FLUX.1's mu for `image_seq_len` tokens: diffusers' `calculate_shift`, the line through the two anchors."""
     _count(image_seq_len, "image_seq_len")
+    for name, value in (("base_seq_len", base_seq_len), ("max_seq_len", max_seq_len), ("base_shift", base_shift),
+                        ("max_shift", max_shift)):
+        if not is_real(value) or not math.isfinite(value):  # nan would give a nan mu, and a nan schedule
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
     if max_seq_len == base_seq_len:
         raise ValueError("max_seq_len and base_seq_len must differ: they are the two ends of a line")
     m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
@@ -124,6 +128,8 @@ def compute_empirical_mu(image_seq_len: int, num_steps: int) -> float:
 
 
 def _latent_hw(latent: Tensor | Sequence[int]) -> tuple[int, int]:
+    if isinstance(latent, str | bytes):  # tuple("64") would read as the shape (6, 4)
+        raise TypeError(f"a latent tensor or its shape is needed, got {latent!r}")
     shape = tuple(latent.shape) if isinstance(latent, Tensor) else tuple(latent)
     if len(shape) < 2 or any(int(d) < 1 for d in shape[-2:]):
         raise ValueError(f"a latent (or its shape) ending in [h, w] with h, w >= 1 is needed, got {shape}")

@@ -28,6 +28,7 @@ from PIL import ExifTags, Image, ImageOps, TiffImagePlugin
 from torch import Tensor
 
 from klvae.atomic import atomic_write
+from klvae.checks import is_integer
 from klvae.errors import ImageError, ImageTooLarge, KlvaeError
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,12 @@ def _read_formats() -> tuple[str, ...]:
     # Pillow builds without libwebp lack WEBP, and Image.open fails on a format it has no plugin for.
     Image.init()
     return tuple(f for f in READ_FORMATS if f in Image.OPEN)
+
+
+def _check_limit(max_pixels: object) -> None:
+    # Checked before the file is opened: inside, a bad limit's TypeError read as "cannot decode" the image.
+    if max_pixels is not None and (not is_integer(max_pixels) or max_pixels < 1):
+        raise ValueError(f"max_pixels must be None or an integer >= 1, got {max_pixels!r}")
 
 
 def _open(src: str | Path | BinaryIO, name: str, max_pixels: int | None) -> Image.Image:
@@ -167,6 +174,7 @@ def _open_file(p: Path) -> Iterator[BinaryIO]:
 
 def load_image(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Image.Image:
     """Fully decoded 8-bit RGB image, EXIF-rotated; ImageError (naming the file) if it cannot be read."""
+    _check_limit(max_pixels)
     p = Path(path)
     with _open_file(p) as f:
         return _decode(f, str(p), max_pixels)
@@ -175,6 +183,7 @@ def load_image(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Image.I
 def image_size(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> tuple[int, int]:
     """(height, width) of the image load_image would return, from the header and the EXIF orientation; the pixels
     are not decoded, so a truncated file passes here (and fails in load_image)."""
+    _check_limit(max_pixels)
     p = Path(path)
     with _open_file(p) as f, _image_errors(str(p)), _open(f, str(p), max_pixels) as img:
         w, h = img.size
@@ -313,6 +322,8 @@ def pad_to_multiple(x: Tensor, multiple: int = 8, mode: str = "replicate") -> tu
     """Pad right and bottom so H and W are multiples of `multiple`; returns the padded tensor and the old (H, W)."""
     if mode not in PAD_MODES:
         raise ValueError(f"pad mode must be one of {', '.join(PAD_MODES)}, got {mode!r}")
+    if not is_integer(multiple) or multiple < 1:
+        raise ValueError(f"multiple must be an integer >= 1, got {multiple!r}")
     h, w = x.shape[-2:]
     ph, pw = -h % multiple, -w % multiple
     if ph == 0 and pw == 0:
@@ -326,6 +337,8 @@ def pad_to_multiple(x: Tensor, multiple: int = 8, mode: str = "replicate") -> tu
 def crop_to_size(x: Tensor, size: tuple[int, int]) -> Tensor:
     """The top-left (H, W) of x: undoes pad_to_multiple (for a decoder output, after upsampling back)."""
     h, w = size
+    if not (is_integer(h) and is_integer(w) and h >= 1 and w >= 1):  # a negative side would slice from the end
+        raise ValueError(f"size must be (height, width) of integers >= 1, got {size!r}")
     if h > x.shape[-2] or w > x.shape[-1]:
         raise ValueError(f"cannot crop {tuple(x.shape[-2:])} to the larger {(h, w)}")
     return x[..., :h, :w]

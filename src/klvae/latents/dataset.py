@@ -12,6 +12,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
+from klvae.checks import is_integer
 from klvae.errors import LatentsError, first_line
 from klvae.latents.buckets import cover_size
 from klvae.latents.cache import keyed_generator, parse_index
@@ -53,6 +54,8 @@ class LatentDataset(Dataset):
             raise LatentsError(f"{path} is not a klvae latent cache index")
         if mode not in ("sample", "mean"):
             raise LatentsError(f"mode must be sample or mean, got {mode!r}")
+        if seed is not None:
+            _check_count(seed, "seed")
         self.items: list[dict[str, Any]] = index["items"]
         self.store: str = index["options"]["store"]
         self.norm = LatentNorm.from_dict(index)
@@ -73,6 +76,7 @@ class LatentDataset(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Other noise for this epoch (with a seed); call it before the epoch's DataLoader iteration starts."""
+        _check_count(epoch, "epoch")
         # Workers copy the dataset when an iteration starts (persistent_workers keep their first copy).
         self.epoch = epoch
 
@@ -146,6 +150,12 @@ def micro_conditioning(item: dict[str, Any]) -> dict[str, Tensor]:
             "add_time_ids": torch.cat([original, crop, target])}
 
 
+def _check_count(value: object, name: str, least: int = 0) -> None:
+    # A float or a string would key the noise or the shuffle some other way, or fail deep inside torch.
+    if not is_integer(value) or value < least:
+        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+
+
 class BucketBatchSampler(Sampler[list[int]]):
     """Batches whose rows share a bucket (one latent size), shuffled per epoch; partial batches kept unless
     `drop_last`. Under data parallelism each of `num_replicas` ranks takes every num_replicas-th batch of the same
@@ -153,8 +163,8 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     def __init__(self, dataset: LatentDataset, batch_size: int, shuffle: bool = True, seed: int = 0,
                  drop_last: bool = False, num_replicas: int | None = None, rank: int | None = None) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        _check_count(batch_size, "batch_size", least=1)
+        _check_count(seed, "seed")
         dist = torch.distributed
         running = dist.is_available() and dist.is_initialized()
         self.num_replicas = num_replicas if num_replicas is not None else dist.get_world_size() if running else 1
@@ -169,6 +179,7 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle differently for the next epoch (call it on every rank with the same epoch)."""
+        _check_count(epoch, "epoch")
         self.epoch = epoch
 
     def _all_batches(self) -> list[list[int]]:
