@@ -476,7 +476,7 @@ def test_collate_refuses_two_sizes_naming_them_and_keeps_each_items_fields(finis
 
 def test_bucket_sampler_guards_and_default_shuffle(finished: Path) -> None:
     ds = LatentDataset(finished, mode="mean")
-    with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
         BucketBatchSampler(ds, batch_size=0)
     with pytest.raises(ValueError, match=r"rank must be in \[0, num_replicas=2\), got 2"):
         BucketBatchSampler(ds, batch_size=1, num_replicas=2, rank=2)
