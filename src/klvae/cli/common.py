@@ -237,14 +237,14 @@ def check_not_the_model(out: Path, flag: str, source: WeightsSource, *, folder: 
             raise KlvaeError(f"{flag} {out} holds {what} ({f}); name another place")
 
 
-def check_not_in_data(out: str | Path, flag: str, data: str) -> None:
-    """KlvaeError when the output folder `out` is the --data folder or lies inside it: what a command writes
-    there would become part of the data (a rerun of eval would score its own report's PNGs)."""
+def check_not_in_data(out: str | Path, flag: str, data: str, data_flag: str = "--data") -> None:
+    """KlvaeError when the output folder `out` is the data folder (`data_flag`) or lies inside it: what a command
+    writes there would become part of the data (a rerun of eval would score its own report's PNGs)."""
     folder, out = Path(data), Path(out)
     if not folder.is_dir() or not inside(out, folder):
         return  # a glob, a parquet or tar file: only the files it names are read
     where = "is" if out.exists() and os.path.samefile(out, folder) else "is inside"
-    raise KlvaeError(f"{flag} {out} {where} the input folder (--data {data}); name a folder outside it")
+    raise KlvaeError(f"{flag} {out} {where} the input folder ({data_flag} {data}); name a folder outside it")
 
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,

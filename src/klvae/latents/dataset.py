@@ -184,7 +184,8 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     def _all_batches(self) -> list[list[int]]:
         # The whole epoch's batches, the same list on every rank (one seed), so that the ranks' shares are disjoint.
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        # int(): NumPy integers are taken; modulo 2**64, the seeds manual_seed takes (a larger one overflowed).
+        g = torch.Generator().manual_seed(int(self.seed + self.epoch) % 2**64)
         batches = []
         for idx in self.groups:
             order = [idx[j] for j in torch.randperm(len(idx), generator=g)] if self.shuffle else idx

@@ -129,5 +129,5 @@ def build_val_batches(cfg: TrainConfig) -> list[Tensor]:
         if len(items) >= d.val_images:
             break
     if not items:
-        log.warning("no readable validation images in %s", d.val)
+        log.warning("no readable validation images in %s: the run is not validated", d.val)
     return [torch.stack(items[i : i + d.batch_size]) for i in range(0, len(items), d.batch_size)]

@@ -139,7 +139,8 @@ def fit(tr: Trainer) -> dict[str, float]:
     cfg, main = tr.cfg, tr.dist.is_main
     accum = cfg.optim.grad_accum
     it = iter(build_train_loader(cfg, tr.dist, start_batch=tr.batches_done))
-    val = build_val_batches(cfg) if main and cfg.data.val else None
+    # An empty list (no readable image in data.val: build_val_batches warns) validates nothing: no PSNR 0 logged.
+    val = (build_val_batches(cfg) or None) if main and cfg.data.val else None
     runlog = RunLog(tr.out, main, resumed_at=tr.step)
     last: dict[str, float] = {}
     dropped, bad = DroppedRun(cfg.data.train, tr.dist, tr.device), 0.0
