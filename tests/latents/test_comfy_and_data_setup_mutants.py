@@ -378,7 +378,8 @@ def test_validation_skips_unreadable_images_and_warns_when_none_is_left(
     (tmp_path / "bad" / "x.png").write_bytes(b"not an image")
     with caplog.at_level(logging.WARNING, logger="klvae.training.data_setup"):
         assert build_val_batches(_train_cfg(tmp_path, f"data.val={tmp_path / 'bad'}")) == []
-    assert f"no readable validation images in {tmp_path / 'bad'}: the run is not validated" in [r.getMessage() for r in caplog.records]
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"no readable validation images in {tmp_path / 'bad'}: the run is not validated" in messages
 
 
 def _epoch_by_key(cfg: TrainConfig, batches: int) -> dict[str, torch.Tensor]:

@@ -17,20 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from helpers import one_error_line, tiny_train_config
+from helpers import noise_folder, one_error_line, tiny_train_config
 from klvae.cli.main import main
 from klvae.errors import KlvaeError
 from klvae.latents.dataset import BucketBatchSampler, LatentDataset
 
 
 def _images(root: Path, n: int, side: int = 24) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(root / f"{i}.png")
-    return root
+    return noise_folder(root, n, hw=(side, side), pattern="{i}.png")
 
 
 def _empty_tar(path: Path) -> Path:
