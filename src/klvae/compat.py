@@ -34,7 +34,8 @@ from typing import Any, Literal, cast, overload
 import torch
 from torch import Tensor, nn
 
-from klvae.errors import ImageError, KlvaeError, LatentsError, WeightsError
+from klvae.errors import KlvaeError, WeightsError
+from klvae.inference.api import check_float
 from klvae.inference.precision import run_guarded, warn_if_slow
 from klvae.inference.tiling import TileOptions, make_streamer, run_maybe_tiled, tiled_decode, tiled_encode_moments
 from klvae.model.autoencoder import AutoencoderKL
@@ -345,10 +346,7 @@ class DiffusersVAE(nn.Module):
     def _run_batch(self, op: str, x: Tensor) -> Tensor:
         vae = self._klvae
         dtype = vae.dtype
-        if not x.is_floating_point():  # cast, 0..255 would be encoded as if in [-1, 1]; diffusers fails on it
-            what = "images must be floating point in [-1, 1]" if op == "encode" else "latents must be floating point"
-            raise (ImageError if op == "encode" else LatentsError)(
-                f"{what}, got {x.dtype}" + (" (uint8 pixels: x / 127.5 - 1)" if op == "encode" else ""))
+        check_float(x, op)  # cast below, 0..255 would pass for [-1, 1] values; diffusers fails on such a dtype
         # An input of another dtype or device is taken as diffusers' pipelines mean it (they cast it to vae.dtype
         # themselves); diffusers would fail on it.
         x = x.to(vae.device, dtype)

@@ -121,6 +121,16 @@ def check_arguments(vae: object, tiling: object) -> None:
                         f"{quote(tiling)}")
 
 
+def check_float(x: Tensor, op: str) -> None:
+    """ImageError (to "encode") or LatentsError (to "decode") unless `x` is floating point: cast, uint8 pixels
+    0..255 would be encoded as if they were [-1, 1] values."""
+    if x.is_floating_point():
+        return
+    if op == "encode":
+        raise ImageError(f"images must be floating point in [-1, 1], got {x.dtype} (uint8 pixels: x / 127.5 - 1)")
+    raise LatentsError(f"latents must be floating point, got {x.dtype}")
+
+
 def check_images(vae: AutoencoderKL, x: Tensor) -> None:
     """Images must be a finite floating-point [B, C, H, W] tensor with the model's channel count, not empty."""
     c = vae.config.in_channels
@@ -129,8 +139,7 @@ def check_images(vae: AutoencoderKL, x: Tensor) -> None:
     if x.ndim != 4 or x.shape[1] != c or 0 in x.shape:
         hint = " (a single image needs a batch dimension: x[None])" if x.ndim == 3 else ""
         raise ImageError(f"images of shape {tuple(x.shape)} do not fit this model, which takes [B, {c}, H, W]{hint}")
-    if not x.is_floating_point():
-        raise ImageError(f"images must be floating point in [-1, 1], got {x.dtype} (uint8 pixels: x / 127.5 - 1)")
+    check_float(x, "encode")
     # Else the NaN guard would take them for a half-precision overflow and rerun the pass in fp32 for nothing. A
     # float64 sum is non-finite exactly when a value is (images are far from its range), and unlike isfinite(x) it
     # makes no temporary the size of a big host image.
@@ -145,7 +154,6 @@ def check_latents(vae: AutoencoderKL, z: Tensor) -> None:
         raise LatentsError(f"latents must be a torch.Tensor [B, {c}, h, w], got {type(z).__name__}")
     if z.ndim != 4 or z.shape[1] != c or 0 in z.shape:
         raise LatentsError(f"latents of shape {tuple(z.shape)} do not fit this model, which takes [B, {c}, h, w]")
-    if not z.is_floating_point():
-        raise LatentsError(f"latents must be floating point, got {z.dtype}")
+    check_float(z, "decode")
     if not torch.isfinite(z).all():
         raise LatentsError("latents contain NaN or infinite values")
