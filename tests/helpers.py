@@ -207,6 +207,30 @@ def noise_folder(root: Path, n: int, hw: tuple[int, int] = (40, 48), pattern: st
     return root
 
 
+
+# A small cache built in this process: 32 px crops, encoded two at a time into shards of two rows.
+SMALL_CACHE = {"resolution": 32, "shard_size": 2, "batch_size": 2, "num_workers": 0}
+
+
+def cache_vae() -> klvae.AutoencoderKL:
+    """The tiny model with factors that are not the identity, so that a cache's scaling shows in its rows."""
+    return perturbed_vae("tiny", scaling_factor=0.5, shift_factor=0.1)
+
+
+def small_cache(root: Path, n: int, vae: klvae.AutoencoderKL) -> Path:
+    """A finished moments cache (SMALL_CACHE) of n 32x32 noise images in root/out, their folder in root/data."""
+    from klvae.latents import build_cache
+
+    build_cache(vae, noise_folder(root / "data", n, hw=(32, 32)), root / "out", **SMALL_CACHE)
+    return root / "out"
+
+
+def read_index(out: Path) -> dict:
+    """A cache's index.json."""
+    import json
+
+    return json.loads((out / "index.json").read_text())
+
 def cache_images(root: Path) -> Path:
     """`root` holding CACHE_ROWS: 48x40 noise images, seed 0 (the cache integrity tests' data)."""
     return noise_folder(root, len(CACHE_ROWS))

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import klvae
-from helpers import copy_cache, noise_folder, perturbed_vae
+from helpers import SMALL_CACHE, cache_vae, copy_cache, noise_folder, perturbed_vae, read_index, small_cache
 from klvae import inference
 from klvae.errors import KlvaeError, LatentsError
 from klvae.latents import build_cache, cache
@@ -25,25 +25,16 @@ from klvae.latents.cache import read_manifest
 from klvae.latents.dataset import BucketBatchSampler, LatentDataset
 from klvae.latents.sources import ItemSource
 
-# 32 px crops, encoded two at a time into shards of two rows, in this process.
-OPTIONS = {"resolution": 32, "shard_size": 2, "batch_size": 2, "num_workers": 0}
-
 
 @pytest.fixture(scope="module")
 def vae() -> klvae.AutoencoderKL:
-    return perturbed_vae("tiny", scaling_factor=0.5, shift_factor=0.1)
+    return cache_vae()
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory, vae: klvae.AutoencoderKL) -> Path:
     """A finished moments cache of two 32x32 images in one shard (tests change copies of it)."""
-    root = tmp_path_factory.mktemp("finished")
-    build_cache(vae, noise_folder(root / "data", 2, hw=(32, 32)), root / "out", **OPTIONS)
-    return root / "out"
-
-
-def _index(out: Path) -> dict:
-    return json.loads((out / "index.json").read_text())
+    return small_cache(tmp_path_factory.mktemp("finished"), 2, vae)
 
 
 # ---- manifest records --------------------------------------------------------------------------------------------
@@ -69,7 +60,7 @@ def test_an_empty_manifest_left_by_a_kill_is_resumed(tmp_path: Path, vae: klvae.
     data, out = noise_folder(tmp_path / "data", 2, hw=(32, 32)), tmp_path / "out"
     out.mkdir()
     (out / "manifest-rank000.jsonl").write_bytes(b"")
-    summary = build_cache(vae, data, out, **OPTIONS)
+    summary = build_cache(vae, data, out, **SMALL_CACHE)
     assert (summary.encoded, summary.rows) == (2, 2)
     text = (out / "manifest-rank000.jsonl").read_text()
     assert not text.startswith("\n") and len(read_manifest(out / "manifest-rank000.jsonl")) == 1
@@ -84,13 +75,13 @@ def test_a_run_that_reads_no_image_leaves_no_trace(tmp_path: Path, vae: klvae.Au
     (data / "a.png").write_bytes(b"not an image")
     out = tmp_path / "out"
     with pytest.raises(KlvaeError, match=r"nothing cached in .*: the only image could not be read"):
-        build_cache(vae, data, out, **OPTIONS)
+        build_cache(vae, data, out, **SMALL_CACHE)
     assert not out.exists()  # no manifest of failures alone, which a rerun would take as done
     # A folder holding the user's own file: the manifests go, the folder and the file stay.
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     with pytest.raises(KlvaeError, match="nothing cached"):
-        build_cache(vae, data, out, **OPTIONS)
+        build_cache(vae, data, out, **SMALL_CACHE)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
@@ -111,12 +102,12 @@ def test_a_failed_start_keeps_an_empty_folder_the_user_made(tmp_path: Path, vae:
     _nan_moments(monkeypatch, 0)
     made = tmp_path / "made"
     with pytest.raises(KlvaeError, match=r"non-finite latents for img0\.png"):
-        build_cache(vae, data, made, **OPTIONS)
+        build_cache(vae, data, made, **SMALL_CACHE)
     assert not made.exists()  # made by the run: removed
     mine = tmp_path / "mine"
     mine.mkdir()
     with pytest.raises(KlvaeError, match=r"non-finite latents for img0\.png"):
-        build_cache(vae, data, mine, **OPTIONS)
+        build_cache(vae, data, mine, **SMALL_CACHE)
     assert mine.is_dir() and not any(mine.iterdir())  # the user's: kept
 
 
@@ -126,7 +117,7 @@ def test_a_non_finite_flipped_row_is_named_as_flipped(tmp_path: Path, vae: klvae
     data = noise_folder(tmp_path / "data", 1, hw=(32, 32))
     _nan_moments(monkeypatch, 1)
     with pytest.raises(KlvaeError, match=r"non-finite latents for img0\.png \(flipped\): "):
-        build_cache(vae, data, tmp_path / "out", flip=True, **OPTIONS)
+        build_cache(vae, data, tmp_path / "out", flip=True, **SMALL_CACHE)
 
 
 def test_the_index_lists_its_unreadable_images_sorted(tmp_path: Path, vae: klvae.AutoencoderKL) -> None:
@@ -134,15 +125,15 @@ def test_the_index_lists_its_unreadable_images_sorted(tmp_path: Path, vae: klvae
     bad = [f"bad{c}.png" for c in "qwertz"]
     for name in bad:
         (data / name).write_bytes(b"not an image")
-    summary = build_cache(vae, data, tmp_path / "out", **OPTIONS)
+    summary = build_cache(vae, data, tmp_path / "out", **SMALL_CACHE)
     assert (summary.encoded, summary.failed, summary.rows) == (1, 6, 1)
-    assert _index(tmp_path / "out")["failed"] == sorted(bad)
+    assert read_index(tmp_path / "out")["failed"] == sorted(bad)
 
 
 def test_an_empty_source_is_refused_before_the_folder_is_made(tmp_path: Path, vae: klvae.AutoencoderKL) -> None:
     out = tmp_path / "out"
     with pytest.raises(KlvaeError, match=r"^no images in the data$"):
-        cache.cache_rank(vae, ItemSource(kind="folder", ids=[]), out, cache.CacheOptions(**OPTIONS), torch.float32)
+        cache.cache_rank(vae, ItemSource(kind="folder", ids=[]), out, cache.CacheOptions(**SMALL_CACHE), torch.float32)
     assert not out.exists()
 
 
@@ -158,12 +149,12 @@ def _strip_manifest_options(out: Path) -> None:
 
 def test_the_index_records_the_world_size_and_a_resume_checks_it(finished: Path, tmp_path: Path,
                                                                  vae: klvae.AutoencoderKL) -> None:
-    assert _index(finished)["world_size"] == 1
+    assert read_index(finished)["world_size"] == 1
     out = copy_cache(finished, tmp_path)
     _strip_manifest_options(out)
     data = finished.parent / "data"
     with pytest.raises(KlvaeError, match="holds a cache made by 1 processes, not 2"):
-        cache.cache_rank(vae, str(data), out, cache.CacheOptions(**OPTIONS), torch.float32, rank=0, world=2)
+        cache.cache_rank(vae, str(data), out, cache.CacheOptions(**SMALL_CACHE), torch.float32, rank=0, world=2)
 
 
 def test_a_resume_of_manifests_without_options_is_checked_against_the_index_encoder(
@@ -173,7 +164,7 @@ def test_a_resume_of_manifests_without_options_is_checked_against_the_index_enco
     before = sorted(p.name for p in out.iterdir())
     other = perturbed_vae("tiny", seed=1, scaling_factor=0.5, shift_factor=0.1)
     with pytest.raises(KlvaeError, match="whose encoder differs"):
-        build_cache(other, finished.parent / "data", out, **OPTIONS)
+        build_cache(other, finished.parent / "data", out, **SMALL_CACHE)
     assert sorted(p.name for p in out.iterdir()) == before
 
 
@@ -182,7 +173,7 @@ def test_a_resume_of_manifests_without_options_is_checked_against_the_index_enco
 
 def test_the_reader_refuses_an_index_of_another_format(finished: Path, tmp_path: Path) -> None:
     out = copy_cache(finished, tmp_path)
-    index = _index(out)
+    index = read_index(out)
     (out / "index.json").write_text(json.dumps({**index, "format": "someone-else/1"}))
     with pytest.raises(LatentsError, match=r"index\.json is not a klvae latent cache index"):
         LatentDataset(out)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import klvae
-from helpers import copy_cache, noise_folder, perturbed_vae
+from helpers import SMALL_CACHE, cache_vae, copy_cache, noise_folder, perturbed_vae, read_index, small_cache
 from klvae import inference
 from klvae.errors import KlvaeError
 from klvae.images import pil_to_tensor
@@ -28,25 +28,16 @@ from klvae.latents.scale import estimate_factors
 from klvae.latents.sources import open_source
 from klvae.posterior import DiagonalGaussian
 
-# 32 px crops, encoded two at a time into shards of two rows, in this process.
-OPTIONS = {"resolution": 32, "shard_size": 2, "batch_size": 2, "num_workers": 0}
-
 
 @pytest.fixture(scope="module")
 def vae() -> klvae.AutoencoderKL:
-    return perturbed_vae("tiny", scaling_factor=0.5, shift_factor=0.1)
+    return cache_vae()
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory, vae: klvae.AutoencoderKL) -> Path:
     """A finished cache of four 32x32 images in two shards (tests change copies of it)."""
-    root = tmp_path_factory.mktemp("finished")
-    build_cache(vae, noise_folder(root / "data", 4, hw=(32, 32)), root / "out", **OPTIONS)
-    return root / "out"
-
-
-def _index(out: Path) -> dict:
-    return json.loads((out / "index.json").read_text())
+    return small_cache(tmp_path_factory.mktemp("finished"), 4, vae)
 
 
 def _lines(out: Path) -> list[dict]:
@@ -99,19 +90,19 @@ def test_each_unreadable_image_is_recorded_once(tmp_path: Path, vae: klvae.Autoe
                                                 failed_by_line: list[list[str]]) -> None:
     data = noise_folder(tmp_path / "data", 4, hw=(32, 32))
     (data / bad).write_bytes(b"not an image")
-    first = build_cache(vae, data, tmp_path / "out", **OPTIONS)
+    first = build_cache(vae, data, tmp_path / "out", **SMALL_CACHE)
     assert (first.encoded, first.failed, first.rows, first.shards) == (4, 1, 4, 2)
     assert [line["failed"] for line in _lines(tmp_path / "out")] == failed_by_line
-    assert _index(tmp_path / "out")["failed"] == [bad]
-    again = build_cache(vae, data, tmp_path / "out", **OPTIONS)  # recorded: not tried again
+    assert read_index(tmp_path / "out")["failed"] == [bad]
+    again = build_cache(vae, data, tmp_path / "out", **SMALL_CACHE)  # recorded: not tried again
     assert (again.encoded, again.failed, again.done_before, again.failed_before) == (0, 0, 4, 1)
 
 
 def test_an_image_with_a_row_is_not_listed_as_failed(tmp_path: Path, vae: klvae.AutoencoderKL) -> None:
     # A later run found img0 unreadable (say, for its flipped row): it has a row, so it is no failure of the cache.
     data, out = noise_folder(tmp_path / "data", 2, hw=(32, 32)), tmp_path / "out"
-    build_cache(vae, data, out, **OPTIONS)
-    opts = cache.CacheOptions(**OPTIONS)
+    build_cache(vae, data, out, **SMALL_CACHE)
+    opts = cache.CacheOptions(**SMALL_CACHE)
     cache._append_line(out / "manifest-rank000.jsonl", {"shard": None, "rows": [], "failed": ["img0.png", "x.png"],
                                                         "options": cache.row_options(opts, 1)})
     index = json.loads(cache.write_index(vae, "m", out, opts, 1).read_text())
@@ -184,7 +175,7 @@ def test_a_recorded_hash_in_capitals_is_the_same_hash(finished: Path, tmp_path: 
 
 def test_an_image_in_two_manifests_is_never_indexed(finished: Path, tmp_path: Path, vae: klvae.AutoencoderKL) -> None:
     # Rank 1's manifest (copied in from another run) records rank 0's first two rows again, in a shard of its own.
-    out, opts = copy_cache(finished, tmp_path), cache.CacheOptions(**OPTIONS)
+    out, opts = copy_cache(finished, tmp_path), cache.CacheOptions(**SMALL_CACHE)
     first = _lines(out)[0]
     shutil.copy(out / first["shard"], out / "rank001-00000.safetensors")
     rows = [{**r, "shard": "rank001-00000.safetensors"} for r in first["rows"]]

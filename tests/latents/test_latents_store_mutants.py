@@ -21,10 +21,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import klvae
-from helpers import copy_cache, noise_folder, one_line, perturbed_vae
+from helpers import cache_vae, copy_cache, one_line, read_index, small_cache
 from klvae.errors import KlvaeError, LatentsError, OptionError
-from klvae.latents import build_cache, integrity, repair_cache, verify_cache
 from klvae.latents import dataset as dataset_mod
+from klvae.latents import integrity, repair_cache, verify_cache
 from klvae.latents import verify as verify_mod
 from klvae.latents.cache import read_manifest
 from klvae.latents.dataset import BucketBatchSampler, LatentDataset, collate_latents
@@ -37,18 +37,7 @@ SHARDS = [f"rank000-0000{n}.safetensors" for n in range(3)]
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished moments cache of six 32x32 images in three shards of two rows (tests change copies of it)."""
-    root = tmp_path_factory.mktemp("finished")
-    vae = perturbed_vae("tiny", scaling_factor=0.5, shift_factor=0.1)
-    build_cache(
-        vae,
-        noise_folder(root / "data", 6, hw=(32, 32)),
-        root / "out",
-        resolution=32,
-        shard_size=2,
-        batch_size=2,
-        num_workers=0,
-    )
-    return root / "out"
+    return small_cache(tmp_path_factory.mktemp("finished"), 6, cache_vae())
 
 
 def _manifest_path(out: Path) -> Path:
@@ -57,10 +46,6 @@ def _manifest_path(out: Path) -> Path:
 
 def _write_manifest(out: Path, records: list[dict]) -> None:
     _manifest_path(out).write_text("".join(json.dumps(r) + "\n" for r in records))
-
-
-def _index(out: Path) -> dict:
-    return json.loads((out / "index.json").read_text())
 
 
 def _write_index(out: Path, index: dict) -> None:
@@ -134,7 +119,7 @@ def test_a_whole_cache_logs_nothing_and_is_all_hashed(finished: Path, caplog: py
 )
 def test_an_unfinished_cache_says_why(finished: Path, tmp_path: Path, index: str | None, why: str) -> None:
     out = copy_cache(finished, tmp_path)
-    full = _index(out)
+    full = read_index(out)
     if index is None:
         (out / "index.json").unlink()
     elif index == "garbage":
@@ -225,7 +210,7 @@ def test_a_whole_copy_without_manifests_is_repaired_with_nothing_to_do(finished:
 def test_a_copy_without_manifests_ignores_a_recorded_hash_that_is_no_string(finished: Path, tmp_path: Path) -> None:
     out = copy_cache(finished, tmp_path)
     _manifest_path(out).unlink()
-    index = _index(out)
+    index = read_index(out)
     index["shards"][SHARDS[1]]["sha256"] = 5
     _write_index(out, index)
     report = verify_cache(out)
@@ -245,7 +230,7 @@ def test_a_copy_without_manifests_and_with_a_bad_index_is_named_so(finished: Pat
 )
 def test_an_index_layout_of_bools_or_zeros_is_no_layout(finished: Path, tmp_path: Path, stored: dict) -> None:
     out = copy_cache(finished, tmp_path)
-    index = _index(out)
+    index = read_index(out)
     index["stored"].update(stored)
     _write_index(out, index)
     assert verify_cache(out).ok  # the shards' own layout decides
@@ -253,7 +238,7 @@ def test_an_index_layout_of_bools_or_zeros_is_no_layout(finished: Path, tmp_path
 
 def test_an_index_layout_without_tensors_leaves_the_shards_majority_to_decide(finished: Path, tmp_path: Path) -> None:
     out = copy_cache(finished, tmp_path)
-    index = _index(out)
+    index = read_index(out)
     index["stored"]["tensors"] = []
     _write_index(out, index)
     _reshape_shard(out, SHARDS[1], rehash=True)
@@ -262,7 +247,7 @@ def test_an_index_layout_without_tensors_leaves_the_shards_majority_to_decide(fi
 
 def test_without_an_index_layout_the_hashed_shards_outvote_the_unhashed(finished: Path, tmp_path: Path) -> None:
     out = copy_cache(finished, tmp_path)
-    index = _index(out)
+    index = read_index(out)
     del index["stored"]
     _write_index(out, index)
     _drop_hashes(out, SHARDS[1:])
@@ -273,7 +258,7 @@ def test_without_an_index_layout_the_hashed_shards_outvote_the_unhashed(finished
 
 def test_a_first_row_with_a_bucket_of_strings_gets_no_vote(finished: Path, tmp_path: Path) -> None:
     out = copy_cache(finished, tmp_path)
-    index = _index(out)
+    index = read_index(out)
     del index["stored"]
     _write_index(out, index)
     records = read_manifest(_manifest_path(out))
@@ -409,7 +394,7 @@ def test_the_reader_refuses_a_missing_or_optionless_index_and_a_bad_mode(finishe
     with pytest.raises(LatentsError, match=r"has no index\.json: run `klvae cache` to completion first"):
         LatentDataset(tmp_path)
     out = copy_cache(finished, tmp_path)
-    index = _index(out)
+    index = read_index(out)
     with pytest.raises(LatentsError, match="mode must be sample or mean, got 'x'"):
         LatentDataset(out, mode="x")
     del index["options"]["store"]
