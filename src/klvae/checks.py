@@ -10,6 +10,9 @@ from __future__ import annotations
 import numbers
 from typing import TypeGuard
 
+# torch.finfo(torch.float32).max: numbers that end up in float32 tensors (weights, optimiser steps) must not pass it.
+FLOAT32_MAX = 3.4028234663852886e38
+
 
 def is_real(v: object) -> TypeGuard[float]:
     """Whether `v` is a real number (int, float, numpy scalar; not bool)."""

@@ -128,9 +128,10 @@ def cpu_count() -> int:
 def usable_workers(requested: int) -> int:
     """`requested` DataLoader workers, cut with a warning to WORKERS_PER_CPU per CPU: each worker is a process with
     a copy of the dataset, so thousands of them (a typo) fill the memory until the OOM killer ends the job."""
-    most = WORKERS_PER_CPU * cpu_count()
+    cpus = cpu_count()
+    most = WORKERS_PER_CPU * cpus
     if requested <= most:
         return requested
     log.warning("%d data-loading workers asked for, more than this machine's %d CPUs can use: running %d",
-                requested, cpu_count(), most)
+                requested, cpus, most)
     return most

@@ -18,6 +18,7 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10: the same parser, as a package (a dependency there)
     import tomli as tomllib
 
+from klvae.checks import FLOAT32_MAX
 from klvae.errors import KlvaeError, cut, first_line, quote
 from klvae.images import MAX_RESOLUTION
 from klvae.model.config import PRESETS, AutoencoderKLConfig
@@ -173,9 +174,6 @@ def _build(cls: type, data: object, where: str) -> Any:
         else:
             kwargs[name] = value
     return cls(**kwargs)
-
-
-FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 
 
 def _floats(value: Any, n: int, name: str) -> tuple[float, ...]:

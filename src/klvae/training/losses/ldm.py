@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from klvae.checks import FLOAT32_MAX
 from klvae.errors import KlvaeError, quote
 from klvae.nets.lpips import LPIPS
 from klvae.posterior import DiagonalGaussian
@@ -111,7 +112,7 @@ def _coerce_numbers(cfg: LossConfig) -> None:
                 raise KlvaeError(f"loss.{name} must be a finite number, got {quote(value)}")
             if kind is int and not number.is_integer():
                 raise KlvaeError(f"loss.{name} must be a whole number, got {quote(value)}")
-            if kind is float and abs(number) > torch.finfo(torch.float32).max:  # the loss computes in float32
+            if kind is float and abs(number) > FLOAT32_MAX:  # the loss computes in float32
                 raise KlvaeError(f"loss.{name} must lie within float32's range (±3.4e38), got {quote(value)}")
             object.__setattr__(cfg, name, int(number) if kind is int else number)
 
