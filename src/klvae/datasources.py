@@ -45,7 +45,14 @@ def resolve_spec(spec: str | Path, recursive: bool = True) -> DataSpec:
     s = str(spec)
     if not Path(s).exists() and any(c in s for c in "{*?["):
         files = expand_shards(s)
-        return DataSpec("table" if all(f.suffix.lower() == ".parquet" for f in files) else "tar", tuple(files))
+        if all(f.suffix.lower() == ".parquet" for f in files):
+            return DataSpec("table", tuple(files))
+        if other := next((f for f in files if not is_tar_name(f.name)), None):
+            # Read as a tar, an image would fail only once the job had started, and parquet mixed with tars
+            # fits neither reader.
+            raise KlvaeError(f"{s} names {other}, neither a tar shard nor (with all others) parquet: a glob or "
+                             f"brace range names shards; give an image folder by its path")
+        return DataSpec("tar", tuple(files))
     p = Path(s)
     if not p.exists():
         raise KlvaeError(f"no such data: {s}")

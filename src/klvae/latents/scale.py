@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 # Real latents, unscaled, stay within a few dozen: factors from a std far past this fit a broken model.
 _PLAUSIBLE_STD = 1e4
+# A std below this (a channel constant over the data: blank images, or one image's mode) gives a factor that
+# multiplies the diffusion model's inputs by 10^4 or more.
+_DEGENERATE_STD = 1e-4
 
 
 def check_scale_options(limit: int, resolution: int) -> None:
@@ -78,6 +81,9 @@ def estimate_factors(vae: AutoencoderKL, spec: str | ItemSource, limit: int = 25
         log.warning("the latents' std is %.3g, far beyond an encoder's: huge values in the model's weights?", std)
     means = s1 / n
     stds = (s2 / n - means.square()).clamp_min(1e-12).sqrt()
+    if (low := int((stds < _DEGENERATE_STD).sum())) or std < _DEGENERATE_STD:
+        log.warning("the latents are nearly constant (std %.3g; %d of %d channels below %g): too few or blank "
+                    "images for factors that generalise", std, low, len(stds), _DEGENERATE_STD)
     return {"scaling_factor": 1.0 / std, "shift_factor": mean, "std": std, "images": float(used),
             "skipped": float(len(skipped)), "latents_mean": means.tolist(), "latents_std": stds.tolist()}
 

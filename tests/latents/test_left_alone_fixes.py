@@ -1,0 +1,64 @@
+"""Pins fixes to findings earlier hunts left alone: nearly constant latents warned of by `scale`, and a glob of
+images (`data/*.png`) refused where data is named, not read as tar shards that fail once the job runs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+import klvae
+from helpers import noise_folder, one_error_line, perturbed_vae, saved_tiny_model
+from klvae import inference
+from klvae.cli.main import main
+from klvae.datasources import resolve_spec
+from klvae.errors import KlvaeError
+from klvae.latents.scale import estimate_factors
+from klvae.training.data import build_dataset
+
+
+@pytest.fixture(scope="module")
+def vae() -> klvae.AutoencoderKL:
+    return perturbed_vae("tiny")
+
+
+def test_nearly_constant_latents_are_warned_of_and_real_ones_are_not(
+    tmp_path: Path, vae: klvae.AutoencoderKL, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = str(noise_folder(tmp_path / "data", 2, hw=(32, 32)))
+    with caplog.at_level(logging.WARNING, logger="klvae"):
+        estimate_factors(vae, data, resolution=32, sample=False)
+    assert "nearly constant" not in caplog.text
+    encode = inference.encode_moments
+
+    def flat(*args: object, **kwargs: object) -> torch.Tensor:
+        m = encode(*args, **kwargs)  # type: ignore[arg-type]
+        return torch.cat([torch.full_like(m[:, : m.shape[1] // 2], 0.5), m[:, m.shape[1] // 2 :]], dim=1)
+
+    monkeypatch.setattr(inference, "encode_moments", flat)
+    with caplog.at_level(logging.WARNING, logger="klvae"):
+        f = estimate_factors(vae, data, resolution=32, sample=False)
+    assert f["std"] == pytest.approx(1e-6)  # the floor: a factor of a million
+    (warned,) = [r.getMessage() for r in caplog.records if "nearly constant" in r.getMessage()]
+    assert f"4 of {len(f['latents_std'])} channels" in warned and "too few or blank images" in warned
+
+
+def test_a_glob_of_images_is_refused_where_data_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = noise_folder(tmp_path / "data", 2, hw=(32, 32))
+    with pytest.raises(KlvaeError, match="neither a tar shard") as e:
+        build_dataset(f"{data}/*.png")  # was a WebDatasetShards of two PNGs, failing at the first read
+    assert "image folder by its path" in str(e.value)
+    model = saved_tiny_model(tmp_path / "model")
+    assert main(["scale", "--model", str(model), "--data", f"{data}/*.png", "--resolution", "32"]) == 2
+    assert "neither a tar shard" in one_error_line(capsys.readouterr().err)
+
+
+def test_a_glob_of_tars_and_of_parquet_files_still_names_shards_and_tables(tmp_path: Path) -> None:
+    for name in ("a.tar", "b.TAR", "c.parquet", "d.parquet"):
+        (tmp_path / name).write_bytes(b"")
+    assert resolve_spec(f"{tmp_path}/*.[tT][aA][rR]").kind == "tar"
+    assert resolve_spec(f"{tmp_path}/*.parquet").kind == "table"
+    with pytest.raises(KlvaeError, match="neither a tar shard"):
+        resolve_spec(f"{tmp_path}/*")  # tars mixed with parquet files fit neither reader
