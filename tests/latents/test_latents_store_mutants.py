@@ -465,8 +465,12 @@ def test_bucket_sampler_guards_and_default_shuffle(finished: Path) -> None:
         BucketBatchSampler(ds, batch_size=0)
     with pytest.raises(ValueError, match=r"rank must be in \[0, num_replicas=2\), got 2"):
         BucketBatchSampler(ds, batch_size=1, num_replicas=2, rank=2)
-    with pytest.raises(ValueError, match=r"rank must be in \[0, num_replicas=0\), got 0"):
+    with pytest.raises(ValueError, match=r"num_replicas must be an integer >= 1, got 0"):
         BucketBatchSampler(ds, batch_size=1, num_replicas=0)
+    with pytest.raises(ValueError, match=r"num_replicas must be an integer >= 1, got '2'"):
+        BucketBatchSampler(ds, batch_size=1, num_replicas="2", rank=0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"rank must be an integer >= 0, got 0.0"):
+        BucketBatchSampler(ds, batch_size=1, num_replicas=2, rank=0.0)  # type: ignore[arg-type]
     orders = {tuple(i for b in BucketBatchSampler(ds, batch_size=1, seed=s) for i in b) for s in range(4)}
     assert len(orders) > 1 and all(sorted(o) == list(range(6)) for o in orders)
 

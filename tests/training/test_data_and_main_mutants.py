@@ -272,11 +272,12 @@ def test_split_plan_reads_whole_shards_when_there_are_exactly_as_many_as_parts()
     assert split_plan(3, [(0, 1), (0, 1)]) == [(0, 1, 0), (1, 1, 0), (2, 1, 0)]
 
 
-@pytest.mark.parametrize(("rank", "world"), [(-1, 2), (None, 2), (2, 2)])
-def test_a_rank_outside_the_world_or_missing_is_refused(rank: int | None, world: int) -> None:
+@pytest.mark.parametrize(("rank", "world"), [(-1, 2), (None, 2), (2, 2), (0, "2"), (0.0, 2)])
+def test_a_rank_outside_the_world_missing_or_no_integer_is_refused(rank: object, world: object) -> None:
     with pytest.raises(KlvaeError) as caught:
-        resolve_rank(rank, world)
-    assert str(caught.value) == f"rank {rank} of world size {world}: give both, with 0 <= rank < world size"
+        resolve_rank(rank, world)  # type: ignore[arg-type]
+    assert str(caught.value) == (f"rank {rank!r} of world size {world!r}: give both, integers with "
+                                 f"0 <= rank < world size")
 
 
 # ---- loaders ------------------------------------------------------------------------------------------------------

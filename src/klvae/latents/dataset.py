@@ -169,6 +169,8 @@ class BucketBatchSampler(Sampler[list[int]]):
         running = dist.is_available() and dist.is_initialized()
         self.num_replicas = num_replicas if num_replicas is not None else dist.get_world_size() if running else 1
         self.rank = rank if rank is not None else dist.get_rank() if running else 0
+        _check_count(self.num_replicas, "num_replicas", least=1)
+        _check_count(self.rank, "rank")
         if not 0 <= self.rank < self.num_replicas:
             raise ValueError(f"rank must be in [0, num_replicas={self.num_replicas}), got {self.rank}")
         self.batch_size, self.shuffle, self.seed, self.drop_last, self.epoch = batch_size, shuffle, seed, drop_last, 0

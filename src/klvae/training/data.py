@@ -24,6 +24,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
 
+from klvae.checks import is_integer
 from klvae.datasources import TableRows, expand_shards, resolve_spec
 from klvae.distributed import usable_workers
 from klvae.errors import ImageError, KlvaeError, quote
@@ -213,8 +214,9 @@ def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tupl
         if dist.is_available() and dist.is_initialized():
             return dist.get_rank(), dist.get_world_size()
         return 0, 1
-    if rank is None or world_size is None or not 0 <= rank < world_size:
-        raise KlvaeError(f"rank {rank} of world size {world_size}: give both, with 0 <= rank < world size")
+    if not is_integer(rank) or not is_integer(world_size) or not 0 <= rank < world_size:
+        raise KlvaeError(f"rank {rank!r} of world size {world_size!r}: give both, integers with "
+                         f"0 <= rank < world size")
     return rank, world_size
 
 
