@@ -46,8 +46,11 @@ _CONFIG_SUFFIXES = (".yaml", ".yml", ".toml")
 
 
 def check_resume_arg(resume: str | None) -> None:
-    """Refuse a config file given to --resume: `klvae train --resume ft.yaml` parses ft.yaml as the checkpoint
-    (--resume takes an optional value), leaving no config."""
+    """Refuse an empty --resume, and a config file given to it: `klvae train --resume ft.yaml` parses ft.yaml as the
+    checkpoint (--resume takes an optional value), leaving no config."""
+    if resume == "":
+        raise KlvaeError("--resume '' names no checkpoint: give a checkpoint file, or --resume alone for the newest "
+                         "of train.out_dir")
     if resume is not None and Path(resume).suffix.lower() in _CONFIG_SUFFIXES:
         raise KlvaeError(f"--resume {quote(resume, 200)} is a config file, not a checkpoint: put the config first, "
                          f"as in klvae train CONFIG --resume [CHECKPOINT]")

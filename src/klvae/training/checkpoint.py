@@ -127,7 +127,11 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
 def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     """Read a checkpoint with weights_only=True (no arbitrary objects are unpickled); `mmap` maps the tensors'
     bytes instead of reading them (a check of the file's structure, not of each byte)."""
+    if not str(path):  # Path("") is the working folder
+        raise KlvaeError("no checkpoint named: the path is empty")
     path = Path(path)
+    if path.is_dir():
+        raise KlvaeError(f"checkpoint {path} is a folder: name one of its checkpoint files")
     try:
         f = path.open("rb")
     except OSError as e:

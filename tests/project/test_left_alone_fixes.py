@@ -1,5 +1,6 @@
 """Pins fixes to findings earlier hunts left alone: nearly constant latents warned of by `scale`, and a glob of
-images (`data/*.png`) refused where data is named, not read as tar shards that fail once the job runs."""
+images (`data/*.png`) refused where data is named, not read as tar shards that fail once the job runs, and an empty
+or folder `--resume` (was "cannot read checkpoint .: Is a directory")."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from klvae.cli.main import main
 from klvae.datasources import resolve_spec
 from klvae.errors import KlvaeError
 from klvae.latents.scale import estimate_factors
+from klvae.training.checkpoint import load_checkpoint
 from klvae.training.data import build_dataset
 
 
@@ -62,3 +64,19 @@ def test_a_glob_of_tars_and_of_parquet_files_still_names_shards_and_tables(tmp_p
     assert resolve_spec(f"{tmp_path}/*.parquet").kind == "table"
     with pytest.raises(KlvaeError, match="neither a tar shard"):
         resolve_spec(f"{tmp_path}/*")  # tars mixed with parquet files fit neither reader
+
+
+def test_an_empty_or_folder_resume_says_what_is_wrong(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(KlvaeError) as e:
+        load_checkpoint("")  # was Path(""): the working folder, "Is a directory"
+    assert str(e.value) == "no checkpoint named: the path is empty"
+    with pytest.raises(KlvaeError) as e:
+        load_checkpoint(tmp_path)
+    assert str(e.value) == f"checkpoint {tmp_path} is a folder: name one of its checkpoint files"
+    recipe = Path(__file__).parents[2] / "recipes" / "demo" / "train.yaml"
+    sets = [f"train.out_dir={tmp_path / 'run'}", f"data.train={tmp_path / 'data'}"]
+    argv = ["train", str(recipe), *(a for s in sets for a in ("--set", s)), "--resume"]
+    assert main([*argv, ""]) == 2
+    assert "--resume '' names no checkpoint" in one_error_line(capsys.readouterr().err)
+    assert main([*argv, str(tmp_path)]) == 2
+    assert "is a folder: name one of its checkpoint files" in one_error_line(capsys.readouterr().err)
