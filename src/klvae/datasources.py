@@ -47,11 +47,11 @@ def resolve_spec(spec: str | Path, recursive: bool = True) -> DataSpec:
         files = expand_shards(s)
         if all(f.suffix.lower() == ".parquet" for f in files):
             return DataSpec("table", tuple(files))
-        if other := next((f for f in files if not is_tar_name(f.name)), None):
-            # Read as a tar, an image would fail only once the job had started, and parquet mixed with tars
-            # fits neither reader.
-            raise KlvaeError(f"{s} names {other}, neither a tar shard nor (with all others) parquet: a glob or "
-                             f"brace range names shards; give an image folder by its path")
+        if not any(is_tar_name(f.name) for f in files):
+            # Read as shards, images would fail only once the job had started. Beside tars, another file is
+            # skipped and counted as an unreadable shard.
+            raise KlvaeError(f"{s} names no tar shard ({files[0].name}, ...) and not only parquet files: a glob "
+                             f"or brace range names shards; give an image folder by its path")
         return DataSpec("tar", tuple(files))
     p = Path(s)
     if not p.exists():

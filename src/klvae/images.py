@@ -84,7 +84,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
         elif img.mode == "F" and a.max(initial=0) <= 1.0:  # float images are mostly stored in [0, 1]
             a = a * 255.0
         img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+    if img.mode == "La":  # premultiplied, which Pillow converts to LA only, not on to RGBA
+        img = img.convert("LA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in img.info:
         rgba = img.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (*_BACKGROUND, 255))
         return Image.alpha_composite(bg, rgba).convert("RGB")

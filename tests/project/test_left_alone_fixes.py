@@ -1,6 +1,7 @@
 """Pins fixes to findings earlier hunts left alone: nearly constant latents warned of by `scale`, and a glob of
 images (`data/*.png`) refused where data is named, not read as tar shards that fail once the job runs, and an empty
-or folder `--resume` (was "cannot read checkpoint .: Is a directory")."""
+or folder `--resume` (was "cannot read checkpoint .: Is a directory"), and a premultiplied greyscale-alpha ("La")
+image read as its LA form (was Pillow's "conversion from La to L not supported")."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import klvae
 from helpers import noise_folder, one_error_line, perturbed_vae, saved_tiny_model
@@ -16,6 +18,7 @@ from klvae import inference
 from klvae.cli.main import main
 from klvae.datasources import resolve_spec
 from klvae.errors import KlvaeError
+from klvae.images import pil_to_tensor
 from klvae.latents.scale import estimate_factors
 from klvae.training.checkpoint import load_checkpoint
 from klvae.training.data import build_dataset
@@ -49,21 +52,22 @@ def test_nearly_constant_latents_are_warned_of_and_real_ones_are_not(
 
 def test_a_glob_of_images_is_refused_where_data_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = noise_folder(tmp_path / "data", 2, hw=(32, 32))
-    with pytest.raises(KlvaeError, match="neither a tar shard") as e:
+    with pytest.raises(KlvaeError, match="names no tar shard") as e:
         build_dataset(f"{data}/*.png")  # was a WebDatasetShards of two PNGs, failing at the first read
     assert "image folder by its path" in str(e.value)
     model = saved_tiny_model(tmp_path / "model")
     assert main(["scale", "--model", str(model), "--data", f"{data}/*.png", "--resolution", "32"]) == 2
-    assert "neither a tar shard" in one_error_line(capsys.readouterr().err)
+    assert "names no tar shard" in one_error_line(capsys.readouterr().err)
 
 
-def test_a_glob_of_tars_and_of_parquet_files_still_names_shards_and_tables(tmp_path: Path) -> None:
-    for name in ("a.tar", "b.TAR", "c.parquet", "d.parquet"):
+def test_a_glob_of_tars_or_of_parquet_files_still_names_shards_and_tables(tmp_path: Path) -> None:
+    for name in ("a.tar", "b.TAR", "c.parquet", "d.parquet", "e.txt"):
         (tmp_path / name).write_bytes(b"")
     assert resolve_spec(f"{tmp_path}/*.[tT][aA][rR]").kind == "tar"
     assert resolve_spec(f"{tmp_path}/*.parquet").kind == "table"
-    with pytest.raises(KlvaeError, match="neither a tar shard"):
-        resolve_spec(f"{tmp_path}/*")  # tars mixed with parquet files fit neither reader
+    assert resolve_spec(f"{tmp_path}/*").kind == "tar"  # beside tars, the others are skipped as unreadable shards
+    with pytest.raises(KlvaeError, match="names no tar shard"):
+        resolve_spec(f"{tmp_path}/[ce].*")  # parquet and text: neither reader's
 
 
 def test_an_empty_or_folder_resume_says_what_is_wrong(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -80,3 +84,9 @@ def test_an_empty_or_folder_resume_says_what_is_wrong(tmp_path: Path, capsys: py
     assert "--resume '' names no checkpoint" in one_error_line(capsys.readouterr().err)
     assert main([*argv, str(tmp_path)]) == 2
     assert "is a folder: name one of its checkpoint files" in one_error_line(capsys.readouterr().err)
+
+
+def test_a_premultiplied_grey_alpha_image_reads_as_its_straight_form() -> None:
+    premultiplied = Image.new("La", (2, 2), (100, 128))  # grey 199 at alpha 128/255, premultiplied to 100
+    straight = Image.new("LA", (2, 2), (199, 128))
+    assert torch.equal(pil_to_tensor(premultiplied), pil_to_tensor(straight))
