@@ -206,6 +206,14 @@ def _state_for_no_parameter(opt: dict[str, Any]) -> None:
     opt["state"][10**6] = opt["state"][0]
 
 
+def _nan_first_moment(opt: dict[str, Any]) -> None:
+    opt["state"][0]["exp_avg"].view(-1)[0] = float("nan")
+
+
+def _negative_second_moment(opt: dict[str, Any]) -> None:
+    opt["state"][0]["exp_avg_sq"].view(-1)[0] = -1.0
+
+
 @pytest.mark.parametrize(("tamper", "message"), [
     (_exp_avg_of_wrong_shape, r"state\[0\] 'exp_avg' has shape \[3\] for a parameter of shape \[\d+(, \d+)*\]"),
     (_one_beta, r"param_groups\[0\] betas is \(5\.0,\), not like this optimiser's \(0\.5, 0\.9\)"),
@@ -215,6 +223,8 @@ def _state_for_no_parameter(opt: dict[str, Any]) -> None:
     (_step_of_two_values, r"state\[0\] step is tensor\(\[0\., 0\.\]\), not a count"),
     (_no_second_moment, r"state\[0\] lacks exp_avg_sq"),
     (_state_for_no_parameter, r"state has an entry 1000000 for no parameter"),
+    (_nan_first_moment, r"state\[0\] 'exp_avg' holds NaN or inf"),  # every update of the parameter NaN
+    (_negative_second_moment, r"state\[0\] 'exp_avg_sq' holds negative values"),
 ], ids=lambda v: getattr(v, "__name__", "")[1:])
 def test_resume_refuses_an_optimiser_state_that_does_not_fit(
         tamper: Callable[[dict[str, Any]], None], message: str, step1: tuple[list[str], Path], tmp_path: Path) -> None:

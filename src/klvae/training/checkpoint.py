@@ -284,4 +284,9 @@ def _param_state_problem(st: Any, param: torch.Tensor, amsgrad: bool) -> str | N
             return f"{quote(k)} is a {type(v).__name__}, not a tensor"
         elif v.shape != param.shape:
             return f"{quote(k)} has shape {list(v.shape)} for a parameter of shape {list(param.shape)}"
+        elif v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            # Adam would turn every update of this parameter to NaN: the run's steps all skipped.
+            return f"{quote(k)} holds NaN or inf"
+        elif k.endswith("exp_avg_sq") and bool((v < 0).any()):
+            return f"{quote(k)} holds negative values (a mean of squares: its square root is NaN)"
     return None
