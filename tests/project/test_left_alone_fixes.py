@@ -1,7 +1,8 @@
 """Pins fixes to findings earlier hunts left alone: nearly constant latents warned of by `scale`, and a glob of
 images (`data/*.png`) refused where data is named, not read as tar shards that fail once the job runs, and an empty
 or folder `--resume` (was "cannot read checkpoint .: Is a directory"), and a premultiplied greyscale-alpha ("La")
-image read as its LA form (was Pillow's "conversion from La to L not supported")."""
+image read as its LA form (was Pillow's "conversion from La to L not supported"), and the model's encode/decode
+refusing a batch of the wrong rank or channel count by name (was a GroupNorm's or conv's internal shapes)."""
 
 from __future__ import annotations
 
@@ -90,3 +91,17 @@ def test_a_premultiplied_grey_alpha_image_reads_as_its_straight_form() -> None:
     premultiplied = Image.new("La", (2, 2), (100, 128))  # grey 199 at alpha 128/255, premultiplied to 100
     straight = Image.new("LA", (2, 2), (199, 128))
     assert torch.equal(pil_to_tensor(premultiplied), pil_to_tensor(straight))
+
+
+@pytest.mark.parametrize(("method", "shape", "expected"), [
+    ("encode", (3, 16, 16), "expected a batch of images [B, 3, H, W], got shape [3, 16, 16]"),
+    ("encode", (1, 4, 16, 16), "expected a batch of images [B, 3, H, W], got shape [1, 4, 16, 16]"),
+    ("encode_moments", (1, 1, 16, 16), "expected a batch of images [B, 3, H, W], got shape [1, 1, 16, 16]"),
+    ("decode", (4, 2, 2), "expected a batch of latents [B, 4, H, W], got shape [4, 2, 2]"),
+    ("decode", (1, 3, 2, 2), "expected a batch of latents [B, 4, H, W], got shape [1, 3, 2, 2]"),
+])
+def test_the_model_names_a_batch_of_the_wrong_shape(vae: klvae.AutoencoderKL, method: str, shape: tuple[int, ...],
+                                                    expected: str) -> None:
+    with pytest.raises(ValueError) as e:
+        getattr(vae, method)(torch.zeros(shape))
+    assert str(e.value) == expected

@@ -78,6 +78,12 @@ def _run(stage: nn.Module, h: Tensor, checkpoint: bool) -> Tensor:
     return stage(h)
 
 
+def _check_batch(t: Tensor, channels: int, what: str) -> None:
+    # Else torch's error names a GroupNorm's or conv's internal shapes (a 3-D image fails in the first GroupNorm).
+    if t.ndim != 4 or t.shape[1] != channels:
+        raise ValueError(f"expected a batch of {what}s [B, {channels}, H, W], got shape {list(t.shape)}")
+
+
 class AutoencoderKL(nn.Module):
     """The KL-regularised autoencoder of latent diffusion, numerically the same network as diffusers'."""
 
@@ -102,6 +108,7 @@ class AutoencoderKL(nn.Module):
     # ---- core computation -------------------------------------------------------------------------
     def encode_moments(self, x: Tensor) -> Tensor:
         """Image [B, C, H, W] in [-1, 1] -> posterior moments [B, 2*latent, H/f, W/f] (mean, logvar)."""
+        _check_batch(x, self.config.in_channels, "image")
         h = self.encoder(x)
         return self.quant_conv(h) if self.quant_conv is not None else h
 
@@ -111,6 +118,7 @@ class AutoencoderKL(nn.Module):
 
     def decode(self, z: Tensor) -> Tensor:
         """Unscaled latent [B, latent, h, w] -> image [B, C, h*f, w*f], roughly in [-1, 1]."""
+        _check_batch(z, self.config.latent_channels, "latent")
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)
