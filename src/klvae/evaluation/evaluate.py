@@ -60,8 +60,7 @@ class EvalOptions:
         if self.limit is not None:
             check_at_least("limit", self.limit, 1)
         check_at_least("batch_size", self.batch_size, 1)
-        if self.examples < 0:
-            raise OptionError(lambda n: f"{n('examples')} must be 0 or more, got {self.examples}")
+        check_at_least("examples", self.examples, 0)
 
 
 @dataclass

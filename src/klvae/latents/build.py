@@ -20,7 +20,7 @@ from klvae.distributed import DistInfo, all_sum, barrier
 from klvae.errors import KlvaeError, OptionError, quote
 from klvae.inference.precision import resolve_dtype
 from klvae.latents import cache
-from klvae.latents.options import CacheOptions
+from klvae.latents.options import CacheOptions, check_seed
 from klvae.latents.sources import ItemSource, open_source
 from klvae.model.autoencoder import AutoencoderKL
 
@@ -112,8 +112,7 @@ def _options(values: dict[str, Any]) -> CacheOptions:
         want = bool if name in ("buckets", "flip") else str if name == "store" else int
         if not isinstance(value, want) or (want is int and isinstance(value, bool)):
             raise OptionError(f"{name} must be a{'n' if want is int else ''} {want.__name__}, got {quote(value)}")
-    if not 0 <= values["seed"] < 2**63:  # what torch's generators take
-        raise OptionError(lambda n: f"{n('seed')} must be between 0 and {2**63 - 1}, got {values['seed']}")
+    check_seed(values["seed"])
     return CacheOptions(**values)
 
 

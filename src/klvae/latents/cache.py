@@ -233,7 +233,9 @@ def _read_index(path: Path) -> dict[str, Any] | None:
         return None
     except (OSError, ValueError, RecursionError):  # ValueError: bad JSON or UTF-8, huge ints
         index = None
-    if not isinstance(index, dict) or not isinstance(options := index.get("options", {}), dict):
+    # Without klvae's format it is another tool's file (a site's index.json), which write_index would replace.
+    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT \
+            or not isinstance(options := index.get("options", {}), dict):
         raise _damaged(f"{path} is not a cache index")
     if not _good_options({**options, **{k: index[k] for k in ("world_size", *_FINGERPRINTS) if k in index}}):
         raise _damaged(f"{path} records options of the wrong type")
@@ -260,6 +262,17 @@ def _recover(out: Path, rank: int, shapes: RowShapes) -> tuple[set[tuple[str, bo
     # After the highest number recorded: numbers need not be contiguous (earlier versions skipped one).
     next_no = 1 + max((int(Path(n).stem.rsplit("-", 1)[1]) for n in named), default=-1)
     return rows, failed, next_no
+
+
+def _add_other_ranks(out: Path, rank: int, rows_done: set[tuple[str, bool]], failed: set[str]) -> None:
+    # Shares are by position, so an image added to the data or removed from it moves later ones to another rank:
+    # what any rank recorded is done (else it is encoded twice, and the index refuses the duplicate for good).
+    # Their shards are that rank's to check; one it drops as damaged is redone by the next run.
+    for p in sorted(out.glob("manifest-rank*.jsonl")):
+        if p.name != f"manifest-rank{rank:03d}.jsonl":
+            records = read_manifest(p)
+            rows_done.update((m["source"], m["flip"]) for rec in records for m in rec.get("rows", []))
+            failed.update(i for rec in records for i in rec.get("failed", []))
 
 
 def _check_indexed(out: Path, rank: int, named: set[str]) -> None:
@@ -327,16 +340,16 @@ def keyed_generator(*key: object) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
 
 
-def cache_rank(vae: AutoencoderKL, spec: str | ItemSource, out: str | Path, opts: CacheOptions,
+def cache_rank(vae: AutoencoderKL, spec: str | os.PathLike[str] | ItemSource, out: str | Path, opts: CacheOptions,
                dtype: torch.dtype, rank: int = 0, world: int = 1,
                fingerprints: dict[str, str] | None = None) -> dict[str, int]:
     """Encode this rank's share of the data that is not done yet; returns image counts (encoded, failed,
     done_before, failed_before). Everything is checked before `out` is made or touched. `fingerprints`:
     `model_fingerprints(vae, opts.store)`, computed here when not given."""
     out = Path(out)
-    source = open_source(spec) if isinstance(spec, str) else spec
+    source = spec if isinstance(spec, ItemSource) else open_source(str(spec))
     if not source.ids:
-        raise KlvaeError(f"no images in {spec if isinstance(spec, str) else 'the data'}")
+        raise KlvaeError(f"no images in {'the data' if isinstance(spec, ItemSource) else spec}")
     check_whole_latents(vae, opts.resolution)
     fingerprints = fingerprints or model_fingerprints(vae, opts.store)
     check_resume(out, opts, world, fingerprints)
@@ -355,6 +368,7 @@ def _cache_todo(vae: AutoencoderKL, source: ItemSource, out: Path, opts: CacheOp
                 rank: int, world: int, fingerprints: dict[str, str]) -> dict[str, int]:
     mine = [i for n, i in enumerate(source.ids) if n % world == rank]
     rows_done, failed, shard_no = _recover(out, rank, row_shapes(vae.config, opts.store))
+    _add_other_ranks(out, rank, rows_done, failed)
     todo = _todo(mine, rows_done, failed, opts.flip)
     failed_before = sum(i in failed for i in mine)  # recorded unreadable by an earlier run: not retried
     counts = {"encoded": 0, "failed": 0, "done_before": len(mine) - len(todo) - failed_before,

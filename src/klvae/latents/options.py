@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from klvae.checks import is_integer
 from klvae.errors import OptionError
 from klvae.images import MAX_PIXELS, MAX_RESOLUTION
 from klvae.model.autoencoder import AutoencoderKL
 
-__all__ = ["CacheOptions", "OptionError", "check_at_least", "check_resolution", "check_whole_latents"]
+__all__ = ["CacheOptions", "OptionError", "check_at_least", "check_resolution", "check_seed", "check_whole_latents"]
 
 
 @dataclass
@@ -37,9 +38,19 @@ class CacheOptions:
 
 
 def check_at_least(name: str, value: int, least: int) -> None:
-    """OptionError unless the option `name` is at least `least`."""
+    """OptionError unless the option `name` is an integer of at least `least`."""
+    # A library caller's float, bool or str would fail deep inside (a slice, a resize) or count as an integer.
+    if not is_integer(value):
+        raise OptionError(lambda n: f"{n(name)} must be an integer, got {value!r}")
     if value < least:
         raise OptionError(lambda n: f"{n(name)} must be at least {least}, got {value}")
+
+
+def check_seed(seed: int) -> None:
+    """OptionError unless `seed` is an integer that torch's generators take (0 .. 2**63 - 1)."""
+    check_at_least("seed", seed, -(2**63))  # its type; the range's message names both ends
+    if not 0 <= seed < 2**63:
+        raise OptionError(lambda n: f"{n('seed')} must be between 0 and {2**63 - 1}, got {seed}")
 
 
 def check_resolution(resolution: int) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +18,7 @@ from klvae.errors import KlvaeError
 from klvae.images import pil_to_tensor
 from klvae.latents.buckets import resize_crop
 from klvae.latents.cache import check_finite_moments
-from klvae.latents.options import check_at_least, check_resolution, check_whole_latents
+from klvae.latents.options import check_at_least, check_resolution, check_seed, check_whole_latents
 from klvae.latents.sources import ItemSource, item_error, open_source
 from klvae.model.autoencoder import AutoencoderKL
 from klvae.posterior import DiagonalGaussian
@@ -37,8 +38,8 @@ def check_scale_options(limit: int, resolution: int) -> None:
     check_resolution(resolution)
 
 
-def estimate_factors(vae: AutoencoderKL, spec: str | ItemSource, limit: int = 256, resolution: int = 256,
-                     dtype: torch.dtype = torch.float32, sample: bool = True, seed: int = 0,
+def estimate_factors(vae: AutoencoderKL, spec: str | os.PathLike[str] | ItemSource, limit: int = 256,
+                     resolution: int = 256, dtype: torch.dtype = torch.float32, sample: bool = True, seed: int = 0,
                      batch_size: int = 4) -> dict[str, Any]:
     """Mean and std of z over up to `limit` images (centre crops): the factors that make z zero-mean, unit-std.
 
@@ -50,9 +51,10 @@ def estimate_factors(vae: AutoencoderKL, spec: str | ItemSource, limit: int = 25
     """
     check_scale_options(limit, resolution)
     check_at_least("batch_size", batch_size, 1)
+    check_seed(seed)
     check_whole_latents(vae, resolution)  # padded cells would bias the statistics
-    source = open_source(spec) if isinstance(spec, str) else spec
-    name = spec if isinstance(spec, str) else "the data"
+    source = open_source(str(spec)) if isinstance(spec, str | os.PathLike) else spec
+    name = str(spec) if isinstance(spec, str | os.PathLike) else "the data"
     # A CPU generator on any device: DiagonalGaussian.sample draws on the generator's device and moves the noise,
     # so a seed gives the same samples on every device.
     gen = torch.Generator().manual_seed(seed)

@@ -137,14 +137,18 @@ def tar_reason(e: BaseException) -> str:
 def _tar_members(t: Path, ids: dict[str, tuple[Path, str, int]], label: str) -> str | None:
     # Adds the shard's image members to `ids` as "label:member"; returns why the shard (or its rest) cannot be
     # read, if so.
-    n = 0
+    n, files = 0, {}
     if not t.is_file():  # a FIFO among the shards would block tarfile forever
         return "not a regular file (a FIFO, socket or device)"
     try:
         with tarfile.open(t) as tf:
             for m in tf:
                 if _is_image_member(m):
-                    ids[f"{label}:{m.name}"] = (t, m.name, m.offset)
+                    ids[f"{label}:{m.name}"] = files[m.name] = (t, m.name, m.offset)
+                    n += 1
+                elif m.islnk() and _is_image_name(m.name) and m.linkname in files:
+                    # `tar -c` stores a second name of a file as a hard link: the image is the earlier member's.
+                    ids[f"{label}:{m.name}"] = files[m.linkname]
                     n += 1
             ended = _end_of_members(tf)
     except (OSError, EOFError, tarfile.TarError) as e:
@@ -156,9 +160,12 @@ def _is_image_member(m: tarfile.TarInfo) -> bool:
     # A regular file, not a GNU sparse one: a few bytes of sparse map declare up to MAX_ENCODED_BYTES of zeros,
     # which tarfile writes out (piece by piece, each piece copying all before it) for every read of the member.
     # Hidden names (macOS's ._x.png resource forks) are skipped, as folder walks and training shards skip them.
-    name = m.name.rpartition("/")[2]
-    visible = not name.startswith(".")
-    return m.isfile() and not m.issparse() and visible and Path(name).suffix.lower() in IMAGE_EXTENSIONS
+    return m.isfile() and not m.issparse() and _is_image_name(m.name)
+
+
+def _is_image_name(member: str) -> bool:
+    name = member.rpartition("/")[2]
+    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
 def _end_of_members(tf: tarfile.TarFile) -> str | None:

@@ -7,10 +7,11 @@ repaired in place: `repair_cache` drops it from its manifest as a resume drops o
 (latents/integrity.py), and the next `klvae cache` run encodes its rows again. Deleting the file by hand is no
 repair: a resume refuses a cache whose manifest names a shard that is gone, as a loss it did not cause.
 
-The shards and their hashes come from the manifests; without any (a copy of index.json and the shards alone),
-from index.json. Shards written by an older klvae have no recorded hash: their headers alone are checked. A cache
-whose index.json is missing, or lists fewer shards than the manifests (a run under way, or stopped), has the
-shards recorded so far verified, and its report says it is unfinished.
+The shards and their hashes come from the manifests, and index.json's too (a shard it lists is read, whether or
+not a manifest records it); without manifests (a copy of index.json and the shards alone), from index.json.
+Shards written by an older klvae have no recorded hash: their headers alone are checked. A cache whose index.json
+is missing, or lists fewer shards than the manifests (a run under way, or stopped), has the shards recorded so far
+verified, and its report says it is unfinished.
 No model is needed: the shapes a row's tensors must have are those index.json records ("stored", written from the
 model's config), or in a cache without them (unfinished, or an older klvae's) those that the cache's hash-verified
 shards (or, with none, most shards) show, scaled to the row's bucket.
@@ -100,7 +101,12 @@ def verify_cache(root: str | Path) -> CacheReport:
         raise KlvaeError(f"{root} is not a klvae cache: {'no such folder' if not root.exists() else 'not a folder'}")
     index = _read_index(root / "index.json")
     shards, source = _recorded_shards(root, index)
-    unfinished = _unfinished(root, shards, index) if source == "manifests" else None  # read with the manifests
+    if source == "manifests":
+        unfinished = _unfinished(root, shards, index)
+        # A shard index.json lists, and so LatentDataset reads, is checked even where no manifest line records it.
+        shards = {**_index_shards(index), **shards}
+    else:
+        unfinished = None
     sizes = {name: (root / name).stat().st_size for name in shards if (root / name).is_file()}
     headers: dict[str, dict[str, tuple[int, ...]]] = {}  # of the shards whole so far
     checks: dict[str, ShardCheck] = {}
@@ -186,13 +192,19 @@ def _recorded_shards(root: Path, index: dict[str, Any] | None) -> tuple[dict[str
         path = root / "index.json"
         raise KlvaeError(f"{path} is not a klvae latent cache index" if path.is_file() else
                          f"{root} is not a klvae cache: it has no manifest-rank*.jsonl or index.json")
-    entries = index.get("shards", {})
-    for item in index["items"]:
+    return _index_shards(index), "index.json"
+
+
+def _index_shards(index: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    # The shards index.json lists, with their rows and the SHA-256 it records (None: none).
+    shards: dict[str, dict[str, Any]] = {}
+    entries = index.get("shards", {}) if index is not None else {}
+    for item in index["items"] if index is not None else []:
         entry = shards.setdefault(item["shard"], {"rows": [], "sha256": None})
         entry["rows"].append(item)
         if isinstance(e := entries.get(item["shard"]) if isinstance(entries, dict) else None, dict):
             entry["sha256"] = e.get("sha256") if isinstance(e.get("sha256"), str) else None
-    return shards, "index.json"
+    return shards
 
 
 def _unfinished(root: Path, shards: dict[str, dict[str, Any]], index: dict[str, Any] | None) -> str | None:
