@@ -43,6 +43,8 @@ class DataSpec:
 def resolve_spec(spec: str | Path, recursive: bool = True) -> DataSpec:
     """Classify a data spec; KlvaeError if it names nothing."""
     s = str(spec)
+    if not s.strip():  # Path("") is the working folder
+        raise KlvaeError("no data named: the path is empty")
     if not Path(s).exists() and any(c in s for c in "{*?["):
         files = expand_shards(s)
         if all(f.suffix.lower() == ".parquet" for f in files):

@@ -114,10 +114,17 @@ def check_seed(seed: int, flag: str = "--seed") -> int:
 _FILE_SUFFIXES = frozenset({*IMAGE_EXTENSIONS, ".gif", ".safetensors", ".latent", ".ckpt", ".pt", ".pth", ".bin"})
 
 
+def check_named(path: str | Path, flag: str) -> None:
+    """KlvaeError for an empty or blank path: Path("") is the working folder, which no one names that way."""
+    if not str(path).strip():
+        raise KlvaeError(f"{flag} is empty: name a {'file or folder' if flag != '--data' else 'data set'}")
+
+
 def check_output_path(path: str | Path, flag: str = "--output", *, folder: bool = False,
                       inputs: Iterable[str | Path] = ()) -> Path:
     """KlvaeError unless `path` can be written as a file (a folder with `folder`) and is none of `inputs`;
     creates nothing, so a bad output is refused before any work."""
+    check_named(path, flag)
     p = Path(path)
     # The nearest folder that exists is where the write (or the first mkdir) happens. Names are measured before
     # anything stats `p`: a name over the file system's limit makes every stat below it raise.

@@ -12,9 +12,11 @@ from klvae.cli.common import (
     add_overwrite_arg,
     add_run_args,
     add_tiling_args,
+    check_named,
     check_not_in_data,
     check_output_path,
     exists_error,
+    inside,
     tiling_from_args,
 )
 from klvae.errors import KlvaeError, first_line, flag, flag_errors
@@ -165,9 +167,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         image_column=args.image_column,
     )
     opts.check()
+    check_named(args.data, "--data")
     check_output_path(args.output, folder=True)  # before the work, not after it
     check_report_output(Path(args.output), args.overwrite)
     check_not_in_data(args.output, "--output", args.data)  # a rerun would score the report's PNGs as data
+    if (pictures := Path(args.output) / "images").is_dir() and inside(Path(args.data), pictures):
+        # The report's pictures would land among the data, and --overwrite deletes the old ones there.
+        raise KlvaeError(f"--output {args.output}: its images/ folder, where the report's pictures go, holds the "
+                         f"data (--data {args.data}); name another --output")
     source = open_source(args.data, image_column=args.image_column)  # bad data before any model or download
     if not source.ids:
         raise KlvaeError(f"--data {args.data} holds no images")

@@ -10,6 +10,7 @@ from pathlib import Path
 from klvae.cli.common import (
     add_model_args,
     check_model_output,
+    check_named,
     check_not_in_data,
     check_not_the_model,
     check_output_path,
@@ -135,6 +136,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
     from klvae.latents.sources import open_source
 
     check_scale_options(args.limit, args.resolution)
+    check_named(args.data, "--data")
     if args.save:  # before the work, not after it
         check_output_path(args.save, "--save", folder=True)
         check_model_output(Path(args.save), "--save", overwrite=args.overwrite)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from klvae import __version__, inference
-from klvae.errors import ImageError, KlvaeError, Namer, OptionError, first_line, keyword, none_read
+from klvae.errors import ImageError, KlvaeError, Namer, OptionError, first_line, keyword, none_read, quote
 from klvae.evaluation.fid import FEATURE_DIM, FIDReference
 from klvae.evaluation.metrics import MetricAccumulator, psnr, ssim
 from klvae.images import MAX_PIXELS, pil_to_tensor
@@ -295,13 +295,24 @@ def _measure(res: EvalResult, m: str, vae: AutoencoderKL, x: Tensor, batch_ids: 
 
 
 @torch.no_grad()
+def check_models(models: object) -> None:
+    """TypeError unless `models` maps names (str) to klvae AutoencoderKLs; KlvaeError when it is empty."""
+    want = "models must map names (str) to klvae AutoencoderKLs, as {'mine': vae}"
+    if not isinstance(models, Mapping):
+        raise TypeError(f"{want}, got {type(models).__name__}")
+    if bad := next(((k, v) for k, v in models.items()
+                    if not isinstance(k, str) or not isinstance(v, AutoencoderKL)), None):
+        raise TypeError(f"{want}, got {quote(bad[0])}: {type(bad[1]).__name__}")
+    if not models:
+        raise KlvaeError("no model to evaluate")
+
+
 def evaluate(
     models: Mapping[str, AutoencoderKL], source: ItemSource, opts: EvalOptions, nets: MetricNets
 ) -> EvalResult:
     """Reconstruct every item with every model and measure it; rFID over the whole set at the end."""
     opts.check()
-    if not models:
-        raise KlvaeError("no model to evaluate")
+    check_models(models)
     ids = source.ids[: opts.limit] if opts.limit else list(source.ids)
     if not ids:
         raise KlvaeError("the data holds no images")
@@ -445,8 +456,9 @@ def run_evaluation(
 
     opts = opts if opts is not None else EvalOptions()
     opts.check()
-    if not models:
-        raise KlvaeError("no model to evaluate")
+    check_models(models)
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():  # found before the work, not by the report's mkdir
+        raise KlvaeError(f"the report's folder {out_dir} is a file")
     device = device if device is not None else next(iter(models.values())).device
     nets = nets if nets is not None else build_metric_nets(device)
     data = str(data)

@@ -75,6 +75,8 @@ class FIDReference:
 
     def distance(self, features: Tensor) -> float:
         """FID between the reference set and `features` [N, D]."""
+        if features.ndim != 2 or features.shape[1] != self.mu.numel():  # else a matmul's shapes, on one path only
+            raise ValueError(f"features must be [N, {self.mu.numel()}] as the reference's, got {list(features.shape)}")
         mu, sigma = feature_statistics(features)
         if max(self.n, features.shape[0]) <= features.shape[1]:
             # Fewer samples than dimensions: the sample-space form is exact and far cheaper.

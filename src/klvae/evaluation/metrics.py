@@ -38,12 +38,17 @@ _range_warned: set[str] = set()
 
 def _as_batches(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """Both as float [B, C, H, W] in a common working dtype; a lone [C, H, W] image becomes a batch of one."""
+    if not isinstance(a, Tensor) or not isinstance(b, Tensor):
+        raise TypeError(f"images must be torch tensors, got {type(a).__name__} and {type(b).__name__} "
+                        "(torch.from_numpy takes a NumPy array)")
     if a.shape != b.shape:
         raise ValueError(f"images differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
     if a.ndim == 3:
         a, b = a[None], b[None]
     if a.ndim != 4:
         raise ValueError(f"expected [B, C, H, W] or [C, H, W] images, got shape {tuple(a.shape)}")
+    if 0 in a.shape[1:]:  # a mean over no pixels is NaN, and SSIM's grouped convolution takes no zero channels
+        raise ValueError(f"images without pixels: shape {tuple(a.shape)}")
     # Half precision loses the small differences these metrics measure; float64 stays float64.
     dtype = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
     return a.to(dtype), b.to(dtype)

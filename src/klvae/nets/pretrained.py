@@ -38,8 +38,22 @@ class FrozenNet(nn.Module):
         return super().train(False)
 
 
+def odd_tensor(t: Tensor) -> str | None:
+    """What makes `t` no stored weight (meta: a shape without values; sparse or nested), or None for a dense one."""
+    # torch.load(weights_only=True) rebuilds all three: meta ones read as uninitialised memory, no convolution
+    # takes sparse ones, and nested ones have no size to check.
+    if t.is_meta:
+        return "a meta tensor (a shape without values)"
+    if t.is_nested or t.layout != torch.strided:
+        return f"a {'nested' if t.is_nested else str(t.layout).removeprefix('torch.')} tensor"
+    return None
+
+
 def load_strict(module: nn.Module, state_dict: Mapping[str, Any], what: str) -> None:
-    """load_state_dict with a one-line WeightsError naming missing, unexpected and mis-shaped keys."""
+    """load_state_dict with a one-line WeightsError naming missing, unexpected, mis-shaped and odd tensors."""
+    odd = next(((k, why) for k, v in state_dict.items() if isinstance(v, Tensor) and (why := odd_tensor(v))), None)
+    if odd:
+        raise WeightsError(f"{what} do not fit: {_shown_key(odd[0])} is {odd[1]}, not a stored weight")
     expected = module.state_dict()
     missing = sorted(expected.keys() - state_dict.keys())
     unexpected = sorted(map(_shown_key, state_dict.keys() - expected.keys()))

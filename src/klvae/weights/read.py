@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from klvae.errors import WeightsError, first_line
+from klvae.nets.pretrained import odd_tensor
 from klvae.weights.convert import VAE_PREFIXES, StateDict
 
 log = logging.getLogger(__name__)
@@ -191,12 +192,7 @@ def _copies(tensors: dict[str, Tensor], path: Path) -> StateDict:
         # Tensor's own methods, not the object's: weights_only still lets a pickle set attributes on a tensor
         # (_rebuild_from_type_v2's state), so v.clone could be any allowed callable, and its result no tensor.
         t = Tensor.detach(v)
-        # weights_only also rebuilds meta tensors (shapes without values: CPU kernels then read uninitialised memory,
-        # a silently wrong decode), sparse ones (no convolution takes them) and nested ones (no size to check, a
-        # list of tensors): none is a stored weight.
-        if t.is_meta or t.is_nested or t.layout != torch.strided:
-            layout = "nested" if t.is_nested else str(t.layout).removeprefix("torch.")
-            what = "a meta tensor (a shape without values)" if t.is_meta else f"a {layout} tensor"
+        if what := odd_tensor(t):
             raise WeightsError(f"{path}: {k} is {what}, not a stored weight: a file saved from a model without "
                                "its weights, or a damaged one")
         # A view's elements may outnumber its storage's (stride 0, keys sharing one storage): a file of a few KB
