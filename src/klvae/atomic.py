@@ -6,16 +6,19 @@ here, so a reader or a resumed job never sees half a file, and a kill leaves at 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor
+
+from klvae.errors import KlvaeError
 
 _SMUGGLED_BYTE = re.compile("[\udc80-\udcff]")
 
@@ -145,3 +148,26 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, job: str) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (which must exist) while the block runs; KlvaeError when another process
+    (another `job`) holds it. Where the file system has no such locks (or no fcntl), the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise KlvaeError(f"another `{job}` is writing into {folder}: wait for it to end, or name another "
+                             "folder") from None
+        except OSError:  # a file system without flock (some network ones): as before there were locks
+            pass
+        yield
+    finally:
+        os.close(fd)  # which releases the lock

@@ -64,8 +64,11 @@ def resolve_spec(spec: str | Path, recursive: bool = True) -> DataSpec:
         return DataSpec("tar", (p,))
     if p.suffix.lower() == ".parquet" or is_disk(p) or any(p.glob("*.parquet")) or any(p.glob("data/*.parquet")):
         return DataSpec("table", (p,))
-    if p.is_dir() and any(is_tar_name(q.name) for q in p.iterdir()) and not find_images([p], recursive):
-        return DataSpec("tar", tuple(expand_shards(p)))
+    if p.is_dir() and any(is_tar_name(q.name) for q in p.iterdir()):
+        if not find_images([p], recursive):
+            return DataSpec("tar", tuple(expand_shards(p)))
+        log.warning("%s holds images and tar shards: reading the images; name the shards (%s/*.tar) to read them "
+                    "instead", p, p)
     return DataSpec("folder", (p,))
 
 

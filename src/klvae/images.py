@@ -211,7 +211,12 @@ def check_regular_file(path: Path, st: os.stat_result | None = None) -> None:
     """ImageError for a FIFO, socket or device: reading one can block forever or never end (`st`: its fstat)."""
     mode = (st or path.stat()).st_mode
     if not stat.S_ISREG(mode):
-        raise ImageError(f"{path}: not a regular file (a FIFO, socket or device), so not an image")
+        raise ImageError(f"{path}: {not_a_file(mode)}, so not an image")
+
+
+def not_a_file(mode: int) -> str:
+    """What a file of `mode` (stat's st_mode) is that is no regular file, in words."""
+    return "a folder, not a file" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, socket or device)"
 
 
 def open_image_bytes(data: bytes, name: str, max_pixels: int | None = MAX_PIXELS) -> Image.Image:

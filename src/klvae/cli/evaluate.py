@@ -140,8 +140,11 @@ def _load_models(args: argparse.Namespace, device: torch.device, opts: EvalOptio
 
 def _check_named_weights(args: argparse.Namespace) -> None:
     # A missing file named on the command line fails before the models load; its content is checked when it loads.
-    for option, path in (("--lpips-vgg", args.lpips_vgg), ("--lpips-lin", args.lpips_lin),
-                         ("--inception-weights", args.inception_weights)):
+    for option, path, off in (("--lpips-vgg", args.lpips_vgg, "--no-lpips"), ("--lpips-lin", args.lpips_lin,
+                              "--no-lpips"), ("--inception-weights", args.inception_weights, "--no-fid")):
+        if path is not None and getattr(args, off[2:].replace("-", "_")):
+            # As --resolution with --crop none: a file that would be silently ignored is refused.
+            raise KlvaeError(f"{option} names weights of a metric {off} leaves out; leave one of them out")
         if path is not None and not Path(path).expanduser().is_file():
             raise KlvaeError(f"{option} {Path(path).expanduser()}: no such file")
 

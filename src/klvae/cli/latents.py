@@ -28,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cache", help="encode a dataset to latent shards + index (resumable; torchrun for many GPUs)")
     p.add_argument("--data", help="image folder, datasets folder, parquet, or .tar shards (glob); required unless "
                                    "--verify")
+    p.add_argument("--image-column", default="image", help="image column of a dataset or parquet table")
     p.add_argument("-o", "--output", required=True, help="cache folder (shards, manifests, index.json)")
     p.add_argument("--verify", action="store_true",
                    help="encode nothing: read every shard of the cache in -o and check it against the SHA-256 "
@@ -49,6 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("scale", help="estimate scaling_factor = 1/std and shift_factor = mean of the latents")
     p.add_argument("--data", required=True, help="image folder, datasets folder, parquet, or .tar shards (glob)")
+    p.add_argument("--image-column", default="image", help="image column of a dataset or parquet table")
     p.add_argument("--limit", type=int, default=256, help="images to sample")
     p.add_argument("--resolution", type=int, default=256, help="side of the centre crop each image is encoded at")
     p.add_argument("--save", default=None, help="write the model with these factors to this folder (diffusers layout)")
@@ -84,7 +86,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
                         seed=check_seed(args.seed))
     check_output_path(args.output, folder=True)
     check_not_in_data(args.output, "--output", args.data)  # a rerun would cache its own files as images
-    source = open_source(args.data)  # bad data is reported before the model is loaded
+    source = open_source(args.data, args.image_column)  # bad data is reported before the model is loaded
     if not source.ids:
         raise KlvaeError(f"no images in {args.data}")
     device = usable_device(args.device, "--device")
@@ -141,7 +143,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
         check_output_path(args.save, "--save", folder=True)
         check_model_output(Path(args.save), "--save", overwrite=args.overwrite)
         check_not_in_data(args.save, "--save", args.data)
-    source = open_source(args.data)  # bad data is reported before the model is loaded
+    source = open_source(args.data, args.image_column)  # bad data is reported before the model is loaded
     if not source.ids:
         raise KlvaeError(f"no images in {args.data}")
     if args.save:

@@ -21,6 +21,8 @@ def feature_statistics(features: Tensor) -> tuple[Tensor, Tensor]:
     f = features.double()
     if f.ndim != 2 or f.shape[0] < 2:
         raise ValueError(f"feature statistics need at least two feature vectors, got shape {tuple(f.shape)}")
+    if not bool(torch.isfinite(f).all()):  # else a NaN distance, or an eigensolver's failure
+        raise ValueError("features hold NaN or inf")
     mu = f.mean(0)
     centred = f - mu
     return mu, centred.T @ centred / (f.shape[0] - 1)

@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from klvae import inference
-from klvae.atomic import atomic_write_text
+from klvae.atomic import atomic_write_text, folder_lock
 from klvae.distributed import usable_workers
 from klvae.errors import KlvaeError, none_read, quote
 from klvae.images import pil_to_tensor
@@ -356,7 +356,8 @@ def cache_rank(vae: AutoencoderKL, spec: str | os.PathLike[str] | ItemSource, ou
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return _cache_todo(vae, source, out, opts, dtype, rank, world, fingerprints)
+        with folder_lock(out, "klvae cache") if rank == 0 else contextlib.nullcontext():  # a run's rank 0 speaks for it
+            return _cache_todo(vae, source, out, opts, dtype, rank, world, fingerprints)
     except BaseException:
         if created:  # a failed start leaves no empty folder; rmdir fails, as it should, on anything in it
             with contextlib.suppress(OSError):
@@ -497,8 +498,3 @@ def _clear_failed_run(out: Path) -> None:
         p.unlink(missing_ok=True)
     with contextlib.suppress(OSError):  # not empty: the user's files, or the data of another run
         out.rmdir()
-
-
-def iter_rows(index_path: str | Path) -> Iterator[dict[str, Any]]:
-    """The rows an index lists."""
-    yield from json.loads(Path(index_path).read_text())["items"]

@@ -107,6 +107,8 @@ class LatentDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         it = self.items[i]
+        if not _is_item(it):  # checked as read: a check of every row up front would slow a large cache's start
+            raise _bad_item(self.root, i)
         prefix = f"{it['row']:06d}"
         if self.store == "moments":
             mean, logvar = self._tensor(it["shard"], f"{prefix}.mean"), self._tensor(it["shard"], f"{prefix}.logvar")
@@ -150,6 +152,22 @@ def micro_conditioning(item: dict[str, Any]) -> dict[str, Tensor]:
             "add_time_ids": torch.cat([original, crop, target])}
 
 
+def _bad_item(root: Path, i: int) -> LatentsError:
+    return LatentsError(f"{root / 'index.json'} item {i} is not a cache row (shard, row, source, size, crop, flip, "
+                        "bucket): the index is damaged; `klvae cache` run again on this folder writes it anew")
+
+
+def _ints(v: object, n: int) -> bool:
+    return isinstance(v, list) and len(v) == n and all(type(x) is int and x >= 0 for x in v)
+
+
+def _is_item(it: object) -> bool:
+    # What __getitem__, micro_conditioning and BucketBatchSampler read of a row.
+    return (isinstance(it, dict) and isinstance(it.get("shard"), str) and type(it.get("row")) is int
+            and it["row"] >= 0 and isinstance(it.get("source"), str) and _ints(it.get("size"), 2)
+            and _ints(it.get("crop"), 4) and isinstance(it.get("flip"), bool) and _ints(it.get("bucket"), 2))
+
+
 def _check_count(value: object, name: str, least: int = 0) -> None:
     # A float or a string would key the noise or the shuffle some other way, or fail deep inside torch.
     if not is_integer(value) or value < least:
@@ -176,6 +194,8 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.batch_size, self.shuffle, self.seed, self.drop_last, self.epoch = batch_size, shuffle, seed, drop_last, 0
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for i, it in enumerate(dataset.items):
+            if not (isinstance(it, dict) and _ints(it.get("bucket"), 2)):
+                raise _bad_item(dataset.root, i)
             groups[tuple(it["bucket"])].append(i)
         self.groups = list(groups.values())
 

@@ -21,6 +21,7 @@ from klvae.images import (
     find_images,
     image_from_cell,
     load_image,
+    not_a_file,
     open_image_bytes,
     read_tar_member,
 )
@@ -139,7 +140,10 @@ def _tar_members(t: Path, ids: dict[str, tuple[Path, str, int]], label: str) -> 
     # read, if so.
     n, files = 0, {}
     if not t.is_file():  # a FIFO among the shards would block tarfile forever
-        return "not a regular file (a FIFO, socket or device)"
+        try:
+            return not_a_file(t.stat().st_mode)
+        except OSError as e:  # a link to nothing
+            return f"cannot be read: {e.strerror or e}"
     try:
         with tarfile.open(t) as tf:
             for m in tf:
