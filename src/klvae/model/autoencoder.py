@@ -179,7 +179,7 @@ class AutoencoderKL(nn.Module):
         cls,
         path_or_id: str | Path,
         subfolder: str | None = None,
-        config: AutoencoderKLConfig | str | None = None,
+        config: AutoencoderKLConfig | str | dict[str, Any] | None = None,
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
         revision: str | None = None,
@@ -195,7 +195,7 @@ class AutoencoderKL(nn.Module):
     def from_single_file(
         cls,
         path: str | Path,
-        config: AutoencoderKLConfig | str | None = None,
+        config: AutoencoderKLConfig | str | dict[str, Any] | None = None,
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
     ) -> AutoencoderKL:

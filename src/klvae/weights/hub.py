@@ -131,7 +131,7 @@ def _describe(e: Exception, repo_id: str, filename: str, revision: str | None = 
 def fetch_diffusers_files(repo_id: str, subfolder: str | None = None, revision: str | None = None) -> tuple[Path, Path]:
     """Local paths of config.json and the weights (safetensors, else .bin) of a hub repo, downloaded or cached;
     `revision` is a branch, tag or commit (default: main)."""
-    from huggingface_hub.utils import EntryNotFoundError
+    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
 
     def shown(name: str) -> str:
         return f"{subfolder}/{name}" if subfolder else name
@@ -139,7 +139,15 @@ def fetch_diffusers_files(repo_id: str, subfolder: str | None = None, revision: 
     try:
         config = _download(repo_id, CONFIG_NAME, subfolder, revision)
     except (OSError, ValueError, EntryNotFoundError) as e:
-        raise WeightsError(_describe(e, repo_id, shown(CONFIG_NAME), revision)) from None
+        if subfolder or not isinstance(e, EntryNotFoundError):  # LocalEntryNotFoundError is one too
+            raise WeightsError(_describe(e, repo_id, shown(CONFIG_NAME), revision)) from None
+        try:  # a pipeline repo (its model_index.json at the top), as a local pipeline folder is taken
+            config, subfolder = _download(repo_id, CONFIG_NAME, "vae", revision), "vae"
+        except (OSError, ValueError, EntryNotFoundError):
+            # Offline, a repo never fetched lacks both: then the hint would only mislead.
+            hint = "" if isinstance(e, LocalEntryNotFoundError) else " (a pipeline repo? pass subfolder='vae')"
+            raise WeightsError(_describe(e, repo_id, CONFIG_NAME, revision) + hint) from None
+        log.info("%s is a pipeline repo: using its vae/ subfolder", repo_id)
     first: Exception | None = None
     for name in WEIGHTS_NAMES:
         try:

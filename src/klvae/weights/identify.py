@@ -56,6 +56,13 @@ def _lone_half(path: Path, sd: StateDict, half: str) -> str:
     return text
 
 
+def check_may_be_vae(path: Path, keys: list[str]) -> None:
+    """WeightsError saying what the file is when none of its tensor names (a safetensors header's) is a VAE's:
+    found before a tensor is read, which for a 23 GB diffusion model is the memory it would take."""
+    if keys and not any("encoder." in k or "decoder." in k for k in keys):  # none at all: read_weights says so
+        raise WeightsError(_no_vae(path, keys))
+
+
 def check_is_vae(path: Path, tensors: StateDict, all_keys: list[str]) -> None:
     """WeightsError saying what the file is, when its tensors (as read: a full checkpoint's VAE part) are a
     diffusion model's, TAESD's, or one half of an autoencoder; silent for anything that may be a KL autoencoder."""

@@ -19,7 +19,7 @@ from klvae.model.config import PRESET_HUB_FILES, PRESET_HUB_IDS, PRESETS, Autoen
 from klvae.weights.convert import StateDict, to_diffusers
 from klvae.weights.diffusers_config import batch_norm_eps, read_config_json, read_json_object
 from klvae.weights.hub import CONFIG_NAME, fetch_diffusers_files, fetch_hub_file, looks_like_repo_id, parse_hub_file
-from klvae.weights.identify import check_is_vae
+from klvae.weights.identify import check_is_vae, check_may_be_vae
 from klvae.weights.infer import check_fits, family_from_name, guess_family, infer_config, with_edm_stats
 from klvae.weights.latent_bn import BFL_EPS, pop_latent_bn, with_latent_stats
 
@@ -29,8 +29,11 @@ from klvae.weights.read import (  # noqa: F401
     PICKLE_SUFFIXES,
     WEIGHTS_SUFFIXES,
     RawWeights,
+    header_keys,
+    is_shard_index,
     read_state_dict,
     read_weights,
+    shard_files,
     torch_file_problem,
 )
 
@@ -41,6 +44,7 @@ M = TypeVar("M", bound=nn.Module)
 # In order of preference inside a diffusers folder; the fp16 variants only when no full-precision file is there.
 FOLDER_WEIGHTS = (
     "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+    "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.bin.index.json",  # sharded
     "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin",
 )
 _SHOWN = 5  # keys named per kind of mismatch in an error line
@@ -57,7 +61,8 @@ class WeightsSource:
     @property
     def files(self) -> list[Path]:
         """Every file that loading reads."""
-        return [self.weights] + ([self.config_json] if self.config_json is not None else [])
+        shards = shard_files(self.weights) if is_shard_index(self.weights) else []
+        return [self.weights, *shards] + ([self.config_json] if self.config_json is not None else [])
 
 
 def _folder(d: Path) -> WeightsSource:
@@ -303,7 +308,7 @@ def load_pretrained(
     cls: type[M],
     path_or_id: str | Path,
     subfolder: str | None = None,
-    config: AutoencoderKLConfig | str | None = None,
+    config: AutoencoderKLConfig | str | dict[str, Any] | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     revision: str | None = None,
@@ -311,19 +316,33 @@ def load_pretrained(
     """A `cls` (AutoencoderKL) with the weights that path_or_id names, in eval mode on device/dtype."""
     # Refused before anything is read or fetched.
     _check_dtype(dtype)
+    config = _as_config(config)
     device = usable_device(device) if device is not None else None
     return load_source(cls, locate(path_or_id, subfolder, revision), config=config, dtype=dtype, device=device)
+
+
+def _as_config(config: object) -> AutoencoderKLConfig | str | None:
+    # As AutoencoderKL(config) takes it: a dict is AutoencoderKLConfig.to_dict()'s form.
+    if isinstance(config, dict):
+        return AutoencoderKLConfig.from_dict(config)
+    if config is not None and not isinstance(config, AutoencoderKLConfig | str):
+        raise TypeError(f"config must be an AutoencoderKLConfig, a preset name or a dict of its fields, got a "
+                        f"{type(config).__name__}")
+    return config
 
 
 def load_source(
     cls: type[M],
     source: WeightsSource,
-    config: AutoencoderKLConfig | str | None = None,
+    config: AutoencoderKLConfig | str | dict[str, Any] | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
 ) -> M:
     """`load_pretrained` from files already located (see `locate`)."""
     _check_dtype(dtype)
+    config = _as_config(config)
+    if (keys := header_keys(source.weights)) is not None:
+        check_may_be_vae(source.weights, keys)
     raw = read_weights(source.weights)
     check_is_vae(source.weights, raw.tensors, raw.keys)
     sd, latent_bn = pop_latent_bn(to_diffusers(raw.tensors))

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")  # .sft: BFL's first name for FLUX.1's ae, which ComfyUI reads
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 WEIGHTS_SUFFIXES = (*SAFETENSORS_SUFFIXES, *PICKLE_SUFFIXES)
+SHARD_INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
 # The .safetensors header key under which klvae stores the model's config (JSON of AutoencoderKLConfig.to_dict):
 # a lone LDM-layout file then reloads as the same model, where shapes alone cannot tell e.g. norm_num_groups.
 CONFIG_METADATA = "klvae_config"
@@ -67,6 +68,20 @@ def _safetensors_problem(path: Path, e: Exception) -> str:
     if "header" in text.lower():  # "header too large/too small", "invalid header": the first bytes are no header
         return f"it is not a safetensors file ({text})"
     return text
+
+
+def header_keys(path: Path) -> list[str] | None:
+    """The tensor names of a safetensors file, from its header alone; None for another file or an unreadable one
+    (read_weights then says why)."""
+    from safetensors import safe_open
+
+    try:
+        if not path.is_file() or sniff_format(path) != "safetensors":
+            return None
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return list(f.keys())
+    except Exception:  # safetensors raises its own SafetensorError besides OSError
+        return None
 
 
 def _read_safetensors(path: Path) -> RawWeights:
@@ -173,6 +188,8 @@ def _read_pickle(path: Path) -> RawWeights:
         obj, meta = _training_checkpoint_weights(obj, path)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = _plain_dict(obj["state_dict"])  # LDM / Lightning checkpoints nest the weights
+    elif isinstance(obj, dict) and not any(isinstance(v, Tensor) for v in obj.values()):
+        obj = _nested_weights(obj, path)
     if not isinstance(obj, dict):
         raise WeightsError(f"{path} holds a {type(obj).__name__}, not a state dict")
     keys = [k for k in obj if isinstance(k, str)]
@@ -181,6 +198,24 @@ def _read_pickle(path: Path) -> RawWeights:
     extra = [k for k in EXTRA_KEYS if prefix and isinstance(obj.get(k), Tensor)]
     copies = _copies({k: obj[k] for k in vae + extra}, path)
     return RawWeights({k: copies[k] for k in vae}, keys, meta, {k: copies[k] for k in extra})
+
+
+def _nested_weights(obj: dict[Any, Any], path: Path) -> dict[Any, Any]:
+    """The one entry of a checkpoint without top-level tensors that holds a VAE's ({"model": sd, "epoch": 3}, as
+    many training scripts save); WeightsError naming them when several do (which one is the user's to say)."""
+    def vae_like(v: Any) -> bool:
+        return isinstance(v, dict) and any(isinstance(k, str) and ("encoder." in k or "decoder." in k)
+                                           and isinstance(t, Tensor) for k, t in v.items())
+
+    found = [k for k, v in obj.items() if vae_like(v)]
+    if len(found) > 1:
+        raise WeightsError(f"{path} holds VAE weights under {len(found)} entries ({', '.join(map(repr, found[:4]))}) "
+                           f"and none at its top level: save the one to load alone, e.g. "
+                           f"torch.save(ckpt[{found[0]!r}], 'vae.pt')")
+    if found:
+        log.info("%s: loading the weights under its %r entry", path.name, found[0])
+        return _plain_dict(obj[found[0]])
+    return obj
 
 
 def _copies(tensors: dict[str, Tensor], path: Path) -> StateDict:
@@ -237,9 +272,38 @@ def _training_checkpoint_weights(obj: dict[str, Any], path: Path) -> tuple[dict[
     return weights, {CONFIG_METADATA: config} if isinstance(config, str) else {}
 
 
+def is_shard_index(path: Path) -> bool:
+    """Whether `path` names the index of sharded weights (diffusers' save_pretrained(max_shard_size=...))."""
+    return path.name.endswith(SHARD_INDEX_SUFFIXES)
+
+
+def shard_files(index: Path) -> list[Path]:
+    """The shard files a sharded-weights index names, each checked to be there; WeightsError naming the first that
+    is not (an interrupted download or copy), or an index that is no such file."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        weight_map = None
+    names = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
+    if not names or not all(isinstance(n, str) and n and Path(n).name == n for n in names):
+        raise WeightsError(f"{index} is not an index of sharded weights (a weight_map of file names)")
+    if missing := next((n for n in names if not (index.parent / n).is_file()), None):
+        raise WeightsError(f"{index.parent / missing}, a shard that {index.name} names, is missing (an "
+                           f"interrupted download or copy?)")
+    return [index.parent / n for n in names]
+
+
+def _read_shards(index: Path) -> RawWeights:
+    parts = [read_weights(f) for f in shard_files(index)]
+    return RawWeights({k: v for p in parts for k, v in p.tensors.items()}, [k for p in parts for k in p.keys],
+                      {k: v for p in parts for k, v in p.metadata.items()}, {})
+
+
 def read_weights(path: Path) -> RawWeights:
     """The tensors, key names, header metadata and extras of one weights file, read by its content (a file named
-    .ckpt that holds safetensors is read as such), else by its suffix."""
+    .ckpt that holds safetensors is read as such), else by its suffix; of every shard, given a shard index."""
+    if is_shard_index(path) and path.is_file():
+        return _read_shards(path)
     if not path.is_file():
         raise WeightsError(f"{path} is not a regular file" if path.exists() else f"no such file: {path}")
     kind = sniff_format(path)

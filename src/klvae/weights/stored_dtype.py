@@ -1,6 +1,6 @@
 """The dtypes a weights file stores the VAE's tensors in, counted as loading picks them (the VAE's tensors only,
-under `first_stage_model.` in a full SD checkpoint): shared by the trainer's note on half-precision
-`model.pretrained` weights and by `klvae info`."""
+under `first_stage_model.` in a full SD checkpoint, without an LDM checkpoint's loss.* and model_ema.*): shared by
+the trainer's note on half-precision `model.pretrained` weights and by `klvae info`."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from klvae.weights.convert import VAE_PREFIXES
-from klvae.weights.read import read_state_dict, sniff_format
+from klvae.weights.convert import TRAINING_PREFIXES, VAE_PREFIXES
+from klvae.weights.read import is_shard_index, read_state_dict, shard_files, sniff_format
 
 # safetensors' dtype codes, and torch's, as --dtype and `convert --dtype` spell them.
 _SHORT = {"F64": "fp64", "F32": "fp32", "F16": "fp16", "BF16": "bf16",
@@ -23,7 +23,10 @@ _FLOAT_CODES = ("F", "BF")  # F8_E4M3, F16, BF16 ...: I64 (a BatchNorm's counter
 
 
 def stored_values(path: Path) -> Counter[str]:
-    """Values per stored dtype ('fp16', 'fp32', ...) over the VAE's floating-point tensors of a weights file."""
+    """Values per stored dtype ('fp16', 'fp32', ...) over the VAE's floating-point tensors of a weights file (of
+    every shard, given a shard index)."""
+    if is_shard_index(path):
+        return sum((stored_values(f) for f in shard_files(path)), Counter())
     if sniff_format(path) == "safetensors":  # by content, as loading reads it: a misnamed file is common
         return _safetensors_values(path)
     return _pickle_values(path)
@@ -48,7 +51,7 @@ def _safetensors_values(path: Path) -> Counter[str]:
         # As loading does: a full SD checkpoint's UNet and text encoder are not the VAE.
         prefix = next((p for p in VAE_PREFIXES if any(k.startswith(p) for k in keys)), "")
         for k in keys:
-            if k.startswith(prefix):
+            if k.startswith(prefix) and not k[len(prefix):].startswith(TRAINING_PREFIXES):
                 part = f.get_slice(k)
                 code = part.get_dtype()
                 if code.startswith(_FLOAT_CODES):
@@ -61,8 +64,9 @@ def _pickle_values(path: Path) -> Counter[str]:
     counts: Counter[str] = Counter()
     with _quiet_reader():
         tensors = read_state_dict(path)
-    for t in tensors.values():
-        if t.is_floating_point():
+    prefix = next((p for p in VAE_PREFIXES if any(k.startswith(p) for k in tensors)), "")
+    for k, t in tensors.items():
+        if t.is_floating_point() and not k[len(prefix):].startswith(TRAINING_PREFIXES):
             counts[_SHORT.get(t.dtype, str(t.dtype).removeprefix("torch."))] += t.numel()
     return counts
 
