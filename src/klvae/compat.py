@@ -26,7 +26,7 @@ with `save_pretrained` (diffusers' format).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast, overload
@@ -38,7 +38,7 @@ from klvae.errors import KlvaeError, WeightsError
 from klvae.inference.api import check_float
 from klvae.inference.precision import run_guarded, warn_if_slow
 from klvae.inference.tiling import TileOptions, make_streamer, run_maybe_tiled, tiled_decode, tiled_encode_moments
-from klvae.model.autoencoder import AutoencoderKL
+from klvae.model.autoencoder import AutoencoderKL, check_batch
 from klvae.model.config import AutoencoderKLConfig
 from klvae.posterior import DiagonalGaussian
 from klvae.weights.diffusers_config import config_to_diffusers
@@ -54,20 +54,7 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 class DiagonalGaussianDistribution(DiagonalGaussian):
-    """klvae's posterior with diffusers' sample(): a list of generators draws one image each, as randn_tensor."""
-
-    def sample(self, generator: torch.Generator | Sequence[torch.Generator] | None = None) -> Tensor:
-        """z = mean + std * eps, eps drawn by `generator` (per image when it is a list, as diffusers draws)."""
-        if isinstance(generator, Sequence) and len(generator) == 1:
-            generator = generator[0]  # randn_tensor treats a one-element list as the generator itself
-        if not isinstance(generator, Sequence):
-            return super().sample(generator)
-        if len(generator) < self.mean.shape[0]:
-            raise ValueError(f"{len(generator)} generators for a batch of {self.mean.shape[0]}")
-        shape = (1, *self.mean.shape[1:])
-        eps = torch.cat([torch.randn(shape, generator=g, device=g.device, dtype=self.mean.dtype).to(self.mean.device)
-                         for g in generator[: self.mean.shape[0]]])
-        return self.mean + self.std * eps
+    """klvae's posterior under diffusers' name (its sample() takes a list of generators too, as randn_tensor)."""
 
 
 class _Output:
@@ -347,6 +334,9 @@ class DiffusersVAE(nn.Module):
         vae = self._klvae
         dtype = vae.dtype
         check_float(x, op)  # cast below, 0..255 would pass for [-1, 1] values; diffusers fails on such a dtype
+        # Checked here for the tiled path too, which would otherwise fail inside its strips.
+        c = vae.config.in_channels if op == "encode" else vae.config.latent_channels
+        check_batch(x, c, "image" if op == "encode" else "latent")
         # An input of another dtype or device is taken as diffusers' pipelines mean it (they cast it to vae.dtype
         # themselves); diffusers would fail on it.
         x = x.to(vae.device, dtype)

@@ -28,13 +28,23 @@ class DiagonalGaussian:
             self.std = torch.exp(0.5 * self.logvar)
             self.var = torch.exp(self.logvar)
 
-    def sample(self, generator: torch.Generator | None = None) -> Tensor:
-        """z = mean + std * eps, eps ~ N(0, I): differentiable in mean and logvar (reparameterisation)."""
+    def sample(self, generator: torch.Generator | Sequence[torch.Generator] | None = None) -> Tensor:
+        """z = mean + std * eps, eps ~ N(0, I): differentiable in mean and logvar (reparameterisation); a list of
+        generators draws each image's eps with its own, as diffusers' randn_tensor does."""
+        gens = list(generator) if isinstance(generator, Sequence) else [generator]
+        if not all(g is None or isinstance(g, torch.Generator) for g in gens) or not gens:
+            raise TypeError(f"generator must be a torch.Generator, a list of them (one per image) or None, got "
+                            f"{type(generator).__name__}")
+        if len(gens) > 1 and len(gens) < self.mean.shape[0]:
+            raise ValueError(f"{len(gens)} generators for a batch of {self.mean.shape[0]}")
+        # A one-element list is the generator itself, as randn_tensor takes it.
+        draws = [(gens[0], self.mean.shape)] if len(gens) == 1 else \
+            [(g, (1, *self.mean.shape[1:])) for g in gens[: self.mean.shape[0]]]
         # Drawn where the generator lives, then moved (as diffusers' randn_tensor): a CPU generator gives the same
         # noise for moments on any device, and torch.randn refuses a generator of another device.
-        device = generator.device if generator is not None else self.mean.device
-        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
-        return self.mean + self.std * eps.to(self.mean.device)
+        eps = [torch.randn(shape, generator=g, device=g.device if g is not None else self.mean.device,
+                           dtype=self.mean.dtype).to(self.mean.device) for g, shape in draws]
+        return self.mean + self.std * (eps[0] if len(eps) == 1 else torch.cat(eps))
 
     def mode(self) -> Tensor:
         """The most likely z: the mean."""

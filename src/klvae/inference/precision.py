@@ -77,25 +77,39 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         raise KlvaeError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(sorted(set(DTYPES)))}") from None
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    """Autocast to a half dtype (GroupNorm and softmax stay fp32 under it), or nothing for fp32."""
-    if dtype == torch.float32:
+    """Autocast to a half dtype (GroupNorm and softmax stay fp32 under it), or nothing for fp32 (and fp64)."""
+    if dtype not in HALF_DTYPES:  # autocast to fp64 warns on every call and does nothing
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def _computing_in(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    # A full-precision pass turns off a caller's own autocast, which would otherwise run it in half precision.
+    return autocast(device, dtype) if dtype in HALF_DTYPES else torch.autocast(device.type, enabled=False)
+
+
 @contextlib.contextmanager
 def _fp32_weights(model: nn.Module) -> Iterator[None]:
-    # A model stored in half precision is upcast for the rerun only, then put back.
-    old = next(model.parameters()).dtype
-    if old == torch.float32:
-        yield
-        return
-    model.float()
+    # Weights stored in another precision are upcast for the rerun only, then given back as they were: each its own
+    # tensor (a model may mix dtypes; a cast back would round fp64 ones, or make tensors of inference_mode).
+    saved = [(t, t.data) for t in (*model.parameters(), *model.buffers())
+             if t.is_floating_point() and t.dtype != torch.float32]
+    for t, data in saved:
+        t.data = data.float()
     try:
         yield
     finally:
-        model.to(old)
+        for t, data in saved:
+            t.data = data
+
+
+def _run_fp32(model: nn.Module, fn: Callable[[Tensor, torch.dtype], Tensor], x: Tensor) -> Tensor:
+    with _fp32_weights(model), _computing_in(x.device, torch.float32):
+        return fn(x.float(), torch.float32).float()
 
 
 def compute_dtype(model: nn.Module, dtype: torch.dtype | None) -> torch.dtype:
@@ -130,20 +144,19 @@ def warn_if_slow(device: torch.device, dtype: torch.dtype) -> None:
 def run_guarded(
     model: nn.Module, fn: Callable[[Tensor, torch.dtype], Tensor], x: Tensor, dtype: torch.dtype, what: str
 ) -> Tensor:
-    """fn(x, dtype) under autocast; when that yields non-finite values, rerun in fp32 with a warning."""
+    """fn(x, dtype) under autocast; when a half-precision pass yields non-finite values, rerun in fp32 with a
+    warning. A caller's own autocast does not lower a full-precision pass."""
     weight = next(model.parameters())
     weight_dtype = weight.dtype
     if dtype == torch.float32 and weight_dtype != torch.float32:
         # fp32 asked outright of a model stored in half precision (optimize_for_inference): upcast for this call.
-        with _fp32_weights(model):
-            return fn(x.float(), torch.float32).float()
+        return _run_fp32(model, fn, x)
     if weight_dtype != torch.float32:
         dtype = weight_dtype  # a model stored in half precision computes in it; autocast would mix types
     warn_if_slow(weight.device, dtype)
-    with autocast(weight.device, dtype):  # x may wait in host memory (a big image for the tiled path)
+    with _computing_in(weight.device, dtype):  # x may wait in host memory (a big image for the tiled path)
         out = fn(x.to(weight_dtype), dtype)
-    if torch.isfinite(out).all() or (dtype == torch.float32 and weight_dtype == torch.float32):
+    if dtype not in HALF_DTYPES or torch.isfinite(out).all():
         return out.float()  # finite, or nothing higher to fall back to (the caller checks the output)
     log.warning("%s produced non-finite values in %s; rerunning this step in fp32", what, str(dtype).split(".")[-1])
-    with _fp32_weights(model):
-        return fn(x.float(), torch.float32).float()
+    return _run_fp32(model, fn, x)

@@ -78,9 +78,10 @@ def _run(stage: nn.Module, h: Tensor, checkpoint: bool) -> Tensor:
     return stage(h)
 
 
-def _check_batch(t: Tensor, channels: int, what: str) -> None:
+def check_batch(t: Tensor, channels: int, what: str) -> None:
+    """ValueError unless `t` is a batch [B, channels, H, W] of `what`s (images, latents) with pixels."""
     # Else torch's error names a GroupNorm's or conv's internal shapes (a 3-D image fails in the first GroupNorm).
-    if t.ndim != 4 or t.shape[1] != channels:
+    if t.ndim != 4 or t.shape[1] != channels or 0 in t.shape[2:]:
         raise ValueError(f"expected a batch of {what}s [B, {channels}, H, W], got shape {list(t.shape)}")
 
 
@@ -108,7 +109,7 @@ class AutoencoderKL(nn.Module):
     # ---- core computation -------------------------------------------------------------------------
     def encode_moments(self, x: Tensor) -> Tensor:
         """Image [B, C, H, W] in [-1, 1] -> posterior moments [B, 2*latent, H/f, W/f] (mean, logvar)."""
-        _check_batch(x, self.config.in_channels, "image")
+        check_batch(x, self.config.in_channels, "image")
         h = self.encoder(x)
         return self.quant_conv(h) if self.quant_conv is not None else h
 
@@ -118,7 +119,7 @@ class AutoencoderKL(nn.Module):
 
     def decode(self, z: Tensor) -> Tensor:
         """Unscaled latent [B, latent, h, w] -> image [B, C, h*f, w*f], roughly in [-1, 1]."""
-        _check_batch(z, self.config.latent_channels, "latent")
+        check_batch(z, self.config.latent_channels, "latent")
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)
