@@ -92,6 +92,10 @@ def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
     if betas.numel() < 2:
         raise ValueError("rescaling to zero terminal SNR needs at least 2 betas")
     abar_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    if abar_sqrt[-2] == 0:  # underflowed: the steps after would be 0/0
+        k = int((abar_sqrt == 0).nonzero()[0])
+        raise ValueError(f"these {betas.numel()} betas reach pure noise (alpha-bar 0 in float64) at step {k} already, "
+                         "before the last: there is no terminal SNR to rescale; leave zero terminal SNR out")
     first, last = abar_sqrt[0].clone(), abar_sqrt[-1].clone()
     # Shift so that the last step is 0, then scale so that the first keeps its value.
     abar_sqrt = (abar_sqrt - last) * (first / (first - last))

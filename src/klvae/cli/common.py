@@ -200,7 +200,9 @@ def check_model_output(out: Path, flag: str, *, overwrite: bool) -> None:
         raise KlvaeError(f"{flag} {out} is inside the installed klvae package ({package_dir()}), which holds its "
                          "built-in models; name another place")
     if not overwrite:
-        held = [out] if out.is_file() else [out / n for n in (CONFIG_NAME, *FOLDER_WEIGHTS) if (out / n).exists()]
+        # A link to nothing is held too, as check_new_file holds it: the write would replace it.
+        held = [out] if out.is_file() or (out.is_symlink() and not out.exists()) else \
+            [out / n for n in (CONFIG_NAME, *FOLDER_WEIGHTS) if (out / n).exists()]
         if held:
             # As decode does: a model written over another is lost, so it takes a word from the user.
             raise exists_error(flag, out, held[0])

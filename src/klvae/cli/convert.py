@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from klvae.cli.common import check_model_output, check_not_the_model, check_output_path
-from klvae.errors import KlvaeError
+from klvae.errors import KlvaeError, WeightsError
 from klvae.inference.precision import DTYPES
+
+if TYPE_CHECKING:
+    from klvae.model.autoencoder import AutoencoderKL
 
 FORMATS = ("diffusers", "ldm")
 
@@ -66,7 +70,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if fmt == "ldm":
         export_ldm(vae, out)
     else:
+        _check_diffusers_can_hold(vae)
         vae.save_pretrained(out)
     n = vae.num_parameters()["total"]
     print(f"wrote {out} ({fmt} layout, {args.dtype} weights, {n:,} parameters)")
     return 0
+
+
+def _check_diffusers_can_hold(vae: AutoencoderKL) -> None:
+    from klvae.weights.diffusers_config import LDM_HINT, config_to_diffusers
+
+    try:
+        config_to_diffusers(vae.config)
+    except WeightsError as e:
+        raise KlvaeError(f"{str(e).removesuffix(LDM_HINT)}: write it as one LDM-layout file instead, -o "
+                         "NAME.safetensors (or --to ldm)") from None

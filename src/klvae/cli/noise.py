@@ -23,6 +23,7 @@ from klvae.images import (
 )
 
 if TYPE_CHECKING:
+    from klvae.diffusion import NoiseSchedule
     from klvae.flow import FlowSchedule
     from klvae.model.config import AutoencoderKLConfig
 
@@ -75,6 +76,7 @@ def cmd_noise(args: argparse.Namespace) -> int:
     flow = args.schedule == "flow"
     _check_steps(args, flow)
     _check_betas(args)
+    schedule = None if flow else _ddpm_schedule(args)  # before the work: a schedule the options cannot make
     shift = _check_shift(args, flow)
     check_seed(args.seed)
     check_new_file(args.output, overwrite=args.overwrite, inputs=[args.image])  # before the work, not after it
@@ -93,7 +95,7 @@ def cmd_noise(args: argparse.Namespace) -> int:
         assert shift is not None  # _check_shift gives a flow schedule its shift
         zts, labels, what = _flow_noised(z0, noise, args, shift, family)
     else:
-        zts, labels, what = _ddpm_noised(z0, noise, args)
+        zts, labels, what = _ddpm_noised(z0, noise, args, schedule)
     # --batch-size noised latents per decoder pass
     images = [inference.decode(vae, vae.unscale_latents(chunk), dtype, size=tuple(x.shape[-2:])).cpu()
               for chunk in zts.split(args.batch_size or 1)]
@@ -103,12 +105,19 @@ def cmd_noise(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ddpm_noised(z0: torch.Tensor, noise: torch.Tensor, args: argparse.Namespace
-                 ) -> tuple[torch.Tensor, list[str], str]:
+def _ddpm_schedule(args: argparse.Namespace) -> NoiseSchedule:
     from klvae.diffusion import NoiseSchedule
 
-    schedule = NoiseSchedule.from_name(args.schedule, args.num_steps, beta_start=args.beta_start,
+    try:
+        return NoiseSchedule.from_name(args.schedule, args.num_steps, beta_start=args.beta_start,
                                        beta_end=args.beta_end, rescale_betas_zero_snr=args.zero_terminal_snr)
+    except ValueError as e:  # e.g. zero terminal SNR of betas whose alpha-bar underflows before the end
+        raise KlvaeError(str(e)) from None
+
+
+def _ddpm_noised(z0: torch.Tensor, noise: torch.Tensor, args: argparse.Namespace,
+                 schedule: NoiseSchedule | None = None) -> tuple[torch.Tensor, list[str], str]:
+    schedule = schedule or _ddpm_schedule(args)
     zts = torch.cat([schedule.q_sample(z0, t, noise=noise) for t in args.steps])
     labels = [f"t={t}  SNR={float(schedule.snr(t).item()):.3g}" for t in args.steps]
     return zts, labels, f"{args.schedule} schedule{', zero terminal SNR' if args.zero_terminal_snr else ''}"

@@ -78,6 +78,8 @@ def is_comfy_latent(path: str | Path) -> bool:
     """Whether `path` is meant as a ComfyUI latent: named `.latent`, or a safetensors holding `latent_tensor`."""
     if Path(path).suffix.lower() == SUFFIX:
         return True
+    if not Path(path).is_file():  # a FIFO would block safe_open for good, holding the GIL (no Ctrl-C)
+        return False  # the klvae reader says what it is
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = f.keys()  # safe_open has no __contains__
@@ -90,7 +92,9 @@ def load_comfy_latent(path: str | Path) -> ComfyLatent:
     """Read and check a `.latent` file as LoadLatent does; anything unusable is a one-line LatentsError."""
     path = Path(path)
     if not path.is_file():
-        raise LatentsError(f"no such latents file: {path}")
+        raise LatentsError(f"{path} is a folder, not a latents file" if path.is_dir() else
+                           f"{path} is not a regular file (a FIFO, socket or device)" if path.exists() else
+                           f"no such latents file: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}

@@ -149,13 +149,18 @@ def _sample_size(s: Any) -> int:
     return _int(s, "sample_size")
 
 
+# The way out for what a diffusers config cannot express (the CLI names its own).
+LDM_HINT = "; use export_ldm instead"
+
+
 def config_to_diffusers(cfg: AutoencoderKLConfig) -> dict[str, Any]:
     """A diffusers AutoencoderKL config dict for `cfg` (AutoencoderKLFlux2 with latent patches); WeightsError for
     what diffusers cannot express."""
     if cfg.attention == "linear":
-        raise WeightsError("attention 'linear' cannot be expressed in a diffusers config; use export_ldm instead")
+        raise WeightsError(f"attention 'linear' cannot be expressed in a diffusers config{LDM_HINT}")
     if cfg.norm_eps != _DIFFUSERS_NORM_EPS:
-        raise WeightsError(f"norm_eps {cfg.norm_eps} cannot be expressed in a diffusers config (fixed at 1e-6)")
+        raise WeightsError(f"norm_eps {cfg.norm_eps} cannot be expressed in a diffusers config (fixed at 1e-6)"
+                           f"{LDM_HINT}")
     from klvae import __version__
 
     n = len(cfg.block_out_channels)
@@ -183,7 +188,7 @@ def config_to_diffusers(cfg: AutoencoderKLConfig) -> dict[str, Any]:
     if p == 1:
         if cfg.decoder_block_out_channels is not None:
             raise WeightsError("decoder_block_out_channels cannot be expressed in diffusers' AutoencoderKL config "
-                               "(only AutoencoderKLFlux2 has them); use export_ldm instead")
+                               f"(only AutoencoderKLFlux2 has them){LDM_HINT}")
         return d
     if cfg.decoder_block_out_channels is not None:
         d["decoder_block_out_channels"] = list(cfg.decoder_block_out_channels)

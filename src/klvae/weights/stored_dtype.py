@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from klvae.weights.convert import TRAINING_PREFIXES, VAE_PREFIXES
+from klvae.weights.convert import TRAINING_PREFIXES, VAE_PREFIXES, WRAPPER_PREFIXES
 from klvae.weights.read import is_shard_index, read_state_dict, shard_files, sniff_format
 
 # safetensors' dtype codes, and torch's, as --dtype and `convert --dtype` spell them.
@@ -41,21 +41,27 @@ def main_dtype(path: Path) -> str | None:
     return counts.most_common(1)[0][0] if counts else None
 
 
+def vae_keys(keys: list[str]) -> list[str]:
+    """The keys loading takes as the VAE's: through wrappers (module., _orig_mod.) and a full checkpoint's prefix
+    (its UNet and text encoder are not the VAE), without an LDM checkpoint's loss.* and model_ema.*."""
+    names = {k: k for k in keys}
+    while names and (w := next((p for p in WRAPPER_PREFIXES if all(n.startswith(p) for n in names.values())), None)):
+        names = {k: n[len(w):] for k, n in names.items()}
+    prefix = next((p for p in VAE_PREFIXES if any(n.startswith(p) for n in names.values())), "")
+    return [k for k, n in names.items() if n.startswith(prefix) and not n[len(prefix):].startswith(TRAINING_PREFIXES)]
+
+
 def _safetensors_values(path: Path) -> Counter[str]:
     """From the header alone: no tensor is read."""
     from safetensors import safe_open
 
     counts: Counter[str] = Counter()
     with safe_open(str(path), framework="pt", device="cpu") as f:
-        keys = list(f.keys())
-        # As loading does: a full SD checkpoint's UNet and text encoder are not the VAE.
-        prefix = next((p for p in VAE_PREFIXES if any(k.startswith(p) for k in keys)), "")
-        for k in keys:
-            if k.startswith(prefix) and not k[len(prefix):].startswith(TRAINING_PREFIXES):
-                part = f.get_slice(k)
-                code = part.get_dtype()
-                if code.startswith(_FLOAT_CODES):
-                    counts[_SHORT.get(code, code.lower())] += math.prod(part.get_shape())
+        for k in vae_keys(list(f.keys())):
+            part = f.get_slice(k)
+            code = part.get_dtype()
+            if code.startswith(_FLOAT_CODES):
+                counts[_SHORT.get(code, code.lower())] += math.prod(part.get_shape())
     return counts
 
 
@@ -64,9 +70,8 @@ def _pickle_values(path: Path) -> Counter[str]:
     counts: Counter[str] = Counter()
     with _quiet_reader():
         tensors = read_state_dict(path)
-    prefix = next((p for p in VAE_PREFIXES if any(k.startswith(p) for k in tensors)), "")
-    for k, t in tensors.items():
-        if t.is_floating_point() and not k[len(prefix):].startswith(TRAINING_PREFIXES):
+    for k in vae_keys(list(tensors)):
+        if (t := tensors[k]).is_floating_point():
             counts[_SHORT.get(t.dtype, str(t.dtype).removeprefix("torch."))] += t.numel()
     return counts
 
