@@ -2,7 +2,10 @@
 images (`data/*.png`) refused where data is named, not read as tar shards that fail once the job runs, and an empty
 or folder `--resume` (was "cannot read checkpoint .: Is a directory"), and a premultiplied greyscale-alpha ("La")
 image read as its LA form (was Pillow's "conversion from La to L not supported"), and the model's encode/decode
-refusing a batch of the wrong rank or channel count by name (was a GroupNorm's or conv's internal shapes)."""
+refusing a batch of the wrong rank or channel count by name (was a GroupNorm's or conv's internal shapes); from the
+loading hunt's doubtful list: a diffusers weights file named alone takes the config.json beside it (was SD 1.5's
+factors guessed from shapes), `convert -o vae.json` (.onnx, .gguf, .zip) is refused as a folder named like a file,
+and weights past float32's range are called damaged, not sent to bfloat16 (whose range is float32's)."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 import klvae
 from helpers import noise_folder, one_error_line, perturbed_vae, saved_tiny_model
@@ -105,3 +109,33 @@ def test_the_model_names_a_batch_of_the_wrong_shape(vae: klvae.AutoencoderKL, me
     with pytest.raises(ValueError) as e:
         getattr(vae, method)(torch.zeros(shape))
     assert str(e.value) == expected
+
+
+def test_a_diffusers_weights_file_named_alone_takes_the_config_beside_it(tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    # SDXL's network with SD 1.5's factors guessed from shapes gave washed-out pictures; the config.json says.
+    cfg = klvae.get_preset("tiny").replace(scaling_factor=0.3, shift_factor=0.2)
+    folder = klvae.AutoencoderKL(cfg).save_pretrained(tmp_path / "vae")
+    weights = str(folder / "diffusion_pytorch_model.safetensors")
+    save_file(load_file(weights), weights)  # as diffusers writes it: no klvae config in its header
+    with caplog.at_level(logging.WARNING, logger="klvae"):
+        back = klvae.AutoencoderKL.from_pretrained(folder / "diffusion_pytorch_model.safetensors")
+    assert back.config == cfg and not caplog.messages
+
+
+@pytest.mark.parametrize("name", ["vae.json", "vae.onnx", "vae.gguf", "vae.zip"])
+def test_convert_to_a_new_folder_named_like_a_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                              name: str) -> None:
+    model = saved_tiny_model(tmp_path / "model")
+    assert main(["convert", "-m", str(model), "-o", str(tmp_path / name)]) == 2
+    assert "name ends like a file's" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / name).exists()
+
+
+def test_weights_past_float32_are_called_damaged_not_sent_to_bfloat16(tmp_path: Path) -> None:
+    sd = {k: v.double() for k, v in klvae.AutoencoderKL("tiny").state_dict().items()}
+    sd["encoder.conv_in.bias"][0] = 1e39  # finite in float64, inf in float32 and bfloat16
+    save_file(sd, str(tmp_path / "vae.safetensors"))
+    with pytest.raises(KlvaeError) as e:
+        klvae.AutoencoderKL.from_pretrained(tmp_path / "vae.safetensors", config="tiny")
+    assert "beyond the range of float32" in str(e.value) and str(e.value).endswith(": the file is damaged")

@@ -111,7 +111,8 @@ def check_seed(seed: int, flag: str = "--seed") -> int:
     return seed
 
 
-_FILE_SUFFIXES = frozenset({*IMAGE_EXTENSIONS, ".gif", ".safetensors", ".latent", ".ckpt", ".pt", ".pth", ".bin"})
+_FILE_SUFFIXES = frozenset({*IMAGE_EXTENSIONS, ".gif", ".safetensors", ".latent", ".ckpt", ".pt", ".pth", ".bin",
+                            ".json", ".onnx", ".gguf", ".zip", ".npy", ".npz", ".sft"})
 
 
 def check_named(path: str | Path, flag: str) -> None:

@@ -128,7 +128,11 @@ def _local(path: Path, subfolder: str | None, revision: str | None) -> WeightsSo
         path = path / subfolder
         if not path.is_dir():
             raise WeightsError(f"no such folder: {path}")
-    return _folder(path) if path.is_dir() else WeightsSource(path)
+    if path.is_dir():
+        return _folder(path)
+    # A diffusers folder's weights named alone: its config.json beside them is the model's, not a guess from shapes.
+    beside = path.parent / CONFIG_NAME
+    return WeightsSource(path, beside if path.name in FOLDER_WEIGHTS and beside.is_file() else None)
 
 
 def locate(path_or_id: str | Path, subfolder: str | None = None, revision: str | None = None) -> WeightsSource:
@@ -300,8 +304,10 @@ def _check_finite(raw: StateDict, cast: StateDict, name: str, dtype: torch.dtype
     if stored:
         raise WeightsError(f"{name} holds NaN or infinite values in {len(stored)} weights ({_names(stored)}): "
                            "the file is damaged or comes from a training run that diverged")
+    # float16 has a narrower range than float32 and bfloat16; past float32's own, no dtype klvae runs in holds them.
+    way_out = ": use float32 or bfloat16" if dtype == torch.float16 else ": the file is damaged"
     raise WeightsError(f"{name} has weights beyond the range of {str(dtype).removeprefix('torch.')}, whose largest "
-                       f"value is {torch.finfo(dtype).max:g} ({_names(bad)}): use float32 or bfloat16")
+                       f"value is {torch.finfo(dtype).max:g} ({_names(bad)}){way_out}")
 
 
 def load_pretrained(
