@@ -160,7 +160,8 @@ def _in_dtype(out: Tensor, dtype: torch.dtype) -> Tensor:
     if out.dtype == dtype:
         return out
     cast = out.to(dtype)
-    return cast if torch.isfinite(cast).all() else out
+    # Non-finite already in fp32 (NaN images in): the cast loses nothing.
+    return cast if torch.isfinite(cast).all() or not torch.isfinite(out).all() else out
 
 
 class DiffusersVAE(nn.Module):

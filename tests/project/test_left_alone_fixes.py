@@ -5,7 +5,8 @@ image read as its LA form (was Pillow's "conversion from La to L not supported")
 refusing a batch of the wrong rank or channel count by name (was a GroupNorm's or conv's internal shapes); from the
 loading hunt's doubtful list: a diffusers weights file named alone takes the config.json beside it (was SD 1.5's
 factors guessed from shapes), `convert -o vae.json` (.onnx, .gguf, .zip) is refused as a folder named like a file,
-and weights past float32's range are called damaged, not sent to bfloat16 (whose range is float32's)."""
+weights past float32's range are called damaged, not sent to bfloat16 (whose range is float32's); and NaN images
+through the diffusers wrapper come back NaN without an fp32 rerun and an overflow warning."""
 
 from __future__ import annotations
 
@@ -139,3 +140,16 @@ def test_weights_past_float32_are_called_damaged_not_sent_to_bfloat16(tmp_path: 
     with pytest.raises(KlvaeError) as e:
         klvae.AutoencoderKL.from_pretrained(tmp_path / "vae.safetensors", config="tiny")
     assert "beyond the range of float32" in str(e.value) and str(e.value).endswith(": the file is damaged")
+
+
+def test_nan_images_through_the_diffusers_wrapper_are_not_rerun_as_an_overflow(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from klvae.compat import as_diffusers
+
+    wrapped = as_diffusers(perturbed_vae("tiny").to(torch.bfloat16))
+    x = torch.zeros(1, 3, 16, 16, dtype=torch.bfloat16)
+    x[0, 0, 0, 0] = float("nan")
+    with caplog.at_level(logging.WARNING, logger="klvae"), torch.no_grad():  # as pipelines run it
+        out = wrapped.encode(x).latent_dist.mean
+    assert out.dtype == torch.bfloat16 and bool(out.isnan().any())  # as diffusers: NaN in, NaN out
+    assert "rerunning" not in caplog.text  # was: "produced non-finite values in bfloat16; rerunning ... in fp32"

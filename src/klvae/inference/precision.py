@@ -158,5 +158,7 @@ def run_guarded(
         out = fn(x.to(weight_dtype), dtype)
     if dtype not in HALF_DTYPES or torch.isfinite(out).all():
         return out.float()  # finite, or nothing higher to fall back to (the caller checks the output)
+    if not bool(torch.isfinite(x).all()):
+        return out.float()  # NaN in, NaN out, as diffusers gives (klvae's API refuses such input before the pass)
     log.warning("%s produced non-finite values in %s; rerunning this step in fp32", what, str(dtype).split(".")[-1])
     return _run_fp32(model, fn, x)
