@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import bisect
 import glob
+import hashlib
 import importlib
+import json
 import logging
 import re
 from collections.abc import Sequence
@@ -86,6 +88,7 @@ class ParquetRows:
         pq = _import("pyarrow.parquet", "pyarrow")
         self.files, self.column = files, column
         self.groups: list[tuple[int, int, int]] = []  # (first row, file index, row group)
+        self.file_rows: list[int] = []
         n = 0
         for fi, f in enumerate(files):
             try:
@@ -100,6 +103,7 @@ class ParquetRows:
             for g in range(meta.num_row_groups):
                 self.groups.append((n, fi, g))
                 n += meta.row_group(g).num_rows
+            self.file_rows.append(meta.num_rows)
         self.n = n
         self._cache: tuple[int, list[Any]] | None = None
 
@@ -190,6 +194,15 @@ class TableRows:
     def cell(self, i: int) -> Any:
         """Row i's image value."""
         return self.rows[i][self.column] if self.disk else self.rows[i]
+
+    def signature(self) -> str:
+        """A digest of what numbers the rows (the files and their row counts; a `datasets` folder's fingerprint):
+        row ids are positions across the files, so another file list makes the same id another image."""
+        if self.disk:
+            parts: list[Any] = [len(self.rows), getattr(self.rows, "_fingerprint", None)]
+        else:
+            parts = [[f.name, n] for f, n in zip(self.rows.files, self.rows.file_rows, strict=True)]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
 # Far beyond any real dataset's shard count; more is a typo ({0..999999999}) that would fill memory with names.

@@ -2,7 +2,9 @@
 a run is writing is refused (rank 0 holds a lock on it), a folder among tar shards is called a folder, a data
 folder of images and tar shards says which it reads, `cache` and `scale` take --image-column, eval refuses a
 metric's weights file with the flag that leaves the metric out, FID refuses non-finite features, and a hand-edited
-index.json row without its fields is a LatentsError naming the row (was a bare KeyError)."""
+index.json row without its fields is a LatentsError naming the row (was a bare KeyError), and a resume of a cache of
+parquet files whose file list changed is refused (row ids are positions across the files: the ids done would be
+other images)."""
 
 from __future__ import annotations
 
@@ -134,3 +136,34 @@ def test_an_index_row_without_its_fields_is_named(tmp_path: Path, vae: klvae.Aut
         with pytest.raises(LatentsError) as e:
             BucketBatchSampler(ds, batch_size=2)
         assert str(e.value) == message
+
+
+def _parquet(path: Path, seeds: list[int]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"image": [{"bytes": noise_png(i, (32, 32)), "path": None} for i in seeds]}), path)
+
+
+def test_a_resume_of_a_cache_of_parquet_files_that_changed_is_refused(tmp_path: Path,
+                                                                       vae: klvae.AutoencoderKL) -> None:
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    _parquet(data / "b.parquet", [0, 1])
+    assert build_cache(vae, str(data), out, **SMALL_CACHE).encoded == 2
+    assert build_cache(vae, str(data), out, **SMALL_CACHE).done_before == 2  # unchanged: nothing to do
+    _parquet(data / "a.parquet", [2])  # sorts first: row0 is now another image
+    with pytest.raises(KlvaeError) as e:
+        build_cache(vae, str(data), out, **SMALL_CACHE)
+    assert str(e.value).startswith(f"{out} holds a cache of other table data (its parquet files, or their rows, "
+                                   "changed)")
+    # A cache begun before the data was fingerprinted is resumed as it was.
+    for manifest in out.glob("manifest-rank*.jsonl"):
+        lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+        for rec in lines:
+            rec.get("options", {}).pop("data_fingerprint")
+        manifest.write_text("".join(json.dumps(rec) + "\n" for rec in lines))
+    index = read_index(out)
+    del index["data_fingerprint"]
+    (out / "index.json").write_text(json.dumps(index))
+    assert build_cache(vae, str(data), out, **SMALL_CACHE).rows == 3

@@ -90,7 +90,7 @@ def build_cache(vae: AutoencoderKL, data: str | os.PathLike[str] | ItemSource, o
     log.info("caching %d images into %s (store %s, resolution %d%s%s)", len(source.ids), root, opts.store,
              opts.resolution, ", buckets" if opts.buckets else "", ", flip" if opts.flip else "")
     # Computed once: hashing every weight is slow on a large model, and the ranks and the index share them.
-    fingerprints = cache.model_fingerprints(vae, opts.store)
+    fingerprints = {**cache.model_fingerprints(vae, opts.store), **source.fingerprints()}
     counts = cache.cache_rank(vae, source, root, opts, compute, dist.rank, dist.world, fingerprints)
     counts = _sum_over_ranks(counts, dist, vae.device)
     barrier(dist)  # every rank's manifest is complete before rank 0 merges them

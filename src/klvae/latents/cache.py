@@ -155,11 +155,10 @@ def _is_record(rec: Any) -> bool:
 
 
 # The type each recorded option must have: a value of another type is no setting any run wrote.
-_OPTION_TYPES: dict[str, type] = {"resolution": int, "buckets": bool, "flip": bool, "store": str, "seed": int,
-                                  "world_size": int, "model_fingerprint": str, "encoder_fingerprint": str,
-                                  "factors_fingerprint": str}
 # The fingerprints a record may hold, beside its options (index.json keeps them at its top level).
-_FINGERPRINTS = ("model_fingerprint", "encoder_fingerprint", "factors_fingerprint")
+_FINGERPRINTS = ("model_fingerprint", "encoder_fingerprint", "factors_fingerprint", "data_fingerprint")
+_OPTION_TYPES: dict[str, type] = {"resolution": int, "buckets": bool, "flip": bool, "store": str, "seed": int,
+                                  "world_size": int, **dict.fromkeys(_FINGERPRINTS, str)}
 
 
 def _good_options(options: dict[str, Any]) -> bool:
@@ -351,7 +350,7 @@ def cache_rank(vae: AutoencoderKL, spec: str | os.PathLike[str] | ItemSource, ou
     if not source.ids:
         raise KlvaeError(f"no images in {'the data' if isinstance(spec, ItemSource) else spec}")
     check_whole_latents(vae, opts.resolution)
-    fingerprints = fingerprints or model_fingerprints(vae, opts.store)
+    fingerprints = fingerprints or {**model_fingerprints(vae, opts.store), **source.fingerprints()}
     check_resume(out, opts, world, fingerprints)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,10 @@ def refusal(out: Path, key: str, record: dict[str, Any], value: Any) -> KlvaeErr
     if key == "factors_fingerprint":
         return KlvaeError(f"{out} holds latents scaled with another model's factors (scaling_factor, shift_factor, "
                           f"latents_mean/std or latent patch): resume it with the factors it was begun with, {_AGAIN}")
+    if key == "data_fingerprint":
+        return KlvaeError(f"{out} holds a cache of other table data (its parquet files, or their rows, changed): rows "
+                          f"are numbered across the files, so a resume would take other images for the ones done; "
+                          f"resume it with the data it was begun with, {_AGAIN}")
     if key == "world_size":  # no option of either API: the number of processes torchrun starts
         return KlvaeError(f"{out} holds a cache made by {old} processes, not {value}: resume it with the same number "
                           f"of processes (torchrun --nproc-per-node), {_AGAIN}")

@@ -100,6 +100,11 @@ class ItemSource:
     unreadable: list[tuple[str, str]] = field(default_factory=list)
     _tars: _TarReader = field(default_factory=_TarReader, repr=False, compare=False)
 
+    def fingerprints(self) -> dict[str, str]:
+        """What a cache records of the data beside the model's fingerprints: a table's row numbering, which a
+        resume must find unchanged (folder and tar ids are names, the same whatever else the data holds)."""
+        return {"data_fingerprint": self._table.signature()} if self._table is not None else {}
+
     def load(self, item_id: str) -> Image.Image:
         """The image of one item."""
         if self.kind == "folder":
