@@ -108,7 +108,8 @@ def _fp32_weights(model: nn.Module) -> Iterator[None]:
 
 
 def _run_fp32(model: nn.Module, fn: Callable[[Tensor, torch.dtype], Tensor], x: Tensor) -> Tensor:
-    with _fp32_weights(model), _computing_in(x.device, torch.float32):
+    # The weights' device computes (x may wait in host memory): its autocast is the one to turn off.
+    with _fp32_weights(model), _computing_in(next(model.parameters()).device, torch.float32):
         return fn(x.float(), torch.float32).float()
 
 
