@@ -48,15 +48,7 @@ def resolve_spec(spec: str | Path, recursive: bool = True) -> DataSpec:
     if not s.strip():  # Path("") is the working folder
         raise KlvaeError("no data named: the path is empty")
     if not Path(s).exists() and any(c in s for c in "{*?["):
-        files = expand_shards(s)
-        if all(f.suffix.lower() == ".parquet" for f in files):
-            return DataSpec("table", tuple(files))
-        if not any(is_tar_name(f.name) for f in files):
-            # Read as shards, images would fail only once the job had started. Beside tars, another file is
-            # skipped and counted as an unreadable shard.
-            raise KlvaeError(f"{s} names no tar shard ({files[0].name}, ...) and not only parquet files: a glob "
-                             f"or brace range names shards; give an image folder by its path")
-        return DataSpec("tar", tuple(files))
+        return _pattern_spec(s)
     p = Path(s)
     if not p.exists():
         raise KlvaeError(f"no such data: {s}")
@@ -72,6 +64,19 @@ def resolve_spec(spec: str | Path, recursive: bool = True) -> DataSpec:
         log.warning("%s holds images and tar shards: reading the images; name the shards (%s/*.tar) to read them "
                     "instead", p, p)
     return DataSpec("folder", (p,))
+
+
+def _pattern_spec(s: str) -> DataSpec:
+    # A glob or brace range: parquet files (all of them), else tar shards.
+    files = expand_shards(s)
+    if all(f.suffix.lower() == ".parquet" for f in files):
+        return DataSpec("table", tuple(files))
+    if not any(is_tar_name(f.name) for f in files):
+        # Read as shards, images would fail only once the job had started. Beside tars, another file is skipped
+        # and counted as an unreadable shard.
+        raise KlvaeError(f"{s} names no tar shard ({files[0].name}, ...) and not only parquet files: a glob or "
+                         f"brace range names shards; give an image folder by its path")
+    return DataSpec("tar", tuple(files))
 
 
 def _import(module: str, package: str) -> Any:

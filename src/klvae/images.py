@@ -79,11 +79,16 @@ def to_rgb(img: Image.Image) -> Image.Image:
         if img.mode == "I" and a.max(initial=0) > 65535:
             # No convention says what 32-bit integer values mean; scaling as 16-bit would give a white picture.
             raise ImageError(f"32-bit integer image (values up to {int(a.max()):,}): save it as 8- or 16-bit first")
+        # A PNG's transparent grey (tRNS) is a raw 16-bit value: matched before the reduction, which would lose it.
+        key = img.info.get("transparency")
+        clear = a == key if isinstance(key, int) and not isinstance(key, bool) else None
         if img.mode.startswith("I;16") or (img.mode == "I" and a.max(initial=0) > 255):
             a = a * (255.0 / 65535.0)
         elif img.mode == "F" and a.max(initial=0) <= 1.0:  # float images are mostly stored in [0, 1]
             a = a * 255.0
         img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+        if clear is not None:
+            img = Image.merge("LA", (img, Image.fromarray(np.where(clear, 0, 255).astype(np.uint8), "L")))
     if img.mode == "La":  # premultiplied, which Pillow converts to LA only, not on to RGBA
         img = img.convert("LA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in img.info:
@@ -365,10 +370,22 @@ def image_format_for(path: str | Path) -> str:
 
 def write_image(img: Image.Image, path: str | Path, fmt: str, **save_kwargs: Any) -> None:
     """Write img to path in the Pillow format `fmt`, in place (atomic_write's writers use this on the temporary)."""
+    with open(path, "wb") as f:
+        _save(img, f, fmt, **save_kwargs)
+
+
+def _save(img: Image.Image, f: BinaryIO, fmt: str, **save_kwargs: Any) -> None:
     if fmt == "JPEG" and img.mode not in ("RGB", "L"):
         img = to_rgb(img)
-    with open(path, "wb") as f:
-        img.save(f, format=fmt, **save_kwargs)
+    img.save(f, format=fmt, **save_kwargs)
+
+
+def as_written(img: Image.Image, path: str | Path) -> Image.Image:
+    """`img` as a file named `path` would hold it (JPEG and lossy WebP lose detail): encoded and read back in
+    memory, so that what is measured is what is written."""
+    buf = io.BytesIO()
+    _save(img, buf, image_format_for(Path(path)))
+    return open_image_bytes(buf.getvalue(), str(path), max_pixels=None)  # its size was checked as it was made
 
 
 # The formats' own ceilings on a side (libwebp's 14-bit sizes, libjpeg's JPEG_MAX_DIMENSION); PNG, BMP and TIFF

@@ -401,7 +401,7 @@ def test_cache_under_torchrun_loads_the_model_on_the_local_ranks_gpu(
         events.append(f"init {device_type}")
         return distributed.DistInfo(rank=3, world=4, local_rank=1)
 
-    def load(args: object) -> None:
+    def load(args: object, before_cast: object = None) -> None:
         events.append(f"load {args.device}")  # type: ignore[attr-defined]
         raise _Killed
 

@@ -4,7 +4,8 @@ folder of images and tar shards says which it reads, `cache` and `scale` take --
 metric's weights file with the flag that leaves the metric out, FID refuses non-finite features, and a hand-edited
 index.json row without its fields is a LatentsError naming the row (was a bare KeyError), and a resume of a cache of
 parquet files whose file list changed is refused (row ids are positions across the files: the ids done would be
-other images)."""
+other images), and a cache begun with weights cast to fp16 for speed resumes in fp32 (fingerprints are taken of
+the weights as stored)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 import klvae
 from helpers import (
     SMALL_CACHE,
+    cache_args,
     cache_vae,
     noise_folder,
     noise_png,
@@ -167,3 +169,20 @@ def test_a_resume_of_a_cache_of_parquet_files_that_changed_is_refused(tmp_path: 
     del index["data_fingerprint"]
     (out / "index.json").write_text(json.dumps(index))
     assert build_cache(vae, str(data), out, **SMALL_CACHE).rows == 3
+
+
+def test_a_cache_begun_with_weights_cast_to_fp16_resumes_in_fp32(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    import functools
+
+    from klvae.cli import common
+    from klvae.inference.speed import SpeedOptions
+
+    model, data = saved_tiny_model(tmp_path / "model"), noise_folder(tmp_path / "data", 2, hw=(32, 32))
+    with monkeypatch.context() as m:  # as on a GPU, where --dtype fp16 stores the weights in fp16 for speed
+        m.setattr(common, "SpeedOptions", functools.partial(SpeedOptions, cast_weights=True))
+        assert main(cache_args(data, tmp_path / "out", model, "--dtype", "fp16")) == 0
+    noise_folder(data, 3, hw=(32, 32))  # one image more
+    # Was: "holds a cache made with another model": the fingerprint of fp16-cast weights is another one.
+    assert main(cache_args(data, tmp_path / "out", model, "--dtype", "fp32")) == 0
+    assert "cached 3 rows" in capsys.readouterr().out

@@ -33,6 +33,7 @@ from klvae.cli.common import (
 from klvae.errors import ImageError, ImageTooLarge, KlvaeError, LatentsError, none_read
 from klvae.images import (
     IMAGE_EXTENSIONS,
+    as_written,
     check_format_size,
     find_images,
     image_format_for,
@@ -46,6 +47,7 @@ from klvae.images import (
 from klvae.latents.comfy import SUFFIX, is_comfy_latent
 from klvae.latents.file import LatentItem, LatentsFile, check_sizes, load_latents, save_latents
 from klvae.latents.fingerprint import encoder_fingerprint, model_fingerprint
+from klvae.latents.keyed_noise import image_generators
 from klvae.latents.plain import plain_kind
 from klvae.model.autoencoder import AutoencoderKL
 from klvae.model.latent_norm import LatentNorm
@@ -154,10 +156,10 @@ def check_finite(t: torch.Tensor, what: str, where: object) -> None:
 
 
 def _encode_batch(vae: AutoencoderKL, batch: list[tuple[Path, torch.Tensor]], args: argparse.Namespace,
-                  gen: torch.Generator, dtype: torch.dtype, tiling: inference.TileOptions | None
-                  ) -> dict[Path, torch.Tensor]:
+                  dtype: torch.dtype, tiling: inference.TileOptions | None) -> dict[Path, torch.Tensor]:
     post = inference.encode(vae, torch.stack([t for _, t in batch]), dtype, tiling)
-    z = vae.scale_latents(post.sample(gen) if args.sample else post.mode()).cpu()
+    z = post.sample(image_generators(args.seed, [p.name for p, _ in batch])) if args.sample else post.mode()
+    z = vae.scale_latents(z).cpu()
     first = batch[0][0]
     check_finite(z, "latents", first if len(batch) == 1 else f"{first} (or its batch)")
     return dict(zip([p for p, _ in batch], z, strict=True))
@@ -167,7 +169,6 @@ def _encode_groups(vae: AutoencoderKL, by_size: dict[tuple[int, int], list[Path]
                    dtype: torch.dtype, tiling: inference.TileOptions | None, bad: list[Path]
                    ) -> dict[Path, tuple[torch.Tensor, tuple[int, int]]]:
     """Scaled latents and size of every image that loads, loaded a batch of one size at a time."""
-    gen = torch.Generator(device=vae.device).manual_seed(args.seed)
     out: dict[Path, tuple[torch.Tensor, tuple[int, int]]] = {}
     total, bad_before = sum(map(len, by_size.values())), len(bad)
     with progress_bar(total=total, desc="encoding", unit="img") as bar:
@@ -179,7 +180,7 @@ def _encode_groups(vae: AutoencoderKL, by_size: dict[tuple[int, int], list[Path]
                 fit = [c for c in chunk if c[1].shape[-2:] == size]
                 for batch in [fit, *([c] for c in chunk if c[1].shape[-2:] != size)]:
                     if batch:
-                        z = _encode_batch(vae, batch, args, gen, dtype, tiling)
+                        z = _encode_batch(vae, batch, args, dtype, tiling)
                         out.update((p, (z[p], (t.shape[-2], t.shape[-1]))) for p, t in batch)
                 bar.update(len(out) + len(bad) - bad_before - bar.n)
     return out
@@ -206,7 +207,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
         from klvae.cli.comfy import encode_comfy  # it builds on this module's helpers
 
         return encode_comfy(args, paths, by_size, tiling, bad)
-    vae, _, dtype = load_model(args)
+    prints: dict[str, str] = {}  # of the weights as stored: an fp16 cast for speed must not make another model
+    vae, _, dtype = load_model(args, lambda m: prints.update(model_fingerprint=model_fingerprint(m, with_factors=False),
+                                                            encoder_fingerprint=encoder_fingerprint(m)))
     encoded = _encode_groups(vae, by_size, args, dtype, tiling, bad)
     if not encoded:
         raise KlvaeError(none_read(len(paths)))
@@ -217,9 +220,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
         latents={it.key: encoded[p][0] for it, p in zip(items, ordered, strict=True)},
         items=items, model=str(args.model),
         **dataclasses.asdict(vae.config.latent_norm),
-        extra={"posterior": "sample" if args.sample else "mean",
-               "model_fingerprint": model_fingerprint(vae, with_factors=False),
-               "encoder_fingerprint": encoder_fingerprint(vae)},
+        extra={"posterior": "sample" if args.sample else "mean", **prints},
     )
     save_latents(lf, args.output)
     log.info("encoded %d image(s) to %s%s", len(items), args.output, f", skipped {len(bad)}" if bad else "")
@@ -439,10 +440,10 @@ def cmd_decode(args: argparse.Namespace) -> int:
     names = unique_png_names(lf.items)
     check_clashes(out, names, args.overwrite)
     tiling = tiling_from_args(args)
-    vae, _, dtype = load_model(args)
+    # The model compared as stored, before a cast to --dtype for speed (which the encoding run may not have made).
+    vae, _, dtype = load_model(args, lambda m: _warn_if_another_model(m, lf, args.model))
     # A bad item (sizes, pixel limit, channels, NaN) refuses the whole file, as nothing has been written yet.
     check_items(vae, lf, args.latents)
-    _warn_if_another_model(vae, lf, args.model)
     if differences := _norm_differences(lf.norm, vae.config.latent_norm):
         log.warning("latents were scaled with other factors than the model's: %s; using the file's",
                     "; ".join(differences))
@@ -463,11 +464,13 @@ def _quality(x: torch.Tensor, y8: torch.Tensor) -> tuple[float, float | None]:
 def _print_quality(args: argparse.Namespace, out: Path, x: torch.Tensor, scores: tuple[float, float | None]) -> None:
     """reconstruct's result: the human line, or with --json one JSON object."""
     from klvae.evaluation.metrics import SSIM_RADIUS
+    from klvae.evaluation.report import json_safe
 
     p, s = scores
     if args.json:
-        print(json.dumps({"input": str(args.image), "output": str(out), "psnr": p, "ssim": s,
-                          "size": [x.shape[-1], x.shape[-2]], "model": str(args.model)}))
+        # A lossless reconstruction's PSNR is inf, which JSON has not: null, as eval's summary.json writes it.
+        print(json.dumps(json_safe({"input": str(args.image), "output": str(out), "psnr": p, "ssim": s,
+                                    "size": [x.shape[-1], x.shape[-2]], "model": str(args.model)}), allow_nan=False))
         return
     shown = f"{s:.4f}" if s is not None else f"n/a (under {2 * SSIM_RADIUS + 1} px a side)"
     print(f"PSNR {p:.2f} dB  SSIM {shown}  -> {out}")
@@ -485,9 +488,10 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     check_finite(z, "latents", args.image)
     y = inference.decode(vae, z, dtype, size=tuple(x.shape[-2:]), tiling=tiling).cpu()
     check_finite(y, "pixels", args.image)
-    # Metrics on the 8-bit image that is written, as a viewer sees it; computed first, so nothing fails after.
-    y8 = pil_to_tensor(tensor_to_pil(y[0]))[None]
-    scores = _quality(x, y8)
-    save_image_atomic(tensor_to_pil(y[0]), out)
+    # Metrics on the image as it is written (8-bit, and after a lossy format's loss), as a viewer sees it;
+    # computed first, so nothing fails after.
+    picture = tensor_to_pil(y[0])
+    scores = _quality(x, pil_to_tensor(as_written(picture, out))[None])
+    save_image_atomic(picture, out)
     _print_quality(args, out, x, scores)
     return 0

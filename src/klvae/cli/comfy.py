@@ -11,7 +11,14 @@ from pathlib import Path
 import torch
 
 from klvae import inference
-from klvae.cli.codec import check_clashes, check_finite, check_items, loaded_images, unique_png_names, write_pngs
+from klvae.cli.codec import (
+    check_clashes,
+    check_finite,
+    check_items,
+    loaded_images,
+    unique_png_names,
+    write_pngs,
+)
 from klvae.cli.common import check_output_path, load_model, tiling_from_args
 from klvae.errors import KlvaeError, LatentsError, none_read
 from klvae.latents.comfy import (
@@ -24,6 +31,7 @@ from klvae.latents.comfy import (
     to_comfy,
 )
 from klvae.latents.file import LatentItem
+from klvae.latents.keyed_noise import image_generators
 from klvae.model.autoencoder import AutoencoderKL
 from klvae.progress import progress_bar
 
@@ -73,7 +81,6 @@ def _encode_batch(vae: AutoencoderKL, paths: list[Path], size: tuple[int, int], 
                   dtype: torch.dtype, tiling: inference.TileOptions | None, bad: list[Path]
                   ) -> tuple[list[Path], torch.Tensor | None]:
     """The images that load, cropped, and their latents in ComfyUI's convention as one batch."""
-    gen = torch.Generator(device=vae.device).manual_seed(args.seed)
     f, norm = vae.config.size_multiple, vae.config.latent_norm
     done: list[Path] = []
     parts: list[torch.Tensor] = []
@@ -83,7 +90,8 @@ def _encode_batch(vae: AutoencoderKL, paths: list[Path], size: tuple[int, int], 
         while chunk := list(itertools.islice(stream, args.batch_size)):
             if kept := _cropped(chunk, size, f, bad):
                 post = inference.encode(vae, torch.stack([t for _, t in kept]), dtype, tiling)
-                z = to_comfy(post.sample(gen) if args.sample else post.mode(), norm).cpu()
+                gens = image_generators(args.seed, [p.name for p, _ in kept])
+                z = to_comfy(post.sample(gens) if args.sample else post.mode(), norm).cpu()
                 check_finite(z, "latents", kept[0][0] if len(kept) == 1 else f"{kept[0][0]} (or its batch)")
                 parts.append(z)
                 done += [p for p, _ in kept]

@@ -8,7 +8,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -57,8 +57,10 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                    help="on a GPU, run GroupNorm and SiLU with PyTorch's ops instead of klvae's Triton kernels")
 
 
-def load_model(args: argparse.Namespace) -> tuple[AutoencoderKL, torch.device, torch.dtype]:
-    """The model named by --model on --device, with the compute dtype from --dtype."""
+def load_model(args: argparse.Namespace, before_cast: Callable[[AutoencoderKL], object] | None = None
+               ) -> tuple[AutoencoderKL, torch.device, torch.dtype]:
+    """The model named by --model on --device, with the compute dtype from --dtype; `before_cast` sees it as loaded,
+    before optimize_for_inference may cast its weights to that dtype (fingerprints are of the weights as stored)."""
     if args.batch_size is not None and args.batch_size < 1:
         raise KlvaeError(f"--batch-size must be at least 1, got {args.batch_size}")
     # The batching (itertools.islice) takes no more; a batch past the image count is all of them anyway.
@@ -69,6 +71,8 @@ def load_model(args: argparse.Namespace) -> tuple[AutoencoderKL, torch.device, t
     default_model(args)
     vae = AutoencoderKL.from_pretrained(args.model, subfolder=args.subfolder, config=args.config, device=device)
     log.info("model %s on %s, compute dtype %s", args.model, device, str(dtype).split(".")[-1])
+    if before_cast is not None:
+        before_cast(vae)
     optimize_for_inference(vae, dtype, SpeedOptions(compile=args.compile, fused_norm=args.fused_norm))
     return vae, device, dtype
 

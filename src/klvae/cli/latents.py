@@ -73,7 +73,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from klvae.distributed import init_distributed, rank_device, shutdown
     from klvae.inference.precision import usable_device
     from klvae.latents.build import build_cache
-    from klvae.latents.cache import check_resume
+    from klvae.latents.cache import check_resume, model_fingerprints
     from klvae.latents.options import CacheOptions
     from klvae.latents.sources import open_source
 
@@ -94,9 +94,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
     try:
         check_resume(args.output, opts, dist.world)  # a mismatched resume is refused before the model loads
         args.device = str(rank_device(device, dist))
-        vae, _, dtype = load_model(args)
+        prints: dict[str, str] = {}  # of the weights as stored: a run in another --dtype resumes the cache
+        vae, _, dtype = load_model(args, lambda m: prints.update(model_fingerprints(m, opts.store)))
         summary = build_cache(vae, source, args.output, **asdict(opts), dtype=dtype, model_name=str(args.model),
-                              dist=dist)
+                              dist=dist, fingerprints=prints)
         if dist.is_main:
             print(summary.summary())
     finally:

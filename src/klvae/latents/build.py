@@ -67,7 +67,7 @@ def build_cache(vae: AutoencoderKL, data: str | os.PathLike[str] | ItemSource, o
                 resolution: int = 512, buckets: bool = False, flip: bool = False, store: str = "moments",
                 shard_size: int = 256, batch_size: int = 4, num_workers: int = 2, seed: int = 0,
                 dtype: str | torch.dtype | None = None, model_name: str | os.PathLike[str] | None = None,
-                dist: DistInfo | None = None) -> CacheSummary:
+                dist: DistInfo | None = None, fingerprints: dict[str, str] | None = None) -> CacheSummary:
     """Encode `data` into a latent cache in `out` (shards + index.json), as `klvae cache` does; rerun to finish.
 
     `data` is what `klvae cache --data` takes (an image folder, a `datasets` folder, parquet, .tar shards, a glob)
@@ -78,7 +78,9 @@ def build_cache(vae: AutoencoderKL, data: str | os.PathLike[str] | ItemSource, o
     skipped and counted (`CacheSummary.ok` is False), the rest finished. `model_name` is what index.json records
     as the model. Bad options, and a resume with other ones, are an OptionError (a KlvaeError) naming the argument.
     Under torchrun, pass `dist` (klvae.distributed.init_distributed) or initialise the process group
-    first: each rank encodes its share, and rank 0 writes the index.
+    first: each rank encodes its share, and rank 0 writes the index. A model whose weights were cast to half
+    precision after loading passes `fingerprints=klvae.latents.cache.model_fingerprints(vae, store)` taken before the
+    cast, so that a run in another precision resumes the cache.
     """
     opts = _options({"resolution": resolution, "buckets": buckets, "flip": flip, "store": store,
                      "shard_size": shard_size, "batch_size": batch_size, "num_workers": num_workers, "seed": seed})
@@ -90,7 +92,7 @@ def build_cache(vae: AutoencoderKL, data: str | os.PathLike[str] | ItemSource, o
     log.info("caching %d images into %s (store %s, resolution %d%s%s)", len(source.ids), root, opts.store,
              opts.resolution, ", buckets" if opts.buckets else "", ", flip" if opts.flip else "")
     # Computed once: hashing every weight is slow on a large model, and the ranks and the index share them.
-    fingerprints = {**cache.model_fingerprints(vae, opts.store), **source.fingerprints()}
+    fingerprints = {**(fingerprints or cache.model_fingerprints(vae, opts.store)), **source.fingerprints()}
     counts = cache.cache_rank(vae, source, root, opts, compute, dist.rank, dist.world, fingerprints)
     counts = _sum_over_ranks(counts, dist, vae.device)
     barrier(dist)  # every rank's manifest is complete before rank 0 merges them

@@ -16,7 +16,6 @@ records its shard's SHA-256, which `klvae cache --verify` (latents/verify.py) co
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ from klvae.images import pil_to_tensor
 from klvae.latents.buckets import make_buckets, nearest_bucket, resize_crop
 from klvae.latents.fingerprint import encoder_fingerprint, factors_fingerprint, model_fingerprint
 from klvae.latents.integrity import RowShapes, drop_damaged, row_shapes, save_shard, shard_problem, stored_tensors
+from klvae.latents.keyed_noise import keyed_generator
 from klvae.latents.options import CacheOptions, check_whole_latents
 from klvae.latents.resume import refusal
 from klvae.latents.sources import ItemSource, item_error, open_source
@@ -331,12 +331,6 @@ def _row_generator(seed: int, meta: dict) -> torch.Generator:
     # Noise from (seed, image, flip) alone: a row's sample is the same whatever the batch, rank, world size or
     # resume that encodes it, so an interrupted cache ends as an uninterrupted one would.
     return keyed_generator(seed, meta["source"], int(meta["flip"]))
-
-
-def keyed_generator(*key: object) -> torch.Generator:
-    """A CPU generator seeded by a hash of `key` (e.g. seed, epoch, item): the same draw wherever it is made."""
-    digest = hashlib.blake2b("/".join(map(str, key)).encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
 
 
 def cache_rank(vae: AutoencoderKL, spec: str | os.PathLike[str] | ItemSource, out: str | Path, opts: CacheOptions,

@@ -15,7 +15,8 @@ from torch.utils.data import Dataset, Sampler
 from klvae.checks import is_integer
 from klvae.errors import LatentsError, first_line
 from klvae.latents.buckets import cover_size
-from klvae.latents.cache import keyed_generator, parse_index
+from klvae.latents.cache import parse_index
+from klvae.latents.keyed_noise import keyed_generator
 from klvae.latents.verify import verify_cache
 from klvae.model.latent_norm import LatentNorm
 from klvae.posterior import DiagonalGaussian
