@@ -23,7 +23,7 @@ from klvae.weights.load import torch_file_problem
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^step_(\d{8})\.pt$")
+_NAME = re.compile(r"^step_(\d{8}|[1-9]\d{8,})\.pt$")  # {:08d}: past 10**8 steps the names grow, unpadded
 
 
 def rng_state() -> dict[str, Any]:
@@ -115,7 +115,25 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     d = Path(directory)
     if not d.is_dir():
         return []
-    return sorted(p for p in d.iterdir() if _NAME.match(p.name))
+    return sorted((p for p in d.iterdir() if _NAME.match(p.name)), key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint's name gives (step_XXXXXXXX.pt)."""
+    m = _NAME.match(path.name)
+    if m is None:
+        raise ValueError(f"{path.name} is not named like a checkpoint (step_XXXXXXXX.pt)")
+    return int(m[1])
+
+
+def set_aside_later(directory: str | Path, step: int) -> list[Path]:
+    """Rename the checkpoints past `step` to *.superseded: a run resumed from an earlier one goes another way, and
+    its next resume (the newest checkpoint) and pruning must be of its own, not the abandoned run's. Kept, not
+    deleted: they may be wanted."""
+    later = [p for p in list_checkpoints(directory) if checkpoint_step(p) > step]
+    for p in later:
+        p.rename(p.with_name(p.name + ".superseded"))
+    return later
 
 
 def latest_checkpoint(directory: str | Path) -> Path | None:

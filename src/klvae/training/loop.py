@@ -15,7 +15,7 @@ from klvae.atomic import atomic_write_text
 from klvae.distributed import DistInfo, all_ranks_each, all_sum
 from klvae.errors import KlvaeError
 from klvae.progress import progress_bar
-from klvae.training.checkpoint import signals_held
+from klvae.training.checkpoint import latest_checkpoint, signals_held
 from klvae.training.data_setup import build_train_loader, build_val_batches
 from klvae.training.trainer import Trainer
 from klvae.training.validate import validate
@@ -32,14 +32,13 @@ class RunLog:
         if not enabled:
             return
         out.mkdir(parents=True, exist_ok=True)
-        # The interrupted run logged past its last checkpoint: those steps are run again, and logged again.
-        if resumed_at:
-            _drop_rows_after(self.path, resumed_at)
+        # The interrupted run logged past its last checkpoint (or, resumed with none yet, past step 0): those
+        # steps are run again, and logged again.
+        _drop_rows_after(self.path, resumed_at)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            purge = {"purge_step": resumed_at + 1} if resumed_at else {}
-            self.tb = SummaryWriter(str(out / "tensorboard"), **purge)
+            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=resumed_at + 1)
         except ImportError:
             log.warning("tensorboard is not installed: scalars go to %s only", self.path)
 
@@ -178,8 +177,16 @@ def fit(tr: Trainer) -> dict[str, float]:
         # Counted per read, and every epoch reads each image again: the warnings on the way name the files.
         log.warning("unreadable training images were skipped %d time(s) in this run, its resumed parts and all "
                     "processes together (once per read, so once per epoch each)", bad)
-    if main and (last or not (tr.out / "final").is_dir()):  # a finished run resumed keeps its export as it is
+    # A finished run resumed keeps its export as it is, unless that export is older than the last checkpoint
+    # (killed after the checkpoint was written: it would hold an earlier one's weights).
+    if main and (last or not _export_is_current(tr.out)):
         with signals_held():  # a Ctrl-C waits for the export to be whole
             final = tr.export()
         log.info("exported weights to %s", final)
     return last
+
+
+def _export_is_current(out: Path) -> bool:
+    """Whether out/final was written after the run's newest checkpoint (the export follows the last save)."""
+    weights, newest = out / "final" / "diffusion_pytorch_model.safetensors", latest_checkpoint(out / "checkpoints")
+    return weights.is_file() and (newest is None or weights.stat().st_mtime_ns >= newest.stat().st_mtime_ns)

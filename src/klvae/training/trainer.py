@@ -94,8 +94,10 @@ def config_changes(saved: object, cfg: TrainConfig) -> list[str]:
     if not isinstance(old, dict):
         return []
     before, now = _flat(_with_resolved_loss(old)), _flat(_with_resolved_loss(cfg.to_dict()))
+    # A cosine schedule decays to zero at max_steps: another length re-stretches the lr from the resumed step on.
+    free = RESUME_FREE - {"train.max_steps"} if now.get("optim.schedule") == "cosine" else RESUME_FREE
     # Only fields both configs have: one added to klvae since the checkpoint was written is not a change.
-    keys = [k for k in now if k in before and k not in RESUME_FREE and before[k] != now[k]]
+    keys = [k for k in now if k in before and k not in free and before[k] != now[k]]
     return [f"{k} {quote(before[k], 100)} → {quote(now[k], 100)}" for k in keys]
 
 
@@ -219,6 +221,10 @@ class Trainer:
         self.loss.load_state_dict(s["loss"])
         if self.ema is not None and s.get("ema") is not None:
             self.ema.load_state_dict(s["ema"])
+        elif self.ema is not None:
+            # EMA switched on at this resume: it starts from the resumed weights, not the fresh init it copied
+            # (an export or validation before its first update would give those).
+            self.ema.module.load_state_dict(self.vae.state_dict())
         try:
             self.opt_ae.load_state_dict(s["opt_ae"])
             if self.opt_d is not None and s.get("opt_d") is not None:
@@ -277,6 +283,9 @@ class Trainer:
         except KlvaeError as e:
             raise type(e)(f"cannot resume from {found}: {e}") from None
         log.info("resumed from %s at step %d", found, self.step)
+        if self.dist.is_main and (later := ckpt.set_aside_later(self.out / "checkpoints", self.step)):
+            log.warning("%d checkpoint(s) of this run are past step %d (%s ...): renamed to *.superseded, so that "
+                        "this run's own are the ones resumed and pruned", len(later), self.step, later[0].name)
         self._warn_if_streams_reshard(state.get("world"))
         self._warn_if_config_changed(state)
         return True
