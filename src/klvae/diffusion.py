@@ -111,6 +111,10 @@ def number_tensor(value: object, name: str, device: torch.device | None = None) 
         raise TypeError(f"{name} must be a number, a sequence of numbers or a tensor, got {value!r}")
     try:
         t = torch.as_tensor(value, device=device)
+        if t.is_floating_point() and not hasattr(value, "dtype"):
+            # Python floats are doubles: made float32 (torch's default), 0.2 would be off by 1e-8 in the float64
+            # maths, and float32 latents rounded twice.
+            t = torch.as_tensor(value, device=device, dtype=table_dtype(t.device))
     except (TypeError, ValueError, RuntimeError):
         raise TypeError(f"{name} must be a number, a sequence of numbers or a tensor, got a "
                         f"{type(value).__name__}") from None
@@ -217,6 +221,8 @@ class NoiseSchedule:
     def _check_t(self, t: Tensor | int, x: Tensor, *others: tuple[str, Tensor | None]) -> Tensor:
         """t as [B] long timesteps for x (a floating tensor), after checking that `others` (name, tensor) are
         shaped like x: mismatched ones would broadcast into a silently wrong result."""
+        if isinstance(x, Tensor) and x.ndim == 0:  # before the timesteps, whose checks read its batch size
+            raise ValueError("latents must have a batch dimension ([B, ...]), got a 0-d tensor")
         t = self._timesteps(t, x.device if isinstance(x, Tensor) else None)
         _check_sample(x, others)
         if t.ndim == 0 or t.shape == (1,):  # one timestep for the whole batch, as diffusers broadcasts it
@@ -299,6 +305,9 @@ def _check_betas(betas: Tensor, zero_terminal_snr: bool) -> None:
         raise ValueError("betas that end in 1 have zero terminal SNR (x_T pure noise): pass zero_terminal_snr=True")
     if betas.numel() < 1 or not _open_unit(body if zero_terminal_snr else betas):
         raise ValueError(f"betas must be a non-empty 1-D tensor with every value in (0, 1); {_NAMED}")
+    if 1.0 - betas[0].item() == 1.0:  # in float64: alpha-bar stays 1, and the posterior at t=0 is 0/0
+        raise ValueError(f"the first beta, {betas[0].item():.3g}, is too small to change 1 - beta in float64: the "
+                         "first step would add no noise at all (a NaN posterior); use a beta of 1e-15 or more")
     if zero_terminal_snr and betas[-1].item() != 1.0:
         raise ValueError(f"zero_terminal_snr needs betas that end in 1, got {betas[-1].item():.6g}: rescale them "
                          "with rescale_zero_terminal_snr(betas)")

@@ -193,6 +193,8 @@ def _same_shape(a: Tensor, b: Tensor, names: str, order: str) -> None:
                         f"argument order: {order}")
     if a.shape != b.shape:
         raise ValueError(f"{second} shape {tuple(b.shape)} differs from {first} shape {tuple(a.shape)}")
+    if a.ndim == 0:
+        raise ValueError(f"{first} must have a batch dimension ([B, ...]), got a 0-d tensor")
     if not a.is_floating_point():  # the result comes back in a's dtype: integers would truncate it
         raise TypeError(f"{first} must be a floating-point tensor, got {a.dtype}")
 

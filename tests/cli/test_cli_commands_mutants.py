@@ -93,23 +93,23 @@ def test_flow_summary_gives_each_sigma_to_four_digits(tmp_path: Path, capsys: py
 
 
 def test_flow_schedule_of_sd3_uses_its_fixed_shift_of_3() -> None:
-    schedule, how = noise._flow_schedule(torch.zeros(1, 16, 4, 4), 1000, "auto", "sd3")
+    schedule, how = noise._flow_schedule((4, 4), 1000, "auto", "sd3")
     assert how == "SD3's shift 3"
     assert float(schedule.sigma_at(500)) == pytest.approx(float(FlowSchedule(1000, shift=3.0).sigma_at(500)))
-    _, how = noise._flow_schedule(torch.zeros(1, 16, 4, 4), 1000, 2.5, None)
+    _, how = noise._flow_schedule((4, 4), 1000, 2.5, None)
     assert how == "shift 2.5"
 
 
 def test_flow_schedule_names_flux1_and_flux2_with_their_token_counts() -> None:
-    _, how1 = noise._flow_schedule(torch.zeros(1, 16, 4, 6), 1000, "auto", "flux")
+    _, how1 = noise._flow_schedule((4, 6), 1000, "auto", "flux")
     assert how1.startswith("FLUX.1 mu ") and how1.endswith(" for 6 tokens")
-    _, how2 = noise._flow_schedule(torch.zeros(1, 128, 4, 6), 1000, "auto", "flux2")
+    _, how2 = noise._flow_schedule((4, 6), 1000, "auto", "flux2")
     assert how2.startswith("FLUX.2 (50 steps) mu ") and how2.endswith(" for 24 tokens")
 
 
 def test_flow_schedule_of_a_latent_too_small_for_flux1_is_a_klvae_error() -> None:
     with pytest.raises(KlvaeError, match=r"--shift auto: a FLUX\.1 latent of 1x3 holds no 2x2 patch"):
-        noise._flow_schedule(torch.zeros(1, 16, 1, 3), 1000, "auto", "flux")
+        noise._flow_schedule((1, 3), 1000, "auto", "flux")
 
 
 def test_flow_family_is_told_by_the_latent_normalisation() -> None:

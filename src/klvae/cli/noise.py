@@ -93,7 +93,9 @@ def cmd_noise(args: argparse.Namespace) -> int:
     noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(args.seed)).to(z0.device)
     if flow:
         assert shift is not None  # _check_shift gives a flow schedule its shift
-        zts, labels, what = _flow_noised(z0, noise, args, shift, family)
+        # The pipelines count tokens on the image cut down to whole latent cells, not on klvae's padded latent.
+        cells = (x.shape[-2] // vae.config.size_multiple, x.shape[-1] // vae.config.size_multiple)
+        zts, labels, what = _flow_noised(z0, noise, args, shift, family, cells)
     else:
         zts, labels, what = _ddpm_noised(z0, noise, args, schedule)
     # --batch-size noised latents per decoder pass
@@ -124,10 +126,10 @@ def _ddpm_noised(z0: torch.Tensor, noise: torch.Tensor, args: argparse.Namespace
 
 
 def _flow_noised(z0: torch.Tensor, noise: torch.Tensor, args: argparse.Namespace, shift: float | str,
-                 family: str | None) -> tuple[torch.Tensor, list[str], str]:
+                 family: str | None, cells: tuple[int, int]) -> tuple[torch.Tensor, list[str], str]:
     from klvae.flow import noisy
 
-    schedule, how = _flow_schedule(z0, args.num_steps, shift, family)
+    schedule, how = _flow_schedule(cells, args.num_steps, shift, family)
     sigmas = [float(schedule.sigma_at(t)) for t in args.steps]
     zts = torch.cat([noisy(z0, noise, sigma) for sigma in sigmas])
     labels = [f"t={t}  sigma={_sigma_text(sigma)}" for t, sigma in zip(args.steps, sigmas, strict=True)]
@@ -143,17 +145,18 @@ def _sigma_text(sigma: float, digits: int = 3) -> str:
     return text
 
 
-def _flow_schedule(z0: torch.Tensor, num_steps: int, shift: float | str, family: str | None
+def _flow_schedule(cells: tuple[int, int], num_steps: int, shift: float | str, family: str | None
                    ) -> tuple[FlowSchedule, str]:
-    """The flow table for a numeric shift or the model family's rule, and how it was shifted, in words."""
+    """The flow table for a numeric shift or the model family's rule (for a diffusion latent of `cells`, h x w),
+    and how it was shifted, in words."""
     from klvae.flow import FlowSchedule, flux2_image_seq_len, flux2_mu, flux_image_seq_len, flux_mu
 
     if family not in ("flux", "flux2"):  # a number, or SD3's fixed shift
         value, name = (_SD3_SHIFT, "SD3's shift") if family == "sd3" else (float(shift), "shift")
         return FlowSchedule(num_steps, shift=value), f"{name} {value:g}"
     try:  # the image's token count, as the family's pipeline counts it
-        tokens = flux_image_seq_len(z0) if family == "flux" else flux2_image_seq_len(z0)
-        mu = flux_mu(z0) if family == "flux" else flux2_mu(z0)
+        tokens = flux_image_seq_len(cells) if family == "flux" else flux2_image_seq_len(cells)
+        mu = flux_mu(cells) if family == "flux" else flux2_mu(cells)
     except ValueError as e:  # a latent too small for FLUX.1's 2x2 patches
         raise KlvaeError(f"--shift auto: {e}") from None
     name = "FLUX.1" if family == "flux" else "FLUX.2 (50 steps)"
