@@ -106,6 +106,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             if not found:  # as accelerate does: a new run, said loudly, since a mistyped out_dir lands here
                 log.warning("--resume: no checkpoint in %s/checkpoints, so training starts from step 0",
                             cfg.train.out_dir)
+            elif trainer.step > cfg.train.max_steps:  # else "trained to step N" for a max_steps below N, silently
+                log.warning("resumed at step %d, past train.max_steps %d: no step to train (a longer run needs a "
+                            "larger train.max_steps)", trainer.step, cfg.train.max_steps)
         logs = fit(trainer)
     finally:
         shutdown(trainer.dist)
