@@ -14,7 +14,8 @@
 - a run whose last checkpoint was written but whose export was interrupted (Ctrl-C, a kill) is, on `--resume`,
   "trained to step N ... weights in final" with final/ still holding an earlier export: an existing final/ is
   taken for this checkpoint's export without a look at what it holds;
-- (a doubtful item, then fixed) a resume past a lowered train.max_steps trains nothing without a word.
+- (doubtful items, then fixed) a resume past a lowered train.max_steps trains nothing without a word, and an
+  out_dir holding only a tensorboard/ folder (a run interrupted before its first log line) passed for fresh.
 """
 
 from __future__ import annotations
@@ -171,3 +172,12 @@ def test_a_resume_past_max_steps_says_there_is_no_step_to_train(tmp_path: Path,
     with caplog.at_level(logging.WARNING, logger="klvae"):
         assert main([*_train_args(tmp_path, "train.max_steps=2"), "--resume"]) == 0
     assert "resumed at step 3, past train.max_steps 2: no step to train" in caplog.text  # was: silent
+
+
+def test_a_run_that_left_only_its_tensorboard_folder_is_not_a_fresh_run(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    # Interrupted before its first log line: a new run's events would mix with the old one's.
+    _images(tmp_path)
+    (tmp_path / "run" / "tensorboard").mkdir(parents=True)
+    assert main(_train_args(tmp_path, "train.max_steps=1")) == 2
+    assert "already holds a run (tensorboard)" in capsys.readouterr().err

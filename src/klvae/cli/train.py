@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 # What a run writes into train.out_dir that a second run would mix with its own.
-_RUN_FILES = ("checkpoints", "final", "metrics.jsonl", "samples")
+_RUN_FILES = ("checkpoints", "final", "metrics.jsonl", "samples", "tensorboard")
 
 
 def check_fresh_run(out: Path) -> None:
