@@ -125,7 +125,8 @@ def test_the_parameter_cap_counts_the_decoders_own_widths() -> None:
         AutoencoderKLConfig(block_out_channels=(32,), decoder_block_out_channels=(8192,), layers_per_block=2)
     small = AutoencoderKLConfig(block_out_channels=(64, 64), decoder_block_out_channels=(32, 32),
                                 layers_per_block=1)
-    assert approx_parameters(small) == 2 * 18 * 64**2 + 2 * 2 * 18 * 32**2 + 18 * (64**2 + 32**2)
+    ends = 9 * (3 * 64 + 64 * 2 * 4 + 4 * 32 + 32 * 3) + 5 * 4 * 4  # convs in and out, quant convs (4 latents)
+    assert approx_parameters(small) == 2 * 18 * 64**2 + 2 * 2 * 18 * 32**2 + 18 * (64**2 + 32**2) + ends
 
 
 # ---- weights.hub ----

@@ -110,5 +110,5 @@ def test_resuming_shards_with_another_process_count_warns(tmp_path: Path, monkey
         caplog.clear()
         with caplog.at_level("WARNING"):
             assert tr.resume(path)
-        assert ("saved with 2 process(es) on 1" in caplog.text) is warns, caplog.text
+        assert ("saved with 2 process(es) and data.num_workers 0, now 1 and 0" in caplog.text) is warns, caplog.text
         monkeypatch.undo()

@@ -214,7 +214,12 @@ def approx_parameters(cfg: AutoencoderKLConfig) -> int:
     # Per level: the encoder's blocks and the decoder's one more, two convs each; each mid block's two convs.
     enc = sum(cfg.layers_per_block * 2 * 9 * c * c for c in cfg.block_out_channels)
     dec = sum((cfg.layers_per_block + 1) * 2 * 9 * c * c for c in cfg.decoder_widths)
-    return enc + dec + 2 * 9 * (cfg.block_out_channels[-1] ** 2 + cfg.decoder_widths[-1] ** 2)
+    mids = 2 * 9 * (cfg.block_out_channels[-1] ** 2 + cfg.decoder_widths[-1] ** 2)
+    # The convs in and out, where the image and latent channels count: a huge channel count is as big a model.
+    z, first, dec_out = cfg.latent_channels, cfg.block_out_channels[0], cfg.decoder_widths[0]
+    ends = 9 * (cfg.in_channels * first + cfg.block_out_channels[-1] * 2 * z + z * cfg.decoder_widths[-1]
+                + dec_out * cfg.out_channels) + 5 * z * z
+    return enc + dec + mids + ends
 
 
 def _check_size(cfg: AutoencoderKLConfig) -> None:
@@ -223,8 +228,9 @@ def _check_size(cfg: AutoencoderKLConfig) -> None:
                          f"klvae builds (at most {MAX_LEVELS} levels of {MAX_LAYERS})")
     n = approx_parameters(cfg)
     if n > MAX_PARAMETERS:
-        raise ValueError(f"block_out_channels {list(cfg.block_out_channels)} make about {n / 1e9:.3g} billion "
-                         f"parameters: not a VAE klvae builds (at most {MAX_PARAMETERS / 1e9:.3g} billion)")
+        raise ValueError(f"block_out_channels {list(cfg.block_out_channels)} (with {cfg.in_channels} image and "
+                         f"{cfg.latent_channels} latent channels) make about {n / 1e9:.3g} billion parameters: not "
+                         f"a VAE klvae builds (at most {MAX_PARAMETERS / 1e9:.3g} billion)")
 
 
 _SD = AutoencoderKLConfig()

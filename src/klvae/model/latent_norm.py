@@ -147,7 +147,10 @@ class LatentNorm:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LatentNorm:
-        """From a dict holding the fields; those absent (files older than them) take their defaults."""
+        """From a dict holding the fields; those absent (files older than them) take their defaults, but for
+        scaling_factor, which every such file holds."""
+        if "scaling_factor" not in d:  # a default of 1.0 would read scaled latents as unscaled ones
+            raise ValueError("no scaling_factor among the latent normalisation's fields")
         return cls(d["scaling_factor"], d.get("shift_factor"), d.get("latents_mean"), d.get("latents_std"),
                    d.get("latent_patch_size", 1))
 

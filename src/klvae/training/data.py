@@ -112,6 +112,11 @@ class ImageTransform:
         return pil_to_tensor(random_flip(img, c.flip))
 
 
+def mark_upscale_warned() -> None:
+    """Take the scaled-up images as said in this process (and the DataLoader workers it starts from now on)."""
+    _UPSCALE_WARNED[0] = True
+
+
 def _warn_upscale(resolution: int, side: int) -> None:
     # Every crop of such an image is upsampled: the decoder learns blurred targets, not the data's detail.
     _UPSCALE_WARNED[0] = True

@@ -22,6 +22,7 @@ from klvae.training.data import (
     build_dataset,
     build_transform,
     collate_skip_none,
+    mark_upscale_warned,
 )
 from klvae.training.sampler import GlobalBatchSampler, SeededItems, fewer_per_process
 
@@ -109,6 +110,9 @@ def _endless(loader: DataLoader, name: str) -> Iterator[dict[str, Any]]:
             first = False
         if first:  # a pass with no batch at all would make `while True` spin without end, silently
             raise KlvaeError(f"no training samples in {name}: a whole pass over the data yielded nothing")
+        # Each pass starts new workers, copied from this process: the first pass's workers have said what there
+        # was to say about scaled-up images, and the copies of later passes would say it again, pass after pass.
+        mark_upscale_warned()
 
 
 def _mark_epochs(it: Iterator[dict[str, Any]], start_batch: int, per_epoch: int) -> Iterator[dict[str, Any]]:

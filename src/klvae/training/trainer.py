@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from klvae.checks import is_integer
 from klvae.datasources import resolve_spec
 from klvae.distributed import (
     DistInfo,
@@ -286,7 +287,7 @@ class Trainer:
         if self.dist.is_main and (later := ckpt.set_aside_later(self.out / "checkpoints", self.step)):
             log.warning("%d checkpoint(s) of this run are past step %d (%s ...): renamed to *.superseded, so that "
                         "this run's own are the ones resumed and pruned", len(later), self.step, later[0].name)
-        self._warn_if_streams_reshard(state.get("world"))
+        self._warn_if_streams_reshard(state)
         self._warn_if_config_changed(state)
         return True
 
@@ -297,14 +298,23 @@ class Trainer:
         if changes and self.dist.is_main:
             log.warning("resuming with a config that differs from the checkpoint's: %s", "; ".join(changes))
 
-    def _warn_if_streams_reshard(self, saved_world: object) -> None:
-        # Other sources keep one global order whatever the process count; shards are split among the processes,
-        # so with another count each reads other shards and skips its own count of consumed batches.
-        if saved_world in (None, self.dist.world) or resolve_spec(self.cfg.data.train).kind != "tar":
+    def _warn_if_streams_reshard(self, state: dict[str, Any]) -> None:
+        # Other sources keep one global order whatever the process or worker count; shards are split among the
+        # processes and their loader workers, so with other counts each reads other shards and skips its own
+        # count of consumed batches.
+        saved_world, now_world = state.get("world"), self.dist.world
+        try:
+            saved_workers = json.loads(state.get("config") or "{}").get("data", {}).get("num_workers")
+        except (ValueError, TypeError, AttributeError, RecursionError):
+            saved_workers = None
+        # 0 workers (the main process reads) split the shards as 1 does.
+        workers = [max(1, n) if is_integer(n) else None for n in (saved_workers, self.cfg.data.num_workers)]
+        changed = saved_world not in (None, now_world) or (None not in workers and workers[0] != workers[1])
+        if not changed or resolve_spec(self.cfg.data.train).kind != "tar":
             return
-        log.warning("resuming a run over .tar shards saved with %s process(es) on %d: the shards are shared out "
-                    "anew, so the data from here on is not what the interrupted run would have read",
-                    saved_world, self.dist.world)
+        log.warning("resuming a run over .tar shards saved with %s process(es) and data.num_workers %s, now %d and "
+                    "%d: the shards are shared out anew, so the data from here on is not what the interrupted run "
+                    "would have read", saved_world, saved_workers, now_world, self.cfg.data.num_workers)
 
     def save(self) -> Path | None:
         """Rank 0 writes a checkpoint; every rank waits for it."""

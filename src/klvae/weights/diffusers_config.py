@@ -144,9 +144,10 @@ def config_from_diffusers(d: dict[str, Any]) -> AutoencoderKLConfig:
 
 def _sample_size(s: Any) -> int:
     # diffusers allows [H, W]; the tile size we use is square.
-    if isinstance(s, list) and s:
-        return max(_int(x, "sample_size") for x in s)
-    return _int(s, "sample_size")
+    sides = [_int(x, "sample_size") for x in s] if isinstance(s, list) and s else [_int(s, "sample_size")]
+    if min(sides) < 1:  # checked side by side: max() would pass [64, 0]
+        raise WeightsError(f"config.json: sample_size must be a positive integer or [H, W] of them, got {s!r}")
+    return max(sides)
 
 
 # The way out for what a diffusers config cannot express (the CLI names its own).
