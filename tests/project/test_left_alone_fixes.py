@@ -6,7 +6,8 @@ refusing a batch of the wrong rank or channel count by name (was a GroupNorm's o
 loading hunt's doubtful list: a diffusers weights file named alone takes the config.json beside it (was SD 1.5's
 factors guessed from shapes), `convert -o vae.json` (.onnx, .gguf, .zip) is refused as a folder named like a file,
 weights past float32's range are called damaged, not sent to bfloat16 (whose range is float32's); and NaN images
-through the diffusers wrapper come back NaN without an fp32 rerun and an overflow warning."""
+through the diffusers wrapper come back NaN without an fp32 rerun and an overflow warning; a config.json that is a
+folder is named, not ignored."""
 
 from __future__ import annotations
 
@@ -153,3 +154,11 @@ def test_nan_images_through_the_diffusers_wrapper_are_not_rerun_as_an_overflow(
         out = wrapped.encode(x).latent_dist.mean
     assert out.dtype == torch.bfloat16 and bool(out.isnan().any())  # as diffusers: NaN in, NaN out
     assert "rerunning" not in caplog.text  # was: "produced non-finite values in bfloat16; rerunning ... in fp32"
+
+
+def test_a_config_json_that_is_a_folder_is_named_not_ignored(tmp_path: Path) -> None:
+    folder = klvae.AutoencoderKL("tiny").save_pretrained(tmp_path / "vae")
+    (folder / "config.json").unlink()
+    (folder / "config.json").mkdir()  # was ignored: the factors then guessed from the shapes
+    with pytest.raises(KlvaeError, match=r"config\.json is not a file"):
+        klvae.AutoencoderKL.from_pretrained(folder)

@@ -71,6 +71,8 @@ def _folder(d: Path) -> WeightsSource:
             if ".fp16." in name:
                 log.info("%s: only the fp16 variant is there, using %s", d, name)
             config = d / CONFIG_NAME
+            if config.exists() and not config.is_file():  # else ignored, and the factors guessed from shapes
+                raise WeightsError(f"{config} is not a file")
             return WeightsSource(d / name, config if config.is_file() else None)
     if (d / "vae" / CONFIG_NAME).is_file():
         log.info("%s is a pipeline folder: using its vae/ subfolder", d)
