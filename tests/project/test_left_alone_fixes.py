@@ -7,7 +7,7 @@ loading hunt's doubtful list: a diffusers weights file named alone takes the con
 factors guessed from shapes), `convert -o vae.json` (.onnx, .gguf, .zip) is refused as a folder named like a file,
 weights past float32's range are called damaged, not sent to bfloat16 (whose range is float32's); and NaN images
 through the diffusers wrapper come back NaN without an fp32 rerun and an overflow warning; a config.json that is a
-folder is named, not ignored."""
+folder is named, not ignored; `info` of a preset alone refuses the --subfolder it would ignore."""
 
 from __future__ import annotations
 
@@ -162,3 +162,10 @@ def test_a_config_json_that_is_a_folder_is_named_not_ignored(tmp_path: Path) -> 
     (folder / "config.json").mkdir()  # was ignored: the factors then guessed from the shapes
     with pytest.raises(KlvaeError, match=r"config\.json is not a file"):
         klvae.AutoencoderKL.from_pretrained(folder)
+
+
+def test_info_of_a_preset_alone_refuses_a_subfolder(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", "--model", "tiny", "--subfolder", "vae"]) == 2  # was: described, the subfolder ignored
+    assert "--subfolder 'vae' given, but preset 'tiny'" in one_error_line(capsys.readouterr().err)
+    assert main(["info", "--config", "sdxl", "--subfolder", "vae"]) == 2
+    capsys.readouterr()

@@ -94,12 +94,14 @@ def preset_to_describe(args: argparse.Namespace) -> str | None:
     from klvae.model.config import PRESET_HUB_FILES, PRESET_HUB_IDS, PRESETS
 
     if args.model is None:
-        return args.config if args.config in PRESETS else None
-    released = args.model in PRESET_HUB_IDS or args.model in PRESET_HUB_FILES
-    # --config naming another preset is a config for weights, which such a preset lacks: loading says so.
-    if args.model in PRESETS and not released and args.config in (None, args.model):
-        return args.model
-    return None
+        name = args.config if args.config in PRESETS else None
+    else:
+        released = args.model in PRESET_HUB_IDS or args.model in PRESET_HUB_FILES
+        # --config naming another preset is a config for weights, which such a preset lacks: loading says so.
+        name = args.model if args.model in PRESETS and not released and args.config in (None, args.model) else None
+    if name is not None and getattr(args, "subfolder", None):  # no files to look into: it would be ignored
+        raise KlvaeError(f"--subfolder {args.subfolder!r} given, but preset {name!r} is described without weights")
+    return name
 
 
 def preset_on_meta(name: str) -> AutoencoderKL:
