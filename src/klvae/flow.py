@@ -297,8 +297,17 @@ class FlowSchedule:
             raise ValueError(f"timesteps must lie in [0, {n}] (diffusers' timestep is sigma * {n})")
         if t.ndim == 1 and t.shape[0] not in (1, sample.shape[0]):
             raise ValueError(f"timesteps must be [B] with B = {sample.shape[0]}, got shape {tuple(t.shape)}")
+        if n > 1 and t.numel() and bool(((t > 0) & (t < 1)).all()) and not self._on_table(t):
+            # Sigmas passed for timesteps would noise next to nothing, silently; the table's own timesteps lie
+            # there only at its clean end under a shift below 1.
+            raise ValueError(f"timesteps all lie in (0, 1): sigmas? This takes diffusers' timesteps (sigma * {n}); "
+                             "noisy(x0, noise, sigma) takes sigmas")
         # diffusers looks σ up by the timestep's value in its table, whose timesteps are σ T: the same σ.
         return t / n
+
+    def _on_table(self, t: Tensor) -> bool:
+        table = self.timesteps.to(device=t.device, dtype=t.dtype)
+        return bool(torch.isclose(t.reshape(-1, 1), table.reshape(1, -1), rtol=1e-6, atol=0).any(1).all())
 
     def scale_noise(self, sample: Tensor, timestep: Tensor | float, noise: Tensor) -> Tensor:
         """diffusers' `scale_noise`: σ = timestep / T, then (1 - σ) sample + σ noise, in sample's dtype."""

@@ -7,7 +7,9 @@
 - `klvae noise --shift auto` counts FLUX.1 / FLUX.2 tokens on the padded latent (image sides rounded up), where
   the pipelines floor the image's sides: a 42-pixel side gives another mu than FLUX would use;
 - betas too small to change 1 - beta in float64 (1e-17) are taken, and alpha-bar stays exactly 1: the posterior at
-  t = 0 is 0/0, NaN, silently (the same trap as the beta of 0 that make_betas refuses).
+  t = 0 is 0/0, NaN, silently (the same trap as the beta of 0 that make_betas refuses);
+- (a doubtful item, then fixed) sigmas passed to a flow table's add_noise/scale_noise as timesteps noised next to
+  nothing, silently.
 """
 
 from __future__ import annotations
@@ -152,3 +154,13 @@ def test_betas_that_leave_alpha_bar_at_1_are_refused(make: Callable[[], NoiseSch
         x = torch.randn(1, 4, 2, 2, dtype=torch.float64)
         mean, var, _ = s.q_posterior(x, x, 0)
         assert torch.isfinite(mean).all() and torch.isfinite(var).all()  # else fails here, not with ValueError
+
+
+# ---- a follow-up: sigmas given where timesteps are taken ----
+
+def test_sigmas_given_as_timesteps_are_refused_but_a_table_timestep_below_1_is_taken() -> None:
+    x = torch.zeros(2, 4, 2, 2)
+    with pytest.raises(ValueError, match=r"sigmas\? This takes diffusers' timesteps"):
+        FlowSchedule.sd3().add_noise(x, x, torch.tensor([0.3, 0.7]))  # was: noised by 0.0003 and 0.0007
+    low = FlowSchedule(1000, shift=0.5)  # its clean end: timestep 0.50025, on the table
+    assert torch.equal(low.scale_noise(x, low.timesteps[-1], x + 1), torch.full_like(x, float(low.sigmas[-1])))
