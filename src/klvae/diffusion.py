@@ -116,6 +116,8 @@ def number_tensor(value: object, name: str, device: torch.device | None = None) 
             # maths, and float32 latents rounded twice.
             t = torch.as_tensor(value, device=device, dtype=table_dtype(t.device))
     except (TypeError, ValueError, RuntimeError):
+        if isinstance(value, int):  # a number indeed, past int64
+            raise ValueError(f"{name} {value} is out of range") from None
         raise TypeError(f"{name} must be a number, a sequence of numbers or a tensor, got a "
                         f"{type(value).__name__}") from None
     return t.long() if t.dtype in (torch.uint16, torch.uint32, torch.uint64) else t

@@ -8,7 +8,7 @@
   the pipelines floor the image's sides: a 42-pixel side gives another mu than FLUX would use;
 - betas too small to change 1 - beta in float64 (1e-17) are taken, and alpha-bar stays exactly 1: the posterior at
   t = 0 is 0/0, NaN, silently (the same trap as the beta of 0 that make_betas refuses);
-- (a doubtful item, then fixed) sigmas passed to a flow table's add_noise/scale_noise as timesteps noised next to
+- (doubtful items, then fixed) a timestep past int64 called no number; sigmas passed to a flow table's add_noise/scale_noise as timesteps noised next to
   nothing, silently.
 """
 
@@ -164,3 +164,8 @@ def test_sigmas_given_as_timesteps_are_refused_but_a_table_timestep_below_1_is_t
         FlowSchedule.sd3().add_noise(x, x, torch.tensor([0.3, 0.7]))  # was: noised by 0.0003 and 0.0007
     low = FlowSchedule(1000, shift=0.5)  # its clean end: timestep 0.50025, on the table
     assert torch.equal(low.scale_noise(x, low.timesteps[-1], x + 1), torch.full_like(x, float(low.sigmas[-1])))
+
+
+def test_a_timestep_past_int64_is_out_of_range_not_a_type_error() -> None:
+    with pytest.raises(ValueError, match="timesteps 1180591620717411303424 is out of range"):
+        NoiseSchedule.sd().q_sample(torch.zeros(1, 4, 2, 2), 2**70)  # was: TypeError "... got a int"
