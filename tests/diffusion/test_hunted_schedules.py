@@ -8,8 +8,8 @@
   the pipelines floor the image's sides: a 42-pixel side gives another mu than FLUX would use;
 - betas too small to change 1 - beta in float64 (1e-17) are taken, and alpha-bar stays exactly 1: the posterior at
   t = 0 is 0/0, NaN, silently (the same trap as the beta of 0 that make_betas refuses);
-- (doubtful items, then fixed) a timestep past int64 called no number; sigmas passed to a flow table's add_noise/scale_noise as timesteps noised next to
-  nothing, silently.
+- (doubtful items, then fixed) a timestep past int64 called no number; sigmas passed to a flow table's
+  add_noise/scale_noise as timesteps noised next to nothing, silently.
 """
 
 from __future__ import annotations
