@@ -48,7 +48,7 @@ def atomic_write_all(files: Sequence[tuple[str | Path, Callable[[Path], object]]
     try:
         for path, write in files:
             path = Path(path)
-            made += _make_folders(path.parent)
+            made += make_folders(path.parent)
             tmp = temp_path(path)
             done.append((tmp, path))
             _write_flushed(path, tmp, write)
@@ -57,12 +57,7 @@ def atomic_write_all(files: Sequence[tuple[str | Path, Callable[[Path], object]]
     except BaseException:
         for tmp, _ in done:
             tmp.unlink(missing_ok=True)
-        # Innermost first; a folder that something else has filled meanwhile stays.
-        for folder in reversed(made):
-            try:
-                folder.rmdir()
-            except OSError:
-                break
+        remove_made_folders(made)
         raise
     for folder in dict.fromkeys(path.parent for _, path in done):
         _fsync_folder(folder)
@@ -100,12 +95,23 @@ def _write_flushed(path: Path, tmp: Path, write: Callable[[Path], object]) -> No
         raise OSError(f"cannot write {path}: {reason}") from None
 
 
-def _make_folders(folder: Path) -> list[Path]:
+def remove_made_folders(made: list[Path]) -> None:
+    """Remove the folders make_folders made, innermost first, while they are empty: one that something else has
+    filled meanwhile stays, and so do those around it."""
+    for folder in reversed(made):
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+
+
+def make_folders(folder: Path) -> list[Path]:
     """Create `folder` and its missing parents; returns those created, outermost first."""
     missing: list[Path] = []
     p = folder
     while not p.exists() and p.parent != p:
-        missing.append(p)
+        if p.name not in ("", ".", ".."):  # new/.. is no folder made: `new` is (and its removal would fail)
+            missing.append(p)
         p = p.parent
     folder.mkdir(parents=True, exist_ok=True)
     return missing[::-1]

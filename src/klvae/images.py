@@ -255,15 +255,17 @@ def image_from_cell(value: Any, name: str, max_pixels: int | None = MAX_PIXELS) 
     raise ImageError(f"{name}: the image column holds {type(value).__name__}, not an image")
 
 
-def _walk(root: Path, recursive: bool) -> list[Path]:
+def _walk(root: Path, recursive: bool, seen: set[str], unreadable: list[str]) -> list[Path]:
     out: list[Path] = []
-    seen: set[str] = set()
-    # followlinks: datasets are often assembled from symlinked folders; `seen` stops symlink loops.
-    def unreadable(e: OSError) -> None:
+
+    # followlinks: datasets are often assembled from symlinked folders; `seen` stops symlink loops, and a folder
+    # named twice (by two spellings, or through a link) is walked once.
+    def cannot_list(e: OSError) -> None:
         # os.walk skips a folder it cannot list without a word; its images would vanish from the job unseen.
         log.warning("cannot read folder %s (%s): its images are left out", e.filename, e.strerror or e)
+        unreadable.append(str(e.filename))
 
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable):
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=cannot_list):
         real = os.path.realpath(dirpath)
         if real in seen:
             dirnames[:] = []
@@ -273,26 +275,36 @@ def _walk(root: Path, recursive: bool) -> list[Path]:
         # Sorted: the walk is depth-first in this order, so when two symlinks reach one folder, the name its
         # images are found under (their item ids, output names) is the same on every filesystem.
         dirnames[:] = [] if not recursive else sorted(d for d in dirnames if not d.startswith("."))
-        out.extend(Path(dirpath) / f for f in filenames
-                   if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS)
+        out.extend(Path(dirpath) / f for f in filenames if _is_image_name(f))
     return out
 
 
-def find_images(paths: Iterable[str | Path], recursive: bool = True) -> list[Path]:
-    """Image files named directly or found in the named folders: sorted, without duplicates."""
+def _is_image_name(name: str) -> bool:
+    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def find_images(paths: Iterable[str | Path], recursive: bool = True,
+                unreadable: list[str] | None = None) -> list[Path]:
+    """Image files named directly or found in the named folders: sorted, without duplicates (a folder or file
+    named twice, by two spellings or through a link, counts once). Folders that cannot be listed are warned
+    about and added to `unreadable`, when given (a job counts them as skipped)."""
     if isinstance(paths, str | Path):
         paths = [paths]
     found: set[Path] = set()
+    seen: set[str] = set()  # the real paths of the folders walked
+    files: dict[str, Path] = {}  # the files named, by real path
     for item in paths:
         p = Path(item)
         if p.is_dir():
-            found.update(_walk(p, recursive))
+            found.update(_walk(p, recursive, seen, unreadable if unreadable is not None else []))
         elif p.is_file():
-            found.add(p)  # a file named explicitly is taken whatever its extension; load_image judges it
+            files.setdefault(os.path.realpath(p), p)  # taken whatever its extension; load_image judges it
         elif p.exists():
             check_regular_file(p)
         else:
             raise ImageError(f"{p}: no such file or folder")
+    # A file named and also found in a folder walked (its images) is that one.
+    found.update(p for real, p in files.items() if not (os.path.dirname(real) in seen and _is_image_name(p.name)))
     return sorted(found, key=lambda q: q.as_posix())
 
 

@@ -192,14 +192,15 @@ def cmd_encode(args: argparse.Namespace) -> int:
         if Path(given).suffix.lower() == ".tar" and Path(given).is_file():
             raise KlvaeError(f"{given}: encode reads image files and folders, not .tar shards (`klvae cache --data "
                              "shards/*.tar` encodes shards)")
-    paths = find_images(args.inputs)
+    unlisted: list[str] = []  # folders that cannot be listed: skipped parts of the input, counted as bad
+    paths = find_images(args.inputs, unreadable=unlisted)
     if not paths:
         raise KlvaeError(f"no images found in {' '.join(args.inputs)}{_left_out(args.inputs)}")
     _check_encode_args(args, paths)
     if len(paths) == 1 and Path(args.inputs[0]).is_file():
         load_image(paths[0])  # a single named file that cannot be read is an error, not a skip
     tiling = tiling_from_args(args)
-    bad: list[Path] = []
+    bad = [Path(f) for f in unlisted]
     by_size = _group_by_size(paths, bad)
     if not by_size:
         raise KlvaeError(none_read(len(paths)))

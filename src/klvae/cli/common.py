@@ -122,9 +122,13 @@ _FILE_SUFFIXES = frozenset({*IMAGE_EXTENSIONS, ".gif", ".safetensors", ".latent"
 
 
 def check_named(path: str | Path, flag: str) -> None:
-    """KlvaeError for an empty or blank path: Path("") is the working folder, which no one names that way."""
+    """KlvaeError for an empty or blank path (Path("") is the working folder, which no one names that way), or one
+    starting with a ~ that no shell expanded."""
     if not str(path).strip():
         raise KlvaeError(f"{flag} is empty: name a {'file or folder' if flag != '--data' else 'data set'}")
+    if str(path).startswith("~"):  # `--output=~/x` and `--set key=~/x` reach us unexpanded: a folder named ~
+        raise KlvaeError(f"{flag} {path}: the shell left ~ unexpanded there; write the path out "
+                         f"({Path(path).expanduser()})")
 
 
 def check_output_path(path: str | Path, flag: str = "--output", *, folder: bool = False,

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from klvae.cli.common import check_not_in_data, check_output_path
+from klvae.cli.common import check_named, check_not_in_data, check_output_path
 from klvae.errors import KlvaeError, quote
 
 if TYPE_CHECKING:
@@ -64,6 +64,7 @@ def check_inputs(cfg: TrainConfig, resume: str | None) -> None:
     from klvae.training.data_setup import check_train_data
 
     usable_device(cfg.train.device, "train.device")
+    check_named(cfg.train.out_dir, "train.out_dir")
     # A resumed run would scan its own sample grids (out_dir/samples) as training or validation images.
     for field in ("train", "val"):
         if data := getattr(cfg.data, field):  # "" when unset

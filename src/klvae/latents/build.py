@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from klvae.atomic import make_folders, remove_made_folders
 from klvae.distributed import DistInfo, all_sum, barrier
 from klvae.errors import KlvaeError, OptionError, quote
 from klvae.inference.precision import resolve_dtype
@@ -93,11 +94,18 @@ def build_cache(vae: AutoencoderKL, data: str | os.PathLike[str] | ItemSource, o
              opts.resolution, ", buckets" if opts.buckets else "", ", flip" if opts.flip else "")
     # Computed once: hashing every weight is slow on a large model, and the ranks and the index share them.
     fingerprints = {**(fingerprints or cache.model_fingerprints(vae, opts.store)), **source.fingerprints()}
-    counts = cache.cache_rank(vae, source, root, opts, compute, dist.rank, dist.world, fingerprints)
-    counts = _sum_over_ranks(counts, dist, vae.device)
-    barrier(dist)  # every rank's manifest is complete before rank 0 merges them
-    index = cache.write_index(vae, os.fspath(model_name or "unnamed"), root, opts, dist.world, fingerprints) \
-        if dist.is_main else None
+    # The folders around the cache's own are made here, and removed again by a failed run (as cache_rank and
+    # write_index remove the cache's).
+    made = make_folders(root.parent)
+    try:
+        counts = cache.cache_rank(vae, source, root, opts, compute, dist.rank, dist.world, fingerprints)
+        counts = _sum_over_ranks(counts, dist, vae.device)
+        barrier(dist)  # every rank's manifest is complete before rank 0 merges them
+        index = cache.write_index(vae, os.fspath(model_name or "unnamed"), root, opts, dist.world, fingerprints) \
+            if dist.is_main else None
+    except BaseException:
+        remove_made_folders(made)
+        raise
     result = _summarise(root, index, counts, len(source.unreadable))
     if dist.is_main and result.enlarged:
         # As training's and evaluation's crops: a scaled-up image has no detail at the latents' scale to learn.

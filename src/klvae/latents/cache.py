@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from klvae import inference
-from klvae.atomic import atomic_write_text, folder_lock
+from klvae.atomic import atomic_write_text, folder_lock, make_folders, remove_made_folders
 from klvae.distributed import usable_workers
 from klvae.errors import KlvaeError, none_read, quote
 from klvae.images import pil_to_tensor
@@ -346,15 +346,12 @@ def cache_rank(vae: AutoencoderKL, spec: str | os.PathLike[str] | ItemSource, ou
     check_whole_latents(vae, opts.resolution)
     fingerprints = fingerprints or {**model_fingerprints(vae, opts.store), **source.fingerprints()}
     check_resume(out, opts, world, fingerprints)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    made = make_folders(out)
     try:
         with folder_lock(out, "klvae cache") if rank == 0 else contextlib.nullcontext():  # a run's rank 0 speaks for it
             return _cache_todo(vae, source, out, opts, dtype, rank, world, fingerprints)
     except BaseException:
-        if created:  # a failed start leaves no empty folder; rmdir fails, as it should, on anything in it
-            with contextlib.suppress(OSError):
-                out.rmdir()
+        remove_made_folders(made)  # a failed start leaves no empty folders (rmdir fails on anything in one)
         raise
 
 

@@ -128,8 +128,10 @@ def item_error(item_id: str, e: Exception) -> str:
 def _folder(root: Path) -> ItemSource:
     if not root.is_dir():
         return ItemSource("folder", [root.name], {root.name: root})
-    ids = {str(p.relative_to(root)): p for p in find_images([root])}
-    return ItemSource("folder", list(ids), ids)
+    unlisted: list[str] = []
+    ids = {str(p.relative_to(root)): p for p in find_images([root], unreadable=unlisted)}
+    # A folder that cannot be listed is a skipped part of the data, counted as a tar shard that cannot be read is.
+    return ItemSource("folder", list(ids), ids, unreadable=[(f, "cannot be listed") for f in unlisted])
 
 
 def tar_reason(e: BaseException) -> str:
