@@ -100,7 +100,7 @@ class FrozenConfig(dict):
         # Pipelines read the config; a write would change no computation here, so it is refused, not ignored.
         raise TypeError("the config is read-only; change the klvae model's config and call as_diffusers again")
 
-    __setattr__ = __setitem__ = __delattr__ = __delitem__ = _read_only
+    __setattr__ = __setitem__ = __delattr__ = __delitem__ = __ior__ = _read_only  # type: ignore[assignment]
     clear = pop = popitem = setdefault = update = _read_only  # type: ignore[assignment]
 
     def __reduce__(self) -> tuple[type, tuple[dict[str, Any]]]:
@@ -168,6 +168,8 @@ class DiffusersVAE(nn.Module):
     """A klvae AutoencoderKL behind diffusers' AutoencoderKL API (see the module docstring for what is covered)."""
 
     def __init__(self, vae: AutoencoderKL) -> None:
+        if not isinstance(vae, AutoencoderKL):  # else an AttributeError from deep inside (a diffusers model's)
+            raise TypeError(f"DiffusersVAE wraps a klvae.AutoencoderKL, not a {type(vae).__name__}")
         super().__init__()
         # The klvae model's own modules, registered here too: diffusers' state_dict keys and attributes, and to(),
         # half() or eval() on this wrapper act on the very modules the klvae model runs. The model itself is kept
@@ -327,30 +329,44 @@ class DiffusersVAE(nn.Module):
 
     def _run(self, op: str, x: Tensor) -> Tensor:
         """Encoder moments ("encode") or decoded images ("decode") of a batch, sliced and tiled as enabled."""
+        check_float(x, op)  # cast below, 0..255 would pass for [-1, 1] values; diffusers fails on such a dtype
+        # Checked whole (slices would name another shape), and for the tiled path, which would fail in its strips.
+        c = self._klvae.config.in_channels if op == "encode" else self._klvae.config.latent_channels
+        check_batch(x, c, "image" if op == "encode" else "latent")
         if self.use_slicing and x.shape[0] > 1:
             return torch.cat([self._run_batch(op, part) for part in x.split(1)])
         return self._run_batch(op, x)
 
     def _run_batch(self, op: str, x: Tensor) -> Tensor:
-        vae = self._klvae
-        dtype = vae.dtype
-        check_float(x, op)  # cast below, 0..255 would pass for [-1, 1] values; diffusers fails on such a dtype
-        # Checked here for the tiled path too, which would otherwise fail inside its strips.
-        c = vae.config.in_channels if op == "encode" else vae.config.latent_channels
-        check_batch(x, c, "image" if op == "encode" else "latent")
-        # An input of another dtype or device is taken as diffusers' pipelines mean it (they cast it to vae.dtype
-        # themselves); diffusers would fail on it.
-        x = x.to(vae.device, dtype)
+        vae, part = self._klvae, self._part(op)
+        # The dtype and device of the half that runs: a pipeline may keep the encoder elsewhere, or in another
+        # dtype, than the decoder. An input of another dtype or device is taken as diffusers' pipelines mean it
+        # (they cast it themselves); diffusers would fail on it.
+        ref = next(part.parameters())
+        dtype = ref.dtype
+        x = x.to(ref.device, dtype)
         if not self.use_tiling or x.shape[0] == 0:  # an empty batch has no strips: the plain pass gives its shape
             return _in_dtype(self._plain(op, x), dtype)
         if x.requires_grad and torch.is_grad_enabled():
             raise KlvaeError("klvae's tiled passes record no gradients: disable_tiling() to backpropagate through "
                              "the VAE")
         out = run_maybe_tiled(vae, op, x, dtype, plain=lambda t, _: self._plain(op, t),
-                              tiled=lambda t, dt: run_guarded(vae, self._tiled_fn(op), t, dt, f"tiled {op}"),
+                              tiled=lambda t, dt: run_guarded(part, self._tiled_fn(op), t, dt, f"tiled {op}"),
                               opts=self.tiling)
         # klvae leaves a tiled result over the budget in host memory; diffusers' callers expect it on the device.
-        return _in_dtype(out.to(vae.device), dtype)
+        return _in_dtype(out.to(ref.device), dtype)
+
+    def _part(self, op: str) -> nn.Module:
+        """The modules an encode or a decode runs (their weights' dtype and device are the pass's)."""
+        vae = self._klvae
+        convs = [vae.encoder, vae.quant_conv] if op == "encode" else [vae.post_quant_conv, vae.decoder]
+        return nn.ModuleList(m for m in convs if m is not None)
+
+    def train(self, mode: bool = True) -> DiffusersVAE:
+        """Training or eval mode, for the klvae model too (unregistered here, its modules are this wrapper's)."""
+        super().train(mode)
+        object.__setattr__(self._klvae, "training", mode)
+        return self
 
     def _plain(self, op: str, x: Tensor) -> Tensor:
         """The untiled pass: diffusers' own computation, with klvae's fp32 rerun of a half-precision overflow."""
@@ -362,7 +378,7 @@ class DiffusersVAE(nn.Module):
             # fp64 have nothing higher to rerun in. fp16 on the CPU is as slow here as under run_guarded.
             warn_if_slow(x.device, x.dtype)
             return fn(x)
-        return run_guarded(vae, lambda u, _: fn(u), x, x.dtype, op)
+        return run_guarded(self._part(op), lambda u, _: fn(u), x, x.dtype, op)
 
     def _tiled_fn(self, op: str) -> Callable[[Tensor, torch.dtype], Tensor]:
         """klvae's exact tiled encode (moments) or decode, streaming strips within the tiling budget."""
