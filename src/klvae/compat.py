@@ -58,15 +58,23 @@ class DiagonalGaussianDistribution(DiagonalGaussian):
 
 
 class _Output:
-    """diffusers' BaseOutput access: attributes, out["name"], out[0] and to_tuple() (the fields that are set)."""
+    """diffusers' BaseOutput access: attributes, out["name"], out[0], `in`, keys() and to_tuple() (the fields that
+    are set, as BaseOutput, an OrderedDict of them, gives them)."""
+
+    def keys(self) -> list[str]:
+        """The names of the fields that are set, in order."""
+        return [f.name for f in dataclasses.fields(cast(Any, self)) if getattr(self, f.name) is not None]
 
     def to_tuple(self) -> tuple[Any, ...]:
         """The fields that are not None, in order."""
-        return tuple(v for f in dataclasses.fields(cast(Any, self)) if (v := getattr(self, f.name)) is not None)
+        return tuple(getattr(self, k) for k in self.keys())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys()
 
     def __getitem__(self, key: int | slice | str) -> Any:
         if isinstance(key, str):
-            if key not in {f.name for f in dataclasses.fields(cast(Any, self))} or getattr(self, key) is None:
+            if key not in self.keys():
                 raise KeyError(key)
             return getattr(self, key)
         return self.to_tuple()[key]

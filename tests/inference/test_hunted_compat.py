@@ -146,3 +146,14 @@ def test_with_slicing_a_batch_of_the_wrong_rank_is_named_by_the_shape_given(op: 
     with torch.no_grad(), pytest.raises(ValueError) as e:
         getattr(ours, op)(torch.rand(*shape))
     assert given in str(e.value), str(e.value)
+
+
+def test_outputs_answer_in_and_keys_as_diffusers_outputs_do() -> None:
+    """A doubtful item, then fixed: `"latent_dist" in vae.encode(x)` was False (diffusers' BaseOutput is an
+    OrderedDict of the fields that are set), and keys() was missing."""
+    theirs, ours = _pair()
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    for a, b in ((theirs.encode(x), ours.encode(x)), (theirs.decode(torch.zeros(1, 4, 4, 4)),
+                                                     ours.decode(torch.zeros(1, 4, 4, 4)))):
+        assert list(b.keys()) == list(a.keys())
+        assert all(k in b for k in a) and "commit_loss" not in b
