@@ -306,6 +306,12 @@ def surprises(cfg: TrainConfig) -> list[str]:
                      "latent space is noise no diffusion model was trained on, so the decoder learns nothing of use; "
                      "set model.pretrained to the weights whose latents to keep")
     loss = build_loss_config(cfg.loss)
+    if cfg.loss.get("preset") == "ft-mse" and loss.kl_weight == 0 and not cfg.model.decoder_only:
+        # ft-mse is a decoder fine-tune's recipe: with the encoder training too and no KL, its latents drift from
+        # those the diffusion model knows.
+        found.append("loss.preset ft-mse (no KL) with model.decoder_only false: the encoder trains too, and nothing "
+                     "keeps its latents where the diffusion model knows them; set model.decoder_only=true, as "
+                     "sd-vae-ft-mse was trained")
     if not loss.lpips_pretrained and loss.perceptual_weight > 0:
         found.append(f"loss.lpips_pretrained is false with loss.perceptual_weight {loss.perceptual_weight:g}: the "
                      "perceptual loss compares features of a random VGG, which is no LPIPS; set "
