@@ -154,9 +154,9 @@ def _is_record(rec: Any) -> bool:
     )
 
 
-# The type each recorded option must have: a value of another type is no setting any run wrote.
 # The fingerprints a record may hold, beside its options (index.json keeps them at its top level).
 _FINGERPRINTS = ("model_fingerprint", "encoder_fingerprint", "factors_fingerprint", "data_fingerprint")
+# The type each recorded option must have: a value of another type is no setting any run wrote.
 _OPTION_TYPES: dict[str, type] = {"resolution": int, "buckets": bool, "flip": bool, "store": str, "seed": int,
                                   "world_size": int, **dict.fromkeys(_FINGERPRINTS, str)}
 
