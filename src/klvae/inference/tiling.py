@@ -74,9 +74,15 @@ def estimate_bytes(vae: AutoencoderKL, op: str, shape: tuple[int, ...], dtype: t
     b, _, h, w = shape
     elem = torch.finfo(dtype).bits // 8
     weights = sum(p.numel() for p in vae.parameters()) * elem
-    # The widest full-resolution activations: the first encoder level's, or the last decoder level's.
-    width = (vae.config.block_out_channels if op == "encode" else vae.config.decoder_widths)[0]
+    # The widest activations per image pixel: the first encoder level's, or the last decoder level's (as measured
+    # for _PEAK_PER_PIXEL), unless a deeper level is more than twice as wide per level (a custom config).
+    width = _widest_per_pixel(vae.config.block_out_channels if op == "encode" else vae.config.decoder_widths)
     return int(weights + b * h * w * width * elem * _PEAK_PER_PIXEL[op])
+
+
+def _widest_per_pixel(widths: tuple[int, ...]) -> float:
+    # Level i's maps have 4**i times fewer pixels than the image (the mid block's, the last level's).
+    return max(c / 4**i for i, c in enumerate(widths))
 
 
 def resident_map_bytes(vae: AutoencoderKL, op: str, shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -90,7 +96,10 @@ def resident_map_bytes(vae: AutoencoderKL, op: str, shape: tuple[int, ...], dtyp
     else:  # the last level, whose first block reads the upsampled output of the level before
         widths = vae.config.decoder_widths
         channels = 2 * widths[0] + widths[min(1, len(widths) - 1)]
-    return b * h * w * channels * elem
+    # A deeper level more than twice as wide per level (a custom config) holds more, the mid block's 3-4 maps too.
+    deeper = vae.config.block_out_channels if op == "encode" else vae.config.decoder_widths
+    channels = max(channels, 3 * _widest_per_pixel(deeper), 4 * deeper[-1] / 4 ** (len(deeper) - 1))
+    return int(b * h * w * channels * elem)
 
 
 def make_streamer(
