@@ -11,7 +11,8 @@
 - A `klvae cache` that fails (no image readable) removes only the innermost output folder it made: `-o new/x/c`
   leaves `new/x` behind, though "a failed start leaves no empty folder".
 - A sub-folder of the data that cannot be listed (no permission) is only a warning: `encode`, `cache` and `eval`
-  exit 0 (cache even says "skipped 0 unreadable"), while an unreadable image or tar shard is counted and exits 1.
+  exit 0 (cache even says "skipped 0 unreadable"), while an unreadable image or tar shard is counted and exits 1;
+- (a doubtful item, then fixed) a file output ending in a slash (`-o x.safetensors/`) was written as a file.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import noise_folder, saved_tiny_model
+from helpers import noise_folder, noise_png, one_error_line, saved_tiny_model
 from klvae.atomic import atomic_write
 from klvae.cli.main import main
 from klvae.images import find_images
@@ -186,3 +187,15 @@ def test_a_failed_cache_removes_every_folder_it_made(tmp_path: Path, model: Path
     assert status == 2
     assert "none of the 2 images" in capsys.readouterr().err
     assert not (tmp_path / "new").exists(), sorted(p.name for p in (tmp_path / "new").rglob("*"))
+
+
+def test_a_file_output_ending_in_a_slash_is_refused(tmp_path: Path, model: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A doubtful item, then fixed: `-o x.safetensors/` wrote a file (Path drops the slash)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.png").write_bytes(noise_png(0, (16, 16)))
+    out = f"{tmp_path / 'x.safetensors'}/"
+    assert main(["-q", "encode", str(data), "-o", out, "--model", str(model), "--device", "cpu"]) == 2
+    assert "ends in a slash" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "x.safetensors").exists()

@@ -136,6 +136,8 @@ def check_output_path(path: str | Path, flag: str = "--output", *, folder: bool 
     """KlvaeError unless `path` can be written as a file (a folder with `folder`) and is none of `inputs`;
     creates nothing, so a bad output is refused before any work."""
     check_named(path, flag)
+    if not folder and str(path).endswith(("/", os.sep)):  # Path() drops the slash: a file would be written
+        raise KlvaeError(f"{flag} {path} ends in a slash, as a folder's name does; name a file")
     p = Path(path)
     # The nearest folder that exists is where the write (or the first mkdir) happens. Names are measured before
     # anything stats `p`: a name over the file system's limit makes every stat below it raise.
