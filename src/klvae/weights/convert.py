@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable
 from typing import Literal
 
 from torch import Tensor
@@ -51,19 +52,24 @@ def detect_layout(sd: StateDict) -> Layout:
     return "diffusers"
 
 
-def strip_prefix(sd: StateDict) -> StateDict:
-    """The VAE part of `sd` without its prefix: first_stage_model./vae. (other keys dropped), module., _orig_mod."""
+def vae_names(keys: Iterable[str]) -> tuple[dict[str, str], str]:
+    """{key as stored: its name without wrappers and prefix} for the VAE's keys, and the full checkpoint's prefix
+    they had ("" for none): module. and _orig_mod. seen through, first_stage_model./vae. (other keys dropped)."""
+    names = {k: k for k in keys}
     # Until none is left, in either order: torch.compile(DDP(model)) saves _orig_mod.module.*, DDP(compile(...))
     # module._orig_mod.*.
-    while sd and (wrapper := next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in sd)), None)):
-        sd = {k[len(wrapper):]: v for k, v in sd.items()}
-    for prefix in VAE_PREFIXES:
-        if any(k.startswith(prefix) for k in sd):
-            out = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-            if len(out) < len(sd):
-                log.info("kept the %d %s* keys, ignored %d others", len(out), prefix, len(sd) - len(out))
-            return out
-    return dict(sd)
+    while names and (w := next((p for p in WRAPPER_PREFIXES if all(n.startswith(p) for n in names.values())), None)):
+        names = {k: n[len(w):] for k, n in names.items()}
+    prefix = next((p for p in VAE_PREFIXES if any(n.startswith(p) for n in names.values())), "")
+    return {k: n[len(prefix):] for k, n in names.items() if n.startswith(prefix)}, prefix
+
+
+def strip_prefix(sd: StateDict) -> StateDict:
+    """The VAE part of `sd` without its prefix: first_stage_model./vae. (other keys dropped), module., _orig_mod."""
+    names, prefix = vae_names(sd)
+    if len(names) < len(sd):
+        log.info("kept the %d %s* keys, ignored %d others", len(names), prefix, len(sd) - len(names))
+    return {n: sd[k] for k, n in names.items()}
 
 
 def drop_training_keys(sd: StateDict) -> StateDict:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from klvae.weights.convert import TRAINING_PREFIXES, VAE_PREFIXES, WRAPPER_PREFIXES
+from klvae.weights.convert import TRAINING_PREFIXES, vae_names
 from klvae.weights.read import is_shard_index, read_state_dict, shard_files, sniff_format
 
 # safetensors' dtype codes, and torch's, as --dtype and `convert --dtype` spell them.
@@ -44,11 +44,7 @@ def main_dtype(path: Path) -> str | None:
 def vae_keys(keys: list[str]) -> list[str]:
     """The keys loading takes as the VAE's: through wrappers (module., _orig_mod.) and a full checkpoint's prefix
     (its UNet and text encoder are not the VAE), without an LDM checkpoint's loss.* and model_ema.*."""
-    names = {k: k for k in keys}
-    while names and (w := next((p for p in WRAPPER_PREFIXES if all(n.startswith(p) for n in names.values())), None)):
-        names = {k: n[len(w):] for k, n in names.items()}
-    prefix = next((p for p in VAE_PREFIXES if any(n.startswith(p) for n in names.values())), "")
-    return [k for k, n in names.items() if n.startswith(prefix) and not n[len(prefix):].startswith(TRAINING_PREFIXES)]
+    return [k for k, n in vae_names(keys)[0].items() if not n.startswith(TRAINING_PREFIXES)]
 
 
 def _safetensors_values(path: Path) -> Counter[str]:
