@@ -56,10 +56,15 @@ def _lone_half(path: Path, sd: StateDict, half: str) -> str:
     return text
 
 
+def may_be_vae_key(key: object) -> bool:
+    """Whether a tensor name may be a VAE's, under any prefix or wrapper: it holds encoder. or decoder."""
+    return isinstance(key, str) and ("encoder." in key or "decoder." in key)
+
+
 def check_may_be_vae(path: Path, keys: list[str]) -> None:
     """WeightsError saying what the file is when none of its tensor names (a safetensors header's) is a VAE's:
     found before a tensor is read, which for a 23 GB diffusion model is the memory it would take."""
-    if keys and not any("encoder." in k or "decoder." in k for k in keys):  # none at all: read_weights says so
+    if keys and not any(map(may_be_vae_key, keys)):  # none at all: read_weights says so
         raise WeightsError(_no_vae(path, keys))
 
 

@@ -20,6 +20,7 @@ from torch import Tensor
 from klvae.errors import WeightsError, first_line
 from klvae.nets.pretrained import odd_tensor
 from klvae.weights.convert import VAE_PREFIXES, StateDict
+from klvae.weights.identify import may_be_vae_key
 
 log = logging.getLogger(__name__)
 
@@ -204,8 +205,7 @@ def _nested_weights(obj: dict[Any, Any], path: Path) -> dict[Any, Any]:
     """The one entry of a checkpoint without top-level tensors that holds a VAE's ({"model": sd, "epoch": 3}, as
     many training scripts save); WeightsError naming them when several do (which one is the user's to say)."""
     def vae_like(v: Any) -> bool:
-        return isinstance(v, dict) and any(isinstance(k, str) and ("encoder." in k or "decoder." in k)
-                                           and isinstance(t, Tensor) for k, t in v.items())
+        return isinstance(v, dict) and any(may_be_vae_key(k) and isinstance(t, Tensor) for k, t in v.items())
 
     found = [k for k, v in obj.items() if vae_like(v)]
     if len(found) > 1:
