@@ -97,13 +97,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_fresh_run(Path(cfg.train.out_dir))
     check_inputs(cfg, args.resume)
     from klvae.distributed import shutdown
+    from klvae.training.checkpoint import latest_checkpoint, saved_model_config
     from klvae.training.loop import fit
     from klvae.training.trainer import Trainer
 
-    trainer = Trainer(cfg)
+    resume = (None if args.resume is None else latest_checkpoint(Path(cfg.train.out_dir) / "checkpoints")
+              if args.resume == "latest" else Path(args.resume))
+    trainer = Trainer(cfg, saved_model_config(resume))
     try:
         if args.resume is not None:
-            found = trainer.resume(None if args.resume == "latest" else args.resume)
+            found = trainer.resume(resume)
             if not found:  # as accelerate does: a new run, said loudly, since a mistyped out_dir lands here
                 log.warning("--resume: no checkpoint in %s/checkpoints, so training starts from step 0",
                             cfg.train.out_dir)

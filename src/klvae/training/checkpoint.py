@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import pickle
@@ -19,6 +20,7 @@ import torch
 
 from klvae.atomic import atomic_write
 from klvae.errors import KlvaeError, quote
+from klvae.model.config import AutoencoderKLConfig
 from klvae.weights.load import torch_file_problem
 
 log = logging.getLogger(__name__)
@@ -208,6 +210,16 @@ def load_training_state(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     if bad:
         raise KlvaeError(f"{path} is not a complete klvae checkpoint: malformed {', '.join(bad)}")
     return state
+
+
+def saved_model_config(path: str | Path | None) -> AutoencoderKLConfig | None:
+    """The architecture a checkpoint records (Trainer.state_dict's model_config), or None where it has none."""
+    if path is None:
+        return None
+    try:
+        return AutoencoderKLConfig.from_dict(json.loads(load_checkpoint(path, mmap=True)["model_config"]))
+    except (KlvaeError, KeyError, TypeError, ValueError, RecursionError):  # what the resume itself then names
+        return None
 
 
 def non_finite_tensor(state: dict[str, Any]) -> str | None:

@@ -14,6 +14,7 @@ import torch
 
 from klvae.errors import KlvaeError, WeightsError, cut
 from klvae.model.autoencoder import AutoencoderKL
+from klvae.model.config import AutoencoderKLConfig
 from klvae.training.config import TrainConfig, model_config
 from klvae.weights import check_state_dict
 from klvae.weights.load import load_source, locate
@@ -22,11 +23,12 @@ from klvae.weights.stored_dtype import main_dtype
 log = logging.getLogger(__name__)
 
 
-def build_model(cfg: TrainConfig) -> AutoencoderKL:
-    """The autoencoder to train, in float32: a preset from scratch, or pretrained weights."""
+def build_model(cfg: TrainConfig, resumed: AutoencoderKLConfig | None = None) -> AutoencoderKL:
+    """The autoencoder to train, in float32: a preset from scratch, or pretrained weights (`resumed`: the
+    architecture of the checkpoint a resume will load, used when model.pretrained cannot be read)."""
     m = cfg.model
     config = model_config(m)  # None with pretrained weights: theirs, changed by model.overrides below
-    vae = (_with_overrides(_pretrained(m.pretrained, cfg.train.out_dir), m.overrides) if m.pretrained
+    vae = (_with_overrides(_pretrained_or(m.pretrained, cfg.train.out_dir, resumed), m.overrides) if m.pretrained
            else AutoencoderKL(config))
     vae.enable_gradient_checkpointing(m.gradient_checkpointing)
     if m.decoder_only:
@@ -34,6 +36,20 @@ def build_model(cfg: TrainConfig) -> AutoencoderKL:
             if mod is not None:
                 mod.requires_grad_(False)
     return vae.train()
+
+
+def _pretrained_or(spec: str, out_dir: str, resumed: AutoencoderKLConfig | None) -> AutoencoderKL:
+    """The pretrained weights; on a resume, the checkpoint's architecture when they cannot be read."""
+    try:
+        return _pretrained(spec, out_dir)
+    except WeightsError as e:
+        if resumed is None:
+            raise
+        # The checkpoint replaces every weight: the pretrained ones are only its architecture, which it records.
+        # A resume on a machine offline, or after the hub cache was cleared, need not fetch gigabytes to discard.
+        log.warning("%s; the run resumes with the architecture its checkpoint records", e)
+        with torch.random.fork_rng(devices=[]):  # as a load would, the init leaves the run's seed stream alone
+            return AutoencoderKL(resumed)
 
 
 def _pretrained(spec: str, out_dir: str) -> AutoencoderKL:

@@ -30,6 +30,7 @@ from klvae.distributed import (
 from klvae.errors import KlvaeError, WeightsError, quote
 from klvae.inference.precision import usable_device
 from klvae.model.autoencoder import AutoencoderKL
+from klvae.model.config import AutoencoderKLConfig
 from klvae.posterior import DiagonalGaussian
 from klvae.training import checkpoint as ckpt
 from klvae.training.config import TrainConfig, build_loss_config, surprises
@@ -154,7 +155,9 @@ class Reconstruct(nn.Module):
 class Trainer:
     """Runs `klvae train`: one instance per process (torchrun starts one per GPU)."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, resumed: AutoencoderKLConfig | None = None) -> None:
+        """`resumed`: the architecture of the checkpoint to be resumed (checkpoint.saved_model_config), which
+        stands in for model.pretrained when those weights cannot be read."""
         self.cfg = cfg
         device = usable_device(cfg.train.device, "train.device")
         self.dist: DistInfo = init_distributed(device.type)
@@ -164,7 +167,7 @@ class Trainer:
         if self.dist.is_main:
             for warning in surprises(cfg):
                 log.warning("%s", warning)
-        self.vae = build_model(cfg).to(self.device)  # cuda:LOCAL_RANK under torchrun, whatever index was set
+        self.vae = build_model(cfg, resumed).to(self.device)  # cuda:LOCAL_RANK under torchrun, whatever index was set
         if cfg.data.resolution % self.vae.downsample_factor:
             raise KlvaeError(f"data.resolution must be a multiple of {self.vae.downsample_factor}")
         try:  # what export writes at the end: refused now, not after the last step
