@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -39,8 +39,10 @@ def _transform(cfg: TrainConfig, train: bool) -> Any:
     ))
 
 
-def build_train_loader(cfg: TrainConfig, dist: DistInfo, start_batch: int = 0) -> Iterator[dict[str, Any]]:
-    """Endless batches of this rank's share, starting after `start_batch` global batches.
+def build_train_loader(cfg: TrainConfig, dist: DistInfo, start_batch: int = 0,
+                       on_items: Callable[[int], None] | None = None) -> Iterator[dict[str, Any]]:
+    """Endless batches of this rank's share, starting after `start_batch` global batches (`on_items` is told how
+    many items random-access data hold: their epochs' orders depend on it).
 
     Each batch has "new_pass": True on the first batch of a pass over this rank's data (an epoch), so that the
     loop can tell when a whole pass held no readable image."""
@@ -57,6 +59,8 @@ def build_train_loader(cfg: TrainConfig, dist: DistInfo, start_batch: int = 0) -
         loader = DataLoader(ds, batch_size=d.batch_size, num_workers=workers, collate_fn=collate_skip_none)
         return itertools.islice(_endless(loader, f"{d.train} (rank {dist.rank} of {dist.world})"), start_batch, None)
     _check_one_global_batch(ds, d.batch_size, dist.world, d.train)
+    if on_items is not None:
+        on_items(len(ds))
     sampler = GlobalBatchSampler(len(ds), d.batch_size, dist.rank, dist.world, cfg.train.seed, start_batch)
     loader = DataLoader(SeededItems(ds, cfg.train.seed), batch_sampler=sampler, num_workers=workers,
                         collate_fn=collate_skip_none, persistent_workers=workers > 0)

@@ -191,6 +191,9 @@ class Trainer:
         # so that the logged sum over ranks goes on from where it stopped, whatever the process count.
         self.bad_images = 0
         self._bad_images_total: int | None = None  # the sum over ranks at the last save()
+        # Items of random-access training data: the epochs' orders depend on the count (None: streamed shards).
+        self.data_items: int | None = None
+        self._saved_data_items: int | None = None
 
     def _build_optimisers(self) -> None:
         o = self.cfg.optim
@@ -216,6 +219,7 @@ class Trainer:
             "rng": ckpt.rng_state(), "config": json.dumps(self.cfg.to_dict()), "world": self.dist.world,
             # The model's own config, so the checkpoint loads as a model anywhere (`--model step_*.pt`).
             "model_config": json.dumps(self.vae.config.to_dict()),
+            "data_items": self.data_items if self.data_items is not None else self._saved_data_items,
         }
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
@@ -241,6 +245,7 @@ class Trainer:
             if saved:
                 scaler.load_state_dict(saved)
         self.step, self.batches_done, self.nonfinite_run = s["step"], s["batches_done"], s["nonfinite_run"]
+        self._saved_data_items = s.get("data_items") if is_integer(s.get("data_items")) else None  # older: none
         # One rank carries the saved sum (older checkpoints have none: 0); the others count afresh.
         self.bad_images = int(s.get("bad_images") or 0) if self.dist.is_main else 0
         try:
@@ -318,6 +323,17 @@ class Trainer:
         log.warning("resuming a run over .tar shards saved with %s process(es) and data.num_workers %s, now %d and "
                     "%d: the shards are shared out anew, so the data from here on is not what the interrupted run "
                     "would have read", saved_world, saved_workers, now_world, self.cfg.data.num_workers)
+
+    def note_data_items(self, n: int) -> None:
+        """Record how many items the training data hold; warn when a resume finds another count than saved."""
+        saved, self.data_items = self._saved_data_items, n
+        if saved is None or saved == n or not self.dist.is_main:
+            return
+        # Global batch k of an epoch is a slice of that epoch's permutation of all items: with another count the
+        # permutations are others, and the resumed position falls elsewhere in them.
+        log.warning("data.train holds %d item(s), %d when the checkpoint was written: the epochs' orders are drawn "
+                    "anew for %d, so until the next epoch starts some images are seen twice and others not at all",
+                    n, saved, n)
 
     def save(self) -> Path | None:
         """Rank 0 writes a checkpoint; every rank waits for it."""

@@ -1,6 +1,9 @@
-"""A resume needs the checkpoint, not model.pretrained: the checkpoint replaces every weight, and records the
+"""What changed between a run and its resume.
+
+A resume needs the checkpoint, not model.pretrained: the checkpoint replaces every weight, and records the
 architecture, so a run resumes where the pretrained weights cannot be read (offline, a cleared hub cache, a
-moved folder) and ends with the weights of the run that was never interrupted."""
+moved folder) and ends with the weights of the run that was never interrupted. Training images added or removed
+since the checkpoint change every epoch's order (a permutation of all items): said, not silent."""
 
 from __future__ import annotations
 
@@ -52,3 +55,21 @@ def test_without_a_checkpoint_missing_pretrained_weights_are_still_an_error(
     shutil.rmtree(start)
     assert main([*_args(tmp_path, "run", start, 1), "--resume"]) == 2
     assert "model.pretrained" in capsys.readouterr().err
+
+
+def test_a_resume_over_more_images_than_the_checkpoint_saw_says_the_order_is_drawn_anew(
+        tmp_path: Path, start: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(_args(tmp_path, "run", start, 1)) == 0
+    with caplog.at_level(logging.WARNING, logger="klvae"):
+        assert main([*_args(tmp_path, "run", start, 2), "--resume"]) == 0
+    assert "when the checkpoint was written" not in caplog.text
+    noise_folder(tmp_path / "images", 6, hw=(16, 16))  # two more: 6 images
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="klvae"):
+        assert main([*_args(tmp_path, "run", start, 3), "--resume"]) == 0
+    assert "data.train holds 6 item(s), 4 when the checkpoint was written" in caplog.text
+    # The next checkpoint records the new count: a later resume over the same images says nothing.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="klvae"):
+        assert main([*_args(tmp_path, "run", start, 4), "--resume"]) == 0
+    assert "when the checkpoint was written" not in caplog.text
