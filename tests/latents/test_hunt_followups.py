@@ -53,6 +53,25 @@ def test_a_second_cache_into_a_folder_being_written_is_refused(tmp_path: Path, v
     assert build_cache(vae, data, out, **SMALL_CACHE).rows == 2  # released: the next run goes ahead
 
 
+def test_the_cache_folder_stays_locked_until_the_index_is_written(tmp_path: Path, vae: klvae.AutoencoderKL,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # Under torchrun rank 0 may finish its share before the others: a job arriving then took the released lock
+    # and wrote beside the running job's other ranks, before its index.
+    from klvae.latents import cache as cache_mod
+
+    data, out = noise_folder(tmp_path / "data", 2, hw=(32, 32)), tmp_path / "out"
+    real, held = cache_mod.write_index, []
+
+    def index_while_another_tries(*args: object, **kwargs: object) -> Path:
+        with pytest.raises(KlvaeError, match="another `klvae cache` is writing"), folder_lock(out, "klvae cache"):
+            pass
+        held.append(True)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cache_mod, "write_index", index_while_another_tries)
+    assert build_cache(vae, data, out, **SMALL_CACHE).rows == 2 and held == [True]
+
+
 def test_a_folder_among_tar_shards_is_called_a_folder(tmp_path: Path, vae: klvae.AutoencoderKL,
                                                        caplog: pytest.LogCaptureFixture) -> None:
     import tarfile

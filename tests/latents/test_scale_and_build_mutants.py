@@ -86,7 +86,8 @@ def test_build_cache_defaults_are_the_cli_flags_defaults(
 ) -> None:
     seen: list[CacheOptions] = []
 
-    def record(vae: object, source: object, root: object, opts: CacheOptions, *args: object) -> dict[str, int]:
+    def record(vae: object, source: object, root: object, opts: CacheOptions, *args: object,
+               **kwargs: object) -> dict[str, int]:
         seen.append(opts)
         raise KlvaeError("recorded")
 

@@ -81,6 +81,6 @@ def test_a_resume_with_another_process_count_and_the_same_batch_size_warns(
     resumed = Trainer(load_config(None, sets))  # one process now, data.batch_size 1 as before: a global batch of 1
     with caplog.at_level(logging.WARNING):
         assert resumed.resume(path)
-    # now: no warning at all; the global batch halves, and global batch 2 of 1 image re-reads the epoch's 3rd image
+    # now: no warning at all; the global batch halves, and the resumed epoch 0 reads images 1 and 3 a second time
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert any("process" in w for w in warnings), warnings

@@ -7,7 +7,9 @@ since the checkpoint change every epoch's order (a permutation of all items): sa
 
 from __future__ import annotations
 
+import itertools
 import logging
+import random
 import shutil
 from pathlib import Path
 
@@ -17,6 +19,11 @@ import torch
 import klvae
 from helpers import noise_folder
 from klvae.cli.main import main
+from klvae.training import checkpoint as ckpt
+from klvae.training.config import load_config
+from klvae.training.resume import resumed_batch
+from klvae.training.sampler import GlobalBatchSampler
+from klvae.training.trainer import Trainer
 
 
 def _args(tmp: Path, run: str, pretrained: Path, steps: int) -> list[str]:
@@ -73,3 +80,49 @@ def test_a_resume_over_more_images_than_the_checkpoint_saw_says_the_order_is_dra
     with caplog.at_level(logging.WARNING, logger="klvae"):
         assert main([*_args(tmp_path, "run", start, 4), "--resume"]) == 0
     assert "when the checkpoint was written" not in caplog.text
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_resume_with_another_global_batch_goes_on_where_the_epoch_stopped(seed: int) -> None:
+    # Epoch orders are permutations of all items, whatever the batch: a resume with another global batch goes on
+    # at the same place in the same epoch's order, reading no image twice and skipping less than one batch.
+    rng = random.Random(seed)
+    n = rng.randint(4, 40)
+    old_g, new_g = rng.randint(1, n), rng.randint(1, n)
+    old_pe = n // old_g
+    done = rng.randint(0, 3 * old_pe)
+    seen = [i for batch in itertools.islice(GlobalBatchSampler(n, old_g, seed=5), done) for i, _ in batch]
+    epoch, k = divmod(done, old_pe)
+    start = resumed_batch(done, old_g, new_g, n, n)
+    new = GlobalBatchSampler(n, new_g, seed=5, start_batch=start)
+    rest = [i for batch in itertools.islice(new, n // new_g - start % (n // new_g) if start // (n // new_g) == epoch
+                                            else 0) for i, e in batch]
+    this_epoch = seen[epoch * old_pe * old_g:]
+    assert len(this_epoch) == k * old_g
+    assert not set(this_epoch) & set(rest), (n, old_g, new_g, done, start)
+    order = GlobalBatchSampler(n, new_g, seed=5).epoch_order(epoch).tolist()
+    unread = [i for i in order[k * old_g: (n // new_g) * new_g] if i not in rest]
+    assert len(unread) < new_g, (n, old_g, new_g, done, start)
+
+
+def test_a_resume_by_one_process_of_a_two_process_checkpoint_says_so_and_moves_the_position(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    images = noise_folder(tmp_path / "images", 5, hw=(16, 16))
+    sets = ["model.preset=tiny", f"data.train={images}", "data.resolution=16", "data.batch_size=1",
+            "data.num_workers=0", "train.device=cpu", f"train.out_dir={tmp_path / 'run'}", "loss.preset=mse"]
+    tr = Trainer(load_config(None, sets))
+    tr.step = tr.batches_done = 1  # 1 global batch of 2 images (1 per process x 2 processes)
+    path = tr.save()
+    real = ckpt.load_training_state
+    monkeypatch.setattr(ckpt, "load_training_state", lambda p: {**real(p), "world": 2})
+    resumed = Trainer(load_config(None, sets))
+    with caplog.at_level(logging.WARNING, logger="klvae"):
+        assert resumed.resume(path)
+    assert "global batch of 1 images (1 process(es) x data.batch_size 1), 2 when the checkpoint" in caplog.text
+    assert resumed.start_batch(5) == 2  # images 0 and 1 of epoch 0's order were read: go on at image 2
+    # 2 processes x data.batch_size 1 resumed by 1 process x 2: the same trajectory, nothing to say of the batch.
+    caplog.clear()
+    again = Trainer(load_config(None, [*sets, "data.batch_size=2"]))
+    with caplog.at_level(logging.WARNING, logger="klvae"):
+        assert again.resume(path)
+    assert "batch" not in caplog.text and again.start_batch(5) == 1

@@ -335,10 +335,11 @@ def _row_generator(seed: int, meta: dict) -> torch.Generator:
 
 def cache_rank(vae: AutoencoderKL, spec: str | os.PathLike[str] | ItemSource, out: str | Path, opts: CacheOptions,
                dtype: torch.dtype, rank: int = 0, world: int = 1,
-               fingerprints: dict[str, str] | None = None) -> dict[str, int]:
+               fingerprints: dict[str, str] | None = None, locked: bool = False) -> dict[str, int]:
     """Encode this rank's share of the data that is not done yet; returns image counts (encoded, failed,
     done_before, failed_before). Everything is checked before `out` is made or touched. `fingerprints`:
-    `model_fingerprints(vae, opts.store)`, computed here when not given."""
+    `model_fingerprints(vae, opts.store)`, computed here when not given. `locked`: the caller's rank 0 holds
+    `out`'s folder lock for the whole job (build_cache does); otherwise rank 0 holds it while it runs."""
     out = Path(out)
     source = spec if isinstance(spec, ItemSource) else open_source(str(spec))
     if not source.ids:
@@ -348,7 +349,7 @@ def cache_rank(vae: AutoencoderKL, spec: str | os.PathLike[str] | ItemSource, ou
     check_resume(out, opts, world, fingerprints)
     made = make_folders(out)
     try:
-        with folder_lock(out, "klvae cache") if rank == 0 else contextlib.nullcontext():  # a run's rank 0 speaks for it
+        with folder_lock(out, "klvae cache") if rank == 0 and not locked else contextlib.nullcontext():
             return _cache_todo(vae, source, out, opts, dtype, rank, world, fingerprints)
     except BaseException:
         remove_made_folders(made)  # a failed start leaves no empty folders (rmdir fails on anything in one)

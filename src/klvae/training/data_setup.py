@@ -40,9 +40,9 @@ def _transform(cfg: TrainConfig, train: bool) -> Any:
 
 
 def build_train_loader(cfg: TrainConfig, dist: DistInfo, start_batch: int = 0,
-                       on_items: Callable[[int], None] | None = None) -> Iterator[dict[str, Any]]:
-    """Endless batches of this rank's share, starting after `start_batch` global batches (`on_items` is told how
-    many items random-access data hold: their epochs' orders depend on it).
+                       start_at: Callable[[int], int] | None = None) -> Iterator[dict[str, Any]]:
+    """Endless batches of this rank's share, starting after `start_batch` global batches (for random-access data,
+    after `start_at(item count)` where given: a resume's position depends on the count).
 
     Each batch has "new_pass": True on the first batch of a pass over this rank's data (an epoch), so that the
     loop can tell when a whole pass held no readable image."""
@@ -59,8 +59,8 @@ def build_train_loader(cfg: TrainConfig, dist: DistInfo, start_batch: int = 0,
         loader = DataLoader(ds, batch_size=d.batch_size, num_workers=workers, collate_fn=collate_skip_none)
         return itertools.islice(_endless(loader, f"{d.train} (rank {dist.rank} of {dist.world})"), start_batch, None)
     _check_one_global_batch(ds, d.batch_size, dist.world, d.train)
-    if on_items is not None:
-        on_items(len(ds))
+    if start_at is not None:
+        start_batch = start_at(len(ds))
     sampler = GlobalBatchSampler(len(ds), d.batch_size, dist.rank, dist.world, cfg.train.seed, start_batch)
     loader = DataLoader(SeededItems(ds, cfg.train.seed), batch_sampler=sampler, num_workers=workers,
                         collate_fn=collate_skip_none, persistent_workers=workers > 0)

@@ -137,7 +137,7 @@ def fit(tr: Trainer) -> dict[str, float]:
     """Train to max_steps; validate, checkpoint and log on the way; export at the end. Returns the last logs."""
     cfg, main = tr.cfg, tr.dist.is_main
     accum = cfg.optim.grad_accum
-    it = iter(build_train_loader(cfg, tr.dist, start_batch=tr.batches_done, on_items=tr.note_data_items))
+    it = iter(build_train_loader(cfg, tr.dist, start_batch=tr.batches_done, start_at=tr.start_batch))
     # An empty list (no readable image in data.val: build_val_batches warns) validates nothing: no PSNR 0 logged.
     val = (build_val_batches(cfg) or None) if main and cfg.data.val else None
     runlog = RunLog(tr.out, main, resumed_at=tr.step)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -37,6 +36,7 @@ from klvae.training.config import TrainConfig, build_loss_config, surprises
 from klvae.training.ema import make_ema
 from klvae.training.losses import AutoencoderLoss
 from klvae.training.model_setup import build_model
+from klvae.training.resume import config_changes, resumed_batch, saved_global_batch
 from klvae.weights import check_state_dict, config_to_diffusers
 
 log = logging.getLogger(__name__)
@@ -54,53 +54,6 @@ def _saved_model_section(s: dict[str, Any]) -> dict[str, Any] | None:
 def _describe(m: dict[str, Any]) -> str:
     # A checkpoint's saved config is a file's text: cut what it holds.
     return ", ".join(f"model.{k} {quote(m[k], 100)}" for k in ("preset", "pretrained", "overrides") if m.get(k))
-
-
-# Fields a resume is expected to change: the run's length and cadence, where it writes, the machine it runs on,
-# and what only validation, speed or memory depend on. The training trajectory depends on none of them.
-RESUME_FREE = frozenset({
-    "train.max_steps", "train.log_every", "train.val_every", "train.ckpt_every", "train.out_dir", "train.device",
-    "train.max_nonfinite", "train.export_ema", "train.val_lpips", "data.num_workers", "data.cache_images",
-    "data.val", "data.val_images", "model.gradient_checkpointing", "loss.lpips_vgg_path", "loss.lpips_lin_path",
-})
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"section.field": value} of a config dict, model.overrides and loss kept as one value per key."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and not prefix and k != "loss":
-            out.update(_flat(v, f"{k}."))
-        elif isinstance(v, dict) and k == "loss":
-            out.update({f"loss.{lk}": lv for lk, lv in v.items()})
-        else:
-            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-    return out
-
-
-def _with_resolved_loss(d: dict[str, Any]) -> dict[str, Any]:
-    """`d` with its loss spelled out field by field, so a preset and its values written out compare equal."""
-    with contextlib.suppress(KlvaeError, TypeError, ValueError, AttributeError):
-        loss: Any = d.get("loss")  # anything: what is not a mapping of loss fields is left as it is
-        d = {**d, "loss": {"preset": loss.get("preset", "ldm"), **dataclasses.asdict(build_loss_config(loss))}}
-    return d
-
-
-def config_changes(saved: object, cfg: TrainConfig) -> list[str]:
-    """"field old → new" for each field (outside RESUME_FREE) in which a checkpoint's stored config (its JSON
-    text) differs from `cfg`; none when it stored no readable config (older checkpoints)."""
-    try:
-        old = json.loads(saved) if isinstance(saved, str) else None
-    except ValueError:
-        return []
-    if not isinstance(old, dict):
-        return []
-    before, now = _flat(_with_resolved_loss(old)), _flat(_with_resolved_loss(cfg.to_dict()))
-    # A cosine schedule decays to zero at max_steps: another length re-stretches the lr from the resumed step on.
-    free = RESUME_FREE - {"train.max_steps"} if now.get("optim.schedule") == "cosine" else RESUME_FREE
-    # Only fields both configs have: one added to klvae since the checkpoint was written is not a change.
-    keys = [k for k in now if k in before and k not in free and before[k] != now[k]]
-    return [f"{k} {quote(before[k], 100)} → {quote(now[k], 100)}" for k in keys]
 
 
 def lr_factor(step: int, warmup: int, schedule: str, max_steps: int) -> float:
@@ -194,6 +147,7 @@ class Trainer:
         # Items of random-access training data: the epochs' orders depend on the count (None: streamed shards).
         self.data_items: int | None = None
         self._saved_data_items: int | None = None
+        self._saved_global_batch: int | None = None  # images per global batch of the run resumed
 
     def _build_optimisers(self) -> None:
         o = self.cfg.optim
@@ -246,6 +200,7 @@ class Trainer:
                 scaler.load_state_dict(saved)
         self.step, self.batches_done, self.nonfinite_run = s["step"], s["batches_done"], s["nonfinite_run"]
         self._saved_data_items = s.get("data_items") if is_integer(s.get("data_items")) else None  # older: none
+        self._saved_global_batch = saved_global_batch(s)
         # One rank carries the saved sum (older checkpoints have none: 0); the others count afresh.
         self.bad_images = int(s.get("bad_images") or 0) if self.dist.is_main else 0
         try:
@@ -303,6 +258,13 @@ class Trainer:
         # A resumed run with another batch size, lr or resolution is a different run from step N on: allowed (a
         # longer run, a lower lr to finish), but said, so that one edited by mistake does not pass unnoticed.
         changes = config_changes(state.get("config"), self.cfg)
+        saved_g, g = self._saved_global_batch, self.global_batch
+        if saved_g == g:  # N processes x B/N: the same trajectory, as documented
+            changes = [c for c in changes if not c.startswith("data.batch_size ")]
+        elif saved_g is not None and self.dist.is_main:
+            log.warning("resuming with a global batch of %d images (%d process(es) x data.batch_size %d), %d when the "
+                        "checkpoint was written: a different run from here on (random-access data go on from the "
+                        "same place in the same epoch)", g, self.dist.world, self.cfg.data.batch_size, saved_g)
         if changes and self.dist.is_main:
             log.warning("resuming with a config that differs from the checkpoint's: %s", "; ".join(changes))
 
@@ -324,16 +286,30 @@ class Trainer:
                     "%d: the shards are shared out anew, so the data from here on is not what the interrupted run "
                     "would have read", saved_world, saved_workers, now_world, self.cfg.data.num_workers)
 
-    def note_data_items(self, n: int) -> None:
-        """Record how many items the training data hold; warn when a resume finds another count than saved."""
-        saved, self.data_items = self._saved_data_items, n
-        if saved is None or saved == n or not self.dist.is_main:
-            return
-        # Global batch k of an epoch is a slice of that epoch's permutation of all items: with another count the
-        # permutations are others, and the resumed position falls elsewhere in them.
-        log.warning("data.train holds %d item(s), %d when the checkpoint was written: the epochs' orders are drawn "
-                    "anew for %d, so until the next epoch starts some images are seen twice and others not at all",
-                    n, saved, n)
+    @property
+    def global_batch(self) -> int:
+        """Images per optimiser micro-step over all processes (data.batch_size x processes)."""
+        return self.cfg.data.batch_size * self.dist.world
+
+    def start_batch(self, n: int) -> int:
+        """The global batch to read first from random-access data of `n` items; says what a resume changed."""
+        saved_items, saved_g, g = self._saved_data_items, self._saved_global_batch, self.global_batch
+        self.data_items, main = n, self.dist.is_main
+        if saved_g is not None and saved_g != g:
+            # batches_done counts the saved run's global batches: read as this run's, they would point elsewhere
+            # in the epoch (images read twice, others skipped). Converted to the same place in the same epoch.
+            before = self.batches_done
+            self.batches_done = resumed_batch(before, saved_g, g, saved_items or n, n)
+            if main:
+                log.info("the data position, %d global batches of %d images, goes on at %d of %d", before, saved_g,
+                         self.batches_done, g)
+        if saved_items not in (None, n) and main:
+            # Global batch k of an epoch is a slice of that epoch's permutation of all items: with another count
+            # the permutations are others, and the resumed position falls elsewhere in them.
+            log.warning("data.train holds %d item(s), %d when the checkpoint was written: the epochs' orders are "
+                        "drawn anew for %d, so until the next epoch starts some images are seen twice and others "
+                        "not at all", n, saved_items, n)
+        return self.batches_done
 
     def save(self) -> Path | None:
         """Rank 0 writes a checkpoint; every rank waits for it."""
