@@ -100,7 +100,12 @@ def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
     # Shift so that the last step is 0, then scale so that the first keeps its value.
     abar_sqrt = (abar_sqrt - last) * (first / (first - last))
     abar = abar_sqrt**2
-    return 1.0 - torch.cat([abar[:1], abar[1:] / abar[:-1]])
+    rescaled = 1.0 - torch.cat([abar[:1], abar[1:] / abar[:-1]])
+    if not rescaled[0] > 0:  # sqrt and square lost it: alpha-bar 1 at t=0 is a 0/0 posterior
+        raise ValueError(f"the first beta, {betas[0].item():.3g}, is too small to survive rescaling to zero terminal "
+                         "SNR in float64 (it becomes 0: the first step would add no noise); use a beta of 1e-15 or "
+                         "more")
+    return rescaled
 
 
 def number_tensor(value: object, name: str, device: torch.device | None = None) -> Tensor:

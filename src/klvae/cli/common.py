@@ -182,7 +182,7 @@ def _check_name_lengths(p: Path, parent: Path, flag: str, folder: bool) -> None:
         if len(os.fsencode(name)) > limit:
             raise KlvaeError(f"{flag}: the folder name {cut(name, 35, tail=12)} is too long for this file system, "
                              f"which takes names of up to {limit} bytes")
-    if not folder:
+    if not folder and p.name:  # "." and ".." name no file: they are refused as folders after this
         own, written = len(os.fsencode(p.name)), len(os.fsencode(temp_path(p).name))
         if written > limit:
             how = "" if own > limit else f" (klvae first writes it under a temporary name {written - own} bytes longer)"

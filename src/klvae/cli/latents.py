@@ -7,6 +7,8 @@ import logging
 import os
 from pathlib import Path
 
+import torch
+
 from klvae.cli.common import (
     add_model_args,
     check_model_output,
@@ -18,6 +20,7 @@ from klvae.cli.common import (
     load_model,
 )
 from klvae.errors import KlvaeError, flag_errors
+from klvae.model.autoencoder import AutoencoderKL
 from klvae.model.latent_norm import LatentNorm
 
 log = logging.getLogger("klvae")
@@ -149,7 +152,10 @@ def cmd_scale(args: argparse.Namespace) -> int:
         raise KlvaeError(f"no images in {args.data}")
     if args.save:
         _check_save_is_not_the_model(args)
-    vae, _, dtype = load_model(args)
+    # --save writes the weights as read: on a GPU optimize_for_inference casts them to the compute dtype.
+    as_read: dict[str, torch.Tensor] = {}
+    vae, _, dtype = load_model(args, before_cast=(lambda v: as_read.update(
+        (k, t.detach().to("cpu", copy=True)) for k, t in v.state_dict().items())) if args.save else None)
     if args.save and not args.per_channel and vae.config.latent_patch_size > 1:
         # Its formats (diffusers' AutoencoderKLFlux2, BFL's) hold a latent BatchNorm and no factors.
         raise KlvaeError("a model with latent patches (FLUX.2) keeps per-channel statistics only: "
@@ -170,8 +176,9 @@ def cmd_scale(args: argparse.Namespace) -> int:
     print(f"{found}  (latent std {f['std']:.6g} over {int(f['images'])} images, skipped {int(f['skipped'])} "
           f"unreadable{shards}; the model's: {old})")
     if args.save:
-        vae.config = vae.config.replace(**norm.to_dict())
-        print(f"saved to {vae.save_pretrained(args.save)}")
+        rescaled = AutoencoderKL(vae.config.replace(**norm.to_dict()))
+        rescaled.load_state_dict(as_read)
+        print(f"saved to {rescaled.save_pretrained(args.save)}")
     return 1 if f["skipped"] or source.unreadable else 0  # as cache: finished, but some images were unreadable
 
 

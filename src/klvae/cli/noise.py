@@ -82,7 +82,7 @@ def cmd_noise(args: argparse.Namespace) -> int:
     check_new_file(args.output, overwrite=args.overwrite, inputs=[args.image])  # before the work, not after it
     image_format_for(args.output)
     x = pil_to_tensor(load_image(args.image))[None]
-    width, height = x.shape[-1] * len(args.steps), x.shape[-2] + _LABEL_HEIGHT  # the sheet's size
+    width, height = x.shape[-1] * len(args.steps), x.shape[-2] + _strip_bound(x.shape[-1], args.steps)
     check_format_size(args.output, width, height)
     if width * height > MAX_PIXELS:  # every tile is held in memory before the sheet is written
         raise KlvaeError(f"the sheet would be {width}x{height} = {width * height:,} pixels, over the limit of "
@@ -235,12 +235,23 @@ def _label_text(draw: ImageDraw.ImageDraw, label: str, width: int) -> str:
     return label if draw.textlength(label) <= width - 2 * _MARGIN else label.replace("  ", "\n")
 
 
+def _strip_height(labels: list[str], width: int) -> tuple[list[str], int]:
+    """The labels as drawn on tiles `width` pixels wide, and the height of the strip that holds them."""
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    texts = [_label_text(probe, label, width) for label in labels]
+    # ceil: the bounding box is whole pixels with Pillow's fonts, but typed (and maybe one day given) as floats.
+    return texts, max(_LABEL_HEIGHT, *(math.ceil(probe.multiline_textbbox((0, 3), t)[3]) + _MARGIN for t in texts))
+
+
+def _strip_bound(width: int, steps: list[int]) -> int:
+    """The label strip's height, known before the labels' numbers are: that of the longest usual label (a narrow
+    tile puts each label on two lines)."""
+    return _strip_height([f"t={max(steps)}  SNR=8.88e-05", f"t={max(steps)}  sigma=0.888"], width)[1]
+
+
 def _sheet(tiles: list[tuple[str, Image.Image]]) -> Image.Image:
     w, h = tiles[0][1].size
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    texts = [_label_text(probe, label, w) for label, _ in tiles]
-    # ceil: the bounding box is whole pixels with Pillow's fonts, but typed (and maybe one day given) as floats.
-    top = max(_LABEL_HEIGHT, *(math.ceil(probe.multiline_textbbox((0, 3), t)[3]) + _MARGIN for t in texts))
+    texts, top = _strip_height([label for label, _ in tiles], w)
     sheet = Image.new("RGB", (w * len(tiles), h + top), "white")
     for i, (text, (_, img)) in enumerate(zip(texts, tiles, strict=True)):
         # Each label is drawn in its own tile-wide cell, so a long one is cut at its tile's edge rather than
