@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,7 +46,7 @@ class LatentDataset(Dataset):
     """
 
     def __init__(self, root: str | Path, mode: str = "sample", seed: int | None = None, verify: bool = False) -> None:
-        self.root = Path(root)
+        self.root = Path(root).absolute()  # a later os.chdir must not lose the shards still to be opened
         path = self.root / "index.json"
         if not path.is_file():
             raise LatentsError(f"{self.root} has no index.json: run `klvae cache` to completion first")
@@ -59,9 +60,16 @@ class LatentDataset(Dataset):
             _check_count(seed, "seed")
         self.items: list[dict[str, Any]] = index["items"]
         self.store: str = index["options"]["store"]
-        self.norm = LatentNorm.from_dict(index)
+        try:
+            self.norm = LatentNorm.from_dict(index)
+        except (TypeError, ValueError) as e:  # klvae writes valid factors: these are damaged
+            raise LatentsError(f"{path}: {first_line(e)}: the index is damaged; `klvae cache` run again on this "
+                               "folder writes it anew") from None
         self.mode = mode
-        self.seed, self.epoch = seed, 0
+        self.seed = seed
+        # In shared memory: persistent DataLoader workers keep the copy of the dataset they started with, and
+        # set_epoch must reach them (under fork and spawn alike) for each epoch to draw other noise.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._handles: dict[str, Any] = {}
         if verify:
             self._verify()
@@ -75,11 +83,17 @@ class LatentDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    @property
+    def epoch(self) -> int:
+        """The epoch set_epoch last set (0 before): with a seed, part of each item's noise key."""
+        return int(self._epoch.item())
+
     def set_epoch(self, epoch: int) -> None:
         """Other noise for this epoch (with a seed); call it before the epoch's DataLoader iteration starts."""
         _check_count(epoch, "epoch")
-        # Workers copy the dataset when an iteration starts (persistent_workers keep their first copy).
-        self.epoch = epoch
+        if epoch >= 2**63:
+            raise ValueError(f"epoch must be below 2**63, got {epoch}")
+        self._epoch.fill_(int(epoch))
 
     def _generator(self, i: int) -> torch.Generator | None:
         # One generator per draw, seeded from (seed, epoch, item): a generator held by the dataset is copied into
@@ -107,6 +121,7 @@ class LatentDataset(Dataset):
                                "cache` run again on this folder encodes its rows anew") from None
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        i = self._row(i)
         it = self.items[i]
         if not _is_item(it):  # checked as read: a check of every row up front would slow a large cache's start
             raise _bad_item(self.root, i)
@@ -123,6 +138,16 @@ class LatentDataset(Dataset):
                 latents = self.norm.scale(latents)
         meta = {k: it[k] for k in ("source", "size", "crop", "flip", "bucket")}
         return {"latents": latents, **meta, **micro_conditioning(it)}
+
+    def _row(self, i: object) -> int:
+        # The noise is keyed by the row: ds[-1], ds[n - 1] and ds[torch.tensor(n - 1)] are one item, one draw.
+        if isinstance(i, slice) or not hasattr(i, "__index__"):
+            raise TypeError(f"a LatentDataset is indexed by one row number, got {type(i).__name__} (take "
+                            "[ds[j] for j in range(...)] for several)")
+        row = operator.index(i)
+        if not -len(self) <= row < len(self):
+            raise IndexError(f"row {row} is out of range for a cache of {len(self)} rows")
+        return row % len(self)
 
     def __getstate__(self) -> dict[str, Any]:
         # DataLoader workers reopen shards themselves; open handles do not pickle.
@@ -158,15 +183,15 @@ def _bad_item(root: Path, i: int) -> LatentsError:
                         "bucket): the index is damaged; `klvae cache` run again on this folder writes it anew")
 
 
-def _ints(v: object, n: int) -> bool:
-    return isinstance(v, list) and len(v) == n and all(type(x) is int and x >= 0 for x in v)
+def _ints(v: object, n: int, least: int = 0) -> bool:
+    return isinstance(v, list) and len(v) == n and all(type(x) is int and x >= least for x in v)
 
 
 def _is_item(it: object) -> bool:
     # What __getitem__, micro_conditioning and BucketBatchSampler read of a row.
     return (isinstance(it, dict) and isinstance(it.get("shard"), str) and type(it.get("row")) is int
-            and it["row"] >= 0 and isinstance(it.get("source"), str) and _ints(it.get("size"), 2)
-            and _ints(it.get("crop"), 4) and isinstance(it.get("flip"), bool) and _ints(it.get("bucket"), 2))
+            and it["row"] >= 0 and isinstance(it.get("source"), str) and _ints(it.get("size"), 2, 1)
+            and _ints(it.get("crop"), 4) and isinstance(it.get("flip"), bool) and _ints(it.get("bucket"), 2, 1))
 
 
 def _check_count(value: object, name: str, least: int = 0) -> None:
