@@ -84,3 +84,38 @@ def test_a_resume_with_another_process_count_and_the_same_batch_size_warns(
     # now: no warning at all; the global batch halves, and the resumed epoch 0 reads images 1 and 3 a second time
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert any("process" in w for w in warnings), warnings
+
+
+# -- (doubtful, fixed) the process whose peer failed ---------------------------------------------------------------
+def test_a_process_whose_peer_failed_says_so_in_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    import torch.distributed
+
+    from klvae.cli import main as cli_main
+
+    def collective_fails(args: argparse.Namespace) -> int:  # what gloo raises when the other rank has exited
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+                           "[127.0.0.1]:5423")
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    assert cli_main._run(argparse.Namespace(func=collective_fails, debug=False)) == 1
+    err = capsys.readouterr().err
+    # Was "klvae: internal error: RuntimeError: ... (rerun with --debug for details)", as for a bug of klvae's.
+    assert err.startswith("klvae: error: another process of this torchrun job stopped") and err.count("\n") == 1
+
+
+def test_a_file_where_the_run_keeps_its_checkpoints_folder_is_named(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from klvae.cli.main import main
+
+    images = noise_folder(tmp_path / "images", 2, hw=(16, 16))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").write_text("not a folder")
+    sets = ["model.preset=tiny", f"data.train={images}", "data.resolution=16", "data.batch_size=1",
+            "data.num_workers=0", "train.device=cpu", f"train.out_dir={tmp_path / 'run'}", "loss.preset=mse",
+            "train.max_steps=1"]
+    assert main(["-q", "train", *(a for s in sets for a in ("--set", s)), "--resume"]) == 2
+    # Was "klvae: error: [Errno 17] File exists: '.../checkpoints'", after the model was built and a step trained.
+    assert "checkpoints is a file where the run keeps a folder" in capsys.readouterr().err

@@ -168,6 +168,11 @@ def _run(args: argparse.Namespace) -> int:
         if _out_of_memory(e) and not args.debug:
             print(f"klvae: error: out of memory ({_one_line(e)}); {_MEMORY_ADVICE}", file=sys.stderr)
             return 1
+        if _peer_gone(e) and not args.debug:
+            # A torchrun job's other process failed (its own error line says why): not a bug of this one.
+            print(f"klvae: error: another process of this torchrun job stopped, so this one cannot go on (its "
+                  f"error says why): {_one_line(e)}", file=sys.stderr)
+            return 1
         if args.debug:
             raise
         print(f"klvae: internal error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for details)",
@@ -192,6 +197,16 @@ def _out_of_memory(e: BaseException) -> bool:
     """Whether `e` says an allocation failed: torch's CUDA OOM, its CPU allocator's, or Python's MemoryError."""
     return isinstance(e, _torch_oom_types()) or (
         isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e))
+
+
+def _peer_gone(e: BaseException) -> bool:
+    """Whether `e` is a collective of a torchrun job failing because another of its processes is gone."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return False
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(s in text for s in (
+        "Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted"))
 
 
 def _torch_oom_types() -> tuple[type[BaseException], ...]:
