@@ -82,15 +82,16 @@ def time_once(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[flo
         t = time.perf_counter()
         fn()
         return (time.perf_counter() - t) * 1e3, 0.0
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end), (torch.cuda.max_memory_allocated() - base) / 2**30
+    with torch.cuda.device(device):  # --device cuda:N: the events, the waits and the peak are that GPU's
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end), (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
 def timed_round_robin(fns: dict[str, Callable[[], torch.Tensor]], device: torch.device, warmup: int,
@@ -257,7 +258,7 @@ def main() -> None:
     import diffusers
 
     env = {"torch": torch.__version__, "diffusers": diffusers.__version__, "klvae": klvae.__version__,
-           "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
            "threads": torch.get_num_threads(), "dtype": args.dtype, "preset": args.preset}
     rows = []
     for case in cases:

@@ -155,7 +155,11 @@ def run_guarded(
     if weight_dtype != torch.float32:
         dtype = weight_dtype  # a model stored in half precision computes in it; autocast would mix types
     warn_if_slow(weight.device, dtype)
-    with _computing_in(weight.device, dtype):  # x may wait in host memory (a big image for the tiled path)
+    # Weights stored in the compute dtype need no autocast, and CUDA's would run every PyTorch GroupNorm in fp32,
+    # writing fp32 maps for the next conv to cast back: what storing them in half precision is there to avoid.
+    computing = (torch.autocast(weight.device.type, enabled=False) if weight_dtype in HALF_DTYPES
+                 else _computing_in(weight.device, dtype))  # the weights' device: x may wait in host memory
+    with computing:
         out = fn(x.to(weight_dtype), dtype)
     if dtype not in HALF_DTYPES or torch.isfinite(out).all():
         return out.float()  # finite, or nothing higher to fall back to (the caller checks the output)
