@@ -101,6 +101,8 @@ def remove_made_folders(made: list[Path]) -> None:
     for folder in reversed(made):
         try:
             folder.rmdir()
+        except FileNotFoundError:  # removed already (a failed cache clears its own folder)
+            continue
         except OSError:
             break
 

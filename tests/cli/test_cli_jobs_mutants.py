@@ -61,7 +61,7 @@ def test_train_summary_line_shows_4_significant_digits(
     from klvae.cli import train as train_cli
 
     class FakeTrainer:
-        def __init__(self, cfg: object) -> None:
+        def __init__(self, cfg: object, resumed: object = None) -> None:
             self.step = 7
             self.dist = argparse.Namespace(is_main=True)
 

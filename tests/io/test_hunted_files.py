@@ -127,7 +127,7 @@ def test_an_unexpanded_tilde_train_out_dir_is_not_a_folder_named_tilde(
     seen: list[str] = []
 
     class FakeTrainer:
-        def __init__(self, cfg: object) -> None:
+        def __init__(self, cfg: object, resumed: object = None) -> None:
             seen.append(cfg.train.out_dir)  # type: ignore[attr-defined]
             Path(cfg.train.out_dir).mkdir(parents=True, exist_ok=True)  # type: ignore[attr-defined]
             self.step = 1

@@ -240,7 +240,7 @@ def test_data_train_with_spaces_before_it_is_enough_without_a_config(capsys: pyt
 class _FakeTrainer:
     main_rank = True
 
-    def __init__(self, cfg: object) -> None:
+    def __init__(self, cfg: object, resumed: object = None) -> None:
         self.step = 3
         self.dist = argparse.Namespace(is_main=self.main_rank)
 

@@ -21,6 +21,7 @@ from klvae.inference.precision import resolve_dtype, usable_device
 from klvae.inference.speed import SpeedOptions, optimize_for_inference
 from klvae.inference.tiling import TileOptions
 from klvae.model.autoencoder import AutoencoderKL
+from klvae.weights.load import BuiltinName
 
 if TYPE_CHECKING:
     from klvae.weights.load import WeightsSource
@@ -80,7 +81,7 @@ def load_model(args: argparse.Namespace, before_cast: Callable[[AutoencoderKL], 
 def default_model(args: argparse.Namespace) -> str:
     """args.model, set to the built-in demo model (with a log line saying so) when --model was not given."""
     if args.model is None:
-        args.model = "demo"
+        args.model = BuiltinName("demo")
         log.info("no --model given: using klvae's built-in demo model (a small VAE trained by klvae, "
                  "not Stable Diffusion's; see docs/demo-model.md)")
     return args.model

@@ -162,6 +162,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from klvae.evaluation.evaluate import EvalOptions, build_metric_nets, run_evaluation
     from klvae.inference import resolve_dtype, usable_device
     from klvae.latents.sources import open_source
+    from klvae.weights.load import BuiltinName
 
     device = usable_device(args.device, "--device")
     opts = EvalOptions(
@@ -182,7 +183,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not source.ids:
         raise KlvaeError(f"--data {args.data} holds no images")
     if not args.model:
-        args.model = ["demo"]
+        args.model = [BuiltinName("demo")]
         log.info("no --model given: evaluating klvae's built-in demo model (see docs/demo-model.md)")
     _check_named_weights(args)
     # Models before metric nets: a mistyped --model must not cost the VGG16 and Inception downloads first.

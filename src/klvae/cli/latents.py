@@ -184,10 +184,10 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
 def _check_save_is_not_the_model(args: argparse.Namespace) -> None:
     """KlvaeError when --save would replace, or sit over, the files the model is read from (as convert's)."""
-    from klvae.weights.load import locate
+    from klvae.weights.load import BuiltinName, locate
 
     # The files load_model will read: --model's, wherever it found them (the built-in demo when none is given).
-    source = locate(args.model or "demo", args.subfolder)
+    source = locate(args.model or BuiltinName("demo"), args.subfolder)
     check_not_the_model(Path(args.save), "--save", source, folder=True, what="the model being read")
 
 

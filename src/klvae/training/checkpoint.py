@@ -134,7 +134,12 @@ def set_aside_later(directory: str | Path, step: int) -> list[Path]:
     deleted: they may be wanted."""
     later = [p for p in list_checkpoints(directory) if checkpoint_step(p) > step]
     for p in later:
-        p.rename(p.with_name(p.name + ".superseded"))
+        # A second try from the same checkpoint sets its own aside beside the first try's, not over them.
+        target, n = p.with_name(p.name + ".superseded"), 0
+        while target.exists():
+            n += 1
+            target = p.with_name(f"{p.name}.superseded.{n}")
+        p.rename(target)
     return later
 
 

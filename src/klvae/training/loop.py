@@ -178,8 +178,9 @@ def fit(tr: Trainer) -> dict[str, float]:
         log.warning("unreadable training images were skipped %d time(s) in this run, its resumed parts and all "
                     "processes together (once per read, so once per epoch each)", bad)
     # A finished run resumed keeps its export as it is, unless that export is older than the last checkpoint
-    # (killed after the checkpoint was written: it would hold an earlier one's weights).
-    if main and (last or not _export_is_current(tr.out)):
+    # (killed after the checkpoint was written: it would hold an earlier one's weights) or of steps the resume
+    # superseded.
+    if main and (last or tr.export_stale or not _export_is_current(tr.out)):
         with signals_held():  # a Ctrl-C waits for the export to be whole
             final = tr.export()
         log.info("exported weights to %s", final)

@@ -146,6 +146,7 @@ class Trainer:
         self._bad_images_total: int | None = None  # the sum over ranks at the last save()
         # Items of random-access training data: the epochs' orders depend on the count (None: streamed shards).
         self.data_items: int | None = None
+        self.export_stale = False  # set by a resume that superseded later checkpoints: export at the end
         self._saved_data_items: int | None = None
         self._saved_global_batch: int | None = None  # images per global batch of the run resumed
 
@@ -248,6 +249,7 @@ class Trainer:
             raise type(e)(f"cannot resume from {found}: {e}") from None
         log.info("resumed from %s at step %d", found, self.step)
         if self.dist.is_main and (later := ckpt.set_aside_later(self.out / "checkpoints", self.step)):
+            self.export_stale = True  # final/ may hold the superseded steps' export, however new it is
             log.warning("%d checkpoint(s) of this run are past step %d (%s ...): renamed to *.superseded, so that "
                         "this run's own are the ones resumed and pruned", len(later), self.step, later[0].name)
         self._warn_if_streams_reshard(state)

@@ -89,6 +89,13 @@ def _hub(repo_id: str, subfolder: str | None, revision: str | None, preset: str 
 EMBEDDED_MODELS = ("demo",)
 
 
+class BuiltinName(str):
+    """The name of a built-in model that means it even where a local file or folder has that name: the CLI's
+    default --model (a project's own demo/ folder must not stand in for the model the log line names)."""
+
+    __slots__ = ()
+
+
 def embedded_model_dir(name: str) -> Path:
     """The folder of an embedded model (config.json + safetensors inside the installed package)."""
     from importlib.resources import files
@@ -145,7 +152,7 @@ def locate(path_or_id: str | Path, subfolder: str | None = None, revision: str |
     if not str(path_or_id).strip():  # Path("") is ".", the current folder: never what an empty option meant
         raise WeightsError("the model's name is empty: name a folder, a weights file, a hub id or a preset")
     path = Path(path_or_id).expanduser()
-    if path.exists():
+    if path.exists() and not isinstance(path_or_id, BuiltinName):
         return _local(path, subfolder, revision)
     name, revision = _split_revision(str(path_or_id), revision)
     # '..' would lead huggingface_hub's cache lookup (refs/<revision>) out of the cache.
