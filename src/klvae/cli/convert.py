@@ -41,7 +41,7 @@ def _target(args: argparse.Namespace) -> tuple[str, Path]:
     single = out.suffix.lower() in SAFETENSORS_SUFFIXES  # .sft too, the name ComfyUI also reads
     fmt = args.to or ("ldm" if single else "diffusers")
     if fmt == "ldm" and not single:
-        raise KlvaeError(f"--output {out}: an LDM-layout file must end in .safetensors")
+        raise KlvaeError(f"--output {out}: an LDM-layout file must end in .safetensors (or .sft)")
     if out.suffix.lower() in PICKLE_SUFFIXES:
         raise KlvaeError(f"--output {out}: klvae writes weights as safetensors, not pickles; name a .safetensors "
                          "file (LDM layout) or a folder (diffusers layout)")
