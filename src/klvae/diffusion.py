@@ -139,11 +139,12 @@ def _extract(table: Tensor, t: Tensor, ndim: int) -> Tensor:
     return values.reshape(t.shape[0], *([1] * (ndim - 1)))
 
 
-def _combine(ta: Tensor, a: Tensor, tb: Tensor, b: Tensor, t: Tensor, sign: float) -> Tensor:
-    """ta[t] * a + sign * tb[t] * b in the tables' precision, returned in a's dtype."""
+def _combine(ta: Tensor, a: Tensor, tb: Tensor, b: Tensor, t: Tensor, sign: float,
+             dtype: torch.dtype | None = None) -> Tensor:
+    """ta[t] * a + sign * tb[t] * b in the tables' precision, returned in `dtype` (a's by default)."""
     wd = table_dtype(a.device)
     out = _extract(ta, t, a.ndim) * a.to(wd) + sign * _extract(tb, t, a.ndim) * b.to(wd)
-    return out.to(a.dtype)
+    return out.to(a.dtype if dtype is None else dtype)
 
 
 # `NoiseSchedule("scaled_linear")` reads like diffusers' scheduler call, but this constructor takes betas.
@@ -245,7 +246,9 @@ class NoiseSchedule:
         t = self._check_t(t, x0, ("noise", noise))
         if noise is None:
             noise_dtype = x0.dtype if x0.dtype in (torch.float32, torch.float64) else torch.float32
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=noise_dtype)
+            # Drawn where the generator lives, as diffusers' randn_tensor does: a CPU generator serves CUDA latents.
+            where = generator.device if generator is not None else x0.device
+            noise = torch.randn(x0.shape, generator=generator, device=where, dtype=noise_dtype).to(x0.device)
         return _combine(self.sqrt_alphas_cumprod, x0, self.sqrt_one_minus_alphas_cumprod, noise, t, sign=1.0)
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
@@ -280,8 +283,9 @@ class NoiseSchedule:
     def get_v(self, x0: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
         """The v-prediction target sqrt(ab_t) eps - sqrt(1 - ab_t) x_0 (SD 2.x's 768 models)."""
         t = self._check_t(t, x0, ("noise", noise))
-        out = _combine(self.sqrt_alphas_cumprod, noise, self.sqrt_one_minus_alphas_cumprod, x0, t, sign=-1.0)
-        return out.to(x0.dtype)
+        # In x0's dtype straight from the tables' precision: half-precision noise must not round the target.
+        return _combine(self.sqrt_alphas_cumprod, noise, self.sqrt_one_minus_alphas_cumprod, x0, t, sign=-1.0,
+                        dtype=x0.dtype)
 
     def predict_start_from_v(self, x_t: Tensor, t: Tensor | int, v: Tensor) -> Tensor:
         """x_0 = sqrt(ab_t) x_t - sqrt(1 - ab_t) v: the inverse of `get_v` given x_t."""

@@ -52,8 +52,8 @@ class DiagonalGaussian:
 
     def kl(self, other: DiagonalGaussian | None = None, dims: Sequence[int] = (1, 2, 3)) -> Tensor:
         """KL(self || other) summed over `dims`, per sample; `other` defaults to N(0, I)."""
-        if self.deterministic:
-            return torch.zeros(self.mean.shape[0], device=self.mean.device, dtype=self.mean.dtype)
+        if self.deterministic:  # zeros shaped as the reduction over `dims` would leave them
+            return torch.zeros_like(self.mean).sum(dim=tuple(dims))
         if other is None:
             terms = self.mean.pow(2) + self.var - 1.0 - self.logvar
         else:
@@ -69,7 +69,7 @@ class DiagonalGaussian:
     def nll(self, sample: Tensor, dims: Sequence[int] = (1, 2, 3)) -> Tensor:
         """Negative log-likelihood of `sample` under this Gaussian, summed over `dims`."""
         if self.deterministic:
-            return torch.zeros(self.mean.shape[0], device=self.mean.device, dtype=self.mean.dtype)
+            return torch.zeros_like(self.mean).sum(dim=tuple(dims))
         terms = math.log(2.0 * math.pi) + self.logvar + (sample - self.mean).pow(2) / self.var
         return 0.5 * terms.sum(dim=tuple(dims))
 
