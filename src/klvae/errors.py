@@ -44,6 +44,16 @@ def load_failure(e: BaseException) -> str:
     return f"{type(e).__name__}: {cut(_ANSI.sub('', first_line(e)), 100)}"
 
 
+# C0 controls (newlines and tabs too), DEL and C1: printed raw, a file name's ESC or BEL would drive the terminal
+# (clear it, retitle it) and its newline would fake a line of output.
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` with control characters written as \\xNN escapes, safe to print on one terminal line."""
+    return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def cut(text: str, limit: int = 60, tail: int = 0) -> str:
     """`text` cut to `limit` characters, '...' where it was cut, keeping its last `tail` (a file name's suffix)."""
     if len(text) <= limit:

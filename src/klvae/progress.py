@@ -8,6 +8,8 @@ from typing import Any, TypeVar
 
 from tqdm import tqdm
 
+from klvae.errors import printable
+
 T = TypeVar("T")
 
 
@@ -27,7 +29,10 @@ class BarAwareHandler(logging.StreamHandler):
     def emit(self, record: logging.LogRecord) -> None:
         """Write the formatted record above any progress bar on the same stream."""
         try:
-            tqdm.write(self.format(record), file=self.stream)
+            # The message on one line with a file name's control characters escaped (printable); a copy, so that
+            # other handlers get the record as logged.
+            shown = logging.makeLogRecord({**record.__dict__, "msg": printable(record.getMessage()), "args": None})
+            tqdm.write(self.format(shown), file=self.stream)
             self.flush()
         except RecursionError:
             raise

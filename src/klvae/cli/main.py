@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from typing import NoReturn
 
 from klvae import __version__
-from klvae.errors import KlvaeError
+from klvae.errors import KlvaeError, printable
 from klvae.progress import BarAwareHandler
 
 log = logging.getLogger("klvae")
@@ -251,8 +251,9 @@ def _interrupted() -> int:
 
 
 def _one_line(e: BaseException | str) -> str:
-    # Messages quoted from torch, safetensors or a file can hold newlines; the error stays one line.
-    return " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
+    # Messages quoted from torch, safetensors or a file can hold newlines; the error stays one line, and a file
+    # name's control characters are escaped.
+    return printable(" ".join(line.strip() for line in str(e).strip().splitlines() if line.strip()))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ holds, so the reader takes a tensor only; whoever decodes it says how it was sca
 
 from __future__ import annotations
 
+import math
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,8 +53,48 @@ def _is_npz(path: Path) -> bool:
         return all(n.endswith(".npy") for n in z.namelist())
 
 
+# A zip member may inflate to this much whatever it was packed from; past it, at most _MAX_INFLATION times its
+# packed size. Latents (floats) barely compress: more is a compression bomb, refused before it is inflated.
+_FREE_INFLATION = 256 * 2**20
+_MAX_INFLATION = 64
+
+
+def _check_declared_sizes(path: Path) -> None:
+    """LatentsError for a zip member that would inflate absurdly, or an .npy array whose header declares more
+    bytes than the file (or member) holds: numpy and torch allocate what they declare before reading it."""
+    if not zipfile.is_zipfile(path):
+        with path.open("rb") as f:
+            if f.read(len(_NUMPY_MAGIC)) == _NUMPY_MAGIC:
+                f.seek(0)
+                _check_npy_header(f, path.stat().st_size, str(path))
+        return
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            if info.file_size > max(_FREE_INFLATION, _MAX_INFLATION * info.compress_size):
+                raise LatentsError(f"{path}: {quote(info.filename)} would inflate {info.compress_size:,} bytes to "
+                                   f"{info.file_size:,}: a compression bomb, not latents")
+            if info.filename.endswith(".npy"):
+                with z.open(info) as f:
+                    _check_npy_header(f, info.file_size, f"{path}: {quote(info.filename)}")
+
+
+def _check_npy_header(f: Any, size: int, label: str) -> None:
+    try:
+        version = np.lib.format.read_magic(f)
+        shape, _, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0(f))
+    except (ValueError, OSError):
+        return  # np.load names what is wrong with it
+    declared = math.prod(shape) * dtype.itemsize
+    if declared > size:
+        raise LatentsError(f"{label}: an array of shape {list(shape)} ({declared:,} bytes) in {size:,} bytes: the "
+                           "file is damaged or crafted, not latents")
+
+
 def _tensors(path: Path, kind: str) -> dict[str, Any]:
     """Every tensor (or array) the file holds, by name; reading failures as one-line LatentsErrors."""
+    if kind != "safetensors":  # safetensors checks its own offsets against the file
+        _check_declared_sizes(path)
     try:
         if kind == "safetensors":
             return dict(load_file(str(path), device="cpu"))
@@ -109,6 +150,7 @@ def _checked(t: Tensor, path: Path) -> Tensor:
     if t.is_nested:
         raise LatentsError(f"{path}: a nested tensor (tensors of several sizes), not one [B, C, h, w] tensor of "
                            "latents")
+    _check_stored_values(t, path)
     if t.layout != torch.strided:  # sparse latents are rare but valid: their values, densely
         t = t.to_dense()
     if t.ndim not in (3, 4):
@@ -116,6 +158,23 @@ def _checked(t: Tensor, path: Path) -> Tensor:
                            "[channels, height, width]")
     check_filled_float(t, str(path))
     return t
+
+
+def _check_stored_values(t: Tensor, path: Path) -> None:
+    """LatentsError for a tensor whose values are mostly not stored (stride-0 expansion, overlapping strides, a
+    nearly empty sparse tensor): a file of kilobytes would become gigabytes of dense latents."""
+    values = t.numel()
+    if t.layout == torch.strided:
+        stored = t.untyped_storage().nbytes() // max(t.element_size(), 1)
+    elif t.layout == torch.sparse_coo:
+        stored = t._nnz()
+    else:  # CSR and the others: their values tensor
+        stored = t.values().numel()
+    dense = values * t.element_size()
+    if values > stored and dense > max(_FREE_INFLATION, _MAX_INFLATION * stored * t.element_size()):
+        raise LatentsError(f"{path}: a tensor of shape {list(t.shape)} ({dense:,} bytes dense) from {stored:,} "
+                           "stored values (expanded, overlapping or sparse): save the latents dense "
+                           "(z.contiguous())")
 
 
 def plain_batch(t: Tensor, channels: int, path: str | Path) -> Tensor:

@@ -207,10 +207,17 @@ def read_config_json(path: str | Path) -> AutoencoderKLConfig:
     return config_from_diffusers(read_json_object(path))
 
 
+# Far above any config.json or shard index (kilobytes): more is read into memory for nothing but an error.
+MAX_JSON_BYTES = 16 * 2**20
+
+
 def read_json_object(path: str | Path) -> dict[str, Any]:
-    """A config.json's object; WeightsError when it is unreadable or no object."""
+    """A config.json's (or a shard index's) object; WeightsError when it is unreadable, huge or no object."""
     path = Path(path)
     try:
+        if (size := path.stat().st_size) > MAX_JSON_BYTES:
+            raise WeightsError(f"{path} is {size:,} bytes, too large to be a model's JSON (at most "
+                               f"{MAX_JSON_BYTES:,})")
         d = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:  # ValueError: bad JSON, bad UTF-8, an int of 5000 digits
         raise WeightsError(f"cannot read {path}: {e}") from None

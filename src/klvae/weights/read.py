@@ -277,11 +277,16 @@ def is_shard_index(path: Path) -> bool:
     return path.name.endswith(SHARD_INDEX_SUFFIXES)
 
 
+_MAX_INDEX_BYTES = 16 * 2**20
+
+
 def shard_files(index: Path) -> list[Path]:
     """The shard files a sharded-weights index names, each checked to be there; WeightsError naming the first that
     is not (an interrupted download or copy), or an index that is no such file."""
     try:
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        # A real index is kilobytes (the _MAX_INDEX_BYTES check keeps a huge file from being read whole).
+        weight_map = (json.loads(index.read_text()).get("weight_map") if index.stat().st_size <= _MAX_INDEX_BYTES
+                      else None)
     except (OSError, ValueError, AttributeError, RecursionError):
         weight_map = None
     names = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
