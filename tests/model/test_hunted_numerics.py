@@ -16,6 +16,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
+import klvae
 from klvae.diffusion import NoiseSchedule
 from klvae.posterior import DiagonalGaussian
 
@@ -83,3 +84,11 @@ def test_deterministic_kl_and_nll_have_the_shape_of_the_reduction_over_dims() ->
         assert det.kl(d, dims=dims).shape == d.kl(d, dims=dims).shape, dims
         assert det.nll(x, dims=dims).shape == d.nll(x, dims=dims).shape, dims
         assert not det.kl(dims=dims).any() and not det.nll(x, dims=dims).any()
+
+
+def test_an_image_smaller_than_one_latent_cell_is_named() -> None:
+    # A doubtful item of the hunt, then fixed: torch's "Kernel size can't be greater than actual input size".
+    vae = klvae.AutoencoderKL("tiny")
+    f = vae.config.downsample_factor
+    with pytest.raises(ValueError, match=rf"images of 1x{f - 1} pixels are smaller than one latent cell \({f}x{f}\)"):
+        vae.encode(torch.zeros(1, 3, 1, f - 1))

@@ -110,6 +110,10 @@ class AutoencoderKL(nn.Module):
     def encode_moments(self, x: Tensor) -> Tensor:
         """Image [B, C, H, W] in [-1, 1] -> posterior moments [B, 2*latent, H/f, W/f] (mean, logvar)."""
         check_batch(x, self.config.in_channels, "image")
+        f = self.config.downsample_factor
+        if min(x.shape[2:]) < f:  # else torch's error about a conv's kernel and its padded input, deep inside
+            raise ValueError(f"images of {x.shape[2]}x{x.shape[3]} pixels are smaller than one latent cell "
+                             f"({f}x{f}): pad them first (klvae.inference.encode does)")
         h = self.encoder(x)
         return self.quant_conv(h) if self.quant_conv is not None else h
 
