@@ -175,6 +175,24 @@ def _widths(widths: Any, name: str) -> tuple[int, ...]:
     return tuple(_positive_int(c, f"every {name} entry") for c in widths)
 
 
+def check_field(name: str, value: Any) -> Any:
+    """`value` checked alone as config field `name` (its type and range, not how it fits the other fields), as
+    normalised; ValueError otherwise. For changes to a config not known yet (overrides of pretrained weights)."""
+    if name in _POSITIVE_INTS:
+        return _positive_int(value, name)
+    if name in _BOOLS:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+        return value
+    if name in ("block_out_channels", "decoder_block_out_channels"):
+        return None if value is None and name.startswith("decoder") else _widths(value, name)
+    if name in ("norm_eps", "scaling_factor"):
+        return finite(value, name, positive=True)
+    if name == "shift_factor":
+        return None if value is None else finite(value, name)
+    return value
+
+
 def _check_types(cfg: AutoencoderKLConfig) -> None:
     """ValueError for a field of the wrong type or out of range; normalises numbers to int/float/tuple."""
     def put(name: str, value: Any) -> None:

@@ -161,8 +161,11 @@ _MAX_PATCH = 8
 
 def finite(value: Any, name: str, positive: bool = False) -> float:
     """`value` as a float; ValueError if it is no finite (positive) real number."""
-    if not is_real(value) or not math.isfinite(value) \
-            or (positive and value <= 0):
+    try:
+        ok = is_real(value) and math.isfinite(value)
+    except OverflowError:  # an int past float's range (a YAML or JSON number of hundreds of digits)
+        ok = False
+    if not ok or (positive and value <= 0):
         raise ValueError(f"{name} must be a finite{' positive' if positive else ''} number, got {value!r}")
     return float(value)
 

@@ -19,9 +19,10 @@ else:  # Python 3.10: the same parser, as a package (a dependency there)
     import tomli as tomllib
 
 from klvae.checks import FLOAT32_MAX
-from klvae.errors import KlvaeError, cut, first_line, quote
+from klvae.errors import KlvaeError, cut, quote
 from klvae.images import MAX_RESOLUTION
-from klvae.model.config import PRESETS, AutoencoderKLConfig
+from klvae.model.config import PRESETS, AutoencoderKLConfig, check_field
+from klvae.training.config_text import YAML11_EXPONENT, parse_problem, parse_yaml, yaml11_number
 from klvae.training.data import CROPS
 from klvae.training.losses import LOSS_PRESETS, LossConfig, get_loss_preset
 
@@ -162,6 +163,8 @@ def _build(cls: type, data: object, where: str) -> Any:
     kwargs = {}
     for name, value in data.items():
         t, full = hints[name], f"{where}{name}"
+        if value is None and ((isinstance(t, type) and dataclasses.is_dataclass(t)) or get_origin(t) is dict):
+            value = {}  # `train:` with every field under it commented out: its defaults, as an empty file's
         if isinstance(t, type) and dataclasses.is_dataclass(t):
             kwargs[name] = _build(t, value, f"{full}.")
         elif get_origin(t) is tuple:
@@ -188,6 +191,8 @@ def _as_float(value: Any, name: str) -> float:
             value = float(value)
     if not isinstance(value, int | float):
         raise KlvaeError(f"config field {name} must be float, got {quote(value)}")
+    if isinstance(value, int) and abs(value) > FLOAT32_MAX:  # before isfinite, which overflows on such an int
+        raise KlvaeError(f"config field {name} must lie within float32's range (±3.4e38), got {quote(value)}")
     if not math.isfinite(value):
         raise KlvaeError(f"config field {name} must be a finite number, got {quote(value)}")
     # Every number here ends up in float32 (tensors, the optimisers' steps), where larger ones are inf.
@@ -211,6 +216,8 @@ def _coerce(t: Any, value: Any, name: str) -> Any:
         raise KlvaeError(f"config field {name} must be {t.__name__}, got {quote(value)}")
     if t is float:
         return _as_float(value, name)
+    if t is int and isinstance(value, str) and YAML11_EXPONENT.match(value):
+        value = float(value)  # YAML 1.1 reads 1e3 (no dot) as a string, 1.0e3 as a float
     if t is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if not isinstance(value, t):
@@ -228,15 +235,17 @@ def apply_override(d: dict[str, Any], assignment: str) -> None:
         raise KlvaeError(f"override {quote(assignment, 200)} names no field before '=' (section.field=value)")
     node = d
     for i, p in enumerate(parts[:-1]):
-        node = node.setdefault(p, {})
+        if node.get(p) is None:  # missing, or a section left empty in the file (`train:`)
+            node[p] = {}
+        node = node[p]
         if not isinstance(node, dict):
             if _is_section(parts[: i + 1]):  # the file (or an earlier --set) gave the section a value
                 raise KlvaeError(_not_a_value(".".join(parts[: i + 1]), node))
             raise KlvaeError(f"override {quote(assignment, 200)}: {cut(p)} is not a section")
     try:
-        value = yaml.safe_load(raw)
+        value = parse_yaml(raw)
     except (yaml.YAMLError, ValueError, RecursionError) as e:
-        raise KlvaeError(f"override {quote(assignment, 200)}: cannot parse the value: {_parse_problem(e)}") from None
+        raise KlvaeError(f"override {quote(assignment, 200)}: cannot parse the value: {parse_problem(e)}") from None
     if _is_section(parts) and not isinstance(value, dict):
         raise KlvaeError(f"override {quote(assignment, 200)}: {_not_a_value(key.strip(), value)}")
     node[parts[-1]] = value
@@ -259,20 +268,6 @@ def _not_a_value(name: str, value: Any) -> str:
             f"as {cut(name)}.FIELD=VALUE")
 
 
-def _parse_problem(e: Exception) -> str:
-    """The first line of a parser's error, cut short, with the line and column of a YAML error."""
-    # Besides their own errors, the parsers raise ValueError for an int of over 4300 digits (Python's limit on
-    # int(str)) and RecursionError for lists nested a few thousand deep.
-    if isinstance(e, RecursionError):
-        return "nested too deeply"
-    # PyYAML gives the place on later lines of its message; tomllib's first line already ends with it.
-    # Its problem, not its first line, which may be the context ("while parsing a flow node").
-    mark = getattr(e, "problem_mark", None)
-    if isinstance(e, yaml.MarkedYAMLError) and e.problem and mark is not None:
-        return f"{cut(e.problem, 200)} (line {mark.line + 1}, column {mark.column + 1})"
-    return cut(first_line(e), 200)
-
-
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
     """Read YAML (.yaml/.yml) or TOML (.toml), apply overrides, and check every field."""
     d: dict[str, Any] = {}
@@ -281,15 +276,16 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not p.is_file():
             raise KlvaeError(f"no such config file: {p}")
         try:
-            d = tomllib.loads(p.read_text()) if p.suffix.lower() == ".toml" else (yaml.safe_load(p.read_text()) or {})
+            d = tomllib.loads(p.read_text()) if p.suffix.lower() == ".toml" else (parse_yaml(p.read_text()) or {})
         except (yaml.YAMLError, ValueError, RecursionError) as e:  # TOMLDecodeError, UnicodeDecodeError: ValueErrors
-            raise KlvaeError(f"cannot parse {p}: {_parse_problem(e)}") from None
+            raise KlvaeError(f"cannot parse {p}: {parse_problem(e)}") from None
         if not isinstance(d, dict):
             raise KlvaeError(f"config section top level must be a mapping, got {type(d).__name__}")
     for o in overrides or []:
         apply_override(d, o)
     _check_size(d)
     cfg = _build(TrainConfig, d, "")
+    cfg.model.overrides = {k: yaml11_number(v) for k, v in cfg.model.overrides.items()}
     _check(cfg)
     model = d.get("model")
     if cfg.model.pretrained and isinstance(model, dict) and "preset" in model:
@@ -431,6 +427,12 @@ def model_config(m: ModelSection) -> AutoencoderKLConfig | None:
     if unknown:
         raise KlvaeError(f"unknown model.overrides field(s) {_names(unknown)}; known: {', '.join(known)}")
     if m.pretrained:
+        # The weights' config is known once they load: each value alone now, how they fit together then.
+        for name, value in m.overrides.items():
+            try:
+                check_field(name, value)
+            except (TypeError, ValueError) as e:
+                raise KlvaeError(f"model.overrides: {cut(str(e), 300)}") from None
         return None
     try:
         return PRESETS[m.preset].replace(**m.overrides)
