@@ -51,7 +51,10 @@ def resolve_spec(spec: str | Path, recursive: bool = True) -> DataSpec:
         return _pattern_spec(s)
     p = Path(s)
     if not p.exists():
-        raise KlvaeError(f"no such data: {s}")
+        # A config file's `~/imgs` reaches klvae as written: only a shell expands `~`.
+        home = f" (a ~ is not expanded here: write {p.expanduser()})" if s.startswith("~") and \
+            p.expanduser().exists() else ""
+        raise KlvaeError(f"no such data: {s}{home}")
     if not p.is_dir():
         check_regular_file(p)  # a FIFO named as the data would block its reader forever
     if is_tar_name(p.name):

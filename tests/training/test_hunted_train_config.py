@@ -116,3 +116,14 @@ def test_a_bad_override_value_on_pretrained_weights_is_refused_before_they_load(
         "norm_num_groups": 4}
     with pytest.raises(KlvaeError, match=override.split(".")[2].split("=")[0]):
         load_config(None, [*pretrained, override])
+
+
+def test_data_under_a_tilde_names_the_path_to_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A doubtful item of the hunt, then made clearer: "no such data: ~/imgs" for a folder that exists.
+    from klvae.datasources import resolve_spec
+    from klvae.errors import KlvaeError
+
+    (tmp_path / "imgs").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(KlvaeError, match=rf"a ~ is not expanded here: write {tmp_path / 'imgs'}"):
+        resolve_spec("~/imgs")
