@@ -64,7 +64,11 @@ def make_betas(
         end = _beta("beta_end", default_end if beta_end is None else beta_end)
         if name == "linear":
             return torch.linspace(start, end, num_steps, dtype=torch.float64)
-        return torch.linspace(start**0.5, end**0.5, num_steps, dtype=torch.float64) ** 2  # scaled_linear
+        betas = torch.linspace(start**0.5, end**0.5, num_steps, dtype=torch.float64) ** 2  # scaled_linear
+        if not bool((betas < 1).all()):  # a beta just below 1 squared back through its root rounds to 1
+            raise ValueError(f"a beta of {max(start, end)!r} rounds to 1 in the scaled_linear schedule (through its "
+                             "square root): use one below 0.999999999999999")
+        return betas
     if name == "cosine":
         # The offset keeps the first steps' betas from vanishing; below 0 the table turns NaN or all zeros.
         if not is_real(cosine_s) or not 0 <= cosine_s < math.inf:  # also refuses nan
@@ -101,10 +105,10 @@ def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
     abar_sqrt = (abar_sqrt - last) * (first / (first - last))
     abar = abar_sqrt**2
     rescaled = 1.0 - torch.cat([abar[:1], abar[1:] / abar[:-1]])
-    if not rescaled[0] > 0:  # sqrt and square lost it: alpha-bar 1 at t=0 is a 0/0 posterior
-        raise ValueError(f"the first beta, {betas[0].item():.3g}, is too small to survive rescaling to zero terminal "
-                         "SNR in float64 (it becomes 0: the first step would add no noise); use a beta of 1e-15 or "
-                         "more")
+    if not bool((rescaled > 0).all()):  # sqrt and square lost it: a step that adds no noise (t=0: a 0/0 posterior)
+        k = int((~(rescaled > 0)).nonzero()[0])  # NaN too
+        raise ValueError(f"beta {k}, {betas[k].item():.3g}, is too small to survive rescaling to zero terminal SNR "
+                         "in float64 (it becomes 0 or NaN: that step would add no noise); use betas of 1e-15 or more")
     return rescaled
 
 

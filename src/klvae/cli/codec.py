@@ -429,14 +429,14 @@ def cmd_decode(args: argparse.Namespace) -> int:
         from klvae.cli.plain import decode_plain  # it builds on this module's helpers
 
         return decode_plain(args)
+    lf = None if comfy else _read_latents(args.latents)  # what the file is not (missing, an image) is said first
     if args.unscaled:
         raise KlvaeError(f"--unscaled is for plain tensor files, which do not record their scaling; "
                          f"{args.latents} does")
-    if comfy:
+    if lf is None:
         from klvae.cli.comfy import decode_comfy  # it builds on this module's helpers
 
         return decode_comfy(args)
-    lf = _read_latents(args.latents)
     out = check_output_path(args.output, folder=True)
     names = unique_png_names(lf.items)
     check_clashes(out, names, args.overwrite)

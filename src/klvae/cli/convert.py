@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from klvae.cli.common import check_model_output, check_not_the_model, check_output_path
+from klvae.cli.common import check_model_output, check_named, check_not_the_model, check_output_path
 from klvae.errors import KlvaeError, WeightsError
 from klvae.inference.precision import DTYPES
 
@@ -37,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _target(args: argparse.Namespace) -> tuple[str, Path]:
     from klvae.weights.read import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
 
+    check_named(args.output, "--output")  # Path("") is the working folder
     out = Path(args.output)
     single = out.suffix.lower() in SAFETENSORS_SUFFIXES  # .sft too, the name ComfyUI also reads
     fmt = args.to or ("ldm" if single else "diffusers")

@@ -143,7 +143,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
     check_scale_options(args.limit, args.resolution)
     check_named(args.data, "--data")
-    if args.save:  # before the work, not after it
+    if args.save is not None:  # before the work, not after it ("" is refused as empty, not taken as none)
         check_output_path(args.save, "--save", folder=True)
         check_model_output(Path(args.save), "--save", overwrite=args.overwrite)
         check_not_in_data(args.save, "--save", args.data)

@@ -54,7 +54,7 @@ def usable_device(device: str | torch.device | None, what: str = "device") -> to
         try:
             # xpu and the like fail here, in one line, not deep inside a model load.
             torch.empty(1, device=dev)
-        except (RuntimeError, AssertionError, ValueError) as e:
+        except (RuntimeError, AssertionError, ValueError, ImportError) as e:  # ImportError: torch.hpu absent
             # torch's messages run to several lines and a list of backends; the first sentence says it.
             reason = (str(e).strip() or type(e).__name__).splitlines()[0].split(". ")[0][:160]
             raise KlvaeError(f"{what} {device} is not available here: {reason}") from None

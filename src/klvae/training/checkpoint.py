@@ -10,6 +10,7 @@ import pickle
 import random
 import re
 import signal
+import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 
 from klvae.atomic import atomic_write
 from klvae.errors import KlvaeError, quote
+from klvae.images import not_a_file
 from klvae.model.config import AutoencoderKLConfig
 from klvae.weights.load import torch_file_problem
 
@@ -157,6 +159,9 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         raise KlvaeError(f"checkpoint {path} is a folder: name one of its checkpoint files")
+    with contextlib.suppress(OSError):  # a missing file is said below, by open()
+        if not stat.S_ISREG(mode := path.stat().st_mode):  # opening a FIFO would wait for a writer forever
+            raise KlvaeError(f"checkpoint {path}: {not_a_file(mode)}")
     try:
         f = path.open("rb")
     except OSError as e:
