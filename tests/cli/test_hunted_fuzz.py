@@ -145,3 +145,9 @@ def test_noise_betas_that_round_out_of_range_are_refused_in_the_cli_s_words(
     assert "NoiseSchedule" not in line and "from_name" not in line and "=True" not in line, line
     assert re.search(named, line), line
     assert not os.path.exists(tmp_path / "s.png")
+
+
+def test_a_config_that_is_no_regular_file_is_not_called_missing(capsys: pytest.CaptureFixture[str]) -> None:
+    # A doubtful item of the hunt, then fixed: "no such config file: /dev/null" for a file that is there.
+    assert main(["-q", "train", "/dev/null"]) == 2
+    assert "/dev/null is a folder, FIFO or device, not a config file" in capsys.readouterr().err

@@ -274,7 +274,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise KlvaeError(f"no such config file: {p}")
+            what = "a folder, FIFO or device, not a config file" if p.exists() else None
+            raise KlvaeError(f"{p} is {what}" if what else f"no such config file: {p}")
         try:
             d = tomllib.loads(p.read_text()) if p.suffix.lower() == ".toml" else (parse_yaml(p.read_text()) or {})
         except (yaml.YAMLError, ValueError, RecursionError) as e:  # TOMLDecodeError, UnicodeDecodeError: ValueErrors
