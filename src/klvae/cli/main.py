@@ -165,19 +165,20 @@ def _run(args: argparse.Namespace) -> int:
     except Exception as e:  # memory running out, or a bug of ours: still one line unless --debug asks for more
         if (buried := _buried_interrupt(e)) is not None:
             return _stopped_by(buried)
-        if _out_of_memory(e) and not args.debug:
-            print(f"klvae: error: out of memory ({_one_line(e)}); {_MEMORY_ADVICE}", file=sys.stderr)
-            return 1
-        if _peer_gone(e) and not args.debug:
-            # A torchrun job's other process failed (its own error line says why): not a bug of this one.
-            print(f"klvae: error: another process of this torchrun job stopped, so this one cannot go on (its "
-                  f"error says why): {_one_line(e)}", file=sys.stderr)
-            return 1
         if args.debug:
             raise
-        print(f"klvae: internal error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for details)",
-              file=sys.stderr)
+        print(_unexpected(e), file=sys.stderr)
         return 1
+
+
+def _unexpected(e: Exception) -> str:
+    """The one line of an error klvae did not raise itself: memory, a failed torchrun peer, or a bug of ours."""
+    if _out_of_memory(e):
+        return f"klvae: error: out of memory ({_one_line(e)}); {_MEMORY_ADVICE}"
+    if _peer_gone(e):  # a torchrun job's other process failed (its own error line says why): no bug of this one
+        return (f"klvae: error: another process of this torchrun job stopped, so this one cannot go on (its error "
+                f"says why): {_one_line(e)}")
+    return f"klvae: internal error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for details)"
 
 
 def _tolerant_streams() -> None:
