@@ -66,7 +66,7 @@ def check_inputs(cfg: TrainConfig, resume: str | None) -> None:
     usable_device(cfg.train.device, "train.device")
     check_named(cfg.train.out_dir, "train.out_dir")
     for name in ("checkpoints", "final", "samples", "tensorboard"):  # else "File exists" at the first save
-        if (Path(cfg.train.out_dir) / name).exists() and not (Path(cfg.train.out_dir) / name).is_dir():
+        if (held := Path(cfg.train.out_dir) / name).exists() and not held.is_dir():
             raise KlvaeError(f"train.out_dir {cfg.train.out_dir}: {name} is a file where the run keeps a folder; "
                              "move it away")
     # A resumed run would scan its own sample grids (out_dir/samples) as training or validation images.

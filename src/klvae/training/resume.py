@@ -58,13 +58,17 @@ def config_changes(saved: object, cfg: TrainConfig) -> list[str]:
     return [f"{k} {quote(before[k], 100)} → {quote(now[k], 100)}" for k in keys]
 
 
-def saved_global_batch(state: dict[str, Any]) -> int | None:
-    """Images per global batch (processes x data.batch_size) of the run that wrote a checkpoint, where it says."""
+def saved_data_field(state: dict[str, Any], name: str) -> Any:
+    """data.`name` of the config a checkpoint was written with; None where it cannot be read."""
     try:
-        batch = json.loads(state.get("config") or "{}").get("data", {}).get("batch_size")
+        return json.loads(state.get("config") or "{}").get("data", {}).get(name)
     except (ValueError, TypeError, AttributeError, RecursionError):
         return None
-    world = state.get("world")
+
+
+def saved_global_batch(state: dict[str, Any]) -> int | None:
+    """Images per global batch (processes x data.batch_size) of the run that wrote a checkpoint, where it says."""
+    batch, world = saved_data_field(state, "batch_size"), state.get("world")
     if not (is_integer(batch) and is_integer(world) and batch > 0 and world > 0):
         return None
     return int(batch) * int(world)

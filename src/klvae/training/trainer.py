@@ -36,7 +36,7 @@ from klvae.training.config import TrainConfig, build_loss_config, surprises
 from klvae.training.ema import make_ema
 from klvae.training.losses import AutoencoderLoss
 from klvae.training.model_setup import build_model
-from klvae.training.resume import config_changes, resumed_batch, saved_global_batch
+from klvae.training.resume import config_changes, resumed_batch, saved_data_field, saved_global_batch
 from klvae.weights import check_state_dict, config_to_diffusers
 
 log = logging.getLogger(__name__)
@@ -275,10 +275,7 @@ class Trainer:
         # processes and their loader workers, so with other counts each reads other shards and skips its own
         # count of consumed batches.
         saved_world, now_world = state.get("world"), self.dist.world
-        try:
-            saved_workers = json.loads(state.get("config") or "{}").get("data", {}).get("num_workers")
-        except (ValueError, TypeError, AttributeError, RecursionError):
-            saved_workers = None
+        saved_workers = saved_data_field(state, "num_workers")
         # 0 workers (the main process reads) split the shards as 1 does.
         workers = [max(1, n) if is_integer(n) else None for n in (saved_workers, self.cfg.data.num_workers)]
         changed = saved_world not in (None, now_world) or (None not in workers and workers[0] != workers[1])
