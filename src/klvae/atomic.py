@@ -158,6 +158,11 @@ def _umask() -> int:
     return mask
 
 
+def held_by_another(folder: Path, job: str) -> KlvaeError:
+    """The error of a `job` refused because another holds `folder`'s lock (folder_lock)."""
+    return KlvaeError(f"another `{job}` is writing into {folder}: wait for it to end, or name another folder")
+
+
 @contextlib.contextmanager
 def folder_lock(folder: Path, job: str) -> Iterator[None]:
     """Hold an exclusive lock on `folder` (which must exist) while the block runs; KlvaeError when another process
@@ -172,8 +177,7 @@ def folder_lock(folder: Path, job: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise KlvaeError(f"another `{job}` is writing into {folder}: wait for it to end, or name another "
-                             "folder") from None
+            raise held_by_another(folder, job) from None
         except OSError:  # a file system without flock (some network ones): as before there were locks
             pass
         yield

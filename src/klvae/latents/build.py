@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from klvae.atomic import folder_lock, make_folders, remove_made_folders
+from klvae.atomic import folder_lock, held_by_another, make_folders, remove_made_folders
 from klvae.distributed import DistInfo, all_ranks, all_sum, barrier
 from klvae.errors import KlvaeError, OptionError, quote
 from klvae.inference.precision import resolve_dtype
@@ -177,8 +177,7 @@ def _job_lock(root: Path, dist: DistInfo, device: torch.device) -> Iterator[None
             except KlvaeError as e:
                 refused = e
         if not all_ranks(refused is None, dist, device):
-            raise refused or KlvaeError(f"another `klvae cache` is writing into {root}: wait for it to end, or "
-                                        "name another folder")
+            raise refused or held_by_another(root, "klvae cache")
         yield
 
 
