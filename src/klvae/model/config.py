@@ -198,17 +198,11 @@ def _check_types(cfg: AutoencoderKLConfig) -> None:
     def put(name: str, value: Any) -> None:
         object.__setattr__(cfg, name, value)
 
-    put("block_out_channels", _widths(cfg.block_out_channels, "block_out_channels"))
-    dec = cfg.decoder_block_out_channels
-    dec = None if dec is None else _widths(dec, "decoder_block_out_channels")
+    for name in ("block_out_channels", "decoder_block_out_channels", *_POSITIVE_INTS, *_BOOLS, "norm_eps"):
+        put(name, check_field(name, getattr(cfg, name)))
     # One spelling of "the same as the encoder's", so that equal configs compare equal.
-    put("decoder_block_out_channels", None if dec == cfg.block_out_channels else dec)
-    for name in _POSITIVE_INTS:
-        put(name, _positive_int(getattr(cfg, name), name))
-    for name in _BOOLS:
-        if not isinstance(getattr(cfg, name), bool):
-            raise ValueError(f"{name} must be true or false, got {getattr(cfg, name)!r}")
-    put("norm_eps", finite(cfg.norm_eps, "norm_eps", positive=True))
+    if cfg.decoder_block_out_channels == cfg.block_out_channels:
+        put("decoder_block_out_channels", None)
     norm = LatentNorm(cfg.scaling_factor, cfg.shift_factor, cfg.latents_mean, cfg.latents_std,
                       cfg.latent_patch_size)
     for name in NORM_FIELDS:
