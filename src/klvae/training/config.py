@@ -313,6 +313,20 @@ def surprises(cfg: TrainConfig) -> list[str]:
         found.append(f"loss.lpips_pretrained is false with loss.perceptual_weight {loss.perceptual_weight:g}: the "
                      "perceptual loss compares features of a random VGG, which is no LPIPS; set "
                      "loss.lpips_pretrained=true (or loss.perceptual_weight=0)")
+    return found + _schedule_surprises(cfg, loss)
+
+
+def _schedule_surprises(cfg: TrainConfig, loss: LossConfig) -> list[str]:
+    """Step counts that leave part of the run's recipe unreached by train.max_steps."""
+    found, steps = [], cfg.train.max_steps
+    # Steps count from 0 (LDM's global_step), so the last one is max_steps - 1.
+    if loss.uses_discriminator and loss.disc_start >= steps:
+        found.append(f"loss.disc_start {loss.disc_start} is not below train.max_steps {steps}: the PatchGAN critic is "
+                     "built and saved but never trains, and the GAN term stays off for the whole run; lower "
+                     "loss.disc_start, or set loss.disc_weight=0 to train without it")
+    if cfg.optim.warmup_steps > steps:
+        found.append(f"optim.warmup_steps {cfg.optim.warmup_steps} is above train.max_steps {steps}: the learning "
+                     f"rate never reaches optim.lr (it ends at {steps / cfg.optim.warmup_steps:.3g} of it)")
     return found
 
 

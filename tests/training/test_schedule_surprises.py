@@ -1,0 +1,30 @@
+"""Step counts that leave part of the recipe unreached are said once, at the start of the run (earlier left alone:
+warm-up past max_steps was silent; the LDM preset's disc_start 50001 over a 1000-step run built a critic that never
+trained, without a word)."""
+from __future__ import annotations
+
+import pytest
+
+from klvae.training.config import load_config, surprises
+
+BASE = ["data.train=x", "model.preset=tiny", "data.resolution=32"]
+
+
+@pytest.mark.parametrize(("start", "steps", "said"), [(50001, 1000, True), (1000, 1000, True), (999, 1000, False)])
+def test_a_critic_that_never_starts_is_said(start: int, steps: int, said: bool) -> None:
+    cfg = load_config(None, [*BASE, f"loss.disc_start={start}", f"train.max_steps={steps}"])
+    assert any("never trains" in w for w in surprises(cfg)) is said
+
+
+def test_no_critic_no_word_about_its_start() -> None:
+    for off in ("loss.disc_weight=0", "loss.disc_factor=0", "loss.preset=mse"):
+        assert surprises(load_config(None, [*BASE, "train.max_steps=10", off])) == []
+
+
+@pytest.mark.parametrize(("warmup", "said"), [(11, True), (10, False), (0, False)])
+def test_a_warm_up_longer_than_the_run_is_said(warmup: int, said: bool) -> None:
+    cfg = load_config(None, [*BASE, "loss.preset=mse", "train.max_steps=10", f"optim.warmup_steps={warmup}"])
+    found = [w for w in surprises(cfg) if "warmup_steps" in w]
+    assert bool(found) is said
+    if said:
+        assert "0.909 of it" in found[0]
