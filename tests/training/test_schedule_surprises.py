@@ -28,3 +28,14 @@ def test_a_warm_up_longer_than_the_run_is_said(warmup: int, said: bool) -> None:
     assert bool(found) is said
     if said:
         assert "0.909 of it" in found[0]
+
+
+def test_a_mapping_override_merges_into_the_files_section(tmp_path) -> None:
+    # Earlier left alone: `--set 'train={seed: 1}'` replaced the file's whole train section, silently dropping
+    # its out_dir and max_steps for the defaults.
+    f = tmp_path / "run.yaml"
+    f.write_text("train: {out_dir: runs/mine, max_steps: 7}\nloss: {preset: mse, kl_weight: 0.5}\n")
+    cfg = load_config(f, [*BASE, "train={seed: 1}", "loss={kl_weight: 0.25}", "model.overrides={scaling_factor: 0.5}"])
+    assert (cfg.train.out_dir, cfg.train.max_steps, cfg.train.seed) == ("runs/mine", 7, 1)
+    assert cfg.loss == {"preset": "mse", "kl_weight": 0.25}
+    assert cfg.model.overrides == {"scaling_factor": 0.5}

@@ -248,7 +248,14 @@ def apply_override(d: dict[str, Any], assignment: str) -> None:
         raise KlvaeError(f"override {quote(assignment, 200)}: cannot parse the value: {parse_problem(e)}") from None
     if _is_section(parts) and not isinstance(value, dict):
         raise KlvaeError(f"override {quote(assignment, 200)}: {_not_a_value(key.strip(), value)}")
-    node[parts[-1]] = value
+    node[parts[-1]] = _merged(node.get(parts[-1]), value)
+
+
+def _merged(old: Any, new: Any) -> Any:
+    """`new` over `old`, mapping by mapping: `--set 'train={seed: 1}'` keeps the file's other train fields."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return new
+    return {**old, **{k: _merged(old.get(k), v) for k, v in new.items()}}
 
 
 def _is_section(path: list[str]) -> bool:
