@@ -10,9 +10,12 @@ import contextlib
 import errno
 import os
 import re
+import signal
+import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from safetensors import SafetensorError
 from safetensors.torch import save_file
@@ -52,8 +55,10 @@ def atomic_write_all(files: Sequence[tuple[str | Path, Callable[[Path], object]]
             tmp = temp_path(path)
             done.append((tmp, path))
             _write_flushed(path, tmp, write)
-        for tmp, path in done:
-            os.replace(tmp, path)
+        # The set lands whole or not at all: a Ctrl-C between two renames would leave some files new and some old.
+        with signals_held():
+            for tmp, path in done:
+                os.replace(tmp, path)
     except BaseException:
         for tmp, _ in done:
             tmp.unlink(missing_ok=True)
@@ -88,11 +93,40 @@ def _write_flushed(path: Path, tmp: Path, write: Callable[[Path], object]) -> No
         # The rename must not reach the disk before the data does, or a crash could leave an empty file.
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-    except (OSError, SafetensorError) as e:
-        # A full disk or a read-only folder: an OSError from write() names the temporary file or nothing, and
-        # safetensors raises its own type, which callers would take for a bug. Both become one named OSError.
-        reason = " ".join(str(e).split()) or type(e).__name__
+    except (OSError, SafetensorError, RuntimeError) as e:
+        # A full disk or a read-only folder: an OSError from write() names the temporary file or nothing,
+        # safetensors raises its own type, and torch.save's zip writer buries the OSError under a RuntimeError
+        # ("unexpected pos"), all of which callers would take for a bug. Each becomes one named OSError.
+        cause = _os_error_within(e) if isinstance(e, RuntimeError) else e
+        if cause is None:
+            raise
+        reason = " ".join(str(cause).split()) or type(cause).__name__
         raise OSError(f"cannot write {path}: {reason}") from None
+
+
+def _os_error_within(e: BaseException) -> OSError | None:
+    """The OSError that a RuntimeError was raised while handling, if any."""
+    seen: set[int] = set()
+    cause = e.__context__
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__context__
+    return None
+
+
+def append_text(path: Path, text: str, sync: bool = False) -> None:
+    """Append `text` to a log-like file (a manifest, metrics.jsonl); a full disk is an OSError that names `path`,
+    not errno's bare words."""
+    try:
+        with path.open("a") as f:
+            f.write(text)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+    except OSError as e:
+        raise OSError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def remove_made_folders(made: list[Path]) -> None:
@@ -183,3 +217,46 @@ def folder_lock(folder: Path, job: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # which releases the lock
+
+
+_HELD = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, then deliver the first one caught to the usual handler."""
+    # A Ctrl-C raised inside torch.save is buried under the RuntimeError its zip writer raises on the way out
+    # ("unexpected pos"), so the CLI reported an internal error; held, the write completes and the interrupt
+    # follows. Handlers can only be set in the main thread, and one not set from Python (None) cannot be restored.
+    # Nested, the outer block holds for both: an inner one would hand its signals to the outer's hold anyway.
+    handlers = [signal.getsignal(s) for s in _HELD] if threading.current_thread() is threading.main_thread() else [None]
+    if None in handlers or any(getattr(h, "klvae_hold", False) for h in handlers):
+        yield
+        return
+    caught: list[int] = []
+    previous: dict[int, Any] = {}
+
+    def hold(signum: int, frame: object) -> None:
+        # A second Ctrl-C is the user insisting (a save stuck on a network disk): it stops the write. SIGTERM
+        # stays held: a scheduler or torchrun follows it with SIGKILL after a grace period anyway.
+        if signum == signal.SIGINT and signal.SIGINT in caught:
+            caught.clear()  # delivered now, not again when the block ends
+            _restore(previous)
+            signal.raise_signal(signum)
+            return
+        caught.append(signum)
+
+    hold.klvae_hold = True  # type: ignore[attr-defined]
+    previous.update({s: signal.signal(s, hold) for s in _HELD})
+    try:
+        yield
+    finally:
+        _restore(previous)
+        if caught:
+            signal.raise_signal(caught[0])  # runs the restored handler here: KeyboardInterrupt, or the default
+
+
+def _restore(previous: dict[int, Any]) -> None:
+    """Put back the handlers that signals_held replaced."""
+    for s, handler in previous.items():
+        signal.signal(s, handler)

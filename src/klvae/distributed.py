@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -135,3 +136,14 @@ def usable_workers(requested: int) -> int:
     log.warning("%d data-loading workers asked for, more than this machine's %d CPUs can use: running %d",
                 requested, cpus, most)
     return most
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def quiet_on_sigterm(worker_id: int) -> None:
+    """DataLoader worker_init_fn: a SIGTERM to the job's process group ends a worker as a Ctrl-C does (torch's
+    worker loop exits quietly on KeyboardInterrupt), not by the signal, which the main process would report as a
+    traceback ("DataLoader worker ... is killed by signal: Terminated") after its own one-line exit."""
+    signal.signal(signal.SIGTERM, _interrupt)

@@ -30,8 +30,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from klvae import inference
-from klvae.atomic import atomic_write_text, folder_lock, make_folders, remove_made_folders
-from klvae.distributed import usable_workers
+from klvae.atomic import append_text, atomic_write_text, folder_lock, make_folders, remove_made_folders
+from klvae.distributed import quiet_on_sigterm, usable_workers
 from klvae.errors import KlvaeError, none_read, quote
 from klvae.images import pil_to_tensor
 from klvae.latents.buckets import make_buckets, nearest_bucket, resize_crop
@@ -89,10 +89,7 @@ def _write_shard(rows: list[tuple[dict[str, Tensor], dict[str, Any]]], out: Path
 def _append_line(path: Path, record: dict[str, Any]) -> None:
     # After a line torn by a kill, start a new one: glued to the fragment, this record would be unreadable too.
     torn = path.exists() and path.stat().st_size > 0 and _last_byte(path) != b"\n"
-    with path.open("a") as f:
-        f.write(("\n" if torn else "") + json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    append_text(path, ("\n" if torn else "") + json.dumps(record) + "\n", sync=True)
 
 
 def _last_byte(path: Path) -> bytes:
@@ -369,7 +366,7 @@ def _cache_todo(vae: AutoencoderKL, source: ItemSource, out: Path, opts: CacheOp
              counts["done_before"], failed_before, len(todo))
     loader = DataLoader(_Prepared(source, todo, opts), batch_size=opts.batch_size,
                         num_workers=usable_workers(opts.num_workers),
-                        collate_fn=_collate)
+                        collate_fn=_collate, worker_init_fn=quiet_on_sigterm)
     writer = _ShardWriter(out, rank, shard_no, opts.shard_size, row_options(opts, world, fingerprints))
     pending: dict[tuple[int, int], list[tuple[Tensor, dict]]] = {}
 

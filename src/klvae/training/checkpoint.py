@@ -9,17 +9,14 @@ import math
 import pickle
 import random
 import re
-import signal
 import stat
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from klvae.atomic import atomic_write
+from klvae.atomic import atomic_write, signals_held
 from klvae.errors import KlvaeError, quote
 from klvae.images import not_a_file
 from klvae.model.config import AutoencoderKLConfig
@@ -52,49 +49,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-_HELD = (signal.SIGINT, signal.SIGTERM)
-
-
-@contextlib.contextmanager
-def signals_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM until the block ends, then deliver the first one caught to the usual handler."""
-    # A Ctrl-C raised inside torch.save is buried under the RuntimeError its zip writer raises on the way out
-    # ("unexpected pos"), so the CLI reported an internal error; held, the write completes and the interrupt
-    # follows. Handlers can only be set in the main thread, and one not set from Python (None) cannot be restored.
-    # Nested, the outer block holds for both: an inner one would hand its signals to the outer's hold anyway.
-    handlers = [signal.getsignal(s) for s in _HELD] if threading.current_thread() is threading.main_thread() else [None]
-    if None in handlers or any(getattr(h, "klvae_hold", False) for h in handlers):
-        yield
-        return
-    caught: list[int] = []
-    previous: dict[int, Any] = {}
-
-    def hold(signum: int, frame: object) -> None:
-        # A second Ctrl-C is the user insisting (a save stuck on a network disk): it stops the write. SIGTERM
-        # stays held: a scheduler or torchrun follows it with SIGKILL after a grace period anyway.
-        if signum == signal.SIGINT and signal.SIGINT in caught:
-            caught.clear()  # delivered now, not again when the block ends
-            _restore(previous)
-            signal.raise_signal(signum)
-            return
-        caught.append(signum)
-
-    hold.klvae_hold = True  # type: ignore[attr-defined]
-    previous.update({s: signal.signal(s, hold) for s in _HELD})
-    try:
-        yield
-    finally:
-        _restore(previous)
-        if caught:
-            signal.raise_signal(caught[0])  # runs the restored handler here: KeyboardInterrupt, or the default
-
-
-def _restore(previous: dict[int, Any]) -> None:
-    """Put back the handlers that signals_held replaced."""
-    for s, handler in previous.items():
-        signal.signal(s, handler)
 
 
 def save_checkpoint(state: dict[str, Any], directory: str | Path, step: int, keep: int = 2) -> Path:

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 
 from klvae.checks import is_integer
 from klvae.datasources import TableRows, expand_shards, resolve_spec
-from klvae.distributed import usable_workers
+from klvae.distributed import quiet_on_sigterm, usable_workers
 from klvae.errors import ImageError, KlvaeError, quote
 from klvae.images import (
     IMAGE_EXTENSIONS,
@@ -368,7 +368,7 @@ def build_dataloader(dataset: Dataset | IterableDataset, batch_size: int, num_wo
     num_workers = usable_workers(num_workers)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=num_workers,
                       collate_fn=collate_skip_none, drop_last=drop_last, persistent_workers=num_workers > 0,
-                      generator=torch.Generator().manual_seed(seed))
+                      generator=torch.Generator().manual_seed(seed), worker_init_fn=quiet_on_sigterm)
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:

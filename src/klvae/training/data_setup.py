@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from klvae.datasources import resolve_spec
-from klvae.distributed import DistInfo, usable_workers
+from klvae.distributed import DistInfo, quiet_on_sigterm, usable_workers
 from klvae.errors import KlvaeError
 from klvae.training.config import TrainConfig
 from klvae.training.data import (
@@ -56,14 +56,15 @@ def build_train_loader(cfg: TrainConfig, dist: DistInfo, start_batch: int = 0,
         # nothing that the batches after it would miss.
         if isinstance(ds, WebDatasetShards):
             ds.seed = cfg.train.seed
-        loader = DataLoader(ds, batch_size=d.batch_size, num_workers=workers, collate_fn=collate_skip_none)
+        loader = DataLoader(ds, batch_size=d.batch_size, num_workers=workers, collate_fn=collate_skip_none,
+                            worker_init_fn=quiet_on_sigterm)
         return itertools.islice(_endless(loader, f"{d.train} (rank {dist.rank} of {dist.world})"), start_batch, None)
     _check_one_global_batch(ds, d.batch_size, dist.world, d.train)
     if start_at is not None:
         start_batch = start_at(len(ds))
     sampler = GlobalBatchSampler(len(ds), d.batch_size, dist.rank, dist.world, cfg.train.seed, start_batch)
     loader = DataLoader(SeededItems(ds, cfg.train.seed), batch_sampler=sampler, num_workers=workers,
-                        collate_fn=collate_skip_none, persistent_workers=workers > 0)
+                        collate_fn=collate_skip_none, persistent_workers=workers > 0, worker_init_fn=quiet_on_sigterm)
     return _mark_epochs(iter(loader), start_batch, sampler.per_epoch)
 
 

@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
-from klvae.atomic import atomic_write_text
+from klvae.atomic import append_text, atomic_write_text, signals_held
 from klvae.distributed import DistInfo, all_ranks_each, all_sum
 from klvae.errors import KlvaeError
 from klvae.progress import progress_bar
-from klvae.training.checkpoint import latest_checkpoint, signals_held
+from klvae.training.checkpoint import latest_checkpoint
 from klvae.training.data_setup import build_train_loader, build_val_batches
 from klvae.training.trainer import Trainer
 from klvae.training.validate import validate
@@ -49,8 +49,7 @@ class RunLog:
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(f"{prefix}/{k}", v, step)
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, "split": prefix, **scalars}) + "\n")
+        append_text(self.path, json.dumps({"step": step, "split": prefix, **scalars}) + "\n")
 
     def close(self) -> None:
         """Flush and close TensorBoard."""
