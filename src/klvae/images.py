@@ -198,10 +198,18 @@ def image_size(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> tuple[i
 
 
 def _orientation(img: Image.Image) -> int:
-    # A PNG may keep its EXIF after the pixels, and Pillow decodes them all to find it; such a rare rotated PNG's
-    # size is learnt only once it is loaded.
+    # A PNG may keep its EXIF after the pixels, where Pillow finds it only by decoding them all: its chunks'
+    # headers are walked instead, so the size is the one load_image gives.
     if img.format == "PNG" and "exif" not in img.info:
-        return 1
+        late = _late_png_exif(img.fp) if img.fp is not None else None
+        if late is None:
+            return 1
+        exif = Image.Exif()
+        try:
+            exif.load(late)
+            return int(exif.get(ExifTags.Base.Orientation, 1))
+        except Exception:  # a broken EXIF block: _decode leaves such an image as it is
+            return 1
     # Pillow turns a TIFF by its orientation tag itself, on load, and from Pillow 11 already reports the turned
     # size on open (its header's ImageWidth/ImageLength are the stored ones): that size needs no second turn.
     if isinstance(img, TiffImagePlugin.TiffImageFile) and img.size != (img.tag_v2.get(256), img.tag_v2.get(257)):
@@ -210,6 +218,30 @@ def _orientation(img: Image.Image) -> int:
         return int(img.getexif().get(ExifTags.Base.Orientation, 1))
     except Exception:  # a broken EXIF block: _decode leaves such an image as it is
         return 1
+
+
+def _late_png_exif(f: Any) -> bytes | None:
+    """The eXIf chunk's data of an open PNG, read by skipping from chunk header to chunk header; the file's
+    position is kept."""
+    try:
+        start = f.tell()
+    except (AttributeError, OSError):
+        return None
+    try:
+        f.seek(8)  # past the signature
+        while len(head := f.read(8)) == 8:
+            length, kind = int.from_bytes(head[:4], "big"), head[4:]
+            if kind == b"eXIf":
+                data = f.read(length)
+                return b"Exif\x00\x00" + data if len(data) == length else None
+            if kind == b"IEND":
+                return None
+            f.seek(length + 4, os.SEEK_CUR)  # the data and its CRC
+        return None
+    except (OSError, ValueError):
+        return None
+    finally:
+        f.seek(start)
 
 
 def check_regular_file(path: Path, st: os.stat_result | None = None) -> None:

@@ -104,7 +104,9 @@ def _tensors(path: Path, kind: str) -> dict[str, Any]:
                 return {"array": loaded}
             with loaded:  # an .npz archive, open until closed
                 return {k: loaded[k] for k in loaded.files}
-        with path.open("rb") as f:  # a handle: torch.load would judge a path by its suffix, not its content
+        # A handle: torch.load would judge a path by its suffix, not its content. Sparse tensors' indices are
+        # checked as they load: out of their shape, densifying them would write outside the dense tensor.
+        with path.open("rb") as f, torch.sparse.check_sparse_tensor_invariants():
             obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling, zip and numpy errors have many types; all mean "not a tensor file"
         raise LatentsError(f"{path} cannot be read as a {kind} file: {load_failure(e)}") from None

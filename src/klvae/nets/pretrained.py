@@ -93,7 +93,8 @@ def torch_state_dict(path: Path) -> dict[str, Any]:
     if path.stat().st_size == 0:
         raise ValueError("is empty")
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.sparse.check_sparse_tensor_invariants():  # sparse indices out of their shape: refused
+            sd = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as e:  # the disk's failure (permissions, I/O), not the file's content
         raise ValueError(f"cannot be read: {load_failure(e)}") from None
     except Exception as e:  # unpickling and zip errors have many types; all mean "not a weights file"

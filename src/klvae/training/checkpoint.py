@@ -141,6 +141,11 @@ _OPTIONAL_MAPPINGS = ("ema", "opt_d")
 
 
 def _torch_load(path: Path, f: Any, mmap: bool) -> Any:
+    with torch.sparse.check_sparse_tensor_invariants():  # a sparse tensor's indices out of its shape: refused
+        return _torch_load_checked(path, f, mmap)
+
+
+def _torch_load_checked(path: Path, f: Any, mmap: bool) -> Any:
     if mmap:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -127,7 +127,8 @@ def _inert_training_metadata() -> Iterator[None]:
 
 
 def _torch_load(path: Path) -> Any:
-    with warnings.catch_warnings(), _inert_training_metadata():
+    # Sparse tensors' indices are checked as they load (out of their shape, reading them writes out of bounds).
+    with warnings.catch_warnings(), _inert_training_metadata(), torch.sparse.check_sparse_tensor_invariants():
         # torch warns (two lines) about a raw protocol-4 pickle just before weights_only refuses it anyway.
         warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
         if str(path).endswith(".safetensors"):
