@@ -201,7 +201,7 @@ def _orientation(img: Image.Image) -> int:
     # A PNG may keep its EXIF after the pixels, where Pillow finds it only by decoding them all: its chunks'
     # headers are walked instead, so the size is the one load_image gives.
     if img.format == "PNG" and "exif" not in img.info:
-        late = _late_png_exif(img.fp) if img.fp is not None else None
+        late = _late_png_exif(getattr(img, "fp", None))
         if late is None:
             return 1
         exif = Image.Exif()
@@ -225,7 +225,7 @@ def _late_png_exif(f: Any) -> bytes | None:
     position is kept."""
     try:
         start = f.tell()
-    except (AttributeError, OSError):
+    except (AttributeError, OSError):  # None (no file kept open), or a stream that cannot seek
         return None
     try:
         f.seek(8)  # past the signature
