@@ -191,3 +191,96 @@ def test_save_latents_refuses_what_load_latents_would_refuse_and_writes_nothing(
     with pytest.raises((KlvaeError, ValueError)):
         save_latents(lf, path)
     assert not path.exists()
+
+
+# -- klvae.weights: saving (a second hunt) ------------------------------------------------------------------------
+
+def _file_keys(path: Path) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return set(f.keys())
+
+
+def test_save_pretrained_over_a_sharded_folder_is_what_diffusers_then_loads(tmp_path: Path) -> None:
+    # diffusers prefers the shard index it leaves behind, so it silently loads the OLD sharded weights back.
+    import diffusers
+
+    old = klvae.AutoencoderKL("tiny-f8").eval()
+    old.save_pretrained(tmp_path / "plain")
+    theirs = diffusers.AutoencoderKL.from_pretrained(tmp_path / "plain", low_cpu_mem_usage=False)
+    theirs.save_pretrained(tmp_path / "vae", max_shard_size="1MB")  # diffusers' sharded layout
+    assert (tmp_path / "vae" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    torch.manual_seed(1)
+    new = klvae.AutoencoderKL("tiny-f8").eval()
+    new.save_pretrained(tmp_path / "vae")  # replaces the model in the folder
+    back = diffusers.AutoencoderKL.from_pretrained(tmp_path / "vae", low_cpu_mem_usage=False)
+    got, want = back.state_dict(), new.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want), "diffusers reads the superseded sharded weights"
+
+
+def test_save_pretrained_and_export_ldm_of_a_compiled_model_write_plain_keys(tmp_path: Path) -> None:
+    # Both files hold '_orig_mod.'-prefixed keys: diffusers loads random weights (a warning), from_single_file fails.
+    from klvae.weights import export_ldm, save_pretrained
+
+    vae = klvae.AutoencoderKL("tiny-f8").eval()
+    save_pretrained(vae, tmp_path / "plain")
+    export_ldm(vae, tmp_path / "plain.safetensors")
+    compiled = torch.compile(vae)  # never called: nothing compiles
+    save_pretrained(compiled, tmp_path / "compiled")  # type: ignore[arg-type]
+    export_ldm(compiled, tmp_path / "compiled.safetensors")  # type: ignore[arg-type]
+    name = "diffusion_pytorch_model.safetensors"
+    assert _file_keys(tmp_path / "compiled" / name) == _file_keys(tmp_path / "plain" / name)
+    assert _file_keys(tmp_path / "compiled.safetensors") == _file_keys(tmp_path / "plain.safetensors")
+
+
+def test_weights_save_pretrained_of_the_diffusers_wrapper_saves_it_or_names_the_model(
+        vae: klvae.AutoencoderKL, tmp_path: Path) -> None:
+    # klvae.weights.save_pretrained(as_diffusers(vae), d) is AttributeError "the config has no 'attention'".
+    from klvae.weights import save_pretrained
+
+    try:
+        save_pretrained(as_diffusers(vae), tmp_path / "out")
+    except CLEAR as e:
+        assert "AutoencoderKL" in str(e) or "klvae_model" in str(e), str(e)
+        return
+    back = klvae.AutoencoderKL.from_pretrained(tmp_path / "out")
+    assert back.config == vae.config
+
+
+# -- klvae.latents.build_cache (a second hunt) ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["fp8", torch.int32])
+def test_build_cache_names_a_bad_dtype_in_an_option_error(vae: klvae.AutoencoderKL, tmp_path: Path,
+                                                          dtype: object) -> None:
+    # README: "a bad value ... is a klvae.latents.OptionError naming the keyword"; dtype= gives a plain KlvaeError
+    # ("unknown dtype 'fp8'") or a TypeError (torch.int32), which `except OptionError` does not catch.
+    from PIL import Image
+
+    from klvae.latents import OptionError, build_cache
+
+    data = tmp_path / "photos"
+    data.mkdir()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(data / "a.png")
+    with pytest.raises(OptionError, match="dtype"):
+        build_cache(vae, data, tmp_path / "latents", resolution=16, num_workers=0, dtype=dtype)  # type: ignore[arg-type]
+    assert not (tmp_path / "latents").exists()
+
+
+# -- klvae.inference: the compute dtype (a second hunt) -------------------------------------------------------------
+
+def test_inference_computes_in_the_half_dtype_asked_for_or_refuses_it() -> None:
+    # Weights stored in bf16, dtype=torch.float16 asked: the pass silently runs in bf16 (its result, bit for bit),
+    # though the docstring says `dtype` is the compute dtype (fp32 asked of half weights is honoured).
+    torch.manual_seed(0)
+    fp16_values = klvae.AutoencoderKL("tiny-f8").eval().to(torch.bfloat16)
+    stored_fp16 = klvae.AutoencoderKL("tiny-f8").eval()
+    stored_fp16.load_state_dict(fp16_values.state_dict())
+    stored_fp16.to(torch.float16)  # the same values (bf16 ones fit fp16 here), stored as fp16
+    z = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(2))
+    try:
+        got = inference.decode(fp16_values, z, torch.float16)
+    except CLEAR as e:
+        assert "dtype" in str(e) or "float16" in str(e), str(e)
+        return
+    assert torch.equal(got, inference.decode(stored_fp16, z, torch.float16)), "computed in bf16, not fp16"

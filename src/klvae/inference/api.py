@@ -33,9 +33,10 @@ def encode_moments(
 ) -> Tensor:
     """Images [B, C, H, W] in [-1, 1], any H and W -> fp32 moments over the padded size's latent grid.
 
-    `dtype` is the compute dtype (default: the weights' dtype); a half-precision pass that overflows is rerun in
-    fp32. The moments are on the model's device, unless a tiled result alone would exceed the memory budget:
-    then it stays in host memory (`tiling.deliver`).
+    `dtype` is the compute dtype (default: the weights' dtype; weights stored in half precision take theirs or
+    fp32, not the other half type); a half-precision pass that overflows is rerun in fp32. The moments are on the
+    model's device, unless a tiled result alone would exceed the memory budget: then it stays in host memory
+    (`tiling.deliver`).
     """
     check_arguments(vae, tiling)
     check_images(vae, x)

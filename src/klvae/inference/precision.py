@@ -122,6 +122,11 @@ def compute_dtype(model: nn.Module, dtype: torch.dtype | None) -> torch.dtype:
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16 (or the weights' own "
                         f"{stored}), got {dtype!r}")
+    if dtype in HALF_DTYPES and stored in HALF_DTYPES:
+        # Weights stored in half precision compute in it (autocast would mix the two types); the other half type
+        # would be a silent no-op, while fp32 is honoured with a temporary upcast.
+        raise ValueError(f"dtype {dtype} asked of weights stored in {stored}: compute in {stored} (dtype=None) or "
+                         f"torch.float32, or cast the model to {dtype} first")
     return dtype
 
 

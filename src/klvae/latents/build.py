@@ -21,7 +21,7 @@ import torch
 from klvae.atomic import folder_lock, held_by_another, make_folders, remove_made_folders
 from klvae.distributed import DistInfo, all_ranks, all_sum, barrier
 from klvae.errors import KlvaeError, OptionError, quote
-from klvae.inference.precision import resolve_dtype
+from klvae.inference.precision import compute_dtype, resolve_dtype
 from klvae.latents import cache
 from klvae.latents.options import CacheOptions, check_seed
 from klvae.latents.sources import ItemSource, open_source
@@ -66,6 +66,15 @@ class CacheSummary:
         return f"cached {self.rows} rows in {self.root} ({'; '.join(parts)})"
 
 
+def _compute_dtype(vae: AutoencoderKL, dtype: str | torch.dtype | None) -> torch.dtype:
+    """The dtype the cache computes in; an OptionError naming `dtype` before any folder is touched."""
+    try:
+        return compute_dtype(vae, resolve_dtype(dtype, vae.device))
+    except (KlvaeError, TypeError):
+        raise OptionError(lambda n: f"{n('dtype')} must be auto, fp32, bf16 or fp16 (or torch.float32, torch.bfloat16, "
+                          f"torch.float16), got {quote(dtype)}") from None
+
+
 def build_cache(vae: AutoencoderKL, data: str | os.PathLike[str] | ItemSource, out: str | os.PathLike[str], *,
                 resolution: int = 512, buckets: bool = False, flip: bool = False, store: str = "moments",
                 shard_size: int = 256, batch_size: int = 4, num_workers: int = 2, seed: int = 0,
@@ -88,7 +97,7 @@ def build_cache(vae: AutoencoderKL, data: str | os.PathLike[str] | ItemSource, o
     opts = _options({"resolution": resolution, "buckets": buckets, "flip": flip, "store": store,
                      "shard_size": shard_size, "batch_size": batch_size, "num_workers": num_workers, "seed": seed})
     _check_args(vae, data, model_name)
-    compute = resolve_dtype(dtype, vae.device)
+    compute = _compute_dtype(vae, dtype)
     dist = dist or _process_group()
     root = _check_out(Path(out), data)
     source = data if isinstance(data, ItemSource) else open_source(os.fspath(data))

@@ -284,6 +284,16 @@ _MAX_INDEX_BYTES = 16 * 2**20
 def shard_files(index: Path) -> list[Path]:
     """The shard files a sharded-weights index names, each checked to be there; WeightsError naming the first that
     is not (an interrupted download or copy), or an index that is no such file."""
+    names = shard_names(index)
+    if missing := next((n for n in names if not (index.parent / n).is_file()), None):
+        raise WeightsError(f"{index.parent / missing}, a shard that {index.name} names, is missing (an "
+                           f"interrupted download or copy?)")
+    return [index.parent / n for n in names]
+
+
+def shard_names(index: Path) -> list[str]:
+    """The file names (in the index's folder) that a sharded-weights index names; WeightsError for an index that
+    is no such file."""
     try:
         # A real index is kilobytes (the _MAX_INDEX_BYTES check keeps a huge file from being read whole).
         weight_map = (json.loads(index.read_text()).get("weight_map") if index.stat().st_size <= _MAX_INDEX_BYTES
@@ -293,10 +303,7 @@ def shard_files(index: Path) -> list[Path]:
     names = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
     if not names or not all(isinstance(n, str) and n and Path(n).name == n for n in names):
         raise WeightsError(f"{index} is not an index of sharded weights (a weight_map of file names)")
-    if missing := next((n for n in names if not (index.parent / n).is_file()), None):
-        raise WeightsError(f"{index.parent / missing}, a shard that {index.name} names, is missing (an "
-                           f"interrupted download or copy?)")
-    return [index.parent / n for n in names]
+    return names
 
 
 def _read_shards(index: Path) -> RawWeights:

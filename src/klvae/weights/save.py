@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -10,13 +11,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from klvae.atomic import atomic_write, atomic_write_all
+from klvae.atomic import atomic_write, atomic_write_all, signals_held
 from klvae.errors import WeightsError
 from klvae.model.config import AutoencoderKLConfig
 from klvae.weights.convert import diffusers_to_ldm
 from klvae.weights.diffusers_config import config_to_diffusers
 from klvae.weights.latent_bn import latent_bn_tensors
-from klvae.weights.read import CONFIG_METADATA, SAFETENSORS_SUFFIXES
+from klvae.weights.read import CONFIG_METADATA, SAFETENSORS_SUFFIXES, SHARD_INDEX_SUFFIXES, shard_names
 
 log = logging.getLogger(__name__)
 
@@ -48,24 +49,48 @@ def _pickle_writer(tensors: dict[str, Tensor]) -> Callable[[Path], None]:
     return write
 
 
+def _model_and_config(model: nn.Module, missing: str) -> tuple[nn.Module, AutoencoderKLConfig]:
+    """The klvae model inside `model` (torch.compile's wrapper, the diffusers-compatible one) and its config; a
+    WeightsError `missing` (after the model's class name) when there is none."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's keys would all start with "_orig_mod."
+    model = getattr(model, "klvae_model", model)  # klvae.compat's DiffusersVAE
+    config = getattr(model, "config", None)
+    if not isinstance(config, AutoencoderKLConfig):
+        raise WeightsError(f"{type(model).__name__} {missing}")
+    return model, config
+
+
+def _stale_files(directory: Path, written: str) -> list[str]:
+    """The weights that loaders could prefer to the file just written: the other format's file, and any sharded
+    weights (their index first, so that no loader follows an index to removed shards)."""
+    stale = [PICKLE_WEIGHTS if written == SAFE_WEIGHTS else SAFE_WEIGHTS]
+    for suffix in SHARD_INDEX_SUFFIXES:
+        index = directory / f"diffusion_pytorch_model{suffix}"
+        if index.is_file():
+            stale.append(index.name)
+            with contextlib.suppress(WeightsError):  # an unreadable index: the index alone goes
+                stale += shard_names(index)
+    return [n for n in dict.fromkeys(stale) if n not in (written, "config.json")]
+
+
 def save_pretrained(model: nn.Module, directory: str | Path, safe_serialization: bool = True) -> Path:
     """Write config.json + diffusion_pytorch_model.safetensors (or .bin) into `directory`; returns it.
 
-    Both files are renamed into place only once both are written, and the other format's weights file is
-    removed: a loader that prefers .safetensors would otherwise read the old weights beside a new .bin.
+    Both files are renamed into place only once both are written, and older weights there are removed (the other
+    format's file, sharded weights and their index): a loader that prefers them would otherwise read old weights.
     """
-    config = getattr(model, "config", None)
-    if config is None:
-        raise WeightsError(f"{type(model).__name__} has no config to save")
+    model, config = _model_and_config(model, "has no config to save")
     d = config_to_diffusers(config)  # raises before anything is written when diffusers cannot express it
     directory = Path(directory)
     tensors = _tensors(model, config)
-    name, stale = (SAFE_WEIGHTS, PICKLE_WEIGHTS) if safe_serialization else (PICKLE_WEIGHTS, SAFE_WEIGHTS)
+    name = SAFE_WEIGHTS if safe_serialization else PICKLE_WEIGHTS
     write_weights = _safetensors_writer(tensors, config) if safe_serialization else _pickle_writer(tensors)
     text = json.dumps(d, indent=2, sort_keys=True) + "\n"
-    atomic_write_all([(directory / name, write_weights),
-                      (directory / "config.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))])
-    (directory / stale).unlink(missing_ok=True)
+    with signals_held():  # an interrupt waits until the new files are in and the old ones gone
+        atomic_write_all([(directory / name, write_weights),
+                          (directory / "config.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))])
+        for stale in _stale_files(directory, name):
+            (directory / stale).unlink(missing_ok=True)
     log.debug("saved %s", directory)
     return directory
 
@@ -79,9 +104,7 @@ def export_ldm(model: nn.Module, path: str | Path) -> Path:
     path = Path(path)
     if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
         raise WeightsError(f"export_ldm writes .safetensors, not {path.name}")
-    config = getattr(model, "config", None)
-    if not isinstance(config, AutoencoderKLConfig):
-        raise WeightsError(f"{type(model).__name__} has no AutoencoderKLConfig to export with")
+    model, config = _model_and_config(model, "has no AutoencoderKLConfig to export with")
     tensors = diffusers_to_ldm(_tensors(model, config))
     atomic_write(path, _safetensors_writer(tensors, config))
     log.debug("exported LDM-layout weights to %s", path)
