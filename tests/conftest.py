@@ -43,6 +43,14 @@ def _klvae_logger_as_before() -> Iterator[None]:
     _reset_klvae_logger()
 
 
+@pytest.fixture(autouse=True)
+def _rerun_warnings_unsaid() -> None:
+    """The fp32 rerun's warning comes once per process; each test starts as a fresh process would."""
+    from klvae.inference import precision
+
+    precision._rerun_warned.clear()
+
+
 _KLVAE_LOGGER = logging.getLogger("klvae")
 _KLVAE_LOGGER_START = (_KLVAE_LOGGER.level, list(_KLVAE_LOGGER.handlers))
 

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from klvae.errors import KlvaeError, WeightsError
 from klvae.inference.api import check_float
-from klvae.inference.precision import run_guarded, warn_if_slow
+from klvae.inference.precision import pass_modules, run_guarded, warn_if_slow
 from klvae.inference.tiling import TileOptions, make_streamer, run_maybe_tiled, tiled_decode, tiled_encode_moments
 from klvae.model.autoencoder import AutoencoderKL, check_batch
 from klvae.model.config import AutoencoderKLConfig
@@ -366,9 +366,7 @@ class DiffusersVAE(nn.Module):
 
     def _part(self, op: str) -> nn.Module:
         """The modules an encode or a decode runs (their weights' dtype and device are the pass's)."""
-        vae = self._klvae
-        convs = [vae.encoder, vae.quant_conv] if op == "encode" else [vae.post_quant_conv, vae.decoder]
-        return nn.ModuleList(m for m in convs if m is not None)
+        return pass_modules(self._klvae, op)
 
     def train(self, mode: bool = True) -> DiffusersVAE:
         """Training or eval mode, for the klvae model too (unregistered here, its modules are this wrapper's)."""

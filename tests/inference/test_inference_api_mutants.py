@@ -101,16 +101,21 @@ def test_double_precision_images_and_latents_are_taken_in_the_models_dtype() -> 
 def test_encode_passes_its_dtype_and_tiling_on(monkeypatch: pytest.MonkeyPatch) -> None:
     vae = perturbed_vae("tiny")
     x = torch.rand(1, 3, 8, 8) * 2 - 1
-    seen: list[tuple[torch.dtype, bool]] = []
-    real = precision.run_guarded
+    seen: list[tuple[torch.dtype, str]] = []
+    real, real_tiled = precision.run_guarded, inference.api.tiled_encode_moments
 
     def spy(model: torch.nn.Module, fn: object, t: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
-        seen.append((dtype, what.startswith("tiled")))
+        seen.append((dtype, what))
         return real(model, fn, t, dtype, what)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(inference.api, "run_guarded", spy)
+    def tiled_spy(*args: object) -> torch.Tensor:
+        seen.append((torch.float64, "tiled"))
+        return real_tiled(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(inference.tiling, "run_guarded", spy)
+    monkeypatch.setattr(inference.api, "tiled_encode_moments", tiled_spy)
     post = inference.encode(vae, x, torch.bfloat16, TileOptions(tile_size=4))
-    assert seen == [(torch.bfloat16, True)]
+    assert seen == [(torch.bfloat16, "encode"), (torch.float64, "tiled")]
     assert post.mean.dtype == torch.float32
 
 
@@ -202,8 +207,15 @@ def test_the_rerun_warning_names_the_dtype_that_overflowed(caplog: pytest.LogCap
         out = precision.run_guarded(vae, fn, x, torch.bfloat16, "decode")
     assert calls == [torch.bfloat16, torch.float32] and torch.equal(out, x)
     assert [r.getMessage() for r in caplog.records] == [
-        "decode produced non-finite values in bfloat16; rerunning this step in fp32"
+        "decode produced non-finite values in bfloat16; rerunning this step in fp32 (said once; later reruns of "
+        "this kind are logged at debug level)"
     ]
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="klvae"):
+        precision.run_guarded(vae, fn, x, torch.bfloat16, "decode")
+        precision.run_guarded(vae, fn, x, torch.bfloat16, "encode")  # another kind: said once too
+    assert [(r.levelno, r.getMessage()[:6]) for r in caplog.records if "rerunning" in r.getMessage()] == [
+        (logging.DEBUG, "decode"), (logging.WARNING, "encode")]
 
 
 # ---------------------------------------------------------------- speed levers

@@ -71,18 +71,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if fmt == "ldm":
         export_ldm(vae, out)
     else:
-        _check_diffusers_can_hold(vae)
+        check_diffusers_can_hold(vae, "write it as one LDM-layout file instead, -o NAME.safetensors (or --to ldm)")
         vae.save_pretrained(out)
     n = vae.num_parameters()["total"]
     print(f"wrote {out} ({fmt} layout, {args.dtype} weights, {n:,} parameters)")
     return 0
 
 
-def _check_diffusers_can_hold(vae: AutoencoderKL) -> None:
+def check_diffusers_can_hold(vae: AutoencoderKL, fix: str) -> None:
+    """KlvaeError, ending in `fix`, when a diffusers folder cannot hold this model (before any work is done)."""
     from klvae.weights.diffusers_config import LDM_HINT, config_to_diffusers
 
     try:
         config_to_diffusers(vae.config)
     except WeightsError as e:
-        raise KlvaeError(f"{str(e).removesuffix(LDM_HINT)}: write it as one LDM-layout file instead, -o "
-                         "NAME.safetensors (or --to ldm)") from None
+        raise KlvaeError(f"{str(e).removesuffix(LDM_HINT)}: {fix}") from None

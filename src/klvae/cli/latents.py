@@ -19,6 +19,7 @@ from klvae.cli.common import (
     check_seed,
     load_model,
 )
+from klvae.cli.convert import check_diffusers_can_hold
 from klvae.errors import KlvaeError, flag_errors
 from klvae.model.autoencoder import AutoencoderKL
 from klvae.model.latent_norm import LatentNorm
@@ -156,6 +157,9 @@ def cmd_scale(args: argparse.Namespace) -> int:
     as_read: dict[str, torch.Tensor] = {}
     vae, _, dtype = load_model(args, before_cast=(lambda v: as_read.update(
         (k, t.detach().to("cpu", copy=True)) for k, t in v.state_dict().items())) if args.save else None)
+    if args.save:  # --save writes a diffusers folder: what it cannot hold is said before the images are encoded
+        check_diffusers_can_hold(vae, "--save writes a diffusers folder; run without --save for the factors, then "
+                                 "write the model with them from Python (klvae.weights.export_ldm)")
     if args.save and not args.per_channel and vae.config.latent_patch_size > 1:
         # Its formats (diffusers' AutoencoderKLFlux2, BFL's) hold a latent BatchNorm and no factors.
         raise KlvaeError("a model with latent patches (FLUX.2) keeps per-channel statistics only: "

@@ -10,6 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from klvae import inference
+from klvae.cli.codec import check_finite
 from klvae.cli.common import add_model_args, add_overwrite_arg, check_new_file, check_seed, load_model
 from klvae.errors import KlvaeError
 from klvae.images import (
@@ -89,7 +90,9 @@ def cmd_noise(args: argparse.Namespace) -> int:
                          f"{MAX_PIXELS:,}: show fewer --steps, or noise a smaller image")
     vae, _, dtype = load_model(args)
     family = _flow_family(vae.config) if shift == "auto" else None  # before the work, not after it
-    z0 = vae.scale_latents(inference.encode(vae, x, dtype).mode())
+    z0 = inference.encode(vae, x, dtype).mode()
+    check_finite(z0, "latents", args.image)  # else a sheet of noise over NaN, as if the model were fine
+    z0 = vae.scale_latents(z0)
     noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(args.seed)).to(z0.device)
     if flow:
         assert shift is not None  # _check_shift gives a flow schedule its shift
@@ -101,6 +104,8 @@ def cmd_noise(args: argparse.Namespace) -> int:
     # --batch-size noised latents per decoder pass
     images = [inference.decode(vae, vae.unscale_latents(chunk), dtype, size=tuple(x.shape[-2:])).cpu()
               for chunk in zts.split(args.batch_size or 1)]
+    for img, t in zip(torch.cat(images), args.steps, strict=True):
+        check_finite(img, "pixels", f"{args.image} noised to t={t}")  # unclamped inf would pass for white
     tiles = [(label, tensor_to_pil(img)) for label, img in zip(labels, torch.cat(images), strict=True)]
     save_image_atomic(_sheet(tiles), args.output)
     print(f"wrote {args.output}: t = {', '.join(str(t) for t in args.steps)} ({what})")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from klvae.errors import ImageError, KlvaeError, LatentsError, quote
-from klvae.inference.precision import compute_dtype, run_guarded
+from klvae.inference.precision import compute_dtype, pass_modules
 from klvae.inference.tiling import TileOptions, make_streamer, run_maybe_tiled, tiled_decode, tiled_encode_moments
 from klvae.model.autoencoder import AutoencoderKL
 from klvae.posterior import DiagonalGaussian
@@ -40,7 +40,8 @@ def encode_moments(
     """
     check_arguments(vae, tiling)
     check_images(vae, x)
-    dtype = compute_dtype(vae, dtype)
+    part = pass_modules(vae, "encode")
+    dtype = compute_dtype(part, dtype)
     # The image stays where it is until a path takes it: the tiled one reads it strip by strip, so a big image
     # in host memory never has to fit on the GPU whole.
     x = pad_for(vae, x)
@@ -48,12 +49,8 @@ def encode_moments(
     def tiled(t: Tensor, dt: torch.dtype) -> Tensor:
         return tiled_encode_moments(vae, t, make_streamer(vae, tiling or TileOptions(), dt, t.shape[2]))
 
-    return run_maybe_tiled(
-        vae, "encode", x, dtype,
-        plain=lambda t, dt: run_guarded(vae, lambda u, _: vae.encode_moments(u.to(vae.device)), t, dt, "encode"),
-        tiled=lambda t, dt: run_guarded(vae, tiled, t, dt, "tiled encode"),
-        opts=tiling,
-    )
+    return run_maybe_tiled(vae, "encode", x, dtype, plain=lambda t, _: vae.encode_moments(t.to(vae.device)),
+                           tiled=tiled, opts=tiling, guard=part)
 
 
 def encode(
@@ -75,19 +72,16 @@ def decode(
     device as in encode_moments. A model that yields inf or NaN returns them unclamped."""
     check_arguments(vae, tiling)
     check_latents(vae, z)
-    dtype = compute_dtype(vae, dtype)
+    part = pass_modules(vae, "decode")
+    dtype = compute_dtype(part, dtype)
     z = z.to(vae.device)
 
     def tiled(t: Tensor, dt: torch.dtype) -> Tensor:
         st = make_streamer(vae, tiling or TileOptions(), dt, t.shape[2] * vae.downsample_factor)
         return tiled_decode(vae, t, st)
 
-    out = run_maybe_tiled(
-        vae, "decode", z, dtype,
-        plain=lambda t, dt: run_guarded(vae, lambda u, _: vae.decode(u), t, dt, "decode"),
-        tiled=lambda t, dt: run_guarded(vae, tiled, t, dt, "tiled decode"),
-        opts=tiling,
-    )
+    out = run_maybe_tiled(vae, "decode", z, dtype, plain=lambda t, _: vae.decode(t), tiled=tiled, opts=tiling,
+                          guard=part)
     # Clamped, an infinite pixel (a broken model's) would pass for white or black: only a finite output is
     # clamped, so that the caller's check (the CLI's, or isfinite) still sees the failure. See check_images.
     if torch.isfinite(out.sum(dtype=torch.float64)):

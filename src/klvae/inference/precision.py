@@ -113,6 +113,13 @@ def _run_fp32(model: nn.Module, fn: Callable[[Tensor, torch.dtype], Tensor], x: 
         return fn(x.float(), torch.float32).float()
 
 
+def pass_modules(vae: nn.Module, op: str) -> nn.Module:
+    """The modules an encode or a decode runs, whose weights' dtype and device are the pass's: a pipeline may keep
+    the encoder in another dtype, or place, than the decoder."""
+    names = ("encoder", "quant_conv") if op == "encode" else ("post_quant_conv", "decoder")
+    return nn.ModuleList(m for m in (getattr(vae, n, None) for n in names) if m is not None)
+
+
 def compute_dtype(model: nn.Module, dtype: torch.dtype | None) -> torch.dtype:
     """The dtype a pass computes in: the one asked for, else the dtype the model's weights are stored in."""
     stored = next(model.parameters()).dtype
@@ -170,5 +177,14 @@ def run_guarded(
         return out.float()  # finite, or nothing higher to fall back to (the caller checks the output)
     if not bool(torch.isfinite(x).all()):
         return out.float()  # NaN in, NaN out, as diffusers gives (klvae's API refuses such input before the pass)
-    log.warning("%s produced non-finite values in %s; rerunning this step in fp32", what, str(dtype).split(".")[-1])
+    half = str(dtype).split(".")[-1]
+    # Once per process at WARNING, as the other precision notes: a job of many batches would repeat it per batch.
+    said = (what, half) in _rerun_warned
+    _rerun_warned.add((what, half))
+    log.log(logging.DEBUG if said else logging.WARNING, "%s produced non-finite values in %s; rerunning this step in "
+            "fp32%s", what, half, "" if said else " (said once; later reruns of this kind are logged at debug level)")
     return _run_fp32(model, fn, x)
+
+
+# (what, dtype) pairs whose fp32 rerun was already announced at WARNING in this process.
+_rerun_warned: set[tuple[str, str]] = set()

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from typing import cast
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from klvae.checks import is_integer
 from klvae.errors import KlvaeError, quote
+from klvae.inference.precision import run_guarded
 from klvae.inference.streaming import Map, Streamer
 from klvae.model.autoencoder import AutoencoderKL
 
@@ -170,9 +171,28 @@ def run_maybe_tiled(
     plain: Callable[[Tensor, torch.dtype], Tensor],
     tiled: Callable[[Tensor, torch.dtype], Tensor],
     opts: TileOptions | None,
+    guard: nn.Module | None = None,
 ) -> Tensor:
-    """Run `plain`, or `tiled` when asked, when over the budget, or after the GPU runs out of memory."""
-    opts = opts or TileOptions()
+    """Run `plain`, or `tiled` when asked, when over the budget, or after the GPU runs out of memory. With `guard`
+    (the modules the pass runs: precision.pass_modules), the choice runs under run_guarded, so that the fp32 rerun
+    of a half pass that overflowed is tiled when fp32's memory needs it, though the half pass was not."""
+    options = opts or TileOptions()
+
+    def choose(t: Tensor, dt: torch.dtype) -> Tensor:
+        return _plain_or_tiled(vae, op, t, dt, plain, tiled, options)
+
+    return choose(x, dtype) if guard is None else run_guarded(guard, choose, x, dtype, op)
+
+
+def _plain_or_tiled(
+    vae: AutoencoderKL,
+    op: str,
+    x: Tensor,
+    dtype: torch.dtype,
+    plain: Callable[[Tensor, torch.dtype], Tensor],
+    tiled: Callable[[Tensor, torch.dtype], Tensor],
+    opts: TileOptions,
+) -> Tensor:
     if opts.enabled is False:
         return plain(x, dtype)
     out_shape = (x.shape[0], 3, x.shape[2] * (vae.downsample_factor if op == "decode" else 1),

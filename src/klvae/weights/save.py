@@ -17,7 +17,7 @@ from klvae.model.config import AutoencoderKLConfig
 from klvae.weights.convert import diffusers_to_ldm
 from klvae.weights.diffusers_config import config_to_diffusers
 from klvae.weights.latent_bn import latent_bn_tensors
-from klvae.weights.read import CONFIG_METADATA, SAFETENSORS_SUFFIXES, SHARD_INDEX_SUFFIXES, shard_names
+from klvae.weights.read import CONFIG_METADATA, SAFETENSORS_SUFFIXES, shard_names
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +61,18 @@ def _model_and_config(model: nn.Module, missing: str) -> tuple[nn.Module, Autoen
 
 
 def _stale_files(directory: Path, written: str) -> list[str]:
-    """The weights that loaders could prefer to the file just written: the other format's file, and any sharded
-    weights (their index first, so that no loader follows an index to removed shards)."""
+    """The older weights that loaders could read in place of the file just written: the other format's file,
+    variants (`diffusion_pytorch_model.fp16.safetensors`, which diffusers reads given variant="fp16") and sharded
+    weights, each index before its shards, so that no loader follows an index to removed shards."""
     stale = [PICKLE_WEIGHTS if written == SAFE_WEIGHTS else SAFE_WEIGHTS]
-    for suffix in SHARD_INDEX_SUFFIXES:
-        index = directory / f"diffusion_pytorch_model{suffix}"
-        if index.is_file():
+    for kind in ("safetensors", "bin"):
+        # diffusers' names: diffusion_pytorch_model.safetensors.index.json, .safetensors.index.fp16.json
+        for index in sorted(directory.glob(f"diffusion_pytorch_model.{kind}.index*.json")):
             stale.append(index.name)
             with contextlib.suppress(WeightsError):  # an unreadable index: the index alone goes
                 stale += shard_names(index)
-    return [n for n in dict.fromkeys(stale) if n not in (written, "config.json")]
+        stale += sorted(p.name for p in directory.glob(f"diffusion_pytorch_model.*.{kind}"))
+    return [n for n in dict.fromkeys(stale) if n not in (written, "config.json") and (directory / n).is_file()]
 
 
 def save_pretrained(model: nn.Module, directory: str | Path, safe_serialization: bool = True) -> Path:
@@ -91,6 +93,7 @@ def save_pretrained(model: nn.Module, directory: str | Path, safe_serialization:
                           (directory / "config.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))])
         for stale in _stale_files(directory, name):
             (directory / stale).unlink(missing_ok=True)
+            log.info("removed %s: older weights that a loader could read in place of the new ones", directory / stale)
     log.debug("saved %s", directory)
     return directory
 
