@@ -153,13 +153,17 @@ def make_folders(folder: Path) -> list[Path]:
     return missing[::-1]
 
 
+def shown_bytes(text: str) -> str:
+    """`text` with the bytes a file name that is not valid UTF-8 smuggles in (lone surrogates U+DC80..U+DCFF, as
+    Python decodes them) written as the text \\xNN, as Python shows them: valid Unicode for any reader."""
+    return _SMUGGLED_BYTE.sub(lambda m: f"\\x{ord(m.group()) - 0xDC00:02x}", text)
+
+
 def text_writer(text: str) -> Callable[[Path], None]:
     """A writer for atomic_write/atomic_write_all that writes `text` as UTF-8, newlines as given."""
-    # A file name that is not valid UTF-8 reaches Python with its bad bytes as lone surrogates (U+DC80..U+DCFF);
-    # a report quoting it must not fail at its very end for that: such a byte is written as \xNN, like Python
-    # shows it, and any other lone surrogate as \uNNNN.
-    text = _SMUGGLED_BYTE.sub(lambda m: f"\\x{ord(m.group()) - 0xDC00:02x}", text)
-    data = text.encode("utf-8", errors="backslashreplace")
+    # A report quoting a file name that is not valid UTF-8 must not fail at its very end for that: its bytes are
+    # written as \xNN (shown_bytes), and any other lone surrogate as \uNNNN.
+    data = shown_bytes(text).encode("utf-8", errors="backslashreplace")
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:

@@ -39,3 +39,21 @@ def test_a_mapping_override_merges_into_the_files_section(tmp_path) -> None:
     assert (cfg.train.out_dir, cfg.train.max_steps, cfg.train.seed) == ("runs/mine", 7, 1)
     assert cfg.loss == {"preset": "mse", "kl_weight": 0.25}
     assert cfg.model.overrides == {"scaling_factor": 0.5}
+
+
+def test_a_resolution_under_lpips_minimum_is_refused_with_the_perceptual_term_only() -> None:
+    # The loss hunt's follow-up: LPIPS's VGG needs 16 px a side; below, the first step failed inside its pooling.
+    from klvae.errors import KlvaeError
+
+    tiny = ["data.train=x", "model.preset=tiny", "data.resolution=8", "loss.disc_weight=0"]
+    with pytest.raises(KlvaeError, match=r"^data.resolution 8 is too small for the LPIPS term"):
+        load_config(None, [*tiny, "loss.perceptual_weight=0.1"])
+    assert load_config(None, [*tiny, "loss.perceptual_weight=0"]).data.resolution == 8
+
+
+def test_explicit_lpips_files_are_no_random_vgg() -> None:
+    # The "random VGG" surprise fired though both files given are loaded whatever lpips_pretrained says.
+    both = [*BASE, "loss.disc_weight=0", "loss.lpips_pretrained=false", "loss.lpips_vgg_path=v.pth",
+            "loss.lpips_lin_path=l.pth"]
+    assert not [w for w in surprises(load_config(None, both)) if "random VGG" in w]
+    assert [w for w in surprises(load_config(None, both[:-1])) if "random VGG" in w]

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 from torch import Tensor
 
-from klvae.atomic import atomic_write_all, text_writer
+from klvae.atomic import atomic_write_all, shown_bytes, text_writer
 from klvae.evaluation.evaluate import EvalResult
 from klvae.evaluation.fid import FEATURE_DIM
 from klvae.images import tensor_to_pil, write_image
@@ -37,11 +37,14 @@ EXAMPLE_PNG = re.compile(r"\d{5}_(original|m\d+_(recon|error))\.png")
 
 
 def json_safe(value: Any) -> Any:
-    """Non-finite floats -> None (JSON has no inf/nan), recursively."""
+    """Non-finite floats -> None (JSON has no inf/nan), and the undecodable bytes of file names -> \\xNN text (a
+    lone surrogate is no Unicode, which strict JSON readers refuse), recursively."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        return shown_bytes(value)
     if isinstance(value, Mapping):
-        return {str(k): json_safe(v) for k, v in value.items()}
+        return {shown_bytes(str(k)): json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [json_safe(v) for v in value]
     return value

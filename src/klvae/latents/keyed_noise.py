@@ -11,7 +11,8 @@ import torch
 
 def keyed_generator(*key: object) -> torch.Generator:
     """A CPU generator seeded by a hash of `key` (e.g. seed, epoch, item): the same draw wherever it is made."""
-    digest = hashlib.blake2b("/".join(map(str, key)).encode(), digest_size=8).digest()
+    # surrogateescape: a file name that is not valid UTF-8 hashes as its own bytes (valid ones as before).
+    digest = hashlib.blake2b("/".join(map(str, key)).encode("utf-8", "surrogateescape"), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
 
 

@@ -39,6 +39,9 @@ _SHIFT = (-0.030, -0.088, -0.188)
 _SCALE = (0.458, 0.448, 0.450)
 
 
+# The VGG trunk pools four times before its last tap: a side under 16 px has nothing left to pool.
+LPIPS_MIN_SIDE = 16
+
 class VGG16Features(nn.Module):
     """torchvision's `vgg16().features[:30]`, returning the five ReLU taps LPIPS compares."""
 
@@ -145,9 +148,12 @@ class LPIPS(FrozenNet):
         load_strict(self.lin, state_dict, what)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        """LPIPS(x, y) per sample, [B, 1, 1, 1]; x and y are [B, 3, H, W] in [-1, 1]."""
+        """LPIPS(x, y) per sample, [B, 1, 1, 1]; x and y are [B, 3, H, W] in [-1, 1], H and W >= LPIPS_MIN_SIDE."""
         if x.shape != y.shape or x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"LPIPS needs two [B, 3, H, W] batches of one shape, got {list(x.shape)}, {list(y.shape)}")
+        if min(x.shape[-2:]) < LPIPS_MIN_SIDE:  # else torch's "Output size is too small" from the last pooling
+            raise ValueError(f"LPIPS needs images of at least {LPIPS_MIN_SIDE} px a side, got "
+                             f"{x.shape[-2]}x{x.shape[-1]}")
         n = x.shape[0]
         if torch.is_grad_enabled() and x.requires_grad != y.requires_grad:
             # A loss (gradients to one side only): one pass over both batches would run the VGG's backward,

@@ -22,6 +22,7 @@ from klvae.checks import FLOAT32_MAX
 from klvae.errors import KlvaeError, cut, quote
 from klvae.images import MAX_RESOLUTION
 from klvae.model.config import PRESETS, AutoencoderKLConfig, check_field
+from klvae.nets.lpips import LPIPS_MIN_SIDE
 from klvae.training.config_text import YAML11_EXPONENT, parse_problem, parse_yaml, yaml11_number
 from klvae.training.data import CROPS
 from klvae.training.losses import LOSS_PRESETS, LossConfig, get_loss_preset
@@ -316,7 +317,9 @@ def surprises(cfg: TrainConfig) -> list[str]:
         found.append("loss.preset ft-mse (no KL) with model.decoder_only false: the encoder trains too, and nothing "
                      "keeps its latents where the diffusion model knows them; set model.decoder_only=true, as "
                      "sd-vae-ft-mse was trained")
-    if not loss.lpips_pretrained and loss.perceptual_weight > 0:
+    # Explicit weight files load whatever lpips_pretrained says (nets.lpips.LPIPS): only without both is it random.
+    random_lpips = not loss.lpips_pretrained and not (loss.lpips_vgg_path and loss.lpips_lin_path)
+    if random_lpips and loss.perceptual_weight > 0:
         found.append(f"loss.lpips_pretrained is false with loss.perceptual_weight {loss.perceptual_weight:g}: the "
                      "perceptual loss compares features of a random VGG, which is no LPIPS; set "
                      "loss.lpips_pretrained=true (or loss.perceptual_weight=0)")
@@ -382,6 +385,11 @@ def _check(cfg: TrainConfig) -> None:
     loss = build_loss_config(cfg.loss)
     if loss.uses_discriminator:
         _check_critic(loss, cfg.data.resolution)
+    if loss.perceptual_weight > 0 and cfg.data.resolution < LPIPS_MIN_SIDE:
+        # Else the first step fails inside the VGG's pooling, after the model and the VGG were built.
+        raise KlvaeError(f"data.resolution {cfg.data.resolution} is too small for the LPIPS term "
+                         f"(loss.perceptual_weight {loss.perceptual_weight:g}): its VGG needs at least "
+                         f"{LPIPS_MIN_SIDE} px a side; raise data.resolution or set loss.perceptual_weight=0")
 
 
 # The PatchGAN's first-layer width. LDM uses 64; at 1024 the critic already has ~0.7 billion parameters

@@ -14,6 +14,7 @@ import torch
 from klvae.atomic import append_text, atomic_write_text, signals_held
 from klvae.distributed import DistInfo, all_ranks_each, all_sum
 from klvae.errors import KlvaeError
+from klvae.evaluation.report import json_safe
 from klvae.progress import progress_bar
 from klvae.training.checkpoint import latest_checkpoint
 from klvae.training.data_setup import build_train_loader, build_val_batches
@@ -49,7 +50,9 @@ class RunLog:
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(f"{prefix}/{k}", v, step)
-        append_text(self.path, json.dumps({"step": step, "split": prefix, **scalars}) + "\n")
+        # Strict JSON (a perfect validation's PSNR is inf, which JSON has no word for): non-finite values as null.
+        row = json_safe({"step": step, "split": prefix, **scalars})
+        append_text(self.path, json.dumps(row, allow_nan=False) + "\n")
 
     def close(self) -> None:
         """Flush and close TensorBoard."""

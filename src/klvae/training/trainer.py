@@ -433,6 +433,7 @@ class Trainer:
         if finite:
             self.nonfinite_run = 0  # an fp16 overflow that the scaler skips is routine, not a non-finite loss
         else:
+            logs.clear()  # the micro-batches before the non-finite one are part of a loss, not the step's (all ranks)
             self.nonfinite_run += 1
             log.warning("step %d: non-finite loss, step skipped (%d in a row)", self.step, self.nonfinite_run)
         self.step += 1  # a skipped step still consumed its data

@@ -13,10 +13,10 @@ from klvae.errors import KlvaeError
 from klvae.evaluation.metrics import SSIM_RADIUS, psnr, ssim
 from klvae.images import save_image_atomic, tensor_to_pil
 from klvae.model.autoencoder import AutoencoderKL
+from klvae.nets.lpips import LPIPS_MIN_SIDE
 
 log = logging.getLogger(__name__)
 
-LPIPS_MIN_SIDE = 16
 GRID_IMAGES = 8  # held-out images in the samples grid: gathered across batches, not the first batch's alone
 
 
