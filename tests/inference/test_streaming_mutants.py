@@ -116,7 +116,7 @@ def test_strip_heights_count_the_compute_dtypes_bytes() -> None:
     cpu = torch.device("cpu")
     per_row = {dt: W * (8 * (_elem(dt) + 8) + 8 * (2 * _elem(dt) + 8)) for dt in (torch.float32, torch.bfloat16)}
     budget = 10 * per_row[torch.float32]
-    rows = {dt: Streamer(device=cpu, storage=cpu, dtype=dt, budget=budget).strip_rows(8, 8, W, H)
+    rows = {dt: Streamer(device=cpu, storage=cpu, dtype=dt, budget=budget).strip_rows(1, 8, 8, W, H)
             for dt in per_row}
     assert rows == {torch.float32: 10, torch.bfloat16: budget // per_row[torch.bfloat16]} and rows[torch.bfloat16] > 10
 
@@ -365,3 +365,11 @@ def test_tiled_equals_untiled_with_strips_from_a_budget_alone(budget: int, pool:
     assert st.stat_passes == st_dec.stat_passes == 0
     if budget == 20_000:
         assert min(st.written) == 1 and max(st.written) > 1
+
+
+def test_strip_heights_count_every_image_of_the_batch() -> None:
+    # A strip holds its rows of each image: a batch of four gets a quarter of one image's rows (a memory hunt:
+    # tiled batches of four went over a GPU budget by a third).
+    cpu = torch.device("cpu")
+    st = Streamer(device=cpu, storage=cpu, dtype=torch.float32, budget=40 * W * (8 * 12 + 8 * 16))
+    assert [st.strip_rows(b, 8, 8, W, H) for b in (1, 2, 4, 64)] == [40, 20, 10, 1]

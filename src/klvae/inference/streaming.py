@@ -101,13 +101,15 @@ class Streamer:
     _sums: dict[int, tuple[weakref.ref, ChannelSums]] = field(default_factory=dict, repr=False)
     _live: int = field(default=0, repr=False)  # bytes of the maps now held on `device` from the pool
 
-    def strip_rows(self, cin: int, cout: int, width: int, height: int, scale: int = 1) -> int:
-        """Output rows per strip so that one strip's inputs, fp32 temporaries and outputs fit the budget (the output
-        counts twice in the compute dtype, with the residual, and twice in fp32, for its sums)."""
+    def strip_rows(self, batch: int, cin: int, cout: int, width: int, height: int, scale: int = 1) -> int:
+        """Output rows per strip so that one strip's inputs, fp32 temporaries and outputs, for each of the batch's
+        `batch` images, fit the budget (the output counts twice in the compute dtype, with the residual, and twice
+        in fp32, for its sums)."""
         if self.rows is not None:
             return max(1, self.rows * height * scale // max(self.image_height, 1))
         elem = torch.finfo(self.dtype).bits // 8
-        per_row = width * scale * (cin * (elem + 8) / scale + cout * (elem * 2 + 8))
+        # A strip holds its rows of every image of the batch.
+        per_row = batch * width * scale * (cin * (elem + 8) / scale + cout * (elem * 2 + 8))
         return max(1, int(self.budget // max(per_row, 1)))
 
     @property
@@ -208,7 +210,7 @@ class Streamer:
         if isinstance(x, Tensor):  # a lazy map is computed from its small source instead
             self.stat_passes += 1
         sums = ChannelSums.zeros(b, c, self.device)
-        step = self.strip_rows(c, 0, w, h)
+        step = self.strip_rows(b, c, 0, w, h)
         for a in range(0, h, step):
             sums.add(self.rows_of(x, a, min(a + step, h)).to(self.dtype))
         return sums.group_stats(norm, h * w)
@@ -240,9 +242,9 @@ class Streamer:
         scale = 2 if mode == "up" else 1
         out, sums = self.new_map(b, conv.out_channels, ho, wo)
         if mode == "down":  # each output row reads two input rows, twice its width: count them at the output's size
-            step = self.strip_rows(4 * cin, conv.out_channels, wo, ho)
+            step = self.strip_rows(b, 4 * cin, conv.out_channels, wo, ho)
         else:
-            step = self.strip_rows(cin, conv.out_channels, w, h, scale)
+            step = self.strip_rows(b, cin, conv.out_channels, w, h, scale)
         for a in range(0, ho, step):
             e = min(a + step, ho)
             y = self._valid_conv(self._conv_input(x, a, e, k, mode, pre), conv)
@@ -301,7 +303,7 @@ class Streamer:
         b, cin, rows, w = x.shape
         cout = block.conv2.out_channels
         pre1 = lambda t: self.apply_norm(t, block.norm1, s1, act=True)  # noqa: E731
-        step = self.strip_rows(cin + cout, cout, w, rows)
+        step = self.strip_rows(b, cin + cout, cout, w, rows)
         h_sums = ChannelSums.zeros(b, cout, self.device)
         for a in range(0, rows, step):
             e = min(a + step, rows)
@@ -348,7 +350,7 @@ class Streamer:
 
         kv_on_device = not self.separate_storage or self.on_device((2, b, h * w, c))
         k, v = self.empty((b, h * w, c)), self.empty((b, h * w, c))  # token-major: a key chunk is one block
-        step = self.strip_rows(c, 2 * c, w, h)
+        step = self.strip_rows(b, c, 2 * c, w, h)
         for a in range(0, h, step):
             e = min(a + step, h)
             n = tokens(a, e)
@@ -461,7 +463,7 @@ class Streamer:
             return x
         b, c, h, w = x.shape
         out, sums = self.new_map(b, c, h, w)
-        step = self.strip_rows(x.src.shape[1], c, w, h)
+        step = self.strip_rows(b, x.src.shape[1], c, w, h)
         for a in range(0, h, step):
             e = min(a + step, h)
             self.write(out, a, e, self.rows_of(x, a, e), sums)
