@@ -179,41 +179,29 @@ def run_maybe_tiled(
     options = opts or TileOptions()
 
     def choose(t: Tensor, dt: torch.dtype) -> Tensor:
-        return _plain_or_tiled(vae, op, t, dt, plain, tiled, options)
+        if options.enabled is False:
+            return plain(t, dt)
+        f = vae.downsample_factor if op == "decode" else 1
+        out_shape = (t.shape[0], 3, t.shape[2] * f, t.shape[3] * f)
+        if options.wants_tiling():
+            warn_host_maps(vae, op, out_shape, dt, options)
+            return deliver(vae, tiled(t, dt), options)
+        if options.max_memory is not None and estimate_bytes(vae, op, out_shape, dt) > options.max_memory:
+            log.info("%s of %dx%d exceeds the %s memory budget: tiling", op, out_shape[2], out_shape[3],
+                     _mib(options.max_memory))
+            warn_host_maps(vae, op, out_shape, dt, options)
+            return deliver(vae, tiled(t, dt), options)
+        try:
+            return plain(t, dt)
+        except torch.cuda.OutOfMemoryError:
+            pass
+        # Out of the except clause: until it ends, the exception's traceback keeps the failed pass's frames, and
+        # with them its activations, alive, so neither empty_cache nor the tiled pass would get their memory back.
+        torch.cuda.empty_cache()
+        log.warning("%s ran out of GPU memory at %dx%d; retrying tiled", op, out_shape[2], out_shape[3])
+        return deliver(vae, tiled(t, dt), options)
 
     return choose(x, dtype) if guard is None else run_guarded(guard, choose, x, dtype, op)
-
-
-def _plain_or_tiled(
-    vae: AutoencoderKL,
-    op: str,
-    x: Tensor,
-    dtype: torch.dtype,
-    plain: Callable[[Tensor, torch.dtype], Tensor],
-    tiled: Callable[[Tensor, torch.dtype], Tensor],
-    opts: TileOptions,
-) -> Tensor:
-    if opts.enabled is False:
-        return plain(x, dtype)
-    out_shape = (x.shape[0], 3, x.shape[2] * (vae.downsample_factor if op == "decode" else 1),
-                 x.shape[3] * (vae.downsample_factor if op == "decode" else 1))
-    if opts.wants_tiling():
-        warn_host_maps(vae, op, out_shape, dtype, opts)
-        return deliver(vae, tiled(x, dtype), opts)
-    if opts.max_memory is not None and estimate_bytes(vae, op, out_shape, dtype) > opts.max_memory:
-        log.info("%s of %dx%d exceeds the %s memory budget: tiling", op, out_shape[2], out_shape[3],
-                 _mib(opts.max_memory))
-        warn_host_maps(vae, op, out_shape, dtype, opts)
-        return deliver(vae, tiled(x, dtype), opts)
-    try:
-        return plain(x, dtype)
-    except torch.cuda.OutOfMemoryError:
-        pass
-    # Out of the except clause: until it ends, the exception's traceback keeps the failed pass's frames, and with
-    # them its activations, alive, so neither empty_cache nor the tiled pass would get their memory back.
-    torch.cuda.empty_cache()
-    log.warning("%s ran out of GPU memory at %dx%d; retrying tiled", op, out_shape[2], out_shape[3])
-    return deliver(vae, tiled(x, dtype), opts)
 
 
 # Device types already told that the budget does not bound their whole-image maps: once per process, not per batch.
