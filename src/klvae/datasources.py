@@ -59,14 +59,26 @@ def resolve_spec(spec: str | Path, recursive: bool = True) -> DataSpec:
         check_regular_file(p)  # a FIFO named as the data would block its reader forever
     if is_tar_name(p.name):
         return DataSpec("tar", (p,))
-    if p.suffix.lower() == ".parquet" or is_disk(p) or any(p.glob("*.parquet")) or any(p.glob("data/*.parquet")):
+    if p.suffix.lower() == ".parquet" or is_disk(p) or _visible(p, "*.parquet", "data/*.parquet"):
         return DataSpec("table", (p,))
-    if p.is_dir() and any(is_tar_name(q.name) for q in p.iterdir()):
+    if p.is_dir() and _shards_in(p):
         if not find_images([p], recursive):
             return DataSpec("tar", tuple(expand_shards(p)))
         log.warning("%s holds images and tar shards: reading the images; name the shards (%s/*.tar) to read them "
                     "instead", p, p)
+    # A dataset pushed with a config name keeps its parquet files a level or two down (sharp/train-0.parquet).
+    if p.is_dir() and _visible(p, "*/*.parquet", "*/*/*.parquet") and not find_images([p], recursive):
+        return DataSpec("table", (p,))
     return DataSpec("folder", (p,))
+
+
+def _visible(folder: Path, *patterns: str) -> bool:
+    """Whether a pattern matches a file of `folder` outside hidden files and folders."""
+    return any(_not_hidden(f, folder) for pattern in patterns for f in folder.glob(pattern))
+
+
+def _not_hidden(f: Path, folder: Path) -> bool:
+    return not any(n.startswith(".") for n in f.relative_to(folder).parts)
 
 
 def _pattern_spec(s: str) -> DataSpec:
@@ -136,7 +148,7 @@ class ParquetRows:
 
 def parquet_files(path: Path, split: str | None) -> list[Path]:
     """The parquet files of a file or folder, one split only (`split`, else train, else the first)."""
-    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+    files = sorted(f for f in path.rglob("*.parquet") if _not_hidden(f, path)) if path.is_dir() else [path]
     if split is not None:
         files = [f for f in files if f.name.startswith(f"{split}-") or split in f.relative_to(path).parts[:-1]]
     else:
@@ -240,22 +252,29 @@ def _expand_braces(s: str) -> list[str]:
     return [x for o in opts for x in _expand_braces(s[: m.start()] + o + s[m.end() :])]
 
 
+def _shards_in(folder: Path) -> list[Path]:
+    """A folder's tar shards; hidden files are left out, as everywhere (macOS's ._NAME.tar copies beside them)."""
+    return sorted(q for q in folder.iterdir() if is_tar_name(q.name) and not q.name.startswith("."))
+
+
 def expand_shards(spec: str | Path | Sequence[str | Path]) -> list[Path]:
     """Shard files from paths, folders (their tars), globs and brace ranges, in the order given."""
     specs = [spec] if isinstance(spec, str | Path) else list(spec)
     out: list[Path] = []
     for sp in specs:
-        names = _expand_braces(str(sp))
+        # A path that exists is taken as it is named: brackets and braces in a folder's or shard's name are no
+        # pattern ("shards [v2]", "part[0].tar").
+        names = [str(sp)] if Path(sp).exists() else _expand_braces(str(sp))
         if not names:  # a range that runs backwards, {10..1}, names nothing
             raise KlvaeError(f"no shards at {sp}: its brace range names none")
         for s in names:
             p = Path(s)
-            if any(c in s for c in "*?["):
-                hits = [Path(h) for h in sorted(glob.glob(s))]
-            elif p.is_dir():
-                hits = sorted(q for q in p.iterdir() if is_tar_name(q.name))
-            else:
+            if p.is_dir():
+                hits = _shards_in(p)
+            elif p.exists() or not any(c in s for c in "*?["):
                 hits = [p] if p.is_file() else []
+            else:
+                hits = [Path(h) for h in sorted(glob.glob(s))]
             if not hits:
                 raise KlvaeError(f"no shards at {s}")
             out.extend(hits)

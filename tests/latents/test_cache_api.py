@@ -124,7 +124,7 @@ def test_bad_input_is_a_one_line_klvae_error_that_leaves_nothing(tmp_path: Path,
     _refused(lambda: build_cache(vae, data, out, flip=1), "flip must be a bool")  # type: ignore[arg-type]
     _refused(lambda: build_cache(vae, data, out, resolution=33), "multiple of the model's downsample factor 2")
     _refused(lambda: build_cache(vae, data, out, seed=-1), "seed must be between 0")
-    _refused(lambda: build_cache(vae, data, out, dtype="fp64"), "unknown dtype")
+    _refused(lambda: build_cache(vae, data, out, dtype="fp64"), "dtype must be auto, fp32, bf16 or fp16")
     _refused(lambda: build_cache(object(), data, out), "vae must be a klvae AutoencoderKL")  # type: ignore[arg-type]
     _refused(lambda: build_cache(vae, data, data / "cache"), "inside the data folder")
     (tmp_path / "file").write_text("x")

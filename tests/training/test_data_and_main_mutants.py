@@ -211,7 +211,7 @@ def test_a_sample_without_an_image_is_named_with_the_keys_looked_for(
     tar = _tar(tmp_path / "s.tar", [("a.txt", b"only a caption")])
     with caplog.at_level(logging.WARNING, logger="klvae.training.data"):
         assert list(WebDatasetShards(tar)) == [None]
-    assert caplog.records[0].getMessage() == "skipping s.tar:a: no jpg/jpeg/png/webp member"
+    assert caplog.records[0].getMessage() == "skipping s.tar:a: no jpg/jpeg/png/webp/bmp/tif/tiff member"
 
 
 def test_a_whole_compressed_shard_is_not_taken_for_a_torn_one(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -255,11 +255,17 @@ def _tar_groups(tf: tarfile.TarFile, wanted: Callable[[int], bool],
         yield idx, key, group
 
 
+# The members a sample's image is taken from, in order of preference: every image a shard can contribute (README),
+# the usual WebDataset keys first.
+TAR_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", *sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS
+                                                        if e.lstrip(".") not in ("jpg", "jpeg", "png", "webp")))
+
+
 class WebDatasetShards(IterableDataset):
     """Samples of WebDataset .tar shards, read with tarfile; each (rank, worker) reads its own part once."""
 
     def __init__(self, shards: str | Path | Sequence[str | Path], transform: Transform | None = None,
-                 image_keys: Sequence[str] = ("jpg", "jpeg", "png", "webp"), rank: int | None = None,
+                 image_keys: Sequence[str] = TAR_IMAGE_KEYS, rank: int | None = None,
                  world_size: int | None = None, max_pixels: int | None = MAX_PIXELS) -> None:
         self.shards = expand_shards(shards)
         self.transform, self.max_pixels = transform, max_pixels
@@ -309,12 +315,14 @@ class WebDatasetShards(IterableDataset):
                     make = functools.partial(self._sample, f"{shard.name}:{key}", self._pick(group))
                     yield make() if self.seed is None else seeded(self._sample_seed(s, i), make)
                 end = tf.offset
+                # A compressed stream has no end-of-archive blocks to count, whatever its name.
+                plain = getattr(tf.fileobj, "comptype", "tar") == "tar"
         except (OSError, EOFError, tarfile.TarError) as e:  # a torn shard: keep what was read, go on
             log.warning("skipping the rest of shard %s: %s", shard, e)
             yield None
             return
         # tarfile takes a file cut at a block boundary for a clean end; a whole one ends in zero blocks.
-        if shard.suffix.lower() == ".tar" and shard.stat().st_size - end < 512:
+        if plain and shard.stat().st_size - end < 512:
             log.warning("shard %s has no end-of-archive marker: torn, samples may be missing", shard)
             yield None
 
