@@ -1,9 +1,9 @@
 """Data sources hunt: what `cache`, `scale`, `eval` and training read from tar shards, parquet and folders.
 
-Found: training's tar reader leaves out .bmp/.tif members that the README says a shard contributes; a folder or shard whose path holds
-`[` is "no shards"; hidden (AppleDouble `._`) shards and parquet files beside the data are read and fail;
-a gzip-compressed shard named .tar is called torn by training; parquet files in a config subfolder (the Hub's
-`push_to_hub(config_name=...)` layout) are taken for an image folder with no images.
+Found: training's tar reader leaves out .bmp/.tif members that the README says a shard contributes; a folder or
+shard whose path holds `[` is "no shards"; hidden (AppleDouble `._`) shards and parquet files beside the data are
+read and fail; a gzip-compressed shard named .tar is called torn by training; parquet files in a config subfolder
+(the Hub's `push_to_hub(config_name=...)` layout) are taken for an image folder with no images.
 """
 
 from __future__ import annotations
