@@ -96,6 +96,8 @@ def preset_to_describe(args: argparse.Namespace) -> str | None:
 
     if args.model is None:
         name = args.config if args.config in PRESETS else None
+    elif Path(args.model).expanduser().exists():  # a local folder or file comes first, as weights.load.locate has it
+        name = None
     else:
         released = args.model in PRESET_HUB_IDS or args.model in PRESET_HUB_FILES
         # --config naming another preset is a config for weights, which such a preset lacks: loading says so.
