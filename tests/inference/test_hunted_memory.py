@@ -13,6 +13,8 @@ device, with the GPU path's placement of maps), so no GPU is needed.
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -62,3 +64,30 @@ def test_a_tiled_batch_of_four_stays_within_the_gpu_memory_budget(op: str) -> No
     peak = _counted_peak(op, 4, 512, budget)
     assert peak <= budget, (f"a tiled {op} of a batch of 4 held {peak / MiB:.0f} MiB on the GPU under a "
                             f"{budget / MiB:.0f} MiB max_memory: strip_rows sizes strips for one image")
+
+
+_FINITE_PEAK = """
+import torch
+from klvae.inference.api import all_finite
+def hwm():
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) // 1024 for line in f if line.startswith('VmHWM'))
+x = torch.rand(1, 3, 4096, 4096)
+if {channels_last}:
+    x = x.contiguous(memory_format=torch.channels_last)
+before = hwm()
+assert all_finite(x)
+x[0, 2, 4095, 4095] = float('nan')
+assert not all_finite(x)
+print(hwm() - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's VmHWM")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_finite_check_of_a_big_image_makes_no_copy_of_it(channels_last: bool) -> None:
+    # A doubtful item, then fixed: check_images' float64 sum cast a 4096x4096 host image whole (+387 MiB, twice
+    # the image); decode's check of its output did the same.
+    code = _FINITE_PEAK.format(channels_last=channels_last)
+    grew = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert grew < 100, f"the check raised the peak by {grew} MiB"

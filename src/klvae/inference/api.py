@@ -84,7 +84,7 @@ def decode(
                           guard=part)
     # Clamped, an infinite pixel (a broken model's) would pass for white or black: only a finite output is
     # clamped, so that the caller's check (the CLI's, or isfinite) still sees the failure. See check_images.
-    if torch.isfinite(out.sum(dtype=torch.float64)):
+    if all_finite(out):
         out = out.clamp(-1, 1)
     if size is not None:
         h, w = _check_size(size, tuple(out.shape[-2:]))
@@ -135,11 +135,30 @@ def check_images(vae: AutoencoderKL, x: Tensor) -> None:
         hint = " (a single image needs a batch dimension: x[None])" if x.ndim == 3 else ""
         raise ImageError(f"images of shape {tuple(x.shape)} do not fit this model, which takes [B, {c}, H, W]{hint}")
     check_float(x, "encode")
-    # Else the NaN guard would take them for a half-precision overflow and rerun the pass in fp32 for nothing. A
-    # float64 sum is non-finite exactly when a value is (images are far from its range), and unlike isfinite(x) it
-    # makes no temporary the size of a big host image.
-    if not torch.isfinite(x.sum(dtype=torch.float64)):
+    # Else the NaN guard would take them for a half-precision overflow and rerun the pass in fp32 for nothing.
+    if not all_finite(x):
         raise ImageError("images contain NaN or infinite values")
+
+
+# Values per block of all_finite's sums: 32 MiB of float64 temporaries at most.
+_FINITE_BLOCK = 2**22
+
+
+def all_finite(t: Tensor) -> bool:
+    """Whether every value of `t` is finite, without a temporary anywhere near its size."""
+    # A float64 sum is non-finite exactly when a value is (pixels are far from its range). Over blocks of the
+    # tensor's memory, each cast alone: one sum over a big host image casts it whole (+400 MiB at 4096x4096), and
+    # so does a sum over non-contiguous views of it.
+    if t.numel() == 0:
+        return True
+    if t.is_contiguous():
+        flat = t.view(-1)
+    elif t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        flat = t.permute(0, 2, 3, 1).reshape(-1)  # a view: NHWC is this tensor's memory order
+    else:  # other strides: a bool mask, a quarter of a float32 tensor's size
+        return bool(torch.isfinite(t).all())
+    sums = torch.stack([part.sum(dtype=torch.float64) for part in flat.split(_FINITE_BLOCK)])
+    return bool(torch.isfinite(sums.sum()))
 
 
 def check_latents(vae: AutoencoderKL, z: Tensor) -> None:
