@@ -4,6 +4,7 @@ CLI's one-line errors."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import re
 import shutil
@@ -11,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import pytest
@@ -289,3 +291,13 @@ def tiny_train_config(tmp: Path, *sets: str) -> TrainConfig:
 def tiny_batch(seed: int = 0) -> torch.Tensor:
     """Two 16 px images in [-1, 1], as tiny_train_config's loader gives them."""
     return torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def benchmark_script(name: str) -> ModuleType:
+    """A fresh copy of benchmarks/NAME.py (a script, not a package): a test may change its classes."""
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", Path(__file__).resolve().parents[1]
+                                                  / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

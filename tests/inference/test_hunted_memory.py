@@ -12,7 +12,6 @@ device, with the GPU path's placement of maps), so no GPU is needed.
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -21,19 +20,14 @@ from types import ModuleType
 import pytest
 import torch
 
+from helpers import benchmark_script
 from klvae.inference import TileOptions, tiling
 
-ROOT = Path(__file__).resolve().parents[2]
 MiB = 2**20
 
 
 def _traffic() -> ModuleType:
-    # A fresh copy of benchmarks/traffic.py (not a package), as tests/project/test_bench.py loads it.
-    spec = importlib.util.spec_from_file_location("traffic_hunted_memory", ROOT / "benchmarks" / "traffic.py")
-    assert spec is not None and spec.loader is not None
-    traffic = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(traffic)
-    return traffic
+    return benchmark_script("traffic")
 
 
 def _counted_peak(op: str, batch: int, size: int, max_memory: int) -> int:

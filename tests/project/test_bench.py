@@ -1,11 +1,12 @@
 """The benchmark script runs end to end on the CPU and writes the rows docs/benchmarks.md is built from."""
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+
+from helpers import benchmark_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,11 +41,7 @@ def test_bench_keeps_the_cases_done_when_a_later_one_fails(tmp_path: Path) -> No
 
 
 def _traffic() -> ModuleType:
-    # A fresh copy of benchmarks/traffic.py (not a package), so a test may change its classes.
-    spec = importlib.util.spec_from_file_location("traffic", ROOT / "benchmarks" / "traffic.py")
-    traffic = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(traffic)
-    return traffic
+    return benchmark_script("traffic")
 
 
 def test_tiling_traffic_and_peak_stay_as_documented() -> None:

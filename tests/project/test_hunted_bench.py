@@ -16,7 +16,6 @@ torch.cuda's timing and memory calls are replaced by a recording fake.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -24,20 +23,15 @@ from types import ModuleType
 import pytest
 import torch
 
-from helpers import perturbed_vae
+from helpers import benchmark_script, perturbed_vae
 from klvae import inference
 from klvae.inference import SpeedOptions, optimize_for_inference
 from klvae.model.blocks import GroupNorm
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_hunted", ROOT / "benchmarks" / "bench.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return benchmark_script("bench")
 
 
 @contextlib.contextmanager
