@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -27,7 +26,6 @@ from helpers import benchmark_script, perturbed_vae
 from klvae import inference
 from klvae.inference import SpeedOptions, optimize_for_inference
 from klvae.model.blocks import GroupNorm
-
 
 
 def _bench() -> ModuleType:
