@@ -123,3 +123,18 @@ def test_parquet_files_in_a_config_subfolder_are_a_table(tmp_path: Path) -> None
     assert resolve_spec(root).kind == "table"
     assert open_source(str(root)).ids == ["row0", "row1"]  # the train split alone
 
+
+
+def test_photos_whose_names_share_a_first_dot_are_said_to_be_one_training_sample(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Left as WebDataset groups them (one sample per key), but no longer silent: cache and eval list 3 images here.
+    dated = ["2023.05.01.jpg", "2023.05.02.jpg", "2023.06.01.png"]
+    shard = _tar(tmp_path / "s.tar", [(n, noise_png(k, (32, 32))) for k, n in enumerate(dated)]
+                 + [("b.jpg", noise_png(5, (32, 32))), ("b.seg.png", noise_png(6, (32, 32)))])
+    assert len(open_source(str(shard)).ids) == 5
+    with caplog.at_level(logging.WARNING, logger="klvae"):
+        assert _keys(build_dataset(str(shard))) == ["s.tar:2023", "s.tar:b"]
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["shard s.tar: sample 2023 holds 3 images (2023.05.01.jpg, 2023.05.02.jpg, 2023.06.01.png): a "
+                    "WebDataset key is a name up to its first dot, so one of them is trained on (cache and eval "
+                    "read each file); rename them without dots to train on all"]  # b.jpg with its mask: no word

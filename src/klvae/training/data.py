@@ -261,6 +261,17 @@ TAR_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", *sorted(e.lstrip(".") for e in I
                                                         if e.lstrip(".") not in ("jpg", "jpeg", "png", "webp")))
 
 
+def _said_merged(shard: Path, key: str, group: dict[str, bytes | ImageError], keys: Sequence[str]) -> bool:
+    """Warn (and say so) when a sample holds several images none of which has a plain key: files whose names share
+    the part before their first dot (2023.05.01.jpg, 2023.05.02.jpg), which WebDataset makes one sample."""
+    if len(group) < 2 or any(k in group for k in keys):  # jpg beside seg.png: a sample and its mask, as meant
+        return False
+    log.warning("shard %s: sample %s holds %d images (%s): a WebDataset key is a name up to its first dot, so one "
+                "of them is trained on (cache and eval read each file); rename them without dots to train on all",
+                shard.name, key, len(group), ", ".join(f"{key}.{ext}" for ext in group))
+    return True
+
+
 class WebDatasetShards(IterableDataset):
     """Samples of WebDataset .tar shards, read with tarfile; each (rank, worker) reads its own part once."""
 
@@ -311,7 +322,9 @@ class WebDatasetShards(IterableDataset):
         shard = self.shards[s]
         try:
             with tarfile.open(shard, "r|*") as tf:
+                said = False
                 for i, key, group in _tar_groups(tf, lambda i: i % stride == offset, self._is_image):
+                    said = said or _said_merged(shard, key, group, self.image_keys)
                     make = functools.partial(self._sample, f"{shard.name}:{key}", self._pick(group))
                     yield make() if self.seed is None else seeded(self._sample_seed(s, i), make)
                 end = tf.offset
