@@ -278,14 +278,23 @@ CRITIC = ("loss.preset=ldm", "loss.perceptual_weight=0", "loss.disc_num_layers=2
           "loss.disc_weight=0.5")
 
 
+def _tiny_run(tmp: Path) -> list[str]:
+    """`tiny` MSE on tmp/images at 16 px, batches of 2, into tmp/run, in this process on the CPU."""
+    return ["model.preset=tiny", f"data.train={tmp / 'images'}", "data.resolution=16", "data.batch_size=2",
+            "data.num_workers=0", "train.device=cpu", f"train.out_dir={tmp / 'run'}", "loss.preset=mse"]
+
+
 def tiny_train_config(tmp: Path, *sets: str) -> TrainConfig:
     """A `tiny` MSE run on tmp/images at 16 px, batches of 2, in this process on the CPU; `sets` override it."""
     from klvae.training.config import load_config
 
-    return load_config(None, [
-        "model.preset=tiny", f"data.train={tmp / 'images'}", "data.resolution=16", "data.batch_size=2",
-        "data.num_workers=0", "train.device=cpu", f"train.out_dir={tmp / 'run'}", "loss.preset=mse",
-        "optim.grad_clip=0", "train.sample_posterior=false", "optim.lr=1e-3", *sets])
+    return load_config(None, [*_tiny_run(tmp), "optim.grad_clip=0", "train.sample_posterior=false", "optim.lr=1e-3",
+                              *sets])
+
+
+def tiny_train_cli(tmp: Path, *sets: str) -> list[str]:
+    """`klvae -q train` arguments of the same tiny run, without validation's LPIPS; `sets` override it."""
+    return ["-q", "train", *(a for s in [*_tiny_run(tmp), "train.val_lpips=false", *sets] for a in ("--set", s))]
 
 
 def tiny_batch(seed: int = 0) -> torch.Tensor:

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import klvae
-from helpers import noise_folder, rgb_image
+from helpers import noise_folder, rgb_image, tiny_train_cli
 from klvae.cli.main import main
 from klvae.training import checkpoint as ckpt
 
@@ -30,11 +30,7 @@ def _images(tmp: Path, n: int = 4) -> Path:
 
 
 def _train_args(tmp: Path, *extra: str) -> list[str]:
-    """`klvae -q train` of the tiny model on tmp/images into tmp/run, in this process on the CPU."""
-    sets = ["model.preset=tiny", f"data.train={tmp / 'images'}", "data.resolution=16", "data.batch_size=2",
-            "data.num_workers=0", "train.device=cpu", f"train.out_dir={tmp / 'run'}", "loss.preset=mse",
-            "train.val_lpips=false", "train.ckpt_every=1", *extra]
-    return ["-q", "train", *(a for s in sets for a in ("--set", s))]
+    return tiny_train_cli(tmp, "train.ckpt_every=1", *extra)
 
 
 def test_a_resume_from_an_earlier_checkpoint_exports_that_checkpoint_not_the_superseded_run(

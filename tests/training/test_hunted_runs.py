@@ -29,7 +29,7 @@ import pytest
 import torch
 
 import klvae
-from helpers import noise_folder, tiny_train_config
+from helpers import noise_folder, tiny_train_cli, tiny_train_config
 from klvae.cli.main import main
 from klvae.training import checkpoint as ckpt
 from klvae.training import trainer as trainer_module
@@ -42,11 +42,7 @@ def _images(tmp: Path, n: int = 4) -> Path:
 
 
 def _train_args(tmp: Path, *extra: str) -> list[str]:
-    """`klvae -q train` of the tiny model on tmp/images into tmp/run, in this process on the CPU."""
-    sets = ["model.preset=tiny", f"data.train={tmp / 'images'}", "data.resolution=16", "data.batch_size=2",
-            "data.num_workers=0", "train.device=cpu", f"train.out_dir={tmp / 'run'}", "loss.preset=mse",
-            "train.val_lpips=false", "train.log_every=1", *extra]
-    return ["-q", "train", *(a for s in sets for a in ("--set", s))]
+    return tiny_train_cli(tmp, "train.log_every=1", *extra)
 
 
 def _logged_steps(run: Path) -> list[int]:
