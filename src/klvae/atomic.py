@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor
 
-from klvae.errors import KlvaeError
+from klvae.errors import KlvaeError, raised_within
 
 _SMUGGLED_BYTE = re.compile("[\udc80-\udcff]")
 
@@ -97,23 +97,11 @@ def _write_flushed(path: Path, tmp: Path, write: Callable[[Path], object]) -> No
         # A full disk or a read-only folder: an OSError from write() names the temporary file or nothing,
         # safetensors raises its own type, and torch.save's zip writer buries the OSError under a RuntimeError
         # ("unexpected pos"), all of which callers would take for a bug. Each becomes one named OSError.
-        cause = _os_error_within(e) if isinstance(e, RuntimeError) else e
+        cause = raised_within(e, OSError) if isinstance(e, RuntimeError) else e
         if cause is None:
             raise
         reason = " ".join(str(cause).split()) or type(cause).__name__
         raise OSError(f"cannot write {path}: {reason}") from None
-
-
-def _os_error_within(e: BaseException) -> OSError | None:
-    """The OSError that a RuntimeError was raised while handling, if any."""
-    seen: set[int] = set()
-    cause = e.__context__
-    while cause is not None and id(cause) not in seen:
-        if isinstance(cause, OSError):
-            return cause
-        seen.add(id(cause))
-        cause = cause.__context__
-    return None
 
 
 def append_text(path: Path, text: str, sync: bool = False) -> None:

@@ -6,7 +6,7 @@ import functools
 import os
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 
 class KlvaeError(Exception):
@@ -131,3 +131,20 @@ def flag_errors(cmd: Callable[[Any], int]) -> Callable[[Any], int]:
 def none_read(count: int) -> str:
     """"none of the N images could be read", or for one image "the only image could not be read"."""
     return "the only image could not be read" if count == 1 else f"none of the {count} images could be read"
+
+
+E = TypeVar("E", bound=BaseException)
+
+
+def raised_within(e: BaseException, kind: type[E]) -> E | None:
+    """`e`, or the exception it was raised while handling (its __context__, and so on), that is a `kind`; None if
+    none is: a writer's `with` block that fails on the way out (torch.save's zip writer) hides what went wrong
+    first, a Ctrl-C or a full disk."""
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, kind):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__context__
+    return None

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from typing import NoReturn
 
 from klvae import __version__
-from klvae.errors import KlvaeError, printable
+from klvae.errors import KlvaeError, printable, raised_within
 from klvae.progress import BarAwareHandler
 
 log = logging.getLogger("klvae")
@@ -158,12 +158,12 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt as e:
         return _stopped_by(e)
     except OSError as e:
-        if (buried := _buried_interrupt(e)) is not None:
+        if (buried := raised_within(e, KeyboardInterrupt)) is not None:
             return _stopped_by(buried)
         print(f"klvae: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except Exception as e:  # memory running out, or a bug of ours: still one line unless --debug asks for more
-        if (buried := _buried_interrupt(e)) is not None:
+        if (buried := raised_within(e, KeyboardInterrupt)) is not None:
             return _stopped_by(buried)
         if args.debug:
             raise
@@ -223,19 +223,6 @@ def _reader_gone() -> int:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     return 141
-
-
-def _buried_interrupt(e: BaseException) -> KeyboardInterrupt | None:
-    """The interrupt that `e` was raised while handling, if any."""
-    # A Ctrl-C inside a writer's `with` block (torch.save's zip writer) makes its __exit__ fail in turn: that
-    # error hides the interrupt, which is what the user did.
-    seen: set[int] = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, KeyboardInterrupt):
-            return e
-        seen.add(id(e))
-        e = e.__context__  # type: ignore[assignment]
-    return None
 
 
 def _stopped_by(e: KeyboardInterrupt) -> int:
