@@ -110,7 +110,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg, saved_model_config(resume))
     try:
         if args.resume is not None:
-            found = trainer.resume(resume)
+            found = trainer.resume(None if args.resume == "latest" else resume)  # None: the torn-newest hint
             if not found:  # as accelerate does: a new run, said loudly, since a mistyped out_dir lands here
                 log.warning("--resume: no checkpoint in %s/checkpoints, so training starts from step 0",
                             cfg.train.out_dir)

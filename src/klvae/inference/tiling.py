@@ -136,6 +136,7 @@ def budgets(opts: TileOptions, weights: int = 0) -> tuple[int, int]:
 @torch.no_grad()  # inference only: an autograd graph would also keep every map alive through its in-place writes
 def tiled_encode_moments(vae: AutoencoderKL, x: Tensor, st: Streamer) -> Tensor:
     """Encoder moments of x [B, C, H, W] (H, W multiples of the factor), layer by layer over strips."""
+    vae.check_encodable(x)  # the strips would fail deep inside on a map smaller than a kernel
     enc = vae.encoder
     # Each stage's map is popped straight into the next call, so no local here keeps it alive while later stages
     # run: its device memory goes back to the streamer's pool as soon as the stage that reads it is done.

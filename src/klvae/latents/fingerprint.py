@@ -12,6 +12,7 @@ import torch
 
 from klvae.model.autoencoder import AutoencoderKL
 from klvae.model.latent_norm import NORM_FIELDS
+from klvae.weights.latent_bn import BFL_EPS
 
 # The config fields that shape the encoder and its moments; the others belong to the decoder or to the scaling.
 _ENCODER_FIELDS = ("in_channels", "block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups",
@@ -43,7 +44,18 @@ def encoder_fingerprint(vae: AutoencoderKL) -> str:
 def factors_fingerprint(vae: AutoencoderKL) -> str:
     """A hash of the scaling a model applies to its latents (scaling_factor, shift_factor, latents_mean/std and the
     latent patch): equal for two models whose `scale_latents` agree on equal latents."""
-    return _digest({"part": "factors", **vae.config.latent_norm.to_dict()}, ())
+    norm = vae.config.latent_norm.to_dict()
+    if vae.config.latent_patch_size > 1 and norm.get("latents_std") is not None:
+        norm.update(_as_bfl_buffers(norm["latents_mean"], norm["latents_std"]))
+    return _digest({"part": "factors", **norm}, ())
+
+
+def _as_bfl_buffers(mean: list[float], std: list[float]) -> dict[str, list[float]]:
+    """FLUX.2's statistics as its float32 BatchNorm buffers give them back: one model read from klvae's figures
+    (float64, in its header or config) and from BFL's file, which holds only the buffers, hashes alike."""
+    m = torch.tensor(mean, dtype=torch.float64).float().double()
+    var = (torch.tensor(std, dtype=torch.float64).square() - BFL_EPS).float().double()
+    return {"latents_mean": m.tolist(), "latents_std": (var + BFL_EPS).sqrt().tolist()}
 
 
 def _digest(cfg: dict[str, Any], tensors: Any) -> str:

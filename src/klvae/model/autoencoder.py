@@ -109,13 +109,17 @@ class AutoencoderKL(nn.Module):
     # ---- core computation -------------------------------------------------------------------------
     def encode_moments(self, x: Tensor) -> Tensor:
         """Image [B, C, H, W] in [-1, 1] -> posterior moments [B, 2*latent, H/f, W/f] (mean, logvar)."""
+        self.check_encodable(x)
+        h = self.encoder(x)
+        return self.quant_conv(h) if self.quant_conv is not None else h
+
+    def check_encodable(self, x: Tensor) -> None:
+        """ValueError unless x is a batch of images [B, C, H, W] of at least one latent cell each way."""
         check_batch(x, self.config.in_channels, "image")
         f = self.config.downsample_factor
         if min(x.shape[2:]) < f:  # else torch's error about a conv's kernel and its padded input, deep inside
             raise ValueError(f"images of {x.shape[2]}x{x.shape[3]} pixels are smaller than one latent cell "
                              f"({f}x{f}): pad them first (klvae.inference.encode does)")
-        h = self.encoder(x)
-        return self.quant_conv(h) if self.quant_conv is not None else h
 
     def encode(self, x: Tensor) -> DiagonalGaussian:
         """Image [B, C, H, W] in [-1, 1] -> the diagonal Gaussian posterior q(z | x)."""

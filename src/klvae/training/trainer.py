@@ -36,7 +36,13 @@ from klvae.training.config import TrainConfig, build_loss_config, surprises
 from klvae.training.ema import make_ema
 from klvae.training.losses import AutoencoderLoss
 from klvae.training.model_setup import build_model
-from klvae.training.resume import config_changes, resumed_batch, saved_data_field, saved_global_batch
+from klvae.training.resume import (
+    config_changes,
+    exported_ema,
+    resumed_batch,
+    saved_data_field,
+    saved_global_batch,
+)
 from klvae.weights import check_state_dict, config_to_diffusers
 
 log = logging.getLogger(__name__)
@@ -195,6 +201,11 @@ class Trainer:
         except (KeyError, TypeError, ValueError) as e:
             raise KlvaeError(f"the optimiser state does not fit this config (model.decoder_only or "
                              f"loss.learn_logvar changed?): {e}") from None
+        # load_state_dict brings back the saved hyper-parameters too; this config's are the ones to train with
+        # (lr is set every step). A resume that changes them is warned about before this.
+        for opt in (self.opt_ae, self.opt_d):
+            for group in opt.param_groups if opt is not None else ():
+                group["betas"], group["weight_decay"] = tuple(self.cfg.optim.betas), self.cfg.optim.weight_decay
         # A run switched to fp16 starts its scalers afresh: an fp32 run saved them empty (disabled).
         for scaler, saved in ((self.scaler, s["scaler"]), (self.d_scaler, s["d_scaler"])):
             if saved:
@@ -252,6 +263,8 @@ class Trainer:
             self.export_stale = True  # final/ may hold the superseded steps' export, however new it is
             log.warning("%d checkpoint(s) of this run are past step %d (%s ...): renamed to *.superseded, so that "
                         "this run's own are the ones resumed and pruned", len(later), self.step, later[0].name)
+        if exported_ema(state) != (self.exported_model() is not self.vae):
+            self.export_stale = True  # train.export_ema (or the EMA) changed: final/ holds the other weights
         self._warn_if_streams_reshard(state)
         self._warn_if_config_changed(state)
         return True
