@@ -229,10 +229,11 @@ class DiffusersVAE(nn.Module):
         revision: str | None = None,
         device: str | torch.device | None = None,
         config: AutoencoderKLConfig | str | None = None,
+        variant: str | None = None,
     ) -> DiffusersVAE:
         """Load as klvae's AutoencoderKL.from_pretrained does (diffusers folders, single files, hub ids) and wrap."""
         vae = AutoencoderKL.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, config=config,
-                                            dtype=torch_dtype, device=device, revision=revision)
+                                            dtype=torch_dtype, device=device, revision=revision, variant=variant)
         return cls(vae)
 
     @classmethod

@@ -192,13 +192,15 @@ class AutoencoderKL(nn.Module):
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
         revision: str | None = None,
+        variant: str | None = None,
     ) -> AutoencoderKL:
         """Load a diffusers folder, a single LDM/diffusers file, a hub id, or a preset name's hub weights; a hub
-        id or preset at a branch, tag or commit with `revision` (or as "org/name@revision")."""
+        id or preset at a branch, tag or commit with `revision` (or as "org/name@revision"); a folder's or hub
+        repo's `variant` ("fp16": diffusion_pytorch_model.fp16.safetensors) where given."""
         from klvae.weights.load import load_pretrained
 
         return load_pretrained(cls, path_or_id, subfolder=subfolder, config=config, dtype=dtype, device=device,
-                               revision=revision)
+                               revision=revision, variant=variant)
 
     @classmethod
     def from_single_file(

@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+_VARIANT = re.compile(r"^[A-Za-z0-9][\w-]*$")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # One file in a repo: org/name/path/file.ext, or the address of its page or download (diffusers' from_single_file
 # takes these): https://huggingface.co/org/name/blob|resolve/<revision>/path/file.ext.
@@ -24,6 +25,14 @@ _HUB_FILE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)/(?P<file>(?:[\w.-
 _HUB_URL = re.compile(r"^https://(?:www\.)?(?:huggingface\.co|hf\.co)/(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)/"
                       r"(?:blob|resolve)/(?P<rev>[\w.-]+)/(?P<file>(?:[\w.-]+/)*[\w.-]+\.(?P<ext>\w+))$")
 _TRUE = {"1", "on", "yes", "true"}
+
+
+def variant_names(variant: str) -> tuple[str, str]:
+    """The weights files of a diffusers variant ("fp16": diffusion_pytorch_model.fp16.safetensors, then .bin)."""
+    if not isinstance(variant, str) or not _VARIANT.match(variant):
+        raise WeightsError(f"variant {variant!r} is not a variant name such as 'fp16'")
+    safe, pickled = (n.replace(".", f".{variant}.", 1) for n in WEIGHTS_NAMES)
+    return safe, pickled
 
 
 def looks_like_repo_id(s: str) -> bool:
@@ -128,9 +137,11 @@ def _describe(e: Exception, repo_id: str, filename: str, revision: str | None = 
     return f"cannot fetch {where} from the hub: {first_line(e)}"
 
 
-def fetch_diffusers_files(repo_id: str, subfolder: str | None = None, revision: str | None = None) -> tuple[Path, Path]:
-    """Local paths of config.json and the weights (safetensors, else .bin) of a hub repo, downloaded or cached;
-    `revision` is a branch, tag or commit (default: main)."""
+def fetch_diffusers_files(repo_id: str, subfolder: str | None = None, revision: str | None = None,
+                          variant: str | None = None) -> tuple[Path, Path]:
+    """Local paths of config.json and the weights (safetensors, else .bin; of `variant`, such as "fp16", where
+    given) of a hub repo, downloaded or cached; `revision` is a branch, tag or commit (default: main)."""
+    names = variant_names(variant) if variant is not None else WEIGHTS_NAMES
     from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
 
     def shown(name: str) -> str:
@@ -149,7 +160,7 @@ def fetch_diffusers_files(repo_id: str, subfolder: str | None = None, revision: 
             raise WeightsError(_describe(e, repo_id, CONFIG_NAME, revision) + hint) from None
         log.info("%s is a pipeline repo: using its vae/ subfolder", repo_id)
     first: Exception | None = None
-    for name in WEIGHTS_NAMES:
+    for name in names:
         try:
             weights = _download(repo_id, name, subfolder, revision)
         except (OSError, ValueError, EntryNotFoundError) as e:
@@ -162,4 +173,4 @@ def fetch_diffusers_files(repo_id: str, subfolder: str | None = None, revision: 
                  weights)
         return config, weights
     assert first is not None
-    raise WeightsError(_describe(first, repo_id, shown(WEIGHTS_NAMES[0]) + " (nor .bin)", revision))
+    raise WeightsError(_describe(first, repo_id, shown(names[0]) + " (nor .bin)", revision))

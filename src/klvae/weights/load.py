@@ -18,7 +18,14 @@ from klvae.inference.precision import usable_device
 from klvae.model.config import PRESET_HUB_FILES, PRESET_HUB_IDS, PRESETS, AutoencoderKLConfig
 from klvae.weights.convert import StateDict, to_diffusers
 from klvae.weights.diffusers_config import batch_norm_eps, read_config_json, read_json_object
-from klvae.weights.hub import CONFIG_NAME, fetch_diffusers_files, fetch_hub_file, looks_like_repo_id, parse_hub_file
+from klvae.weights.hub import (
+    CONFIG_NAME,
+    fetch_diffusers_files,
+    fetch_hub_file,
+    looks_like_repo_id,
+    parse_hub_file,
+    variant_names,
+)
 from klvae.weights.identify import check_is_vae, check_may_be_vae
 from klvae.weights.infer import check_fits, family_from_name, guess_family, infer_config, with_edm_stats
 from klvae.weights.latent_bn import BFL_EPS, pop_latent_bn, with_latent_stats
@@ -65,7 +72,9 @@ class WeightsSource:
         return [self.weights, *shards] + ([self.config_json] if self.config_json is not None else [])
 
 
-def _folder(d: Path) -> WeightsSource:
+def _folder(d: Path, variant: str | None = None) -> WeightsSource:
+    if variant is not None:
+        return _variant_in_folder(d, variant)
     for name in FOLDER_WEIGHTS:
         if (d / name).is_file():
             if ".fp16." in name:
@@ -76,12 +85,27 @@ def _folder(d: Path) -> WeightsSource:
             return WeightsSource(d / name, config if config.is_file() else None)
     if (d / "vae" / CONFIG_NAME).is_file():
         log.info("%s is a pipeline folder: using its vae/ subfolder", d)
-        return _folder(d / "vae")
+        return _folder(d / "vae", variant)
     raise WeightsError(f"{d} has no {' or '.join(FOLDER_WEIGHTS[:2])} (a pipeline folder? pass subfolder='vae')")
 
 
-def _hub(repo_id: str, subfolder: str | None, revision: str | None, preset: str | None = None) -> WeightsSource:
-    config, weights = fetch_diffusers_files(repo_id, subfolder, revision)
+def _variant_in_folder(d: Path, variant: str) -> WeightsSource:
+    """A diffusers folder's `variant` weights (diffusion_pytorch_model.<variant>.safetensors, else .bin), as
+    diffusers' from_pretrained(variant=...) reads them; WeightsError where the folder has none."""
+    if (d / "vae" / CONFIG_NAME).is_file() and not (d / CONFIG_NAME).is_file():
+        log.info("%s is a pipeline folder: using its vae/ subfolder", d)
+        d = d / "vae"
+    for name in variant_names(variant):
+        if (d / name).is_file():
+            return WeightsSource(d / name, d / CONFIG_NAME if (d / CONFIG_NAME).is_file() else None)
+    there = sorted(p.name for p in d.glob("diffusion_pytorch_model.*.*") if p.name.count(".") == 2)
+    raise WeightsError(f"{d} has no {' or '.join(variant_names(variant))} (variant {variant!r}; "
+                       f"{'the variants there: ' + ', '.join(there) if there else 'it holds no variant'})")
+
+
+def _hub(repo_id: str, subfolder: str | None, revision: str | None, preset: str | None = None,
+         variant: str | None = None) -> WeightsSource:
+    config, weights = fetch_diffusers_files(repo_id, subfolder, revision, variant)
     return WeightsSource(weights, config, preset)
 
 
@@ -127,7 +151,7 @@ def _split_revision(name: str, revision: str | None) -> tuple[str, str | None]:
     return base, rev
 
 
-def _local(path: Path, subfolder: str | None, revision: str | None) -> WeightsSource:
+def _local(path: Path, subfolder: str | None, revision: str | None, variant: str | None = None) -> WeightsSource:
     if revision:
         kind = "folder" if path.is_dir() else "file"
         raise WeightsError(f"revision {revision!r} given, but {path} is a local {kind}, not a hub repo")
@@ -138,40 +162,53 @@ def _local(path: Path, subfolder: str | None, revision: str | None) -> WeightsSo
         if not path.is_dir():
             raise WeightsError(f"no such folder: {path}")
     if path.is_dir():
-        return _folder(path)
+        return _folder(path, variant)
+    if variant is not None:
+        raise WeightsError(f"variant {variant!r} given, but {path} is one weights file, not a diffusers folder")
     # A diffusers folder's weights named alone: its config.json beside them is the model's, not a guess from shapes.
     beside = path.parent / CONFIG_NAME
     return WeightsSource(path, beside if path.name in FOLDER_WEIGHTS and beside.is_file() else None)
 
 
-def locate(path_or_id: str | Path, subfolder: str | None = None, revision: str | None = None) -> WeightsSource:
+def locate(path_or_id: str | Path, subfolder: str | None = None, revision: str | None = None,
+           variant: str | None = None) -> WeightsSource:
     """Where the weights (and config.json) named by path_or_id are, fetching from the hub when needed; a hub id or
-    preset may name a revision (branch, tag or commit) as `org/name@rev` or with `revision`."""
+    preset may name a revision (branch, tag or commit) as `org/name@rev` or with `revision`; a diffusers folder or
+    hub repo its `variant` ("fp16": diffusion_pytorch_model.fp16.safetensors)."""
     if subfolder:
         _check_subfolder(subfolder)
+    if variant is not None:
+        variant_names(variant)  # a bad name refused before anything is read
     if not str(path_or_id).strip():  # Path("") is ".", the current folder: never what an empty option meant
         raise WeightsError("the model's name is empty: name a folder, a weights file, a hub id or a preset")
     path = Path(path_or_id).expanduser()
     if path.exists() and not isinstance(path_or_id, BuiltinName):
-        return _local(path, subfolder, revision)
+        return _local(path, subfolder, revision, variant)
     name, revision = _split_revision(str(path_or_id), revision)
     # '..' would lead huggingface_hub's cache lookup (refs/<revision>) out of the cache.
     if revision is not None and (not _REVISION.match(revision) or ".." in revision):
         raise WeightsError(f"revision {revision!r} is not a branch, tag or commit name")
     if (subfolder or revision) and (name in EMBEDDED_MODELS or (subfolder and name in PRESETS)):
         # Such a name stands for one known model; a subfolder would be ignored, or pick another part of its repo.
-        what = "klvae's built-in model" if name in EMBEDDED_MODELS else "a preset"
         given = f"subfolder {subfolder!r}" if subfolder else f"revision {revision!r}"
-        raise WeightsError(f"{given} given, but {name!r} is {what}, not a folder or hub repo")
+        raise WeightsError(f"{given} given, but {name!r} is {_known(name)}, not a folder or hub repo")
+    if variant is not None and (name in EMBEDDED_MODELS or name in PRESETS):
+        raise WeightsError(f"variant {variant!r} given, but {name!r} is {_known(name)}: name its hub repo instead")
     if name in EMBEDDED_MODELS:
         return _folder(embedded_model_dir(name))
     if name in PRESETS:
         return _preset(name, revision)
     if looks_like_repo_id(name) and not name.lower().endswith(WEIGHTS_SUFFIXES):
-        return _hub(name, subfolder, revision)
+        return _hub(name, subfolder, revision, variant=variant)
+    if variant is not None:
+        raise WeightsError(f"variant {variant!r} given, but {path_or_id} names no diffusers folder or hub repo")
     if hub_file := parse_hub_file(name, WEIGHTS_SUFFIXES):
         return _hub_file(str(path_or_id), *hub_file, subfolder, revision)
     raise WeightsError(f"no such file or folder, preset or hub id: {path_or_id}{_preset_hint(name)}")
+
+
+def _known(name: str) -> str:
+    return "klvae's built-in model" if name in EMBEDDED_MODELS else "a preset"
 
 
 def _preset_hint(name: str) -> str:
@@ -327,13 +364,15 @@ def load_pretrained(
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     revision: str | None = None,
+    variant: str | None = None,
 ) -> M:
     """A `cls` (AutoencoderKL) with the weights that path_or_id names, in eval mode on device/dtype."""
     # Refused before anything is read or fetched.
     _check_dtype(dtype)
     config = _as_config(config)
     device = usable_device(device) if device is not None else None
-    return load_source(cls, locate(path_or_id, subfolder, revision), config=config, dtype=dtype, device=device)
+    source = locate(path_or_id, subfolder, revision, variant)
+    return load_source(cls, source, config=config, dtype=dtype, device=device)
 
 
 def _as_config(config: object) -> AutoencoderKLConfig | str | None:
