@@ -123,7 +123,9 @@ def read_manifest(path: Path, shards: bool = False) -> list[dict[str, Any]]:
             rec = json.loads(line)
         except (ValueError, RecursionError):  # ValueError: bad JSON, or an int of 5000 digits
             continue
-        if not _is_record(rec) or (rec.get("shard") is not None and not shard_name.fullmatch(rec["shard"])):
+        if not _is_record(rec) or any(rec.get(k) is not None and not (isinstance(rec[k], str)
+                                                                      and shard_name.fullmatch(rec[k]))
+                                      for k in ("shard", "dropped")):
             raise _damaged(f"{path} line {n} is not a cache manifest record")
         if shards and (shard := rec.get("shard")):
             # A line is appended only once its shard is in place; a shard gone, or named twice, was not our doing.
@@ -255,8 +257,10 @@ def _recover(out: Path, rank: int, shapes: RowShapes) -> tuple[set[tuple[str, bo
         p.unlink()
     rows = {(m["source"], m["flip"]) for rec in records for m in rec.get("rows", [])}
     failed = {i for rec in records for i in rec.get("failed", [])}
-    # After the highest number recorded: numbers need not be contiguous (earlier versions skipped one).
-    next_no = 1 + max((int(Path(n).stem.rsplit("-", 1)[1]) for n in named), default=-1)
+    # After the highest number recorded, dropped shards' too: a reader holding the old index.json would take a new
+    # shard under a dropped one's name for its rows. Numbers need not be contiguous (earlier versions skipped one).
+    used = named | {rec["dropped"] for rec in records if rec.get("dropped")}
+    next_no = 1 + max((int(Path(n).stem.rsplit("-", 1)[1]) for n in used), default=-1)
     return rows, failed, next_no
 
 

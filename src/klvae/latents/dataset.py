@@ -104,13 +104,14 @@ class LatentDataset(Dataset):
         return keyed_generator(self.seed, self.epoch, i)
 
     def _tensor(self, shard: str, key: str) -> Tensor:
-        # One open handle per shard and process; safetensors maps the file, so a row read is a small copy.
+        # One open handle per shard and process; safetensors maps the file. Newer safetensors hand out a view of
+        # its private mapping: an in-place edit of a row (`latents += offset_noise`) would change every later read.
         # A shard missing or damaged is a one-line error naming it, not safetensors' own.
         path, h = self.root / shard, self._handles.get(shard)
         try:
             if h is None:
                 h = self._handles[shard] = safe_open(str(path), framework="pt")
-            return h.get_tensor(key)
+            return h.get_tensor(key).clone()
         except FileNotFoundError:
             raise LatentsError(f"{path}, which {self.root / 'index.json'} names, is missing: the cache is "
                                "damaged") from None
