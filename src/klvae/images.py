@@ -91,7 +91,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
             img = Image.merge("LA", (img, Image.fromarray(np.where(clear, 0, 255).astype(np.uint8), "L")))
     if img.mode == "La":  # premultiplied, which Pillow converts to LA only, not on to RGBA
         img = img.convert("LA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in img.info:
+    # Pillow puts the alpha of an RGBA image it quantises (convert("P")) in the palette, with no transparency info.
+    rgba_palette = img.mode == "P" and img.palette is not None and img.palette.mode == "RGBA"
+    if img.mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in img.info or rgba_palette:
         rgba = img.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (*_BACKGROUND, 255))
         return Image.alpha_composite(bg, rgba).convert("RGB")
@@ -149,7 +151,11 @@ def _image_errors(name: str) -> Iterator[None]:
 
 def _decode(src: str | Path | BinaryIO, name: str, max_pixels: int | None) -> Image.Image:
     with _image_errors(name), _open(src, name, max_pixels) as img:
+        low_bits = _low_bit_grey(img)
         img.load()  # a truncated or corrupt file fails here, not later in a worker's transform
+        if low_bits and isinstance(key := img.info.get("transparency"), int) and not isinstance(key, bool):
+            # Pillow scales 1-, 2- and 4-bit grey samples to 8 bits but leaves the tRNS grey as the raw sample.
+            img.info["transparency"] = key * (255 // (2**low_bits - 1))
         try:
             out = ImageOps.exif_transpose(img)
         except Exception as e:  # broken EXIF blocks are common; the pixels are still good
@@ -159,6 +165,12 @@ def _decode(src: str | Path | BinaryIO, name: str, max_pixels: int | None) -> Im
             return to_rgb(out)
         except ImageError as e:
             raise ImageError(f"{name}: {e}") from None
+
+
+def _low_bit_grey(img: Image.Image) -> int:
+    """The bits per sample of a 2- or 4-bit greyscale PNG (known from its raw mode before loading), else 0."""
+    raw = img.tile[0][3] if img.format == "PNG" and img.mode == "L" and len(img.tile) == 1 else None
+    return {"L;2": 2, "L;4": 4}.get(raw, 0) if isinstance(raw, str) else 0
 
 
 @contextlib.contextmanager
@@ -200,7 +212,8 @@ def image_size(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> tuple[i
 def _orientation(img: Image.Image) -> int:
     # A PNG may keep its EXIF after the pixels, where Pillow finds it only by decoding them all: its chunks'
     # headers are walked instead, so the size is the one load_image gives.
-    if img.format == "PNG" and "exif" not in img.info:
+    # ImageMagick 6 keeps a PNG's EXIF in a "Raw profile type exif" text chunk, which getexif() reads as well.
+    if img.format == "PNG" and "exif" not in img.info and "Raw profile type exif" not in img.info:
         late = _late_png_exif(getattr(img, "fp", None))
         if late is None:
             return 1
