@@ -169,7 +169,8 @@ def _decode(src: str | Path | BinaryIO, name: str, max_pixels: int | None) -> Im
 
 def _low_bit_grey(img: Image.Image) -> int:
     """The bits per sample of a 2- or 4-bit greyscale PNG (known from its raw mode before loading), else 0."""
-    raw = img.tile[0][3] if img.format == "PNG" and img.mode == "L" and len(img.tile) == 1 else None
+    tile = getattr(img, "tile", None) or []  # an ImageFile's, before load()
+    raw = tile[0][3] if img.format == "PNG" and img.mode == "L" and len(tile) == 1 else None
     return {"L;2": 2, "L;4": 4}.get(raw, 0) if isinstance(raw, str) else 0
 
 

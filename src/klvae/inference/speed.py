@@ -62,12 +62,14 @@ def optimize_for_inference(
     cuda = vae.device.type == "cuda"
     vae.eval()
     if _on(opts.cast_weights, cuda) and dtype in (torch.bfloat16, torch.float16):
+        _check_fits(vae, dtype)
         vae.to(dtype)
     # NHWC convolutions are faster on the CPU too (oneDNN's native layout: 7-16 % on SD's VAE, docs/benchmarks.md);
     # other backends keep NCHW unless asked.
     channels_last = _on(opts.channels_last, vae.device.type in ("cuda", "cpu"))
-    if channels_last:
-        vae.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # Module.to takes it; its stub not
+    # Both ways: a model optimised before keeps NHWC weights otherwise, and its convs round differently from NCHW.
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    vae.to(memory_format=layout)  # type: ignore[call-overload]  # Module.to takes it; its stub not
     fused = _fused_norm(opts, cuda)
     for m in vae.modules():
         if isinstance(m, Upsample):
@@ -86,6 +88,15 @@ def optimize_for_inference(
               "on" if opts.fold_upsample else "off", "on" if fused else "off",
               opts.compile_mode if opts.compile else "off")
     return vae
+
+
+def _check_fits(vae: AutoencoderKL, dtype: torch.dtype) -> None:
+    """KlvaeError for weights that `dtype` would turn into inf (every output NaN, the fp32 rerun's too)."""
+    top = torch.finfo(dtype).max
+    bad = [n for n, t in vae.state_dict().items() if t.is_floating_point() and t.numel() and t.abs().max() > top]
+    if bad:
+        raise KlvaeError(f"{len(bad)} weight(s) ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}) are beyond "
+                         f"the range of {str(dtype).removeprefix('torch.')} ({top:g}): use float32 or bfloat16")
 
 
 def _fused_norm(opts: SpeedOptions, cuda: bool) -> bool:

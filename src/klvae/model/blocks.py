@@ -23,8 +23,13 @@ class GroupNorm(nn.GroupNorm):
 
     def forward(self, x: Tensor, silu: bool = False) -> Tensor:
         """[B, C, H, W] (or [B, C, L]) -> the normalised map (then SiLU when `silu`), same shape, dtype and layout."""
-        if self.kernel is not None and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+        grads = x.requires_grad or self.weight.requires_grad or self.bias.requires_grad
+        if self.kernel is not None and not (torch.is_grad_enabled() and grads):  # the kernels record no gradients
             return self.kernel(x, self.weight, self.bias, self.num_groups, self.eps, silu)
+        if grads and not x.requires_grad and x.device.type == "cpu" and torch.is_grad_enabled():
+            # torch 2.13's CPU backward crashes (segfault) for an NHWC input that needs no gradient while the
+            # affine parameters do (a frozen part before trainable norms); in NCHW it is the same arithmetic.
+            x = x.contiguous()
         y = super().forward(x)
         return F.silu(y) if silu else y
 
