@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import perturbed_vae
+from helpers import one_error_line, perturbed_vae
 from klvae import flow
 from klvae.cli.main import main
 from klvae.diffusion import NoiseSchedule
@@ -135,6 +135,21 @@ def test_noise_shift_auto_counts_the_tokens_the_pipeline_would(
     assert main(["noise", str(img), "-o", str(out), "--schedule", "flow", "--shift", "auto", "--steps", "500",
                  "--model", str(auto_models[family])]) == 0
     assert words in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family", ["flux", "flux2"])
+def test_noise_shift_auto_of_an_image_under_one_token_names_the_image(
+    family: str, tmp_path: Path, auto_models: dict[str, Path], capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An image smaller than one FLUX token was refused (after encoding it) as a latent 'ending in [h, w] with h,
+    w >= 1', a latent the user never gave: the refusal names the image and the token's size in pixels."""
+    img = tmp_path / "img.png"
+    Image.fromarray(np.zeros((3, 56, 3), dtype=np.uint8)).save(img)
+    argv = ["noise", str(img), "-o", str(tmp_path / "sheet.png"), "--schedule", "flow", "--shift", "auto",
+            "--steps", "500", "--model", str(auto_models[family])]
+    assert main(argv) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert f"is smaller than one {'FLUX.1' if family == 'flux' else 'FLUX.2'} token (4x4 pixels)" in err, err
 
 
 # ---- betas below float64's resolution ----

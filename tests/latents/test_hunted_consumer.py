@@ -61,3 +61,10 @@ def test_a_reader_opened_before_a_damaged_shard_was_re_encoded_never_serves_anot
             continue
         # Now img3's row (shard rank000-00001, row 1) reads img2a's latents: the new shard took the dropped one's name.
         assert torch.equal(got, now[it["source"]]), it["source"]
+
+
+def test_a_cache_folder_that_does_not_exist_is_named_so(tmp_path: Path) -> None:
+    """LatentDataset("typo/") said "has no index.json: run `klvae cache` to completion first" for a folder that is
+    not there at all: a mistyped path reads as an unfinished cache."""
+    with pytest.raises(LatentsError, match=r"^no such folder: .*typo$"):
+        LatentDataset(tmp_path / "typo")

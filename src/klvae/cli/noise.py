@@ -90,14 +90,15 @@ def cmd_noise(args: argparse.Namespace) -> int:
                          f"{MAX_PIXELS:,}: show fewer --steps, or noise a smaller image")
     vae, _, dtype = load_model(args)
     family = _flow_family(vae.config) if shift == "auto" else None  # before the work, not after it
+    # The pipelines count tokens on the image cut down to whole latent cells, not on klvae's padded latent.
+    cells = (x.shape[-2] // vae.config.size_multiple, x.shape[-1] // vae.config.size_multiple)
+    _check_tokens(cells, family, vae.config.size_multiple, args.image)
     z0 = inference.encode(vae, x, dtype).mode()
     check_finite(z0, "latents", args.image)  # else a sheet of noise over NaN, as if the model were fine
     z0 = vae.scale_latents(z0)
     noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(args.seed)).to(z0.device)
     if flow:
         assert shift is not None  # _check_shift gives a flow schedule its shift
-        # The pipelines count tokens on the image cut down to whole latent cells, not on klvae's padded latent.
-        cells = (x.shape[-2] // vae.config.size_multiple, x.shape[-1] // vae.config.size_multiple)
         zts, labels, what = _flow_noised(z0, noise, args, shift, family, cells)
     else:
         zts, labels, what = _ddpm_noised(z0, noise, args, schedule)
@@ -170,6 +171,17 @@ def _flow_schedule(cells: tuple[int, int], num_steps: int, shift: float | str, f
 
 # SD3's and SD3.5's scheduler config: FlowMatchEulerDiscreteScheduler(shift=3.0), no dynamic shifting.
 _SD3_SHIFT = 3.0
+
+
+def _check_tokens(cells: tuple[int, int], family: str | None, cell: int, image: str) -> None:
+    """KlvaeError for an image too small for one token of FLUX's resolution rule (--shift auto)."""
+    if family not in ("flux", "flux2"):
+        return
+    side = cell * (2 if family == "flux" else 1)  # FLUX.1 packs 2x2 latent cells into a token
+    if min(cells) * cell < side:
+        name = "FLUX.1" if family == "flux" else "FLUX.2"
+        raise KlvaeError(f"--shift auto: {image} ({cells[1] * cell}x{cells[0] * cell} pixels in whole latent cells) "
+                         f"is smaller than one {name} token ({side}x{side} pixels): give --shift a number")
 
 
 def _flow_family(cfg: AutoencoderKLConfig) -> str:

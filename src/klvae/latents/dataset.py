@@ -48,6 +48,8 @@ class LatentDataset(Dataset):
     def __init__(self, root: str | Path, mode: str = "sample", seed: int | None = None, verify: bool = False) -> None:
         self.root = Path(root).absolute()  # a later os.chdir must not lose the shards still to be opened
         path = self.root / "index.json"
+        if not self.root.is_dir():
+            raise LatentsError(f"no such folder: {self.root}")
         if not path.is_file():
             raise LatentsError(f"{self.root} has no index.json: run `klvae cache` to completion first")
         index = parse_index(path)
