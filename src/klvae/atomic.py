@@ -31,18 +31,19 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], object], replace: bool = True) -> Path:
     """Run write(tmp) on a temporary name beside `path`, flush it to disk, then rename it onto `path` and flush the
     folder (so the rename survives a power cut); a failed write (OSError, or safetensors' own error) is an OSError
-    that names `path`."""
-    atomic_write_all([(path, write)])
+    that names `path`. With replace=False a file at `path` is kept: KlvaeError (see atomic_write_all)."""
+    atomic_write_all([(path, write)], replace)
     return Path(path)
 
 
-def atomic_write_all(files: Sequence[tuple[str | Path, Callable[[Path], object]]]) -> None:
+def atomic_write_all(files: Sequence[tuple[str | Path, Callable[[Path], object]]], replace: bool = True) -> None:
     """Several files that belong together (weights and their config.json): every one is written and flushed
     under its temporary name before the first rename, so a failure in any leaves all the old files in place
-    (and removes the folders it made for them, when still empty)."""
+    (and removes the folders it made for them, when still empty). With replace=False none replaces a file (one
+    that another process wrote since the caller looked): KlvaeError, and none of the set lands."""
     for path, _ in files:
         if Path(path).is_dir():  # else the rename's own error names the temporary file, not this one
             raise IsADirectoryError(errno.EISDIR, "a folder is there, not a file", str(path))
@@ -57,7 +58,9 @@ def atomic_write_all(files: Sequence[tuple[str | Path, Callable[[Path], object]]
             _write_flushed(path, tmp, write)
         # The set lands whole or not at all: a Ctrl-C between two renames would leave some files new and some old.
         with signals_held():
-            for tmp, path in done:
+            if not replace:
+                _place_new(done)
+            for tmp, path in done if replace else ():
                 os.replace(tmp, path)
     except BaseException:
         for tmp, _ in done:
@@ -66,6 +69,29 @@ def atomic_write_all(files: Sequence[tuple[str | Path, Callable[[Path], object]]
         raise
     for folder in dict.fromkeys(path.parent for _, path in done):
         _fsync_folder(folder)
+
+
+def _place_new(done: list[tuple[Path, Path]]) -> None:
+    """Give each temporary its name where no file has it (a hard link fails on one that is there), all or none."""
+    placed: list[Path] = []
+    try:
+        for tmp, path in done:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise KlvaeError(f"{path} appeared while this run worked (another run's?): it is kept; "
+                                 "--overwrite replaces it") from None
+            except OSError:  # a file system without hard links: a last look, then the rename
+                if path.exists():
+                    raise KlvaeError(f"{path} appeared while this run worked (another run's?): it is kept; "
+                                     "--overwrite replaces it") from None
+                os.replace(tmp, path)
+            placed.append(path)
+            tmp.unlink(missing_ok=True)
+    except BaseException:
+        for path in placed:
+            path.unlink(missing_ok=True)
+        raise
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -165,9 +191,10 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, text_writer(text))
 
 
-def atomic_save_file(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> Path:
+def atomic_save_file(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None,
+                     replace: bool = True) -> Path:
     """safetensors' save_file, atomically; a failed write (full disk, read-only folder) is an OSError naming path."""
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), replace)
 
 
 def _umask() -> int:

@@ -223,7 +223,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
         **dataclasses.asdict(vae.config.latent_norm),
         extra={"posterior": "sample" if args.sample else "mean", **prints},
     )
-    save_latents(lf, args.output)
+    save_latents(lf, args.output, replace=args.overwrite)  # one written meanwhile by another run is kept too
     log.info("encoded %d image(s) to %s%s", len(items), args.output, f", skipped {len(bad)}" if bad else "")
     return 1 if bad else 0
 

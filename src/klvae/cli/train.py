@@ -13,6 +13,7 @@ from klvae.errors import KlvaeError, quote
 
 if TYPE_CHECKING:
     from klvae.training.config import TrainConfig
+    from klvae.training.trainer import Trainer
 
 log = logging.getLogger("klvae")
 
@@ -101,7 +102,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_fresh_run(Path(cfg.train.out_dir))
     check_inputs(cfg, args.resume)
     from klvae.distributed import shutdown
-    from klvae.training.checkpoint import latest_checkpoint, saved_model_config
+    from klvae.training.checkpoint import latest_checkpoint, run_lock, saved_model_config
     from klvae.training.loop import fit
     from klvae.training.trainer import Trainer
 
@@ -109,18 +110,26 @@ def cmd_train(args: argparse.Namespace) -> int:
               if args.resume == "latest" else Path(args.resume))
     trainer = Trainer(cfg, saved_model_config(resume))
     try:
-        if args.resume is not None:
-            found = trainer.resume(None if args.resume == "latest" else resume)  # None: the torn-newest hint
-            if not found:  # as accelerate does: a new run, said loudly, since a mistyped out_dir lands here
-                log.warning("--resume: no checkpoint in %s/checkpoints, so training starts from step 0",
-                            cfg.train.out_dir)
-            elif trainer.step > cfg.train.max_steps:  # else "trained to step N" for a max_steps below N, silently
-                log.warning("resumed at step %d, past train.max_steps %d: no step to train (a longer run needs a "
-                            "larger train.max_steps)", trainer.step, cfg.train.max_steps)
-        logs = fit(trainer)
+        with run_lock(trainer.out, trainer.dist, trainer.device):
+            if args.resume is None:
+                check_fresh_run(trainer.out)  # again, locked: another run may have begun since the first look
+            else:
+                _resume(trainer, args.resume, resume)
+            logs = fit(trainer)
     finally:
         shutdown(trainer.dist)
     if trainer.dist.is_main:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(logs.items())) or "no step left to train"
         print(f"trained to step {trainer.step}: {shown}; weights in {cfg.train.out_dir}/final")
     return 0
+
+
+def _resume(trainer: Trainer, asked: str, resume: Path | None) -> None:
+    """Resume `trainer` as --resume asked (`resume`: the file it names, or the newest checkpoint)."""
+    found = trainer.resume(None if asked == "latest" else resume)  # None: the torn-newest hint
+    cfg = trainer.cfg
+    if not found:  # as accelerate does: a new run, said loudly, since a mistyped out_dir lands here
+        log.warning("--resume: no checkpoint in %s/checkpoints, so training starts from step 0", cfg.train.out_dir)
+    elif trainer.step > cfg.train.max_steps:  # else "trained to step N" for a max_steps below N, silently
+        log.warning("resumed at step %d, past train.max_steps %d: no step to train (a longer run needs a larger "
+                    "train.max_steps)", trainer.step, cfg.train.max_steps)

@@ -253,7 +253,8 @@ def _recover(out: Path, rank: int, shapes: RowShapes) -> tuple[set[tuple[str, bo
         if p.name not in named:
             log.info("removing %s, written but not recorded before an interruption", p.name)
             p.unlink()
-    for p in [*out.glob(f".rank{rank:03d}-*.tmp"), *out.glob(f".{manifest.name}.*.tmp")]:
+    index_tmp = list(out.glob(".index.json.*.tmp")) if rank == 0 else []  # rank 0 writes the index
+    for p in [*out.glob(f".rank{rank:03d}-*.tmp"), *out.glob(f".{manifest.name}.*.tmp"), *index_tmp]:
         p.unlink()
     rows = {(m["source"], m["flip"]) for rec in records for m in rec.get("rows", [])}
     failed = {i for rec in records for i in rec.get("failed", [])}

@@ -52,9 +52,9 @@ class LatentsFile:
                           self.latent_patch_size)
 
 
-def save_latents(lf: LatentsFile, path: str | Path) -> Path:
+def save_latents(lf: LatentsFile, path: str | Path, replace: bool = True) -> Path:
     """Write atomically: a temporary file in the same folder, then a rename (atomic_write makes missing folders,
-    and removes them again should the write fail)."""
+    and removes them again should the write fail); with replace=False, a file at `path` is kept (KlvaeError)."""
     path = Path(path)
     # Items that load_latents would refuse are refused here, before a file is written that could not be read back.
     missing = [i.key for i in lf.items if i.key not in lf.latents]
@@ -70,7 +70,7 @@ def save_latents(lf: LatentsFile, path: str | Path) -> Path:
         **lf.extra,
     }
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lf.latents.items()}
-    return atomic_save_file(path, tensors, meta)
+    return atomic_save_file(path, tensors, meta, replace)
 
 
 # Metadata that `klvae encode` writes beside the factors and that a reader keeps: how each latent was taken

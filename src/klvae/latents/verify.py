@@ -28,6 +28,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from klvae.atomic import folder_lock
 from klvae.checks import is_integer
 from klvae.checksum import file_sha256
 from klvae.errors import KlvaeError
@@ -132,9 +133,16 @@ def verify_cache(root: str | Path) -> CacheReport:
 def repair_cache(root: str | Path, report: CacheReport | None = None) -> list[str]:
     """Drop the shards that `report` (by default a fresh `verify_cache`) found damaged from their manifests, as
     a resume drops one whose header is damaged, so that the next `klvae cache` run on the folder encodes their
-    rows again; returns their names. Run it while no `klvae cache` writes to the folder."""
+    rows again; returns their names. Refused (KlvaeError) while a `klvae cache` run writes to the folder: a line it
+    appended while a manifest is rewritten would be lost."""
     root = Path(root)
-    report = report or verify_cache(root)
+    if not root.is_dir():
+        return _repair(root, report or verify_cache(root))  # verify_cache names what is wrong with it
+    with folder_lock(root, "klvae cache"):
+        return _repair(root, report or verify_cache(root))
+
+
+def _repair(root: Path, report: CacheReport) -> list[str]:
     if report.damaged and report.source != "manifests":
         raise KlvaeError(f"{root} has no manifests (index.json and shards alone): a damaged shard can only be "
                          "encoded again where the cache was made, or with its manifest-rank*.jsonl files copied too")

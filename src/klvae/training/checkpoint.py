@@ -10,13 +10,15 @@ import pickle
 import random
 import re
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from klvae.atomic import atomic_write, signals_held
+from klvae.atomic import atomic_write, folder_lock, held_by_another, signals_held
+from klvae.distributed import DistInfo, all_ranks
 from klvae.errors import KlvaeError, quote
 from klvae.images import not_a_file
 from klvae.model.config import AutoencoderKLConfig
@@ -289,3 +291,30 @@ def _param_state_problem(st: Any, param: torch.Tensor, amsgrad: bool) -> str | N
         elif k.endswith("exp_avg_sq") and bool((v < 0).any()):
             return f"{quote(k)} holds negative values (a mean of squares: its square root is NaN)"
     return None
+
+
+# The hidden name atomic.temp_path gives a file before its rename: .NAME.PID.HEX8.tmp
+_TEMPORARY = re.compile(r"\..+\.\d+\.[0-9a-f]{8}\.tmp")
+
+
+@contextlib.contextmanager
+def run_lock(out: Path, dist: DistInfo, device: torch.device) -> Iterator[None]:
+    """Rank 0 holds `out`'s lock while the block runs, so that a second `klvae train` there (a resume started
+    while the run trains, say) is refused on every rank instead of pruning, exporting and logging over this one;
+    under the lock, the temporaries of a run killed mid-save are removed from checkpoints/ and final/."""
+    with contextlib.ExitStack() as stack:
+        refused: KlvaeError | None = None
+        if dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            try:
+                stack.enter_context(folder_lock(out, "klvae train"))
+            except KlvaeError as e:
+                refused = e
+        if not all_ranks(refused is None, dist, device):
+            raise refused or held_by_another(out, "klvae train")
+        if dist.is_main:
+            for p in [*(out / "checkpoints").glob(".*.tmp"), *(out / "final").glob(".*.tmp")]:
+                if _TEMPORARY.fullmatch(p.name) and p.is_file():
+                    log.info("removing %s, left by a run killed while it saved", p)
+                    p.unlink(missing_ok=True)
+        yield
