@@ -187,3 +187,26 @@ def test_two_caches_started_together_into_one_folder_give_each_row_once(tmp_path
     assert sorted(it["source"] for it in items) == sorted(p.name for p in data.iterdir())
     assert {it["shard"] for it in items} == {p.name for p in out.glob("*.safetensors")}
     assert _temporaries(out) == []
+
+
+def test_decode_without_overwrite_keeps_a_picture_that_appeared_during_the_run(
+        tmp_path: Path, model: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --overwrite, decode replaced a PNG that another run wrote while this one was decoding; none of this
+    run's pictures land (they belong together), and no temporary is left."""
+    from klvae.cli import codec
+
+    data, lat, out = noise_folder(tmp_path / "data", 2, hw=(16, 16)), tmp_path / "lat.safetensors", tmp_path / "out"
+    assert main(["-q", "encode", str(data), "-o", str(lat), "--model", str(model), "--device", "cpu"]) == 0
+    real = codec.load_model
+
+    def other_run_finishes(*args: object, **kwargs: object) -> object:
+        out.mkdir()
+        (out / "img1.png").write_bytes(b"another run's picture")  # after this run's check, before its save
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(codec, "load_model", other_run_finishes)
+    status = main(["-q", "decode", str(lat), "-o", str(out), "--model", str(model), "--device", "cpu"])
+    assert status == 2
+    assert "--overwrite replaces it" in one_error_line(capsys.readouterr().err)
+    assert sorted(p.name for p in out.iterdir()) == ["img1.png"]
+    assert (out / "img1.png").read_bytes() == b"another run's picture"

@@ -367,8 +367,8 @@ _PLAUSIBLE_LATENT = 1e4
 
 
 def write_pngs(vae: AutoencoderKL, lf: LatentsFile, names: list[str], out: Path, dtype: torch.dtype,
-               tiling: inference.TileOptions | None, where: str) -> None:
-    """Decode every item of `lf` to out/names[n], all landing together (atomic_write_all)."""
+               tiling: inference.TileOptions | None, where: str, replace: bool = True) -> None:
+    """Decode every item of `lf` to out/names[n], all landing together (atomic_write_all, `replace` passed on)."""
     with progress_bar(total=len(names), desc="decoding", unit="img") as bar:
 
         def counted(write: Callable[[Path], None]) -> Callable[[Path], None]:
@@ -379,7 +379,7 @@ def write_pngs(vae: AutoencoderKL, lf: LatentsFile, names: list[str], out: Path,
             return run
 
         atomic_write_all([(out / name, counted(_png_writer(vae, lf, n, dtype, tiling, where)))
-                          for n, name in enumerate(names)])
+                          for n, name in enumerate(names)], replace)
 
 
 def _warn_if_another_model(vae: AutoencoderKL, lf: LatentsFile, model: str) -> None:
@@ -448,7 +448,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     if differences := _norm_differences(lf.norm, vae.config.latent_norm):
         log.warning("latents were scaled with other factors than the model's: %s; using the file's",
                     "; ".join(differences))
-    write_pngs(vae, lf, names, out, dtype, tiling, args.latents)
+    write_pngs(vae, lf, names, out, dtype, tiling, args.latents, args.overwrite)
     log.info("decoded %d image(s) to %s", len(lf.items), out)
     return 0
 

@@ -144,6 +144,6 @@ def decode_comfy(args: argparse.Namespace) -> int:
                            f"{want} (SD 1.x/2.x and SDXL 4, SD3 and FLUX.1 16, FLUX.2 128): latents of another VAE?")
     lf = comfy_latents_file(cl.samples, item_names, norm, vae.config.size_multiple, str(args.model))
     check_items(vae, lf, args.latents)
-    write_pngs(vae, lf, names, out, dtype, tiling, args.latents)
+    write_pngs(vae, lf, names, out, dtype, tiling, args.latents, args.overwrite)
     log.info("decoded %d image(s) to %s", len(names), out)
     return 0

@@ -37,7 +37,7 @@ def decode_plain(args: argparse.Namespace) -> int:
     cell = vae.downsample_factor * norm.latent_patch_size
     lf = batch_latents_file(t.float(), item_names, norm, cell, str(args.model))
     check_items(vae, lf, args.latents)
-    write_pngs(vae, lf, names, out, dtype, tiling, args.latents)
+    write_pngs(vae, lf, names, out, dtype, tiling, args.latents, args.overwrite)
     log.info("decoded %d image(s) to %s", len(names), out)
     return 0
 
