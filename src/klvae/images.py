@@ -461,9 +461,10 @@ def check_format_size(path: str | Path, width: int, height: int) -> None:
                          f"{width}x{height}; write .png instead")
 
 
-def save_image_atomic(img: Image.Image, path: str | Path, **save_kwargs: Any) -> Path:
-    """Write img to path via a temporary file and os.replace, so a reader never sees half a file."""
+def save_image_atomic(img: Image.Image, path: str | Path, replace: bool = True, **save_kwargs: Any) -> Path:
+    """Write img to path via a temporary file and os.replace, so a reader never sees half a file (with
+    replace=False, a file at `path` is kept: KlvaeError)."""
     p = Path(path)
     fmt = image_format_for(p)
     check_format_size(p, *img.size)
-    return atomic_write(p, lambda tmp: write_image(img, tmp, fmt, **save_kwargs))
+    return atomic_write(p, lambda tmp: write_image(img, tmp, fmt, **save_kwargs), replace)

@@ -210,3 +210,21 @@ def test_decode_without_overwrite_keeps_a_picture_that_appeared_during_the_run(
     assert "--overwrite replaces it" in one_error_line(capsys.readouterr().err)
     assert sorted(p.name for p in out.iterdir()) == ["img1.png"]
     assert (out / "img1.png").read_bytes() == b"another run's picture"
+
+
+def test_reconstruct_without_overwrite_keeps_a_picture_that_appeared_during_the_run(
+        tmp_path: Path, model: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --overwrite, reconstruct replaced an output that another run wrote while this one worked."""
+    from klvae.cli import codec
+
+    image, out = noise_folder(tmp_path / "data", 1, hw=(16, 16)) / "img0.png", tmp_path / "recon.png"
+    real = codec.load_model
+
+    def other_run_finishes(*args: object, **kwargs: object) -> object:
+        out.write_bytes(b"another run's picture")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(codec, "load_model", other_run_finishes)
+    assert main(["-q", "reconstruct", str(image), "-o", str(out), "--model", str(model), "--device", "cpu"]) == 2
+    assert "--overwrite replaces it" in one_error_line(capsys.readouterr().err)
+    assert out.read_bytes() == b"another run's picture" and _temporaries(tmp_path) == []

@@ -493,6 +493,6 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     # computed first, so nothing fails after.
     picture = tensor_to_pil(y[0])
     scores = _quality(x, pil_to_tensor(as_written(picture, out))[None])
-    save_image_atomic(picture, out)
+    save_image_atomic(picture, out, replace=args.overwrite)
     _print_quality(args, out, x, scores)
     return 0

@@ -108,7 +108,7 @@ def cmd_noise(args: argparse.Namespace) -> int:
     for img, t in zip(torch.cat(images), args.steps, strict=True):
         check_finite(img, "pixels", f"{args.image} noised to t={t}")  # unclamped inf would pass for white
     tiles = [(label, tensor_to_pil(img)) for label, img in zip(labels, torch.cat(images), strict=True)]
-    save_image_atomic(_sheet(tiles), args.output)
+    save_image_atomic(_sheet(tiles), args.output, replace=args.overwrite)
     print(f"wrote {args.output}: t = {', '.join(str(t) for t in args.steps)} ({what})")
     return 0
 
