@@ -279,3 +279,21 @@ def _restore(previous: dict[int, Any]) -> None:
     """Put back the handlers that signals_held replaced."""
     for s, handler in previous.items():
         signal.signal(s, handler)
+
+
+def inside(path: Path, folder: Path) -> bool:
+    """Whether `path` is `folder` or lies below it, by its path as given or by where its links lead."""
+    places = {Path(os.path.abspath(path))}
+    with contextlib.suppress(OSError, RuntimeError):  # a symlink loop: no folder lies behind it
+        places.add(path.resolve())
+    return any(a.exists() and os.path.samefile(a, folder) for p in places for a in (p, *p.parents))
+
+
+def check_not_in_data(out: str | Path, flag: str, data: str, data_flag: str = "--data") -> None:
+    """KlvaeError when the output folder `out` is the data folder (`data_flag`) or lies inside it: what a command
+    writes there would become part of the data (a rerun of eval would score its own report's PNGs)."""
+    folder, out = Path(data), Path(out)
+    if not folder.is_dir() or not inside(out, folder):
+        return  # a glob, a parquet or tar file: only the files it names are read
+    where = "is" if out.exists() and os.path.samefile(out, folder) else "is inside"
+    raise KlvaeError(f"{flag} {out} {where} the input folder ({data_flag} {data}); name a folder outside it")

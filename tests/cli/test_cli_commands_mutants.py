@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 import klvae
 from helpers import one_error_line, rgb_image, saved_tiny_model
+from klvae import atomic
 from klvae.cli import codec_info, comfy, common, noise
 from klvae.cli.main import main
 from klvae.diffusion import NoiseSchedule
@@ -421,13 +422,13 @@ def test_check_not_in_data_says_is_or_is_inside(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
     with pytest.raises(KlvaeError, match=f"--out {data} is the input folder"):
-        common.check_not_in_data(data, "--out", str(data))
+        atomic.check_not_in_data(data, "--out", str(data))
     with pytest.raises(KlvaeError, match=f"--out {data / 'r'} is inside the input folder"):
-        common.check_not_in_data(data / "r", "--out", str(data))
-    common.check_not_in_data(tmp_path / "r", "--out", str(data))
+        atomic.check_not_in_data(data / "r", "--out", str(data))
+    atomic.check_not_in_data(tmp_path / "r", "--out", str(data))
     shards = tmp_path / "data.tar"  # a file of data, not a folder: only what it holds is read
     shards.write_bytes(b"x")
-    common.check_not_in_data(shards, "--out", str(shards))
+    atomic.check_not_in_data(shards, "--out", str(shards))
 
 
 def test_check_seed_names_its_flag() -> None:

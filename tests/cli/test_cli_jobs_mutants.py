@@ -9,11 +9,11 @@ PNGs, which model a load error names, the speed levers reaching the models, `~` 
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from helpers import one_error_line, rgb_image
@@ -63,7 +63,8 @@ def test_train_summary_line_shows_4_significant_digits(
     class FakeTrainer:
         def __init__(self, cfg: object, resumed: object = None) -> None:
             self.step = 7
-            self.dist = argparse.Namespace(is_main=True)
+            self.dist = klvae.distributed.DistInfo()
+            self.out, self.device = Path(cfg.train.out_dir), torch.device("cpu")  # type: ignore[attr-defined]
 
     monkeypatch.setattr(train_cli, "check_inputs", lambda cfg, resume: None)
     monkeypatch.setattr(klvae.training.trainer, "Trainer", FakeTrainer)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import math
 import os
@@ -14,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from klvae.atomic import temp_path
+from klvae.atomic import inside, temp_path
 from klvae.errors import KlvaeError, cut
 from klvae.images import IMAGE_EXTENSIONS
 from klvae.inference.precision import resolve_dtype, usable_device
@@ -193,14 +192,6 @@ def _check_name_lengths(p: Path, parent: Path, flag: str, folder: bool) -> None:
                              f"system{how}; it takes names of up to {limit} bytes")
 
 
-def inside(path: Path, folder: Path) -> bool:
-    """Whether `path` is `folder` or lies below it, by its path as given or by where its links lead."""
-    places = {Path(os.path.abspath(path))}
-    with contextlib.suppress(OSError, RuntimeError):  # a symlink loop: no folder lies behind it
-        places.add(path.resolve())
-    return any(a.exists() and os.path.samefile(a, folder) for p in places for a in (p, *p.parents))
-
-
 def package_dir() -> Path:
     """The installed klvae package, which holds its built-in models (assets/demo)."""
     return Path(__file__).resolve().parents[1]
@@ -260,16 +251,6 @@ def check_not_the_model(out: Path, flag: str, source: WeightsSource, *, folder: 
         # vae/, another weights file) becomes part of the new model's folder.
         if folder and inside(f, out):
             raise KlvaeError(f"{flag} {out} holds {what} ({f}); name another place")
-
-
-def check_not_in_data(out: str | Path, flag: str, data: str, data_flag: str = "--data") -> None:
-    """KlvaeError when the output folder `out` is the data folder (`data_flag`) or lies inside it: what a command
-    writes there would become part of the data (a rerun of eval would score its own report's PNGs)."""
-    folder, out = Path(data), Path(out)
-    if not folder.is_dir() or not inside(out, folder):
-        return  # a glob, a parquet or tar file: only the files it names are read
-    where = "is" if out.exists() and os.path.samefile(out, folder) else "is inside"
-    raise KlvaeError(f"{flag} {out} {where} the input folder ({data_flag} {data}); name a folder outside it")
 
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,

@@ -13,10 +13,8 @@ from klvae.cli.common import (
     add_run_args,
     add_tiling_args,
     check_named,
-    check_not_in_data,
     check_output_path,
     exists_error,
-    inside,
     tiling_from_args,
 )
 from klvae.errors import KlvaeError, first_line, flag, flag_errors
@@ -159,7 +157,7 @@ def _flag(name: str, *value: object) -> str:
 @flag_errors  # EvalOptions' checks name its fields
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate the models and write the report; exit 1 when some images were unreadable or a model failed on some."""
-    from klvae.evaluation.evaluate import EvalOptions, build_metric_nets, run_evaluation
+    from klvae.evaluation.evaluate import EvalOptions, build_metric_nets, check_report_place, run_evaluation
     from klvae.inference import resolve_dtype, usable_device
     from klvae.latents.sources import open_source
     from klvae.weights.load import BuiltinName
@@ -174,11 +172,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_named(args.data, "--data")
     check_output_path(args.output, folder=True)  # before the work, not after it
     check_report_output(Path(args.output), args.overwrite)
-    check_not_in_data(args.output, "--output", args.data)  # a rerun would score the report's PNGs as data
-    if (pictures := Path(args.output) / "images").is_dir() and inside(Path(args.data), pictures):
-        # The report's pictures would land among the data, and --overwrite deletes the old ones there.
-        raise KlvaeError(f"--output {args.output}: its images/ folder, where the report's pictures go, holds the "
-                         f"data (--data {args.data}); name another --output")
+    check_report_place(args.output, args.data, "--output", "--data")
     source = open_source(args.data, image_column=args.image_column)  # bad data before any model or download
     if not source.ids:
         raise KlvaeError(f"--data {args.data} holds no images")

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
+from klvae.atomic import check_not_in_data
 from klvae.cli.common import (
     add_model_args,
     check_model_output,
     check_named,
-    check_not_in_data,
     check_not_the_model,
     check_output_path,
     check_seed,

@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from klvae.cli.common import check_named, check_not_in_data, check_output_path
+from klvae.atomic import check_not_in_data
+from klvae.cli.common import check_named, check_output_path
 from klvae.errors import KlvaeError, quote
 
 if TYPE_CHECKING:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from klvae import __version__, inference
+from klvae.atomic import check_not_in_data, inside
 from klvae.errors import ImageError, KlvaeError, Namer, OptionError, first_line, keyword, none_read, quote
 from klvae.evaluation.fid import FEATURE_DIM, FIDReference
 from klvae.evaluation.metrics import MetricAccumulator, psnr, ssim
@@ -440,6 +441,16 @@ def build_summary(res: EvalResult, data: str, opts: EvalOptions, device: torch.d
     }
 
 
+def check_report_place(out: str | Path, data: str | Path, out_name: str, data_name: str) -> None:
+    """KlvaeError when the report's folder is the data folder or lies inside it (a rerun would score the report's
+    PNGs as data), or its images/ folder, where the report's pictures go, holds the data."""
+    check_not_in_data(out, out_name, str(data), data_name)
+    if (pictures := Path(out) / "images").is_dir() and inside(Path(data), pictures):
+        # The report's pictures would land among the data, and an overwrite deletes the old ones there.
+        raise KlvaeError(f"{out_name} {out}: its images/ folder, where the report's pictures go, holds the data "
+                         f"({data_name} {data}); name another {out_name}")
+
+
 def run_evaluation(
     models: Mapping[str, AutoencoderKL],
     data: str | Path,
@@ -459,6 +470,7 @@ def run_evaluation(
     check_models(models)
     if Path(out_dir).exists() and not Path(out_dir).is_dir():  # found before the work, not by the report's mkdir
         raise KlvaeError(f"the report's folder {out_dir} is a file")
+    check_report_place(out_dir, data, "out_dir", "data")
     device = device if device is not None else next(iter(models.values())).device
     nets = nets if nets is not None else build_metric_nets(device)
     data = str(data)
