@@ -58,10 +58,11 @@ def atomic_write_all(files: Sequence[tuple[str | Path, Callable[[Path], object]]
             _write_flushed(path, tmp, write)
         # The set lands whole or not at all: a Ctrl-C between two renames would leave some files new and some old.
         with signals_held():
-            if not replace:
+            if replace:
+                for tmp, path in done:
+                    os.replace(tmp, path)
+            else:
                 _place_new(done)
-            for tmp, path in done if replace else ():
-                os.replace(tmp, path)
     except BaseException:
         for tmp, _ in done:
             tmp.unlink(missing_ok=True)
@@ -74,17 +75,20 @@ def atomic_write_all(files: Sequence[tuple[str | Path, Callable[[Path], object]]
 def _place_new(done: list[tuple[Path, Path]]) -> None:
     """Give each temporary its name where no file has it (a hard link fails on one that is there), all or none."""
     placed: list[Path] = []
+
+    def kept(path: Path) -> KlvaeError:
+        return KlvaeError(f"{path} appeared while this run worked (another run's?): it is kept; --overwrite "
+                          "replaces it")
+
     try:
         for tmp, path in done:
             try:
                 os.link(tmp, path)
             except FileExistsError:
-                raise KlvaeError(f"{path} appeared while this run worked (another run's?): it is kept; "
-                                 "--overwrite replaces it") from None
+                raise kept(path) from None
             except OSError:  # a file system without hard links: a last look, then the rename
                 if path.exists():
-                    raise KlvaeError(f"{path} appeared while this run worked (another run's?): it is kept; "
-                                     "--overwrite replaces it") from None
+                    raise kept(path) from None
                 os.replace(tmp, path)
             placed.append(path)
             tmp.unlink(missing_ok=True)
