@@ -54,7 +54,7 @@ def test_a_missing_variant_is_one_line_naming_those_there(tmp_path: Path) -> Non
     assert "diffusion_pytorch_model.bf16.safetensors" in msg and "diffusion_pytorch_model.fp16.safetensors" in msg
 
 
-@pytest.mark.parametrize("bad", ["../x", "", "fp16.safetensors", "a b"])
+@pytest.mark.parametrize("bad", ["../x", "", "fp16.safetensors", "a b", "fp16\n"])
 def test_a_bad_variant_name_is_refused(bad: str, tmp_path: Path) -> None:
     """A variant that is no plain name (a path, an empty string) is refused before anything is read."""
     folder = perturbed_vae().save_pretrained(tmp_path / "vae")

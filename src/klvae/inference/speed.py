@@ -93,7 +93,9 @@ def optimize_for_inference(
 def _check_fits(vae: AutoencoderKL, dtype: torch.dtype) -> None:
     """KlvaeError for weights that `dtype` would turn into inf (every output NaN, the fp32 rerun's too)."""
     top = torch.finfo(dtype).max
-    bad = [n for n, t in vae.state_dict().items() if t.is_floating_point() and t.numel() and t.abs().max() > top]
+    # Cast as the weights will be: fp16 rounds up to 65519.99... down to its largest value, inf only past that.
+    bad = [n for n, t in vae.state_dict().items()
+           if t.is_floating_point() and t.numel() and bool(torch.isinf(t.abs().max().to(dtype)))]
     if bad:
         raise KlvaeError(f"{len(bad)} weight(s) ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}) are beyond "
                          f"the range of {str(dtype).removeprefix('torch.')} ({top:g}): use float32 or bfloat16")

@@ -22,7 +22,8 @@ class GroupNorm(nn.GroupNorm):
         self.kernel: NormKernel | None = None
 
     def forward(self, x: Tensor, silu: bool = False) -> Tensor:
-        """[B, C, H, W] (or [B, C, L]) -> the normalised map (then SiLU when `silu`), same shape, dtype and layout."""
+        """[B, C, H, W] (or [B, C, L]) -> the normalised map (then SiLU when `silu`), same shape, dtype and layout
+        (NCHW, though, for an NHWC input needing no gradient under trainable norms on the CPU: see below)."""
         grads = x.requires_grad or self.weight.requires_grad or self.bias.requires_grad
         if self.kernel is not None and not (torch.is_grad_enabled() and grads):  # the kernels record no gradients
             return self.kernel(x, self.weight, self.bias, self.num_groups, self.eps, silu)

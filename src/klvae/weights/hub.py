@@ -29,7 +29,7 @@ _TRUE = {"1", "on", "yes", "true"}
 
 def variant_names(variant: str) -> tuple[str, str]:
     """The weights files of a diffusers variant ("fp16": diffusion_pytorch_model.fp16.safetensors, then .bin)."""
-    if not isinstance(variant, str) or not _VARIANT.match(variant):
+    if not isinstance(variant, str) or not _VARIANT.fullmatch(variant):
         raise WeightsError(f"variant {variant!r} is not a variant name such as 'fp16'")
     safe, pickled = (n.replace(".", f".{variant}.", 1) for n in WEIGHTS_NAMES)
     return safe, pickled
