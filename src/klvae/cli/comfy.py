@@ -118,7 +118,7 @@ def encode_comfy(args: argparse.Namespace, paths: list[Path], by_size: dict[tupl
         raise KlvaeError(none_read(len(paths)))
     meta = {"klvae.model": str(args.model), "klvae.posterior": "sample" if args.sample else "mean",
             "klvae.images": json.dumps([p.name for p in done])}
-    save_comfy_latent(args.output, z, meta)
+    save_comfy_latent(args.output, z, meta, replace=args.overwrite)
     log.info("encoded %d image(s) to %s, latents %s%s", len(done), args.output, list(z.shape),
              f", skipped {len(bad)}" if bad else "")
     return 1 if bad else 0

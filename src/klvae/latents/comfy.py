@@ -118,13 +118,15 @@ def load_comfy_latent(path: str | Path) -> ComfyLatent:
     return ComfyLatent(samples=samples, old_format=old, metadata=dict(metadata))
 
 
-def save_comfy_latent(path: str | Path, samples: Tensor, metadata: dict[str, str] | None = None) -> Path:
-    """Write a `.latent` file as SaveLatent does (float32 samples and the version marker), atomically."""
+def save_comfy_latent(path: str | Path, samples: Tensor, metadata: dict[str, str] | None = None,
+                      replace: bool = True) -> Path:
+    """Write a `.latent` file as SaveLatent does (float32 samples and the version marker), atomically (with
+    replace=False, a file at `path` is kept: KlvaeError)."""
     if samples.ndim != 4 or 0 in samples.shape:
         raise ValueError(f"ComfyUI latents are one non-empty [B, C, h, w] batch, got shape {list(samples.shape)}")
     tensors = {LATENT_KEY: samples.detach().to("cpu", torch.float32).contiguous(),
                VERSION_MARKER: torch.tensor([])}
-    return atomic_save_file(path, tensors, metadata)
+    return atomic_save_file(path, tensors, metadata, replace)
 
 
 def comfy_item_names(path: str | Path, count: int) -> list[str]:
