@@ -56,10 +56,11 @@ def guess_family(keys: Iterable[str]) -> str | None:
 
 # Words in a lone VAE file's name that tell its family where shapes cannot (SDXL's VAE is SD's network, SD3's is
 # FLUX.1's): sdxl_vae.safetensors, sd3_vae.safetensors ... Each starts a word (not "ssd1b", SSD-1B's SDXL VAE, as
-# sd1; nor "influx"), separators inside it optional (sd_xl, sd-1.5); Playground v2 (SDXL's factors) is no v2.5.
+# sd1; nor "influx"), separators inside it optional (sd_xl, sd-1.5); Playground v2 (SDXL's factors) is no v2.5,
+# nor its 512px repo's playground-v2-512px.
 _SEP = r"[-_. ]?"
 _NAME_HINTS = tuple((re.compile(rf"(?<![a-z]){word}"), family) for word, family in (
-    (rf"playground{_SEP}v?2{_SEP}5", "playground25"), (rf"sd{_SEP}xl", "sdxl"), (rf"sd{_SEP}3", "sd3"),
+    (rf"playground{_SEP}v?2{_SEP}5(?!\d)", "playground25"), (rf"sd{_SEP}xl", "sdxl"), (rf"sd{_SEP}3", "sd3"),
     (rf"flux{_SEP}2", "flux2"), ("flux", "flux"), (rf"sd{_SEP}2", "sd2"), (rf"sd{_SEP}1", "sd15"),
     (rf"vae{_SEP}ft{_SEP}(?:mse|ema)", "sd15"),
 ))
