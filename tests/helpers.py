@@ -310,3 +310,16 @@ def benchmark_script(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# Tiny models whose latent normalisation is FLUX.1's (16 channels, its factors) or FLUX.2's (2x2 patches, per-channel
+# statistics): what `klvae noise --shift auto` tells the families by.
+_FLUX_LIKE = {"latent_channels": 16, "scaling_factor": 0.3611, "shift_factor": 0.1159}
+_FLUX2_LIKE = {"latent_patch_size": 2, "scaling_factor": 1.0, "latents_mean": tuple(0.1 * i for i in range(16)),
+               "latents_std": tuple(1 + 0.05 * i for i in range(16))}
+
+
+def flux_like_models(root: Path) -> dict[str, Path]:
+    """{"flux": folder, "flux2": folder}: tiny FLUX.1-like and FLUX.2-like models saved under `root`."""
+    return {name: perturbed_vae("tiny", **kw).save_pretrained(root / name)
+            for name, kw in (("flux", _FLUX_LIKE), ("flux2", _FLUX2_LIKE))}

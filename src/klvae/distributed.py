@@ -3,13 +3,19 @@ data-loading worker processes this machine can take."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from klvae.atomic import folder_lock, held_by_another
+from klvae.errors import KlvaeError
 
 log = logging.getLogger(__name__)
 
@@ -147,3 +153,20 @@ def quiet_on_sigterm(worker_id: int) -> None:
     worker loop exits quietly on KeyboardInterrupt), not by the signal, which the main process would report as a
     traceback ("DataLoader worker ... is killed by signal: Terminated") after its own one-line exit."""
     signal.signal(signal.SIGTERM, _interrupt)
+
+
+@contextlib.contextmanager
+def job_lock(folder: Path, job: str, info: DistInfo, device: torch.device) -> Iterator[None]:
+    """Rank 0 holds `folder`'s lock (atomic.folder_lock; the folder must exist there) while the block runs; when
+    another `job` holds it, every rank stops before touching anything (its other ranks would otherwise write over
+    the running job's files of the same rank numbers)."""
+    with contextlib.ExitStack() as stack:
+        refused: KlvaeError | None = None
+        if info.is_main:
+            try:
+                stack.enter_context(folder_lock(folder, job))
+            except KlvaeError as e:
+                refused = e
+        if not all_ranks(refused is None, info, device):
+            raise refused or held_by_another(folder, job)
+        yield

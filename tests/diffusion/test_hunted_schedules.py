@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import one_error_line, perturbed_vae
+from helpers import flux_like_models, one_error_line
 from klvae import flow
 from klvae.cli.main import main
 from klvae.diffusion import NoiseSchedule
@@ -100,16 +100,9 @@ def test_a_zero_dimensional_latent_is_a_clear_error(name: str) -> None:
 
 # ---- klvae noise --shift auto: the pipeline's token count ----
 
-_FLUX_LIKE = {"latent_channels": 16, "scaling_factor": 0.3611, "shift_factor": 0.1159}
-_FLUX2_LIKE = {"latent_patch_size": 2, "scaling_factor": 1.0, "latents_mean": tuple(0.1 * i for i in range(16)),
-               "latents_std": tuple(1 + 0.05 * i for i in range(16))}
-
-
 @pytest.fixture(scope="module")
 def auto_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("auto_models")
-    return {name: perturbed_vae("tiny", **kw).save_pretrained(root / name)
-            for name, kw in (("flux", _FLUX_LIKE), ("flux2", _FLUX2_LIKE))}
+    return flux_like_models(tmp_path_factory.mktemp("auto_models"))
 
 
 @pytest.mark.parametrize(("family", "height", "words"), [

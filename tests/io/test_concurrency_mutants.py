@@ -158,28 +158,22 @@ def _kept(capsys: pytest.CaptureFixture[str], output: Path) -> None:
     assert _temporaries(output.parent) == []
 
 
-def test_plain_decode_without_overwrite_keeps_a_picture_that_appeared_during_the_run(
-        tmp_path: Path, model: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    """Without --overwrite, decoding a plain tensor replaces a PNG that another run wrote meanwhile."""
-    torch.save(torch.randn(2, 4, 3, 5, generator=torch.Generator().manual_seed(0)), tmp_path / "z.pt")
-    out = tmp_path / "out"
-    _appears(monkeypatch, "klvae.cli.plain", out / "z_01.png")
-    assert main(["-q", "decode", str(tmp_path / "z.pt"), "-o", str(out), "--model", str(model),
+@pytest.mark.parametrize(("kind", "name"), [("plain", "z.pt"), ("comfy", "x.latent")])
+def test_decode_of_another_kind_without_overwrite_keeps_a_picture_that_appeared_during_the_run(
+        kind: str, name: str, tmp_path: Path, model: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --overwrite, decoding a plain tensor (or a ComfyUI .latent) replaces a PNG that another run wrote
+    meanwhile."""
+    if kind == "plain":
+        torch.save(torch.randn(2, 4, 3, 5, generator=torch.Generator().manual_seed(0)), tmp_path / name)
+    else:
+        save_comfy_latent(tmp_path / name, torch.zeros(2, 4, 4, 4))
+    out, picture = tmp_path / "out", f"{name.split('.')[0]}_01.png"
+    _appears(monkeypatch, f"klvae.cli.{kind}", out / picture)
+    assert main(["-q", "decode", str(tmp_path / name), "-o", str(out), "--model", str(model),
                  "--device", "cpu"]) == 2
-    _kept(capsys, out / "z_01.png")
-    assert sorted(p.name for p in out.iterdir()) == ["z_01.png"]
-
-
-def test_comfy_decode_without_overwrite_keeps_a_picture_that_appeared_during_the_run(
-        tmp_path: Path, model: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    """Without --overwrite, decoding a ComfyUI .latent replaces a PNG that another run wrote meanwhile."""
-    save_comfy_latent(tmp_path / "x.latent", torch.zeros(2, 4, 4, 4))
-    out = tmp_path / "out"
-    _appears(monkeypatch, "klvae.cli.comfy", out / "x_01.png")
-    assert main(["-q", "decode", str(tmp_path / "x.latent"), "-o", str(out), "--model", str(model),
-                 "--device", "cpu"]) == 2
-    _kept(capsys, out / "x_01.png")
-    assert sorted(p.name for p in out.iterdir()) == ["x_01.png"]
+    _kept(capsys, out / picture)
+    assert sorted(p.name for p in out.iterdir()) == [picture]
 
 
 def test_noise_without_overwrite_keeps_a_sheet_that_appeared_during_the_run(

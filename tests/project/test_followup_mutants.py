@@ -30,6 +30,7 @@ from helpers import (
     assert_same_weights,
     cache_vae,
     fake_hub_cache,
+    flux_like_models,
     noise_folder,
     one_error_line,
     perturbed_vae,
@@ -44,16 +45,10 @@ from klvae.model.blocks import GroupNorm
 from klvae.training.checkpoint import load_checkpoint
 from oracles import SMALL, klvae_flux2
 
-_FLUX_LIKE = {"latent_channels": 16, "scaling_factor": 0.3611, "shift_factor": 0.1159}
-_FLUX2_LIKE = {"latent_patch_size": 2, "scaling_factor": 1.0, "latents_mean": tuple(0.1 * i for i in range(16)),
-               "latents_std": tuple(1 + 0.05 * i for i in range(16))}
-
 
 @pytest.fixture(scope="module")
 def flux_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("flux_models")
-    return {name: perturbed_vae("tiny", **kw).save_pretrained(root / name)
-            for name, kw in (("flux", _FLUX_LIKE), ("flux2", _FLUX2_LIKE))}
+    return flux_like_models(tmp_path_factory.mktemp("flux_models"))
 
 
 def _png(path: Path, h: int, w: int) -> Path:

@@ -7,19 +7,17 @@ index on rank 0 and says what was done, so that `LatentDataset(out)` reads the c
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from klvae.atomic import folder_lock, held_by_another, make_folders, remove_made_folders
-from klvae.distributed import DistInfo, all_ranks, all_sum, barrier
+from klvae.atomic import make_folders, remove_made_folders
+from klvae.distributed import DistInfo, all_sum, barrier, job_lock
 from klvae.errors import KlvaeError, OptionError, quote
 from klvae.inference.precision import compute_dtype, resolve_dtype
 from klvae.latents import cache
@@ -109,7 +107,7 @@ def build_cache(vae: AutoencoderKL, data: str | os.PathLike[str] | ItemSource, o
     # write_index remove the cache's).
     made = make_folders(root if dist.is_main else root.parent)  # rank 0's lock is on the cache's folder itself
     try:
-        with _job_lock(root, dist, vae.device):
+        with job_lock(root, "klvae cache", dist, vae.device):
             counts = cache.cache_rank(vae, source, root, opts, compute, dist.rank, dist.world, fingerprints,
                                       locked=True)
             counts = _sum_over_ranks(counts, dist, vae.device)
@@ -171,23 +169,6 @@ def _check_out(out: Path, data: object) -> Path:
         if where == top or top in where.parents:
             raise KlvaeError(f"cache folder {out} is inside the data folder {folder}; name a folder outside it")
     return out
-
-
-@contextlib.contextmanager
-def _job_lock(root: Path, dist: DistInfo, device: torch.device) -> Iterator[None]:
-    """Rank 0 holds `root`'s folder lock from before any rank touches the folder until the index is written; when
-    another job holds it, every rank stops before touching anything (its other ranks would otherwise remove and
-    write the running job's files of the same rank numbers)."""
-    with contextlib.ExitStack() as stack:
-        refused: KlvaeError | None = None
-        if dist.is_main:
-            try:
-                stack.enter_context(folder_lock(root, "klvae cache"))
-            except KlvaeError as e:
-                refused = e
-        if not all_ranks(refused is None, dist, device):
-            raise refused or held_by_another(root, "klvae cache")
-        yield
 
 
 def _sum_over_ranks(counts: dict[str, int], dist: DistInfo, device: torch.device) -> dict[str, int]:

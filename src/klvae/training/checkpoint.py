@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from klvae.atomic import atomic_write, folder_lock, held_by_another, signals_held
-from klvae.distributed import DistInfo, all_ranks
+from klvae.atomic import atomic_write, signals_held
+from klvae.distributed import DistInfo, job_lock
 from klvae.errors import KlvaeError, quote
 from klvae.images import not_a_file
 from klvae.model.config import AutoencoderKLConfig
@@ -302,16 +302,9 @@ def run_lock(out: Path, dist: DistInfo, device: torch.device) -> Iterator[None]:
     """Rank 0 holds `out`'s lock while the block runs, so that a second `klvae train` there (a resume started
     while the run trains, say) is refused on every rank instead of pruning, exporting and logging over this one;
     under the lock, the temporaries of a run killed mid-save are removed from checkpoints/ and final/."""
-    with contextlib.ExitStack() as stack:
-        refused: KlvaeError | None = None
-        if dist.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            try:
-                stack.enter_context(folder_lock(out, "klvae train"))
-            except KlvaeError as e:
-                refused = e
-        if not all_ranks(refused is None, dist, device):
-            raise refused or held_by_another(out, "klvae train")
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    with job_lock(out, "klvae train", dist, device):
         if dist.is_main:
             for p in [*(out / "checkpoints").glob(".*.tmp"), *(out / "final").glob(".*.tmp")]:
                 if _TEMPORARY.fullmatch(p.name) and p.is_file():

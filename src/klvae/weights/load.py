@@ -185,15 +185,7 @@ def locate(path_or_id: str | Path, subfolder: str | None = None, revision: str |
     if path.exists() and not isinstance(path_or_id, BuiltinName):
         return _local(path, subfolder, revision, variant)
     name, revision = _split_revision(str(path_or_id), revision)
-    # '..' would lead huggingface_hub's cache lookup (refs/<revision>) out of the cache.
-    if revision is not None and (not _REVISION.match(revision) or ".." in revision):
-        raise WeightsError(f"revision {revision!r} is not a branch, tag or commit name")
-    if (subfolder or revision) and (name in EMBEDDED_MODELS or (subfolder and name in PRESETS)):
-        # Such a name stands for one known model; a subfolder would be ignored, or pick another part of its repo.
-        given = f"subfolder {subfolder!r}" if subfolder else f"revision {revision!r}"
-        raise WeightsError(f"{given} given, but {name!r} is {_known(name)}, not a folder or hub repo")
-    if variant is not None and (name in EMBEDDED_MODELS or name in PRESETS):
-        raise WeightsError(f"variant {variant!r} given, but {name!r} is {_known(name)}: name its hub repo instead")
+    _check_named(name, subfolder, revision, variant)
     if name in EMBEDDED_MODELS:
         return _folder(embedded_model_dir(name))
     if name in PRESETS:
@@ -205,6 +197,19 @@ def locate(path_or_id: str | Path, subfolder: str | None = None, revision: str |
     if hub_file := parse_hub_file(name, WEIGHTS_SUFFIXES):
         return _hub_file(str(path_or_id), *hub_file, subfolder, revision)
     raise WeightsError(f"no such file or folder, preset or hub id: {path_or_id}{_preset_hint(name)}")
+
+
+def _check_named(name: str, subfolder: str | None, revision: str | None, variant: str | None) -> None:
+    """Refuse a bad revision, and a subfolder, revision or variant given with a name that stands for one model."""
+    # '..' would lead huggingface_hub's cache lookup (refs/<revision>) out of the cache.
+    if revision is not None and (not _REVISION.match(revision) or ".." in revision):
+        raise WeightsError(f"revision {revision!r} is not a branch, tag or commit name")
+    if (subfolder or revision) and (name in EMBEDDED_MODELS or (subfolder and name in PRESETS)):
+        # Such a name stands for one known model; a subfolder would be ignored, or pick another part of its repo.
+        given = f"subfolder {subfolder!r}" if subfolder else f"revision {revision!r}"
+        raise WeightsError(f"{given} given, but {name!r} is {_known(name)}, not a folder or hub repo")
+    if variant is not None and (name in EMBEDDED_MODELS or name in PRESETS):
+        raise WeightsError(f"variant {variant!r} given, but {name!r} is {_known(name)}: name its hub repo instead")
 
 
 def _known(name: str) -> str:
