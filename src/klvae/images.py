@@ -154,7 +154,7 @@ def _decode(src: str | Path | BinaryIO, name: str, max_pixels: int | None) -> Im
         low_bits = _low_bit_grey(img)
         img.load()  # a truncated or corrupt file fails here, not later in a worker's transform
         if low_bits and isinstance(key := img.info.get("transparency"), int) and not isinstance(key, bool):
-            # Pillow scales 1-, 2- and 4-bit grey samples to 8 bits but leaves the tRNS grey as the raw sample.
+            # Pillow scales 2- and 4-bit grey samples to 8 bits but leaves the tRNS grey as the raw sample.
             img.info["transparency"] = key * (255 // (2**low_bits - 1))
         try:
             out = ImageOps.exif_transpose(img)
