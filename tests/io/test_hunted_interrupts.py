@@ -123,15 +123,20 @@ def test_ctrl_c_while_decodes_pngs_are_renamed_leaves_all_of_them_or_none(
     latents = tmp_path / "lat.safetensors"
     assert main(["-q", "encode", str(data), "-o", str(latents), "--model", str(model), "--device", "cpu"]) == 0
     out = tmp_path / "decoded"
-    real_replace, renames = os.replace, [0]
+    renames = [0]
 
-    def replace(src: Any, dst: Any) -> None:
-        renames[0] += 1
-        if renames[0] == 2:
-            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C once the first PNG is in place
-        real_replace(src, dst)
+    def counted(real: Any) -> Any:
+        def place(src: Any, dst: Any) -> None:
+            renames[0] += 1
+            if renames[0] == 2:
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C once the first PNG is in place
+            real(src, dst)
 
-    monkeypatch.setattr(os, "replace", replace)
+        return place
+
+    # Without --overwrite the PNGs are linked into place (never over a file), with it renamed: both are counted.
+    monkeypatch.setattr(os, "replace", counted(os.replace))
+    monkeypatch.setattr(os, "link", counted(os.link))
     status = main(["-q", "decode", str(latents), "-o", str(out), "--model", str(model), "--device", "cpu"])
     assert status == 130
     assert capsys.readouterr().err.strip() == "klvae: interrupted"

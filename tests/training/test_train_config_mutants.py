@@ -10,17 +10,19 @@ count; and the command's default world size, its " data.train=" without a config
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
 from helpers import one_error_line
 from klvae.cli.main import main
+from klvae.distributed import DistInfo
 from klvae.errors import KlvaeError
 from klvae.training.config import (
     MAX_CONFIG_DEPTH,
@@ -240,9 +242,11 @@ def test_data_train_with_spaces_before_it_is_enough_without_a_config(capsys: pyt
 class _FakeTrainer:
     main_rank = True
 
-    def __init__(self, cfg: object, resumed: object = None) -> None:
+    def __init__(self, cfg: Any, resumed: object = None) -> None:
         self.step = 3
-        self.dist = argparse.Namespace(is_main=self.main_rank)
+        # One process whose rank says main or not: no collective runs (the run lock's included).
+        self.dist = DistInfo(rank=0 if self.main_rank else 1, world=1)
+        self.out, self.device = Path(cfg.train.out_dir), torch.device("cpu")
 
 
 def _fake_run(monkeypatch: pytest.MonkeyPatch, fit: object, main_rank: bool) -> list[object]:
