@@ -73,11 +73,10 @@ class WeightsSource:
 
 
 def _folder(d: Path, variant: str | None = None) -> WeightsSource:
-    if variant is not None:
-        return _variant_in_folder(d, variant)
-    for name in FOLDER_WEIGHTS:
+    # A `variant` ("fp16") reads diffusion_pytorch_model.<variant>.safetensors (else .bin), as diffusers does.
+    for name in variant_names(variant) if variant is not None else FOLDER_WEIGHTS:
         if (d / name).is_file():
-            if ".fp16." in name:
+            if ".fp16." in name and variant is None:
                 log.info("%s: only the fp16 variant is there, using %s", d, name)
             config = d / CONFIG_NAME
             if config.exists() and not config.is_file():  # else ignored, and the factors guessed from shapes
@@ -86,21 +85,11 @@ def _folder(d: Path, variant: str | None = None) -> WeightsSource:
     if (d / "vae" / CONFIG_NAME).is_file():
         log.info("%s is a pipeline folder: using its vae/ subfolder", d)
         return _folder(d / "vae", variant)
+    if variant is not None:
+        there = sorted(p.name for p in d.glob("diffusion_pytorch_model.*.*") if p.name.count(".") == 2)
+        raise WeightsError(f"{d} has no {' or '.join(variant_names(variant))} (variant {variant!r}; "
+                           f"{'the variants there: ' + ', '.join(there) if there else 'it holds no variant'})")
     raise WeightsError(f"{d} has no {' or '.join(FOLDER_WEIGHTS[:2])} (a pipeline folder? pass subfolder='vae')")
-
-
-def _variant_in_folder(d: Path, variant: str) -> WeightsSource:
-    """A diffusers folder's `variant` weights (diffusion_pytorch_model.<variant>.safetensors, else .bin), as
-    diffusers' from_pretrained(variant=...) reads them; WeightsError where the folder has none."""
-    if (d / "vae" / CONFIG_NAME).is_file() and not (d / CONFIG_NAME).is_file():
-        log.info("%s is a pipeline folder: using its vae/ subfolder", d)
-        d = d / "vae"
-    for name in variant_names(variant):
-        if (d / name).is_file():
-            return WeightsSource(d / name, d / CONFIG_NAME if (d / CONFIG_NAME).is_file() else None)
-    there = sorted(p.name for p in d.glob("diffusion_pytorch_model.*.*") if p.name.count(".") == 2)
-    raise WeightsError(f"{d} has no {' or '.join(variant_names(variant))} (variant {variant!r}; "
-                       f"{'the variants there: ' + ', '.join(there) if there else 'it holds no variant'})")
 
 
 def _hub(repo_id: str, subfolder: str | None, revision: str | None, preset: str | None = None,
