@@ -58,22 +58,12 @@ def config_changes(saved: object, cfg: TrainConfig) -> list[str]:
     return [f"{k} {quote(before[k], 100)} → {quote(now[k], 100)}" for k in keys]
 
 
-def saved_field(state: dict[str, Any], section: str, name: str) -> Any:
-    """`section`.`name` of the config a checkpoint was written with; None where it cannot be read."""
-    try:
-        return json.loads(state.get("config") or "{}").get(section, {}).get(name)
-    except (ValueError, TypeError, AttributeError, RecursionError):
-        return None
-
-
 def saved_data_field(state: dict[str, Any], name: str) -> Any:
     """data.`name` of the config a checkpoint was written with; None where it cannot be read."""
-    return saved_field(state, "data", name)
-
-
-def exported_ema(state: dict[str, Any]) -> bool:
-    """Whether the run that wrote a checkpoint exported its EMA (as weights.read takes the checkpoint as a model)."""
-    return state.get("ema") is not None and saved_field(state, "train", "export_ema") is not False
+    try:
+        return json.loads(state.get("config") or "{}").get("data", {}).get(name)
+    except (ValueError, TypeError, AttributeError, RecursionError):
+        return None
 
 
 def saved_global_batch(state: dict[str, Any]) -> int | None:

@@ -38,12 +38,12 @@ from klvae.training.losses import AutoencoderLoss
 from klvae.training.model_setup import build_model
 from klvae.training.resume import (
     config_changes,
-    exported_ema,
     resumed_batch,
     saved_data_field,
     saved_global_batch,
 )
 from klvae.weights import check_state_dict, config_to_diffusers
+from klvae.weights.read import exports_ema
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ class Trainer:
             self.export_stale = True  # final/ may hold the superseded steps' export, however new it is
             log.warning("%d checkpoint(s) of this run are past step %d (%s ...): renamed to *.superseded, so that "
                         "this run's own are the ones resumed and pruned", len(later), self.step, later[0].name)
-        if exported_ema(state) != (self.exported_model() is not self.vae):
+        if exports_ema(state) != (self.exported_model() is not self.vae):
             self.export_stale = True  # train.export_ema (or the EMA) changed: final/ holds the other weights
         self._warn_if_streams_reshard(state)
         self._warn_if_config_changed(state)

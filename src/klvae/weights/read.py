@@ -254,16 +254,21 @@ def _is_training_checkpoint(obj: dict[Any, Any]) -> bool:
     return isinstance(obj.get("vae"), dict) and isinstance(obj.get("opt_ae"), dict) and isinstance(obj.get("step"), int)
 
 
-def _training_checkpoint_weights(obj: dict[str, Any], path: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    """The weights that the run's final/ export would hold (the EMA's where the run exports it) and the model's
-    config (newer checkpoints carry it), from a klvae training checkpoint."""
+def exports_ema(obj: dict[str, Any]) -> bool:
+    """Whether a klvae training checkpoint's run exports its EMA: it kept one, and train.export_ema is not off."""
     try:
         export_ema = json.loads(obj.get("config") or "{}").get("train", {}).get("export_ema", True)
     except (ValueError, TypeError, AttributeError, RecursionError):  # a config that is no JSON text of a dict
         export_ema = True
+    return obj.get("ema") is not None and export_ema is not False
+
+
+def _training_checkpoint_weights(obj: dict[str, Any], path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """The weights that the run's final/ export would hold (the EMA's where the run exports it) and the model's
+    config (newer checkpoints carry it), from a klvae training checkpoint."""
     weights, which = _plain_dict(obj["vae"]), "the model's weights"
     ema = _plain_dict(obj.get("ema"))
-    if export_ema is not False and isinstance(ema, dict):
+    if exports_ema(obj) and isinstance(ema, dict):
         # AveragedModel's state_dict: the model's keys under module., and its update count.
         weights = {k.removeprefix("module."): v for k, v in ema.items()
                    if isinstance(k, str) and k.startswith("module.")}
