@@ -230,10 +230,13 @@ class DiffusersVAE(nn.Module):
         device: str | torch.device | None = None,
         config: AutoencoderKLConfig | str | None = None,
         variant: str | None = None,
+        use_safetensors: bool | None = None,
+        local_files_only: bool = False,
     ) -> DiffusersVAE:
         """Load as klvae's AutoencoderKL.from_pretrained does (diffusers folders, single files, hub ids) and wrap."""
         vae = AutoencoderKL.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, config=config,
-                                            dtype=torch_dtype, device=device, revision=revision, variant=variant)
+                                            dtype=torch_dtype, device=device, revision=revision, variant=variant,
+                                            use_safetensors=use_safetensors, local_files_only=local_files_only)
         return cls(vae)
 
     @classmethod
@@ -243,10 +246,11 @@ class DiffusersVAE(nn.Module):
         config: AutoencoderKLConfig | str | None = None,
         torch_dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
+        local_files_only: bool = False,
     ) -> DiffusersVAE:
         """One weights file, as klvae's AutoencoderKL.from_single_file loads it, wrapped (no hub config needed)."""
         return cls(AutoencoderKL.from_single_file(pretrained_model_link_or_path, config=config, dtype=torch_dtype,
-                                                  device=device))
+                                                  device=device, local_files_only=local_files_only))
 
     def save_pretrained(self, save_directory: str | Path, safe_serialization: bool = True) -> Path:
         """Write a diffusers folder (config.json + weights) that diffusers and klvae both load."""

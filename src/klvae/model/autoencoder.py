@@ -193,14 +193,19 @@ class AutoencoderKL(nn.Module):
         device: str | torch.device | None = None,
         revision: str | None = None,
         variant: str | None = None,
+        use_safetensors: bool | None = None,
+        local_files_only: bool = False,
     ) -> AutoencoderKL:
         """Load a diffusers folder, a single LDM/diffusers file, a hub id, or a preset name's hub weights; a hub
         id or preset at a branch, tag or commit with `revision` (or as "org/name@revision"); a folder's or hub
-        repo's `variant` ("fp16": diffusion_pytorch_model.fp16.safetensors) where given."""
+        repo's `variant` ("fp16": diffusion_pytorch_model.fp16.safetensors) where given. As in diffusers,
+        `use_safetensors=True` reads safetensors only, False pickled .bin only, and `local_files_only` never
+        asks the network (the hub cache only)."""
         from klvae.weights.load import load_pretrained
 
         return load_pretrained(cls, path_or_id, subfolder=subfolder, config=config, dtype=dtype, device=device,
-                               revision=revision, variant=variant)
+                               revision=revision, variant=variant, use_safetensors=use_safetensors,
+                               local_files_only=local_files_only)
 
     @classmethod
     def from_single_file(
@@ -209,12 +214,13 @@ class AutoencoderKL(nn.Module):
         config: AutoencoderKLConfig | str | dict[str, Any] | None = None,
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
+        local_files_only: bool = False,
     ) -> AutoencoderKL:
         """One weights file (an LDM or FLUX VAE file, a full SD checkpoint's VAE): diffusers' name for loading it."""
         if Path(path).is_dir():
             raise ValueError(f"{path} is a folder: from_single_file takes one weights file (from_pretrained takes "
                              "folders)")
-        return cls.from_pretrained(path, config=config, dtype=dtype, device=device)
+        return cls.from_pretrained(path, config=config, dtype=dtype, device=device, local_files_only=local_files_only)
 
     def save_pretrained(self, directory: str | Path, **kwargs: Any) -> Path:
         """Write config.json + diffusion_pytorch_model.safetensors, loadable by diffusers too."""

@@ -35,6 +35,14 @@ def variant_names(variant: str) -> tuple[str, str]:
     return safe, pickled
 
 
+def by_format(names: tuple[str, ...], use_safetensors: bool | None) -> tuple[str, ...]:
+    """The weights file names that diffusers' `use_safetensors` allows: True safetensors only, False the pickled
+    (.bin) ones only, None both (safetensors first)."""
+    if use_safetensors is None:
+        return names
+    return tuple(n for n in names if (".safetensors" in n) == bool(use_safetensors))
+
+
 def looks_like_repo_id(s: str) -> bool:
     """Whether `s` has the form org/name of a hub repository."""
     return bool(_REPO_ID.match(s)) and ".." not in s
@@ -48,14 +56,14 @@ def parse_hub_file(s: str, suffixes: tuple[str, ...]) -> tuple[str, str, str | N
     return m["repo"], m["file"], m.groupdict().get("rev")
 
 
-def fetch_hub_file(repo_id: str, filename: str, revision: str | None = None) -> Path:
-    """The local path of one file of a hub repo, downloaded or cached."""
+def fetch_hub_file(repo_id: str, filename: str, revision: str | None = None, local_only: bool = False) -> Path:
+    """The local path of one file of a hub repo, downloaded or cached (only from the cache with `local_only`)."""
     from huggingface_hub.utils import EntryNotFoundError
 
     try:
-        path = _download(repo_id, filename, None, revision)
+        path = _download(repo_id, filename, None, revision, local_only)
     except (OSError, ValueError, EntryNotFoundError) as e:
-        raise WeightsError(_describe(e, repo_id, filename, revision)) from None
+        raise WeightsError(_describe(e, repo_id, filename, revision, local_only)) from None
     log.info("hub %s%s: %s", repo_id, f"@{revision}" if revision else "", path)
     return path
 
@@ -98,18 +106,19 @@ def _cache_dir() -> str | None:
     return None
 
 
-def _download(repo_id: str, filename: str, subfolder: str | None, revision: str | None) -> Path:
+def _download(repo_id: str, filename: str, subfolder: str | None, revision: str | None,
+              local_only: bool = False) -> Path:
     from huggingface_hub import hf_hub_download
 
     path = hf_hub_download(
         repo_id, filename, subfolder=subfolder or None, revision=revision, cache_dir=_cache_dir(),
-        local_files_only=_offline() or _no_network(),
+        local_files_only=local_only or _offline() or _no_network(),
         library_name="klvae",
     )
     return Path(path)
 
 
-def _describe(e: Exception, repo_id: str, filename: str, revision: str | None = None) -> str:
+def _describe(e: Exception, repo_id: str, filename: str, revision: str | None = None, local_only: bool = False) -> str:
     """One line for a person from a huggingface_hub exception."""
     from huggingface_hub.utils import (
         EntryNotFoundError,
@@ -123,6 +132,8 @@ def _describe(e: Exception, repo_id: str, filename: str, revision: str | None = 
     if isinstance(e, LocalEntryNotFoundError):
         if _offline():
             return f"HF_HUB_OFFLINE is set and {where} is not in the local cache"
+        if local_only:
+            return f"local_files_only is set and {where} is not in the local cache"
         if _no_network():
             return f"no network (the hub's host name does not resolve) and {where} is not in the local cache"
         return f"cannot reach the hub and {where} is not in the local cache"
@@ -138,39 +149,42 @@ def _describe(e: Exception, repo_id: str, filename: str, revision: str | None = 
 
 
 def fetch_diffusers_files(repo_id: str, subfolder: str | None = None, revision: str | None = None,
-                          variant: str | None = None) -> tuple[Path, Path]:
-    """Local paths of config.json and the weights (safetensors, else .bin; of `variant`, such as "fp16", where
-    given) of a hub repo, downloaded or cached; `revision` is a branch, tag or commit (default: main)."""
-    names = variant_names(variant) if variant is not None else WEIGHTS_NAMES
+                          variant: str | None = None, use_safetensors: bool | None = None,
+                          local_only: bool = False) -> tuple[Path, Path]:
+    """Local paths of config.json and the weights (safetensors, else .bin, as `use_safetensors` allows; of
+    `variant`, such as "fp16", where given) of a hub repo, downloaded or cached (only cached with `local_only`);
+    `revision` is a branch, tag or commit (default: main)."""
+    names = by_format(variant_names(variant) if variant is not None else WEIGHTS_NAMES, use_safetensors)
     from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
 
     def shown(name: str) -> str:
         return f"{subfolder}/{name}" if subfolder else name
 
     try:
-        config = _download(repo_id, CONFIG_NAME, subfolder, revision)
+        config = _download(repo_id, CONFIG_NAME, subfolder, revision, local_only)
     except (OSError, ValueError, EntryNotFoundError) as e:
         if subfolder or not isinstance(e, EntryNotFoundError):  # LocalEntryNotFoundError is one too
-            raise WeightsError(_describe(e, repo_id, shown(CONFIG_NAME), revision)) from None
+            raise WeightsError(_describe(e, repo_id, shown(CONFIG_NAME), revision, local_only)) from None
         try:  # a pipeline repo (its model_index.json at the top), as a local pipeline folder is taken
-            config, subfolder = _download(repo_id, CONFIG_NAME, "vae", revision), "vae"
+            config, subfolder = _download(repo_id, CONFIG_NAME, "vae", revision, local_only), "vae"
         except (OSError, ValueError, EntryNotFoundError):
             # Offline, a repo never fetched lacks both: then the hint would only mislead.
             hint = "" if isinstance(e, LocalEntryNotFoundError) else " (a pipeline repo? pass subfolder='vae')"
-            raise WeightsError(_describe(e, repo_id, CONFIG_NAME, revision) + hint) from None
+            raise WeightsError(_describe(e, repo_id, CONFIG_NAME, revision, local_only) + hint) from None
         log.info("%s is a pipeline repo: using its vae/ subfolder", repo_id)
     first: Exception | None = None
     for name in names:
         try:
-            weights = _download(repo_id, name, subfolder, revision)
+            weights = _download(repo_id, name, subfolder, revision, local_only)
         except (OSError, ValueError, EntryNotFoundError) as e:
             # Fall back to .bin only when the file is absent (remotely or in the cache), not on other failures.
             if not isinstance(e, EntryNotFoundError):
-                raise WeightsError(_describe(e, repo_id, shown(name), revision)) from None
+                raise WeightsError(_describe(e, repo_id, shown(name), revision, local_only)) from None
             first = first or e
             continue
         log.info("hub %s%s%s: %s", repo_id, f"@{revision}" if revision else "", f" ({subfolder})" if subfolder else "",
                  weights)
         return config, weights
     assert first is not None
-    raise WeightsError(_describe(first, repo_id, shown(names[0]) + " (nor .bin)", revision))
+    nor = " (nor .bin)" if len(names) > 1 else f" (use_safetensors={use_safetensors})"
+    raise WeightsError(_describe(first, repo_id, shown(names[0]) + nor, revision, local_only))

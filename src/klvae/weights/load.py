@@ -20,6 +20,7 @@ from klvae.weights.convert import StateDict, to_diffusers
 from klvae.weights.diffusers_config import batch_norm_eps, read_config_json, read_json_object
 from klvae.weights.hub import (
     CONFIG_NAME,
+    by_format,
     fetch_diffusers_files,
     fetch_hub_file,
     looks_like_repo_id,
@@ -34,6 +35,7 @@ from klvae.weights.latent_bn import BFL_EPS, pop_latent_bn, with_latent_stats
 from klvae.weights.read import (  # noqa: F401
     CONFIG_METADATA,
     PICKLE_SUFFIXES,
+    SAFETENSORS_SUFFIXES,
     WEIGHTS_SUFFIXES,
     RawWeights,
     header_keys,
@@ -41,6 +43,7 @@ from klvae.weights.read import (  # noqa: F401
     read_state_dict,
     read_weights,
     shard_files,
+    sniff_format,
     torch_file_problem,
 )
 
@@ -72,9 +75,10 @@ class WeightsSource:
         return [self.weights, *shards] + ([self.config_json] if self.config_json is not None else [])
 
 
-def _folder(d: Path, variant: str | None = None) -> WeightsSource:
+def _folder(d: Path, variant: str | None = None, use_safetensors: bool | None = None) -> WeightsSource:
     # A `variant` ("fp16") reads diffusion_pytorch_model.<variant>.safetensors (else .bin), as diffusers does.
-    for name in variant_names(variant) if variant is not None else FOLDER_WEIGHTS:
+    names = by_format(variant_names(variant) if variant is not None else FOLDER_WEIGHTS, use_safetensors)
+    for name in names:
         if (d / name).is_file():
             if ".fp16." in name and variant is None:
                 log.info("%s: only the fp16 variant is there, using %s", d, name)
@@ -84,17 +88,32 @@ def _folder(d: Path, variant: str | None = None) -> WeightsSource:
             return WeightsSource(d / name, config if config.is_file() else None)
     if (d / "vae" / CONFIG_NAME).is_file():
         log.info("%s is a pipeline folder: using its vae/ subfolder", d)
-        return _folder(d / "vae", variant)
+        return _folder(d / "vae", variant, use_safetensors)
     if variant is not None:
         there = sorted(p.name for p in d.glob("diffusion_pytorch_model.*.*") if p.name.count(".") == 2)
-        raise WeightsError(f"{d} has no {' or '.join(variant_names(variant))} (variant {variant!r}; "
+        raise WeightsError(f"{d} has no {' or '.join(names)} (variant {variant!r}; "
                            f"{'the variants there: ' + ', '.join(there) if there else 'it holds no variant'})")
+    if use_safetensors is not None:
+        raise WeightsError(f"{d} has no {' or '.join(names[:2])} (use_safetensors={use_safetensors})")
     raise WeightsError(f"{d} has no {' or '.join(FOLDER_WEIGHTS[:2])} (a pipeline folder? pass subfolder='vae')")
 
 
+def _check_format(name: str, use_safetensors: bool | None, path: Path | None = None) -> None:
+    """Refuse one weights file that `use_safetensors` rules out (True: a pickle; False: safetensors), read by its
+    content where it is here (a .ckpt may hold safetensors), else by its name."""
+    if use_safetensors is None:
+        return
+    kind = sniff_format(path) if path is not None and path.is_file() else None
+    lower = name.lower()
+    safe = kind == "safetensors" if kind else lower.endswith((*SAFETENSORS_SUFFIXES, ".safetensors.index.json"))
+    if safe != bool(use_safetensors):
+        kind = "a safetensors file" if safe else "not a safetensors file"
+        raise WeightsError(f"use_safetensors={use_safetensors} given, but {name} is {kind}")
+
+
 def _hub(repo_id: str, subfolder: str | None, revision: str | None, preset: str | None = None,
-         variant: str | None = None) -> WeightsSource:
-    config, weights = fetch_diffusers_files(repo_id, subfolder, revision, variant)
+         variant: str | None = None, use_safetensors: bool | None = None, local_only: bool = False) -> WeightsSource:
+    config, weights = fetch_diffusers_files(repo_id, subfolder, revision, variant, use_safetensors, local_only)
     return WeightsSource(weights, config, preset)
 
 
@@ -140,7 +159,8 @@ def _split_revision(name: str, revision: str | None) -> tuple[str, str | None]:
     return base, rev
 
 
-def _local(path: Path, subfolder: str | None, revision: str | None, variant: str | None = None) -> WeightsSource:
+def _local(path: Path, subfolder: str | None, revision: str | None, variant: str | None = None,
+           use_safetensors: bool | None = None) -> WeightsSource:
     if revision:
         kind = "folder" if path.is_dir() else "file"
         raise WeightsError(f"revision {revision!r} given, but {path} is a local {kind}, not a hub repo")
@@ -151,19 +171,22 @@ def _local(path: Path, subfolder: str | None, revision: str | None, variant: str
         if not path.is_dir():
             raise WeightsError(f"no such folder: {path}")
     if path.is_dir():
-        return _folder(path, variant)
+        return _folder(path, variant, use_safetensors)
     if variant is not None:
         raise WeightsError(f"variant {variant!r} given, but {path} is one weights file, not a diffusers folder")
+    _check_format(str(path), use_safetensors, path)
     # A diffusers folder's weights named alone: its config.json beside them is the model's, not a guess from shapes.
     beside = path.parent / CONFIG_NAME
     return WeightsSource(path, beside if path.name in FOLDER_WEIGHTS and beside.is_file() else None)
 
 
 def locate(path_or_id: str | Path, subfolder: str | None = None, revision: str | None = None,
-           variant: str | None = None) -> WeightsSource:
+           variant: str | None = None, use_safetensors: bool | None = None,
+           local_files_only: bool = False) -> WeightsSource:
     """Where the weights (and config.json) named by path_or_id are, fetching from the hub when needed; a hub id or
     preset may name a revision (branch, tag or commit) as `org/name@rev` or with `revision`; a diffusers folder or
-    hub repo its `variant` ("fp16": diffusion_pytorch_model.fp16.safetensors)."""
+    hub repo its `variant` ("fp16": diffusion_pytorch_model.fp16.safetensors). `use_safetensors` and
+    `local_files_only` mean what they mean to diffusers' from_pretrained."""
     if subfolder:
         _check_subfolder(subfolder)
     if variant is not None:
@@ -172,19 +195,20 @@ def locate(path_or_id: str | Path, subfolder: str | None = None, revision: str |
         raise WeightsError("the model's name is empty: name a folder, a weights file, a hub id or a preset")
     path = Path(path_or_id).expanduser()
     if path.exists() and not isinstance(path_or_id, BuiltinName):
-        return _local(path, subfolder, revision, variant)
+        return _local(path, subfolder, revision, variant, use_safetensors)
     name, revision = _split_revision(str(path_or_id), revision)
     _check_named(name, subfolder, revision, variant)
     if name in EMBEDDED_MODELS:
-        return _folder(embedded_model_dir(name))
+        return _folder(embedded_model_dir(name), use_safetensors=use_safetensors)
     if name in PRESETS:
-        return _preset(name, revision)
+        return _preset(name, revision, use_safetensors, local_files_only)
     if looks_like_repo_id(name) and not name.lower().endswith(WEIGHTS_SUFFIXES):
-        return _hub(name, subfolder, revision, variant=variant)
+        return _hub(name, subfolder, revision, None, variant, use_safetensors, local_files_only)
     if variant is not None:
         raise WeightsError(f"variant {variant!r} given, but {path_or_id} names no diffusers folder or hub repo")
     if hub_file := parse_hub_file(name, WEIGHTS_SUFFIXES):
-        return _hub_file(str(path_or_id), *hub_file, subfolder, revision)
+        _check_format(hub_file[1], use_safetensors)
+        return _hub_file(str(path_or_id), *hub_file, subfolder, revision, local_files_only)
     raise WeightsError(f"no such file or folder, preset or hub id: {path_or_id}{_preset_hint(name)}")
 
 
@@ -214,27 +238,29 @@ def _preset_hint(name: str) -> str:
     return f" ({f'did you mean {near[0]!r}? ' if near else ''}the built-in names: {', '.join(known)})"
 
 
-def _preset(name: str, revision: str | None) -> WeightsSource:
+def _preset(name: str, revision: str | None, use_safetensors: bool | None = None,
+            local_only: bool = False) -> WeightsSource:
     """A preset's released weights: a diffusers folder in a hub repo, or one file (BFL's small decoder)."""
     if name in PRESET_HUB_FILES:
-        return WeightsSource(fetch_hub_file(*PRESET_HUB_FILES[name], revision), preset=name)
+        _check_format(PRESET_HUB_FILES[name][1], use_safetensors)
+        return WeightsSource(fetch_hub_file(*PRESET_HUB_FILES[name], revision, local_only), preset=name)
     if name not in PRESET_HUB_IDS:
         raise WeightsError(f"preset {name!r} has no released weights: it is an architecture to build with random "
                            f"weights (AutoencoderKL({name!r}) in Python, or `klvae info --model {name}` to describe "
                            "it)")
     repo_id, preset_sub = PRESET_HUB_IDS[name]
-    return _hub(repo_id, preset_sub, revision, preset=name)
+    return _hub(repo_id, preset_sub, revision, name, None, use_safetensors, local_only)
 
 
 def _hub_file(given: str, repo_id: str, filename: str, url_revision: str | None, subfolder: str | None,
-              revision: str | None) -> WeightsSource:
+              revision: str | None, local_only: bool = False) -> WeightsSource:
     """One weights file of a hub repo (org/name/file.safetensors, or its huggingface.co address)."""
     if subfolder:
         raise WeightsError(f"subfolder {subfolder!r} given, but {given} names one file")
     if url_revision is not None and revision is not None and revision != url_revision:
         raise WeightsError(f"{given} names revision {url_revision!r}, but revision {revision!r} is given too")
     try:
-        return WeightsSource(fetch_hub_file(repo_id, filename, revision or url_revision))
+        return WeightsSource(fetch_hub_file(repo_id, filename, revision or url_revision, local_only))
     except WeightsError as e:
         # It may as well have been a local path with a typo: say both.
         raise WeightsError(f"no such local file {given}, nor as a hub file: {e}") from None
@@ -359,13 +385,15 @@ def load_pretrained(
     device: str | torch.device | None = None,
     revision: str | None = None,
     variant: str | None = None,
+    use_safetensors: bool | None = None,
+    local_files_only: bool = False,
 ) -> M:
     """A `cls` (AutoencoderKL) with the weights that path_or_id names, in eval mode on device/dtype."""
     # Refused before anything is read or fetched.
     _check_dtype(dtype)
     config = _as_config(config)
     device = usable_device(device) if device is not None else None
-    source = locate(path_or_id, subfolder, revision, variant)
+    source = locate(path_or_id, subfolder, revision, variant, use_safetensors, local_files_only)
     return load_source(cls, source, config=config, dtype=dtype, device=device)
 
 
