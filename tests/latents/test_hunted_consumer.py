@@ -68,3 +68,17 @@ def test_a_cache_folder_that_does_not_exist_is_named_so(tmp_path: Path) -> None:
     not there at all: a mistyped path reads as an unfinished cache."""
     with pytest.raises(LatentsError, match=r"^no such folder: .*typo$"):
         LatentDataset(tmp_path / "typo")
+
+
+def test_mode_mean_on_a_sample_cache_says_it_is_a_sample(tmp_path: Path, vae: klvae.AutoencoderKL,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """LatentDataset(mode="mean") on a `--store sample` cache served each row's one sample as its mean, unsaid."""
+    build_cache(vae, noise_folder(tmp_path / "data", 1, hw=(32, 32)), tmp_path / "out", store="sample",
+                **SMALL_CACHE)
+    with caplog.at_level("WARNING", logger="klvae"):
+        LatentDataset(tmp_path / "out")
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="klvae"):
+        ds = LatentDataset(tmp_path / "out", mode="mean")
+    assert "one posterior sample per image" in caplog.text and "--store moments" in caplog.text
+    torch.testing.assert_close(ds[0]["latents"], LatentDataset(tmp_path / "out")[0]["latents"])

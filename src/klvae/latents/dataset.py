@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import operator
 from collections import defaultdict
 from collections.abc import Iterator
@@ -22,13 +23,17 @@ from klvae.latents.verify import verify_cache
 from klvae.model.latent_norm import LatentNorm
 from klvae.posterior import DiagonalGaussian
 
+log = logging.getLogger(__name__)
+
 
 class LatentDataset(Dataset):
     """Scaled latents ((z - shift) * scale, as the diffusion model wants them) and each row's metadata.
 
     With moments stored, `mode="sample"` draws z from the posterior on every access (augmentation, as
-    LDM training does) and `mode="mean"` returns its mean. With a seed, an item's noise depends only on
-    (seed, epoch, index): the same in any DataLoader worker and on every run; `set_epoch` changes it.
+    LDM training does) and `mode="mean"` returns its mean; a cache of one sample per image has no mean
+    (`mode="mean"` returns the sample, with a warning), and scaled means are returned as stored. With a seed,
+    an item's noise depends only on (seed, epoch, index): the same in any DataLoader worker and on every run;
+    `set_epoch` changes it.
 
     An item is a dict: "latents" [C, h, w] (for FLUX.2, latent_patch_size 2: 4x latent_channels patched
     channels at half the VAE latent's size, as its pipelines take them); the index's own fields, plain JSON
@@ -67,6 +72,9 @@ class LatentDataset(Dataset):
         except (TypeError, ValueError) as e:  # klvae writes valid factors: these are damaged
             raise LatentsError(f"{path}: {first_line(e)}: the index is damaged; `klvae cache` run again on this "
                                "folder writes it anew") from None
+        if mode == "mean" and self.store == "sample":  # else each row's one sample would pass for its mean unsaid
+            log.warning("%s holds one posterior sample per image (--store sample), not its mean: mode='mean' "
+                        "returns that sample (a cache made with --store moments or scaled holds the mean)", self.root)
         self.mode = mode
         self.seed = seed
         # In shared memory: persistent DataLoader workers keep the copy of the dataset they started with, and
