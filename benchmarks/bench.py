@@ -40,6 +40,7 @@ import torch
 
 import klvae
 from klvae import inference
+from klvae.evaluation.report import json_safe
 from klvae.inference import SpeedOptions, TileOptions, optimize_for_inference
 
 # A model a variant runs: a klvae.AutoencoderKL, or a diffusers one (untyped: its tiling switches and sizes are
@@ -268,7 +269,9 @@ def main() -> None:
                   f"{r['peak_gib']:6.2f} GiB  PSNR {r.get('psnr_vs_fp32_untiled', float('nan')):6.1f} dB", flush=True)
         rows += new
         if args.json:  # after every case: a run stopped at a time limit keeps what it measured
-            Path(args.json + ".tmp").write_text(json.dumps({"env": env, "rows": rows}, indent=2))
+            # An exact result's PSNR is inf, which JSON lacks: null there (its max_abs_vs_fp32_untiled is 0).
+            text = json.dumps(json_safe({"env": env, "rows": rows}), indent=2, allow_nan=False)
+            Path(args.json + ".tmp").write_text(text)
             os.replace(args.json + ".tmp", args.json)
 
 if __name__ == "__main__":
