@@ -15,7 +15,9 @@ table unshifted (the mu shift applies in `set_timesteps(mu=...)`, at inference);
 shifted table for trainers that shift in training too.
 
 Tables are float64 (float32 on MPS) and results come back in the input's dtype, so on bf16/fp16 inputs they are
-rounded once (diffusers casts σ to the input's dtype first and may differ by a few of those formats' steps).
+computed in float64 and rounded at the end (torch casts float64 through float32, which rounds a value lying within
+float32's precision of a halfway point the other way: one bf16/fp16 step, rarely); diffusers casts σ to the
+input's dtype first and may differ by a few of those formats' steps.
 Training-time sampling draws exactly what diffusers' `compute_density_for_timestep_sampling` draws, from an explicit
 generator, and `sample_timesteps` returns them in float32, as diffusers' scripts hold them. Argument orders follow
 diffusers: `scale_noise(sample, timestep, noise)`, and `add_noise(x0, noise, t)` as its DDPM schedulers (and
