@@ -255,6 +255,27 @@ def _tar_groups(tf: tarfile.TarFile, wanted: Callable[[int], bool],
         yield idx, key, group
 
 
+def _count_images(shard: Path, stride: int, offset: int, is_image: Callable[[str], bool], limit: int) -> int:
+    """Samples of one shard's part (every `stride`-th from `offset`) that hold an image member, counted from the
+    member headers alone (no image is read), up to `limit`; a torn shard counts what precedes the tear."""
+    n, key, idx, has = 0, None, -1, False
+    try:
+        with tarfile.open(shard, "r|*") as tf:
+            for m in tf:
+                if not m.isfile() or m.name.rpartition("/")[2].startswith("."):
+                    continue
+                k, ext = _split_name(m.name)
+                if k != key:
+                    n += has and idx % stride == offset
+                    if n >= limit:
+                        return n
+                    key, idx, has = k, idx + 1, False
+                has = has or is_image(ext)
+    except (OSError, EOFError, tarfile.TarError):
+        pass  # training reads the shard too, and warns about it then
+    return n + (has and idx % stride == offset)
+
+
 # The members a sample's image is taken from, in order of preference: every image a shard can contribute (README),
 # the usual WebDataset keys first.
 TAR_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", *sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS
@@ -307,6 +328,16 @@ class WebDatasetShards(IterableDataset):
         info = get_worker_info()
         worker = (info.id, info.num_workers) if info is not None else (0, 1)
         return split_plan(len(self.shards), [(self.rank, self.world_size), worker])
+
+    def count_samples(self, parts: Sequence[tuple[int, int]], limit: int) -> int:
+        """The samples holding an image in one part of the shards (`parts`: (rank, world size), then (worker,
+        workers), as plan() splits them), counted from the tar headers up to `limit`."""
+        n = 0
+        for s, stride, offset in split_plan(len(self.shards), parts):
+            n += _count_images(self.shards[s], stride, offset, self._is_image, limit - n)
+            if n >= limit:
+                break
+        return n
 
     def _sample(self, name: str, data: bytes | ImageError | None) -> Item:
         if data is None or isinstance(data, ImageError):

@@ -56,6 +56,8 @@ def build_train_loader(cfg: TrainConfig, dist: DistInfo, start_batch: int = 0,
         # nothing that the batches after it would miss.
         if isinstance(ds, WebDatasetShards):
             ds.seed = cfg.train.seed
+        # A worker's last batch of a pass may be short: streams are read in the shards' order, so dropping it
+        # would leave the same samples out of every pass.
         loader = DataLoader(ds, batch_size=d.batch_size, num_workers=workers, collate_fn=collate_skip_none,
                             worker_init_fn=quiet_on_sigterm)
         return itertools.islice(_endless(loader, f"{d.train} (rank {dist.rank} of {dist.world})"), start_batch, None)
@@ -77,8 +79,23 @@ def check_train_data(cfg: TrainConfig, world: int, val: bool = True) -> None:
             resolve_spec(d.val)
     with _naming("data.train"):
         ds = build_dataset(d.train, image_column=d.image_column, rank=0, world_size=world)
-    if not isinstance(ds, IterableDataset):
+    if isinstance(ds, WebDatasetShards):
+        _check_shard_batches(ds, d.batch_size, world, d.train)
+    elif not isinstance(ds, IterableDataset):
         _check_one_global_batch(ds, d.batch_size, world, d.train)
+
+
+def _check_shard_batches(ds: WebDatasetShards, batch: int, world: int, source: str) -> None:
+    """Refuse tar shards that give some process fewer samples than one batch (counted from the tar headers, up to
+    one batch each: no image is read), as other data with fewer items than one global batch is refused."""
+    for r in range(world):
+        n = ds.count_samples([(r, world)], batch)
+        if n >= batch:
+            continue
+        who = f"rank {r} of {world} process(es) reads" if world > 1 else "holds"
+        fix = f"{fewer_per_process(n, 1, 'data.batch_size')}, or add images" if n else "add images"
+        raise KlvaeError(f"{source} {who} {n} image sample(s) in its tar shards, fewer than one batch of "
+                         f"data.batch_size {batch}: {fix}")
 
 
 @contextlib.contextmanager

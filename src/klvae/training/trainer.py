@@ -448,7 +448,8 @@ class Trainer:
         else:
             logs.clear()  # the micro-batches before the non-finite one are part of a loss, not the step's (all ranks)
             self.nonfinite_run += 1
-            log.warning("step %d: non-finite loss, step skipped (%d in a row)", self.step, self.nonfinite_run)
+            # Numbered as metrics.jsonl's rows and the progress bar count: the steps done, this one included.
+            log.warning("step %d: non-finite loss, step skipped (%d in a row)", self.step + 1, self.nonfinite_run)
         self.step += 1  # a skipped step still consumed its data
         if self.nonfinite_run >= self.cfg.train.max_nonfinite:
             raise KlvaeError(f"{self.nonfinite_run} non-finite losses in a row; stopping (train.max_nonfinite)")
