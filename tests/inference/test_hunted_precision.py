@@ -132,3 +132,13 @@ def test_noise_with_a_decoder_that_yields_non_finite_pixels_is_an_error_not_a_pi
     assert code == 2
     assert "non-finite" in one_error_line(capsys.readouterr().err)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_a_half_dtype_asked_of_an_fp64_model_is_refused(half: torch.dtype) -> None:
+    """inference.decode(fp64 model, dtype=bf16) computed in fp64 (autocast leaves fp64 alone) without a word."""
+    vae = perturbed_vae("tiny").double()
+    z = torch.randn(1, vae.config.latent_channels, 4, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float64, which autocast does not lower"):
+        inference.decode(vae, z, dtype=half)
+    assert inference.decode(vae, z, dtype=torch.float32).dtype == torch.float32

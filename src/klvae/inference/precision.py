@@ -134,6 +134,10 @@ def compute_dtype(model: nn.Module, dtype: torch.dtype | None) -> torch.dtype:
         # would be a silent no-op, while fp32 is honoured with a temporary upcast.
         raise ValueError(f"dtype {dtype} asked of weights stored in {stored}: compute in {stored} (dtype=None) or "
                          f"torch.float32, or cast the model to {dtype} first")
+    if dtype in HALF_DTYPES and stored == torch.float64:
+        # autocast leaves float64 tensors alone: the pass would compute in fp64, as if nothing had been asked.
+        raise ValueError(f"dtype {dtype} asked of weights stored in torch.float64, which autocast does not lower: "
+                         f"cast the model to torch.float32 (or {dtype}) first")
     return dtype
 
 
