@@ -17,6 +17,7 @@ import json
 import logging
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -101,12 +102,27 @@ def shrink(img: Image.Image, max_side: int) -> Image.Image:
     return img.convert("RGB")
 
 
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least `low` (else argparse's one-line error and exit status 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
 def main() -> None:
     """Fetch, convert, split, and write the licences."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="data/demo")
-    ap.add_argument("--max-side", type=int, default=768)
-    ap.add_argument("--val-every", type=int, default=6)
+    ap.add_argument("--max-side", type=at_least(16), default=768)
+    ap.add_argument("--val-every", type=at_least(2), default=6, help="every N-th image is held out (N >= 2)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out)

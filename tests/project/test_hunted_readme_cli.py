@@ -6,6 +6,7 @@ newcomer runs them (on the tiny preset, in this process):
   train, every step on 3 images, while the start-up line says "4 images ... a step";
 - (pinned, not a bug: docs/training.md now says so) over shards each worker's last batch of a pass may be short,
   since streams are read in one order and dropping the left-overs would leave the same images out of every pass;
+- `--set data.train=2023` (or on, 0x10: YAML reads numbers and booleans) was refused without saying to quote it;
 - the warning of a skipped non-finite step names the step before it (0-based), while metrics.jsonl, the progress
   bar and "trained to step N" count the steps done: "step 1: non-finite loss" is logged for the row of step 2.
 """
@@ -110,3 +111,29 @@ def test_the_shard_refusal_names_the_short_rank(tmp_path: Path) -> None:
     with pytest.raises(KlvaeError) as e:  # ranks get whole shards: the third holds one image
         check_train_data(cfg, 3, val=False)
     assert "rank 2 of 3 process(es) reads 1 image sample(s)" in str(e.value) and "to 1 or less" in str(e.value)
+
+
+@pytest.mark.parametrize(("value", "read"), [("2023", "2023"), ("0x10", "16"), ("on", "True")])
+def test_a_text_field_given_what_yaml_reads_as_a_number_says_to_quote_it(
+        value: str, read: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--set data.train=2023 (a folder named 2023) was refused as "must be str, got 2023" with no way out said."""
+    assert main(tiny_train_cli(tmp_path, f"data.train={value}")) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"must be str, got {read}" in line and "quote it, as in --set 'data.train=\"...\"'" in line, line
+    from helpers import tiny_train_config
+
+    assert tiny_train_config(tmp_path, f'data.train="{value}"').data.train == value  # the way out works
+
+
+@pytest.mark.parametrize(("option", "value"), [("--val-every", "1"), ("--val-every", "0"), ("--max-side", "0")])
+def test_the_demo_data_script_refuses_numbers_that_cannot_work(option: str, value: str, tmp_path: Path) -> None:
+    """prepare_data.py --val-every 0 or --max-side 0 ended in a traceback; --val-every 1 wrote no training image."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "recipes" / "demo" / "prepare_data.py"
+    done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "d"), option, value],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"argument {option}: must be at least" in done.stderr
+    assert not (tmp_path / "d").exists()

@@ -214,7 +214,9 @@ def _coerce(t: Any, value: Any, name: str) -> Any:
     if t is bool and not isinstance(value, bool):
         raise KlvaeError(f"config field {name} must be true or false, got {quote(value)}")
     if t is not bool and isinstance(value, bool):  # bool is an int to Python, not to a person: true steps?
-        raise KlvaeError(f"config field {name} must be {t.__name__}, got {quote(value)}")
+        hint = f" (YAML reads on/off/yes/no as booleans: for the text, quote it, as in --set '{name}=\"...\"')" \
+            if t is str else ""
+        raise KlvaeError(f"config field {name} must be {t.__name__}, got {quote(value)}{hint}")
     if t is float:
         return _as_float(value, name)
     if t is int and isinstance(value, str) and YAML11_EXPONENT.match(value):
@@ -222,7 +224,10 @@ def _coerce(t: Any, value: Any, name: str) -> Any:
     if t is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if not isinstance(value, t):
-        raise KlvaeError(f"config field {name} must be {t.__name__}, got {quote(value)}")
+        # YAML reads 2023, on or 0x10 as a number or a boolean: a text field takes them quoted.
+        numeric = t is str and isinstance(value, int | float)
+        hint = f" (YAML read a number: for the text, quote it, as in --set '{name}=\"...\"')" if numeric else ""
+        raise KlvaeError(f"config field {name} must be {t.__name__}, got {quote(value)}{hint}")
     return value
 
 
