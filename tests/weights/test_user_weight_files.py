@@ -130,6 +130,9 @@ def test_a_lone_vae_files_name_gives_the_family_its_shapes_cannot(
     ("sd_xl_base_1.0.safetensors", "sdxl"), ("my_sdxl_vae.safetensors", "sdxl"), ("sd3.5_large.safetensors", "sd3"),
     ("FLUX.2-dev.safetensors", "flux2"), ("flux1-dev.sft", "flux"), ("vae-ft-mse-840000-ema-pruned.ckpt", "sd15"),
     ("sd_1.5.pt", "sd15"), ("sd21_vae.bin", "sd2"), ("sd3_to_sdxl.safetensors", None),
+    ("sd_1024px_vae.safetensors", None), ("flux_2024.safetensors", "flux"),  # a size and a year, no version
+    ("sd3.5_large.safetensors", "sd3"), ("sd_3_5_medium.safetensors", "sd3"), ("flux.2-dev-ae.safetensors", "flux2"),
+    ("sd14-vae.ckpt", "sd15"), ("sd2.1_vae.bin", "sd2"),
 ])
 def test_a_family_is_named_by_whole_words_only(name: str, family: str | None) -> None:
     assert family_from_name(name) == family

@@ -59,9 +59,11 @@ def guess_family(keys: Iterable[str]) -> str | None:
 # sd1; nor "influx"), separators inside it optional (sd_xl, sd-1.5); Playground v2 (SDXL's factors) is no v2.5,
 # nor its 512px repo's playground-v2-512px.
 _SEP = r"[-_. ]?"
+# A version is its major digit and at most one minor one (sd1.5, sd21, flux2): sd_1024px and flux_2024 name no version.
+_V = rf"(?:{_SEP}\d)?(?!\d)"
 _NAME_HINTS = tuple((re.compile(rf"(?<![a-z]){word}"), family) for word, family in (
-    (rf"playground{_SEP}v?2{_SEP}5(?!\d)", "playground25"), (rf"sd{_SEP}xl", "sdxl"), (rf"sd{_SEP}3", "sd3"),
-    (rf"flux{_SEP}2", "flux2"), ("flux", "flux"), (rf"sd{_SEP}2", "sd2"), (rf"sd{_SEP}1", "sd15"),
+    (rf"playground{_SEP}v?2{_SEP}5(?!\d)", "playground25"), (rf"sd{_SEP}xl", "sdxl"), (rf"sd{_SEP}3{_V}", "sd3"),
+    (rf"flux{_SEP}2{_V}", "flux2"), ("flux", "flux"), (rf"sd{_SEP}2{_V}", "sd2"), (rf"sd{_SEP}1{_V}", "sd15"),
     (rf"vae{_SEP}ft{_SEP}(?:mse|ema)", "sd15"),
 ))
 
