@@ -217,12 +217,16 @@ def test_from_pretrained_and_from_single_file_pass_every_argument_on(monkeypatch
     monkeypatch.setattr(klvae.weights.load, "load_pretrained", load)
     cfg = PRESETS["tiny"]
     assert AutoencoderKL.from_pretrained("org/name", subfolder="vae", config=cfg, dtype=torch.float16,
-                                         device="meta", revision="v2", variant="fp16") == "loaded"
+                                         device="meta", revision="v2", variant="fp16", use_safetensors=True,
+                                         local_files_only=True) == "loaded"
     assert seen[-1] == ("org/name", {"subfolder": "vae", "config": cfg, "dtype": torch.float16, "device": "meta",
-                                     "revision": "v2", "variant": "fp16"})
-    AutoencoderKL.from_single_file("vae.safetensors", config="tiny", dtype=torch.float64, device="cpu")
+                                     "revision": "v2", "variant": "fp16", "use_safetensors": True,
+                                     "local_files_only": True})
+    AutoencoderKL.from_single_file("vae.safetensors", config="tiny", dtype=torch.float64, device="cpu",
+                                   local_files_only=True)
     assert seen[-1] == ("vae.safetensors", {"subfolder": None, "config": "tiny", "dtype": torch.float64,
-                                            "device": "cpu", "revision": None, "variant": None})
+                                            "device": "cpu", "revision": None, "variant": None,
+                                            "use_safetensors": None, "local_files_only": True})
 
 
 def test_save_pretrained_passes_its_options_on(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
