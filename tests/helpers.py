@@ -323,3 +323,19 @@ def flux_like_models(root: Path) -> dict[str, Path]:
     """{"flux": folder, "flux2": folder}: tiny FLUX.1-like and FLUX.2-like models saved under `root`."""
     return {name: perturbed_vae("tiny", **kw).save_pretrained(root / name)
             for name, kw in (("flux", _FLUX_LIKE), ("flux2", _FLUX2_LIKE))}
+
+
+def noise_shards(root: Path, counts: tuple[int, ...], side: int = 24) -> str:
+    """WebDataset shards root/sh-0.tar ... of `counts` noise PNGs each (side x side), as a brace spec."""
+    import io
+    import tarfile
+
+    root.mkdir(parents=True, exist_ok=True)
+    for s, n in enumerate(counts):
+        with tarfile.open(root / f"sh-{s}.tar", "w") as tf:
+            for i in range(n):
+                data = noise_png(10 * s + i, (side, side))
+                info = tarfile.TarInfo(f"s{s}_{i}.png")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return f"{root}/sh-{{0..{len(counts) - 1}}}.tar"

@@ -13,30 +13,19 @@ newcomer runs them (on the tiny preset, in this process):
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import tarfile
 from pathlib import Path
 
 import pytest
 
-from helpers import noise_folder, noise_png, one_error_line, tiny_train_cli
+from helpers import noise_folder, noise_shards, one_error_line, tiny_train_cli
 from klvae.cli.main import main
 from klvae.training import trainer as trainer_module
 
 
 def _shards(root: Path, counts: tuple[int, ...], side: int = 16) -> str:
-    """Shards sh-0.tar ... of `counts` noise PNGs each (side x side), as a brace spec."""
-    root.mkdir(parents=True, exist_ok=True)
-    for s, n in enumerate(counts):
-        with tarfile.open(root / f"sh-{s}.tar", "w") as tf:
-            for i in range(n):
-                data = noise_png(10 * s + i, (side, side))
-                info = tarfile.TarInfo(f"s{s}_{i}.png")
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
-    return f"{root}/sh-{{0..{len(counts) - 1}}}.tar"
+    return noise_shards(root, counts, side)
 
 
 def _batch_sizes(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:

@@ -12,15 +12,13 @@
 
 from __future__ import annotations
 
-import io
 import logging
-import tarfile
 from pathlib import Path
 
 import pytest
 
 import klvae.training.data as data_module
-from helpers import noise_png
+from helpers import noise_shards
 from klvae.distributed import DistInfo
 from klvae.training.config import TrainConfig, load_config
 from klvae.training.data_setup import build_train_loader
@@ -28,16 +26,7 @@ from klvae.training.trainer import Trainer
 
 
 def _shards(root: Path, counts: tuple[int, ...] = (5, 3, 4), side: int = 24) -> str:
-    """Shards sh-0.tar ... of `counts` noise PNGs each (side x side), as a brace spec."""
-    root.mkdir(parents=True, exist_ok=True)
-    for s, n in enumerate(counts):
-        with tarfile.open(root / f"sh-{s}.tar", "w") as tf:
-            for i in range(n):
-                data = noise_png(10 * s + i, (side, side))
-                info = tarfile.TarInfo(f"s{s}_{i}.png")
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
-    return f"{root}/sh-{{0..{len(counts) - 1}}}.tar"
+    return noise_shards(root, counts, side)
 
 
 def _cfg(tmp: Path, spec: str, workers: int, *extra: str) -> TrainConfig:

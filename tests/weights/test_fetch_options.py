@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,6 @@ import torch
 from helpers import assert_same_weights, fake_hub_cache, one_line, perturbed_vae
 from klvae import AutoencoderKL, WeightsError
 from klvae.compat import DiffusersVAE
-from klvae.weights import hub
 
 
 def _both_formats(tmp: Path) -> tuple[Path, AutoencoderKL, AutoencoderKL]:
@@ -63,20 +61,6 @@ def test_use_safetensors_reads_a_files_content(tmp_path: Path) -> None:
     with pytest.raises(WeightsError) as e:
         AutoencoderKL.from_pretrained(folder, use_safetensors=False)
     assert "diffusion_pytorch_model.bin" in one_line(e)
-
-
-@pytest.fixture
-def online(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """No offline setting and a hub host name that 'resolves' (no real lookup is made)."""
-    from huggingface_hub import constants
-
-    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(hub.socket, "getaddrinfo", lambda *a, **k: [])
-    hub._no_network.cache_clear()
-    yield
-    hub._no_network.cache_clear()
 
 
 def test_local_files_only_reads_the_cache_and_never_asks(online: None, monkeypatch: pytest.MonkeyPatch,

@@ -33,21 +33,6 @@ def _http_error(cls: type[Exception], message: str = "404 Client Error") -> Exce
     return cls(message, response=Response(404, request=Request("GET", "https://huggingface.co/org/x")))
 
 
-@pytest.fixture
-def online(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No offline setting, no proxy, and a hub host name that 'resolves' (no real lookup is made)."""
-    from huggingface_hub import constants
-
-    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy",
-              "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(hub.socket, "getaddrinfo", lambda *a, **k: [])
-    hub._no_network.cache_clear()
-    yield
-    hub._no_network.cache_clear()
-
-
 # ---- weights.hub: names ----------------------------------------------------------------------------------------
 
 def test_repo_ids_start_with_a_letter_or_digit_and_hold_no_dot_dot() -> None:
